@@ -1,0 +1,1 @@
+"""Framework integrations: Lightning, Hugging Face and plain loops (installed as ``runctl.integrations``)."""

@@ -1,0 +1,48 @@
+"""runctl: get training checkpoints safely and quickly into S3.
+
+The public API is loaded lazily so that ``import runctl`` (and ``runctl --help``) stay fast
+and never import boto3 or a training framework.
+
+Example:
+    >>> from runctl import S3URL
+    >>> S3URL.parse("s3://bucket/run-7/").is_prefix
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from runctl._version import __version__
+
+_LAZY = {
+    "S3URL": "runctl.s3url",
+    "S3Config": "runctl.config",
+    "resolve_config": "runctl.config",
+    "get_transfer": "runctl.transfer",
+    "CheckpointUploader": "runctl.uploader",
+    "latest_checkpoint": "runctl.uploader",
+    "RunctlError": "runctl.exceptions",
+    "UploadError": "runctl.exceptions",
+    "S3URLError": "runctl.exceptions",
+    "TransferError": "runctl.exceptions",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from runctl.config import S3Config, resolve_config
+    from runctl.exceptions import RunctlError, S3URLError, TransferError, UploadError
+    from runctl.s3url import S3URL
+    from runctl.transfer import get_transfer
+    from runctl.uploader import CheckpointUploader, latest_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runctl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""The runctl command line: a thin Typer app over the library."""

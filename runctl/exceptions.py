@@ -1,0 +1,140 @@
+"""The one exception tree: every error runctl raises is a ``RunctlError``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: Exit codes the CLI maps errors to (documented in the README).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class RunctlError(Exception):
+    """Root of every runctl error; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = EXIT_FAILED
+
+
+class UsageError(RunctlError, ValueError):
+    """Bad input from a person or a caller: a flag, a value, a path."""
+
+    exit_code = EXIT_USAGE
+
+
+class S3URLError(UsageError):
+    """A string that is not a valid ``s3://bucket[/key]`` URL."""
+
+
+class ConfigError(UsageError):
+    """Endpoint, profile, region or credentials that cannot be used."""
+
+
+class BinaryNotFoundError(RunctlError, FileNotFoundError):
+    """The s5cmd binary is missing or cannot run."""
+
+    exit_code = EXIT_USAGE
+
+
+class TransferError(RunctlError):
+    """An S3 operation failed.
+
+    Args:
+        message: what failed, already scrubbed of credentials.
+        code: the S3 error code when known (``NoSuchBucket``, ``AccessDenied``, ...).
+        url: the object or prefix concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, url: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.url = url
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code})" if self.code and self.code not in self.message else self.message
+
+
+class NoSuchBucketError(TransferError, LookupError):
+    """The bucket does not exist."""
+
+    exit_code = EXIT_USAGE
+
+
+class NoSuchKeyError(TransferError, FileNotFoundError):
+    """The object or prefix does not exist."""
+
+    exit_code = EXIT_USAGE
+
+
+class AccessDeniedError(TransferError, PermissionError):
+    """The credentials were refused (AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch)."""
+
+
+class EndpointError(TransferError, ConnectionError):
+    """The endpoint could not be reached."""
+
+
+class UnsafeKeyError(TransferError):
+    """An S3 key that would land outside the download destination."""
+
+
+class PartialTransferError(TransferError):
+    """Some objects of a batch failed; ``failures`` maps each one to its reason."""
+
+    def __init__(self, message: str, failures: dict[str, str], *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.failures = dict(failures)
+
+
+class SubprocessError(TransferError):
+    """A child process (s5cmd) failed; carries return code, command and output, scrubbed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        returncode: int | None,
+        cmd: Sequence[str],
+        output: str = "",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.returncode = returncode
+        self.cmd = list(cmd)
+        self.output = output
+
+
+class MarkerError(RunctlError, ValueError):
+    """A checkpoint marker (manifest) that cannot be parsed or does not match."""
+
+
+class JournalError(RunctlError):
+    """The upload journal cannot be read or written."""
+
+
+class LockTimeout(RunctlError, TimeoutError):
+    """A retention lock could not be taken in time."""
+
+
+class UploadError(RunctlError):
+    """One or more checkpoints failed to upload; ``failures`` maps each name to its cause."""
+
+    def __init__(self, failures: dict[str, BaseException | str]) -> None:
+        self.failures = dict(failures)
+        parts = [f"{name}: {cause}" for name, cause in self.failures.items()]
+        noun = "checkpoint" if len(parts) == 1 else "checkpoints"
+        super().__init__(f"{len(parts)} {noun} failed to upload: " + "; ".join(parts))
+
+
+class FlushTimeout(UploadError, TimeoutError):
+    """``flush(timeout)`` ran out of time; ``pending`` names what is still queued or uploading."""
+
+    def __init__(self, pending: Sequence[str], failures: dict[str, BaseException | str] | None = None) -> None:
+        self.pending = list(pending)
+        super().__init__(dict(failures or {}))
+        self.args = (f"flush timed out with {len(self.pending)} pending: " + ", ".join(self.pending),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,152 @@
+"""The transfer interface every backend implements, and the values it passes around."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from runctl.config import S3Config
+from runctl.s3url import S3URL
+
+MiB = 1024 * 1024
+#: S3 caps a multipart upload at 10,000 parts; we leave headroom.
+MAX_PARTS = 9_000
+DEFAULT_PART_SIZE = 50 * MiB
+#: DeleteObjects takes at most 1,000 keys per call.
+DELETE_BATCH = 1_000
+
+#: Called with a number of bytes just moved.
+ProgressCallback = Callable[[int], None]
+
+
+def part_size_for(size: int, default: int = DEFAULT_PART_SIZE) -> int:
+    """Multipart part size (whole MiB) that keeps ``size`` under S3's 10,000-part limit.
+
+    Example:
+        >>> part_size_for(1024**4) // MiB   # 1 TiB
+        117
+    """
+    needed = math.ceil(size / MAX_PARTS) if size > 0 else 0
+    return max(default, math.ceil(needed / MiB) * MiB)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object in a listing."""
+
+    bucket: str
+    key: str
+    size: int
+    last_modified: datetime
+    etag: str | None = None
+    storage_class: str | None = None
+
+    @property
+    def url(self) -> S3URL:
+        return S3URL(self.bucket, self.key)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "url": str(self.url),
+            "key": self.key,
+            "size": self.size,
+            "last_modified": self.last_modified.isoformat(),
+            "etag": self.etag,
+            "storage_class": self.storage_class,
+        }
+
+
+@dataclass(frozen=True)
+class PrefixInfo:
+    """A common prefix ("directory") in a one-level listing; ``key`` ends with ``/``."""
+
+    bucket: str
+    key: str
+
+    @property
+    def url(self) -> S3URL:
+        return S3URL(self.bucket, self.key)
+
+    def to_json(self) -> dict[str, object]:
+        return {"url": str(self.url), "key": self.key, "type": "prefix"}
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """What a batched delete did: keys removed, and keys that failed with their reason."""
+
+    deleted: int
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Transfer(Protocol):
+    """One S3 backend. Both implementations obey the same contract and conformance tests.
+
+    Paths and URLs are always explicit pairs: a backend never expands wildcards, and a key
+    with ``*``, ``?`` or ``[`` is transferred literally. Containment (no file outside a
+    destination) and atomic renames are the caller's (``runctl.transfer.ops``); a backend
+    writes exactly the path it is given.
+    """
+
+    name: str
+    config: S3Config
+
+    def put_files(
+        self,
+        pairs: Sequence[tuple[Path, S3URL]],
+        *,
+        storage_class: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Upload each local file to exactly its URL (multipart where large).
+
+        Raises:
+            PartialTransferError: naming every pair that failed, after trying them all.
+        """
+        ...
+
+    def get_files(
+        self,
+        pairs: Sequence[tuple[S3URL, Path]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Download each object to exactly the given path (parents already exist).
+
+        Raises:
+            PartialTransferError: naming every pair that failed, after trying them all.
+        """
+        ...
+
+    def iter_objects(self, url: S3URL, *, recursive: bool = True) -> Iterator[ObjectInfo | PrefixInfo]:
+        """Stream objects whose key starts with ``url.key``, page by page, never all at once.
+
+        With ``recursive=False`` the listing stops at the next ``/`` and yields
+        ``PrefixInfo`` for the common prefixes.
+        """
+        ...
+
+    def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:
+        """Delete keys in batches of at most 1,000 (DeleteObjects); a missing key is not an error."""
+        ...
+
+    def stat(self, url: S3URL) -> ObjectInfo | None:
+        """The object's metadata, or None if it does not exist."""
+        ...
+
+    def put_bytes(self, data: bytes, url: S3URL) -> None:
+        """Write a small object (markers, manifests) in one put."""
+        ...
+
+    def get_bytes(self, url: S3URL) -> bytes:
+        """Read a small object whole."""
+        ...
+
+    def close(self) -> None:
+        """Release clients, pools and child processes."""
+        ...

