@@ -51,7 +51,8 @@ class S3URL:
         """
         if not isinstance(text, str):
             raise S3URLError(f"invalid S3 URL {text!r}: expected a string like s3://bucket/prefix/")
-        raw = text.strip()
+        # Only leading blanks go: a key may legitimately end in a space.
+        raw = text.lstrip()
         if not raw.startswith("s3://"):
             scheme = raw.split(":", 1)[0] if ":" in raw else ""
             hint = f" (scheme {scheme!r} is not s3)" if scheme and scheme != "s3" else ""

@@ -1,0 +1,523 @@
+"""Checkpoint naming, step parsing, grouping of local and S3 listings, completeness and markers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from runctl._version import __version__
+from runctl.exceptions import MarkerError, TransferError, UsageError
+from runctl.s3url import S3URL
+from runctl.transfer.base import ObjectInfo, PrefixInfo
+
+log = logging.getLogger("runctl.checkpoints")
+
+#: Inside a directory checkpoint in S3: written LAST on upload, deleted FIRST by retention.
+MARKER_NAME = ".runctl-manifest.json"
+#: Where runctl keeps its own files (journal, lock) inside a local checkpoint directory.
+RUNCTL_DIR = ".runctl"
+MANIFEST_FORMAT = "runctl-manifest"
+MANIFEST_VERSION = 1
+
+_EXT = r"\.(?:ckpt|pt|pth|bin|safetensors|pkl)"
+
+#: Regexes that must match a checkpoint's whole base name (a file name or a directory name).
+#: Anything they do not match (logs, configs, event files, READMEs, *.json) is never deleted.
+DEFAULT_PATTERNS: tuple[str, ...] = (
+    # Files whose name carries a step or an epoch: epoch=3-step=1200.ckpt, step_100.pt,
+    # global_step5.pt, checkpoint-7.pth, epoch=2.ckpt (also Lightning's DeepSpeed *.ckpt/ dirs).
+    rf"(?i)(?!\.).*(?<![a-z])(?:step|epoch|checkpoint)[=_-]?\d+.*{_EXT}",
+    # Letters, then one trailing number: model-00100.safetensors, ckpt_5.pt, iter_0001000.pt.
+    rf"(?i)[a-z][a-z_-]*[-_]\d+{_EXT}",
+    # Aliases: last.ckpt, last-v1.ckpt, latest.pt (always protected by retention).
+    rf"(?i)(?:last|latest)(?:-v\d+)?{_EXT}",
+    # Directories: checkpoint-500 (Hugging Face), global_step500 (DeepSpeed), step-100, iter_0001000.
+    r"(?i)(?:checkpoint|global_step|step|iter)[=_-]?\d+",
+    # Directories: epoch=3, epoch=3-step=1200, epoch_3-v1.
+    r"(?i)epoch[=_-]?\d+(?:[-_]step[=_-]?\d+)?(?:-v\d+)?",
+)
+
+_STEP_RE = re.compile(r"(?<![a-z])(?:step|checkpoint)[=_-]?(\d+)", re.IGNORECASE)
+_EPOCH_RE = re.compile(r"(?<![a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
+_TRAILING_RE = re.compile(r"[a-z][a-z_-]*[-_](\d+)", re.IGNORECASE)
+_EXT_RE = re.compile(rf"{_EXT}$", re.IGNORECASE)
+_ALIAS_RE = re.compile(rf"(?:last|latest)(?:-v\d+)?(?:{_EXT})?", re.IGNORECASE)
+_TEMP_SUFFIXES = (".tmp", ".partial")
+
+
+def _base(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parse_step(name: str) -> tuple[int | None, int | None]:
+    """The ``(step, epoch)`` a checkpoint name carries; either may be None.
+
+    ``step=N``, ``step_N``, ``step-N``, ``checkpoint-N`` and ``global_stepN`` give the step;
+    ``epoch=E`` the epoch; a name of letters plus one trailing number
+    (``model-00100.safetensors``) gives that number as the step.
+
+    Example:
+        >>> parse_step("epoch=3-step=1200.ckpt"), parse_step("checkpoint-500"), parse_step("last.ckpt")
+        ((1200, 3), (500, None), (None, None))
+    """
+    base = _base(name)
+    step_match = _STEP_RE.search(base)
+    epoch_match = _EPOCH_RE.search(base)
+    step = int(step_match.group(1)) if step_match else None
+    epoch = int(epoch_match.group(1)) if epoch_match else None
+    if step is None and epoch is None:
+        stem = _EXT_RE.sub("", base)
+        trailing = _TRAILING_RE.fullmatch(stem)
+        if trailing:
+            step = int(trailing.group(1))
+    return step, epoch
+
+
+@lru_cache(maxsize=64)
+def _compile(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise UsageError(f"invalid checkpoint pattern {pattern!r}: {exc}") from None
+    return tuple(compiled)
+
+
+def compile_patterns(patterns: Sequence[str] | None = None) -> tuple[re.Pattern[str], ...]:
+    """Compile checkpoint patterns (``DEFAULT_PATTERNS`` when None); ``UsageError`` names a bad one."""
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    return _compile(tuple(DEFAULT_PATTERNS if patterns is None else patterns))
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names runctl never treats as checkpoints: hidden, ``*.tmp``, ``*.partial``."""
+    base = _base(name)
+    return base.startswith(".") or base.endswith(_TEMP_SUFFIXES)
+
+
+def is_recognised(name: str, patterns: Sequence[str] | None = None) -> bool:
+    """True when a pattern matches the whole base name and it is not a hidden or temp name.
+
+    Example:
+        >>> is_recognised("step_100.pt"), is_recognised("checkpoint-500/"), is_recognised("train.log")
+        (True, True, False)
+    """
+    base = _base(name)
+    if not base or is_temp_name(base):
+        return False
+    return any(p.fullmatch(base) for p in compile_patterns(patterns))
+
+
+def is_alias(name: str) -> bool:
+    """True for ``last``-style aliases (``last.ckpt``, ``last-v1.ckpt``, ``latest``), always protected.
+
+    Example:
+        >>> is_alias("last-v1.ckpt"), is_alias("step_5.pt")
+        (True, False)
+    """
+    return _ALIAS_RE.fullmatch(_base(name)) is not None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint: a single file or a directory, local or in S3.
+
+    Locally ``files`` are paths relative to the scanned root; a directory's ``size`` is the sum of
+    its files and its ``mtime`` the newest of its files' (the directory's own when empty). In S3
+    ``files`` are full keys (marker excluded) and ``mtime`` is the marker's LastModified, else the
+    newest object's.
+
+    Example:
+        >>> c = Checkpoint("step_5.pt", False, 5, None, 0.0, 10, True, ("step_5.pt",))
+        >>> c.order_key()[:2]
+        (5, -1)
+    """
+
+    name: str
+    is_dir: bool
+    step: int | None
+    epoch: int | None
+    mtime: float
+    size: int
+    complete: bool
+    files: tuple[str, ...] = ()
+    marker: str | None = None
+    storage_class: str | None = None
+
+    def order_key(self) -> tuple[int, int, float, str]:
+        """Newest sorts last: by step, then epoch, then mtime (a missing number sorts first)."""
+        return (
+            -1 if self.step is None else self.step,
+            -1 if self.epoch is None else self.epoch,
+            self.mtime,
+            self.name,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "is_dir": self.is_dir,
+            "step": self.step,
+            "epoch": self.epoch,
+            "mtime": self.mtime,
+            "size": self.size,
+            "complete": self.complete,
+            "files": list(self.files),
+            "marker": self.marker,
+            "storage_class": self.storage_class,
+        }
+
+
+@dataclass(frozen=True)
+class S3Checkpoints:
+    """A prefix's listing split into checkpoints (oldest first) and everything else."""
+
+    checkpoints: tuple[Checkpoint, ...]
+    others: tuple[ObjectInfo, ...] = ()
+
+
+def _dir_files(path: Path, root: Path) -> tuple[tuple[str, ...], int, float]:
+    files: list[str] = []
+    size = 0
+    mtime = path.stat().st_mtime
+    newest: float | None = None
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            full = Path(dirpath) / fname
+            try:
+                st = full.stat()
+            except OSError:  # vanished or a dangling link: not part of what is there now
+                continue
+            files.append(full.relative_to(root).as_posix())
+            size += st.st_size
+            newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
+    return tuple(files), size, (mtime if newest is None else newest)
+
+
+def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
+    """Describe one local file or directory as a ``Checkpoint`` (complete: the framework wrote it).
+
+    Use this wherever a local checkpoint's size and mtime are recorded, so that they compare
+    equal to what ``scan_local`` sees later.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "step_3.pt").write_bytes(b"abc")
+        >>> local_checkpoint(d / "step_3.pt").size
+        3
+    """
+    path = Path(path)
+    root = path.parent if root is None else Path(root)
+    step, epoch = parse_step(path.name)
+    if path.is_dir():
+        files, size, mtime = _dir_files(path, root)
+        return Checkpoint(path.name, True, step, epoch, mtime, size, True, files)
+    st = path.stat()
+    rel = path.relative_to(root).as_posix()
+    return Checkpoint(path.name, False, step, epoch, st.st_mtime, st.st_size, True, (rel,))
+
+
+def scan_local(root: Path, patterns: Sequence[str] | None = None) -> list[Checkpoint]:
+    """Recognised checkpoints among the direct children of ``root``, oldest first.
+
+    Skips ``.runctl/``, hidden and temp names (``*.tmp``, ``*.partial``) and anything the
+    patterns do not match.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "step_2.pt").write_bytes(b"x")
+        >>> _ = (d / "train.log").write_text("x")
+        >>> [c.name for c in scan_local(d)]
+        ['step_2.pt']
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"checkpoint directory {str(root)!r} does not exist or is not a directory")
+    compile_patterns(patterns)  # a bad pattern fails before any work
+    found: list[Checkpoint] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name == RUNCTL_DIR or not is_recognised(entry.name, patterns):
+            continue
+        try:
+            found.append(local_checkpoint(entry, root))
+        except FileNotFoundError:  # deleted while we looked (Lightning's top-k removal)
+            continue
+    return sorted(found, key=Checkpoint.order_key)
+
+
+def _common_storage_class(objects: Sequence[ObjectInfo]) -> str | None:
+    classes = {o.storage_class for o in objects if o.storage_class}
+    if not classes:
+        return None
+    return classes.pop() if len(classes) == 1 else "MIXED"
+
+
+def group_s3(
+    objects: Iterable[ObjectInfo | PrefixInfo],
+    prefix: S3URL,
+    patterns: Sequence[str] | None = None,
+    *,
+    treat_unmarked_complete: bool = False,
+    read_marker: Callable[[str], bytes] | None = None,
+) -> S3Checkpoints:
+    """Group a recursive listing of ``prefix`` into checkpoints and others.
+
+    Only direct children of the prefix count: an object ``prefix/step_1.pt`` or a directory
+    ``prefix/checkpoint-500/...``. Objects outside the prefix (``ckpt-old/`` for ``ckpt/``),
+    unrecognised names and anything under an unrecognised directory go to ``others``.
+
+    A directory checkpoint is complete only when its marker exists (and, when ``read_marker``
+    is given, parses and matches the listed files); ``treat_unmarked_complete`` makes marker-less
+    directories complete. ``read_marker(key)`` returns the marker's bytes.
+
+    Example:
+        >>> from datetime import datetime, timezone
+        >>> t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+        >>> objs = [ObjectInfo("bkt", "ckpt/step_1.pt", 5, t), ObjectInfo("bkt", "ckpt/train.log", 1, t)]
+        >>> g = group_s3(objs, S3URL("bkt", "ckpt/"))
+        >>> [c.name for c in g.checkpoints], [o.key for o in g.others]
+        (['step_1.pt'], ['ckpt/train.log'])
+    """
+    compile_patterns(patterns)
+    base = prefix.as_prefix().key
+    singles: list[Checkpoint] = []
+    dirs: dict[str, list[ObjectInfo]] = {}
+    others: list[ObjectInfo] = []
+    for obj in objects:
+        if not isinstance(obj, ObjectInfo):
+            continue
+        if obj.bucket != prefix.bucket or not obj.key.startswith(base) or obj.key == base:
+            others.append(obj)
+            continue
+        rel = obj.key[len(base) :]
+        top, sep, _rest = rel.partition("/")
+        if not is_recognised(top, patterns):
+            others.append(obj)
+        elif sep:
+            dirs.setdefault(top, []).append(obj)
+        else:
+            step, epoch = parse_step(top)
+            singles.append(
+                Checkpoint(
+                    name=top,
+                    is_dir=False,
+                    step=step,
+                    epoch=epoch,
+                    mtime=obj.last_modified.timestamp(),
+                    size=obj.size,
+                    complete=True,
+                    files=(obj.key,),
+                    storage_class=obj.storage_class,
+                )
+            )
+    checkpoints = singles + [
+        _group_dir(name, members, base, treat_unmarked_complete, read_marker)
+        for name, members in dirs.items()
+    ]
+    checkpoints.sort(key=Checkpoint.order_key)
+    return S3Checkpoints(tuple(checkpoints), tuple(others))
+
+
+def _group_dir(
+    name: str,
+    members: list[ObjectInfo],
+    base: str,
+    treat_unmarked_complete: bool,
+    read_marker: Callable[[str], bytes] | None,
+) -> Checkpoint:
+    dir_key = f"{base}{name}/"
+    marker_key = dir_key + MARKER_NAME
+    marker = next((o for o in members if o.key == marker_key), None)
+    files = sorted((o for o in members if o.key != marker_key), key=lambda o: o.key)
+    if marker is not None:
+        complete = _marker_ok(marker, files, dir_key, read_marker)
+        mtime = marker.last_modified.timestamp()
+    else:
+        complete = treat_unmarked_complete
+        mtime = max((o.last_modified.timestamp() for o in files), default=0.0)
+    step, epoch = parse_step(name)
+    return Checkpoint(
+        name=name,
+        is_dir=True,
+        step=step,
+        epoch=epoch,
+        mtime=mtime,
+        size=sum(o.size for o in files),
+        complete=complete,
+        files=tuple(o.key for o in files),
+        marker=marker.key if marker is not None else None,
+        storage_class=_common_storage_class(files),
+    )
+
+
+def _marker_ok(
+    marker: ObjectInfo,
+    files: Sequence[ObjectInfo],
+    dir_key: str,
+    read_marker: Callable[[str], bytes] | None,
+) -> bool:
+    if marker.size == 0:
+        log.warning("marker %s is empty: treating the checkpoint as incomplete", marker.key)
+        return False
+    if read_marker is None:
+        return True
+    try:
+        manifest = Manifest.from_bytes(read_marker(marker.key))
+    except TransferError as exc:  # unreadable now: not proof of a whole checkpoint
+        log.warning("cannot read marker %s (%s): treating the checkpoint as incomplete", marker.key, exc)
+        return False
+    except MarkerError as exc:
+        log.warning("marker %s is invalid (%s): treating the checkpoint as incomplete", marker.key, exc)
+        return False
+    problems = verify_against_manifest(manifest, {o.key[len(dir_key) :]: o for o in files})
+    if problems:
+        log.warning(
+            "checkpoint %s does not match its marker (%s): treating it as incomplete",
+            dir_key,
+            "; ".join(problems[:5]),
+        )
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a directory checkpoint as its marker records it."""
+
+    size: int
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The marker of a directory checkpoint: every file with its size (and ETag), the step, the version.
+
+    Example:
+        >>> m = Manifest("checkpoint-5", 5, {"model.bin": FileEntry(3)}, "0.1", 0.0)
+        >>> Manifest.from_bytes(m.to_bytes()) == m
+        True
+    """
+
+    name: str
+    step: int | None
+    files: Mapping[str, FileEntry] = field(default_factory=dict)
+    runctl_version: str = __version__
+    created: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "name": self.name,
+            "step": self.step,
+            "runctl_version": self.runctl_version,
+            "created": self.created,
+            "files": {
+                rel: {"size": entry.size, "etag": entry.etag} for rel, entry in sorted(self.files.items())
+            },
+        }
+        return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse a marker; ``MarkerError`` says what is wrong with it."""
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MarkerError(f"marker is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise MarkerError(f"marker is not a runctl manifest (format {_field(doc, 'format')!r})")
+        name, step, files = doc.get("name"), doc.get("step"), doc.get("files")
+        version, created = doc.get("runctl_version"), doc.get("created")
+        if not isinstance(name, str) or not name:
+            raise MarkerError(f"marker has no valid name (got {name!r})")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise MarkerError(f"marker step must be an integer or null (got {step!r})")
+        if not isinstance(version, str):
+            raise MarkerError(f"marker runctl_version must be a string (got {version!r})")
+        if not isinstance(created, (int, float)) or isinstance(created, bool):
+            raise MarkerError(f"marker created must be a number (got {created!r})")
+        if not isinstance(files, dict):
+            raise MarkerError(f"marker files must be an object (got {type(files).__name__})")
+        entries: dict[str, FileEntry] = {}
+        for rel, entry in files.items():
+            size = entry.get("size") if isinstance(entry, dict) else None
+            etag = entry.get("etag") if isinstance(entry, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise MarkerError(f"marker entry {rel!r} has no valid size (got {entry!r})")
+            if etag is not None and not isinstance(etag, str):
+                raise MarkerError(f"marker entry {rel!r} has an invalid etag {etag!r}")
+            entries[rel] = FileEntry(size, etag)
+        return cls(name, step, entries, version, float(created))
+
+
+def _field(doc: object, key: str) -> object:
+    return doc.get(key) if isinstance(doc, dict) else type(doc).__name__
+
+
+def build_manifest(
+    local_dir: Path, name: str, step: int | None, etags: Mapping[str, str] | None = None
+) -> Manifest:
+    """The manifest of a local directory: every regular file (the marker itself excluded).
+
+    ``etags`` maps paths relative to ``local_dir`` (posix) to the ETag S3 reported.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"abcd")
+        >>> build_manifest(d, "checkpoint-1", 1).files["w.bin"].size
+        4
+    """
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise UsageError(f"cannot build a manifest: {str(local_dir)!r} is not a directory")
+    etags = etags or {}
+    files: dict[str, FileEntry] = {}
+    for dirpath, dirnames, filenames in os.walk(local_dir, followlinks=False):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            full = Path(dirpath) / fname
+            rel = full.relative_to(local_dir).as_posix()
+            if rel == MARKER_NAME or not full.is_file():
+                continue
+            files[rel] = FileEntry(full.stat().st_size, _clean_etag(etags.get(rel)))
+    return Manifest(name, step, files, __version__, time.time())
+
+
+def _clean_etag(etag: str | None) -> str | None:
+    return etag.strip('"') if etag else None
+
+
+def verify_against_manifest(manifest: Manifest, objects: Mapping[str, ObjectInfo]) -> list[str]:
+    """Problems between a manifest and the objects found (keyed by path relative to the directory).
+
+    Sizes always; ETags when both sides have one. ``[]`` means everything matches; extra objects
+    that the manifest does not list are not a problem.
+
+    Example:
+        >>> from datetime import datetime, timezone
+        >>> m = Manifest("c", 1, {"a.bin": FileEntry(3)}, "0.1", 0.0)
+        >>> verify_against_manifest(m, {})
+        ['a.bin: missing']
+    """
+    problems: list[str] = []
+    for rel, entry in sorted(manifest.files.items()):
+        obj = objects.get(rel)
+        if obj is None:
+            problems.append(f"{rel}: missing")
+        elif obj.size != entry.size:
+            problems.append(f"{rel}: size {obj.size} but the manifest says {entry.size}")
+        elif entry.etag and obj.etag and _clean_etag(obj.etag) != _clean_etag(entry.etag):
+            problems.append(f"{rel}: ETag {_clean_etag(obj.etag)} but the manifest says {entry.etag}")
+    return problems

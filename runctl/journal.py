@@ -1,0 +1,227 @@
+"""Crash-safe, append-only record of what was queued, uploaded, verified and deleted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from runctl.exceptions import JournalError, UsageError
+
+log = logging.getLogger("runctl.journal")
+
+JOURNAL_DIR = ".runctl"
+JOURNAL_NAME = "journal.jsonl"
+STATES = ("queued", "uploaded", "verified", "skipped", "failed", "deleted_s3", "deleted_local")
+PENDING_STATES = ("queued", "uploaded")
+_FIELDS = ("time", "size", "mtime", "s3_url", "detail")
+#: Two mtimes closer than this are the same (they come from the same stat, through JSON).
+_MTIME_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One line of the journal: a checkpoint name reaching a state.
+
+    Example:
+        >>> JournalEntry("step_5.pt", "verified", 1.0, size=10).state
+        'verified'
+    """
+
+    name: str
+    state: str
+    time: float
+    size: int | None = None
+    mtime: float | None = None
+    s3_url: str | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, doc: object) -> JournalEntry:
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected an object, got {type(doc).__name__}")
+        name, state, when = doc.get("name"), doc.get("state"), doc.get("time")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"invalid name {name!r}")
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if not _is_number(when):
+            raise ValueError(f"invalid time {when!r}")
+        size, mtime = doc.get("size"), doc.get("mtime")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ValueError(f"invalid size {size!r}")
+        if mtime is not None and not _is_number(mtime):
+            raise ValueError(f"invalid mtime {mtime!r}")
+        s3_url, detail = doc.get("s3_url"), doc.get("detail")
+        return cls(
+            name,
+            state,
+            float(when),
+            size,
+            None if mtime is None else float(mtime),
+            None if s3_url is None else str(s3_url),
+            None if detail is None else str(detail),
+        )
+
+    def matches(self, size: int | None, mtime: float | None) -> bool:
+        """True when the given size and mtime (those given) equal the recorded ones."""
+        if size is not None and self.size != size:
+            return False
+        if mtime is not None and (self.mtime is None or abs(self.mtime - mtime) > _MTIME_TOLERANCE):
+            return False
+        return True
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _State:
+    latest: dict[str, JournalEntry]
+    #: The last "verified" entry per name, kept past later "deleted_s3" entries.
+    verified: dict[str, JournalEntry]
+
+
+class Journal:
+    """The journal of one checkpoint directory: ``<root>/.runctl/journal.jsonl``.
+
+    Every record is one line written by one ``os.write`` with ``O_APPEND`` and then fsynced,
+    so threads and processes can share it and a crash loses at most the line being written.
+
+    Example:
+        >>> import tempfile
+        >>> j = Journal(Path(tempfile.mkdtemp()))
+        >>> j.record("step_5.pt", "verified", size=3, mtime=1.5)
+        >>> j.is_durable("step_5.pt", size=3), j.is_durable("step_5.pt", size=4)
+        (True, False)
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.path = self.root / JOURNAL_DIR / JOURNAL_NAME
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.path)!r})"
+
+    def record(self, name: str, state: str, **fields: Any) -> None:
+        """Append one entry; ``fields`` are any of time, size, mtime, s3_url, detail.
+
+        Raises:
+            UsageError: for an unknown state or field.
+            JournalError: if the journal cannot be written.
+        """
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"journal entry name must be a non-empty string (got {name!r})")
+        if state not in STATES:
+            raise UsageError(f"unknown journal state {state!r}; expected one of {', '.join(STATES)}")
+        unknown = sorted(set(fields) - set(_FIELDS))
+        if unknown:
+            raise UsageError(f"unknown journal field(s) {', '.join(unknown)}; expected {', '.join(_FIELDS)}")
+        when = fields.pop("time", None)
+        entry = JournalEntry(name, state, time.time() if when is None else float(when), **fields)
+        line = json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+        self._append(line + b"\n")
+
+    def _append(self, data: bytes) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    end = os.fstat(fd).st_size
+                    # A writer that died mid-line left no newline: start ours on a fresh line so
+                    # that only the torn one is lost.
+                    if end and os.pread(fd, 1, end - 1) != b"\n":
+                        data = b"\n" + data
+                    written = os.write(fd, data)
+                    while written < len(data):  # never for a short line on a local disk
+                        written += os.write(fd, data[written:])
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+
+    def _load(self) -> _State:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return _State({}, {})
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror or exc}") from None
+        latest: dict[str, JournalEntry] = {}
+        verified: dict[str, JournalEntry] = {}
+        lines = data.split(b"\n")
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                entry = JournalEntry.from_json(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError) as exc:
+                torn = number == len(lines) and not data.endswith(b"\n")
+                what = "torn last line" if torn else "corrupt line"
+                log.warning("skipping %s %d of %s: %s", what, number, self.path, exc)
+                continue
+            latest[entry.name] = entry
+            if entry.state == "verified":
+                verified[entry.name] = entry
+        return _State(latest, verified)
+
+    def replay(self) -> dict[str, JournalEntry]:
+        """The latest entry per name, in file order; torn or corrupt lines are skipped with a warning."""
+        return self._load().latest
+
+    def is_durable(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
+        """True when the latest entry is ``verified`` and matches the given size and mtime.
+
+        A rewritten ``last.ckpt`` (other size or mtime) is not durable.
+        """
+        entry = self._load().latest.get(name)
+        return entry is not None and entry.state == "verified" and entry.matches(size, mtime)
+
+    def was_verified(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
+        """True when this version reached S3 verified, even if retention later deleted it there.
+
+        Local retention uses this: a checkpoint that was durable and that S3 retention then
+        removed on purpose may go locally too (it must not be kept forever).
+        """
+        return _was_verified(self._load(), name, size, mtime)
+
+    def durability_check(self) -> _DurabilityCheck:
+        """A ``was_verified`` predicate over one replay (for checking many checkpoints at once)."""
+        return _DurabilityCheck(self._load())
+
+    def pending(self) -> list[JournalEntry]:
+        """Entries whose latest state is queued or uploaded (not yet verified), oldest first."""
+        entries = [e for e in self._load().latest.values() if e.state in PENDING_STATES]
+        return sorted(entries, key=lambda e: (e.time, e.name))
+
+
+def _was_verified(state: _State, name: str, size: int | None, mtime: float | None) -> bool:
+    latest = state.latest.get(name)
+    if latest is None:
+        return False
+    if latest.state == "verified":
+        return latest.matches(size, mtime)
+    if latest.state == "deleted_s3":
+        last = state.verified.get(name)
+        return last is not None and last.matches(size, mtime)
+    return False
+
+
+class _DurabilityCheck:
+    def __init__(self, state: _State) -> None:
+        self._state = state
+
+    def __call__(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
+        return _was_verified(self._state, name, size, mtime)

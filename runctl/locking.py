@@ -1,0 +1,133 @@
+"""Host-wide retention locks (filelock on sidecar files): one per S3 prefix, one per local directory."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from runctl.exceptions import LockTimeout, UsageError
+from runctl.s3url import S3URL
+
+log = logging.getLogger("runctl.locking")
+
+#: After this long without the lock, say who we are waiting for.
+WARN_AFTER = 3.0
+LOCAL_LOCK_NAME = "retention.lock"
+
+_locks: dict[str, FileLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _user_cache_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def lock_dir() -> Path:
+    """Where S3 prefix locks live: ``$RUNCTL_LOCK_DIR``, else ``<user cache dir>/runctl/locks``.
+
+    Example:
+        >>> lock_dir().is_dir()
+        True
+    """
+    override = os.environ.get("RUNCTL_LOCK_DIR")
+    path = Path(override).expanduser() if override else _user_cache_dir() / "runctl" / "locks"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _file_lock(path: Path) -> FileLock:
+    # One FileLock object per path per process: filelock counts re-entries per thread on one object
+    # (thread_local), so the same thread may nest, while other threads and processes wait on flock.
+    key = os.path.abspath(path)
+    with _locks_guard:
+        lock = _locks.get(key)
+        if lock is None:
+            lock = _locks[key] = FileLock(key, thread_local=True)
+        return lock
+
+
+@contextmanager
+def _hold(path: Path, timeout: float, what: str) -> Iterator[None]:
+    if timeout < 0:
+        raise UsageError(f"lock timeout must be >= 0 seconds (got {timeout!r})")
+    lock = _file_lock(path)
+    start = time.monotonic()
+    try:
+        lock.acquire(timeout=min(WARN_AFTER, timeout))
+    except Timeout:
+        remaining = timeout - (time.monotonic() - start)
+        if remaining <= 0:
+            raise LockTimeout(
+                f"could not take the retention lock for {what} within {timeout:g} s "
+                f"(lock file {path}); another runctl process holds it"
+            ) from None
+        log.warning("waiting for lock %s (retention of %s is running in another process)", path, what)
+        try:
+            lock.acquire(timeout=remaining)
+        except Timeout:
+            raise LockTimeout(
+                f"could not take the retention lock for {what} within {timeout:g} s "
+                f"(lock file {path}); another runctl process holds it"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def s3_lock_path(prefix: S3URL, endpoint_url: str | None = None) -> Path:
+    """The lock file for one S3 prefix at one endpoint (the same path in every process).
+
+    Example:
+        >>> s3_lock_path(S3URL("bkt", "ckpt")) == s3_lock_path(S3URL("bkt", "ckpt/"))
+        True
+    """
+    endpoint = (endpoint_url or "aws").strip().rstrip("/").lower()
+    ident = "\n".join((endpoint, prefix.bucket, prefix.as_prefix().key))
+    digest = hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32]
+    return lock_dir() / f"s3-{prefix.bucket}-{digest}.lock"
+
+
+def s3_prefix_lock(
+    prefix: S3URL, endpoint_url: str | None = None, timeout: float = 600.0
+) -> AbstractContextManager[None]:
+    """Hold the host-wide retention lock of an S3 prefix.
+
+    Raises:
+        LockTimeout: if another process holds it for longer than ``timeout`` seconds.
+
+    Example:
+        >>> with s3_prefix_lock(S3URL("bkt", "ckpt/"), "http://127.0.0.1:9000", timeout=5):
+        ...     pass
+    """
+    return _hold(s3_lock_path(prefix, endpoint_url), timeout, str(prefix.as_prefix()))
+
+
+def local_dir_lock(root: Path, timeout: float = 600.0) -> AbstractContextManager[None]:
+    """Hold the retention lock of a local checkpoint directory (``<root>/.runctl/retention.lock``).
+
+    Raises:
+        LockTimeout: if another process holds it for longer than ``timeout`` seconds.
+
+    Example:
+        >>> import tempfile
+        >>> with local_dir_lock(Path(tempfile.mkdtemp()), timeout=5):
+        ...     pass
+    """
+    root = Path(root).resolve()
+    lock_parent = root / ".runctl"
+    lock_parent.mkdir(parents=True, exist_ok=True)
+    return _hold(lock_parent / LOCAL_LOCK_NAME, timeout, str(root))

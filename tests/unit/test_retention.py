@@ -1,0 +1,266 @@
+"""The retention planner (pure, property-tested) and local retention under the journal's word."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runctl.checkpoints import Checkpoint, is_alias, local_checkpoint
+from runctl.exceptions import UsageError
+from runctl.journal import Journal
+from runctl.retention import NOT_DURABLE, RetentionPlan, apply_local_retention, plan_retention
+
+NOW = 1_000_000.0
+
+
+def cp(name: str, step: int | None = None, *, complete: bool = True, mtime: float = NOW - 10, size: int = 1,
+       is_dir: bool = False) -> Checkpoint:
+    return Checkpoint(name, is_dir, step, None, mtime, size, complete, (name,))
+
+
+def names(items: tuple[Checkpoint, ...]) -> list[str]:
+    return [c.name for c in items]
+
+
+def steps(*numbers: int) -> list[Checkpoint]:
+    return [cp(f"step_{n}.pt", n) for n in numbers]
+
+
+def test_keeps_newest_n_complete() -> None:
+    plan = plan_retention(steps(5, 1, 4, 2, 3), keep_last_n=2, now=NOW)
+    assert names(plan.delete) == ["step_1.pt", "step_2.pt", "step_3.pt"]
+    assert names(plan.keep) == ["step_4.pt", "step_5.pt"]
+    assert plan.reasons["step_5.pt"] == "newest complete"
+    assert "newest 2" in plan.reasons["step_1.pt"]
+
+
+def test_none_keeps_everything() -> None:
+    plan = plan_retention(steps(1, 2, 3), keep_last_n=None, now=NOW)
+    assert plan.delete == ()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "3", True])
+def test_keep_last_n_below_one_is_a_usage_error(bad: object) -> None:
+    with pytest.raises(UsageError, match="keep_last_n"):
+        plan_retention(steps(1), keep_last_n=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("arg", "value"), [("max_total_size", -1), ("incomplete_older_than", -5)])
+def test_negative_limits_are_usage_errors(arg: str, value: int) -> None:
+    with pytest.raises(UsageError, match=arg):
+        plan_retention(steps(1), keep_last_n=1, **{arg: value})
+
+
+def test_incomplete_do_not_count_and_are_kept() -> None:
+    items = [*steps(1, 2), cp("checkpoint-3", 3, complete=False, is_dir=True)]
+    plan = plan_retention(items, keep_last_n=1, now=NOW)
+    assert names(plan.keep) == ["step_2.pt", "checkpoint-3"]
+    assert names(plan.delete) == ["step_1.pt"]
+    assert "incomplete" in plan.reasons["checkpoint-3"]
+
+
+def test_abandoned_incomplete_deleted_only_when_older_than() -> None:
+    old = cp("checkpoint-3", 3, complete=False, mtime=NOW - 3600)
+    fresh = cp("checkpoint-4", 4, complete=False, mtime=NOW - 10)
+    plan = plan_retention([*steps(1), old, fresh], keep_last_n=1, incomplete_older_than=600, now=NOW)
+    assert names(plan.delete) == ["checkpoint-3"]
+    assert "abandoned" in plan.reasons["checkpoint-3"]
+    plan = plan_retention([*steps(1), old, fresh], keep_last_n=1, now=NOW)
+    assert plan.delete == ()
+
+
+def test_protected_and_aliases_are_kept_and_do_not_use_up_n() -> None:
+    items = [*steps(1, 2, 3, 4), cp("last.ckpt", mtime=NOW)]
+    plan = plan_retention(items, keep_last_n=2, protected={"step_1.pt"}, now=NOW)
+    assert names(plan.keep) == ["last.ckpt", "step_1.pt", "step_3.pt", "step_4.pt"]
+    assert names(plan.delete) == ["step_2.pt"]
+    assert plan.reasons["step_1.pt"] == "protected"
+    assert plan.reasons["last.ckpt"].startswith("alias")
+
+
+def test_protected_names_may_be_paths_or_one_string() -> None:
+    items = [*steps(1, 2, 3), cp("checkpoint-0", 0, is_dir=True)]
+    plan = plan_retention(items, keep_last_n=1, protected=["checkpoint-0/", "runs/7/step_1.pt"], now=NOW)
+    assert names(plan.delete) == ["step_2.pt"]
+    plan = plan_retention(items, keep_last_n=1, protected="step_2.pt", now=NOW)
+    assert names(plan.delete) == ["checkpoint-0", "step_1.pt"]
+
+
+def test_max_total_size_deletes_oldest_but_never_newest() -> None:
+    items = [cp(f"step_{n}.pt", n, size=10) for n in range(1, 5)]
+    plan = plan_retention(items, keep_last_n=None, max_total_size=25, now=NOW)
+    assert names(plan.delete) == ["step_1.pt", "step_2.pt"]
+    assert "max_total_size" in plan.reasons["step_1.pt"]
+    plan = plan_retention(items, keep_last_n=None, max_total_size=0, now=NOW)
+    assert names(plan.keep) == ["step_4.pt"]
+
+
+def test_plan_to_json() -> None:
+    plan = plan_retention(steps(1, 2), keep_last_n=1, now=NOW)
+    doc = plan.to_json()
+    assert [c["name"] for c in doc["delete"]] == ["step_1.pt"]
+    assert doc["keep"][0]["reason"] == "newest complete"
+    assert doc["bytes_freed"] == 1
+
+
+# --- properties -------------------------------------------------------------------------------
+
+
+@st.composite
+def checkpoint_sets(draw: st.DrawFn) -> tuple[list[Checkpoint], set[str]]:
+    count = draw(st.integers(0, 12))
+    items: list[Checkpoint] = []
+    for i in range(count):
+        kind = draw(st.sampled_from(["step", "step", "step", "mtime", "alias"]))
+        step = draw(st.integers(0, 50)) if kind == "step" else None
+        name = {"step": f"step_{step}-{i}.pt", "mtime": f"ckpt{i}.pt", "alias": f"last-v{i}.ckpt"}[kind]
+        items.append(
+            cp(
+                name,
+                step,
+                complete=draw(st.booleans()) if kind != "alias" else True,
+                mtime=NOW - draw(st.integers(0, 10_000)),
+                size=draw(st.integers(0, 100)),
+            )
+        )
+    protected = set(draw(st.lists(st.sampled_from([c.name for c in items]), unique=True))) if items else set()
+    return items, protected
+
+
+limits = dict(
+    keep_last_n=st.one_of(st.none(), st.integers(1, 6)),
+    max_total_size=st.one_of(st.none(), st.integers(0, 500)),
+    incomplete_older_than=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=checkpoint_sets(), **limits)
+def test_plan_properties(
+    data: tuple[list[Checkpoint], set[str]],
+    keep_last_n: int | None,
+    max_total_size: int | None,
+    incomplete_older_than: int | None,
+) -> None:
+    items, protected = data
+    kwargs = dict(protected=protected, max_total_size=max_total_size,
+                  incomplete_older_than=incomplete_older_than, now=NOW)
+    plan = plan_retention(items, keep_last_n, **kwargs)
+
+    # Every checkpoint is either kept or deleted, with a reason.
+    assert sorted(names(plan.keep) + names(plan.delete)) == sorted(c.name for c in items)
+    assert set(plan.reasons) == {c.name for c in items}
+
+    for c in plan.delete:
+        assert c.name not in protected
+        assert not is_alias(c.name)
+        if not c.complete:
+            assert incomplete_older_than is not None and NOW - c.mtime > incomplete_older_than
+
+    ranked = sorted((c for c in items if c.complete and not is_alias(c.name)), key=Checkpoint.order_key)
+    if ranked:
+        assert ranked[-1] in plan.keep  # the newest complete
+
+    if keep_last_n is not None:
+        extra = [c for c in plan.keep if c.name in protected or is_alias(c.name) or not c.complete]
+        assert len(plan.keep) <= keep_last_n + len(extra)
+
+    # Deterministic, and independent of input order.
+    assert plan_retention(list(reversed(items)), keep_last_n, **kwargs) == plan
+
+    # Idempotent: once the plan is applied, planning again deletes nothing.
+    again = plan_retention(list(plan.keep), keep_last_n, **kwargs)
+    assert again.delete == ()
+
+
+# --- local retention --------------------------------------------------------------------------
+
+
+def write_steps(root: Path, *numbers: int) -> None:
+    for n in numbers:
+        path = root / f"step_{n}.pt"
+        path.write_bytes(b"x" * n)
+        os.utime(path, (1000 + n, 1000 + n))
+
+
+def verify_all(root: Path) -> None:
+    journal = Journal(root)
+    for entry in sorted(root.iterdir()):
+        if entry.name != ".runctl":
+            c = local_checkpoint(entry, root)
+            journal.record(c.name, "verified", size=c.size, mtime=c.mtime)
+
+
+def test_local_keeps_what_is_not_durable(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2, 3, 4)
+    (tmp_path / "train.log").write_text("log")
+    plan = apply_local_retention(tmp_path, 1)
+    assert plan.delete == ()
+    assert {plan.reasons[n] for n in ("step_1.pt", "step_2.pt", "step_3.pt")} == {NOT_DURABLE}
+    assert len(list(tmp_path.glob("step_*.pt"))) == 4
+
+
+def test_local_deletes_durable_and_records_it(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2, 3)
+    hf = tmp_path / "checkpoint-0"
+    hf.mkdir()
+    (hf / "model.bin").write_bytes(b"m")
+    (tmp_path / "train.log").write_text("log")
+    verify_all(tmp_path)
+    plan = apply_local_retention(tmp_path, 2)
+    assert names(plan.delete) == ["checkpoint-0", "step_1.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runctl", "step_2.pt", "step_3.pt", "train.log"]
+    replay = Journal(tmp_path).replay()
+    assert replay["step_1.pt"].state == "deleted_local"
+    assert replay["checkpoint-0"].state == "deleted_local"
+
+
+def test_local_rewritten_file_is_not_durable(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2)
+    verify_all(tmp_path)
+    (tmp_path / "step_1.pt").write_bytes(b"rewritten")
+    plan = apply_local_retention(tmp_path, 1)
+    assert plan.delete == () and plan.reasons["step_1.pt"] == NOT_DURABLE
+
+
+def test_local_deleted_in_s3_after_verify_may_go(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2)
+    verify_all(tmp_path)
+    Journal(tmp_path).record("step_1.pt", "deleted_s3")
+    plan = apply_local_retention(tmp_path, 1)
+    assert names(plan.delete) == ["step_1.pt"]
+
+
+def test_local_force_and_custom_predicate(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2, 3)
+    plan = apply_local_retention(tmp_path, 1, is_durable=lambda c: c.name == "step_1.pt")
+    assert names(plan.delete) == ["step_1.pt"] and plan.reasons["step_2.pt"] == NOT_DURABLE
+    plan = apply_local_retention(tmp_path, 1, force=True)
+    assert names(plan.delete) == ["step_2.pt"]
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_3.pt"]
+
+
+def test_local_dry_run_changes_nothing(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2, 3)
+    plan = apply_local_retention(tmp_path, 1, force=True, dry_run=True)
+    assert isinstance(plan, RetentionPlan) and names(plan.delete) == ["step_1.pt", "step_2.pt"]
+    assert len(list(tmp_path.glob("step_*"))) == 3
+    assert "step_1.pt" not in Journal(tmp_path).replay()
+
+
+def test_local_protected(tmp_path: Path) -> None:
+    write_steps(tmp_path, 1, 2, 3)
+    plan = apply_local_retention(tmp_path, 1, force=True, protected={"step_1.pt"})
+    assert names(plan.delete) == ["step_2.pt"]
+
+
+def test_local_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="keep_last_n"):
+        apply_local_retention(tmp_path, 0)
+    with pytest.raises(UsageError, match="does not exist"):
+        apply_local_retention(tmp_path / "missing", 1)
+    assert not (tmp_path / "missing").exists()
