@@ -1,0 +1,439 @@
+"""The boto3 transfer backend: s3transfer for files, paginated listings, batched deletes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from runctl.config import S3Config, scrub
+from runctl.exceptions import (
+    AccessDeniedError,
+    EndpointError,
+    NoSuchBucketError,
+    NoSuchKeyError,
+    PartialTransferError,
+    TransferError,
+)
+from runctl.s3url import S3URL
+from runctl.transfer.base import (
+    DEFAULT_PART_SIZE,
+    DELETE_BATCH,
+    DeleteResult,
+    ObjectInfo,
+    PrefixInfo,
+    ProgressCallback,
+    Transfer,
+    part_size_for,
+)
+
+log = logging.getLogger("runctl.transfer.boto")
+
+#: Parallel parts of one large file (s3transfer's max_concurrency).
+PART_CONCURRENCY = 8
+#: Files moved at once when a batch holds many files.
+FILE_CONCURRENCY = 8
+#: Listing page size (the S3 maximum).
+PAGE_SIZE = 1000
+
+_NO_SUCH_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_ACCESS_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "403",
+        "Forbidden",
+        "ExpiredToken",
+        "InvalidToken",
+        "AllAccessDisabled",
+        "AccountProblem",
+    }
+)
+
+
+_DEFAULT_MESSAGES = {
+    "NoSuchBucket": "the bucket does not exist",
+    "NoSuchKey": "no such object",
+    "404": "no such object",
+    "AccessDenied": "access denied",
+    "403": "access denied",
+}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _unquote_etag(etag: str | None) -> str | None:
+    if not etag:
+        return None
+    return etag.strip('"')
+
+
+def _find_cause(exc: BaseException) -> BaseException:
+    """The botocore error under s3transfer's wrappers (S3UploadFailedError chains the ClientError)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (ClientError, BotoCoreError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def map_error(
+    exc: BaseException, url: S3URL | str | None = None, action: str = ""
+) -> TransferError:
+    """Turn a botocore/s3transfer/OS error into the matching typed ``TransferError``.
+
+    Example:
+        >>> err = map_error(OSError("disk full"), "s3://b/k", "upload")
+        >>> type(err).__name__, "disk full" in str(err)
+        ('TransferError', True)
+    """
+    from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+
+    if isinstance(exc, TransferError):
+        return exc
+    cause = _find_cause(exc)
+    where = f" {url}" if url is not None else ""
+    prefix = f"{action}{where} failed" if action else f"S3 request for{where} failed"
+    prefix = prefix.strip()
+    url_text = str(url) if url is not None else None
+    if isinstance(cause, ClientError):
+        error = cause.response.get("Error", {}) or {}
+        code = str(
+            error.get("Code")
+            or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        )
+        message = scrub(str(error.get("Message") or ""))
+        if not message or message == "Unknown":
+            message = _DEFAULT_MESSAGES.get(code, scrub(str(cause)))
+        text = f"{prefix}: {message}"
+        if code == "NoSuchBucket":
+            return NoSuchBucketError(text, code=code, url=url_text)
+        if code in _NO_SUCH_KEY_CODES:
+            text = f"{prefix}: no such object" if code in ("404", "NotFound") else text
+            return NoSuchKeyError(
+                text, code="NoSuchKey" if code == "NotFound" else code, url=url_text
+            )
+        if code in _ACCESS_CODES:
+            return AccessDeniedError(text, code=code, url=url_text)
+        return TransferError(text, code=code or None, url=url_text)
+    if isinstance(cause, NoCredentialsError):
+        return AccessDeniedError(
+            f"{prefix}: no AWS credentials found", code="NoCredentials", url=url_text
+        )
+    if isinstance(cause, HTTPClientError):
+        return EndpointError(
+            f"{prefix}: {scrub(str(cause))}", code="EndpointConnectionError", url=url_text
+        )
+    if isinstance(cause, FileNotFoundError):
+        return TransferError(
+            f"{prefix}: local file not found: {scrub(str(cause))}",
+            code="LocalFileNotFound",
+            url=url_text,
+        )
+    return TransferError(f"{prefix}: {scrub(str(cause))}", url=url_text)
+
+
+def raise_batch(errors: dict[str, TransferError], total: int, action: str) -> None:
+    """Raise for a batch: the typed error itself if all ``total`` items failed alike, else PartialTransferError."""
+    if not errors:
+        return
+    if len(errors) == total:
+        kinds = {(type(e), e.code) for e in errors.values()}
+        if len(kinds) == 1:
+            first = next(iter(errors.values()))
+            kind, code = next(iter(kinds))
+            if kind is not TransferError and total > 1:
+                raise kind(
+                    f"{action} failed for all {total} items: {first.message}",
+                    code=code,
+                    url=first.url,
+                )
+            if kind is not TransferError:
+                raise first
+    failures = {name: str(err) for name, err in errors.items()}
+    shown = "; ".join(f"{name}: {reason}" for name, reason in itertools.islice(failures.items(), 5))
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    codes = {e.code for e in errors.values()}
+    raise PartialTransferError(
+        f"{action}: {len(failures)} of {total} failed: {shown}{more}",
+        failures,
+        code=codes.pop() if len(codes) == 1 else None,
+    )
+
+
+class _Progress:
+    """Thread-safe wrapper: s3transfer calls back from many worker threads."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, moved: int) -> None:
+        if self._callback is None or moved <= 0:
+            return
+        with self._lock:
+            self._callback(moved)
+
+
+class BotoTransfer(Transfer):
+    """The boto3 backend (fallback when s5cmd is unavailable); thread-safe.
+
+    Example:
+        >>> from runctl.config import S3Config
+        >>> t = BotoTransfer(S3Config(endpoint_url="http://127.0.0.1:9000"))
+        >>> t.name
+        'boto3'
+    """
+
+    name = "boto3"
+
+    def __init__(self, config: S3Config) -> None:
+        self.config = config
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client, created on first use (clients are thread-safe)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self.config.boto_client()
+        return self._client
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _transfer_config(self, size: int) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        part = part_size_for(size)
+        return TransferConfig(
+            multipart_threshold=DEFAULT_PART_SIZE,
+            multipart_chunksize=part,
+            max_concurrency=PART_CONCURRENCY,
+            use_threads=True,
+        )
+
+    def _run_batch(
+        self,
+        items: Sequence[Any],
+        work: Callable[[Any], None],
+        describe: Callable[[Any], str],
+        action: str,
+    ) -> None:
+        errors: dict[str, TransferError] = {}
+        lock = threading.Lock()
+
+        def one(item: Any) -> None:
+            try:
+                work(item)
+            except Exception as exc:  # every failure is reported by name after the batch
+                err = map_error(exc, describe(item), action)
+                log.debug("%s %s failed: %s", action, describe(item), err)
+                with lock:
+                    errors[describe(item)] = err
+
+        if len(items) <= 1:
+            for item in items:
+                one(item)
+        else:
+            with ThreadPoolExecutor(
+                max_workers=min(FILE_CONCURRENCY, len(items)), thread_name_prefix="runctl-boto"
+            ) as pool:
+                list(pool.map(one, items))
+        raise_batch(errors, len(items), action)
+
+    def put_files(
+        self,
+        pairs: Sequence[tuple[Path, S3URL]],
+        *,
+        storage_class: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Upload each local file to exactly its URL (multipart for large files)."""
+        callback = _Progress(progress)
+        extra = {"StorageClass": storage_class} if storage_class else None
+
+        def work(pair: tuple[Path, S3URL]) -> None:
+            path, url = pair
+            size = Path(path).stat().st_size
+            self.client.upload_file(
+                str(path),
+                url.bucket,
+                url.key,
+                ExtraArgs=extra,
+                Callback=callback,
+                Config=self._transfer_config(size),
+            )
+
+        self._run_batch(list(pairs), work, lambda pair: str(pair[1]), "upload")
+
+    def get_files(
+        self,
+        pairs: Sequence[tuple[S3URL, Path]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Download each object to exactly the given path (its parent must exist)."""
+        callback = _Progress(progress)
+
+        def work(pair: tuple[S3URL, Path]) -> None:
+            url, path = pair
+            try:
+                self.client.download_file(
+                    url.bucket,
+                    url.key,
+                    str(path),
+                    Callback=callback,
+                    Config=self._transfer_config(0),
+                )
+            except Exception as exc:
+                err = map_error(exc, url, "download")
+                if isinstance(err, NoSuchKeyError) and err.code == "404":
+                    err = self._missing_bucket_or_key(url, err)
+                raise err from None
+
+        self._run_batch(list(pairs), work, lambda pair: str(pair[0]), "download")
+
+    def _missing_bucket_or_key(self, url: S3URL, err: TransferError) -> TransferError:
+        """A HEAD 404 does not say whether the bucket or the key is missing; ask once."""
+        try:
+            self.client.head_bucket(Bucket=url.bucket)
+        except Exception as exc:
+            bucket_err = map_error(exc, f"s3://{url.bucket}", "download")
+            if isinstance(bucket_err, NoSuchKeyError):  # head_bucket's 404 is the bucket's
+                return NoSuchBucketError(
+                    f"download {url} failed: bucket {url.bucket!r} does not exist",
+                    code="NoSuchBucket",
+                    url=str(url),
+                )
+        return NoSuchKeyError(
+            f"download {url} failed: no such object", code="NoSuchKey", url=str(url)
+        )
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def iter_objects(
+        self, url: S3URL, *, recursive: bool = True
+    ) -> Iterator[ObjectInfo | PrefixInfo]:
+        """Stream objects (and, non-recursive, common prefixes) under ``url.key``, page by page."""
+        kwargs: dict[str, Any] = {
+            "Bucket": url.bucket,
+            "Prefix": url.key,
+            "PaginationConfig": {"PageSize": PAGE_SIZE},
+        }
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = iter(paginator.paginate(**kwargs))
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except Exception as exc:
+                raise map_error(exc, url, "list") from None
+            # Per page, common prefixes first, then objects (each sorted by S3): the order
+            # s5cmd and the AWS CLI print, so both backends list identically.
+            entries: list[ObjectInfo | PrefixInfo] = [
+                PrefixInfo(bucket=url.bucket, key=item["Prefix"])
+                for item in page.get("CommonPrefixes", ()) or ()
+            ]
+            entries.extend(
+                ObjectInfo(
+                    bucket=url.bucket,
+                    key=item["Key"],
+                    size=int(item.get("Size", 0)),
+                    last_modified=_utc(item["LastModified"]),
+                    etag=_unquote_etag(item.get("ETag")),
+                    storage_class=item.get("StorageClass") or "STANDARD",
+                )
+                for item in page.get("Contents", ()) or ()
+            )
+            del page
+            yield from entries
+            entries.clear()  # do not hold this page while the next one is fetched and parsed
+
+    # -- small operations --------------------------------------------------------------------
+
+    def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:
+        """Delete keys in batches of 1,000 (DeleteObjects, quiet); per-key errors are collected."""
+        deleted = 0
+        errors: dict[str, str] = {}
+        iterator = iter(keys)
+        while True:
+            batch = list(itertools.islice(iterator, DELETE_BATCH))
+            if not batch:
+                break
+            try:
+                response = self.client.delete_objects(
+                    Bucket=bucket,
+                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                )
+            except Exception as exc:
+                raise map_error(exc, f"s3://{bucket}/", f"delete of {len(batch)} keys in") from None
+            failed = {
+                item["Key"]: scrub(
+                    f"{item.get('Code', 'Error')}: {item.get('Message', '')}".rstrip(": ")
+                )
+                for item in response.get("Errors", ()) or ()
+                if item.get("Code") != "NoSuchKey"  # already gone is what we wanted
+            }
+            errors.update(failed)
+            deleted += len(batch) - len(failed)
+        return DeleteResult(deleted=deleted, errors=errors)
+
+    def stat(self, url: S3URL) -> ObjectInfo | None:
+        """The object's metadata from HEAD, or None if it does not exist."""
+        if url.is_bucket:
+            return None
+        try:
+            head = self.client.head_object(Bucket=url.bucket, Key=url.key)
+        except Exception as exc:
+            err = map_error(exc, url, "stat")
+            if isinstance(err, NoSuchKeyError):
+                return None
+            raise err from None
+        return ObjectInfo(
+            bucket=url.bucket,
+            key=url.key,
+            size=int(head.get("ContentLength", 0)),
+            last_modified=_utc(head["LastModified"]),
+            etag=_unquote_etag(head.get("ETag")),
+            storage_class=head.get("StorageClass") or "STANDARD",
+        )
+
+    def put_bytes(self, data: bytes, url: S3URL) -> None:
+        """Write a small object in one PutObject."""
+        try:
+            self.client.put_object(Bucket=url.bucket, Key=url.key, Body=data)
+        except Exception as exc:
+            raise map_error(exc, url, "put") from None
+
+    def get_bytes(self, url: S3URL) -> bytes:
+        """Read a small object whole with one GetObject."""
+        try:
+            response = self.client.get_object(Bucket=url.bucket, Key=url.key)
+            return bytes(response["Body"].read())
+        except Exception as exc:
+            raise map_error(exc, url, "get") from None
+
+    def close(self) -> None:
+        """Close the client's connection pool."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None and hasattr(client, "close"):
+            client.close()

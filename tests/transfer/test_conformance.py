@@ -1,0 +1,492 @@
+"""Both transfer backends, on both servers, give the same results for every operation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runctl.exceptions import (
+    NoSuchBucketError,
+    NoSuchKeyError,
+    PartialTransferError,
+    UsageError,
+)
+from runctl.s3url import S3URL
+from runctl.transfer import ops
+from runctl.transfer.base import MiB, ObjectInfo, PrefixInfo, Transfer
+from tests.servers import S3Server
+
+WEIRD_KEYS = (
+    "weird/with space.txt",
+    "weird/ünïcødé-日本.txt",
+    "weird/star*.txt",
+    "weird/question?.txt",
+    "weird/[bracket].txt",
+    "weird/trailing space ",
+    "weird/plus+and%percent.txt",
+)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(4 * MiB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listing(transfer: Transfer, url: S3URL, recursive: bool = True) -> list[tuple[Any, ...]]:
+    """A listing reduced to what both backends must agree on (times to whole seconds)."""
+    rows: list[tuple[Any, ...]] = []
+    for entry in transfer.iter_objects(url, recursive=recursive):
+        if isinstance(entry, PrefixInfo):
+            rows.append(("prefix", entry.key))
+        else:
+            rows.append(("object", entry.key, entry.size, entry.etag))
+    return rows
+
+
+def put_raw(server: S3Server, bucket: str, keys: list[str], body: bytes = b"x") -> None:
+    """Create keys with plain boto3 (not the code under test), in parallel."""
+    client = server.client()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket, Key=key, Body=body), keys))
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+# -- small objects, literal keys --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", WEIRD_KEYS)
+def test_put_get_stat_literal_keys(transfer: Transfer, bucket: S3URL, key: str) -> None:
+    data = f"payload of {key}".encode()
+    url = bucket.join(key)
+    transfer.put_bytes(data, url)
+    assert transfer.get_bytes(url) == data
+    info = transfer.stat(url)
+    assert info is not None
+    assert (info.key, info.size, info.etag) == (key, len(data), md5(data))
+    assert listing(transfer, bucket) == [("object", key, len(data), md5(data))]
+
+
+def test_files_with_glob_characters_are_literal(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"a1.bin": b"one", "a2.bin": b"two", "a*.bin": b"star", "a[12].bin": b"class"})
+    pairs = [(src / name, bucket.join("g", name)) for name in ("a1.bin", "a2.bin", "a*.bin", "a[12].bin")]
+    transfer.put_files(pairs)
+    assert sorted(row[1] for row in listing(transfer, bucket)) == ["g/a*.bin", "g/a1.bin", "g/a2.bin", "g/a[12].bin"]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    got = ops.download(transfer, bucket.join("g", "a*.bin"), out)
+    assert got == [(bucket.join("g", "a*.bin"), out / "a*.bin")]
+    assert tree_files(out) == {"a*.bin": b"star"}
+    transfer.get_files([(bucket.join("g", "a[12].bin"), out / "class")])
+    assert (out / "class").read_bytes() == b"class"
+
+
+def test_upload_file_into_prefix_and_to_key(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    f = tmp_path / "step_1.pt"
+    f.write_bytes(b"weights")
+    assert ops.upload(transfer, f, bucket.join("run/")) == [(f, bucket.join("run/step_1.pt"))]
+    assert ops.upload(transfer, f, bucket.join("run/renamed.pt")) == [(f, bucket.join("run/renamed.pt"))]
+    assert [row[1] for row in listing(transfer, bucket)] == ["run/renamed.pt", "run/step_1.pt"]
+    with pytest.raises(UsageError, match="recursive"):
+        ops.upload(transfer, tmp_path, bucket.join("run/"))
+    with pytest.raises(UsageError, match="no such file"):
+        ops.upload(transfer, tmp_path / "missing", bucket.join("run/"))
+
+
+def test_listing_recursive_and_one_level(transfer: Transfer, bucket: S3URL) -> None:
+    put_raw_keys = ["ckpt/a.pt", "ckpt/sub/b.pt", "ckpt/sub/deeper/c.pt", "ckpt-old/d.pt", "top.txt"]
+    for key in put_raw_keys:
+        transfer.put_bytes(key.encode(), bucket.join(key))
+    assert [row[1] for row in listing(transfer, bucket.join("ckpt/"))] == [
+        "ckpt/a.pt",
+        "ckpt/sub/b.pt",
+        "ckpt/sub/deeper/c.pt",
+    ]
+    # One level: per page, common prefixes first, then objects (as s5cmd and the AWS CLI print).
+    assert listing(transfer, bucket.join("ckpt/"), recursive=False) == [
+        ("prefix", "ckpt/sub/"),
+        ("object", "ckpt/a.pt", 9, md5(b"ckpt/a.pt")),
+    ]
+    assert listing(transfer, bucket, recursive=False) == [
+        ("prefix", "ckpt-old/"),
+        ("prefix", "ckpt/"),
+        ("object", "top.txt", 7, md5(b"top.txt")),
+    ]
+    # A bare key is a literal string prefix: "ckpt" also matches "ckpt-old/".
+    assert len(listing(transfer, bucket.join("ckpt"))) == 4
+    assert listing(transfer, bucket.join("nothing/")) == []
+
+
+def test_listing_has_times_and_storage_class(transfer: Transfer, bucket: S3URL) -> None:
+    before = time.time()
+    transfer.put_bytes(b"abc", bucket.join("t.txt"))
+    (obj,) = list(transfer.iter_objects(bucket))
+    assert isinstance(obj, ObjectInfo)
+    assert obj.last_modified.tzinfo is not None
+    assert before - 5 <= obj.last_modified.timestamp() <= time.time() + 5
+    assert obj.storage_class == "STANDARD"
+    stat = transfer.stat(bucket.join("t.txt"))
+    assert stat is not None
+    assert int(stat.last_modified.timestamp()) == int(obj.last_modified.timestamp())
+    assert (stat.size, stat.etag, stat.storage_class) == (obj.size, obj.etag, obj.storage_class)
+
+
+def test_stat_missing_object_is_none(transfer: Transfer, bucket: S3URL) -> None:
+    assert transfer.stat(bucket.join("no/such/key.pt")) is None
+    transfer.put_bytes(b"x", bucket.join("dir/file"))
+    assert transfer.stat(bucket.join("dir/")) is None
+    assert transfer.stat(bucket.join("dir")) is None
+
+
+def test_missing_bucket_is_a_typed_error(transfer: Transfer, s3_server: S3Server, tmp_path: Path) -> None:
+    missing = S3URL(f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}")
+    with pytest.raises(NoSuchBucketError) as info:
+        list(transfer.iter_objects(missing.join("x/")))
+    assert info.value.code == "NoSuchBucket"
+    with pytest.raises(NoSuchBucketError):
+        transfer.put_bytes(b"x", missing.join("k"))
+    with pytest.raises(NoSuchBucketError):
+        transfer.get_bytes(missing.join("k"))
+    with pytest.raises(NoSuchBucketError):
+        transfer.get_files([(missing.join("k"), tmp_path / "k")])
+    src = tmp_path / "f"
+    src.write_bytes(b"data")
+    with pytest.raises(NoSuchBucketError):
+        transfer.put_files([(src, missing.join("k"))])
+
+
+def test_missing_key_is_a_typed_error(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    with pytest.raises(NoSuchKeyError):
+        transfer.get_bytes(bucket.join("missing"))
+    with pytest.raises(NoSuchKeyError):
+        transfer.get_files([(bucket.join("missing"), tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(NoSuchKeyError):
+        ops.download(transfer, bucket.join("missing"), tmp_path / "m")
+    with pytest.raises(NoSuchKeyError):
+        ops.download(transfer, bucket.join("empty/"), tmp_path / "d", recursive=True)
+
+
+def test_partial_failure_names_each_item(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    transfer.put_bytes(b"good", bucket.join("good"))
+    with pytest.raises(PartialTransferError) as info:
+        transfer.get_files([(bucket.join("good"), tmp_path / "good"), (bucket.join("bad"), tmp_path / "bad")])
+    (name,) = info.value.failures
+    assert str(bucket.join("bad")) in name
+    assert (tmp_path / "good").read_bytes() == b"good"
+
+
+# -- big and many -----------------------------------------------------------------------------
+
+
+def test_200mib_multipart_roundtrip(
+    transfer: Transfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.bin"
+    block = os.urandom(MiB)
+    with open(big, "wb") as fh:
+        for i in range(200):  # every MiB differs, so a misordered or repeated part changes the hash
+            fh.write(i.to_bytes(8, "big") + block[8:])
+    url = bucket.join("big/model.ckpt")
+    moved: list[int] = []
+    transfer.put_files([(big, url)], progress=moved.append)
+    info = transfer.stat(url)
+    assert info is not None and info.size == 200 * MiB
+    if s3_server.kind == "moto":
+        assert info.etag is not None and "-" in info.etag, "200 MiB must go up as a multipart upload"
+    else:  # rclone serve s3 reports the whole file's MD5 whatever the upload's shape
+        digest = hashlib.md5()
+        with open(big, "rb") as fh:
+            for chunk in iter(lambda: fh.read(4 * MiB), b""):
+                digest.update(chunk)
+        assert info.etag == digest.hexdigest()
+    back = tmp_path / "back.bin"
+    transfer.get_files([(url, back)])
+    assert file_sha256(back) == file_sha256(big)
+    if moved:  # progress is optional, but when reported it must add up
+        assert sum(moved) == 200 * MiB
+
+
+def test_tree_of_1000_small_files(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files = {f"d{i % 10}/f{i:04d}.bin": f"{i}".encode() * (i % 7 + 1) for i in range(1000)}
+    make_tree(src, files)
+    uploaded = ops.upload(transfer, src, bucket.join("tree"), recursive=True)
+    assert len(uploaded) == 1000
+    rows = listing(transfer, bucket.join("tree/"))
+    assert [row[1] for row in rows] == [f"tree/{rel}" for rel in sorted(files)]
+    assert all(row[3] == md5(files[row[1][5:]]) for row in rows)
+    out = tmp_path / "out"
+    got = ops.download(transfer, bucket.join("tree/"), out, recursive=True)
+    assert len(got) == 1000
+    assert tree_files(out) == files
+
+
+def test_upload_include_exclude(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", {"a.pt": b"1", "b.log": b"2", "sub/c.pt": b"3", "sub/skip.pt": b"4"})
+    ops.upload(transfer, tmp_path / "src", bucket.join("r/"), recursive=True, include=["*.pt"], exclude=["*skip*"])
+    assert [row[1] for row in listing(transfer, bucket)] == ["r/a.pt", "r/sub/c.pt"]
+    planned = ops.upload(transfer, tmp_path / "src", bucket.join("dry/"), recursive=True, dry_run=True)
+    assert len(planned) == 4
+    assert listing(transfer, bucket.join("dry/")) == []
+
+
+# -- containment ------------------------------------------------------------------------------
+
+HOSTILE_KEYS = (
+    "run/../escaped.txt",
+    "run/a/../../escaped2.txt",
+    "run/../../../../tmp/escaped3.txt",
+    "run/./dot.txt",
+    "run/a//double.txt",
+    "run/back\\..\\slash.txt",
+)
+
+
+def test_recursive_download_never_escapes(
+    transfer: Transfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    client = s3_server.client()
+    stored: list[str] = []
+    refused: dict[str, str] = {}
+    for key in HOSTILE_KEYS:
+        try:
+            client.put_object(Bucket=bucket.bucket, Key=key, Body=b"evil")
+        except Exception as exc:  # the server's own rule, not ours
+            refused[key] = type(exc).__name__
+    present = {o.key for o in transfer.iter_objects(bucket)}
+    stored = [key for key in HOSTILE_KEYS if key in present]
+    if not any(".." in key.split("/") for key in stored):
+        pytest.skip(f"{s3_server.kind} cannot store keys with '..' (refused: {sorted(refused)})")
+    client.put_object(Bucket=bucket.bucket, Key="run/safe/ok.txt", Body=b"ok")
+    dest = tmp_path / "box" / "dest"
+    dest.mkdir(parents=True)
+    with pytest.raises(PartialTransferError) as info:
+        ops.download(transfer, bucket.join("run/"), dest, recursive=True)
+    assert set(info.value.failures) == {str(bucket.join(key)) for key in stored}
+    assert info.value.exit_code == 1
+    assert tree_files(dest) == {"safe/ok.txt": b"ok"}
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "box",
+        "box/dest",
+        "box/dest/safe",
+        "box/dest/safe/ok.txt",
+    ]
+    assert not Path("/tmp/escaped3.txt").exists()
+    plan = ops.plan_sync(transfer, dest, bucket.join("run/"), "down")
+    assert {url for url, _ in plan.skipped} == {str(bucket.join(key)) for key in stored}
+
+
+def test_download_never_writes_through_a_symlink(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    transfer.put_bytes(b"ok", bucket.join("run/safe/ok.txt"))
+    transfer.put_bytes(b"via symlink", bucket.join("run/link/through.txt"))
+    transfer.put_bytes(b"replaced", bucket.join("run/file-link"))
+    dest = tmp_path / "dest"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"keep me")
+    dest.mkdir()
+    (dest / "link").symlink_to(outside, target_is_directory=True)
+    (dest / "file-link").symlink_to(outside / "precious")
+
+    with pytest.raises(PartialTransferError) as info:
+        ops.download(transfer, bucket.join("run/"), dest, recursive=True)
+    assert set(info.value.failures) == {str(bucket.join("run/link/through.txt"))}
+    assert sorted(p.name for p in outside.iterdir()) == ["precious"]
+    assert (outside / "precious").read_bytes() == b"keep me"
+    # The symlinked file itself is replaced by the download, its target untouched.
+    assert not (dest / "file-link").is_symlink() and (dest / "file-link").read_bytes() == b"replaced"
+    assert (dest / "safe" / "ok.txt").read_bytes() == b"ok"
+
+
+def test_download_objects_is_contained(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    transfer.put_bytes(b"1", bucket.join("run/checkpoint-5/model.bin"))
+    transfer.put_bytes(b"2", bucket.join("run/checkpoint-5/opt/state.bin"))
+    objs = [o for o in transfer.iter_objects(bucket.join("run/checkpoint-5/")) if isinstance(o, ObjectInfo)]
+    forged = ObjectInfo(bucket.bucket, "run/checkpoint-5/../../evil", 1, objs[0].last_modified)
+    with pytest.raises(PartialTransferError) as info:
+        ops.download_objects(transfer, [*objs, forged], bucket.join("run/"), tmp_path / "out")
+    assert list(info.value.failures) == [str(forged.url)]
+    assert tree_files(tmp_path / "out") == {"checkpoint-5/model.bin": b"1", "checkpoint-5/opt/state.bin": b"2"}
+    assert not (tmp_path / "evil").exists()
+
+
+def test_download_is_atomic_and_replaces(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    transfer.put_bytes(b"new contents", bucket.join("f.bin"))
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    ops.download(transfer, bucket.join("f.bin"), tmp_path)
+    assert target.read_bytes() == b"new contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    with pytest.raises(UsageError, match="recursive"):
+        ops.download(transfer, bucket.join("dir/"), tmp_path)
+
+
+# -- delete -----------------------------------------------------------------------------------
+
+
+def test_delete_more_than_1000_keys(transfer: Transfer, s3_server: S3Server, bucket: S3URL) -> None:
+    keys = [f"many/k{i:05d}" for i in range(1100)]
+    put_raw(s3_server, bucket.bucket, keys + ["keep/one"])
+    result = transfer.delete_keys(bucket.bucket, (k for k in keys + ["many/never-existed"]))
+    assert result.errors == {}
+    assert result.deleted == 1101
+    assert listing(transfer, bucket) == [("object", "keep/one", 1, md5(b"x"))]
+    assert transfer.delete_keys(bucket.bucket, []).deleted == 0
+
+
+# -- sync -------------------------------------------------------------------------------------
+
+
+def _age(path: Path, seconds: float) -> None:
+    stamp = time.time() + seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_sync_up(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"a.pt": b"aaa", "sub/b.pt": b"bbbb", "c d*.pt": b"c"})
+    transfer.put_bytes(b"sibling", bucket.join("ckpt-old/x.pt"))
+    url = bucket.join("ckpt/")
+
+    plan = ops.sync(transfer, src, url, "up")
+    assert sorted(dst for _, dst in plan.copy) == [str(url.join(k)) for k in ("a.pt", "c d*.pt", "sub/b.pt")]
+    assert ops.plan_sync(transfer, src, url, "up") == ops.SyncPlan("up", (), (), 3)
+
+    (src / "a.pt").write_bytes(b"changed size")
+    _age(src / "sub/b.pt", 30)  # same size, newer locally
+    (src / "c d*.pt").unlink()
+    (src / "new.pt").write_bytes(b"n")
+    expected_copy = {
+        (str(src / "a.pt"), str(url.join("a.pt"))),
+        (str(src / "new.pt"), str(url.join("new.pt"))),
+        (str(src / "sub/b.pt"), str(url.join("sub/b.pt"))),
+    }
+    dry = ops.sync(transfer, src, url, "up", delete=True, dry_run=True)
+    assert set(dry.copy) == expected_copy
+    assert dry.delete == (str(url.join("c d*.pt")),)
+    assert dry.unchanged == 0
+    assert len(listing(transfer, url)) == 3 and transfer.get_bytes(url.join("a.pt")) == b"aaa"
+
+    size_only = ops.plan_sync(transfer, src, url, "up", size_only=True)
+    assert str(src / "sub/b.pt") not in {s for s, _ in size_only.copy}
+
+    done = ops.sync(transfer, src, url, "up", delete=True)
+    assert done == dry
+    assert [row[1] for row in listing(transfer, url)] == ["ckpt/a.pt", "ckpt/new.pt", "ckpt/sub/b.pt"]
+    assert transfer.get_bytes(url.join("a.pt")) == b"changed size"
+    assert transfer.stat(bucket.join("ckpt-old/x.pt")) is not None, "delete must stay inside the prefix"
+    after = ops.plan_sync(transfer, src, url, "up", delete=True, size_only=True)
+    assert (after.copy, after.delete, after.unchanged) == ((), (), 3)
+
+
+def test_sync_down(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    url = bucket.join("run/")
+    for key, data in {"a.pt": b"aaa", "sub/b.pt": b"bbbb", "[x].pt": b"x"}.items():
+        transfer.put_bytes(data, url.join(key))
+    transfer.put_bytes(b"sibling", bucket.join("run-old/y.pt"))
+    dest = tmp_path / "dest"
+
+    plan = ops.sync(transfer, dest, url, "down")
+    assert sorted(src for src, _ in plan.copy) == [str(url.join(k)) for k in ("[x].pt", "a.pt", "sub/b.pt")]
+    assert tree_files(dest) == {"a.pt": b"aaa", "sub/b.pt": b"bbbb", "[x].pt": b"x"}
+    remote = {o.key: o for o in transfer.iter_objects(url) if isinstance(o, ObjectInfo)}
+    assert int((dest / "a.pt").stat().st_mtime) == int(remote["run/a.pt"].last_modified.timestamp())
+    assert ops.plan_sync(transfer, dest, url, "down") == ops.SyncPlan("down", (), (), 3)
+
+    (dest / "extra.pt").write_bytes(b"local only")
+    _age(dest / "a.pt", -3600)  # remote is now newer, same size
+    transfer.put_bytes(b"bigger now", url.join("sub/b.pt"))
+    dry = ops.sync(transfer, dest, url, "down", delete=True, dry_run=True)
+    assert set(dry.copy) == {(str(url.join("a.pt")), str(dest / "a.pt")), (str(url.join("sub/b.pt")), str(dest / "sub/b.pt"))}
+    assert dry.delete == (str(dest / "extra.pt"),)
+    assert (dest / "extra.pt").exists() and (dest / "sub/b.pt").read_bytes() == b"bbbb"
+    assert ops.plan_sync(transfer, dest, url, "down", size_only=True).copy == (
+        (str(url.join("sub/b.pt")), str(dest / "sub/b.pt")),
+    )
+
+    assert ops.sync(transfer, dest, url, "down", delete=True) == dry
+    assert tree_files(dest) == {"a.pt": b"aaa", "sub/b.pt": b"bigger now", "[x].pt": b"x"}
+    assert not (tmp_path / "y.pt").exists()
+
+
+def test_sync_rejects_bad_input(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_bytes(b"x")
+    with pytest.raises(UsageError):
+        ops.plan_sync(transfer, f, bucket.join("p/"), "up")
+    with pytest.raises(UsageError):
+        ops.plan_sync(transfer, tmp_path / "missing", bucket.join("p/"), "up")
+    with pytest.raises(UsageError):
+        ops.plan_sync(transfer, tmp_path, bucket.join("p/"), "sideways")  # type: ignore[arg-type]
+
+
+# -- the two backends side by side ------------------------------------------------------------
+
+
+@pytest.fixture
+def both(s3_server: S3Server) -> Any:
+    from runctl.transfer import get_transfer
+
+    pair = {name: get_transfer(s3_server.config(), use_s5cmd=name == "s5cmd") for name in ("s5cmd", "boto3")}
+    yield pair
+    for t in pair.values():
+        t.close()
+
+
+def test_backends_agree(both: dict[str, Transfer], s3_server: S3Server, bucket: S3URL, tmp_path: Path) -> None:
+    """Same data, both backends: identical listings, stats, bytes, downloads and sync plans."""
+    src = tmp_path / "src"
+    files = {k.split("/", 1)[1]: k.encode() for k in WEIRD_KEYS} | {"deep/er/x.bin": b"x" * 1000}
+    make_tree(src, files)
+    ops.upload(both["boto3"], src, bucket.join("b/"), recursive=True)
+    ops.upload(both["s5cmd"], src, bucket.join("s/"), recursive=True)
+
+    def rel_rows(t: Transfer, prefix: str, recursive: bool) -> list[tuple[Any, ...]]:
+        return [(r[0], r[1][len(prefix):], *r[2:]) for r in listing(t, bucket.join(prefix), recursive)]
+
+    for recursive in (True, False):
+        views = {
+            (who, where): rel_rows(t, where, recursive) for who, t in both.items() for where in ("b/", "s/")
+        }
+        assert len({repr(v) for v in views.values()}) == 1, views
+
+    for rel in files:
+        stats = {name: t.stat(bucket.join("b/", rel)) for name, t in both.items()}
+        assert stats["s5cmd"] is not None and stats["boto3"] is not None
+        a, b = stats["s5cmd"], stats["boto3"]
+        assert (a.key, a.size, a.etag, a.storage_class) == (b.key, b.size, b.etag, b.storage_class), rel
+        assert int(a.last_modified.timestamp()) == int(b.last_modified.timestamp()), rel
+        assert both["s5cmd"].get_bytes(bucket.join("s/", rel)) == both["boto3"].get_bytes(bucket.join("b/", rel))
+
+    for name, t in both.items():
+        ops.download(t, bucket.join("s/"), tmp_path / f"down-{name}", recursive=True)
+    assert tree_files(tmp_path / "down-s5cmd") == tree_files(tmp_path / "down-boto3") == files
+
+    for direction in ("up", "down"):
+        plans = {name: ops.plan_sync(t, src, bucket.join("b/"), direction, delete=True) for name, t in both.items()}
+        assert plans["s5cmd"] == plans["boto3"], direction

