@@ -1,0 +1,78 @@
+"""``runctl checkpoint ...``: keep-last-N on a local checkpoint directory, durable-in-S3 first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runctl.cli.options import DryRunOpt, JsonOpt, ProtectOpt, QuietOpt, session
+from runctl.cli.output import render_retention
+from runctl.exceptions import UsageError
+
+checkpoint_app = typer.Typer(
+    name="checkpoint",
+    help="Manage local checkpoint directories.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@checkpoint_app.command("cleanup")
+def cleanup_local(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="The directory the checkpoints are saved in.", show_default=False
+        ),
+    ],
+    keep_last_n: Annotated[
+        int,
+        typer.Option(
+            "--keep-last-n",
+            "-n",
+            metavar="N",
+            help="Keep the newest N complete checkpoints (N >= 1).",
+        ),
+    ],
+    protect: ProtectOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Also delete checkpoints the journal does not show as durable in S3."
+        ),
+    ] = False,
+    dry_run: DryRunOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Keep the last N checkpoints in DIR and delete the older ones.
+
+    Files (step_100.pt) and directories (checkpoint-500/) are checkpoints;
+    other files stay. A checkpoint not yet durable in S3 (per the upload
+    journal in DIR/.runctl/) is kept, and the output says so; --force
+    deletes it anyway. Runs under the same lock as the uploader.
+
+    \b
+    Examples:
+      runctl checkpoint cleanup ./checkpoints --keep-last-n 2 --dry-run
+      runctl checkpoint cleanup ./checkpoints -n 1 --force
+    """
+    s = session(ctx, json_output=json_output, quiet=quiet)
+    if keep_last_n < 1:
+        raise UsageError(
+            f"--keep-last-n must be at least 1 (got {keep_last_n}): the newest complete checkpoint is always kept"
+        )
+    if not directory.exists():
+        raise UsageError(f"DIR {str(directory)!r}: no such directory")
+    if not directory.is_dir():
+        raise UsageError(f"DIR {str(directory)!r} is not a directory")
+
+    from runctl.retention import apply_local_retention
+
+    plan = apply_local_retention(
+        directory, keep_last_n, protected=tuple(protect or ()), force=force, dry_run=dry_run
+    )
+    render_retention(s.out, plan, location=str(directory), dry_run=dry_run)

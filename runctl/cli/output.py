@@ -1,0 +1,305 @@
+"""Everything the CLI prints: plain lines, newline-delimited JSON, rich tables and progress bars, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+#: Prefix of every error and warning line.
+PROG = "runctl"
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(n: int | float) -> str:
+    """``1536`` -> ``1.5 KiB``; bytes stay whole.
+
+    Example:
+        >>> human_size(512), human_size(1536), human_size(3 * 1024**3)
+        ('512 B', '1.5 KiB', '3.0 GiB')
+    """
+    value = float(n)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line and remove every known credential."""
+    from runctl.config import scrub
+
+    return " ".join(scrub(str(text)).split())
+
+
+def debug_enabled() -> bool:
+    """True when ``RUNCTL_DEBUG`` asks for tracebacks and debug logs."""
+    return os.environ.get("RUNCTL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class Output:
+    """The CLI's one way to print, in human, JSON-lines or quiet mode.
+
+    Human mode writes plain lines and rich tables to stdout; ``--json`` writes one JSON object per
+    line (each with a ``"type"``); ``--quiet`` drops chatter and progress but keeps data and errors.
+
+    Example:
+        >>> out = Output(json=True)
+        >>> out.record("upload", source="a.pt", destination="s3://b/a.pt")  # doctest: +SKIP
+        {"type": "upload", "source": "a.pt", "destination": "s3://b/a.pt"}
+    """
+
+    def __init__(self, *, json: bool = False, quiet: bool = False) -> None:
+        self.json = json
+        self.quiet = quiet
+        self._console: Console | None = None
+
+    # -- streams (looked up at call time: test runners swap sys.stdout) --
+
+    @property
+    def stdout(self) -> IO[str]:
+        return sys.stdout
+
+    @property
+    def stderr(self) -> IO[str]:
+        return sys.stderr
+
+    @property
+    def human(self) -> bool:
+        return not self.json
+
+    def _is_tty(self) -> bool:
+        try:
+            return self.stdout.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def console(self) -> Console:
+        """A rich console on stdout (colour only on a terminal without NO_COLOR)."""
+        if self._console is None or self._console.file is not self.stdout:
+            from rich.console import Console
+
+            tty = self._is_tty()
+            self._console = Console(
+                file=self.stdout,
+                width=None if tty else 200,
+                no_color=bool(os.environ.get("NO_COLOR")) or None,
+                highlight=False,
+                soft_wrap=False,
+            )
+        return self._console
+
+    # -- data --
+
+    def line(self, text: str) -> None:
+        """A human data line (a listing row, a planned action); skipped in JSON mode."""
+        if self.human:
+            self.stdout.write(text + "\n")
+
+    def info(self, text: str) -> None:
+        """Human chatter (a summary, a hint); skipped in JSON and quiet modes."""
+        if self.human and not self.quiet:
+            self.stdout.write(text + "\n")
+            self.stdout.flush()
+
+    def record(self, type_: str, /, **fields: Any) -> None:
+        """One JSON line ``{"type": type_, **fields}``; skipped in human mode."""
+        if self.json:
+            self.stdout.write(json.dumps({"type": type_, **fields}, default=str) + "\n")
+
+    def json_line(self, obj: Mapping[str, Any]) -> None:
+        """One JSON line from a ready mapping; skipped in human mode."""
+        if self.json:
+            self.stdout.write(json.dumps(dict(obj), default=str) + "\n")
+
+    def flush(self) -> None:
+        self.stdout.flush()
+
+    def table(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[object]],
+        *,
+        title: str | None = None,
+        right: Sequence[str] = (),
+        styles: Sequence[str | None] | None = None,
+    ) -> None:
+        """A rich table (human mode only); ``right`` names right-aligned columns, ``styles`` one per row."""
+        if not self.human:
+            return
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
+        for name in columns:
+            table.add_column(name, justify="right" if name in right else "left", overflow="fold")
+        for i, row in enumerate(rows):
+            table.add_row(*(str(cell) for cell in row), style=styles[i] if styles else None)
+        self.console().print(table)
+
+    # -- progress --
+
+    def progress_enabled(self) -> bool:
+        return self.human and not self.quiet and self._is_tty()
+
+    @contextmanager
+    def progress(
+        self, description: str, total: int | None = None
+    ) -> Iterator[Callable[[int], None] | None]:
+        """A byte progress bar while the block runs (only on a terminal); yields the callback or None."""
+        if not self.progress_enabled():
+            yield None
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self.console(),
+            transient=True,
+        )
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)  # rich's Progress is thread-safe
+
+        with bar:
+            yield advance
+
+    # -- errors --
+
+    def warn(self, message: str) -> None:
+        self.stderr.write(f"{PROG}: warning: {one_line(message)}\n")
+        self.stderr.flush()
+
+    def error(
+        self, message: str, *, exit_code: int, failures: Mapping[str, str] | None = None
+    ) -> None:
+        """The one-line error on stderr (and, in JSON mode, an ``error`` record on stdout)."""
+        text = one_line(message)
+        if self.json:
+            fields: dict[str, Any] = {"message": text, "exit_code": exit_code}
+            if failures:
+                fields["failures"] = {one_line(k): one_line(v) for k, v in failures.items()}
+            self.record("error", **fields)
+            self.flush()
+        self.stderr.write(f"{PROG}: error: {text}\n")
+        self.stderr.flush()
+
+    def traceback(self, exc: BaseException) -> None:
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        from runctl.config import scrub
+
+        self.stderr.write(scrub(text))
+        self.stderr.flush()
+
+
+def render_retention(out: Output, plan: Any, *, location: str, dry_run: bool) -> None:
+    """Show a RetentionPlan: a keep/delete table with reasons (human) or one record per checkpoint (JSON).
+
+    Every checkpoint appears once, oldest first, as ``keep`` or ``delete``, with the reason.
+    """
+    from runctl.checkpoints import Checkpoint
+
+    items = sorted(
+        [("delete", c) for c in plan.delete] + [("keep", c) for c in plan.keep],
+        key=lambda item: Checkpoint.order_key(item[1]),
+    )
+    for action, cp in items:
+        out.record(action, **cp.to_json(), reason=plan.reasons.get(cp.name, ""), dry_run=dry_run)
+    freed = sum(c.size for c in plan.delete)
+    not_durable = [c.name for c in plan.keep if plan.reasons.get(c.name) == "not durable in S3"]
+    out.record(
+        "summary",
+        action="cleanup",
+        location=location,
+        deleted=len(plan.delete),
+        kept=len(plan.keep),
+        bytes_freed=freed,
+        not_durable=not_durable,
+        dry_run=dry_run,
+    )
+    if not out.human or out.quiet:
+        return
+    if not items:
+        out.info(f"no checkpoints under {location}")
+        return
+    verb = "would delete" if dry_run else "delete"
+    rows = [
+        (
+            verb if action == "delete" else "keep",
+            cp.name + ("/" if cp.is_dir else ""),
+            "" if cp.step is None else cp.step,
+            human_size(cp.size),
+            len(cp.files),
+            "yes" if cp.complete else "no",
+            plan.reasons.get(cp.name, ""),
+        )
+        for action, cp in items
+    ]
+    styles = ["red" if action == "delete" else None for action, _ in items]
+    out.table(
+        ("action", "checkpoint", "step", "size", "files", "complete", "reason"),
+        rows,
+        right=("step", "size", "files"),
+        styles=styles,
+    )
+    n = len(plan.delete)
+    noun = "checkpoint" if n == 1 else "checkpoints"
+    head = f"dry run: would delete {n} {noun}" if dry_run else f"deleted {n} {noun}"
+    out.info(f"{head} ({human_size(freed)}) in {location}; kept {len(plan.keep)}")
+    if not_durable:
+        out.info(
+            f"kept {len(not_durable)} not yet durable in S3 (no verified upload in the journal): "
+            + ", ".join(not_durable)
+            + "; --force deletes them anyway"
+        )
+
+
+class _StderrHandler(logging.Handler):
+    """Library log records as ``runctl: warning: ...`` on the current stderr, scrubbed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            sys.stderr.write(f"{PROG}: {level}: {one_line(record.getMessage())}\n")
+        except Exception:  # a log line must never break a command
+            self.handleError(record)
+
+
+def configure_logging(*, quiet: bool = False) -> None:
+    """Send the library's warnings (debug logs with RUNCTL_DEBUG=1) to stderr, once.
+
+    The ``runctl`` logger keeps propagating and keeps its level (unless debugging), so a program
+    embedding the CLI, or a test's log capture, sees the same records.
+    """
+    logger = logging.getLogger("runctl")
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        logger.addHandler(handler)
+    if debug_enabled():
+        logger.setLevel(logging.DEBUG)
+        handler.setLevel(logging.DEBUG)
+    else:
+        handler.setLevel(logging.ERROR if quiet else logging.WARNING)

@@ -1,0 +1,618 @@
+"""``runctl s3 ...``: upload, download, sync, list and cleanup, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import os
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runctl.cli.options import (
+    DryRunOpt,
+    EndpointOpt,
+    ExcludeOpt,
+    IncludeOpt,
+    JsonOpt,
+    ProfileOpt,
+    ProtectOpt,
+    QuietOpt,
+    RecursiveOpt,
+    RegionOpt,
+    Session,
+    UseS5cmdOpt,
+    parse_duration,
+    parse_s3url,
+    parse_size,
+    session,
+)
+from runctl.cli.output import human_size, render_retention
+from runctl.exceptions import RunctlError, UsageError
+from runctl.s3url import S3URL
+
+s3_app = typer.Typer(
+    name="s3",
+    help="Move, list and clean up checkpoints in S3 (or any S3-compatible store).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+#: Storage classes S3 accepts on upload (checked before anything is sent).
+STORAGE_CLASSES = (
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+)
+
+S3UrlArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="S3URL", help="s3://bucket/key or s3://bucket/prefix/", show_default=False
+    ),
+]
+UnmarkedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--treat-unmarked-complete",
+        help="Count directory checkpoints without a runctl marker (written by other tools) as complete.",
+    ),
+]
+
+
+class Direction(str, Enum):
+    up = "up"
+    down = "down"
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes below ``path`` (for a progress bar's total; only computed on a terminal)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _check_storage_class(value: str | None) -> str | None:
+    if value is None:
+        return None
+    upper = value.strip().upper()
+    if upper not in STORAGE_CLASSES:
+        raise UsageError(
+            f"--storage-class must be one of {', '.join(STORAGE_CLASSES)}, got {value!r}"
+        )
+    return upper
+
+
+@s3_app.command("upload")
+def upload_files(
+    ctx: typer.Context,
+    local: Annotated[
+        Path,
+        typer.Argument(metavar="LOCAL", help="File or directory to upload.", show_default=False),
+    ],
+    s3url: S3UrlArg,
+    recursive: RecursiveOpt = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    storage_class: Annotated[
+        str | None,
+        typer.Option(
+            "--storage-class",
+            metavar="CLASS",
+            help="e.g. STANDARD_IA, INTELLIGENT_TIERING, GLACIER_IR.",
+        ),
+    ] = None,
+    dry_run: DryRunOpt = False,
+    use_s5cmd: UseS5cmdOpt = True,
+    endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Upload a file, or a directory with --recursive.
+
+    A file goes to the key S3URL names, or below it when S3URL ends in '/'.
+    A directory's files keep their paths relative to it, below S3URL.
+
+    \b
+    Examples:
+      runctl s3 upload model.ckpt s3://bucket/run-7/
+      runctl s3 upload checkpoints/ s3://bucket/run-7/ckpt/ --recursive --exclude '*.tmp'
+      runctl s3 upload big.pt s3://bucket/archive/big.pt --storage-class STANDARD_IA --no-use-s5cmd
+    """
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
+    url = parse_s3url(s3url)
+    if not local.exists():
+        raise UsageError(f"LOCAL {str(local)!r}: no such file or directory")
+    if local.is_dir() and not recursive:
+        raise UsageError(
+            f"LOCAL {str(local)!r} is a directory: add --recursive to upload everything in it"
+        )
+    if (include or exclude) and not local.is_dir():
+        raise UsageError("--include/--exclude filter a directory upload; LOCAL is a single file")
+    if not local.is_dir() and not local.is_file():
+        raise UsageError(f"LOCAL {str(local)!r} is not a regular file or directory")
+    storage = _check_storage_class(storage_class)
+
+    from runctl.transfer import ops
+
+    total = _tree_size(local) if s.out.progress_enabled() else None
+    started = time.monotonic()
+    with s.transfer(use_s5cmd) as transfer, s.out.progress("upload", total) as advance:
+        pairs = ops.upload(
+            transfer,
+            local,
+            url,
+            recursive=recursive,
+            include=include or (),
+            exclude=exclude or (),
+            storage_class=storage,
+            dry_run=dry_run,
+            progress=advance,
+        )
+    seconds = time.monotonic() - started
+    moved = 0
+    prefix = "(dry run) " if dry_run else ""
+    for path, dest in pairs:
+        size = _size_of(path)
+        moved += size
+        s.out.record("upload", source=str(path), destination=str(dest), size=size, dry_run=dry_run)
+        if not s.out.quiet:
+            s.out.line(f"{prefix}upload: {path} -> {dest}")
+    s.out.record(
+        "summary",
+        action="upload",
+        files=len(pairs),
+        bytes=moved,
+        seconds=round(seconds, 3),
+        dry_run=dry_run,
+    )
+    if not pairs:
+        s.out.info("nothing to upload (no file matched)")
+    elif dry_run:
+        s.out.info(f"dry run: would upload {_plural(len(pairs), 'file')} ({human_size(moved)})")
+    else:
+        s.out.info(
+            f"uploaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
+        )
+
+
+@s3_app.command("download")
+def download_files(
+    ctx: typer.Context,
+    s3url: S3UrlArg,
+    local_arg: Annotated[
+        str,
+        typer.Argument(
+            metavar="LOCAL",
+            help="Destination file or directory (a trailing '/' means a directory).",
+            show_default=False,
+        ),
+    ],
+    recursive: RecursiveOpt = False,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest",
+            help="The newest complete checkpoint under the S3URL prefix, into the LOCAL directory.",
+        ),
+    ] = False,
+    treat_unmarked_complete: UnmarkedOpt = False,
+    dry_run: DryRunOpt = False,
+    use_s5cmd: UseS5cmdOpt = True,
+    endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download an object, a prefix (--recursive), or the newest complete checkpoint (--latest).
+
+    Files appear atomically and never outside LOCAL, whatever the keys say
+    (unsafe keys are skipped and reported).
+
+    \b
+    Examples:
+      runctl s3 download s3://bucket/run-7/step_100.pt ./restore/
+      runctl s3 download s3://bucket/run-7/ ./restore/ --recursive
+      runctl s3 download s3://bucket/run-7/ckpt/ ./resume/ --latest
+    """
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
+    url = parse_s3url(s3url)
+    local = Path(local_arg)
+    into_dir = local_arg.endswith(("/", os.sep)) and not recursive and not latest
+    if into_dir and local.exists() and not local.is_dir():
+        raise UsageError(f"LOCAL {local_arg!r} ends with '/' but is a file")
+    if local.exists() and not local.is_dir() and (recursive or latest):
+        raise UsageError(f"LOCAL {str(local)!r} is a file: a prefix or --latest needs a directory")
+    if latest:
+        if dry_run:
+            raise UsageError("--latest cannot be combined with --dry-run")
+        _download_latest(
+            s, url, local, use_s5cmd=use_s5cmd, treat_unmarked_complete=treat_unmarked_complete
+        )
+        return
+    if treat_unmarked_complete:
+        raise UsageError("--treat-unmarked-complete only applies with --latest")
+    if url.is_prefix and not recursive:
+        raise UsageError(
+            f"S3URL {url} is a prefix: add --recursive to download everything below it"
+        )
+
+    from runctl.transfer import ops
+
+    target = local
+    if into_dir and not local.is_dir() and not url.is_prefix:
+        # `download s3://b/a.pt restore/` means restore/a.pt, created only once the object is found
+        target = ops.safe_local_path(local, url.name)
+    started = time.monotonic()
+    with s.transfer(use_s5cmd) as transfer, s.out.progress("download") as advance:
+        pairs = ops.download(
+            transfer, url, target, recursive=recursive, dry_run=dry_run, progress=advance
+        )
+    seconds = time.monotonic() - started
+    moved = 0
+    prefix = "(dry run) " if dry_run else ""
+    for src, path in pairs:
+        size = 0 if dry_run else _size_of(path)
+        moved += size
+        s.out.record("download", source=str(src), destination=str(path), size=size, dry_run=dry_run)
+        if not s.out.quiet:
+            s.out.line(f"{prefix}download: {src} -> {path}")
+    s.out.record(
+        "summary",
+        action="download",
+        files=len(pairs),
+        bytes=moved,
+        seconds=round(seconds, 3),
+        dry_run=dry_run,
+    )
+    if dry_run:
+        s.out.info(f"dry run: would download {_plural(len(pairs), 'file')}")
+    else:
+        s.out.info(
+            f"downloaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
+        )
+
+
+def _download_latest(
+    s: Session, url: S3URL, local: Path, *, use_s5cmd: bool, treat_unmarked_complete: bool
+) -> None:
+    from runctl.uploader import latest_checkpoint
+
+    prefix = url.as_prefix()
+    started = time.monotonic()
+    path = latest_checkpoint(
+        prefix,
+        local,
+        config=s.config(),
+        use_s5cmd=use_s5cmd,
+        treat_unmarked_complete=treat_unmarked_complete,
+    )
+    if path is None:
+        raise RunctlError(f"no complete checkpoint under {prefix}")
+    path = Path(path)
+    size = _tree_size(path)
+    seconds = time.monotonic() - started
+    s.out.record(
+        "latest",
+        source=str(prefix.join(path.name)) + ("/" if path.is_dir() else ""),
+        destination=str(path),
+        name=path.name,
+        size=size,
+        seconds=round(seconds, 3),
+    )
+    s.out.info(
+        f"downloaded the latest complete checkpoint {path.name} ({human_size(size)}) to {path}"
+    )
+    if s.out.quiet and s.out.human:
+        s.out.line(str(path))
+
+
+@s3_app.command("sync")
+def sync_tree(
+    ctx: typer.Context,
+    local: Annotated[
+        Path, typer.Argument(metavar="LOCAL", help="Local directory.", show_default=False)
+    ],
+    s3url: S3UrlArg,
+    direction: Annotated[
+        Direction,
+        typer.Option(
+            "--direction",
+            "-d",
+            help="up: LOCAL to S3URL; down: S3URL to LOCAL.",
+            case_sensitive=False,
+        ),
+    ],
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Delete destination files the source does not have.")
+    ] = False,
+    size_only: Annotated[
+        bool, typer.Option("--size-only", help="Compare sizes only, not modification times.")
+    ] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    dry_run: DryRunOpt = False,
+    use_s5cmd: UseS5cmdOpt = True,
+    endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Make S3URL match LOCAL (up) or LOCAL match S3URL (down).
+
+    Copies what is missing or differs by size or modification time;
+    --delete also removes what the source lacks (inside the prefix only).
+
+    \b
+    Examples:
+      runctl s3 sync ./checkpoints s3://bucket/run-7/ckpt/ --direction up
+      runctl s3 sync ./restore s3://bucket/run-7/ckpt/ --direction down --delete --dry-run
+    """
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
+    url = parse_s3url(s3url)
+    if local.exists() and not local.is_dir():
+        raise UsageError(f"LOCAL {str(local)!r} is a file: sync needs a directory")
+    if direction is Direction.up and not local.is_dir():
+        raise UsageError(f"LOCAL {str(local)!r}: no such directory to sync up")
+
+    from runctl.transfer import ops
+
+    started = time.monotonic()
+    with s.transfer(use_s5cmd) as transfer, s.out.progress(f"sync {direction.value}") as advance:
+        plan = ops.sync(
+            transfer,
+            local,
+            url,
+            direction.value,
+            delete=delete,
+            size_only=size_only,
+            dry_run=dry_run,
+            include=include or (),
+            exclude=exclude or (),
+            progress=advance,
+        )
+    seconds = time.monotonic() - started
+    prefix = "(dry run) " if dry_run else ""
+    for src, dst in plan.copy:
+        s.out.record("copy", source=src, destination=dst, dry_run=dry_run)
+        if not s.out.quiet:
+            s.out.line(f"{prefix}copy: {src} -> {dst}")
+    for target in plan.delete:
+        s.out.record("delete", target=target, dry_run=dry_run)
+        if not s.out.quiet:
+            s.out.line(f"{prefix}delete: {target}")
+    for skipped_url, reason in plan.skipped:
+        s.out.record("skipped", url=skipped_url, reason=reason)
+        s.out.warn(f"skipped {skipped_url}: {reason}")
+    s.out.record(
+        "summary",
+        action="sync",
+        direction=direction.value,
+        copied=len(plan.copy),
+        deleted=len(plan.delete),
+        unchanged=plan.unchanged,
+        skipped=len(plan.skipped),
+        seconds=round(seconds, 3),
+        dry_run=dry_run,
+    )
+    head = "dry run: would copy" if dry_run else "copied"
+    s.out.info(
+        f"{head} {_plural(len(plan.copy), 'file')}, "
+        f"{'would delete' if dry_run else 'deleted'} {len(plan.delete)}, {plan.unchanged} unchanged"
+    )
+
+
+@s3_app.command("list")
+def list_objects(
+    ctx: typer.Context,
+    s3url: S3UrlArg,
+    recursive: RecursiveOpt = False,
+    human_readable: Annotated[
+        bool, typer.Option("--human-readable", "-H", help="Sizes as KiB, MiB, GiB.")
+    ] = False,
+    summarize: Annotated[
+        bool, typer.Option("--summarize", help="End with the object count and total size.")
+    ] = False,
+    use_s5cmd: UseS5cmdOpt = True,
+    endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List objects: one level (prefixes shown as DIR), or everything with --recursive.
+
+    The listing streams page by page, so a prefix with 100,000 keys lists fine.
+
+    \b
+    Examples:
+      runctl s3 list s3://bucket/run-7/
+      runctl s3 list s3://bucket/run-7/ --recursive --human-readable --summarize
+      runctl s3 list s3://bucket/ --json | jq -r .key
+    """
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
+    url = parse_s3url(s3url)
+
+    from runctl.transfer.base import ObjectInfo, PrefixInfo
+
+    base = url.key[: url.key.rfind("/") + 1]
+    objects = prefixes = total = 0
+    out = s.out
+    with s.transfer(use_s5cmd) as transfer:
+        for item in transfer.iter_objects(url, recursive=recursive):
+            if isinstance(item, PrefixInfo):
+                prefixes += 1
+                out.json_line(item.to_json())
+                out.line(f"{'':19}  {'DIR':>10}  {item.key[len(base) :]}")
+            elif isinstance(item, ObjectInfo):
+                objects += 1
+                total += item.size
+                out.record("object", **item.to_json())
+                size = human_size(item.size) if human_readable else str(item.size)
+                name = item.key if recursive else item.key[len(base) :]
+                out.line(f"{item.last_modified:%Y-%m-%d %H:%M:%S}  {size:>10}  {name}")
+    if summarize:
+        out.record("summary", objects=objects, prefixes=prefixes, size=total)
+        out.line("")
+        out.line(f"Total Objects: {objects}")
+        out.line(f"   Total Size: {human_size(total) if human_readable else total}")
+    out.flush()
+
+
+@s3_app.command("cleanup")
+def cleanup_s3(
+    ctx: typer.Context,
+    s3url: S3UrlArg,
+    keep_last_n: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-last-n",
+            "-n",
+            metavar="N",
+            help="Keep the newest N complete checkpoints (N >= 1).",
+        ),
+    ] = None,
+    max_total_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-total-size",
+            metavar="SIZE",
+            help="Then delete the oldest until the rest fit, e.g. 10GB, 512MiB.",
+        ),
+    ] = None,
+    incomplete_older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--incomplete-older-than",
+            metavar="DURATION",
+            help="Also delete directory checkpoints still without a marker after this long, e.g. 2h, 3d.",
+        ),
+    ] = None,
+    protect: ProtectOpt = None,
+    treat_unmarked_complete: UnmarkedOpt = False,
+    yes_bucket_root: Annotated[
+        bool,
+        typer.Option(
+            "--yes-bucket-root", help="Confirm cleaning checkpoints at the root of a bucket."
+        ),
+    ] = False,
+    dry_run: DryRunOpt = False,
+    use_s5cmd: UseS5cmdOpt = True,
+    endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Keep the last N checkpoints under a prefix and delete the older ones.
+
+    Works on checkpoints, not objects: a directory checkpoint goes whole
+    (marker first), only recognised checkpoints directly inside the prefix
+    count (s3://b/ckpt/ never touches s3://b/ckpt-old/), other files stay,
+    and the newest complete checkpoint always stays. Runs under the same lock
+    as the uploader.
+
+    \b
+    Examples:
+      runctl s3 cleanup s3://bucket/run-7/ckpt/ --keep-last-n 3 --dry-run
+      runctl s3 cleanup s3://bucket/run-7/ckpt/ --keep-last-n 5 --max-total-size 50GB
+      runctl s3 cleanup s3://bucket/run-7/ckpt/ -n 3 --incomplete-older-than 1d
+    """
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
+    url = parse_s3url(s3url)
+    if keep_last_n is None and max_total_size is None and incomplete_older_than is None:
+        raise UsageError(
+            "cleanup needs --keep-last-n N (and/or --max-total-size, --incomplete-older-than)"
+        )
+    if keep_last_n is not None and keep_last_n < 1:
+        raise UsageError(
+            f"--keep-last-n must be at least 1 (got {keep_last_n}): the newest complete checkpoint is always kept"
+        )
+    size_limit = parse_size(max_total_size) if max_total_size is not None else None
+    age_limit = parse_duration(incomplete_older_than) if incomplete_older_than is not None else None
+    if url.is_bucket and not yes_bucket_root:
+        raise UsageError(
+            f"S3URL {url} is a bucket root: add --yes-bucket-root to clean checkpoints there, or give a prefix"
+        )
+    prefix = url.as_prefix()
+
+    from runctl.retention import apply_s3_retention
+
+    with s.transfer(use_s5cmd) as transfer:
+        plan = apply_s3_retention(
+            transfer,
+            prefix,
+            keep_last_n,
+            protected=tuple(protect or ()),
+            max_total_size=size_limit,
+            incomplete_older_than=age_limit,
+            treat_unmarked_complete=treat_unmarked_complete,
+            dry_run=dry_run,
+        )
+    render_retention(s.out, plan, location=str(prefix), dry_run=dry_run)

@@ -1,0 +1,433 @@
+"""Watch an S3 prefix by polling: a baseline, then new/changed/deleted objects and completed checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runctl.checkpoints import Checkpoint, group_s3
+from runctl.config import scrub
+from runctl.exceptions import LockTimeout, TransferError, UsageError
+from runctl.s3url import S3URL
+from runctl.transfer.base import ObjectInfo, Transfer
+
+log = logging.getLogger("runctl.watch")
+
+#: Default seconds between polls.
+DEFAULT_INTERVAL = 10.0
+#: Longest pause after repeated errors, whatever the interval.
+MAX_BACKOFF = 300.0
+
+#: key -> (etag, size): everything a watcher remembers about one object.
+ObjectState = dict[str, tuple[str | None, int]]
+
+
+@dataclass(frozen=True)
+class BaselineEvent:
+    """The first poll: what is already there (not reported as new)."""
+
+    url: str
+    objects: int
+    checkpoints: int
+    complete: int
+    latest: str | None
+    time: float
+    kind: str = field(default="baseline", init=False)
+
+    def describe(self) -> str:
+        latest = f" (latest complete: {self.latest})" if self.latest else ""
+        return (
+            f"watching {self.url}: {self.objects} {_plural(self.objects, 'object')}, "
+            f"{self.checkpoints} {_plural(self.checkpoints, 'checkpoint')}{latest}"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "type": self.kind,
+            "url": self.url,
+            "objects": self.objects,
+            "checkpoints": self.checkpoints,
+            "complete": self.complete,
+            "latest": self.latest,
+            "time": self.time,
+        }
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    """An object that appeared (``new``), was overwritten (``changed``) or went away (``deleted``)."""
+
+    kind: str
+    url: str
+    size: int | None
+    etag: str | None
+    time: float
+
+    def describe(self) -> str:
+        size = f" ({self.size} bytes)" if self.size is not None and self.kind != "deleted" else ""
+        return f"{self.kind}: {self.url}{size}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"type": self.kind, "url": self.url, "size": self.size, "etag": self.etag, "time": self.time}
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """A checkpoint became complete: a directory's marker landed, or a single-file checkpoint appeared."""
+
+    url: str
+    name: str
+    step: int | None
+    epoch: int | None
+    is_dir: bool
+    files: int
+    size: int
+    time: float
+    kind: str = field(default="checkpoint_complete", init=False)
+
+    def describe(self) -> str:
+        step = f" (step {self.step})" if self.step is not None else ""
+        return f"checkpoint complete: {self.url}{step}, {self.files} {_plural(self.files, 'file')}, {self.size} bytes"
+
+    def env(self) -> dict[str, str]:
+        """The variables an ``--exec`` command gets for this checkpoint."""
+        return {
+            "RUNCTL_CHECKPOINT_URL": self.url,
+            "RUNCTL_CHECKPOINT_NAME": self.name,
+            "RUNCTL_CHECKPOINT_STEP": "" if self.step is None else str(self.step),
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "type": self.kind,
+            "url": self.url,
+            "name": self.name,
+            "step": self.step,
+            "epoch": self.epoch,
+            "is_dir": self.is_dir,
+            "files": self.files,
+            "size": self.size,
+            "time": self.time,
+        }
+
+
+@dataclass(frozen=True)
+class RetentionEvent:
+    """Retention ran after a checkpoint completed; ``deleted`` names the checkpoints removed."""
+
+    url: str
+    keep_last_n: int
+    deleted: tuple[str, ...]
+    kept: tuple[str, ...]
+    time: float
+    kind: str = field(default="retention", init=False)
+
+    def describe(self) -> str:
+        if not self.deleted:
+            return f"retention (keep last {self.keep_last_n}): nothing to delete, {len(self.kept)} kept"
+        return (
+            f"retention (keep last {self.keep_last_n}): deleted {', '.join(self.deleted)}; "
+            f"{len(self.kept)} kept"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "type": self.kind,
+            "url": self.url,
+            "keep_last_n": self.keep_last_n,
+            "deleted": list(self.deleted),
+            "kept": list(self.kept),
+            "time": self.time,
+        }
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """A poll (or retention) failed; the watcher carries on after ``retry_in`` seconds."""
+
+    url: str
+    message: str
+    attempt: int
+    retry_in: float
+    time: float
+    kind: str = field(default="poll_error", init=False)
+
+    def describe(self) -> str:
+        return f"error (attempt {self.attempt}, retrying in {self.retry_in:.1f}s): {self.message}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "type": self.kind,
+            "url": self.url,
+            "message": self.message,
+            "attempt": self.attempt,
+            "retry_in": self.retry_in,
+            "time": self.time,
+        }
+
+
+WatchEvent = BaselineEvent | ObjectEvent | CheckpointEvent | RetentionEvent | ErrorEvent
+
+
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else word + "s"
+
+
+def backoff_delay(attempt: int, interval: float, cap: float = MAX_BACKOFF) -> float:
+    """Seconds to wait after the ``attempt``-th consecutive error: doubling from ``interval``, capped, jittered.
+
+    Example:
+        >>> 0.5 <= backoff_delay(1, 1.0) <= 1.0
+        True
+    """
+    base = min(cap, max(interval, 0.1) * (2 ** max(attempt - 1, 0)))
+    # Jitter in [base/2, base] keeps many watchers from hammering an endpoint in step.
+    return base / 2 + random.random() * base / 2
+
+
+class PrefixWatcher:
+    """Poll one S3 prefix and turn each listing into events.
+
+    The first ``poll()`` returns one ``BaselineEvent``; every later one returns an event per
+    new, changed (ETag or size) and deleted object, then a ``CheckpointEvent`` for each
+    checkpoint that became complete (its marker landed, or a single-file checkpoint
+    appeared or was rewritten). Only ``key -> (etag, size)`` is remembered between polls.
+    With ``keep_last_n``, S3 retention (same lock and rules as ``runctl s3 cleanup``) runs
+    after each poll that completed a checkpoint.
+
+    Example:
+        >>> watcher = PrefixWatcher(transfer, S3URL.parse("s3://bucket/run/"))   # doctest: +SKIP
+        >>> for event in watcher.events(interval=5, timeout=60):                 # doctest: +SKIP
+        ...     print(event.describe())
+    """
+
+    def __init__(
+        self,
+        transfer: Transfer,
+        prefix: S3URL,
+        *,
+        patterns: Sequence[str] | None = None,
+        treat_unmarked_complete: bool = False,
+        keep_last_n: int | None = None,
+        retention_lock_timeout: float = 600.0,
+        clock: Any = time.time,
+    ) -> None:
+        if keep_last_n is not None and keep_last_n < 1:
+            raise UsageError(f"keep_last_n must be at least 1, got {keep_last_n!r}")
+        self.transfer = transfer
+        self.prefix = prefix.as_prefix()
+        self.patterns = patterns
+        self.treat_unmarked_complete = treat_unmarked_complete
+        self.keep_last_n = keep_last_n
+        self.retention_lock_timeout = retention_lock_timeout
+        self._clock = clock
+        self._state: ObjectState | None = None
+        # name -> identity of its completing object (marker or the single file), for completion edges.
+        self._complete: dict[str, tuple[str, str | None, int]] = {}
+        self._stop = threading.Event()
+        self._retention_due = False
+
+    @property
+    def has_baseline(self) -> bool:
+        return self._state is not None
+
+    @property
+    def state(self) -> Mapping[str, tuple[str | None, int]]:
+        """The last listing as ``key -> (etag, size)`` (empty before the first poll)."""
+        return dict(self._state or {})
+
+    def stop(self) -> None:
+        """Make ``events()`` return at its next wait (thread-safe)."""
+        self._stop.set()
+
+    def _list(self) -> tuple[ObjectState, list[Checkpoint]]:
+        state: ObjectState = {}
+
+        def recorded(items: Iterable[object]) -> Iterator[ObjectInfo]:
+            for item in items:
+                if isinstance(item, ObjectInfo):
+                    state[item.key] = (item.etag, item.size)
+                    yield item
+
+        grouped = group_s3(
+            recorded(self.transfer.iter_objects(self.prefix, recursive=True)),
+            self.prefix,
+            self.patterns,
+            treat_unmarked_complete=self.treat_unmarked_complete,
+        )
+        return state, list(grouped.checkpoints)
+
+    def _identity(self, ckpt: Checkpoint, state: ObjectState) -> tuple[str, str | None, int] | None:
+        """What marks ``ckpt`` complete: its marker's or its file's (key, etag, size); None if incomplete."""
+        if not ckpt.complete:
+            return None
+        key = ckpt.marker if ckpt.is_dir else (ckpt.files[0] if ckpt.files else None)
+        if key is None:
+            # An unmarked directory treated as complete: it completes once, when first seen.
+            return (self.prefix.join(ckpt.name).key + "/", None, 0)
+        etag, size = state.get(key, (None, 0))
+        return (key, etag, size)
+
+    def _checkpoint_url(self, ckpt: Checkpoint) -> str:
+        url = self.prefix.join(ckpt.name)
+        return str(url.as_prefix() if ckpt.is_dir else url)
+
+    def poll(self) -> list[WatchEvent]:
+        """List the prefix once and return what changed since the last poll.
+
+        Raises:
+            TransferError: the listing failed (``events()`` retries; a direct caller decides).
+        """
+        new_state, checkpoints = self._list()
+        now = self._clock()
+        identities = {c.name: self._identity(c, new_state) for c in checkpoints}
+        complete_now = {name: ident for name, ident in identities.items() if ident is not None}
+        old_state = self._state
+        self._state = new_state
+        if old_state is None:
+            self._complete = complete_now
+            done = [c for c in checkpoints if c.complete]
+            latest = max(done, key=lambda c: c.order_key()).name if done else None
+            return [BaselineEvent(str(self.prefix), len(new_state), len(checkpoints), len(done), latest, now)]
+
+        events: list[WatchEvent] = []
+        for key in sorted(new_state.keys() | old_state.keys()):
+            url = str(S3URL(self.prefix.bucket, key))
+            before, after = old_state.get(key), new_state.get(key)
+            if before is None and after is not None:
+                events.append(ObjectEvent("new", url, after[1], after[0], now))
+            elif after is None and before is not None:
+                events.append(ObjectEvent("deleted", url, before[1], before[0], now))
+            elif before != after and after is not None:
+                events.append(ObjectEvent("changed", url, after[1], after[0], now))
+
+        completed = [
+            c for c in checkpoints if c.name in complete_now and self._complete.get(c.name) != complete_now[c.name]
+        ]
+        self._complete = complete_now
+        for ckpt in sorted(completed, key=lambda c: c.order_key()):
+            events.append(
+                CheckpointEvent(
+                    url=self._checkpoint_url(ckpt),
+                    name=ckpt.name,
+                    step=ckpt.step,
+                    epoch=ckpt.epoch,
+                    is_dir=ckpt.is_dir,
+                    files=len(ckpt.files),
+                    size=ckpt.size,
+                    time=now,
+                )
+            )
+        if completed and self.keep_last_n is not None:
+            self._retention_due = True
+        if self._retention_due:
+            try:
+                events.append(self.apply_retention())
+                self._retention_due = False
+            except (TransferError, LockTimeout, OSError) as exc:
+                # Retried after the next poll: the completion itself was already reported.
+                message = f"retention failed, will retry: {scrub(str(exc))}"
+                log.warning("watch %s: %s", self.prefix, message)
+                events.append(ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock()))
+        return events
+
+    def apply_retention(self) -> RetentionEvent:
+        """Run S3 retention on the prefix now (under the shared prefix lock).
+
+        Raises:
+            TransferError, LockTimeout: retention could not run.
+        """
+        from runctl.retention import apply_s3_retention
+
+        assert self.keep_last_n is not None
+        plan = apply_s3_retention(
+            self.transfer,
+            self.prefix,
+            self.keep_last_n,
+            patterns=self.patterns,
+            treat_unmarked_complete=self.treat_unmarked_complete,
+            lock_timeout=self.retention_lock_timeout,
+        )
+        deleted = tuple(c.name for c in plan.delete)
+        if deleted:
+            log.info("retention on %s deleted %s", self.prefix, ", ".join(deleted))
+        return RetentionEvent(
+            str(self.prefix), self.keep_last_n, deleted, tuple(c.name for c in plan.keep), self._clock()
+        )
+
+    def events(
+        self,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        timeout: float | None = None,
+        once: bool = False,
+        max_backoff: float = MAX_BACKOFF,
+    ) -> Iterator[WatchEvent]:
+        """Poll every ``interval`` seconds and yield events until ``timeout``, ``stop()`` or ``once``.
+
+        The first listing's errors are raised (a wrong bucket is bad input); later ones are
+        logged, yielded as ``ErrorEvent`` and retried with capped exponential backoff.
+
+        Raises:
+            UsageError: ``interval`` or ``timeout`` is not positive.
+            TransferError: the baseline listing failed.
+        """
+        if interval <= 0:
+            raise UsageError(f"interval must be a positive number of seconds, got {interval!r}")
+        if timeout is not None and timeout <= 0:
+            raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.has_baseline:
+            yield from self.poll()
+            if once:
+                return
+        failures = 0
+        while True:
+            wait = interval if failures == 0 else backoff_delay(failures, interval, max_backoff)
+            if deadline is not None:
+                wait = min(wait, max(deadline - time.monotonic(), 0.0))
+            if self._stop.wait(wait) or (deadline is not None and time.monotonic() >= deadline):
+                return
+            try:
+                batch = self.poll()
+            except (TransferError, LockTimeout, OSError) as exc:
+                failures += 1
+                retry_in = backoff_delay(failures, interval, max_backoff)
+                message = scrub(str(exc))
+                log.warning("watch %s: %s (attempt %d, retrying in %.1fs)", self.prefix, message, failures, retry_in)
+                yield ErrorEvent(str(self.prefix), message, failures, retry_in, self._clock())
+                continue
+            failures = 0
+            yield from batch
+            if once:
+                return
+
+
+def run_exec(argv: Sequence[str], event: CheckpointEvent, *, env: Mapping[str, str] | None = None) -> int:
+    """Run ``argv`` (no shell) for a completed checkpoint, its URL in ``RUNCTL_CHECKPOINT_URL``; return its exit code.
+
+    Example:
+        >>> run_exec(["sh", "-c", 'test -n "$RUNCTL_CHECKPOINT_URL"'], event)   # doctest: +SKIP
+        0
+
+    Raises:
+        UsageError: the command cannot be started (not found, not executable).
+    """
+    if not argv:
+        raise UsageError("--exec got an empty command")
+    child_env = dict(os.environ if env is None else env)
+    child_env.update(event.env())
+    try:
+        completed = subprocess.run(list(argv), env=child_env, check=False)
+    except OSError as exc:
+        raise UsageError(f"--exec cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+    if completed.returncode != 0:
+        log.warning("--exec %s exited with %d for %s", argv[0], completed.returncode, event.url)
+    return completed.returncode

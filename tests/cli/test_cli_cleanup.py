@@ -1,0 +1,260 @@
+"""`runctl s3 cleanup` and `runctl checkpoint cleanup`: checkpoints, not objects; siblings and logs untouched."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+from runctl.journal import Journal
+from runctl.s3url import S3URL
+from tests.cli.cli_support import keys, of_type, put, run, run_process, run_s3
+from tests.servers import S3Server
+
+
+def backend_flag(backend: str) -> str:
+    return "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+
+
+def put_dir_checkpoint(
+    server: S3Server, bucket: S3URL, prefix: str, name: str, files: dict[str, bytes]
+) -> None:
+    for rel, data in files.items():
+        put(server, bucket, f"{prefix}{name}/{rel}", data)
+    manifest = Manifest(
+        name, None, {rel: FileEntry(len(data)) for rel, data in files.items()}, "test", 0.0
+    )
+    put(server, bucket, f"{prefix}{name}/{MARKER_NAME}", manifest.to_bytes())
+
+
+def test_cleanup_touches_only_checkpoints_inside_the_prefix(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    flag = backend_flag(backend)
+    put_dir_checkpoint(
+        s3_server, bucket, "ckpt/", "checkpoint-2", {"model.bin": b"m2", "optim.bin": b"o2"}
+    )
+    put(s3_server, bucket, "ckpt/step_3.pt", b"three")
+    put_dir_checkpoint(
+        s3_server, bucket, "ckpt/", "checkpoint-5", {"model.bin": b"m5", "optim.bin": b"o5"}
+    )
+    put(s3_server, bucket, "ckpt/train.log", b"log")
+    put(s3_server, bucket, "ckpt-old/step_1.pt", b"old")
+    put(s3_server, bucket, "ckpt-old/checkpoint-1/model.bin", b"old")
+    before = keys(s3_server, bucket)
+
+    dry = run_s3(
+        s3_server,
+        "s3",
+        "cleanup",
+        f"{bucket}ckpt/",
+        "--keep-last-n",
+        "1",
+        "--dry-run",
+        "--json",
+        flag,
+    )
+    assert dry.exit_code == 0, dry.output
+    assert keys(s3_server, bucket) == before
+    assert [(d["name"], d["dry_run"]) for d in of_type(dry.stdout, "delete")] == [
+        ("checkpoint-2", True),
+        ("step_3.pt", True),
+    ]
+    (kept,) = of_type(dry.stdout, "keep")
+    assert kept["name"] == "checkpoint-5" and kept["reason"] == "newest complete"
+    assert all(d["reason"] for d in of_type(dry.stdout, "delete"))
+
+    human = run_s3(s3_server, "s3", "cleanup", f"{bucket}ckpt/", "-n", "1", "--dry-run", flag)
+    assert human.exit_code == 0, human.output
+    assert (
+        "would delete" in human.stdout
+        and "checkpoint-2/" in human.stdout
+        and "newest complete" in human.stdout
+    )
+    assert keys(s3_server, bucket) == before
+
+    # s3://b/ckpt (no slash) still means the ckpt/ prefix, never ckpt-old/
+    real = run_s3(s3_server, "s3", "cleanup", f"{bucket}ckpt", "--keep-last-n", "1", "--json", flag)
+    assert real.exit_code == 0, real.output
+    (summary,) = of_type(real.stdout, "summary")
+    assert (summary["deleted"], summary["kept"], summary["dry_run"]) == (2, 1, False)
+    after = keys(s3_server, bucket)
+    assert set(after) == {
+        "ckpt/checkpoint-5/model.bin",
+        "ckpt/checkpoint-5/optim.bin",
+        f"ckpt/checkpoint-5/{MARKER_NAME}",
+        "ckpt/train.log",
+        "ckpt-old/step_1.pt",
+        "ckpt-old/checkpoint-1/model.bin",
+    }
+    assert after["ckpt/train.log"] == b"log"
+
+
+def test_cleanup_size_limit_and_abandoned_uploads(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    flag = backend_flag(backend)
+    for step in (1, 2, 3):
+        put(s3_server, bucket, f"run/step_{step}.pt", b"x" * 100)
+    put(s3_server, bucket, "run/checkpoint-9/model.bin", b"partial")  # no marker: incomplete
+
+    # a fresh incomplete upload stays; the size limit removes the oldest until the rest fit
+    result = run_s3(
+        s3_server,
+        "s3",
+        "cleanup",
+        f"{bucket}run/",
+        "-n",
+        "3",
+        "--max-total-size",
+        "250B",
+        "--incomplete-older-than",
+        "1h",
+        "--json",
+        flag,
+    )
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in of_type(result.stdout, "delete")] == ["step_1.pt"]
+    reasons = {k["name"]: k["reason"] for k in of_type(result.stdout, "keep")}
+    assert reasons["checkpoint-9"].startswith("incomplete")
+    assert set(keys(s3_server, bucket)) == {
+        "run/step_2.pt",
+        "run/step_3.pt",
+        "run/checkpoint-9/model.bin",
+    }
+
+    # once older than the limit, the abandoned upload goes whole; complete ones stay
+    time.sleep(1.1)
+    result = run_s3(
+        s3_server, "s3", "cleanup", f"{bucket}run/", "--incomplete-older-than", "1s", "--json", flag
+    )
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in of_type(result.stdout, "delete")] == ["checkpoint-9"]
+    assert set(keys(s3_server, bucket)) == {"run/step_2.pt", "run/step_3.pt"}
+
+
+def test_bucket_root_needs_confirmation(moto_server: S3Server) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    for step in (1, 2):
+        put(moto_server, bucket, f"step_{step}.pt")
+    refused = run_s3(moto_server, "s3", "cleanup", str(bucket), "-n", "1")
+    assert refused.exit_code == 2
+    assert "--yes-bucket-root" in refused.stderr
+    assert set(keys(moto_server, bucket)) == {"step_1.pt", "step_2.pt"}
+
+    done = run_s3(
+        moto_server, "s3", "cleanup", f"s3://{bucket.bucket}", "-n", "1", "--yes-bucket-root", "-q"
+    )
+    assert done.exit_code == 0, done.output
+    assert set(keys(moto_server, bucket)) == {"step_2.pt"}
+
+
+def test_cleanup_protect(moto_server: S3Server) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    for step in (1, 2, 3):
+        put(moto_server, bucket, f"run/step_{step}.pt")
+    result = run_s3(
+        moto_server, "s3", "cleanup", f"{bucket}run/", "-n", "1", "--protect", "step_1.pt", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in of_type(result.stdout, "delete")] == ["step_2.pt"]
+    assert set(keys(moto_server, bucket)) == {"run/step_1.pt", "run/step_3.pt"}
+
+
+def make_local(root: Path) -> None:
+    base = time.time() - 1000
+    for i, name in enumerate(["step_1.pt", "step_2.pt", "checkpoint-3", "step_4.pt"]):
+        path = root / name
+        if name.startswith("checkpoint"):
+            path.mkdir(parents=True)
+            (path / "model.bin").write_bytes(b"m" * 10)
+            os.utime(path / "model.bin", (base + i, base + i))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"w" * 10)
+            os.utime(path, (base + i, base + i))
+    (root / "train.log").write_text("log")
+
+
+def test_local_cleanup_keeps_what_is_not_durable(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    make_local(root)
+
+    result = run("checkpoint", "cleanup", str(root), "--keep-last-n", "1")
+    assert result.exit_code == 0, result.output
+    assert "not yet durable in S3" in result.stdout and "--force" in result.stdout
+    assert sorted(p.name for p in root.iterdir() if p.name != ".runctl") == [
+        "checkpoint-3",
+        "step_1.pt",
+        "step_2.pt",
+        "step_4.pt",
+        "train.log",
+    ]
+
+    # mark two as verified in S3 (as the uploader would): those may go now
+    journal = Journal(root)
+    for name in ("step_1.pt", "checkpoint-3"):
+        path = root / name
+        size = 10
+        mtime = (path / "model.bin").stat().st_mtime if path.is_dir() else path.stat().st_mtime
+        journal.record(name, "verified", size=size, mtime=mtime)
+    result = run("checkpoint", "cleanup", str(root), "-n", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == [
+        "checkpoint-3",
+        "step_1.pt",
+    ]
+    (summary,) = of_type(result.stdout, "summary")
+    assert summary["not_durable"] == ["step_2.pt"]
+    assert sorted(p.name for p in root.iterdir() if p.name != ".runctl") == [
+        "step_2.pt",
+        "step_4.pt",
+        "train.log",
+    ]
+
+    forced = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--dry-run", "--json")
+    assert [d["name"] for d in of_type(forced.stdout, "delete")] == ["step_2.pt"]
+    assert (root / "step_2.pt").exists()
+    forced = run("checkpoint", "cleanup", str(root), "-n", "1", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert sorted(p.name for p in root.iterdir() if p.name != ".runctl") == [
+        "step_4.pt",
+        "train.log",
+    ]
+
+
+@pytest.mark.parametrize("bad", [["-n", "0"], ["-n", "x"], []])
+def test_local_cleanup_bad_input(tmp_path: Path, bad: list[str]) -> None:
+    make_local(tmp_path / "c")
+    result = run("checkpoint", "cleanup", str(tmp_path / "c"), *bad)
+    assert result.exit_code == 2
+    assert len(list((tmp_path / "c").iterdir())) == 5
+    missing = run("checkpoint", "cleanup", str(tmp_path / "nope"), "-n", "1")
+    assert missing.exit_code == 2 and "no such directory" in missing.stderr
+
+
+def test_cleanup_commands_as_subprocesses(moto_server: S3Server, tmp_path: Path) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    for step in (1, 2, 3):
+        put(moto_server, bucket, f"ckpt/step_{step}.pt")
+    put(moto_server, bucket, "ckpt/train.log")
+    s3 = run_process(
+        "s3", "cleanup", f"{bucket}ckpt/", "--keep-last-n", "2", "--json", env=moto_server.env()
+    )
+    assert s3.returncode == 0, s3.stderr
+    assert [d["name"] for d in of_type(s3.stdout, "delete")] == ["step_1.pt"]
+    assert set(keys(moto_server, bucket)) == {"ckpt/step_2.pt", "ckpt/step_3.pt", "ckpt/train.log"}
+
+    root = tmp_path / "local"
+    make_local(root)
+    local = run_process("checkpoint", "cleanup", str(root), "-n", "2", "--force", "--json")
+    assert local.returncode == 0, local.stderr
+    assert sorted(d["name"] for d in of_type(local.stdout, "delete")) == ["step_1.pt", "step_2.pt"]
+    assert sorted(p.name for p in root.iterdir() if p.name != ".runctl") == [
+        "checkpoint-3",
+        "step_4.pt",
+        "train.log",
+    ]

@@ -1,0 +1,417 @@
+"""`runctl s3 upload / download / sync / list` against real S3 servers, on both transfer backends."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.cli.output import Output
+from runctl.s3url import S3URL
+from tests.cli.cli_support import keys, of_type, put, records, run_process, run_s3
+from tests.servers import S3Server
+
+
+def backend_flag(backend: str) -> str:
+    return "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "ckpt"
+    (root / "checkpoint-5").mkdir(parents=True)
+    (root / "step_1.pt").write_bytes(b"one")
+    (root / "step_2.pt").write_bytes(b"two!")
+    (root / "checkpoint-5" / "model.bin").write_bytes(b"weights")
+    (root / "notes.tmp").write_bytes(b"scratch")
+    return root
+
+
+def test_upload_file_and_tree(s3_server: S3Server, bucket: S3URL, backend: str, tree: Path) -> None:
+    flag = backend_flag(backend)
+    # one file into a "directory" URL, human output
+    result = run_s3(s3_server, "s3", "upload", str(tree / "step_1.pt"), f"{bucket}run/", flag)
+    assert result.exit_code == 0, result.output
+    assert f"upload: {tree / 'step_1.pt'} -> {bucket}run/step_1.pt" in result.stdout
+    # one file to an exact key
+    result = run_s3(
+        s3_server,
+        "s3",
+        "upload",
+        str(tree / "step_2.pt"),
+        f"{bucket}exact/renamed.pt",
+        flag,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    (item,) = of_type(result.stdout, "upload")
+    assert item["destination"] == f"{bucket}exact/renamed.pt" and item["size"] == 4
+    # a tree, recursive, with an exclude; the options also work after the command
+    result = run_s3(
+        s3_server,
+        "s3",
+        "upload",
+        str(tree),
+        f"{bucket}tree",
+        "--recursive",
+        "--exclude",
+        "*.tmp",
+        flag,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    uploads = of_type(result.stdout, "upload")
+    assert sorted(u["destination"] for u in uploads) == [
+        f"{bucket}tree/checkpoint-5/model.bin",
+        f"{bucket}tree/step_1.pt",
+        f"{bucket}tree/step_2.pt",
+    ]
+    (summary,) = of_type(result.stdout, "summary")
+    assert summary["files"] == 3 and summary["bytes"] == 3 + 4 + 7 and summary["dry_run"] is False
+    assert keys(s3_server, bucket) == {
+        "run/step_1.pt": b"one",
+        "exact/renamed.pt": b"two!",
+        "tree/checkpoint-5/model.bin": b"weights",
+        "tree/step_1.pt": b"one",
+        "tree/step_2.pt": b"two!",
+    }
+
+
+def test_upload_include_and_dry_run(
+    s3_server: S3Server, bucket: S3URL, backend: str, tree: Path
+) -> None:
+    flag = backend_flag(backend)
+    result = run_s3(
+        s3_server,
+        "s3",
+        "upload",
+        str(tree),
+        f"{bucket}run/",
+        "-r",
+        "--include",
+        "step_*",
+        "--dry-run",
+        "--json",
+        flag,
+    )
+    assert result.exit_code == 0, result.output
+    planned = of_type(result.stdout, "upload")
+    assert sorted(p["destination"] for p in planned) == [
+        f"{bucket}run/step_1.pt",
+        f"{bucket}run/step_2.pt",
+    ]
+    assert all(p["dry_run"] for p in planned)
+    assert keys(s3_server, bucket) == {}
+
+    result = run_s3(
+        s3_server, "s3", "upload", str(tree), f"{bucket}run/", "-r", "--include", "step_*", flag
+    )
+    assert result.exit_code == 0, result.output
+    assert set(keys(s3_server, bucket)) == {"run/step_1.pt", "run/step_2.pt"}
+
+
+def test_upload_storage_class(moto_server: S3Server, backend: str, tree: Path) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    result = run_s3(
+        moto_server,
+        "s3",
+        "upload",
+        str(tree / "step_1.pt"),
+        f"{bucket}a.pt",
+        "--storage-class",
+        "standard_ia",
+        backend_flag(backend),
+    )
+    assert result.exit_code == 0, result.output
+    head = moto_server.client().head_object(Bucket=bucket.bucket, Key="a.pt")
+    assert head.get("StorageClass") == "STANDARD_IA"
+
+
+def test_download_object_prefix_and_dry_run(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    flag = backend_flag(backend)
+    put(s3_server, bucket, "run/step_1.pt", b"one")
+    put(s3_server, bucket, "run/checkpoint-5/model.bin", b"weights")
+    put(s3_server, bucket, "run-old/step_0.pt", b"old")
+
+    # one object into an existing directory
+    dest = tmp_path / "single"
+    dest.mkdir()
+    result = run_s3(
+        s3_server, "s3", "download", f"{bucket}run/step_1.pt", str(dest), flag, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    (item,) = of_type(result.stdout, "download")
+    assert item["destination"] == str(dest / "step_1.pt") and item["size"] == 3
+    assert (dest / "step_1.pt").read_bytes() == b"one"
+
+    # a trailing '/' names a directory that does not exist yet
+    result = run_s3(
+        s3_server, "s3", "download", f"{bucket}run/step_1.pt", f"{tmp_path / 'new'}/", flag
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "step_1.pt").read_bytes() == b"one"
+    missing = run_s3(
+        s3_server, "s3", "download", f"{bucket}run/nope.pt", f"{tmp_path / 'new2'}/", flag
+    )
+    assert missing.exit_code == 2 and not (tmp_path / "new2").exists()
+
+    # dry run of a prefix writes nothing
+    out = tmp_path / "tree"
+    result = run_s3(
+        s3_server,
+        "s3",
+        "download",
+        f"{bucket}run/",
+        str(out),
+        "--recursive",
+        "--dry-run",
+        flag,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert len(of_type(result.stdout, "download")) == 2
+    assert not out.exists()
+
+    # the prefix for real: relative paths kept, the sibling prefix run-old/ not included
+    result = run_s3(s3_server, "s3", "download", f"{bucket}run", str(out), "-r", flag)
+    assert result.exit_code == 0, result.output
+    found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert found == ["checkpoint-5/model.bin", "step_1.pt"]
+    assert (out / "checkpoint-5" / "model.bin").read_bytes() == b"weights"
+    assert "downloaded 2 files" in result.stdout
+
+
+def test_download_latest_complete_checkpoint(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("runctl.uploader")
+    from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+
+    put(s3_server, bucket, "ckpt/checkpoint-10/model.bin", b"ten")
+    marker = Manifest("checkpoint-10", 10, {"model.bin": FileEntry(3)}, "test", 0.0)
+    put(s3_server, bucket, f"ckpt/checkpoint-10/{MARKER_NAME}", marker.to_bytes())
+    put(s3_server, bucket, "ckpt/checkpoint-20/model.bin", b"twenty")  # no marker: incomplete
+    put(s3_server, bucket, "ckpt/train.log", b"log")
+
+    result = run_s3(
+        s3_server,
+        "s3",
+        "download",
+        f"{bucket}ckpt/",
+        str(tmp_path / "resume"),
+        "--latest",
+        backend_flag(backend),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    (latest,) = of_type(result.stdout, "latest")
+    assert latest["name"] == "checkpoint-10"
+    assert (Path(latest["destination"]) / "model.bin").read_bytes() == b"ten"
+    assert not (tmp_path / "resume" / "checkpoint-20").exists()
+
+    empty = run_s3(
+        s3_server,
+        "s3",
+        "download",
+        f"{bucket}nothing/",
+        str(tmp_path / "r2"),
+        "--latest",
+        backend_flag(backend),
+    )
+    assert empty.exit_code == 1
+    assert "no complete checkpoint" in empty.stderr
+
+
+def _touch(path: Path, data: bytes, mtime: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+
+
+def test_sync_up_then_down_with_delete(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    flag = backend_flag(backend)
+    src = tmp_path / "src"
+    old = time.time() - 3600
+    _touch(src / "a.pt", b"aaa", old)
+    _touch(src / "sub" / "b.pt", b"bbbb", old)
+    put(s3_server, bucket, "run/extra.pt", b"gone soon")
+    put(s3_server, bucket, "run-other/keep.pt", b"never touched")
+
+    plan = run_s3(
+        s3_server,
+        "s3",
+        "sync",
+        str(src),
+        f"{bucket}run/",
+        "--direction",
+        "up",
+        "--delete",
+        "--dry-run",
+        "--json",
+        flag,
+    )
+    assert plan.exit_code == 0, plan.output
+    assert sorted(c["destination"] for c in of_type(plan.stdout, "copy")) == [
+        f"{bucket}run/a.pt",
+        f"{bucket}run/sub/b.pt",
+    ]
+    assert [d["target"] for d in of_type(plan.stdout, "delete")] == [f"{bucket}run/extra.pt"]
+    assert set(keys(s3_server, bucket)) == {"run/extra.pt", "run-other/keep.pt"}
+
+    result = run_s3(
+        s3_server, "s3", "sync", str(src), f"{bucket}run/", "-d", "up", "--delete", flag, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert keys(s3_server, bucket) == {
+        "run/a.pt": b"aaa",
+        "run/sub/b.pt": b"bbbb",
+        "run-other/keep.pt": b"never touched",
+    }
+
+    # nothing differs now
+    again = run_s3(s3_server, "s3", "sync", str(src), f"{bucket}run/", "-d", "up", flag, "--json")
+    (summary,) = of_type(again.stdout, "summary")
+    assert (summary["copied"], summary["unchanged"]) == (0, 2)
+
+    # a same-size change is seen by mtime, and not with --size-only
+    _touch(src / "a.pt", b"AAA", time.time() + 120)
+    size_only = run_s3(
+        s3_server,
+        "s3",
+        "sync",
+        str(src),
+        f"{bucket}run/",
+        "-d",
+        "up",
+        "--size-only",
+        "--dry-run",
+        flag,
+        "--json",
+    )
+    assert of_type(size_only.stdout, "copy") == []
+    by_time = run_s3(
+        s3_server, "s3", "sync", str(src), f"{bucket}run/", "-d", "up", "--dry-run", flag, "--json"
+    )
+    assert [c["destination"] for c in of_type(by_time.stdout, "copy")] == [f"{bucket}run/a.pt"]
+
+    # down into an empty directory, with --delete removing a local extra
+    dst = tmp_path / "dst"
+    _touch(dst / "stale.pt", b"stale", old)
+    down = run_s3(
+        s3_server, "s3", "sync", str(dst), f"{bucket}run/", "--direction", "down", "--delete", flag
+    )
+    assert down.exit_code == 0, down.output
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        "a.pt",
+        "sub/b.pt",
+    ]
+    assert "delete: " in down.stdout and "stale.pt" in down.stdout
+
+
+def test_list_one_level_recursive_and_summary(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    flag = backend_flag(backend)
+    put(s3_server, bucket, "run/step_1.pt", b"1" * 1536)
+    put(s3_server, bucket, "run/checkpoint-5/model.bin", b"22")
+    put(s3_server, bucket, "run/checkpoint-5/opt.bin", b"333")
+    put(s3_server, bucket, "run-old/step_0.pt", b"0")
+
+    one = run_s3(s3_server, "s3", "list", f"{bucket}run/", flag, "--json")
+    assert one.exit_code == 0, one.output
+    items = records(one.stdout)
+    assert [(i["type"], i["key"]) for i in items] == [
+        ("prefix", "run/checkpoint-5/"),
+        ("object", "run/step_1.pt"),
+    ] or [(i["type"], i["key"]) for i in items] == [
+        ("object", "run/step_1.pt"),
+        ("prefix", "run/checkpoint-5/"),
+    ]
+
+    human = run_s3(s3_server, "s3", "list", f"{bucket}run/", flag, "--human-readable")
+    assert human.exit_code == 0, human.output
+    lines = human.stdout.splitlines()
+    assert any(line.split() == ["DIR", "checkpoint-5/"] for line in lines), human.stdout
+    assert any(line.endswith("1.5 KiB  step_1.pt") for line in lines), human.stdout
+
+    rec = run_s3(
+        s3_server, "s3", "list", f"{bucket}run/", "--recursive", "--summarize", flag, "--json"
+    )
+    objects = of_type(rec.stdout, "object")
+    assert sorted(o["key"] for o in objects) == [
+        "run/checkpoint-5/model.bin",
+        "run/checkpoint-5/opt.bin",
+        "run/step_1.pt",
+    ]
+    (summary,) = of_type(rec.stdout, "summary")
+    assert (summary["objects"], summary["size"]) == (3, 1536 + 2 + 3)
+
+    text = run_s3(s3_server, "s3", "list", f"{bucket}run/", "-r", "--summarize", flag)
+    assert "Total Objects: 3" in text.stdout and "Total Size: 1541" in text.stdout
+
+
+def test_list_pages_through_many_keys(moto_server: S3Server, backend: str, tmp_path: Path) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(1105):
+        (many / f"f{i:05d}").write_bytes(b"")
+    assert run_s3(moto_server, "s3", "upload", str(many), f"{bucket}m/", "-r", "-q").exit_code == 0
+    result = run_s3(moto_server, "s3", "list", f"{bucket}m/", "--json", backend_flag(backend))
+    assert result.exit_code == 0, result.output
+    listed = [r["key"] for r in of_type(result.stdout, "object")]
+    assert len(listed) == 1105 and len(set(listed)) == 1105
+
+
+def test_every_transfer_command_as_a_subprocess(
+    moto_server: S3Server, tmp_path: Path, tree: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    env = moto_server.env()
+
+    up = run_process("s3", "upload", str(tree), f"{bucket}run/", "--recursive", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    assert len(of_type(up.stdout, "upload")) == 4
+
+    listing = run_process("s3", "list", f"{bucket}run/", "-r", "--json", "--no-use-s5cmd", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert len(of_type(listing.stdout, "object")) == 4
+
+    down = run_process("s3", "download", f"{bucket}run/", str(tmp_path / "back"), "-r", env=env)
+    assert down.returncode == 0, down.stderr
+    assert (tmp_path / "back" / "checkpoint-5" / "model.bin").read_bytes() == b"weights"
+
+    sync = run_process(
+        "s3", "sync", str(tree), f"{bucket}run/", "--direction", "up", "--json", env=env
+    )
+    assert sync.returncode == 0, sync.stderr
+    (summary,) = of_type(sync.stdout, "summary")
+    assert summary["copied"] == 0 and summary["unchanged"] == 4
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    with Output().progress("upload", 10) as advance:
+        assert advance is None
+    monkeypatch.setattr("sys.stdout", _FakeTTY())
+    for quiet_or_json in (Output(json=True), Output(quiet=True)):
+        with quiet_or_json.progress("upload", 10) as advance:
+            assert advance is None
+    with Output().progress("upload", 10) as advance:
+        assert advance is not None
+        advance(4)
+        advance(6)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert Output().console().no_color

@@ -1,0 +1,329 @@
+"""`runctl s3 watch` and PrefixWatcher: a baseline, one event per change, one per completed checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+from runctl.s3url import S3URL
+from runctl.watch import (
+    BaselineEvent,
+    CheckpointEvent,
+    ObjectEvent,
+    PrefixWatcher,
+    RetentionEvent,
+    backoff_delay,
+)
+from tests.servers import S3Server
+
+
+def put(server: S3Server, url: S3URL, key: str, data: bytes = b"x") -> None:
+    server.client().put_object(Bucket=url.bucket, Key=url.key + key, Body=data)
+
+
+def put_marker(server: S3Server, url: S3URL, name: str, files: dict[str, int]) -> None:
+    manifest = Manifest(name, None, {rel: FileEntry(size) for rel, size in files.items()}, "test", 0.0)
+    put(server, url, f"{name}/{MARKER_NAME}", manifest.to_bytes())
+
+
+def kinds(events: list[Any]) -> list[tuple[str, str]]:
+    return [(e.kind, e.url) for e in events]
+
+
+def test_baseline_then_one_event_per_object_and_one_per_marker(s3_server: S3Server, bucket: S3URL, transfer: Any) -> None:
+    prefix = bucket.join("ckpt/")
+    base = str(prefix)
+    put(s3_server, prefix, "train.log", b"log")
+    put(s3_server, prefix, "step_1.pt", b"one")
+    put(s3_server, prefix, "checkpoint-10/model.bin", b"0123")
+    put_marker(s3_server, prefix, "checkpoint-10", {"model.bin": 4})
+    put(s3_server, bucket, "ckpt-old/step_9.pt")  # a sibling prefix: never watched
+
+    watcher = PrefixWatcher(transfer, prefix)
+    (baseline,) = watcher.poll()
+    assert isinstance(baseline, BaselineEvent)
+    assert (baseline.objects, baseline.checkpoints, baseline.complete) == (4, 2, 2)
+    assert baseline.latest == "checkpoint-10"
+    assert "watching" in baseline.describe() and "4 objects, 2 checkpoints" in baseline.describe()
+    assert watcher.poll() == []
+
+    put(s3_server, prefix, "step_2.pt", b"two")
+    put(s3_server, bucket, "ckpt-old/step_10.pt")
+    events = watcher.poll()
+    assert kinds(events) == [("new", base + "step_2.pt"), ("checkpoint_complete", base + "step_2.pt")]
+    assert isinstance(events[1], CheckpointEvent) and events[1].step == 2 and events[1].size == 3
+
+    put(s3_server, prefix, "checkpoint-20/model.bin", b"abcdef")
+    put(s3_server, prefix, "checkpoint-20/optim.bin", b"xy")
+    events = watcher.poll()
+    assert kinds(events) == [
+        ("new", base + "checkpoint-20/model.bin"),
+        ("new", base + "checkpoint-20/optim.bin"),
+    ]
+
+    put_marker(s3_server, prefix, "checkpoint-20", {"model.bin": 6, "optim.bin": 2})
+    events = watcher.poll()
+    assert kinds(events) == [
+        ("new", base + f"checkpoint-20/{MARKER_NAME}"),
+        ("checkpoint_complete", base + "checkpoint-20/"),
+    ]
+    done = events[1]
+    assert isinstance(done, CheckpointEvent)
+    assert (done.name, done.step, done.is_dir, done.files, done.size) == ("checkpoint-20", 20, True, 2, 8)
+    assert done.env()["RUNCTL_CHECKPOINT_URL"] == base + "checkpoint-20/"
+    assert json.loads(json.dumps(done.to_json()))["type"] == "checkpoint_complete"
+    assert watcher.poll() == []
+
+    put(s3_server, prefix, "train.log", b"log, longer now")
+    s3_server.client().delete_object(Bucket=bucket.bucket, Key=prefix.key + "step_1.pt")
+    events = watcher.poll()
+    assert kinds(events) == [("deleted", base + "step_1.pt"), ("changed", base + "train.log")]
+    assert isinstance(events[1], ObjectEvent) and events[1].size == len(b"log, longer now")
+    assert watcher.poll() == []
+    assert set(watcher.state) == {
+        prefix.key + k
+        for k in ("train.log", "step_2.pt", "checkpoint-10/model.bin", f"checkpoint-10/{MARKER_NAME}",
+                  "checkpoint-20/model.bin", "checkpoint-20/optim.bin", f"checkpoint-20/{MARKER_NAME}")
+    }
+
+
+def test_baseline_of_an_empty_prefix_and_unmarked_directory(moto_server: S3Server) -> None:
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run")  # no trailing slash: watched as a prefix, not as "run*"
+    transfer = BotoTransfer(moto_server.config())
+    watcher = PrefixWatcher(transfer, prefix)
+    (baseline,) = watcher.poll()
+    assert (baseline.objects, baseline.checkpoints, baseline.latest) == (0, 0, None)
+    put(moto_server, bucket, "run-other/step_1.pt")
+    put(moto_server, bucket, "run/global_step5/shard.pt")
+    events = watcher.poll()
+    # no marker: a new object, but not a completed checkpoint
+    assert kinds(events) == [("new", f"s3://{bucket.bucket}/run/global_step5/shard.pt")]
+
+    lenient = PrefixWatcher(transfer, prefix, treat_unmarked_complete=True)
+    lenient.poll()
+    put(moto_server, bucket, "run/global_step6/shard.pt")
+    events = lenient.poll()
+    assert [e.kind for e in events] == ["new", "checkpoint_complete"]
+    assert lenient.poll() == []
+
+
+def test_events_survive_transient_errors_and_stop_on_timeout(moto_server: S3Server) -> None:
+    from runctl.exceptions import EndpointError
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    real = BotoTransfer(moto_server.config())
+
+    class Flaky:
+        """Fails the 2nd and 3rd listings, like a network blip."""
+
+        name = "flaky"
+        config = real.config
+        calls = 0
+
+        def iter_objects(self, url: S3URL, *, recursive: bool = True) -> Iterator[Any]:
+            Flaky.calls += 1
+            if Flaky.calls in (2, 3):
+                raise EndpointError("connection reset by peer")
+            return real.iter_objects(url, recursive=recursive)
+
+    watcher = PrefixWatcher(Flaky(), bucket)  # type: ignore[arg-type]
+    put(moto_server, bucket, "step_1.pt")
+    seen: list[Any] = []
+    started = time.monotonic()
+    for event in watcher.events(interval=0.05, timeout=3.0, max_backoff=0.2):
+        seen.append(event)
+        if event.kind == "poll_error" and Flaky.calls == 3:
+            put(moto_server, bucket, "step_2.pt")
+        if event.kind == "checkpoint_complete":
+            watcher.stop()
+    assert time.monotonic() - started < 3.0
+    assert [e.kind for e in seen] == ["baseline", "poll_error", "poll_error", "new", "checkpoint_complete"]
+    assert "connection reset" in seen[1].message and seen[2].attempt == 2
+
+    # a timeout ends the loop even when nothing happens
+    started = time.monotonic()
+    assert [e.kind for e in PrefixWatcher(real, bucket).events(interval=0.1, timeout=0.5)] == ["baseline"]
+    assert 0.4 < time.monotonic() - started < 2.5
+
+
+def test_backoff_is_bounded() -> None:
+    assert all(0 < backoff_delay(n, 1.0, cap=30.0) <= 30.0 for n in range(1, 50))
+    assert backoff_delay(3, 1.0) >= 2.0
+
+
+def test_first_listing_error_is_raised(moto_server: S3Server) -> None:
+    from runctl.exceptions import NoSuchBucketError, UsageError
+    from runctl.transfer.boto import BotoTransfer
+
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), S3URL("no-such-bucket-here"))
+    with pytest.raises(NoSuchBucketError):
+        list(watcher.events(interval=0.1, timeout=1))
+    with pytest.raises(UsageError, match="interval"):
+        list(watcher.events(interval=0))
+    with pytest.raises(UsageError, match="keep_last_n"):
+        PrefixWatcher(BotoTransfer(moto_server.config()), S3URL("b-b"), keep_last_n=0)
+
+
+def test_keep_last_n_applies_retention_when_a_checkpoint_completes(moto_server: S3Server) -> None:
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("ckpt/")
+    for step in (1, 2, 3):
+        put(moto_server, prefix, f"step_{step}.pt", b"w" * step)
+    put(moto_server, prefix, "train.log")
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=2)
+    watcher.poll()
+    # the baseline alone never deletes anything
+    assert len(watcher.state) == 4
+
+    put(moto_server, prefix, "checkpoint-4/model.bin", b"abcd")
+    assert [e.kind for e in watcher.poll()] == ["new"]  # incomplete: no retention yet
+    put_marker(moto_server, prefix, "checkpoint-4", {"model.bin": 4})
+    events = watcher.poll()
+    assert [e.kind for e in events] == ["new", "checkpoint_complete", "retention"]
+    retention = events[-1]
+    assert isinstance(retention, RetentionEvent)
+    assert retention.deleted == ("step_1.pt", "step_2.pt")
+    left = {o["Key"] for o in moto_server.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]}
+    assert left == {prefix.key + k for k in ("step_3.pt", "train.log", "checkpoint-4/model.bin", f"checkpoint-4/{MARKER_NAME}")}
+    # the deletions show up as events on the next poll, and trigger nothing more
+    assert kinds(watcher.poll()) == [("deleted", str(prefix) + "step_1.pt"), ("deleted", str(prefix) + "step_2.pt")]
+
+
+def monitor_app() -> typer.Typer:
+    """The real `runctl` app (its s3 group has our watch and review registered)."""
+    from runctl.cli.app import app
+
+    return app
+
+
+@pytest.fixture
+def server_env(moto_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    for name, value in moto_server.env().items():
+        monkeypatch.setenv(name, value)
+    return moto_server
+
+
+def test_cli_watch_once_prints_only_a_baseline(server_env: S3Server) -> None:
+    bucket = S3URL(server_env.new_bucket())
+    for key in ("run/step_1.pt", "run/step_2.pt", "run/notes.txt"):
+        put(server_env, bucket, key)
+    result = CliRunner().invoke(monitor_app(), ["s3", "watch", str(bucket.join("run/")), "--once", "--json", "--no-use-s5cmd"])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.strip().splitlines()
+    assert json.loads(line) | {"time": 0} == {
+        "type": "baseline", "url": str(bucket.join("run/")), "objects": 3, "checkpoints": 2, "complete": 2,
+        "latest": "step_2.pt", "time": 0,
+    }
+    result = CliRunner().invoke(monitor_app(), ["s3", "watch", str(bucket.join("run/")), "--once", "--no-use-s5cmd"])
+    assert result.exit_code == 0 and "watching" in result.stdout and "3 objects, 2 checkpoints" in result.stdout
+    # the global --json works too
+    result = CliRunner().invoke(monitor_app(), ["--json", "s3", "watch", str(bucket.join("run/")), "--once", "--no-use-s5cmd"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["type"] == "baseline"
+
+
+def test_cli_watch_exec_and_keep_last_n(
+    server_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bucket = S3URL(server_env.new_bucket())
+    prefix = bucket.join("run/")
+    put(server_env, prefix, "step_1.pt")
+    put(server_env, prefix, "train.log")
+    original = PrefixWatcher.poll
+
+    def poll_then_write(self: PrefixWatcher) -> list[Any]:
+        """Land two checkpoints right after the baseline, so the next poll must report them."""
+        events = original(self)
+        if events and events[0].kind == "baseline":
+            put(server_env, prefix, "step_2.pt", b"22")
+            put(server_env, prefix, "checkpoint-3/model.bin", b"333")
+            put_marker(server_env, prefix, "checkpoint-3", {"model.bin": 3})
+        return events
+
+    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    seen = tmp_path / "seen.txt"
+    hook = f"{sys.executable} -c \"import os,sys; open(sys.argv[1], 'a').write(os.environ['RUNCTL_CHECKPOINT_URL'] + ' ' + os.environ['RUNCTL_CHECKPOINT_STEP'] + chr(10))\" {seen}"
+    result = CliRunner().invoke(
+        monitor_app(),
+        ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "6", "--exec", hook,
+         "--keep-last-n", "1", "--json", "--no-use-s5cmd"],
+    )
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    done = [e for e in events if e["type"] == "checkpoint_complete"]
+    assert [e["url"] for e in done] == [str(prefix) + "step_2.pt", str(prefix) + "checkpoint-3/"]
+    assert seen.read_text().splitlines() == [f"{prefix}step_2.pt 2", f"{prefix}checkpoint-3/ 3"]
+    (retention,) = [e for e in events if e["type"] == "retention"]
+    assert retention["deleted"] == ["step_1.pt", "step_2.pt"]
+    left = {o["Key"] for o in server_env.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]}
+    assert left == {"run/train.log", "run/checkpoint-3/model.bin", f"run/checkpoint-3/{MARKER_NAME}"}
+    # retention's own deletions are reported once, as deletions, and complete nothing
+    assert sorted(e["url"] for e in events if e["type"] == "deleted") == [f"{prefix}step_1.pt", f"{prefix}step_2.pt"]
+    assert [e["type"] for e in events].count("checkpoint_complete") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["s3://bucket-x/run/", "--exec", "'unclosed"], "--exec"),
+        (["s3://bucket-x/run/", "--keep-last-n", "0"], "--keep-last-n"),
+        (["s3:/bucket-x"], "must start with s3://"),
+    ],
+)
+def test_cli_watch_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(monitor_app(), ["s3", "watch", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_watch_subprocess_events_then_ctrl_c(moto_server: S3Server, tmp_path: Path) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    put(moto_server, prefix, "step_1.pt")
+    env = {**os.environ, **moto_server.env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", "watch", str(prefix), "--interval", "0.2", "--timeout", "60", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[dict[str, Any]] = []
+    timer = threading.Timer(30, proc.kill)  # never hang the suite
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        lines.append(json.loads(proc.stdout.readline()))
+        assert lines[0]["type"] == "baseline" and lines[0]["objects"] == 1
+        put(moto_server, prefix, "checkpoint-2/model.bin", b"ab")
+        put_marker(moto_server, prefix, "checkpoint-2", {"model.bin": 2})
+        while len(lines) < 4:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+            lines.append(json.loads(line))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert [e["type"] for e in lines] == ["baseline", "new", "new", "checkpoint_complete"]
+    assert lines[3]["url"] == str(prefix) + "checkpoint-2/"
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err
