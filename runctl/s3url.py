@@ -46,7 +46,7 @@ class S3URL:
         """Parse ``s3://bucket[/key]``; raise ``S3URLError`` naming what is wrong.
 
         Example:
-            >>> S3URL.parse("s3://b/ckpt/step_1.pt").key
+            >>> S3URL.parse("s3://bkt/ckpt/step_1.pt").key
             'ckpt/step_1.pt'
         """
         if not isinstance(text, str):
@@ -78,15 +78,15 @@ class S3URL:
 
     @property
     def name(self) -> str:
-        """The last path component (``step_1.pt`` of ``s3://b/run/step_1.pt``; ``run`` of ``s3://b/run/``)."""
+        """The last path component (``step_1.pt`` of ``s3://bkt/run/step_1.pt``; ``run`` of ``s3://bkt/run/``)."""
         return self.key.rstrip("/").rsplit("/", 1)[-1]
 
     def as_prefix(self) -> S3URL:
-        """The same location as a directory: ``s3://b/run`` becomes ``s3://b/run/``.
+        """The same location as a directory: ``s3://bkt/run`` becomes ``s3://bkt/run/``.
 
         Example:
-            >>> str(S3URL.parse("s3://b/run").as_prefix())
-            's3://b/run/'
+            >>> str(S3URL.parse("s3://bkt/run").as_prefix())
+            's3://bkt/run/'
         """
         if self.is_prefix:
             return self
@@ -96,8 +96,8 @@ class S3URL:
         """Append path parts below this prefix (``/`` is added after a non-prefix key).
 
         Example:
-            >>> str(S3URL.parse("s3://b/run").join("ckpt", "a.pt"))
-            's3://b/run/ckpt/a.pt'
+            >>> str(S3URL.parse("s3://bkt/run").join("ckpt", "a.pt"))
+            's3://bkt/run/ckpt/a.pt'
         """
         key = self.key
         for part in parts:
@@ -109,7 +109,7 @@ class S3URL:
         return S3URL(self.bucket, key)
 
     def relative_key(self, key: str) -> str:
-        """``key`` relative to this prefix (``run/a/b.pt`` under ``s3://b/run/`` is ``a/b.pt``).
+        """``key`` relative to this prefix (``run/a/b.pt`` under ``s3://bkt/run/`` is ``a/b.pt``).
 
         Raises:
             S3URLError: if ``key`` is not strictly inside this prefix.
