@@ -9,10 +9,17 @@ if TYPE_CHECKING:
     from runctl.transfer.base import Transfer
 
 
-def get_transfer(config: S3Config, *, use_s5cmd: bool = True, s5cmd_path: str | None = None) -> Transfer:
+def get_transfer(
+    config: S3Config,
+    *,
+    use_s5cmd: bool = True,
+    s5cmd_path: str | None = None,
+    stall_timeout: float | None = None,
+) -> Transfer:
     """The backend for ``config``: s5cmd by default, boto3 when ``use_s5cmd=False``.
 
-    ``s5cmd_path`` (or the ``RUNCTL_S5CMD`` variable) overrides where the binary is found.
+    ``s5cmd_path`` (or the ``RUNCTL_S5CMD`` variable) overrides where the binary is found;
+    ``stall_timeout`` arms s5cmd's watchdog (seconds with no bytes moving before the child is killed).
 
     Example:
         >>> from runctl.config import resolve_config
@@ -22,7 +29,7 @@ def get_transfer(config: S3Config, *, use_s5cmd: bool = True, s5cmd_path: str | 
     if use_s5cmd:
         from runctl.transfer.s5cmd import S5cmdTransfer
 
-        return S5cmdTransfer(config, binary=s5cmd_path)
+        return S5cmdTransfer(config, binary=s5cmd_path, stall_timeout=stall_timeout)
     from runctl.transfer.boto import BotoTransfer
 
     return BotoTransfer(config)

@@ -1,0 +1,277 @@
+"""Snapshots of checkpoints under ``<root>/.runctl/staging/``: hard links, so deletes and renames cannot tear them."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("runctl.uploader")
+
+STAGING_DIR = ".runctl/staging"
+#: errno values that mean "this filesystem will not hard-link here": copy instead.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES, errno.ENOSYS}
+_COPY_TRIES = 3
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """Identity and version of one file: inode, size, mtime and ctime (ns); any write changes it.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "a"; _ = p.write_bytes(b"x")
+        >>> FileStamp.of(p).size
+        1
+    """
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    mtime: float
+
+    @classmethod
+    def of(cls, path: Path | str) -> FileStamp:
+        st = os.stat(path)
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mtime)
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mtime)
+
+    def same_content(self, other: FileStamp | None) -> bool:
+        """True when ``other`` is this very version (ctime is ignored: linking a file changes it)."""
+        return other is not None and (self.ino, self.size, self.mtime_ns) == (
+            other.ino,
+            other.size,
+            other.mtime_ns,
+        )
+
+
+def stamp_or_none(path: Path) -> FileStamp | None:
+    try:
+        return FileStamp.of(path)
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A staged checkpoint: ``path`` (file or tree) and the stamp of every file in it.
+
+    ``files`` maps a path relative to the checkpoint (``""`` for a single file) to its stamp;
+    ``size`` and ``mtime`` are what ``scan_local`` reports for the original (sum of sizes,
+    newest mtime), so the journal's durability check can compare them later.
+    """
+
+    path: Path
+    is_dir: bool
+    files: Mapping[str, FileStamp]
+    copied: bool = False
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.files.values())
+
+    @property
+    def mtime(self) -> float:
+        if not self.files:
+            return os.stat(self.path).st_mtime
+        return max(s.mtime for s in self.files.values())
+
+    def local(self, rel: str) -> Path:
+        return self.path / rel if rel else self.path
+
+    def changed(self) -> list[str]:
+        """Relative paths whose staged file is no longer the stamped version (rewritten in place)."""
+        return [
+            rel
+            for rel, st in self.files.items()
+            if not st.same_content(stamp_or_none(self.local(rel)))
+        ]
+
+    def restamped(self) -> Snapshot:
+        """The same staged files with their current stamps (after an in-place rewrite)."""
+        files = {}
+        for rel in self.files:
+            now = stamp_or_none(self.local(rel))
+            if now is not None:
+                files[rel] = now
+        return Snapshot(self.path, self.is_dir, files, self.copied)
+
+
+class SnapshotError(OSError):
+    """The source changed or vanished while it was being staged."""
+
+
+class StagingArea:
+    """Hard-linked snapshots below ``<root>/.runctl/staging/<token>/<name>``.
+
+    A hard link pins the inode: Lightning deleting the file, or ``os.replace`` of a new
+    ``last.ckpt`` over it, leaves the staged version whole. An in-place rewrite (``open(..., "wb")``)
+    does reach the staged inode; ``Snapshot.changed`` detects it.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); _ = (root / "step_1.pt").write_bytes(b"abc")
+        >>> area = StagingArea(root)
+        >>> staged = area.link_file(root / "step_1.pt", "t1")
+        >>> (root / "step_1.pt").unlink(); staged.read_bytes()
+        b'abc'
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.dir = self.root / STAGING_DIR
+
+    def slot(self, token: str, name: str) -> Path:
+        return self.dir / token / name
+
+    def link_file(self, source: Path, token: str) -> Path | None:
+        """Hard-link ``source`` into the staging area (the caller's thread: one link, no data copied).
+
+        Returns None when this filesystem refuses hard links (the worker copies instead).
+
+        Raises:
+            FileNotFoundError: ``source`` vanished.
+        """
+        dest = self.slot(token, source.name)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, dest)
+        except FileNotFoundError:
+            if not source.exists():
+                raise
+            return None
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return None
+            raise
+        return dest
+
+    def copy_file(self, source: Path, token: str) -> Snapshot:
+        """Copy ``source`` (no hard links here) and make sure the copy is one whole version."""
+        dest = self.slot(token, source.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(_COPY_TRIES):
+            before = FileStamp.of(source)
+            shutil.copy2(source, dest)
+            after = FileStamp.of(source)
+            if before.same_content(after):
+                copied = FileStamp.of(dest)
+                # Keep the original's mtime so the journal's durability check matches the source.
+                return Snapshot(dest, False, {"": _as_source(copied, before)}, copied=True)
+        raise SnapshotError(f"{source} kept changing while it was copied for upload")
+
+    def snapshot_file(self, staged: Path) -> Snapshot:
+        """The snapshot of an already linked file."""
+        return Snapshot(staged, False, {"": FileStamp.of(staged)})
+
+    def snapshot_dir(self, source: Path, token: str) -> Snapshot:
+        """Hard-link (or, across devices, copy) every file of a directory checkpoint (worker thread).
+
+        Raises:
+            FileNotFoundError: the directory is gone.
+            SnapshotError: files vanished or changed while staging (the checkpoint was being
+                deleted or rewritten).
+        """
+        dest = self.slot(token, source.name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        if not source.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "directory checkpoint vanished", str(source))
+        files: dict[str, FileStamp] = {}
+        copied = False
+        for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(source)
+            (dest / rel_dir).mkdir(parents=True, exist_ok=True)
+            for fname in sorted(filenames):
+                src = Path(dirpath) / fname
+                rel = (rel_dir / fname).as_posix()
+                target = dest / rel
+                try:
+                    os.link(src, target)
+                    files[rel] = FileStamp.of(target)
+                    continue
+                except FileNotFoundError:
+                    if os.path.lexists(src) and not src.exists():
+                        continue  # a dangling link is not part of the checkpoint
+                    raise SnapshotError(
+                        f"{src} vanished while {source.name} was being staged"
+                    ) from None
+                except OSError as exc:
+                    if exc.errno not in _NO_LINK:
+                        raise
+                before = FileStamp.of(src)
+                shutil.copy2(src, target)
+                if not before.same_content(stamp_or_none(src)):
+                    raise SnapshotError(
+                        f"{src} changed while {source.name} was being copied for upload"
+                    )
+                files[rel] = _as_source(FileStamp.of(target), before)
+                copied = True
+        if copied:
+            log.info("hard links are not possible for %s: copied it for upload instead", source)
+        return Snapshot(dest, True, files, copied)
+
+    def release(self, token: str) -> None:
+        """Remove one job's staged files (a missing slot is fine)."""
+        shutil.rmtree(self.dir / token, ignore_errors=True)
+
+    def find(self, name: str) -> Path | None:
+        """The newest staged copy of ``name`` (resume after a crash), or None."""
+        if not self.dir.is_dir():
+            return None
+        found = [p for p in self.dir.glob(f"*/{_glob_escape(name)}") if p.exists()]
+        return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+    def tokens(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if p.is_dir())
+
+    def cleanup_orphans(self, keep: set[str]) -> int:
+        """Remove staging slots of dead processes that nobody resumed; return how many went."""
+        removed = 0
+        for token in self.tokens():
+            if token in keep:
+                continue
+            pid = _token_pid(token)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue
+            if pid == os.getpid():
+                continue
+            self.release(token)
+            removed += 1
+        return removed
+
+
+def _as_source(copy: FileStamp, source: FileStamp) -> FileStamp:
+    # A copy's own inode and ctime, with the source's mtime (copy2 preserved it) for the journal.
+    return FileStamp(copy.ino, copy.size, copy.mtime_ns, copy.ctime_ns, source.mtime)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _token_pid(token: str) -> int | None:
+    head = token.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

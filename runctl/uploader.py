@@ -1,0 +1,1312 @@
+"""The background uploader: hand over a checkpoint in a millisecond, get it durable in S3, then prune."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import hashlib
+import itertools
+import logging
+import os
+import queue
+import stat as stat_module
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runctl.checkpoints import (
+    MARKER_NAME,
+    Checkpoint,
+    build_manifest,
+    group_s3,
+    is_alias,
+    is_recognised,
+    parse_step,
+)
+from runctl.config import S3Config, resolve_config, scrub
+from runctl.exceptions import (
+    BinaryNotFoundError,
+    FlushTimeout,
+    JournalError,
+    RunctlError,
+    TransferError,
+    UploadError,
+    UsageError,
+)
+from runctl.journal import Journal
+from runctl.retention import apply_local_retention, apply_s3_retention, check_keep_last_n
+from runctl.retry import RetryPolicy
+from runctl.s3url import S3URL
+from runctl.staging import FileStamp, Snapshot, SnapshotError, StagingArea
+from runctl.transfer import get_transfer
+from runctl.transfer.base import ObjectInfo, Transfer
+
+log = logging.getLogger("runctl.uploader")
+
+FAILURE_POLICIES = ("warn", "raise")
+#: How often flush() logs what it is still waiting for.
+PROGRESS_EVERY = 10.0
+#: The atexit safety net never waits longer than this.
+ATEXIT_TIMEOUT = 600.0
+#: Clock skew allowed when deciding that an object a retry finds already landed in this upload.
+LANDED_SKEW = 5.0
+#: A file rewritten in place during its upload is re-sent at most this many times.
+MAX_REWRITES = 3
+#: ETags are compared with a local MD5 only up to this size (a cheap check on the worker).
+MD5_CHECK_MAX = 64 * 1024 * 1024
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """How one submitted checkpoint ended: ``state`` is "verified" or "skipped".
+
+    Example:
+        >>> UploadOutcome("step_1.pt", "verified", "s3://b/run/step_1.pt", 10, 0.5, 1).state
+        'verified'
+    """
+
+    name: str
+    state: str
+    url: str
+    size: int
+    seconds: float
+    attempts: int
+    detail: str | None = None
+
+
+class UploadHandle:
+    """A future for one submitted checkpoint: ``done()``, ``result(timeout)``, ``exception(timeout)``.
+
+    Example:
+        >>> handle = uploader.submit("checkpoints/step_1.pt")  # doctest: +SKIP
+        >>> handle.result(timeout=60).state  # doctest: +SKIP
+        'verified'
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._event = threading.Event()
+        self._outcome: UploadOutcome | None = None
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        if not self.done():
+            state = "pending"
+        else:
+            state = (
+                "failed"
+                if self._error is not None or self._outcome is None
+                else self._outcome.state
+            )
+        return f"UploadHandle({self.name!r}, {state})"
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def result(self, timeout: float | None = None) -> UploadOutcome:
+        """The outcome; raises the upload's error, or ``FlushTimeout`` if not done in time."""
+        if not self._event.wait(timeout):
+            raise FlushTimeout([self.name])
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The upload's error, or None if it succeeded or was skipped."""
+        if not self._event.wait(timeout):
+            raise FlushTimeout([self.name])
+        return self._error
+
+    def _finish(self, outcome: UploadOutcome | None, error: BaseException | None = None) -> None:
+        self._outcome, self._error = outcome, error
+        self._event.set()
+
+
+@dataclass(frozen=True)
+class UploaderStatus:
+    """Counters for integrations to log.
+
+    Example:
+        >>> s = UploaderStatus(2, 100, 1.0, 100.0, 0, None, 1, 0, 0, ())
+        >>> s.to_dict()["bytes_uploaded"]
+        100.0
+    """
+
+    uploaded: int
+    bytes_uploaded: int
+    seconds: float
+    throughput: float
+    queue_depth: int
+    in_flight: str | None
+    retries: int
+    failures: int
+    skipped: int
+    pending: tuple[str, ...]
+    retention_errors: int = 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "uploaded": float(self.uploaded),
+            "bytes_uploaded": float(self.bytes_uploaded),
+            "seconds": float(self.seconds),
+            "throughput": float(self.throughput),
+            "queue_depth": float(self.queue_depth),
+            "retries": float(self.retries),
+            "failures": float(self.failures),
+            "skipped": float(self.skipped),
+            "pending": float(len(self.pending)),
+            "retention_errors": float(self.retention_errors),
+        }
+
+
+@dataclass(eq=False)
+class _Job:
+    token: str
+    name: str
+    source: Path
+    is_dir: bool
+    step: int | None
+    epoch: int | None
+    queued_at: float
+    stamp: FileStamp | None
+    handle: UploadHandle
+    staged: Path | None = None
+    resumed: bool = False
+    #: A staging slot of an earlier process this job resumes from (released when it ends).
+    adopted: str | None = None
+    cancelled: str | None = None
+    snapshot: Snapshot | None = field(default=None, repr=False)
+
+    def order_key(self) -> tuple[int, int, float]:
+        mtime = self.stamp.mtime if self.stamp else self.queued_at
+        return (
+            -1 if self.step is None else self.step,
+            -1 if self.epoch is None else self.epoch,
+            mtime,
+        )
+
+
+class _Skip(Exception):
+    """End a job without uploading it (superseded, vanished); the reason is logged and counted."""
+
+
+class _Aborted(Exception):
+    """close() gave up waiting: the job stays pending in the journal for the next process."""
+
+
+class _Rewritten(Exception):
+    """The staged file changed during the upload: upload again (not a failure)."""
+
+
+class _JournalWriter:
+    """Writes journal lines on its own thread, in order, so the caller never waits for fsync."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="runctl-journal", daemon=True)
+        self._thread.start()
+
+    def record(self, name: str, state: str, *, wait: bool = False, **fields: Any) -> None:
+        done = threading.Event() if wait else None
+        box: list[BaseException] = []
+        self._queue.put((name, state, fields, done, box))
+        if done is not None:
+            if not done.wait(60.0):
+                raise JournalError(f"journal write of {name} ({state}) did not finish within 60 s")
+            if box:
+                raise box[0]
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            name, state, fields, done, box = item
+            try:
+                self.journal.record(name, state, **fields)
+            except Exception as exc:  # noqa: BLE001 - reported to a waiter, else logged
+                log.error("cannot record %s as %s in the journal: %s", name, state, exc)
+                box.append(exc)
+            finally:
+                if done is not None:
+                    done.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def _positive(value: float | None, argument: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UsageError(f"{argument} must be a number of seconds > 0 or None (got {value!r})")
+
+
+def _count(value: int | None, argument: str, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{argument} must be an integer >= 1 (got {value!r})")
+
+
+def make_transfer(
+    config: S3Config,
+    *,
+    use_s5cmd: bool = True,
+    s5cmd_path: str | None = None,
+    stall_timeout: float | None = None,
+) -> Transfer:
+    """s5cmd with a stall watchdog when available, else boto3 (logged)."""
+    if use_s5cmd:
+        try:
+            return get_transfer(config, s5cmd_path=s5cmd_path, stall_timeout=stall_timeout)
+        except BinaryNotFoundError as exc:
+            log.warning("%s; falling back to boto3", exc)
+    return get_transfer(config, use_s5cmd=False)
+
+
+class CheckpointUploader:
+    """Uploads checkpoints in the background, one at a time in order, then applies keep-last-N.
+
+    ``submit`` costs the caller a stat and a hard link; one worker thread uploads through s5cmd
+    (boto3 fallback), verifies sizes, writes a directory's marker last, records each step in
+    ``<root>/.runctl/journal.jsonl`` and prunes S3 and local copies (local ones only once durable).
+
+    Args:
+        local_root: the directory the framework saves checkpoints in (direct children are submitted).
+        s3_url: the prefix they go to (``s3://bucket/run-7/``).
+        keep_last_n / local_keep_last_n: retention in S3 / locally (None keeps all).
+        failure_policy: "warn" goes on; "raise" makes the next ``submit`` raise ``UploadError``
+            after ``max_consecutive_failures`` failures in a row or a backlog above ``max_backlog``.
+        retry: a ``RetryPolicy``; ``stall_timeout`` stops a transfer with no bytes moving (s5cmd);
+            ``checkpoint_timeout`` abandons one attempt that runs longer and retries it.
+        resume: replay the journal and re-queue what a previous process left pending.
+        transfer: an explicit backend (tests); otherwise built from config/endpoint/profile/region.
+
+    Example:
+        >>> with CheckpointUploader("checkpoints/", "s3://bucket/run-7/", keep_last_n=5) as up:  # doctest: +SKIP
+        ...     up.submit("checkpoints/step_100.pt")
+    """
+
+    def __init__(
+        self,
+        local_root: str | os.PathLike[str],
+        s3_url: str | S3URL,
+        *,
+        keep_last_n: int | None = None,
+        local_keep_last_n: int | None = None,
+        config: S3Config | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        region: str | None = None,
+        use_s5cmd: bool = True,
+        s5cmd_path: str | None = None,
+        patterns: Sequence[str] | None = None,
+        max_queue: int = 64,
+        retry: RetryPolicy | None = None,
+        stall_timeout: float | None = 60.0,
+        checkpoint_timeout: float | None = None,
+        failure_policy: str = "warn",
+        max_consecutive_failures: int = 3,
+        max_backlog: int | None = None,
+        on_uploaded: Callable[[UploadOutcome], None] | None = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
+        resume: bool = True,
+        transfer: Transfer | None = None,
+    ) -> None:
+        root = Path(local_root)
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"local_root must be a directory (got {str(root)!r}, which is a file)")
+        url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
+        check_keep_last_n(keep_last_n, "keep_last_n")
+        check_keep_last_n(local_keep_last_n, "local_keep_last_n")
+        _count(max_queue, "max_queue")
+        _count(max_consecutive_failures, "max_consecutive_failures")
+        _count(max_backlog, "max_backlog", allow_none=True)
+        _positive(stall_timeout, "stall_timeout")
+        _positive(checkpoint_timeout, "checkpoint_timeout")
+        if failure_policy not in FAILURE_POLICIES:
+            raise UsageError(f"failure_policy must be 'warn' or 'raise' (got {failure_policy!r})")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise UsageError(f"retry must be a RetryPolicy or None (got {retry!r})")
+        if patterns is not None:
+            is_recognised("x", patterns)  # a bad pattern fails here, naming itself
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self._root_real = os.path.realpath(root)
+        self.prefix = url.as_prefix()
+        self.keep_last_n = keep_last_n
+        self.local_keep_last_n = local_keep_last_n
+        self.patterns = patterns
+        self.max_queue = max_queue
+        self.retry = retry or RetryPolicy()
+        self.checkpoint_timeout = checkpoint_timeout
+        self.failure_policy = failure_policy
+        self.max_consecutive_failures = max_consecutive_failures
+        self.max_backlog = max_backlog
+        self.on_uploaded = on_uploaded
+        self.on_error = on_error
+
+        self._owns_transfer = transfer is None
+        if transfer is None:
+            config = config or resolve_config(endpoint_url, profile, region)
+            transfer = make_transfer(
+                config, use_s5cmd=use_s5cmd, s5cmd_path=s5cmd_path, stall_timeout=stall_timeout
+            )
+        self.transfer = transfer
+        self.journal = Journal(root)
+        self._journal = _JournalWriter(self.journal)
+        self.staging = StagingArea(root)
+
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._in_flight: _Job | None = None
+        self._pinned: set[str] = set()
+        self._best: str | None = None
+        self._resumed_from: str | None = None
+        self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
+        self._last_failure: tuple[str, BaseException] | None = None
+        self._consecutive = 0
+        self._superseded: dict[str, tuple[int | None, float | None]] = {}
+        self._verified_keys: list[tuple[int, int, float]] = []
+        self._stats: dict[str, float] = {
+            "uploaded": 0,
+            "bytes": 0,
+            "seconds": 0.0,
+            "retries": 0,
+            "failures": 0,
+            "skipped": 0,
+            "retention_errors": 0,
+        }
+        self._inflight_bytes = 0
+        self._stopping = False
+        self._closed = False
+        self._abort = threading.Event()
+        self._timed_out = threading.Event()
+        self._run_retention_first = False
+
+        if resume:
+            self._resume()
+        self._worker = threading.Thread(target=self._work, name="runctl-uploader", daemon=True)
+        self._worker.start()
+        _register_exit_hook(self)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def submit(
+        self, path: str | os.PathLike[str], *, step: int | None = None, protect: bool = False
+    ) -> UploadHandle:
+        """Hand over a checkpoint (file or directory directly inside the root); returns at once.
+
+        The caller's thread only stats it and hard-links a file into ``.runctl/staging/``; the
+        worker does the rest.
+
+        Raises:
+            UsageError: the path does not exist or is not directly inside the root; the uploader is closed.
+            UploadError: with ``failure_policy="raise"``, after too many failures or too large a
+                backlog; it names the checkpoints and the S3 error that caused it.
+
+        Example:
+            >>> handle = up.submit("checkpoints/step_100.pt", step=100)  # doctest: +SKIP
+        """
+        if self._closed:
+            raise UsageError("submit() called after close(): this uploader is closed")
+        src = Path(os.path.abspath(path))
+        if os.path.realpath(src.parent) != self._root_real:
+            raise UsageError(
+                f"submit path must be directly inside the uploader's root {str(self.root)!r} (got {str(path)!r})"
+            )
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise UsageError(f"step must be an integer or None (got {step!r})")
+        self._check_failure_policy()
+        try:
+            st = os.stat(src)
+        except FileNotFoundError:
+            raise UsageError(f"cannot submit {str(path)!r}: it does not exist") from None
+        is_dir = stat_module.S_ISDIR(st.st_mode)
+        name = src.name
+        token = f"{os.getpid()}-{next(_ids)}"
+        staged = None
+        if not is_dir:
+            try:
+                staged = self.staging.link_file(src, token)
+            except FileNotFoundError:
+                raise UsageError(
+                    f"cannot submit {str(path)!r}: it was deleted while submitting"
+                ) from None
+        parsed_step, epoch = parse_step(name)
+        job = _Job(
+            token=token,
+            name=name,
+            source=src,
+            is_dir=is_dir,
+            step=parsed_step if step is None else step,
+            epoch=epoch,
+            queued_at=time.time(),
+            stamp=FileStamp.from_stat(st),
+            handle=UploadHandle(name),
+            staged=staged,
+        )
+        self._journal.record(
+            name,
+            "queued",
+            time=job.queued_at,
+            size=None if is_dir else st.st_size,
+            mtime=st.st_mtime,
+            s3_url=str(self._url_of(name, is_dir)),
+        )
+        with self._cond:
+            if protect:
+                self._pinned.add(name)
+            self._enqueue(job)
+        return job.handle
+
+    def protect(self, name: str) -> None:
+        """Pin a checkpoint name: retention keeps it in S3 and locally."""
+        with self._cond:
+            self._pinned.add(_base(name))
+
+    def unprotect(self, name: str) -> None:
+        with self._cond:
+            self._pinned.discard(_base(name))
+
+    def set_best(self, name: str | None) -> None:
+        """The framework's best checkpoint (protected from retention); None clears it."""
+        with self._cond:
+            self._best = _base(name) if name else None
+
+    def set_resumed_from(self, name: str | None) -> None:
+        """The checkpoint this run resumed from (protected from retention); None clears it."""
+        with self._cond:
+            self._resumed_from = _base(name) if name else None
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every submitted checkpoint is uploaded, skipped or failed.
+
+        Logs progress every ~10 s while it waits.
+
+        Raises:
+            FlushTimeout: ``timeout`` seconds passed; it names what is still pending.
+            UploadError: one error naming every checkpoint that failed since the last flush.
+        """
+        _positive(timeout, "timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_log = time.monotonic() + PROGRESS_EVERY
+        with self._cond:
+            self._prune_queue()
+            while self._queue or self._in_flight is not None:
+                if not self._worker.is_alive():
+                    raise UploadError(
+                        {
+                            n: "the uploader's worker thread is not running"
+                            for n in self._pending_names()
+                        }
+                    )
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    pending = self._pending_names()
+                    log.error(
+                        "flush timed out after %g s with %d pending: %s",
+                        timeout,
+                        len(pending),
+                        ", ".join(pending),
+                    )
+                    raise FlushTimeout(pending, dict(self._failures))
+                if now >= next_log:
+                    self._log_progress()
+                    next_log = now + PROGRESS_EVERY
+                wait = next_log - now if deadline is None else min(deadline - now, next_log - now)
+                self._cond.wait(max(0.01, wait))
+            failures, self._failures = self._failures, {}
+        if failures:
+            errors: dict[str, BaseException | str] = dict(failures)
+            raise UploadError(errors) from next(reversed(failures.values()))
+
+    def close(self, timeout: float | None = None) -> None:
+        """``flush(timeout)``, then stop the worker. Raises like ``flush``; idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout)
+        finally:
+            self._shutdown()
+
+    def status(self) -> UploaderStatus:
+        """The counters so far (cheap; safe from any thread)."""
+        with self._cond:
+            s = self._stats
+            seconds = float(s["seconds"])
+            return UploaderStatus(
+                uploaded=int(s["uploaded"]),
+                bytes_uploaded=int(s["bytes"]),
+                seconds=seconds,
+                throughput=(s["bytes"] / seconds) if seconds > 0 else 0.0,
+                queue_depth=len(self._queue),
+                in_flight=self._in_flight.name if self._in_flight else None,
+                retries=int(s["retries"]),
+                failures=int(s["failures"]),
+                skipped=int(s["skipped"]),
+                pending=tuple(self._pending_names()),
+                retention_errors=int(s["retention_errors"]),
+            )
+
+    def __enter__(self) -> CheckpointUploader:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The block already failed: stop without hiding its error behind ours.
+        try:
+            self.close()
+        except RunctlError as err:
+            log.error("while handling another error, uploads failed: %s", err)
+
+    def __repr__(self) -> str:
+        return f"CheckpointUploader({str(self.root)!r} -> {self.prefix})"
+
+    # -- caller side --------------------------------------------------------------------------
+
+    def _url_of(self, name: str, is_dir: bool) -> S3URL:
+        return self.prefix.join(name + "/") if is_dir else self.prefix.join(name)
+
+    def _pending_names(self) -> list[str]:
+        names = [self._in_flight.name] if self._in_flight else []
+        return names + [j.name for j in self._queue]
+
+    def _check_failure_policy(self) -> None:
+        with self._cond:
+            backlog = len(self._queue) + (1 if self._in_flight else 0)
+            too_many = self._consecutive >= self.max_consecutive_failures
+            too_far = self.max_backlog is not None and backlog > self.max_backlog
+            if not (too_many or too_far):
+                return
+            if too_many:
+                why = f"{self._consecutive} consecutive checkpoint uploads failed"
+            else:
+                why = f"upload backlog {backlog} exceeds max_backlog={self.max_backlog}"
+            if self.failure_policy == "warn":
+                log.warning("%s; training goes on (failure_policy='warn')", why)
+                return
+            failures: dict[str, BaseException | str] = dict(self._failures)
+            if self._last_failure and self._last_failure[0] not in failures:
+                failures[self._last_failure[0]] = self._last_failure[1]
+            if too_far:
+                failures.setdefault("backlog", why)
+            cause = self._last_failure[1] if self._last_failure else None
+        err = UploadError(failures)
+        err.args = (f"{why}: {err}",)
+        raise err from cause
+
+    def _enqueue(self, job: _Job) -> None:
+        for old in list(self._queue):
+            if old.name == job.name:
+                self._cancel(old, f"superseded by a newer submit of {job.name}")
+        self._queue.append(job)
+        self._prune_queue()
+        if len(self._queue) > self.max_queue:
+            log.warning(
+                "upload queue is full (%d checkpoints, max_queue=%d): training waits for the uploader",
+                len(self._queue),
+                self.max_queue,
+            )
+            while (
+                len(self._queue) > self.max_queue
+                and not self._abort.is_set()
+                and self._worker_alive()
+            ):
+                self._cond.wait(1.0)
+                self._prune_queue()
+        self._cond.notify_all()
+
+    def _worker_alive(self) -> bool:
+        worker = getattr(self, "_worker", None)
+        return worker is None or worker.is_alive()
+
+    def _protected(self) -> set[str]:
+        names = set(self._pinned)
+        names.update(n for n in (self._best, self._resumed_from) if n)
+        names.update(self._pending_names())
+        return names
+
+    def _prune_queue(self) -> None:
+        """Skip queued checkpoints that S3 retention would delete anyway (promise 9)."""
+        if self.keep_last_n is None:
+            return
+        protected = set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
+        active = [j for j in self._queue if not is_alias(j.name)]
+        if self._in_flight is not None and not is_alias(self._in_flight.name):
+            active.append(self._in_flight)
+        ranked = sorted(active, key=_Job.order_key)
+        doomed = ranked[: max(0, len(ranked) - self.keep_last_n)]
+        for job in doomed:
+            if job is self._in_flight or job.name in protected:
+                continue
+            if not is_recognised(job.name, self.patterns):
+                continue
+            self._cancel(
+                job,
+                f"retention would delete it anyway ({self.keep_last_n} newer checkpoints queued)",
+            )
+
+    def _cancel(self, job: _Job, reason: str) -> None:
+        # Called with the lock held, for a job still in the queue.
+        self._queue.remove(job)
+        job.cancelled = reason
+        self._stats["skipped"] += 1
+        stamp = job.stamp
+        if not job.is_dir and stamp is not None:
+            self._superseded[job.name] = (stamp.size, stamp.mtime)
+        log.warning("skipping upload of %s: %s", job.name, reason)
+        self._journal.record(job.name, "skipped", detail=reason)
+        self._release(job)
+        job.handle._finish(
+            UploadOutcome(
+                job.name, "skipped", str(self._url_of(job.name, job.is_dir)), 0, 0.0, 0, reason
+            )
+        )
+        self._cond.notify_all()
+
+    def _release(self, job: _Job) -> None:
+        self.staging.release(job.token)
+        if job.adopted:
+            self.staging.release(job.adopted)
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        try:
+            pending = self.journal.pending()
+        except JournalError as exc:
+            log.error("cannot replay the journal, nothing resumed: %s", exc)
+            pending = []
+        keep: set[str] = set()
+        for entry in pending:
+            source = self.root / entry.name
+            if not os.path.lexists(source):
+                staged = self.staging.find(entry.name)
+                if staged is None:
+                    log.warning(
+                        "cannot resume the upload of %s: the local copy is gone", entry.name
+                    )
+                    self._journal.record(
+                        entry.name, "skipped", detail="local copy gone before upload (resume)"
+                    )
+                    continue
+                source = staged
+            try:
+                st = os.stat(source)
+            except OSError as exc:
+                log.warning("cannot resume the upload of %s: %s", entry.name, exc)
+                continue
+            is_dir = source.is_dir()
+            token = f"{os.getpid()}-{next(_ids)}"
+            staged_link = None if is_dir else self.staging.link_file(source, token)
+            adopted = source.parent.name if source.parent.parent == self.staging.dir else None
+            step, epoch = parse_step(entry.name)
+            job = _Job(
+                token,
+                entry.name,
+                source,
+                is_dir,
+                step,
+                epoch,
+                entry.time,
+                FileStamp.from_stat(st),
+                UploadHandle(entry.name),
+                staged_link,
+                resumed=True,
+                adopted=adopted,
+            )
+            keep.add(token)
+            if adopted:
+                keep.add(adopted)
+            self._queue.append(job)
+            log.info("resuming the upload of %s (left pending by an earlier run)", entry.name)
+        removed = self.staging.cleanup_orphans(keep)
+        if removed:
+            log.info("removed %d stale staging slot(s) from an earlier run", removed)
+        self._run_retention_first = (
+            self.keep_last_n is not None or self.local_keep_last_n is not None
+        )
+
+    # -- worker -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        if self._run_retention_first:
+            self._retention(None)
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue or self._abort.is_set():
+                    return
+                job = self._queue.popleft()
+                self._in_flight = job
+                self._inflight_bytes = 0
+                self._cond.notify_all()
+            try:
+                self._process(job)
+            except _Aborted:
+                job.handle._finish(
+                    None,
+                    UploadError(
+                        {
+                            job.name: "abandoned when the uploader closed (still pending in the journal)"
+                        }
+                    ),
+                )
+            except BaseException as exc:  # noqa: BLE001 - every error is reported, never lost
+                self._fail(job, exc)
+            finally:
+                with self._cond:
+                    self._in_flight = None
+                    self._cond.notify_all()
+
+    def _process(self, job: _Job) -> None:
+        started = time.monotonic()
+        url = self._url_of(job.name, job.is_dir)
+        try:
+            snapshot = self._snapshot(job)
+        except _Skip as skip:
+            self._skip(job, str(skip))
+            return
+        job.snapshot = snapshot
+        attempt = 0
+        rewrites = 0
+        while True:
+            attempt += 1
+            if self._abort.is_set():
+                raise _Aborted()
+            try:
+                with self._time_limit(job):
+                    if job.is_dir:
+                        self._upload_dir(job, snapshot, attempt)
+                    else:
+                        self._upload_file(job, snapshot)
+                break
+            except _Rewritten as changed:
+                rewrites += 1
+                if rewrites > MAX_REWRITES:
+                    self._give_up_rewrites(job, url)
+                    return
+                log.warning(
+                    "%s was rewritten during its upload (%s): uploading it again", job.name, changed
+                )
+                snapshot = job.snapshot = snapshot.restamped()
+                attempt -= 1
+                continue
+            except _Skip as skip:
+                self._skip(job, str(skip))
+                return
+            except Exception as exc:
+                if self._abort.is_set():
+                    raise _Aborted() from exc
+                if attempt >= self.retry.attempts or not self.retry.is_retryable(exc):
+                    raise
+                with self._cond:
+                    self._stats["retries"] += 1
+                delay = self.retry.delay(attempt)
+                log.warning(
+                    "upload of %s failed (attempt %d of %d): %s; retrying in %.1f s",
+                    job.name,
+                    attempt,
+                    self.retry.attempts,
+                    _cause_text(exc),
+                    delay,
+                )
+                if self._abort.wait(delay):
+                    raise _Aborted() from exc
+        self._commit(job, snapshot, url, attempt, time.monotonic() - started)
+
+    def _snapshot(self, job: _Job) -> Snapshot:
+        if not job.is_dir:
+            if job.staged is not None:
+                return self.staging.snapshot_file(job.staged)
+            log.info(
+                "cannot hard-link %s into the staging area: copying it for upload instead", job.name
+            )
+            try:
+                snapshot = self.staging.copy_file(job.source, job.token)
+            except FileNotFoundError:
+                raise _Skip(
+                    "the file was deleted before its upload started (no hard link possible)"
+                ) from None
+            except SnapshotError as exc:
+                raise _Skip(str(exc)) from None
+            job.staged = snapshot.path
+            return snapshot
+        for _ in range(2):
+            try:
+                return self.staging.snapshot_dir(job.source, job.token)
+            except FileNotFoundError:
+                raise _Skip("the directory was deleted before its upload started") from None
+            except SnapshotError as exc:
+                log.warning("%s; staging it again", exc)
+        raise _Skip(f"{job.name} kept changing while it was staged")
+
+    @contextmanager
+    def _time_limit(self, job: _Job) -> Iterator[None]:
+        if self.checkpoint_timeout is None:
+            yield
+            return
+        self._timed_out.clear()
+
+        def expire() -> None:
+            self._timed_out.set()
+            log.warning(
+                "upload of %s exceeded checkpoint_timeout=%g s: stopping this attempt",
+                job.name,
+                self.checkpoint_timeout,
+            )
+            try:
+                self.transfer.close()  # kills a running s5cmd; the call below then fails
+            except Exception as exc:  # noqa: BLE001
+                log.debug("closing the transfer after a timeout failed: %s", exc)
+
+        timer = threading.Timer(self.checkpoint_timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except Exception as exc:
+            if self._timed_out.is_set():
+                raise TransferError(
+                    f"upload of {job.name} took longer than checkpoint_timeout={self.checkpoint_timeout:g} s",
+                    code="CheckpointTimeout",
+                ) from exc
+            raise
+        finally:
+            timer.cancel()
+        if self._timed_out.is_set():
+            raise TransferError(
+                f"upload of {job.name} took longer than checkpoint_timeout={self.checkpoint_timeout:g} s",
+                code="CheckpointTimeout",
+            )
+
+    def _progress(self, moved: int) -> None:
+        self._inflight_bytes += moved
+
+    def _upload_file(self, job: _Job, snapshot: Snapshot) -> None:
+        url = self._url_of(job.name, False)
+        staged = snapshot.path
+        if snapshot.changed():
+            raise _Rewritten("changed before the upload began")
+        self.transfer.put_files([(staged, url)], progress=self._progress)
+        info = self.transfer.stat(url)
+        want = snapshot.files[""]
+        if snapshot.changed():
+            raise _Rewritten("changed while it was uploading")
+        if info is None:
+            raise TransferError(
+                f"verifying {url} failed: the object is missing after upload",
+                code="VerifyFailed",
+                url=str(url),
+            )
+        if info.size != want.size:
+            raise TransferError(
+                f"verifying {url} failed: size {info.size} in S3, {want.size} locally",
+                code="VerifyFailed",
+                url=str(url),
+            )
+        etag = (info.etag or "").strip('"')
+        if etag and "-" not in etag and len(etag) == 32 and want.size <= MD5_CHECK_MAX:
+            digest = _md5(staged)
+            if snapshot.changed():
+                raise _Rewritten("changed while it was verified")
+            if digest != etag.lower():
+                raise TransferError(
+                    f"verifying {url} failed: ETag {etag} but the local MD5 is {digest}",
+                    code="VerifyFailed",
+                    url=str(url),
+                )
+        self._journal.record(
+            job.name, "uploaded", size=want.size, mtime=want.mtime, s3_url=str(url)
+        )
+
+    def _list_dir(self, url: S3URL) -> dict[str, ObjectInfo]:
+        found: dict[str, ObjectInfo] = {}
+        for obj in self.transfer.iter_objects(url, recursive=True):
+            if isinstance(obj, ObjectInfo) and obj.key.startswith(url.key):
+                found[obj.key[len(url.key) :]] = obj
+        return found
+
+    def _upload_dir(self, job: _Job, snapshot: Snapshot, attempt: int) -> None:
+        url = self._url_of(job.name, True)
+        marker = url.join(MARKER_NAME)
+        if attempt == 1 and not job.resumed:
+            # An older version under the same name must stop reading as complete before we mix in new files.
+            if self.transfer.stat(marker) is not None:
+                log.info(
+                    "%s already exists in S3: removing its marker before uploading the new version",
+                    job.name,
+                )
+                self.transfer.delete_keys(marker.bucket, [marker.key])
+        todo = dict(snapshot.files)
+        if attempt > 1 or job.resumed:
+            # Re-send only what is missing: same size and written since this version was queued.
+            landed = self._list_dir(url)
+            since = job.queued_at - LANDED_SKEW
+            for rel, st in list(todo.items()):
+                obj = landed.get(rel)
+                if (
+                    obj is not None
+                    and obj.size == st.size
+                    and obj.last_modified.timestamp() >= since
+                ):
+                    del todo[rel]
+            if len(todo) < len(snapshot.files):
+                log.info(
+                    "%s: %d of %d files already in S3, sending the other %d",
+                    job.name,
+                    len(snapshot.files) - len(todo),
+                    len(snapshot.files),
+                    len(todo),
+                )
+        if todo:
+            self.transfer.put_files(
+                [(snapshot.local(rel), url.join(rel)) for rel in sorted(todo)],
+                progress=self._progress,
+            )
+        objects = self._list_dir(url)
+        problems = []
+        for rel, st in sorted(snapshot.files.items()):
+            obj = objects.get(rel)
+            if obj is None:
+                problems.append(f"{rel}: missing")
+            elif obj.size != st.size:
+                problems.append(f"{rel}: size {obj.size} in S3, {st.size} locally")
+        if problems:
+            raise TransferError(
+                f"verifying {url} failed: " + "; ".join(problems[:5]),
+                code="VerifyFailed",
+                url=str(url),
+            )
+        changed = snapshot.changed()
+        if changed:
+            with self._cond:
+                newer = any(j.name == job.name for j in self._queue)
+            if newer:
+                raise _Skip(
+                    f"rewritten during upload ({', '.join(changed[:3])}) and a newer version is queued"
+                )
+            raise _Rewritten(", ".join(changed[:3]))
+        self._journal.record(
+            job.name, "uploaded", size=snapshot.size, mtime=snapshot.mtime, s3_url=str(url)
+        )
+        etags = {rel: objects[rel].etag for rel in snapshot.files if objects[rel].etag}
+        manifest = build_manifest(snapshot.path, job.name, job.step, etags)  # type: ignore[arg-type]
+        missing = set(snapshot.files) - set(manifest.files)
+        if missing:
+            raise _Rewritten(
+                f"files vanished from the staged copy: {', '.join(sorted(missing)[:3])}"
+            )
+        self.transfer.put_bytes(manifest.to_bytes(), marker)
+
+    def _give_up_rewrites(self, job: _Job, url: S3URL) -> None:
+        reason = f"rewritten in place during each of {MAX_REWRITES + 1} upload attempts"
+        if not job.is_dir:
+            # What S3 holds may mix two versions: remove it rather than leave a torn object.
+            try:
+                self.transfer.delete_keys(url.bucket, [url.key])
+            except TransferError as exc:
+                log.error("could not remove the possibly torn %s: %s", url, exc)
+        self._skip(job, reason)
+
+    def _commit(
+        self, job: _Job, snapshot: Snapshot, url: S3URL, attempts: int, seconds: float
+    ) -> None:
+        self._journal.record(
+            job.name,
+            "verified",
+            wait=True,
+            size=snapshot.size,
+            mtime=snapshot.mtime,
+            s3_url=str(url),
+        )
+        outcome = UploadOutcome(job.name, "verified", str(url), snapshot.size, seconds, attempts)
+        with self._cond:
+            self._stats["uploaded"] += 1
+            self._stats["bytes"] += snapshot.size
+            self._stats["seconds"] += seconds
+            self._consecutive = 0
+            self._superseded.pop(job.name, None)
+            self._verified_keys.append(job.order_key())
+        log.info(
+            "uploaded %s (%d bytes in %.1f s, %d attempt(s))", url, snapshot.size, seconds, attempts
+        )
+        self._release(job)
+        job.handle._finish(outcome)
+        if self.on_uploaded is not None:
+            try:
+                self.on_uploaded(outcome)
+            except Exception as exc:  # noqa: BLE001 - a user callback must not kill the worker
+                log.error("on_uploaded callback failed for %s: %s", job.name, exc)
+        self._retention(job)
+
+    def _skip(self, job: _Job, reason: str) -> None:
+        with self._cond:
+            self._stats["skipped"] += 1
+            if not job.is_dir and job.stamp is not None:
+                self._superseded[job.name] = (job.stamp.size, job.stamp.mtime)
+        log.warning("skipping upload of %s: %s", job.name, reason)
+        self._journal.record(job.name, "skipped", detail=reason)
+        self._release(job)
+        job.handle._finish(
+            UploadOutcome(
+                job.name, "skipped", str(self._url_of(job.name, job.is_dir)), 0, 0.0, 0, reason
+            )
+        )
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        text = _cause_text(exc)
+        with self._cond:
+            self._stats["failures"] += 1
+            self._consecutive += 1
+            self._failures[job.name] = exc
+            self._last_failure = (job.name, exc)
+        log.error(
+            "upload of %s to %s failed: %s", job.name, self._url_of(job.name, job.is_dir), text
+        )
+        self._journal.record(job.name, "failed", detail=scrub(text)[:500])
+        self._release(job)
+        job.handle._finish(None, exc)
+        if self.on_error is not None:
+            try:
+                self.on_error(job.name, exc)
+            except Exception as cb_exc:  # noqa: BLE001
+                log.error("on_error callback failed for %s: %s", job.name, cb_exc)
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def _retention(self, job: _Job | None) -> None:
+        with self._cond:
+            protected = self._protected()
+        if job is not None:
+            protected.add(job.name)
+        if self.keep_last_n is not None:
+            try:
+                plan = apply_s3_retention(
+                    self.transfer,
+                    self.prefix,
+                    self.keep_last_n,
+                    protected=protected,
+                    patterns=self.patterns,
+                )
+                for cp in plan.delete:
+                    self._journal.record(
+                        cp.name,
+                        "deleted_s3",
+                        size=cp.size,
+                        s3_url=str(self._url_of(cp.name, cp.is_dir)),
+                    )
+            except Exception as exc:  # noqa: BLE001 - retention failing must not stop uploads
+                self._retention_failed("S3", exc)
+        if self.local_keep_last_n is not None:
+            try:
+                check = self.journal.durability_check()
+
+                def durable(cp: Checkpoint) -> bool:
+                    return check(cp.name, cp.size, cp.mtime) or self._superseded_and_covered(cp)
+
+                apply_local_retention(
+                    self.root,
+                    self.local_keep_last_n,
+                    protected=protected,
+                    is_durable=durable,
+                    patterns=self.patterns,
+                )
+            except Exception as exc:  # noqa: BLE001
+                self._retention_failed("local", exc)
+
+    def _superseded_and_covered(self, cp: Checkpoint) -> bool:
+        # A checkpoint skipped because retention would delete it anyway may go locally once a
+        # newer one is durable: otherwise disk would grow without bound (promise 9).
+        with self._cond:
+            seen = self._superseded.get(cp.name)
+            if seen is None or cp.is_dir or (seen[0], seen[1]) != (cp.size, cp.mtime):
+                return False
+            key = (
+                -1 if cp.step is None else cp.step,
+                -1 if cp.epoch is None else cp.epoch,
+                cp.mtime,
+            )
+            return any(v > key for v in self._verified_keys)
+
+    def _retention_failed(self, where: str, exc: BaseException) -> None:
+        with self._cond:
+            self._stats["retention_errors"] += 1
+        log.warning("%s retention failed (uploads go on): %s", where, _cause_text(exc))
+        if self.on_error is not None:
+            try:
+                self.on_error(f"retention ({where})", exc)
+            except Exception as cb_exc:  # noqa: BLE001
+                log.error("on_error callback failed: %s", cb_exc)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _log_progress(self) -> None:
+        pending = self._pending_names()
+        current = self._in_flight
+        moving = f"; {current.name}: {self._inflight_bytes} bytes sent" if current else ""
+        log.info(
+            "waiting for %d upload(s) to finish: %s%s",
+            len(pending),
+            ", ".join(pending[:10]),
+            moving,
+        )
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            busy = bool(self._queue) or self._in_flight is not None
+            if busy:
+                # flush gave up: stop now; the journal keeps these pending for the next process.
+                self._abort.set()
+            self._cond.notify_all()
+        if busy:
+            try:
+                self.transfer.close()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("closing the transfer failed: %s", exc)
+        self._worker.join(30.0)
+        if self._worker.is_alive():
+            log.error("the uploader's worker did not stop within 30 s")
+        with self._cond:
+            left, self._queue = list(self._queue), collections.deque()
+        for job in left:
+            job.handle._finish(
+                None,
+                UploadError({job.name: "not uploaded before close (still pending in the journal)"}),
+            )
+        self._journal.close()
+        if self._owns_transfer:
+            try:
+                self.transfer.close()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("closing the transfer failed: %s", exc)
+
+    def _atexit(self) -> None:
+        if self._closed:
+            return
+        log.warning(
+            "the uploader was not closed: flushing pending uploads at exit (up to %g s)",
+            ATEXIT_TIMEOUT,
+        )
+        try:
+            self.close(timeout=ATEXIT_TIMEOUT)
+        except RunctlError as exc:
+            log.error("uploads did not all finish at exit: %s", exc)
+
+
+def _register_exit_hook(uploader: CheckpointUploader) -> None:
+    """Flush at exit, before thread pools refuse work (so a boto3 upload can still run).
+
+    ``threading._register_atexit`` hooks run (newest first) before ``concurrent.futures`` shuts
+    its executors and before ``atexit`` handlers, which would be too late for boto3.
+    """
+    import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
+
+    ref = weakref.ref(uploader)
+
+    def hook() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._atexit()
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading exit hooks")
+        register(hook)
+    except RuntimeError:
+        atexit.register(hook)
+
+
+def _base(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _cause_text(exc: BaseException) -> str:
+    text = scrub(str(exc)) or type(exc).__name__
+    code = getattr(exc, "code", None)
+    if code and code not in text:
+        text = f"{text} ({code})"
+    return text
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latest_checkpoint(
+    s3_url: str | S3URL,
+    dest: str | os.PathLike[str],
+    *,
+    config: S3Config | None = None,
+    use_s5cmd: bool = True,
+    treat_unmarked_complete: bool = False,
+    transfer: Transfer | None = None,
+) -> Path | None:
+    """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
+
+    A directory checkpoint counts only with a valid marker (unless ``treat_unmarked_complete``).
+    Downloads are atomic and contained in ``dest``.
+
+    Example:
+        >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
+        >>> path.name  # doctest: +SKIP
+        'step_900.pt'
+    """
+    url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
+    prefix = url.as_prefix()
+    owns = transfer is None
+    if transfer is None:
+        transfer = make_transfer(config or resolve_config(), use_s5cmd=use_s5cmd)
+    try:
+        from runctl.transfer.ops import download_objects
+
+        objects = [
+            o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)
+        ]
+        grouped = group_s3(
+            objects,
+            prefix,
+            treat_unmarked_complete=treat_unmarked_complete,
+            read_marker=lambda key: transfer.get_bytes(S3URL(prefix.bucket, key)),
+        )
+        complete = [c for c in grouped.checkpoints if c.complete]
+        if not complete:
+            log.info("no complete checkpoint under %s", prefix)
+            return None
+        newest = complete[-1]
+        wanted = set(newest.files)
+        chosen = [o for o in objects if o.key in wanted]
+        dest_dir = Path(dest)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        download_objects(transfer, chosen, prefix, dest_dir)
+        log.info(
+            "downloaded %s (%d file(s)) from %s to %s", newest.name, len(chosen), prefix, dest_dir
+        )
+        return dest_dir / newest.name
+    finally:
+        if owns:
+            transfer.close()

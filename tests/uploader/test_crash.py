@@ -1,0 +1,104 @@
+"""Crash safety with a real child process: SIGKILL mid-upload, then a new uploader resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.checkpoints import MARKER_NAME
+from runctl.journal import Journal
+from runctl.s3url import S3URL
+from runctl.uploader import CheckpointUploader, latest_checkpoint
+from tests.servers import S3Server
+from tests.uploader.conftest import FAST_RETRY, Wrapped, keys_under, write
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child(server: S3Server, root: Path, url: S3URL, mode: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, **server.env(), PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.uploader._child", str(root), str(url), mode],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_resume_after_sigkill_mid_upload(
+    root: Path, moto_server: S3Server, moto_bucket: S3URL, boto_transfer: object, backend: str
+) -> None:
+    shards = {f"shard_{i}.bin": os.urandom(300_000) for i in range(4)}
+    for rel, data in shards.items():
+        write(root / "checkpoint-1" / rel, data)
+    step2, step3 = os.urandom(500_000), os.urandom(2_000_000)
+    write(root / "step_2.pt", step2)
+    write(root / "step_3.pt", step3)
+    url = moto_bucket.join("run/")
+
+    proc = child(moto_server, root, url, f"hang-{backend}")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "PARTIAL"
+        journal = Journal(root)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pending = {e.name for e in journal.pending()}
+            if (
+                pending == {"checkpoint-1", "step_2.pt", "step_3.pt"}
+                and not (root / "step_2.pt").exists()
+            ):
+                break
+            time.sleep(0.05)
+        assert pending == {"checkpoint-1", "step_2.pt", "step_3.pt"}
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    # Half a directory landed, without its marker: readers do not see it.
+    half = keys_under(boto_transfer, url.join("checkpoint-1/"))
+    assert len(half) == 2 and MARKER_NAME not in half
+
+    wrapped = Wrapped(boto_transfer)
+    with CheckpointUploader(root, url, transfer=wrapped, keep_last_n=3, retry=FAST_RETRY) as up:  # type: ignore[arg-type]
+        up.flush(timeout=60)
+        status = up.status()
+    assert status.uploaded == 3 and status.failures == 0
+    landed = keys_under(boto_transfer, url)
+    assert set(landed) == {f"checkpoint-1/{r}" for r in shards} | {
+        f"checkpoint-1/{MARKER_NAME}",
+        "step_2.pt",
+        "step_3.pt",
+    }
+    # Only what was missing went again.
+    dir_puts = [c[1] for c in wrapped.calls if c[0] == "put_files" and "checkpoint-1" in c[1][0]]
+    assert [len(p) for p in dir_puts] == [2]
+    got = latest_checkpoint(url, root.parent / "restore", transfer=boto_transfer)  # type: ignore[arg-type]
+    assert got is not None and got.read_bytes() == step3
+    assert boto_transfer.get_bytes(url.join("step_2.pt")) == step2  # type: ignore[attr-defined]
+    assert all(
+        boto_transfer.get_bytes(url.join(f"checkpoint-1/{r}")) == d for r, d in shards.items()
+    )  # type: ignore[attr-defined]
+    assert Journal(root).pending() == []
+    assert list((root / ".runctl" / "staging").iterdir()) == []
+
+
+def test_atexit_flushes_an_uploader_nobody_closed(
+    root: Path, moto_server: S3Server, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    data = os.urandom(100_000)
+    write(root / "step_7.pt", data)
+    url = moto_bucket.join("run/")
+    proc = child(moto_server, root, url, "exit-boto3")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert boto_transfer.get_bytes(url.join("step_7.pt")) == data  # type: ignore[attr-defined]

@@ -1,0 +1,437 @@
+"""The uploader's promises, each against a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.checkpoints import MARKER_NAME, Manifest
+from runctl.exceptions import (
+    FlushTimeout,
+    PartialTransferError,
+    TransferError,
+    UploadError,
+    UsageError,
+)
+from runctl.journal import Journal
+from runctl.retry import RetryPolicy
+from runctl.s3url import S3URL
+from runctl.uploader import CheckpointUploader, latest_checkpoint
+from tests.servers import start_rclone
+from tests.uploader.conftest import FAST_RETRY, Gate, Wrapped, keys_under, write
+
+MiB = 1024 * 1024
+
+
+def uploader(root: Path, url: S3URL, transfer: object, **kwargs: object) -> CheckpointUploader:
+    kwargs.setdefault("retry", FAST_RETRY)
+    return CheckpointUploader(root, url.join("run/"), transfer=transfer, **kwargs)  # type: ignore[arg-type]
+
+
+# -- promise 1: no stall ----------------------------------------------------------------------
+
+
+def test_submit_of_1gib_returns_in_milliseconds(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)  # the upload starts but never finishes: we time only submit()
+    up = uploader(root, moto_bucket, wrapped)
+    times = []
+    try:
+        for i in range(5):
+            path = root / f"step_{i}.pt"
+            with open(path, "wb") as fh:
+                fh.truncate(1024 * MiB)  # sparse: 1 GiB in no time
+            start = time.perf_counter()
+            handle = up.submit(path)
+            times.append(time.perf_counter() - start)
+            assert not handle.done()
+        assert gate.entered.wait(10), "the worker should be uploading while submit has returned"
+        assert statistics.median(times) < 0.05, times
+        assert up.status().in_flight == "step_0.pt"
+    finally:
+        with pytest.raises(FlushTimeout):
+            up.close(timeout=0.3)
+    # Nothing was lost: every submitted checkpoint is still pending in the journal for a resume.
+    assert {e.name for e in Journal(root).pending()} >= {f"step_{i}.pt" for i in range(1, 5)}
+
+
+# -- promise 2: durable before delete -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_local_checkpoints_accumulate_while_s3_is_down(
+    tmp_path: Path, root: Path, backend: str
+) -> None:
+    from runctl.transfer import get_transfer
+
+    server = start_rclone(tmp_path / "rclone")
+    try:
+        url = S3URL(server.new_bucket())
+        transfer = get_transfer(server.config(), use_s5cmd=backend == "s5cmd")
+        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+        up = uploader(
+            root, url, transfer, keep_last_n=5, local_keep_last_n=1, retry=retry, stall_timeout=5
+        )
+        write(root / "step_0.pt", b"zero")
+        up.submit(root / "step_0.pt").result(30)
+        server.stop()
+        for i in range(1, 4):
+            write(root / f"step_{i}.pt", b"x" * i)
+            up.submit(root / f"step_{i}.pt")
+        with pytest.raises(UploadError) as info:
+            up.flush(timeout=120)
+        assert all(f"step_{i}.pt" in str(info.value) for i in range(1, 4))
+        # Not durable, so not deleted: every checkpoint is still on disk.
+        assert sorted(p.name for p in root.glob("step_*")) == [f"step_{i}.pt" for i in range(4)]
+
+        server.start()
+        write(root / "step_4.pt", b"four")
+        up.submit(root / "step_4.pt").result(60)
+        up.close(timeout=60)
+        names = sorted(p.name for p in root.glob("step_*"))
+        # step_0 was durable and is older than the newest: it goes; the failed ones stay.
+        assert names == ["step_1.pt", "step_2.pt", "step_3.pt", "step_4.pt"]
+        transfer.close()
+    finally:
+        server.stop()
+
+
+# -- promise 3: no torn objects ------------------------------------------------------------------
+
+
+def test_deleted_right_after_submit_still_lands_whole(
+    root: Path, bucket: S3URL, transfer: object
+) -> None:
+    data = os.urandom(256 * 1024)
+    up = uploader(root, bucket, transfer)
+    path = write(root / "epoch=0-step=10.ckpt", data)
+    handle = up.submit(path)
+    path.unlink()  # Lightning's top-k removal
+    assert handle.result(60).state == "verified"
+    up.close(timeout=60)
+    assert transfer.get_bytes(bucket.join("run/epoch=0-step=10.ckpt")) == data  # type: ignore[attr-defined]
+    assert not any((root / ".runctl" / "staging").rglob("*.ckpt")), "staging is cleaned up"
+
+
+def test_rewrite_or_delete_while_queued_uploads_the_submitted_version(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    old, new = b"A" * 100_000, b"B" * 50_000
+    up.submit(write(root / "step_0.pt", b"0"))
+    gate.entered.wait(10)  # the worker is busy: what follows waits in the queue
+    write(root / "last.ckpt", old)
+    handle = up.submit(root / "last.ckpt")
+    doomed = up.submit(write(root / "epoch=1-step=5.ckpt", b"C" * 1000))
+    write(root / "last.ckpt.tmp", new)
+    os.replace(root / "last.ckpt.tmp", root / "last.ckpt")  # atomic rewrite while queued
+    (root / "epoch=1-step=5.ckpt").unlink()  # top-k removal while queued
+    gate.open()
+    handle.result(30)
+    assert doomed.result(30).state == "verified"
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/last.ckpt")) == old  # type: ignore[attr-defined]
+    assert boto_transfer.get_bytes(moto_bucket.join("run/epoch=1-step=5.ckpt")) == b"C" * 1000  # type: ignore[attr-defined]
+    # The local file is a different version now: it is not durable.
+    st = (root / "last.ckpt").stat()
+    assert not Journal(root).is_durable("last.ckpt", st.st_size, st.st_mtime)
+
+
+def test_in_place_rewrite_during_upload_is_sent_again_never_mixed(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    old, new = b"A" * 200_000, b"B" * 200_000
+    path = write(root / "last.ckpt", old)
+    wrapped = Wrapped(boto_transfer)
+    url = moto_bucket.join("run/last.ckpt")
+
+    def tear(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if count == 1:
+            # What a streaming reader sees when the file is rewritten in place halfway through.
+            half = pairs[0][0].read_bytes()[:100_000]
+            with open(path, "r+b") as fh:  # same inode: reaches the staged hard link too
+                fh.write(new)
+            os.utime(path, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+            boto_transfer.put_bytes(half + new[100_000:], url)  # type: ignore[attr-defined]
+
+    wrapped.before_put = tear
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(path).result(30)
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(url) == new  # type: ignore[attr-defined]
+    assert wrapped.put_count == 2
+
+
+# -- promise 4: directory checkpoints, marker last ----------------------------------------------
+
+
+def test_directory_checkpoint_files_first_marker_last(
+    root: Path, bucket: S3URL, transfer: object
+) -> None:
+    wrapped = Wrapped(transfer)
+    ckpt = root / "checkpoint-500"
+    files = {
+        "model.safetensors": os.urandom(70_000),
+        "optimizer.pt": os.urandom(30_000),
+        "sub/rng.pth": b"r",
+    }
+    for rel, data in files.items():
+        write(ckpt / rel, data)
+    up = uploader(root, bucket, wrapped)
+    up.submit(ckpt, step=500).result(60)
+    up.close(timeout=60)
+
+    marker = str(bucket.join(f"run/checkpoint-500/{MARKER_NAME}"))
+    order = [c for c in wrapped.calls if c[0] in ("put_files", "put_bytes")]
+    assert order[-1] == ("put_bytes", marker), order
+    put = {u for c in order[:-1] for u in c[1]}
+    assert put == {str(bucket.join(f"run/checkpoint-500/{rel}")) for rel in files}
+    manifest = Manifest.from_bytes(transfer.get_bytes(S3URL.parse(marker)))  # type: ignore[attr-defined]
+    assert {rel: e.size for rel, e in manifest.files.items()} == {
+        r: len(d) for r, d in files.items()
+    }
+    assert manifest.step == 500
+
+    got = latest_checkpoint(bucket.join("run/"), root.parent / "restore", transfer=transfer)  # type: ignore[arg-type]
+    assert got is not None and got.name == "checkpoint-500"
+    assert {rel: (got / rel).read_bytes() for rel in files} == files
+
+
+def test_latest_checkpoint_ignores_a_directory_without_marker(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    prefix = moto_bucket.join("run/")
+    assert latest_checkpoint(prefix, root / "r0", transfer=boto_transfer) is None  # type: ignore[arg-type]
+    boto_transfer.put_bytes(b"old", prefix.join("step_5.pt"))  # type: ignore[attr-defined]
+    boto_transfer.put_bytes(b"half", prefix.join("step-9/model.bin"))  # type: ignore[attr-defined]
+    got = latest_checkpoint(prefix, root / "r1", transfer=boto_transfer)  # type: ignore[arg-type]
+    assert got == root / "r1" / "step_5.pt" and got.read_bytes() == b"old"
+
+
+# -- retention and protection --------------------------------------------------------------------
+
+
+def test_retention_keeps_last_n_plus_best_and_resumed_from(
+    root: Path, bucket: S3URL, transfer: object
+) -> None:
+    up = uploader(root, bucket, transfer, keep_last_n=2, local_keep_last_n=1)
+    up.set_best("step_1.pt")
+    up.set_resumed_from("step_2.pt")
+    for i in range(1, 7):
+        write(root / f"step_{i}.pt", b"%d" % i)
+        up.submit(root / f"step_{i}.pt").result(60)
+    up.close(timeout=60)
+    in_s3 = sorted(keys_under(transfer, bucket.join("run/")))
+    assert in_s3 == ["step_1.pt", "step_2.pt", "step_5.pt", "step_6.pt"]
+    # Locally: everything durable and old is gone, except the protected ones.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1.pt", "step_2.pt", "step_6.pt"]
+    deleted = {e.name for e in Journal(root).replay().values() if e.state == "deleted_s3"}
+    assert deleted == {"step_3.pt", "step_4.pt"}
+
+
+# -- promise 9: backpressure ------------------------------------------------------------------------
+
+
+def test_queued_checkpoints_retention_would_delete_are_skipped(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped, keep_last_n=2, local_keep_last_n=2)
+    handles = {}
+    for i in range(1, 7):
+        handles[i] = up.submit(write(root / f"step_{i}.pt", b"x" * i))
+        if i == 1:
+            assert gate.entered.wait(10)
+    # step_1 is uploading; of the queued ones only the newest 2 survive retention anyway.
+    assert [handles[i].result(1).state for i in (2, 3, 4)] == ["skipped"] * 3
+    assert up.status().skipped == 3 and up.status().queue_depth == 2
+    gate.open()
+    up.close(timeout=30)
+    assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_5.pt", "step_6.pt"]
+    assert [p.name for p in (root / ".runctl" / "staging").rglob("*.pt")] == []
+    # Disk stays bounded: skipped ones go locally once newer ones are durable.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_5.pt", "step_6.pt"]
+
+
+def test_a_newer_submit_of_the_same_name_supersedes_the_queued_one(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_1.pt", b"1"))
+    gate.entered.wait(10)
+    first = up.submit(write(root / "last.ckpt", b"old"))
+    write(root / "last.tmp", b"new")
+    os.replace(root / "last.tmp", root / "last.ckpt")
+    second = up.submit(root / "last.ckpt")
+    assert first.result(1).state == "skipped"
+    gate.open()
+    assert second.result(30).state == "verified"
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/last.ckpt")) == b"new"  # type: ignore[attr-defined]
+
+
+# -- errors, retries, failure policy ------------------------------------------------------------------
+
+
+def test_failure_policy_raise_at_next_submit_with_the_root_cause(
+    root: Path, s3_server, transfer: object
+) -> None:  # noqa: ANN001
+    missing = S3URL("no-such-bucket-" + os.urandom(4).hex())
+    errors: list[tuple[str, BaseException]] = []
+    up = uploader(
+        root,
+        missing,
+        transfer,
+        failure_policy="raise",
+        max_consecutive_failures=2,
+        on_error=lambda name, exc: errors.append((name, exc)),
+    )
+    for i in range(2):
+        handle = up.submit(write(root / f"step_{i}.pt", b"x"))
+        assert isinstance(handle.exception(60), TransferError)
+    with pytest.raises(UploadError) as info:
+        up.submit(write(root / "step_2.pt", b"x"))
+    assert "NoSuchBucket" in str(info.value)
+    assert "step_1.pt" in str(info.value)
+    assert up.status().retries == 0, "a missing bucket is not retried"
+    assert [name for name, _ in errors] == ["step_0.pt", "step_1.pt"]
+    with pytest.raises(UploadError) as final:
+        up.close(timeout=30)
+    assert "step_0.pt" in str(final.value) and "step_1.pt" in str(final.value)
+
+
+def test_transient_failure_is_retried_and_not_reported(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+
+    def flaky(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if count == 1:
+            raise TransferError(
+                "We encountered an internal error. Please try again.", code="InternalError"
+            )
+
+    wrapped.before_put = flaky
+    errors: list[str] = []
+    up = uploader(root, moto_bucket, wrapped, on_error=lambda n, e: errors.append(n))
+    outcome = up.submit(write(root / "step_1.pt", b"data")).result(30)
+    up.close(timeout=30)  # does not raise
+    assert outcome.attempts == 2
+    status = up.status()
+    assert (status.retries, status.failures, status.uploaded) == (1, 0, 1)
+    assert errors == []
+
+
+def test_a_retry_resends_only_the_missing_files(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    ckpt = root / "step-100"
+    for i in range(4):
+        write(ckpt / f"shard_{i}.bin", bytes([i]) * 1000)
+
+    def half_then_fail(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if count == 1:
+            boto_transfer.put_files(pairs[:2])  # type: ignore[attr-defined]
+            raise PartialTransferError("connection reset", {str(u): "reset" for _, u in pairs[2:]})
+
+    wrapped.before_put = half_then_fail
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(ckpt).result(30)
+    up.close(timeout=30)
+    puts = [c[1] for c in wrapped.calls if c[0] == "put_files"]
+    assert [len(p) for p in puts] == [4, 2]
+    assert all("shard_2" in u or "shard_3" in u for u in puts[1])
+    assert MARKER_NAME in keys_under(boto_transfer, moto_bucket.join("run/step-100/"))
+
+
+def test_checkpoint_timeout_abandons_a_stuck_attempt_and_retries(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+
+    def stuck_once(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if count == 1:
+            gate._wait(count, pairs)  # hangs until the uploader closes the transfer
+        else:
+            gate.open()
+
+    wrapped.before_put = stuck_once
+    up = uploader(root, moto_bucket, wrapped, checkpoint_timeout=3.0)
+    start = time.monotonic()
+    outcome = up.submit(write(root / "step_1.pt", b"data")).result(30)
+    up.close(timeout=30)
+    assert outcome.attempts == 2 and up.status().retries == 1
+    assert 2.9 < time.monotonic() - start < 20
+
+
+def test_flush_timeout_is_bounded_and_names_pending(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    wrapped = Wrapped(boto_transfer)
+    Gate(wrapped)  # never opens
+    up = uploader(root, moto_bucket, wrapped)
+    for i in range(3):
+        up.submit(write(root / f"step_{i}.pt", b"x"))
+    start = time.monotonic()
+    with pytest.raises(FlushTimeout) as info:
+        up.flush(timeout=0.5)
+    assert time.monotonic() - start < 3
+    assert info.value.pending == ["step_0.pt", "step_1.pt", "step_2.pt"]
+    start = time.monotonic()
+    with pytest.raises(FlushTimeout):
+        up.close(timeout=0.3)
+    assert time.monotonic() - start < 10
+    assert not up._worker.is_alive()
+
+
+def test_submit_validates_its_argument(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, tmp_path: Path
+) -> None:
+    with uploader(root, moto_bucket, boto_transfer) as up:
+        with pytest.raises(UsageError, match="does not exist"):
+            up.submit(root / "step_404.pt")
+        with pytest.raises(UsageError, match="directly inside"):
+            up.submit(write(tmp_path / "elsewhere" / "step_1.pt", b"x"))
+    with pytest.raises(UsageError, match="failure_policy"):
+        CheckpointUploader(root, "s3://bkt/run/", failure_policy="explode", transfer=boto_transfer)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="keep_last_n"):
+        CheckpointUploader(root, "s3://bkt/run/", keep_last_n=0, transfer=boto_transfer)  # type: ignore[arg-type]
+
+
+def test_status_counts_bytes_and_journal_records_the_life(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    with uploader(root, moto_bucket, boto_transfer) as up:
+        up.submit(write(root / "step_1.pt", b"x" * 1234)).result(30)
+        status = up.status()
+    assert (status.uploaded, status.bytes_uploaded, status.queue_depth) == (1, 1234, 0)
+    assert status.to_dict()["bytes_uploaded"] == 1234.0
+    lines = [json.loads(x) for x in (root / ".runctl" / "journal.jsonl").read_text().splitlines()]
+    assert [x["state"] for x in lines if x["name"] == "step_1.pt"] == [
+        "queued",
+        "uploaded",
+        "verified",
+    ]
+
+
+def test_threads_are_not_left_behind(root: Path, moto_bucket: S3URL, boto_transfer: object) -> None:
+    before = {t.name for t in threading.enumerate()}
+    with uploader(root, moto_bucket, boto_transfer) as up:
+        up.submit(write(root / "step_1.pt", b"x"))
+    after = {t.name for t in threading.enumerate()} - before
+    assert not {n for n in after if n.startswith("runctl-")}
