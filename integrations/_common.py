@@ -1,0 +1,192 @@
+"""What the framework integrations share: options, building the uploader, ending it, its metrics."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from runctl.exceptions import RunctlError, UsageError
+from runctl.s3url import S3URL
+
+if TYPE_CHECKING:
+    from runctl.config import S3Config
+    from runctl.uploader import CheckpointUploader
+
+log = logging.getLogger("runctl.integrations")
+
+#: Environment variables read when an argument is omitted.
+ENV_S3_URL = "RUNCTL_S3_URL"
+ENV_CHECKPOINT_DIR = "RUNCTL_CHECKPOINT_DIR"
+
+ON_UPLOAD_ERROR = ("raise", "warn")
+METRIC_PREFIX = "runctl/"
+#: Seconds close() may still wait once a flush already failed or timed out.
+CLOSE_AFTER_ERROR = 1.0
+
+
+class UploadWarning(UserWarning):
+    """Uploads failed or were still pending at the end, and the integration was told to warn."""
+
+
+def require(module: str, extra: str, *, install: str | None = None) -> ModuleType:
+    """Import ``module`` or raise ImportError that names the extra (or ``install`` spec) to install.
+
+    Example:
+        >>> require("json", "demo").__name__
+        'json'
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{module} is not installed; install it with: pip install '{install or f'runctl[{extra}]'}'"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    """Where and how an integration uploads; validated once, in the integration's constructor.
+
+    Example:
+        >>> opts = UploadOptions.build("s3://bucket/run-1", keep_last_n=3)
+        >>> str(opts.s3_url), opts.keep_last_n
+        ('s3://bucket/run-1/', 3)
+    """
+
+    s3_url: S3URL | None
+    keep_last_n: int | None = None
+    local_keep_last_n: int | None = None
+    endpoint_url: str | None = None
+    profile: str | None = None
+    region: str | None = None
+    config: S3Config | None = None
+    use_s5cmd: bool = True
+    wait_for_uploads: bool = True
+    flush_timeout: float | None = 600.0
+    on_upload_error: str = "raise"
+    uploader_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        s3_url: str | S3URL | None = None,
+        *,
+        keep_last_n: int | None = None,
+        local_keep_last_n: int | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        region: str | None = None,
+        config: S3Config | None = None,
+        use_s5cmd: bool = True,
+        wait_for_uploads: bool = True,
+        flush_timeout: float | None = 600.0,
+        on_upload_error: str = "raise",
+        uploader_options: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> UploadOptions:
+        """Validate every argument (naming the one that is wrong); ``s3_url`` falls back to $RUNCTL_S3_URL."""
+        env = os.environ if env is None else env
+        if s3_url is None and env.get(ENV_S3_URL):
+            s3_url = env[ENV_S3_URL]
+        url = None
+        if s3_url is not None:
+            url = (s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))).as_prefix()
+        for name, value in (("keep_last_n", keep_last_n), ("local_keep_last_n", local_keep_last_n)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise UsageError(f"{name} must be a whole number >= 1 or None, got {value!r}")
+        if on_upload_error not in ON_UPLOAD_ERROR:
+            raise UsageError(f"on_upload_error must be 'raise' or 'warn', got {on_upload_error!r}")
+        if flush_timeout is not None and flush_timeout <= 0:
+            raise UsageError(f"flush_timeout must be > 0 seconds or None, got {flush_timeout!r}")
+        return cls(
+            s3_url=url,
+            keep_last_n=keep_last_n,
+            local_keep_last_n=local_keep_last_n,
+            endpoint_url=endpoint_url,
+            profile=profile,
+            region=region,
+            config=config,
+            use_s5cmd=use_s5cmd,
+            wait_for_uploads=wait_for_uploads,
+            flush_timeout=flush_timeout,
+            on_upload_error=on_upload_error,
+            uploader_options=dict(uploader_options or {}),
+        )
+
+    def resolved_config(self) -> S3Config:
+        """The S3Config these options name (the explicit one wins)."""
+        if self.config is not None:
+            return self.config
+        from runctl.config import resolve_config
+
+        return resolve_config(self.endpoint_url, self.profile, self.region)
+
+    def make_uploader(self, local_root: str | os.PathLike[str]) -> CheckpointUploader:
+        """A CheckpointUploader for ``local_root`` with these options (``s3_url`` must be set)."""
+        from runctl.uploader import CheckpointUploader
+
+        if self.s3_url is None:
+            raise UsageError("s3_url is required to upload (or set $RUNCTL_S3_URL), got None")
+        root = Path(local_root)
+        root.mkdir(parents=True, exist_ok=True)
+        extra = dict(self.uploader_options)
+        extra.setdefault("failure_policy", "warn")
+        return CheckpointUploader(
+            root,
+            self.s3_url,
+            keep_last_n=self.keep_last_n,
+            local_keep_last_n=self.local_keep_last_n,
+            config=self.resolved_config(),
+            use_s5cmd=self.use_s5cmd,
+            **extra,
+        )
+
+
+def finish_uploads(
+    uploader: CheckpointUploader,
+    *,
+    timeout: float | None,
+    on_upload_error: str,
+    close: bool = True,
+    allow_raise: bool = True,
+) -> BaseException | None:
+    """Flush (bounded by ``timeout``) and close ``uploader``; raise or warn about what failed.
+
+    Returns the error it warned about (None when all went well). With ``allow_raise=False``
+    (used while another exception is already propagating) it always warns instead of raising.
+    """
+    error: BaseException | None = None
+    try:
+        uploader.flush(timeout=timeout)
+    except RunctlError as exc:
+        error = exc
+    if close:
+        try:
+            # After a failed or timed-out flush, close must not wait a second full timeout:
+            # what is still pending stays in the journal for the next run.
+            uploader.close(timeout=CLOSE_AFTER_ERROR if error is not None else timeout)
+        except RunctlError as exc:
+            error = error or exc
+    if error is None:
+        return None
+    if on_upload_error == "raise" and allow_raise:
+        raise error
+    message = f"runctl: {error}"
+    log.warning(message)
+    warnings.warn(message, UploadWarning, stacklevel=3)
+    return error
+
+
+def uploader_metrics(uploader: CheckpointUploader) -> dict[str, float]:
+    """The uploader's status as ``runctl/...`` metrics for a training logger (``runctl/uploaded``, ...)."""
+    values = uploader.status().to_dict()
+    return {f"{METRIC_PREFIX}{key}": float(value) for key, value in values.items()}

@@ -1,0 +1,173 @@
+"""Hugging Face: ``RunctlCallback``, a TrainerCallback that uploads each ``checkpoint-N/`` to S3."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runctl.exceptions import RunctlError
+
+from ._common import UploadOptions, finish_uploads, require, uploader_metrics
+
+if TYPE_CHECKING:
+    from runctl.config import S3Config
+    from runctl.s3url import S3URL
+    from runctl.uploader import CheckpointUploader
+
+_transformers = require("transformers", "huggingface")
+TrainerCallback = _transformers.TrainerCallback
+
+log = logging.getLogger("runctl.integrations.huggingface")
+
+CHECKPOINT_PREFIX = "checkpoint"
+
+__all__ = ["RunctlCallback"]
+
+
+class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
+    """Upload every ``output_dir/checkpoint-N/`` the Trainer saves to S3, as one directory checkpoint.
+
+    A directory lands in S3 file by file, then its marker; readers treat it as complete only
+    once the marker is there, so a directory the Trainer rotates away (``save_total_limit``)
+    mid-upload never appears complete and torn. Only the main process
+    (``state.is_world_process_zero``) uploads. The Trainer's best checkpoint
+    (``state.best_model_checkpoint``) is protected from ``keep_last_n``.
+
+    Args:
+        s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL).
+        keep_last_n: complete checkpoints to keep in S3.
+        local_keep_last_n: checkpoints to keep locally, deleting only ones durable in S3
+            (``save_total_limit`` works as well and is independent).
+        endpoint_url, profile, region, config: where and as whom to reach S3.
+        use_s5cmd: upload with s5cmd (default) or boto3.
+        wait_for_uploads: flush at the end of training (default True).
+        flush_timeout: seconds the final flush may take.
+        on_upload_error: ``"raise"`` (default) or ``"warn"`` when uploads failed at the end.
+
+    Example:
+        >>> from transformers import Trainer, TrainingArguments  # doctest: +SKIP
+        >>> args = TrainingArguments("out", save_steps=100, save_total_limit=2)  # doctest: +SKIP
+        >>> cb = RunctlCallback("s3://bucket/run-1/", keep_last_n=3)  # doctest: +SKIP
+        >>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        s3_url: str | S3URL | None = None,
+        *,
+        keep_last_n: int | None = None,
+        local_keep_last_n: int | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        region: str | None = None,
+        config: S3Config | None = None,
+        use_s5cmd: bool = True,
+        wait_for_uploads: bool = True,
+        flush_timeout: float | None = 600.0,
+        on_upload_error: str = "raise",
+        uploader_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.options = UploadOptions.build(
+            s3_url,
+            keep_last_n=keep_last_n,
+            local_keep_last_n=local_keep_last_n,
+            endpoint_url=endpoint_url,
+            profile=profile,
+            region=region,
+            config=config,
+            use_s5cmd=use_s5cmd,
+            wait_for_uploads=wait_for_uploads,
+            flush_timeout=flush_timeout,
+            on_upload_error=on_upload_error,
+            uploader_options=uploader_options,
+        )
+        if self.options.s3_url is None:
+            raise RunctlError("RunctlCallback needs s3_url (or $RUNCTL_S3_URL), got None")
+        self._uploader: CheckpointUploader | None = None
+        self._output_dir: Path | None = None
+        self._resume_checked = False
+        self.last_status: dict[str, float] = {}
+
+    @property
+    def uploader(self) -> CheckpointUploader | None:
+        """The running uploader (main process, during training), else None."""
+        return self._uploader
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start the uploader on the main process, rooted at ``args.output_dir``."""
+        if not state.is_world_process_zero or self._uploader is not None:
+            return
+        self._output_dir = Path(args.output_dir)
+        self._uploader = self.options.make_uploader(self._output_dir)
+        self._resume_checked = False
+        log.info("uploading checkpoints from %s to %s", self._output_dir, self.options.s3_url)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Protect the checkpoint training resumed from (the state is restored after on_train_begin)."""
+        if self._resume_checked or self._uploader is None or self._output_dir is None:
+            return
+        self._resume_checked = True
+        if state.global_step > 0:
+            name = f"{CHECKPOINT_PREFIX}-{state.global_step}"
+            if (self._output_dir / name).is_dir():
+                self._uploader.set_resumed_from(name)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hand ``checkpoint-<global_step>/`` to the uploader as one directory checkpoint."""
+        if self._uploader is None or not state.is_world_process_zero:
+            return
+        assert self._output_dir is not None
+        self._protect_best(state)
+        folder = self._output_dir / f"{CHECKPOINT_PREFIX}-{state.global_step}"
+        if not folder.is_dir():
+            log.warning("runctl: %s was not found after on_save; nothing uploaded", folder)
+            return
+        try:
+            self._uploader.submit(folder, step=int(state.global_step))
+        except RunctlError as exc:
+            log.warning("runctl: could not queue %s for upload: %s", folder, exc)
+            if self.options.on_upload_error == "raise":
+                raise
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Add ``runctl/...`` upload metrics to the logs (seen by reporters listed after this callback)."""
+        if self._uploader is not None and logs is not None:
+            self.last_status = uploader_metrics(self._uploader)
+            logs.update(self.last_status)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Flush pending uploads (bounded) and stop the uploader; failures raise or warn."""
+        if self._uploader is None or not self.options.wait_for_uploads:
+            return
+        self._protect_best(state)
+        uploader, self._uploader = self._uploader, None
+        try:
+            finish_uploads(
+                uploader,
+                timeout=self.options.flush_timeout,
+                on_upload_error=self.options.on_upload_error,
+            )
+        finally:
+            self.last_status = uploader_metrics(uploader)
+            log.info("runctl upload stats: %s", self.last_status)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and stop the uploader when ``wait_for_uploads=False`` left it running."""
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:
+            finish_uploads(
+                uploader,
+                timeout=self.options.flush_timeout if timeout is None else timeout,
+                on_upload_error=self.options.on_upload_error,
+            )
+
+    def _protect_best(self, state: Any) -> None:
+        best = getattr(state, "best_model_checkpoint", None)
+        if self._uploader is not None and best and self._output_dir is not None:
+            if Path(best).parent.resolve() == self._output_dir.resolve():
+                self._uploader.set_best(os.path.basename(os.path.normpath(best)))

@@ -1,0 +1,437 @@
+"""Lightning: ``RunctlCheckpoint``, a ModelCheckpoint that also uploads each checkpoint to S3.
+
+Two classes come from one implementation, one per Lightning namespace (a callback of one
+namespace is rejected by the other's Trainer):
+
+- ``RunctlCheckpoint`` subclasses ``lightning.pytorch.callbacks.ModelCheckpoint``;
+- ``RunctlCheckpointPL`` subclasses ``pytorch_lightning.callbacks.ModelCheckpoint``.
+
+Each is built on first access, so only the namespace you use has to be installed.
+
+Resuming from S3: ``trainer.fit(model, ckpt_path=callback.resolve_ckpt_path("s3://b/run/last.ckpt"))``
+downloads the object with runctl into the callback's ``dirpath`` and returns the local path;
+a prefix (``"s3://b/run/"``, or ``"latest"`` for the callback's own ``s3_url``) downloads the newest
+complete checkpoint there (None when there is none, so training starts fresh). Passing an
+``s3://`` path straight to ``trainer.fit`` goes through fsspec/s3fs instead, which runctl does not
+manage (and it is slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runctl.exceptions import NoSuchKeyError, RunctlError, UsageError
+from runctl.s3url import S3URL
+
+from ._common import (
+    UploadOptions,
+    finish_uploads,
+    require,
+    uploader_metrics,
+)
+
+if TYPE_CHECKING:
+    from runctl.config import S3Config
+    from runctl.uploader import CheckpointUploader
+
+log = logging.getLogger("runctl.integrations.lightning")
+
+#: Public class name -> (Lightning namespace, what to pip install when it is missing).
+_CLASSES = {
+    "RunctlCheckpoint": ("lightning.pytorch", "runctl[lightning]"),
+    "RunctlCheckpointPL": ("pytorch_lightning", "pytorch-lightning"),
+}
+
+__all__ = ["RunctlCheckpoint", "RunctlCheckpointPL", "resolve_ckpt_path"]  # noqa: F822  (built lazily)
+
+
+def resolve_ckpt_path(
+    ckpt_path: str | os.PathLike[str] | None,
+    dest_dir: str | os.PathLike[str],
+    *,
+    config: S3Config | None = None,
+    endpoint_url: str | None = None,
+    profile: str | None = None,
+    region: str | None = None,
+    use_s5cmd: bool = True,
+) -> str | None:
+    """Turn an ``s3://`` checkpoint into a local file downloaded by runctl; other paths pass through.
+
+    An object URL downloads that object to ``dest_dir/<name>``; a prefix URL (ending in ``/``)
+    downloads the newest complete checkpoint under it, or returns None when there is none.
+
+    Raises:
+        NoSuchKeyError: the object URL names nothing.
+
+    Example:
+        >>> path = resolve_ckpt_path("s3://bucket/run-1/last.ckpt", "checkpoints/")  # doctest: +SKIP
+        >>> trainer.fit(model, ckpt_path=path)  # doctest: +SKIP
+    """
+    if ckpt_path is None or not str(ckpt_path).startswith("s3://"):
+        return None if ckpt_path is None else str(ckpt_path)
+    from runctl.config import resolve_config
+
+    url = S3URL.parse(str(ckpt_path))
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = config or resolve_config(endpoint_url, profile, region)
+    if url.is_prefix:
+        from runctl.uploader import latest_checkpoint
+
+        found = latest_checkpoint(url, dest, config=cfg, use_s5cmd=use_s5cmd)
+        log.info(
+            "resuming from %s", found if found is not None else "scratch (no complete checkpoint)"
+        )
+        return None if found is None else str(found)
+    from runctl.transfer import get_transfer
+    from runctl.transfer.ops import download
+
+    transfer = get_transfer(cfg, use_s5cmd=use_s5cmd)
+    try:
+        if transfer.stat(url) is None:
+            raise NoSuchKeyError(f"checkpoint {url} does not exist", code="NoSuchKey", url=str(url))
+        target = dest / url.name
+        download(transfer, url, target)
+    finally:
+        transfer.close()
+    return str(target)
+
+
+def _async_executor(trainer: Any) -> Executor | None:
+    """The single-thread executor of an ``AsyncCheckpointIO`` in the strategy's IO chain, if any."""
+    io = getattr(trainer.strategy, "checkpoint_io", None)
+    seen = 0
+    while io is not None and seen < 8:
+        executor = getattr(io, "_executor", None)
+        if isinstance(executor, Executor):
+            return executor
+        io = (
+            getattr(io, "checkpoint_io", None)
+            if hasattr(io, "_base_checkpoint_io_configured")
+            else None
+        )
+        seen += 1
+    return None
+
+
+class _RunctlCheckpointMixin:
+    """The whole implementation; combined with each namespace's ModelCheckpoint below."""
+
+    def __init__(
+        self,
+        *args: Any,
+        s3_url: str | S3URL | None = None,
+        keep_last_n: int | None = None,
+        local_keep_last_n: int | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        region: str | None = None,
+        config: S3Config | None = None,
+        use_s5cmd: bool = True,
+        wait_for_uploads: bool = True,
+        flush_timeout: float | None = 600.0,
+        on_upload_error: str = "raise",
+        log_stats: bool = True,
+        uploader_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.runctl_options = UploadOptions.build(
+            s3_url,
+            keep_last_n=keep_last_n,
+            local_keep_last_n=local_keep_last_n,
+            endpoint_url=endpoint_url,
+            profile=profile,
+            region=region,
+            config=config,
+            use_s5cmd=use_s5cmd,
+            wait_for_uploads=wait_for_uploads,
+            flush_timeout=flush_timeout,
+            on_upload_error=on_upload_error,
+            uploader_options=uploader_options,
+        )
+        self.log_stats = log_stats
+        self._uploader: CheckpointUploader | None = None
+        self._resumed_from: str | None = None
+        self._restored_runctl: dict[str, Any] | None = None
+        #: The uploader's ``runctl/...`` counters when fit ended (rank zero).
+        self.final_stats: dict[str, float] = {}
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def s3_url(self) -> S3URL | None:
+        """Where checkpoints are uploaded (``None``: this callback behaves like ModelCheckpoint)."""
+        return self.runctl_options.s3_url
+
+    @property
+    def uploader(self) -> CheckpointUploader | None:
+        """The running uploader (global rank zero, during fit), else None."""
+        return self._uploader
+
+    def resolve_ckpt_path(self, ckpt_path: str | os.PathLike[str] | None = "latest") -> str | None:
+        """Download an ``s3://`` checkpoint (or ``"latest"`` under ``s3_url``) into ``dirpath``.
+
+        Call it on every rank before ``trainer.fit`` (each rank needs the file), and pass the
+        result as ``ckpt_path``. Local paths and None pass through.
+
+        Example:
+            >>> cb = RunctlCheckpoint(dirpath="ckpt", s3_url="s3://b/run/")  # doctest: +SKIP
+            >>> trainer.fit(model, ckpt_path=cb.resolve_ckpt_path("latest"))  # doctest: +SKIP
+        """
+        if ckpt_path == "latest":
+            if self.s3_url is None:
+                raise UsageError(
+                    "resolve_ckpt_path('latest') needs s3_url on the callback, got None"
+                )
+            ckpt_path = str(self.s3_url)
+        if ckpt_path is None or not str(ckpt_path).startswith("s3://"):
+            return None if ckpt_path is None else str(ckpt_path)
+        dirpath = getattr(self, "dirpath", None)
+        if dirpath is None:
+            raise UsageError(
+                "resolve_ckpt_path needs an explicit dirpath on the callback, got dirpath=None"
+            )
+        opts = self.runctl_options
+        return resolve_ckpt_path(
+            ckpt_path, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd
+        )
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every handed-over checkpoint is in S3 (raises UploadError / FlushTimeout)."""
+        if self._uploader is not None:
+            self._uploader.flush(
+                timeout=self.runctl_options.flush_timeout if timeout is None else timeout
+            )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded) and stop the uploader; failures raise or warn per ``on_upload_error``."""
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:
+            finish_uploads(
+                uploader,
+                timeout=self.runctl_options.flush_timeout if timeout is None else timeout,
+                on_upload_error=self.runctl_options.on_upload_error,
+            )
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Resolve ``dirpath`` as ModelCheckpoint does, then start the uploader on global rank zero."""
+        super().setup(trainer, pl_module, stage)  # type: ignore[misc]
+        if (
+            stage != "fit"
+            or self.s3_url is None
+            or not trainer.is_global_zero
+            or self._uploader is not None
+        ):
+            return
+        dirpath = str(getattr(self, "dirpath", "") or "")
+        if "://" in dirpath:
+            raise UsageError(
+                f"RunctlCheckpoint needs a local dirpath to upload from, got dirpath={dirpath!r}"
+            )
+        self._uploader = self.runctl_options.make_uploader(dirpath)
+        log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Protect the checkpoint this run resumed from (it is known only after restore)."""
+        super().on_train_start(trainer, pl_module)  # type: ignore[misc]
+        if trainer.ckpt_path and self._uploader is not None:
+            self._resumed_from = Path(str(trainer.ckpt_path)).name
+            self._uploader.set_resumed_from(self._resumed_from)
+        self._update_best()
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        """Write the checkpoint as ModelCheckpoint does, then hand it to the uploader (rank zero)."""
+        super()._save_checkpoint(trainer, filepath)  # type: ignore[misc]
+        if self._uploader is None or not trainer.is_global_zero:
+            return
+        self._update_best()
+        step = int(trainer.global_step)
+        executor = _async_executor(trainer)
+        if executor is None:
+            self._hand_over(filepath, step)
+        else:
+            # AsyncCheckpointIO writes on one FIFO worker thread: a job queued now runs right
+            # after this checkpoint's write has finished, never before.
+            executor.submit(self._hand_over, filepath, step)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Save as ModelCheckpoint does, then log the uploader's stats."""
+        super().on_train_epoch_end(trainer, pl_module)  # type: ignore[misc]
+        self._log_stats(trainer)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Flush pending uploads (bounded by ``flush_timeout``) and log the final stats."""
+        super().on_fit_end(trainer, pl_module)  # type: ignore[misc]
+        if self._uploader is None or not self.runctl_options.wait_for_uploads:
+            return
+        self._update_best()
+        uploader, self._uploader = self._uploader, None
+        try:
+            finish_uploads(
+                uploader,
+                timeout=self.runctl_options.flush_timeout,
+                on_upload_error=self.runctl_options.on_upload_error,
+            )
+        finally:
+            self.final_stats = uploader_metrics(uploader)
+            self._log_stats(trainer, uploader, save=True)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Save as ModelCheckpoint does, then flush what is pending; upload failures only warn here."""
+        super().on_exception(trainer, pl_module, exception)  # type: ignore[misc]
+        uploader, self._uploader = self._uploader, None
+        if uploader is None:
+            return
+        timeout = self.runctl_options.flush_timeout
+        executor = _async_executor(trainer)
+        if executor is not None:
+            try:
+                executor.submit(lambda: None).result(timeout=timeout)
+            except Exception as exc:  # a wait that failed must not hide the training error
+                log.warning("runctl: asynchronous checkpoint writes did not finish: %s", exc)
+        # The training error is the one to see: an upload problem is reported, never raised over it.
+        finish_uploads(uploader, timeout=timeout, on_upload_error="warn", allow_raise=False)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Close the uploader if on_fit_end did not (e.g. ``wait_for_uploads=False`` keeps it open)."""
+        super().teardown(trainer, pl_module, stage)  # type: ignore[misc]
+        if self._uploader is not None and self.runctl_options.wait_for_uploads:
+            self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """ModelCheckpoint's state plus runctl's (plain values)."""
+        state = dict(super().state_dict())  # type: ignore[misc]
+        opts = self.runctl_options
+        best = getattr(self, "best_model_path", "") or ""
+        state["runctl"] = {
+            "s3_url": str(opts.s3_url) if opts.s3_url is not None else None,
+            "keep_last_n": opts.keep_last_n,
+            "local_keep_last_n": opts.local_keep_last_n,
+            "best": Path(best).name if best else None,
+            "resumed_from": self._resumed_from,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ModelCheckpoint's state; note runctl's so retention continues under the same prefix."""
+        state = dict(state_dict)
+        runctl_state = state.pop("runctl", None)
+        super().load_state_dict(state)  # type: ignore[misc]
+        if not isinstance(runctl_state, dict):
+            return
+        self._restored_runctl = runctl_state
+        before, now = runctl_state.get("s3_url"), self.s3_url
+        if before and now is not None and before != str(now):
+            log.warning(
+                "runctl: this run uploads to %s but the checkpoint it resumed from was uploaded to %s; "
+                "retention only ever touches %s",
+                now,
+                before,
+                now,
+            )
+        if self._uploader is not None:
+            self._update_best()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _hand_over(self, filepath: str, step: int) -> None:
+        uploader = self._uploader
+        if uploader is None:
+            return
+        if not os.path.exists(filepath):
+            # Lightning removed it (top-k) before an asynchronous write finished or was handed over.
+            log.info("runctl: %s was removed before upload; skipped as superseded", filepath)
+            return
+        try:
+            uploader.submit(filepath, step=step)
+        except (FileNotFoundError, RunctlError) as exc:
+            if not os.path.exists(filepath):
+                log.info(
+                    "runctl: %s was removed while being handed over; skipped as superseded",
+                    filepath,
+                )
+                return
+            log.warning("runctl: could not queue %s for upload: %s", filepath, exc)
+            if self.runctl_options.on_upload_error == "raise":
+                raise
+
+    def _update_best(self) -> None:
+        if self._uploader is None:
+            return
+        best = getattr(self, "best_model_path", "") or ""
+        dirpath = getattr(self, "dirpath", None)
+        if best and dirpath and Path(best).parent.resolve() == Path(str(dirpath)).resolve():
+            self._uploader.set_best(Path(best).name)
+
+    def _log_stats(
+        self, trainer: Any, uploader: CheckpointUploader | None = None, save: bool = False
+    ) -> None:
+        uploader = uploader or self._uploader
+        if not self.log_stats or uploader is None or not trainer.is_global_zero:
+            return
+        metrics = uploader_metrics(uploader)
+        for logger in getattr(trainer, "loggers", ()):
+            try:
+                logger.log_metrics(metrics, step=int(trainer.global_step))
+                if save:
+                    logger.save()
+            except Exception as exc:  # a logger problem must never break training
+                log.debug("runctl: logger %s refused metrics: %s", type(logger).__name__, exc)
+
+
+_DOC = """A ``ModelCheckpoint`` that also uploads every checkpoint it saves to S3 in the background.
+
+Every ``ModelCheckpoint`` argument works as before; runctl adds (keyword-only):
+
+Args:
+    s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL; None: no uploads).
+    keep_last_n: complete checkpoints to keep in S3 (the best one, ``last.ckpt`` and the one this
+        run resumed from are always kept).
+    local_keep_last_n: checkpoints to keep locally, deleting only ones durable in S3 (default:
+        Lightning's own top-k decides).
+    endpoint_url, profile, region, config: where and as whom to reach S3.
+    use_s5cmd: upload with s5cmd (default) or boto3.
+    wait_for_uploads: flush at the end of fit (default); False leaves uploads running in the
+        background (call ``close()`` later; at interpreter exit runctl still flushes them, bounded).
+    flush_timeout: seconds the final flush may take.
+    on_upload_error: ``"raise"`` (default) or ``"warn"`` when uploads failed at the end of fit.
+    log_stats: log ``runctl/...`` upload metrics to the trainer's loggers.
+
+Only global rank zero uploads and applies retention; other ranks never touch S3. With
+``AsyncCheckpointIO`` a checkpoint is handed over once its write has finished. With
+``save_last="link"`` the ``last.ckpt`` symlink is not uploaded (the checkpoint it points to is).
+
+Example:
+    >>> from runctl.integrations.lightning import RunctlCheckpoint  # doctest: +SKIP
+    >>> ckpt = RunctlCheckpoint(dirpath="ckpt/", every_n_train_steps=100, save_top_k=-1,
+    ...                         s3_url="s3://bucket/run-1/", keep_last_n=3)  # doctest: +SKIP
+    >>> Trainer(callbacks=[ckpt]).fit(model)  # doctest: +SKIP
+"""
+
+
+def _build(name: str) -> type:
+    namespace, install = _CLASSES[name]
+    require(namespace, "lightning", install=install)
+    base = require(f"{namespace}.callbacks", "lightning", install=install).ModelCheckpoint
+    cls = type(
+        name,
+        (_RunctlCheckpointMixin, base),
+        {"__module__": __name__, "__qualname__": name, "__doc__": _DOC},
+    )
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        cls = _build(name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

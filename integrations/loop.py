@@ -1,0 +1,229 @@
+"""Checkpoints for plain training loops: save atomically, upload in the background, keep the last N."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from runctl.exceptions import UsageError
+
+from ._common import ENV_CHECKPOINT_DIR, UploadOptions, finish_uploads, require
+
+if TYPE_CHECKING:
+    from runctl.config import S3Config
+    from runctl.s3url import S3URL
+    from runctl.uploader import CheckpointUploader, UploaderStatus, UploadHandle
+
+log = logging.getLogger("runctl.integrations.loop")
+
+DEFAULT_FILENAME = "step_{step}.pt"
+_TMP_DIR = ".runctl"
+
+
+class CheckpointManager:
+    """Save ``state`` every few steps, upload it to S3 in the background, keep the last N.
+
+    Without ``s3_url`` (and no $RUNCTL_S3_URL) it only saves locally and applies
+    ``local_keep_last_n`` itself. ``local_dir`` defaults to $RUNCTL_CHECKPOINT_DIR.
+
+    Args:
+        local_dir: where checkpoints are written.
+        s3_url: ``s3://bucket/prefix/`` to upload to.
+        keep_last_n: how many complete checkpoints to keep in S3.
+        local_keep_last_n: how many to keep locally (only ones durable in S3 are deleted).
+        filename: the file name, formatted with ``step`` (it must keep the step parseable).
+        on_upload_error: ``"raise"`` (default) or ``"warn"`` when uploads failed at ``close``.
+
+    Example:
+        >>> with CheckpointManager("ckpt", "s3://bucket/run-1/", keep_last_n=3) as manager:  # doctest: +SKIP
+        ...     start = 0
+        ...     if (path := manager.latest()) is not None:
+        ...         start = torch.load(path)["step"] + 1
+        ...     for step in range(start, 1000):
+        ...         train_one_step()
+        ...         if step % 100 == 0:
+        ...             manager.save({"model": model.state_dict(), "step": step}, step)
+    """
+
+    def __init__(
+        self,
+        local_dir: str | os.PathLike[str] | None = None,
+        s3_url: str | S3URL | None = None,
+        *,
+        keep_last_n: int | None = None,
+        local_keep_last_n: int | None = None,
+        filename: str = DEFAULT_FILENAME,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        region: str | None = None,
+        config: S3Config | None = None,
+        use_s5cmd: bool = True,
+        flush_timeout: float | None = 600.0,
+        on_upload_error: str = "raise",
+        uploader_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if local_dir is None:
+            local_dir = os.environ.get(ENV_CHECKPOINT_DIR) or None
+        if local_dir is None:
+            raise UsageError(f"local_dir is required (or set ${ENV_CHECKPOINT_DIR}), got None")
+        if "{step" not in filename:
+            raise UsageError(
+                f"filename must contain '{{step}}' so the step can be parsed back, got {filename!r}"
+            )
+        self.options = UploadOptions.build(
+            s3_url,
+            keep_last_n=keep_last_n,
+            local_keep_last_n=local_keep_last_n,
+            endpoint_url=endpoint_url,
+            profile=profile,
+            region=region,
+            config=config,
+            use_s5cmd=use_s5cmd,
+            flush_timeout=flush_timeout,
+            on_upload_error=on_upload_error,
+            uploader_options=uploader_options,
+        )
+        self.local_dir = Path(local_dir)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.filename = filename
+        self._uploader: CheckpointUploader | None = None
+        if self.options.s3_url is not None:
+            self._uploader = self.options.make_uploader(self.local_dir)
+        self._closed = False
+
+    @property
+    def s3_url(self) -> S3URL | None:
+        """Where checkpoints go (None: local only)."""
+        return self.options.s3_url
+
+    @property
+    def uploader(self) -> CheckpointUploader | None:
+        """The background uploader (None without S3)."""
+        return self._uploader
+
+    def path_for(self, step: int) -> Path:
+        """The local path the checkpoint of ``step`` is written to."""
+        return self.local_dir / self.filename.format(step=step)
+
+    def save(self, state: Any, step: int, *, protect: bool = False) -> Path:
+        """Write ``state`` with ``torch.save`` atomically (temp file, then rename) and hand it to the uploader.
+
+        Args:
+            state: anything ``torch.save`` accepts.
+            step: the training step; orders checkpoints for retention.
+            protect: keep this checkpoint whatever ``keep_last_n`` says.
+
+        Returns:
+            The path written.
+        """
+        if self._closed:
+            raise UsageError("save() called on a closed CheckpointManager")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise UsageError(f"step must be a whole number >= 0, got {step!r}")
+        torch = require("torch", "lightning")
+        path = self.path_for(step)
+        tmp_dir = self.local_dir / _TMP_DIR
+        tmp_dir.mkdir(exist_ok=True)
+        # The temp file lives under .runctl/ (never scanned as a checkpoint) on the same filesystem.
+        tmp = tmp_dir / f"{path.name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self._uploader is not None:
+            self._submit(path, step, protect)
+        elif self.options.local_keep_last_n is not None:
+            self._apply_local_retention(protect_name=path.name if protect else None)
+        return path
+
+    def _submit(self, path: Path, step: int, protect: bool) -> UploadHandle:
+        assert self._uploader is not None
+        return self._uploader.submit(path, step=step, protect=protect)
+
+    def _apply_local_retention(self, protect_name: str | None) -> None:
+        from runctl.retention import apply_local_retention
+
+        assert self.options.local_keep_last_n is not None
+        protected = [protect_name] if protect_name else []
+        # Without S3 nothing is ever durable: keep-last-N applies to the local copies as they are.
+        apply_local_retention(
+            self.local_dir, self.options.local_keep_last_n, protected=protected, force=True
+        )
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint to resume from: the local one, else downloaded from S3.
+
+        Returns None when there is none anywhere (a fresh start).
+        """
+        from runctl.checkpoints import scan_local
+
+        local = [c for c in scan_local(self.local_dir) if c.complete and not c.is_dir]
+        mine = [c for c in local if self._matches_filename(c.name)] or local
+        if mine:
+            newest = max(mine, key=lambda c: c.order_key())
+            return self.local_dir / newest.name
+        if self.options.s3_url is None:
+            return None
+        from runctl.uploader import latest_checkpoint
+
+        return latest_checkpoint(
+            self.options.s3_url,
+            self.local_dir,
+            config=self.options.resolved_config(),
+            use_s5cmd=self.options.use_s5cmd,
+        )
+
+    def _matches_filename(self, name: str) -> bool:
+        pattern = re.escape(self.filename).replace(re.escape("{step}"), r"\d+")
+        return re.fullmatch(pattern, name) is not None
+
+    def status(self) -> UploaderStatus | None:
+        """The uploader's counters (None without S3)."""
+        return self._uploader.status() if self._uploader is not None else None
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every saved checkpoint is in S3 (raises UploadError / FlushTimeout)."""
+        if self._uploader is not None:
+            self._uploader.flush(timeout=self.options.flush_timeout if timeout is None else timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded) and stop the uploader; failures raise or warn per ``on_upload_error``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._uploader is not None:
+            finish_uploads(
+                self._uploader,
+                timeout=self.options.flush_timeout if timeout is None else timeout,
+                on_upload_error=self.options.on_upload_error,
+            )
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._closed or self._uploader is None:
+            self._closed = True
+            return
+        self._closed = True
+        # While another error propagates, an upload problem is reported, never allowed to mask it.
+        finish_uploads(
+            self._uploader,
+            timeout=self.options.flush_timeout,
+            on_upload_error=self.options.on_upload_error,
+            allow_raise=exc_type is None,
+        )

@@ -1,0 +1,126 @@
+"""Hugging Face: RunctlCallback with save_total_limit uploads whole checkpoint-N/ dirs and keeps the best."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from runctl.s3url import S3URL
+from tests.integrations.conftest import assert_dir_complete, dir_checkpoints, s3_objects
+from tests.servers import S3Server
+
+transformers = pytest.importorskip("transformers")
+
+
+class RandomTokens(Dataset):
+    def __init__(self, samples: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 32, (samples, 8), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2() -> Any:
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_save_total_limit_keep_last_n_and_best(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    from runctl.integrations.huggingface import RunctlCallback
+
+    prefix = moto_bucket.join("hf/")
+    out = tmp_path / "out"
+    # A scripted metric makes the first evaluation (step 2) the best one.
+    scores = iter([0.1, 0.5, 0.9, 0.9])
+
+    def compute_metrics(_: Any) -> dict[str, float]:
+        return {"score": next(scores)}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_total_limit=2,
+        metric_for_best_model="score",
+        greater_is_better=False,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    callback = RunctlCallback(prefix, keep_last_n=1, config=moto_server.config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(
+            model=tiny_gpt2(),
+            args=args,
+            train_dataset=RandomTokens(32),
+            eval_dataset=RandomTokens(4, seed=1),
+            compute_metrics=compute_metrics,
+            callbacks=[callback],
+        )
+        trainer.train()
+
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    # save_total_limit=2 keeps the best and the newest locally.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
+    dirs = dir_checkpoints(s3_objects(moto_server, prefix))
+    # keep_last_n=1 keeps the newest; the best is protected; checkpoint-4 is gone (or never landed).
+    assert sorted(dirs) == ["checkpoint-2", "checkpoint-6"]
+    for name, files in dirs.items():
+        assert_dir_complete(name, files, out / name)
+    assert "model.safetensors" in dirs["checkpoint-6"]
+    assert callback.last_status["runctl/failures"] == 0
+
+
+def test_resume_keeps_the_resumed_checkpoint(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    from runctl.integrations.huggingface import RunctlCallback
+
+    prefix = moto_bucket.join("hf-resume/")
+    out = tmp_path / "out"
+
+    def train(max_steps: int, resume: bool) -> None:
+        args = transformers.TrainingArguments(
+            output_dir=str(out),
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            save_steps=2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        callback = RunctlCallback(prefix, keep_last_n=1, config=moto_server.config())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = transformers.Trainer(
+                model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=[callback]
+            )
+            trainer.train(resume_from_checkpoint=True if resume else None)
+
+    train(2, resume=False)
+    assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-2"]
+    train(6, resume=True)
+    dirs = dir_checkpoints(s3_objects(moto_server, prefix))
+    # keep_last_n=1 keeps checkpoint-6; checkpoint-2 is what the second run resumed from.
+    assert sorted(dirs) == ["checkpoint-2", "checkpoint-6"]
+    for name, files in dirs.items():
+        assert_dir_complete(name, files, out / name)

@@ -1,0 +1,343 @@
+"""Lightning: RunctlCheckpoint trains a real tiny model on CPU and lands exactly the right checkpoints in S3."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from runctl.exceptions import UsageError
+from runctl.s3url import S3URL
+from tests.integrations.conftest import file_checkpoints, s3_objects
+from tests.servers import S3Server
+
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+CLASS_FOR = {"lightning.pytorch": "RunctlCheckpoint", "pytorch_lightning": "RunctlCheckpointPL"}
+
+
+def checkpoint_class(namespace: str) -> Any:
+    return getattr(importlib.import_module("runctl.integrations.lightning"), CLASS_FOR[namespace])
+
+
+def make_module(namespace: str, val_losses: list[float] | None = None) -> Any:
+    """A tiny regressor; ``val_losses`` scripts the monitored metric epoch by epoch."""
+    lp = importlib.import_module(namespace)
+
+    class Tiny(lp.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            value = val_losses[self.current_epoch] if val_losses else 1.0
+            self.log("val_loss", torch.tensor(value))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return Tiny()
+
+
+def loader(batches: int = 4) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * 4, 4, generator=gen)
+    return DataLoader(TensorDataset(x, x.sum(dim=1)), batch_size=4)
+
+
+def make_trainer(namespace: str, callbacks: list, **kwargs: Any) -> Any:
+    lp = importlib.import_module(namespace)
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lp.Trainer(callbacks=callbacks, **defaults)
+
+
+def ckpt_step(body: bytes, tmp: Path) -> int:
+    path = tmp / "probe.ckpt"
+    path.write_bytes(body)
+    return int(torch.load(path, weights_only=False)["global_step"])
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_topk_monitor_save_last_keep_last_n(
+    namespace: str, moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """save_top_k=2 + monitor + save_last + keep_last_n=2 in S3: best kept, newest kept, nothing torn."""
+    prefix = moto_bucket.join("run/")
+    dirpath = tmp_path / "ckpt"
+    cb = checkpoint_class(namespace)(
+        dirpath=dirpath,
+        filename="{epoch}-{step}",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=2,
+        save_last=True,
+        s3_url=prefix,
+        keep_last_n=2,
+        config=moto_server.config(),
+    )
+    # Epoch 1 is the best; Lightning keeps epochs 1 and 4 locally (top-2).
+    trainer = make_trainer(namespace, [cb], max_epochs=5)
+    trainer.fit(make_module(namespace, [0.5, 0.1, 0.4, 0.3, 0.2]), loader(), loader(1))
+
+    assert Path(cb.best_model_path).name == "epoch=1-step=8.ckpt"
+    local = sorted(p.name for p in dirpath.glob("*.ckpt"))
+    assert local == ["epoch=1-step=8.ckpt", "epoch=4-step=20.ckpt", "last.ckpt"]
+
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    names = set(in_s3)
+    # The best, the newest and last.ckpt are always there; epoch=3 may be there (newest two)
+    # or skipped as superseded (Lightning deleted it locally); nothing older survives retention.
+    assert {"epoch=1-step=8.ckpt", "epoch=4-step=20.ckpt", "last.ckpt"} <= names
+    assert names <= {
+        "epoch=1-step=8.ckpt",
+        "epoch=3-step=16.ckpt",
+        "epoch=4-step=20.ckpt",
+        "last.ckpt",
+    }
+    for name in local:
+        assert in_s3[name] == (dirpath / name).read_bytes(), (
+            f"{name} in S3 differs from the local file"
+        )
+    for name, body in in_s3.items():
+        expected = 20 if name == "last.ckpt" else int(name.split("step=")[1].split(".")[0])
+        assert ckpt_step(body, tmp_path) == expected, (
+            f"{name} in S3 is not the version saved at its step"
+        )
+    assert cb.final_stats["runctl/uploaded"] >= 3
+    assert cb.final_stats["runctl/failures"] == 0
+    assert isinstance(cb, importlib.import_module(f"{namespace}.callbacks").ModelCheckpoint)
+
+
+def test_every_n_steps_async_checkpoint_io(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """With AsyncCheckpointIO every checkpoint is handed over only after its write finished."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("async/")
+    dirpath = tmp_path / "ckpt"
+    cb = RunctlCheckpoint(
+        dirpath=dirpath,
+        every_n_train_steps=2,
+        save_top_k=-1,
+        s3_url=prefix,
+        keep_last_n=3,
+        config=moto_server.config(),
+    )
+    trainer = make_trainer("lightning.pytorch", [cb], max_steps=10, plugins=[AsyncCheckpointIO()])
+    trainer.fit(make_module("lightning.pytorch"), loader(16))
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    assert set(in_s3) == {"epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt", "epoch=0-step=10.ckpt"}
+    for name, body in in_s3.items():
+        assert body == (dirpath / name).read_bytes()
+    assert len(list(dirpath.glob("*.ckpt"))) == 5  # Lightning's top-k (-1) keeps them all locally
+
+
+def test_resume_from_s3_protects_the_resumed_checkpoint(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """A run resumed from an s3:// checkpoint downloads it via runctl and never deletes it (S3 or local)."""
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("resume/")
+    config = moto_server.config()
+
+    def callback(dirpath: Path) -> Any:
+        return RunctlCheckpoint(
+            dirpath=dirpath,
+            every_n_train_steps=2,
+            save_top_k=-1,
+            s3_url=prefix,
+            keep_last_n=1,
+            local_keep_last_n=1,
+            config=config,
+        )
+
+    first = callback(tmp_path / "a")
+    make_trainer("lightning.pytorch", [first], max_steps=4).fit(
+        make_module("lightning.pytorch"), loader(16)
+    )
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["epoch=0-step=4.ckpt"]
+
+    second = callback(tmp_path / "b")
+    ckpt_path = second.resolve_ckpt_path(str(prefix.join("epoch=0-step=4.ckpt")))
+    assert ckpt_path == str(tmp_path / "b" / "epoch=0-step=4.ckpt")
+    trainer = make_trainer("lightning.pytorch", [second], max_steps=10)
+    trainer.fit(make_module("lightning.pytorch"), loader(16), ckpt_path=ckpt_path)
+    assert trainer.global_step == 10
+
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    assert sorted(in_s3) == ["epoch=0-step=10.ckpt", "epoch=0-step=4.ckpt"]
+    local = sorted(p.name for p in (tmp_path / "b").glob("*.ckpt"))
+    assert local == ["epoch=0-step=10.ckpt", "epoch=0-step=4.ckpt"]
+    assert in_s3["epoch=0-step=10.ckpt"] == (tmp_path / "b" / "epoch=0-step=10.ckpt").read_bytes()
+
+    state = torch.load(tmp_path / "b" / "epoch=0-step=10.ckpt", weights_only=False)
+    runctl_state = next(
+        v for k, v in state["callbacks"].items() if k.startswith("RunctlCheckpoint")
+    )["runctl"]
+    assert runctl_state["s3_url"] == str(prefix)
+    assert runctl_state["resumed_from"] == "epoch=0-step=4.ckpt"
+    json.dumps(runctl_state)  # plain values only
+
+
+def test_resolve_latest_from_an_empty_prefix_starts_fresh(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    cb = RunctlCheckpoint(
+        dirpath=tmp_path, s3_url=moto_bucket.join("nothing/"), config=moto_server.config()
+    )
+    assert cb.resolve_ckpt_path("latest") is None
+    assert cb.resolve_ckpt_path("local/path.ckpt") == "local/path.ckpt"
+
+
+def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    cb = RunctlCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    make_trainer("lightning.pytorch", [cb], max_steps=4).fit(
+        make_module("lightning.pytorch"), loader(16)
+    )
+    assert cb.uploader is None
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"keep_last_n": 0}, "keep_last_n"), ({"on_upload_error": "nope"}, "on_upload_error")],
+)
+def test_bad_runctl_arguments_are_named(kwargs: dict, needle: str) -> None:
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    with pytest.raises(UsageError, match=needle):
+        RunctlCheckpoint(s3_url="s3://bucket/x/", **kwargs)
+
+
+def test_model_checkpoint_arguments_still_validate() -> None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    with pytest.raises(MisconfigurationException):
+        RunctlCheckpoint(save_top_k=-2, s3_url="s3://bucket/x/")
+
+
+def test_exception_mid_fit_still_lands_what_was_saved(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """on_exception flushes pending uploads (bounded) and lets the training error through."""
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    class Boom(RuntimeError):
+        pass
+
+    module = make_module("lightning.pytorch")
+    original = module.training_step
+
+    def failing_step(batch: Any, batch_idx: int) -> torch.Tensor:
+        if module.global_step == 5:
+            raise Boom("step 5 failed")
+        return original(batch, batch_idx)
+
+    module.training_step = failing_step
+    prefix = moto_bucket.join("boom/")
+    dirpath = tmp_path / "ckpt"
+    cb = RunctlCheckpoint(
+        dirpath=dirpath,
+        every_n_train_steps=2,
+        save_top_k=-1,
+        s3_url=prefix,
+        config=moto_server.config(),
+    )
+    with pytest.raises(Boom):
+        make_trainer("lightning.pytorch", [cb], max_steps=10).fit(module, loader(16))
+    assert cb.uploader is None  # closed by on_exception
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    assert set(in_s3) == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
+    for name, body in in_s3.items():
+        assert body == (dirpath / name).read_bytes()
+
+
+def test_upload_stats_reach_the_trainer_logger(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    cb = RunctlCheckpoint(
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=2,
+        s3_url=moto_bucket.join("stats/"),
+        config=moto_server.config(),
+    )
+    logger = CSVLogger(tmp_path / "logs", name="run", version=0)
+    make_trainer("lightning.pytorch", [cb], max_steps=4, logger=logger).fit(
+        make_module("lightning.pytorch"), loader(16)
+    )
+    header = (
+        (tmp_path / "logs" / "run" / "version_0" / "metrics.csv")
+        .read_text()
+        .splitlines()[0]
+        .split(",")
+    )
+    assert {"runctl/uploaded", "runctl/bytes_uploaded", "runctl/failures"} <= set(header)
+
+
+@pytest.mark.parametrize("policy", ["raise", "warn"])
+def test_failed_uploads_surface_at_the_end_of_fit(
+    policy: str, moto_server: S3Server, tmp_path: Path
+) -> None:
+    """A bucket that does not exist: fit ends with UploadError ("raise") or an UploadWarning ("warn")."""
+    from runctl.exceptions import UploadError
+    from runctl.integrations._common import UploadWarning
+    from runctl.integrations.lightning import RunctlCheckpoint
+    from runctl.retry import RetryPolicy
+
+    cb = RunctlCheckpoint(
+        dirpath=tmp_path / "ckpt",
+        every_n_train_steps=2,
+        s3_url="s3://no-such-bucket-runctl/run/",
+        config=moto_server.config(),
+        use_s5cmd=False,
+        on_upload_error=policy,
+        flush_timeout=30,
+        uploader_options={"retry": RetryPolicy(attempts=1, backoff_factor=0.01)},
+    )
+    trainer = make_trainer("lightning.pytorch", [cb], max_steps=2)
+    if policy == "raise":
+        with pytest.raises(UploadError, match="epoch=0-step=2.ckpt"):
+            trainer.fit(make_module("lightning.pytorch"), loader(16))
+    else:
+        with pytest.warns(UploadWarning, match="epoch=0-step=2.ckpt"):
+            trainer.fit(make_module("lightning.pytorch"), loader(16))
+    assert cb.uploader is None
+    # The local checkpoint is kept: it never became durable.
+    assert (tmp_path / "ckpt" / "epoch=0-step=2.ckpt").exists()

@@ -1,0 +1,96 @@
+"""SIGKILL mid-upload, then restart with ckpt_path: the pending upload completes and retention is right."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.journal import Journal
+from runctl.s3url import S3URL
+from tests.integrations.conftest import file_checkpoints, s3_objects
+from tests.servers import S3Server
+
+SCRIPT = Path(__file__).with_name("_train_script.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(server: S3Server) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(server.env())
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _step(name: str) -> int:
+    return int(name.split("step=")[1].split(".")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sigkill_mid_upload_then_resume(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    prefix = moto_bucket.join("crash/")
+    dirpath = tmp_path / "ckpt"
+    env = _env(moto_server)
+
+    # Run 1: uploads sit still for 60 s, so the kill lands while the first one is in flight.
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(dirpath), str(prefix), "40", "--slow-put", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    handed: list[str] = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while len(handed) < 4 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("HANDED "):
+            handed.append(line.split()[1])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(handed) >= 4, f"the first run handed over only {handed}"
+    assert file_checkpoints(s3_objects(moto_server, prefix)) == {}, (
+        "nothing should have landed before the kill"
+    )
+    assert Journal(dirpath).pending(), "the journal should hold the uploads the kill interrupted"
+
+    # Run 2: resume from the newest local checkpoint; pending uploads resume from the journal.
+    resumed = max((p.name for p in dirpath.glob("*.ckpt")), key=_step)
+    start = _step(resumed)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(dirpath),
+            str(prefix),
+            str(start + 6),
+            "--resume",
+            str(dirpath / resumed),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"DONE {start + 6}" in done.stdout
+
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    expected = {f"epoch=0-step={s}.ckpt" for s in (start, start + 2, start + 4, start + 6)}
+    # keep_last_n=3 keeps the three newest; the checkpoint the run resumed from is protected too.
+    assert set(in_s3) == expected
+    for name, body in in_s3.items():
+        assert body == (dirpath / name).read_bytes(), f"{name} in S3 differs from the local file"
+    assert Journal(dirpath).pending() == []

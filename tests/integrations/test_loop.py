@@ -1,0 +1,103 @@
+"""Plain loops: CheckpointManager saves atomically, uploads, keeps the last N, and resumes from S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from runctl.exceptions import UsageError
+from runctl.integrations.loop import CheckpointManager
+from runctl.s3url import S3URL
+from tests.integrations.conftest import file_checkpoints, s3_objects
+from tests.servers import S3Server
+
+
+def _train(manager: CheckpointManager, steps: range) -> dict[int, Path]:
+    model = torch.nn.Linear(4, 2)
+    saved = {}
+    for step in steps:
+        with torch.no_grad():
+            model.weight.add_(0.1)
+        saved[step] = manager.save({"model": model.state_dict(), "step": step}, step)
+    return saved
+
+
+def test_saves_uploads_and_keeps_last_n(s3_server: S3Server, bucket: S3URL, tmp_path: Path) -> None:
+    prefix = bucket.join("run/")
+    with CheckpointManager(
+        tmp_path / "ckpt", prefix, keep_last_n=2, config=s3_server.config()
+    ) as manager:
+        saved = _train(manager, range(5))
+    in_s3 = file_checkpoints(s3_objects(s3_server, prefix))
+    assert sorted(in_s3) == ["step_3.pt", "step_4.pt"]
+    for step in (3, 4):
+        assert in_s3[f"step_{step}.pt"] == saved[step].read_bytes()
+        assert torch.load(saved[step], weights_only=True)["step"] == step
+    # Without local_keep_last_n every local copy stays; no temp files are left behind.
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == [
+        f"step_{i}.pt" for i in range(5)
+    ]
+    assert not list((tmp_path / "ckpt").rglob("*.tmp"))
+
+
+def test_latest_prefers_local_then_downloads_from_s3(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    prefix = moto_bucket.join("run/")
+    config = moto_server.config()
+    with CheckpointManager(
+        tmp_path / "a", prefix, keep_last_n=3, local_keep_last_n=1, config=config
+    ) as manager:
+        assert manager.latest() is None
+        saved = _train(manager, range(4))
+        manager.flush(timeout=60)
+        assert manager.latest() == saved[3]
+    # A new machine: empty local dir, same prefix -> the newest complete checkpoint comes from S3.
+    with CheckpointManager(tmp_path / "b", prefix, keep_last_n=3, config=config) as fresh:
+        latest = fresh.latest()
+        assert latest is not None and latest.name == "step_3.pt"
+        assert torch.load(latest, weights_only=True)["step"] == 3
+        assert latest.read_bytes() == (tmp_path / "a" / "step_3.pt").read_bytes()
+
+
+def test_local_only_applies_local_keep_last_n(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, local_keep_last_n=2) as manager:
+        _train(manager, range(4))
+        assert manager.uploader is None
+        assert manager.latest() == tmp_path / "step_3.pt"
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_2.pt", "step_3.pt"]
+
+
+def test_defaults_come_from_the_environment(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("RUNCTL_S3_URL", str(moto_bucket.join("env-run")))
+    with CheckpointManager(config=moto_server.config()) as manager:
+        assert manager.s3_url == moto_bucket.join("env-run/")
+        _train(manager, range(1))
+    assert sorted(file_checkpoints(s3_objects(moto_server, moto_bucket.join("env-run/")))) == [
+        "step_0.pt"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"keep_last_n": 0}, "keep_last_n"),
+        ({"local_keep_last_n": -1}, "local_keep_last_n"),
+        ({"filename": "model.pt"}, "filename"),
+        ({"on_upload_error": "ignore"}, "on_upload_error"),
+        ({"s3_url": "gs://bucket/x"}, "gs://bucket/x"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(UsageError, match=needle):
+        CheckpointManager(tmp_path, **kwargs)
+
+
+def test_missing_dir_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="RUNCTL_CHECKPOINT_DIR"):
+        CheckpointManager()
