@@ -29,7 +29,19 @@ _LAZY = {
     "TransferError": "runctl.exceptions",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "CheckpointUploader",
+    "RunctlError",
+    "S3Config",
+    "S3URL",
+    "S3URLError",
+    "TransferError",
+    "UploadError",
+    "__version__",
+    "get_transfer",
+    "latest_checkpoint",
+    "resolve_config",
+]
 
 if TYPE_CHECKING:
     from runctl.config import S3Config, resolve_config

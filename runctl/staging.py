@@ -172,11 +172,15 @@ class StagingArea:
         """The snapshot of an already linked file."""
         return Snapshot(staged, False, {"": FileStamp.of(staged)})
 
-    def snapshot_dir(self, source: Path, token: str) -> Snapshot:
+    def snapshot_dir(
+        self, source: Path, token: str, expected: Mapping[str, tuple[int, int]] | None = None
+    ) -> Snapshot:
         """Hard-link (or, across devices, copy) every file of a directory checkpoint (worker thread).
 
+        ``expected`` is the ``tree_inventory`` taken at submit; the snapshot must match it.
+
         Raises:
-            FileNotFoundError: the directory is gone.
+            FileNotFoundError: the directory, or a file of it, is gone (it is being deleted).
             SnapshotError: files vanished or changed while staging (the checkpoint was being
                 deleted or rewritten).
         """
@@ -217,6 +221,20 @@ class StagingArea:
                     )
                 files[rel] = _as_source(FileStamp.of(target), before)
                 copied = True
+        # A concurrent rmtree (HF's save_total_limit) can remove files before the walk reaches
+        # them, staging a partial tree without any error: what was staged must be exactly the
+        # inventory taken at submit, else this is not the version that was handed over.
+        if expected is not None:
+            staged = {rel: (st.size, st.mtime_ns) for rel, st in files.items()}
+            if staged != dict(expected):
+                missing = sorted(set(expected) - set(staged))
+                if missing:
+                    raise FileNotFoundError(
+                        errno.ENOENT,
+                        f"{len(missing)} file(s) of the directory checkpoint were deleted since it was submitted",
+                        str(source / missing[0]),
+                    )
+                raise SnapshotError(f"{source.name} changed since it was submitted")
         if copied:
             log.info("hard links are not possible for %s: copied it for upload instead", source)
         return Snapshot(dest, True, files, copied)
@@ -251,6 +269,26 @@ class StagingArea:
             self.release(token)
             removed += 1
         return removed
+
+
+def tree_inventory(root: Path, limit: int = 256) -> dict[str, tuple[int, int]] | None:
+    """``rel path -> (size, mtime_ns)`` of every file under ``root``; None past ``limit`` files.
+
+    Cheap enough for the caller's thread on a framework's checkpoint directory (a dozen files:
+    metadata only, no data read); a huge sharded tree is left to the worker's own checks.
+    """
+    versions: dict[str, tuple[int, int]] = {}
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        if len(versions) + len(filenames) > limit:
+            return None
+        for fname in filenames:
+            path = Path(dirpath) / fname
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # deleted just now, or a dangling link: absent either way
+            versions[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return versions
 
 
 def _as_source(copy: FileStamp, source: FileStamp) -> FileStamp:

@@ -13,7 +13,7 @@ import stat as stat_module
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,7 @@ from runctl.journal import Journal
 from runctl.retention import apply_local_retention, apply_s3_retention, check_keep_last_n
 from runctl.retry import RetryPolicy
 from runctl.s3url import S3URL
-from runctl.staging import FileStamp, Snapshot, SnapshotError, StagingArea
+from runctl.staging import FileStamp, Snapshot, SnapshotError, StagingArea, tree_inventory
 from runctl.transfer import get_transfer
 from runctl.transfer.base import ObjectInfo, Transfer
 
@@ -183,6 +183,8 @@ class _Job:
     adopted: str | None = None
     cancelled: str | None = None
     snapshot: Snapshot | None = field(default=None, repr=False)
+    #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
+    inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
 
     def order_key(self) -> tuple[int, int, float]:
         mtime = self.stamp.mtime if self.stamp else self.queued_at
@@ -437,6 +439,7 @@ class CheckpointUploader:
         name = src.name
         token = f"{os.getpid()}-{next(_ids)}"
         staged = None
+        inventory = tree_inventory(src) if is_dir else None
         if not is_dir:
             try:
                 staged = self.staging.link_file(src, token)
@@ -456,6 +459,7 @@ class CheckpointUploader:
             stamp=FileStamp.from_stat(st),
             handle=UploadHandle(name),
             staged=staged,
+            inventory=inventory,
         )
         self._journal.record(
             name,
@@ -849,9 +853,11 @@ class CheckpointUploader:
             return snapshot
         for _ in range(2):
             try:
-                return self.staging.snapshot_dir(job.source, job.token)
+                return self.staging.snapshot_dir(job.source, job.token, job.inventory)
             except FileNotFoundError:
-                raise _Skip("the directory was deleted before its upload started") from None
+                raise _Skip(
+                    "the directory was deleted (or is being deleted) before its upload started"
+                ) from None
             except SnapshotError as exc:
                 log.warning("%s; staging it again", exc)
         raise _Skip(f"{job.name} kept changing while it was staged")

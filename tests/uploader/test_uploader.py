@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import threading
 import time
@@ -435,3 +436,24 @@ def test_threads_are_not_left_behind(root: Path, moto_bucket: S3URL, boto_transf
         up.submit(write(root / "step_1.pt", b"x"))
     after = {t.name for t in threading.enumerate()} - before
     assert not {n for n in after if n.startswith("runctl-")}
+
+
+def test_directory_being_deleted_while_queued_is_skipped_never_uploaded_partial(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    """HF's save_total_limit rmtree can run while the directory waits: no partial tree lands."""
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_0.pt", b"0"))
+    gate.entered.wait(10)  # the worker is busy: the directory waits in the queue
+    ckpt = root / "checkpoint-5"
+    write(ckpt / "model.safetensors", b"m" * 1000)
+    write(ckpt / "shards" / "optimizer.pt", b"o" * 1000)
+    handle = up.submit(ckpt)
+    shutil.rmtree(ckpt / "shards")  # the rmtree has reached the sub-directory first
+    gate.open()
+    assert handle.result(30).state == "skipped"
+    up.close(timeout=30)
+    keys = [o.key for o in boto_transfer.iter_objects(moto_bucket.join("run/"))]  # type: ignore[attr-defined]
+    assert not [k for k in keys if "checkpoint-5" in k], keys
