@@ -665,21 +665,10 @@ class CheckpointUploader:
             )
 
     def _cancel(self, job: _Job, reason: str) -> None:
-        # Called with the lock held, for a job still in the queue.
+        # Called with the lock held (an RLock), for a job still in the queue.
         self._queue.remove(job)
         job.cancelled = reason
-        self._stats["skipped"] += 1
-        stamp = job.stamp
-        if not job.is_dir and stamp is not None:
-            self._superseded[job.name] = (stamp.size, stamp.mtime)
-        log.warning("skipping upload of %s: %s", job.name, reason)
-        self._journal.record(job.name, "skipped", detail=reason)
-        self._release(job)
-        job.handle._finish(
-            UploadOutcome(
-                job.name, "skipped", str(self._url_of(job.name, job.is_dir)), 0, 0.0, 0, reason
-            )
-        )
+        self._skip(job, reason)
         self._cond.notify_all()
 
     def _release(self, job: _Job) -> None:
@@ -1066,7 +1055,8 @@ class CheckpointUploader:
             self._stats["skipped"] += 1
             if not job.is_dir and job.stamp is not None:
                 self._superseded[job.name] = (job.stamp.size, job.stamp.mtime)
-        log.warning("skipping upload of %s: %s", job.name, reason)
+        # A superseded save is routine (every rewritten last.ckpt): logged and counted, no warning.
+        log.info("skipping upload of %s: %s", job.name, reason)
         self._journal.record(job.name, "skipped", detail=reason)
         self._release(job)
         job.handle._finish(
