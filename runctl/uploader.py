@@ -186,6 +186,17 @@ class _Job:
     #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
     inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
 
+    def version(self) -> tuple[int, float] | None:
+        """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
+        if not self.is_dir:
+            return None if self.stamp is None else (self.stamp.size, self.stamp.mtime)
+        if not self.inventory:
+            return None
+        return (
+            sum(size for size, _ in self.inventory.values()),
+            max(mtime_ns for _, mtime_ns in self.inventory.values()) / 1e9,
+        )
+
     def order_key(self) -> tuple[int, int, float]:
         mtime = self.stamp.mtime if self.stamp else self.queued_at
         return (
@@ -379,7 +390,7 @@ class CheckpointUploader:
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
-        self._superseded: dict[str, tuple[int | None, float | None]] = {}
+        self._superseded: dict[str, tuple[int, float]] = {}
         self._verified_keys: list[tuple[int, int, float]] = []
         self._stats: dict[str, float] = {
             "uploaded": 0,
@@ -1053,8 +1064,9 @@ class CheckpointUploader:
     def _skip(self, job: _Job, reason: str) -> None:
         with self._cond:
             self._stats["skipped"] += 1
-            if not job.is_dir and job.stamp is not None:
-                self._superseded[job.name] = (job.stamp.size, job.stamp.mtime)
+            version = job.version()
+            if version is not None:
+                self._superseded[job.name] = version
         # A superseded save is routine (every rewritten last.ckpt): logged and counted, no warning.
         log.info("skipping upload of %s: %s", job.name, reason)
         self._journal.record(job.name, "skipped", detail=reason)
@@ -1131,7 +1143,7 @@ class CheckpointUploader:
         # newer one is durable: otherwise disk would grow without bound (promise 9).
         with self._cond:
             seen = self._superseded.get(cp.name)
-            if seen is None or cp.is_dir or (seen[0], seen[1]) != (cp.size, cp.mtime):
+            if seen is None or seen[0] != cp.size or abs(seen[1] - cp.mtime) > 1e-6:
                 return False
             key = (
                 -1 if cp.step is None else cp.step,
