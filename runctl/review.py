@@ -354,21 +354,12 @@ def list_multipart_uploads(
 
 def _has_abort_rule(transfer: Transfer, prefix: S3URL) -> bool | None:
     """True if an enabled lifecycle rule aborts incomplete multipart uploads covering ``prefix``; None if unknown."""
+    from runctl.lifecycle import has_abort_multipart_rule
+
     try:
-        config = transfer.config.boto_client().get_bucket_lifecycle_configuration(Bucket=prefix.bucket)
-    except Exception as exc:
-        code, _ = _client_error(exc)
-        return False if code == "NoSuchLifecycleConfiguration" else None
-    for rule in config.get("Rules", ()) or ():
-        if rule.get("Status") != "Enabled" or "AbortIncompleteMultipartUpload" not in rule:
-            continue
-        rule_filter = rule.get("Filter") or {}
-        rule_prefix = rule_filter.get("Prefix", (rule_filter.get("And") or {}).get("Prefix", rule.get("Prefix", "")))
-        if "Tag" in rule_filter or (rule_filter.get("And") or {}).get("Tags"):
-            continue  # a tag-scoped rule does not reach untagged uploads
-        if prefix.key.startswith(rule_prefix or ""):
-            return True
-    return False
+        return has_abort_multipart_rule(transfer.config.boto_client(), prefix.bucket, prefix.key)
+    except TransferError:
+        return None
 
 
 def review(

@@ -1,0 +1,874 @@
+"""Run any training script, watch its checkpoint directory, and hand finished checkpoints to the uploader."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import stat as stat_module
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from runctl.checkpoints import RUNCTL_DIR, is_recognised
+from runctl.exceptions import (
+    EXIT_FAILED,
+    FlushTimeout,
+    RunctlError,
+    UploadError,
+    UsageError,
+)
+from runctl.s3url import S3URL
+
+if TYPE_CHECKING:
+    from runctl.config import S3Config
+    from runctl.uploader import CheckpointUploader, UploadHandle
+
+log = logging.getLogger("runctl.local")
+
+#: Variables `runctl local` sets for the script; the plain-loop helper and the callbacks read them as defaults.
+ENV_CHECKPOINT_DIR = "RUNCTL_CHECKPOINT_DIR"  # absolute path of --checkpoint-dir
+ENV_S3_URL = "RUNCTL_S3_URL"  # --upload-to, as a prefix (s3://bucket/run/)
+ENV_KEEP_LAST_N = "RUNCTL_KEEP_LAST_N"  # --keep-last-n (S3 retention)
+ENV_ENDPOINT_URL = "RUNCTL_ENDPOINT_URL"  # the resolved S3 endpoint, when not AWS itself
+#: Set to "1" while `runctl local` itself uploads what appears in RUNCTL_CHECKPOINT_DIR.
+ENV_WATCHED = "RUNCTL_LOCAL_WATCHING"
+
+#: Name of a Hugging Face checkpoint's completion sign (written last by the Trainer).
+HF_SIGN = "trainer_state.json"
+#: DeepSpeed writes ``latest`` (naming the tag) next to its ``global_stepN`` directories once one is whole.
+DEEPSPEED_SIGN = "latest"
+RUNS_DIR = "runs"
+
+DEFAULT_SETTLE = 2.0
+DEFAULT_INTERVAL = 0.5
+DEFAULT_FLUSH_TIMEOUT = 600.0
+
+
+# -- the command and its environment --------------------------------------------------------------
+
+
+def build_command(script: str, args: Sequence[str] = ()) -> list[str]:
+    """``python SCRIPT ARGS`` for a ``.py`` file (this interpreter), else the executable itself.
+
+    Raises:
+        UsageError: the script does not exist, or is not a ``.py`` file and not executable.
+
+    Example:
+        >>> build_command("train.py", ["--lr", "0.1"])[1:]  # doctest: +SKIP
+        ['train.py', '--lr', '0.1']
+    """
+    if not script:
+        raise UsageError("SCRIPT is empty: give a .py file or an executable")
+    path = Path(script)
+    if script.endswith(".py"):
+        if not path.is_file():
+            raise UsageError(f"SCRIPT {script!r} does not exist or is not a file")
+        return [sys.executable, script, *args]
+    if os.sep in script or (os.altsep and os.altsep in script) or path.exists():
+        if not path.is_file():
+            raise UsageError(f"SCRIPT {script!r} does not exist or is not a file")
+        if not os.access(path, os.X_OK):
+            raise UsageError(
+                f"SCRIPT {script!r} is not executable: chmod +x it, or name its interpreter"
+            )
+        return [str(path if path.is_absolute() or os.sep in script else Path(".") / path), *args]
+    found = shutil.which(script)
+    if found is None:
+        raise UsageError(f"SCRIPT {script!r} is neither a file nor a command on PATH")
+    return [found, *args]
+
+
+def script_env(
+    base: Mapping[str, str] | None = None,
+    *,
+    checkpoint_dir: Path | None = None,
+    s3_url: S3URL | None = None,
+    keep_last_n: int | None = None,
+    endpoint_url: str | None = None,
+    watching: bool = False,
+) -> dict[str, str]:
+    """The script's environment: ``base`` plus the ``RUNCTL_*`` defaults it should use.
+
+    Example:
+        >>> env = script_env({}, checkpoint_dir=Path("/ckpt"), keep_last_n=3)
+        >>> env["RUNCTL_CHECKPOINT_DIR"], env["RUNCTL_KEEP_LAST_N"]
+        ('/ckpt', '3')
+    """
+    env = dict(os.environ if base is None else base)
+    values = {
+        ENV_CHECKPOINT_DIR: None
+        if checkpoint_dir is None
+        else str(Path(checkpoint_dir).absolute()),
+        ENV_S3_URL: None if s3_url is None else str(s3_url.as_prefix()),
+        ENV_KEEP_LAST_N: None if keep_last_n is None else str(keep_last_n),
+        ENV_ENDPOINT_URL: endpoint_url,
+        ENV_WATCHED: "1" if watching else None,
+    }
+    for name, value in values.items():
+        if value is not None:
+            env[name] = value
+    return env
+
+
+# -- which files a process tree has open for writing -----------------------------------------------
+
+
+def _ppid_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: the fields start after the last ')'.
+        rest = data[data.rfind(b")") + 2 :].split()
+        if len(rest) >= 2:
+            children.setdefault(int(rest[1]), []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every descendant of it (Linux /proc; just ``[pid]`` elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return [pid]
+    try:
+        children = _ppid_map()
+    except OSError:
+        return [pid]
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def open_for_writing(pids: Sequence[int]) -> set[str] | None:
+    """Real paths the given processes have open for writing; None when /proc cannot tell.
+
+    Example:
+        >>> isinstance(open_for_writing([os.getpid()]), (set, type(None)))
+        True
+    """
+    if not os.path.isdir("/proc/self/fdinfo"):
+        return None
+    found: set[str] = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            return None  # not ours to look at: cannot tell
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    flags_line = next((ln for ln in fh if ln.startswith("flags:")), "")
+            except OSError:
+                continue
+            if not target.startswith("/") or not flags_line:
+                continue
+            flags = int(flags_line.split()[1], 8)
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                found.add(target.removesuffix(" (deleted)"))
+    return found
+
+
+# -- the watcher ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Seen:
+    signature: tuple[int, ...]
+    since: float
+    polls: int = 1
+    submitted: tuple[int, ...] | None = None
+    writing: bool = False
+
+
+def _file_signature(st: os.stat_result) -> tuple[int, ...]:
+    return (0, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _dir_signature(path: Path) -> tuple[int, ...]:
+    count = size = newest = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            count += 1
+            newest = max(newest, st.st_mtime_ns)
+            if stat_module.S_ISREG(st.st_mode):
+                size += st.st_size
+    return (1, count, size, newest)
+
+
+class CheckpointWatcher:
+    """Polls a directory and hands each finished checkpoint to ``submit``, once per version.
+
+    A file is finished when its size and mtime have not changed for ``settle`` seconds and no
+    process of the watched tree has it open for writing (checked in /proc where there is one).
+    A directory is finished when its framework's completion sign exists (Hugging Face's
+    ``trainer_state.json``; DeepSpeed's ``latest`` naming it) and nothing in it changed since
+    the previous poll, or else when it has been quiet for ``settle`` seconds. Checkpoints the
+    journal already knows (verified, or pending and resumed by the uploader) are not re-sent.
+
+    Example:
+        >>> watcher = CheckpointWatcher(Path("ckpt"), uploader.submit, settle=1.0)  # doctest: +SKIP
+        >>> watcher.start(); ...; watcher.stop(); watcher.final_scan(script_failed=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        submit: Callable[[Path], object],
+        *,
+        settle: float = DEFAULT_SETTLE,
+        interval: float = DEFAULT_INTERVAL,
+        patterns: Sequence[str] | None = None,
+        pids: Callable[[], Sequence[int]] | None = None,
+    ) -> None:
+        if settle < 0:
+            raise UsageError(f"settle must be >= 0 seconds, got {settle!r}")
+        if interval <= 0:
+            raise UsageError(f"interval must be > 0 seconds, got {interval!r}")
+        self.root = Path(root)
+        self.submit = submit
+        self.settle = settle
+        self.interval = interval
+        self.patterns = patterns
+        self.pids = pids
+        self._seen: dict[str, _Seen] = {}
+        self._known = self._journal_known()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.skipped: dict[str, str] = {}
+
+    def _journal_known(self) -> Callable[[str, int | None, float | None], bool]:
+        from runctl.journal import Journal
+
+        try:
+            journal = Journal(self.root)
+            pending = {e.name for e in journal.pending()}
+            verified = journal.durability_check()
+        except RunctlError as exc:
+            log.warning("cannot read the journal in %s: %s", self.root, exc)
+            return lambda name, size, mtime: False
+
+        def known(name: str, size: int | None, mtime: float | None) -> bool:
+            return name in pending or verified(name, size, mtime)
+
+        return known
+
+    # -- thread --
+
+    def start(self) -> None:
+        """Poll every ``interval`` seconds on a daemon thread until ``stop()``."""
+        self._thread = threading.Thread(target=self._run, name="runctl-local-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception as exc:  # one bad poll must not end the watch
+                log.warning("watching %s: %s", self.root, exc)
+
+    # -- polling --
+
+    def _candidates(self) -> list[os.DirEntry[str]]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            (e for e in entries if e.name != RUNCTL_DIR and is_recognised(e.name, self.patterns)),
+            key=lambda e: e.name,
+        )
+
+    def _signature(self, entry: os.DirEntry[str]) -> tuple[int, ...] | None:
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except OSError:
+            return None
+        if stat_module.S_ISDIR(st.st_mode):
+            return _dir_signature(Path(entry.path))
+        if stat_module.S_ISREG(st.st_mode):
+            return _file_signature(st)
+        return None
+
+    def _has_sign(self, path: Path) -> bool:
+        if (path / HF_SIGN).is_file() or (path / DEEPSPEED_SIGN).is_file():
+            return True
+        try:
+            tag = (self.root / DEEPSPEED_SIGN).read_text(errors="replace").strip()
+        except OSError:
+            return False
+        return tag == path.name
+
+    def _writers(self) -> set[str] | None:
+        if self.pids is None:
+            return None
+        try:
+            return open_for_writing(self.pids())
+        except OSError:
+            return None
+
+    @staticmethod
+    def _is_written(path: str, is_dir: bool, writers: set[str] | None) -> bool:
+        if not writers:
+            return False
+        real = os.path.realpath(path)
+        if is_dir:
+            inside = real.rstrip("/") + "/"
+            return any(w.startswith(inside) for w in writers)
+        return real in writers
+
+    def poll(self, *, final: bool = False, script_failed: bool = False) -> list[Path]:
+        """One look at the directory; returns what was handed over.
+
+        ``final`` (the script has exited, nothing writes any more) hands over everything not yet
+        sent, except, when ``script_failed``, what the script still had open for writing at the
+        previous poll (it may be torn); those are listed in ``skipped``.
+        """
+        with self._lock:
+            return self._poll(final, script_failed)
+
+    def _poll(self, final: bool, script_failed: bool) -> list[Path]:
+        now = time.monotonic()
+        writers: set[str] | None = None
+        writers_read = False
+        handed: list[Path] = []
+        present: set[str] = set()
+        for entry in self._candidates():
+            sig = self._signature(entry)
+            if sig is None:
+                continue
+            name = entry.name
+            present.add(name)
+            is_dir = sig[0] == 1
+            state = self._seen.get(name)
+            if state is None:
+                state = self._seen[name] = _Seen(sig, now)
+                size = None if is_dir else sig[2]
+                mtime = None if is_dir else sig[3] / 1e9
+                if self._known(name, size, mtime) or (
+                    not is_dir and self._known(name, size, _stat_mtime(entry))
+                ):
+                    state.submitted = sig
+            elif state.signature != sig:
+                state.signature, state.since, state.polls = sig, now, 1
+            else:
+                state.polls += 1
+            if state.submitted == sig:
+                continue
+            if final:
+                if script_failed and state.writing:
+                    self.skipped[name] = "still being written when the script exited"
+                    log.warning(
+                        "not uploading %s: it was still being written when the script failed",
+                        name,
+                    )
+                    state.submitted = sig
+                    continue
+            else:
+                path = Path(entry.path)
+                signed = is_dir and self._has_sign(path)
+                quiet_for = now - state.since
+                if signed:
+                    if state.polls < 2:
+                        continue
+                elif quiet_for < self.settle or state.polls < 2:
+                    continue
+                if not writers_read:
+                    writers, writers_read = self._writers(), True
+                state.writing = self._is_written(entry.path, is_dir, writers)
+                if state.writing:
+                    continue
+            try:
+                self.submit(Path(entry.path))
+            except UsageError as exc:  # vanished between the look and the hand-over
+                log.info("not handing over %s: %s", name, exc)
+                continue
+            state.submitted = sig
+            handed.append(Path(entry.path))
+        if not final:
+            for name in list(self._seen):
+                if name not in present:
+                    del self._seen[name]
+        return handed
+
+    def track_writers(self) -> None:
+        """Remember which unsent checkpoints are open for writing now (called as the script ends)."""
+        with self._lock:
+            unsent = [(n, s) for n, s in self._seen.items() if s.submitted != s.signature]
+            if not unsent:
+                return
+            writers = self._writers()
+            for name, state in unsent:
+                state.writing = self._is_written(
+                    str(self.root / name), state.signature[0] == 1, writers
+                )
+
+    def final_scan(self, *, script_failed: bool) -> list[Path]:
+        """After the script exited: hand over everything finished that was not sent yet."""
+        return self.poll(final=True, script_failed=script_failed)
+
+
+def _stat_mtime(entry: os.DirEntry[str]) -> float | None:
+    try:
+        return entry.stat().st_mtime
+    except OSError:
+        return None
+
+
+# -- the run record -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """What became of one hand-over: ``state`` is verified, skipped, failed or pending.
+
+    Example:
+        >>> UploadRecord("step_1.pt", "verified", "s3://b/run/step_1.pt", 10).to_json()["state"]
+        'verified'
+    """
+
+    name: str
+    state: str
+    url: str | None = None
+    size: int | None = None
+    seconds: float | None = None
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One `runctl local` run: the command, when, how it ended, and what was uploaded.
+
+    ``script_exit_code`` is the script's own (128+N when a signal N killed it); ``exit_code`` is
+    what runctl exits with: 128+N when runctl forwarded signal N, else the script's code, else 1
+    when an upload failed or is still pending.
+
+    Example:
+        >>> RunRecord(("python", "t.py"), 0.0, 1.0, 0, 0).to_json()["exit_code"]
+        0
+    """
+
+    command: tuple[str, ...]
+    start: float
+    end: float
+    exit_code: int
+    script_exit_code: int
+    signal: int | None = None
+    checkpoint_dir: str | None = None
+    s3_url: str | None = None
+    uploads: tuple[UploadRecord, ...] = ()
+    not_uploaded: Mapping[str, str] = field(default_factory=dict)
+    upload_error: str | None = None
+    record_path: str | None = None
+
+    @property
+    def failed_uploads(self) -> tuple[UploadRecord, ...]:
+        """Checkpoints whose latest version failed or is still pending (an older failed version that
+        a newer one replaced does not count)."""
+        latest = {u.name: u for u in self.uploads}
+        return tuple(u for u in latest.values() if u.state in ("failed", "pending"))
+
+    @property
+    def upload_failed(self) -> bool:
+        return bool(self.failed_uploads) or self.upload_error is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": list(self.command),
+            "start": self.start,
+            "end": self.end,
+            "seconds": round(self.end - self.start, 3),
+            "exit_code": self.exit_code,
+            "script_exit_code": self.script_exit_code,
+            "signal": self.signal,
+            "checkpoint_dir": self.checkpoint_dir,
+            "s3_url": self.s3_url,
+            "uploads": [u.to_json() for u in self.uploads],
+            "not_uploaded": dict(self.not_uploaded),
+            "upload_error": self.upload_error,
+        }
+
+
+def write_run_record(root: Path, record: RunRecord) -> Path:
+    """Write ``record`` as ``<root>/.runctl/runs/<UTC timestamp>.json`` (atomically); return the path.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_run_record(Path(tempfile.mkdtemp()), RunRecord(("x",), 0.0, 1.0, 0, 0))
+        >>> p.parent.name
+        'runs'
+    """
+    runs = Path(root) / RUNCTL_DIR / RUNS_DIR
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(record.start))
+    millis = int((record.start % 1) * 1000)
+    base = f"{stamp}.{millis:03d}Z"
+    path = runs / f"{base}.json"
+    n = 1
+    while path.exists():
+        path = runs / f"{base}-{n}.json"
+        n += 1
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# -- output tee -----------------------------------------------------------------------------------
+
+
+class _Tee:
+    """Copies a child's pipe to a stream and to the log file, chunk by chunk."""
+
+    def __init__(
+        self, source: IO[bytes], sink: IO[bytes], log_file: IO[bytes], lock: threading.Lock
+    ) -> None:
+        self.source, self.sink, self.log_file, self.lock = source, sink, log_file, lock
+        self.thread = threading.Thread(target=self._run, name="runctl-local-tee", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        fd = self.source.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            try:
+                self.sink.write(chunk)
+                self.sink.flush()
+            except (OSError, ValueError):
+                pass  # our own stdout went away: the log still gets everything
+            with self.lock:
+                self.log_file.write(chunk)
+                self.log_file.flush()
+        self.source.close()
+
+
+# -- signals --------------------------------------------------------------------------------------
+
+
+def _terminal_delivers_to(child_pid: int) -> bool:
+    """True when a Ctrl-C at the terminal already reached the child (same foreground process group)."""
+    try:
+        if os.getpgid(child_pid) != os.getpgrp():
+            return False
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _SignalForwarder:
+    """While the script runs: SIGINT/SIGTERM go to it (once), runctl waits for it to end."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self.installed = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _SignalForwarder:
+        if self.installed:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.proc.poll() is not None:
+            # The script is gone and we are flushing: a second Ctrl-C stops waiting for uploads.
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+        # A Ctrl-C at the terminal already went to the whole foreground group, the script
+        # included: forwarding it too would interrupt the script's own clean-up. (A SIGINT sent
+        # with kill while runctl is in the foreground is therefore not forwarded; SIGTERM always is.)
+        if signum == signal.SIGINT and _terminal_delivers_to(self.proc.pid):
+            log.debug("SIGINT came from the terminal: the script got it too")
+            return
+        try:
+            self.proc.send_signal(signum)
+        except OSError:
+            pass
+
+
+# -- one run --------------------------------------------------------------------------------------
+
+
+def _script_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _outcomes(handles: Sequence[UploadHandle]) -> list[UploadRecord]:
+    found = []
+    for handle in handles:
+        if not handle.done():
+            found.append(
+                UploadRecord(handle.name, "pending", detail="still uploading when runctl stopped")
+            )
+            continue
+        error = handle.exception(0)
+        if error is not None:
+            from runctl.config import scrub
+
+            found.append(UploadRecord(handle.name, "failed", detail=scrub(str(error))))
+            continue
+        outcome = handle.result(0)
+        found.append(
+            UploadRecord(
+                outcome.name,
+                outcome.state,
+                outcome.url,
+                outcome.size,
+                round(outcome.seconds, 3),
+                outcome.detail,
+            )
+        )
+    return found
+
+
+def run_local(
+    command: Sequence[str],
+    *,
+    checkpoint_dir: Path | None = None,
+    s3_url: S3URL | None = None,
+    keep_last_n: int | None = None,
+    local_keep_last_n: int | None = None,
+    settle: float = DEFAULT_SETTLE,
+    interval: float = DEFAULT_INTERVAL,
+    log_file: Path | None = None,
+    config: S3Config | None = None,
+    use_s5cmd: bool = True,
+    flush_timeout: float | None = DEFAULT_FLUSH_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    stdout: IO[bytes] | None = None,
+    stderr: IO[bytes] | None = None,
+    uploader_factory: Callable[..., CheckpointUploader] | None = None,
+) -> RunRecord:
+    """Run ``command`` to the end; with ``checkpoint_dir`` and ``s3_url``, upload what it saves.
+
+    The script inherits stdin/stdout/stderr (with ``log_file``, its output goes through pipes
+    and is copied to the file too). SIGINT/SIGTERM received meanwhile go to the script, which is
+    waited for. Then a final scan, a flush (bounded by ``flush_timeout``) and, with a checkpoint
+    directory, a run record under ``<dir>/.runctl/runs/``.
+
+    Raises:
+        UsageError: inconsistent arguments (nothing is run).
+
+    Example:
+        >>> rec = run_local(build_command("train.py"), checkpoint_dir=Path("ckpt"),  # doctest: +SKIP
+        ...                 s3_url=S3URL.parse("s3://bucket/run-7/"), keep_last_n=3)
+        >>> rec.exit_code, [u.name for u in rec.uploads]  # doctest: +SKIP
+        (0, ['step_1.pt', 'step_2.pt'])
+    """
+    if not command:
+        raise UsageError("no command to run")
+    if s3_url is not None and checkpoint_dir is None:
+        raise UsageError("--upload-to needs --checkpoint-dir DIR (the directory to watch)")
+    if (
+        checkpoint_dir is not None
+        and Path(checkpoint_dir).exists()
+        and not Path(checkpoint_dir).is_dir()
+    ):
+        raise UsageError(f"--checkpoint-dir {str(checkpoint_dir)!r} is a file, not a directory")
+    for value, argument in (
+        (keep_last_n, "--keep-last-n"),
+        (local_keep_last_n, "--local-keep-last-n"),
+    ):
+        if value is not None and value < 1:
+            raise UsageError(f"{argument} must be at least 1, got {value}")
+    if (keep_last_n is not None or local_keep_last_n is not None) and s3_url is None:
+        raise UsageError("--keep-last-n / --local-keep-last-n need --upload-to S3URL")
+    if settle < 0:
+        raise UsageError(f"--settle must be >= 0 seconds, got {settle}")
+
+    root = None if checkpoint_dir is None else Path(checkpoint_dir).absolute()
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+
+    uploader: CheckpointUploader | None = None
+    if s3_url is not None and root is not None:
+        if uploader_factory is None:
+            from runctl.uploader import CheckpointUploader
+
+            uploader_factory = CheckpointUploader
+        uploader = uploader_factory(
+            root,
+            s3_url,
+            keep_last_n=keep_last_n,
+            local_keep_last_n=local_keep_last_n,
+            config=config,
+            use_s5cmd=use_s5cmd,
+            failure_policy="warn",
+        )
+
+    child_env = script_env(
+        env,
+        checkpoint_dir=root,
+        s3_url=s3_url,
+        keep_last_n=keep_last_n,
+        endpoint_url=config.endpoint_url if config is not None else None,
+        watching=uploader is not None,
+    )
+    handles: list[UploadHandle] = []
+    watcher: CheckpointWatcher | None = None
+    log_fh: IO[bytes] | None = None
+    tees: list[_Tee] = []
+    start = time.time()
+    proc: subprocess.Popen[bytes] | None = None
+    forwarder: _SignalForwarder | None = None
+    upload_error: str | None = None
+    script_code = EXIT_FAILED
+    try:
+        if log_file is not None:
+            try:
+                log_fh = open(log_file, "ab")
+            except OSError as exc:
+                raise UsageError(
+                    f"--log {str(log_file)!r}: cannot open it: {exc.strerror}"
+                ) from None
+        pipe = subprocess.PIPE if log_fh is not None else None
+        try:
+            proc = subprocess.Popen(list(command), env=child_env, stdout=pipe, stderr=pipe)
+        except OSError as exc:
+            raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+        if log_fh is not None:
+            lock = threading.Lock()
+            assert proc.stdout is not None and proc.stderr is not None
+            tees.append(_Tee(proc.stdout, stdout or sys.stdout.buffer, log_fh, lock))
+            tees.append(_Tee(proc.stderr, stderr or sys.stderr.buffer, log_fh, lock))
+        running = proc
+        if uploader is not None and root is not None:
+            active = uploader
+
+            def submit(path: Path) -> None:
+                handles.append(active.submit(path))
+
+            watcher = CheckpointWatcher(
+                root,
+                submit,
+                settle=settle,
+                interval=interval,
+                pids=lambda: process_tree(running.pid),
+            )
+            watcher.start()
+        with _SignalForwarder(proc) as forwarder:
+            while True:
+                try:
+                    proc.wait(timeout=interval)
+                    break
+                except subprocess.TimeoutExpired:
+                    if watcher is not None:
+                        # Remember what is open right now: if the script then dies, those may be torn.
+                        watcher.track_writers()
+            for tee in tees:
+                tee.thread.join(10.0)
+            script_code = _script_code(proc.returncode)
+            if watcher is not None:
+                watcher.stop()
+                watcher.final_scan(script_failed=script_code != 0)
+            if uploader is not None:
+                try:
+                    uploader.close(flush_timeout)
+                except FlushTimeout as exc:
+                    upload_error = str(exc)
+                except UploadError as exc:
+                    upload_error = str(exc)
+                except KeyboardInterrupt:
+                    # close() already stopped the worker; the journal keeps the rest pending.
+                    upload_error = "interrupted while waiting for uploads"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if watcher is not None:
+            watcher.stop()
+        if log_fh is not None:
+            for tee in tees:
+                tee.thread.join(5.0)
+            log_fh.close()
+
+    end = time.time()
+    received = forwarder.received if forwarder is not None else None
+    if received is not None:
+        exit_code = 128 + received
+    else:
+        exit_code = script_code
+    uploads = tuple(_outcomes(handles))
+    record = RunRecord(
+        command=tuple(command),
+        start=start,
+        end=end,
+        exit_code=exit_code,
+        script_exit_code=script_code,
+        signal=received,
+        checkpoint_dir=None if root is None else str(root),
+        s3_url=None if s3_url is None else str(s3_url.as_prefix()),
+        uploads=uploads,
+        not_uploaded=dict(watcher.skipped) if watcher is not None else {},
+        upload_error=upload_error,
+    )
+    if exit_code == 0 and record.upload_failed:
+        record = _replace(record, exit_code=EXIT_FAILED)
+    if root is not None:
+        try:
+            path = write_run_record(root, record)
+        except OSError as exc:
+            log.warning("cannot write the run record under %s: %s", root, exc)
+        else:
+            record = _replace(record, record_path=str(path))
+    return record
+
+
+def _replace(record: RunRecord, **changes: Any) -> RunRecord:
+    from dataclasses import replace
+
+    return replace(record, **changes)

@@ -1,0 +1,412 @@
+"""`runctl local`: a plain torch.save script run as a real subprocess against a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.s3url import S3URL
+from tests.cli.cli_support import ROOT, keys, run
+from tests.servers import S3Server
+
+TRAIN = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import torch
+
+    ckpt = os.environ["RUNCTL_CHECKPOINT_DIR"]
+    saves, code = int(sys.argv[1]), int(sys.argv[2])
+    for step in range(1, saves + 1):
+        torch.save({"step": step, "w": torch.arange(step * 5000)}, os.path.join(ckpt, f"step_{step}.pt"))
+        print(f"saved {step}", flush=True)
+        time.sleep(0.3)
+    env = {k: v for k, v in os.environ.items() if k.startswith("RUNCTL_")}
+    print("ENV " + json.dumps(env), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    if "--hang" in sys.argv:
+        print("ready", flush=True)
+        time.sleep(60)
+    sys.exit(code)
+    """
+)
+
+
+def runctl_local(
+    server: S3Server, tmp_path: Path, *args: str, **popen: object
+) -> subprocess.Popen[str]:
+    """``python -m runctl local ...`` as a real child process, reaching the server through the environment."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": server.endpoint_url}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "runctl", "local", *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,  # type: ignore[arg-type]
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def run_record(ckpt: Path) -> dict:
+    (path,) = (ckpt / ".runctl" / "runs").glob("*.json")
+    return json.loads(path.read_text())
+
+
+def assert_landed_whole(server: S3Server, bucket: S3URL, ckpt: Path, steps: range) -> None:
+    stored = keys(server, bucket)
+    for step in steps:
+        name = f"step_{step}.pt"
+        assert stored.get(f"run/{name}") == (ckpt / name).read_bytes(), name
+    import torch
+
+    for step in steps:
+        (ckpt / "check.pt").write_bytes(stored[f"run/step_{step}.pt"])
+        assert torch.load(ckpt / "check.pt")["step"] == step
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_every_checkpoint_lands_whole_and_the_exit_code_propagates(
+    moto_server: S3Server, tmp_path: Path, code: int
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    ckpt = tmp_path / "ckpt"
+    proc = runctl_local(
+        moto_server,
+        tmp_path,
+        "--checkpoint-dir",
+        "ckpt",
+        "--upload-to",
+        f"{bucket}run/",
+        "--keep-last-n",
+        "10",
+        "--settle",
+        "0.3",
+        "--log",
+        "train.log",
+        "train.py",
+        "4",
+        str(code),
+    )
+    rc, out, err = finish(proc)
+    assert rc == code, (out, err)
+
+    assert_landed_whole(moto_server, bucket, ckpt, range(1, 5))
+
+    # the script's environment carries runctl's defaults
+    env = json.loads(next(line for line in out.splitlines() if line.startswith("ENV "))[4:])
+    assert env["RUNCTL_CHECKPOINT_DIR"] == str(ckpt)
+    assert env["RUNCTL_S3_URL"] == f"{bucket}run/"
+    assert env["RUNCTL_KEEP_LAST_N"] == "10"
+    assert env["RUNCTL_ENDPOINT_URL"] == moto_server.endpoint_url
+
+    # --log tees both streams while they still reach runctl's own stdout / stderr
+    log = (tmp_path / "train.log").read_text()
+    assert "saved 4" in log and "to stderr" in log and "ENV " in log
+    assert "saved 1" in out and "to stderr" in err
+
+    record = run_record(ckpt)
+    assert record["exit_code"] == code and record["script_exit_code"] == code
+    assert record["command"][1:] == ["train.py", "4", str(code)]
+    assert record["end"] >= record["start"]
+    assert sorted(u["name"] for u in record["uploads"] if u["state"] == "verified") == [
+        f"step_{i}.pt" for i in range(1, 5)
+    ]
+    assert "uploaded 4 checkpoints" in err
+
+
+def test_sigint_is_forwarded_and_runctl_exits_130_after_uploading(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    ckpt = tmp_path / "ckpt"
+    proc = runctl_local(
+        moto_server,
+        tmp_path,
+        "--checkpoint-dir",
+        "ckpt",
+        "--upload-to",
+        f"{bucket}run/",
+        "--settle",
+        "0.3",
+        "train.py",
+        "3",
+        "0",
+        "--hang",
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if line.strip() == "ready" or time.monotonic() > deadline:
+            break
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # to runctl only: it must forward it to the script
+    rc, out, err = finish(proc, timeout=60)
+    assert rc == 130, err
+    assert time.monotonic() - started < 30  # the script did not sleep its 60 s out
+    assert "KeyboardInterrupt" in err  # the script itself got the signal
+    assert_landed_whole(moto_server, bucket, ckpt, range(1, 4))
+    record = run_record(ckpt)
+    assert record["exit_code"] == 130 and record["signal"] == signal.SIGINT
+
+
+def test_plain_run_passes_output_through_without_a_checkpoint_dir(tmp_path: Path) -> None:
+    script = tmp_path / "hello.py"
+    script.write_text("import sys\nprint('hi', sys.argv[1:])\nsys.exit(5)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runctl", "local", str(script), "--", "--lr", "0.1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "hi ['--lr', '0.1']\n"
+
+
+def test_an_executable_runs_itself(tmp_path: Path) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text('#!/bin/sh\necho "job $1 $RUNCTL_CHECKPOINT_DIR"\nexit 4\n')
+    script.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runctl",
+            "local",
+            "--checkpoint-dir",
+            str(tmp_path / "c"),
+            str(script),
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stdout == f"job x {tmp_path / 'c'}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("missing.py",), "does not exist"),
+        (("--upload-to", "s3://bkt/run/", "SCRIPT.py"), "--checkpoint-dir"),
+        (("--checkpoint-dir", "c", "--upload-to", "s3://bkt/", "SCRIPT.py"), "bucket root"),
+        (("--checkpoint-dir", "c", "--upload-to", "nope://x", "SCRIPT.py"), "--upload-to"),
+        (
+            (
+                "--checkpoint-dir",
+                "c",
+                "--upload-to",
+                "s3://bkt/r/",
+                "--keep-last-n",
+                "0",
+                "SCRIPT.py",
+            ),
+            "--keep-last-n",
+        ),
+        (("--checkpoint-dir", "c", "--keep-last-n", "2", "SCRIPT.py"), "--upload-to"),
+        (("--settle", "-1", "SCRIPT.py"), "--settle"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "ran"
+    (tmp_path / "SCRIPT.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    result = run("local", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+COUNT_SIGINT = textwrap.dedent(
+    """
+    import signal, sys, time
+    count = 0
+    def handler(signum, frame):
+        global count
+        count += 1
+    signal.signal(signal.SIGINT, handler)
+    print("ready", flush=True)
+    while count == 0:
+        time.sleep(0.02)
+    time.sleep(0.5)  # a duplicate would arrive meanwhile
+    print(f"count {count}", flush=True)
+    sys.exit(0)
+    """
+)
+
+
+def test_sigint_to_runctl_reaches_the_script_exactly_once(tmp_path: Path) -> None:
+    (tmp_path / "count.py").write_text(COUNT_SIGINT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "local", "count.py"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    rc, out, err = finish(proc, timeout=30)
+    assert rc == 130, err
+    assert out.strip() == "count 1"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pty")
+def test_ctrl_c_at_a_terminal_is_not_delivered_twice(tmp_path: Path) -> None:
+    import pty
+    import select
+
+    (tmp_path / "count.py").write_text(COUNT_SIGINT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: runctl in the foreground of its own terminal
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, "-m", "runctl", "local", "count.py"], env)
+    output = b""
+
+    def read_until(text: bytes, timeout: float) -> None:
+        nonlocal output
+        deadline = time.monotonic() + timeout
+        while text not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    output += os.read(fd, 1024)
+                except OSError:
+                    return
+
+    try:
+        read_until(b"ready", 30)
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal signals the whole foreground group
+        read_until(b"interrupted", 30)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 130, output
+    assert b"count 1" in output
+
+
+@pytest.mark.parametrize(("code", "expected"), [(0, 1), (3, 3)])
+def test_a_failed_upload_fails_a_successful_run_and_says_so(
+    moto_server: S3Server, tmp_path: Path, code: int, expected: int
+) -> None:
+    (tmp_path / "save.py").write_text(
+        "import os, sys\n"
+        "open(os.path.join(os.environ['RUNCTL_CHECKPOINT_DIR'], 'step_1.pt'), 'wb').write(b'w')\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runctl",
+            "local",
+            "--checkpoint-dir",
+            "ckpt",
+            "--upload-to",
+            "s3://no-such-bucket-local/run/",
+            "--settle",
+            "0.2",
+            "save.py",
+            str(code),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == expected, proc.stderr
+    record = run_record(tmp_path / "ckpt")
+    assert record["script_exit_code"] == code and record["exit_code"] == expected
+    assert [(u["name"], u["state"]) for u in record["uploads"]] == [("step_1.pt", "failed")]
+    assert "NoSuchBucket" in record["uploads"][0]["detail"]
+    if code == 0:
+        assert "the script succeeded but uploads failed, so the exit code is 1" in proc.stderr
+    else:
+        assert "uploads failed too" in proc.stderr
+
+
+def test_hugging_face_style_directories_upload_whole_with_their_marker(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    (tmp_path / "hf.py").write_text(
+        textwrap.dedent(
+            """
+            import os, time
+            root = os.environ["RUNCTL_CHECKPOINT_DIR"]
+            for step in (10, 20):
+                d = os.path.join(root, f"checkpoint-{step}")
+                os.makedirs(d)
+                for name in ("model.safetensors", "optimizer.pt"):
+                    with open(os.path.join(d, name), "wb") as fh:
+                        fh.write(os.urandom(50_000))
+                        time.sleep(0.2)
+                with open(os.path.join(d, "trainer_state.json"), "w") as fh:
+                    fh.write('{"global_step": %d}' % step)
+                time.sleep(0.3)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runctl",
+            "local",
+            "--checkpoint-dir",
+            "ckpt",
+            "--upload-to",
+            f"{bucket}run/",
+            "--settle",
+            "5",
+            "hf.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    stored = keys(moto_server, bucket)
+    for step in (10, 20):
+        local = tmp_path / "ckpt" / f"checkpoint-{step}"
+        for f in local.iterdir():
+            assert stored[f"run/checkpoint-{step}/{f.name}"] == f.read_bytes()
+        assert f"run/checkpoint-{step}/.runctl-manifest.json" in stored
+    record = run_record(tmp_path / "ckpt")
+    assert sorted(u["name"] for u in record["uploads"] if u["state"] == "verified") == [
+        "checkpoint-10",
+        "checkpoint-20",
+    ]

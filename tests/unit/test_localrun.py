@@ -1,0 +1,267 @@
+"""The pieces of `runctl local`: command building, script environment, the finished-checkpoint watcher, run records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.exceptions import UsageError
+from runctl.journal import Journal
+from runctl.localrun import (
+    CheckpointWatcher,
+    RunRecord,
+    UploadRecord,
+    build_command,
+    open_for_writing,
+    process_tree,
+    run_local,
+    script_env,
+    write_run_record,
+)
+from runctl.s3url import S3URL
+
+linux_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs Linux /proc")
+
+
+def test_build_command(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert build_command(str(script), ["--lr", "1"]) == [sys.executable, str(script), "--lr", "1"]
+    tool = tmp_path / "run.sh"
+    tool.write_text("#!/bin/sh\n")
+    with pytest.raises(UsageError, match="not executable"):
+        build_command(str(tool))
+    tool.chmod(0o755)
+    assert build_command(str(tool), ["a"]) == [str(tool), "a"]
+    assert build_command("sh")[0].endswith("/sh")
+    with pytest.raises(UsageError, match="does not exist"):
+        build_command(str(tmp_path / "missing.py"))
+    with pytest.raises(UsageError, match="neither a file nor a command"):
+        build_command("no-such-command-runctl-xyz")
+
+
+def test_script_env_sets_only_what_is_given() -> None:
+    env = script_env(
+        {"PATH": "/bin"},
+        checkpoint_dir=Path("/tmp/ck"),
+        s3_url=S3URL.parse("s3://bkt/run"),
+        keep_last_n=4,
+        endpoint_url="http://127.0.0.1:9",
+        watching=True,
+    )
+    assert env == {
+        "PATH": "/bin",
+        "RUNCTL_CHECKPOINT_DIR": "/tmp/ck",
+        "RUNCTL_S3_URL": "s3://bkt/run/",
+        "RUNCTL_KEEP_LAST_N": "4",
+        "RUNCTL_ENDPOINT_URL": "http://127.0.0.1:9",
+        "RUNCTL_LOCAL_WATCHING": "1",
+    }
+    assert script_env({"X": "1"}) == {"X": "1"}
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __call__(self, path: Path) -> None:
+        self.names.append(path.name)
+
+
+def test_a_file_is_handed_over_once_after_it_settles(tmp_path: Path) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.3)
+    path = tmp_path / "step_1.pt"
+    path.write_bytes(b"a")
+    (tmp_path / "train.log").write_text("not a checkpoint")
+    (tmp_path / "step_2.pt.tmp").write_bytes(b"temp")
+    assert watcher.poll() == []  # first sight
+    path.write_bytes(b"ab")  # still growing
+    time.sleep(0.35)
+    assert watcher.poll() == []  # changed since the last look: the settle clock restarted
+    time.sleep(0.35)
+    watcher.poll()
+    assert got.names == ["step_1.pt"]
+    time.sleep(0.05)
+    watcher.poll()
+    assert got.names == ["step_1.pt"]  # once per version
+    # a rewrite (last.ckpt-style) is a new version, handed over again once settled
+    time.sleep(0.01)
+    path.write_bytes(b"abc")
+    watcher.poll()
+    time.sleep(0.35)
+    watcher.poll()
+    assert got.names == ["step_1.pt", "step_1.pt"]
+
+
+@linux_proc
+def test_a_file_open_for_writing_is_not_finished(tmp_path: Path) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.0, pids=lambda: process_tree(os.getpid()))
+    path = tmp_path / "step_5.pt"
+    with open(path, "wb") as fh:
+        fh.write(b"partial")
+        fh.flush()
+        assert str(path.resolve()) in (open_for_writing([os.getpid()]) or set())
+        for _ in range(3):
+            watcher.poll()
+        assert got.names == []
+    watcher.poll()
+    assert got.names == ["step_5.pt"]
+
+
+@linux_proc
+def test_process_tree_includes_grandchildren() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(['sleep', '5'])"],
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while len(process_tree(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(process_tree(proc.pid)) >= 2
+        assert process_tree(proc.pid)[0] == proc.pid
+    finally:
+        for pid in reversed(process_tree(proc.pid)):
+            os.kill(pid, 9)
+        proc.wait()
+
+
+def test_a_directory_with_its_completion_sign_goes_at_once(tmp_path: Path) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=60.0)
+    hf = tmp_path / "checkpoint-500"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"m")
+    ds = tmp_path / "global_step7"
+    ds.mkdir()
+    (ds / "mp_rank_00_model_states.pt").write_bytes(b"d")
+    plain = tmp_path / "step-3"
+    plain.mkdir()
+    (plain / "shard0.pt").write_bytes(b"s")
+    watcher.poll()
+    watcher.poll()
+    assert got.names == []  # no sign yet, and far from settled
+    (hf / "trainer_state.json").write_text("{}")
+    (tmp_path / "latest").write_text("global_step7")
+    watcher.poll()  # the sign changed the tree: wait one more look
+    watcher.poll()
+    assert sorted(got.names) == ["checkpoint-500", "global_step7"]
+
+
+def test_a_quiet_directory_goes_after_the_settle_time(tmp_path: Path) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.2)
+    d = tmp_path / "step-3"
+    d.mkdir()
+    (d / "a.pt").write_bytes(b"1")
+    watcher.poll()
+    time.sleep(0.25)
+    watcher.poll()
+    assert got.names == ["step-3"]
+
+
+def test_the_final_scan_sends_the_rest_but_not_what_a_failed_script_was_writing(
+    tmp_path: Path,
+) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=60.0)
+    (tmp_path / "step_1.pt").write_bytes(b"1")
+    (tmp_path / "step_2.pt").write_bytes(b"2")
+    watcher.poll()
+    watcher._seen["step_2.pt"].writing = True  # seen open for writing just before the script died
+    watcher.final_scan(script_failed=True)
+    assert got.names == ["step_1.pt"]
+    assert "step_2.pt" in watcher.skipped
+
+
+def test_checkpoints_the_journal_knows_are_not_sent_again(tmp_path: Path) -> None:
+    done = tmp_path / "step_1.pt"
+    done.write_bytes(b"1")
+    pending = tmp_path / "step_2.pt"
+    pending.write_bytes(b"2")
+    fresh = tmp_path / "step_3.pt"
+    fresh.write_bytes(b"3")
+    journal = Journal(tmp_path)
+    st = done.stat()
+    journal.record("step_1.pt", "verified", size=st.st_size, mtime=st.st_mtime)
+    journal.record("step_2.pt", "queued", size=1, mtime=pending.stat().st_mtime)
+    got = Collector()
+    CheckpointWatcher(tmp_path, got, settle=0.0).final_scan(script_failed=False)
+    assert got.names == ["step_3.pt"]
+
+
+def test_bad_watcher_arguments() -> None:
+    with pytest.raises(UsageError, match="settle"):
+        CheckpointWatcher(Path("."), print, settle=-1)
+    with pytest.raises(UsageError, match="interval"):
+        CheckpointWatcher(Path("."), print, interval=0)
+
+
+def test_run_record_is_json_under_runctl_runs(tmp_path: Path) -> None:
+    record = RunRecord(
+        ("python", "t.py"),
+        100.0,
+        101.5,
+        1,
+        0,
+        uploads=(UploadRecord("step_1.pt", "failed", detail="boom"),),
+    )
+    assert record.upload_failed
+    path = write_run_record(tmp_path, record)
+    second = write_run_record(tmp_path, record)
+    assert path != second and path.parent == tmp_path / ".runctl" / "runs"
+    doc = json.loads(path.read_text())
+    assert doc["command"] == ["python", "t.py"] and doc["exit_code"] == 1
+    assert doc["uploads"] == [{"name": "step_1.pt", "state": "failed", "detail": "boom"}]
+    assert doc["seconds"] == 1.5
+
+
+def test_run_local_without_uploads(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, sys\nopen(os.environ['RUNCTL_CHECKPOINT_DIR'] + '/seen', 'w').close()\nsys.exit(7)\n"
+    )
+    record = run_local(build_command(str(script)), checkpoint_dir=tmp_path / "ck")
+    assert record.exit_code == 7 and record.script_exit_code == 7 and record.signal is None
+    assert (tmp_path / "ck" / "seen").exists()
+    assert record.record_path and Path(record.record_path).is_file()
+
+
+def test_run_local_reports_a_signal_death_shell_style(tmp_path: Path) -> None:
+    record = run_local(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
+    )
+    assert record.exit_code == 128 + 15 and record.signal is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"s3_url": S3URL.parse("s3://bkt/r/")}, "--checkpoint-dir"),
+        ({"checkpoint_dir": Path("ck"), "keep_last_n": 2}, "--upload-to"),
+        (
+            {
+                "checkpoint_dir": Path("ck"),
+                "s3_url": S3URL.parse("s3://bkt/r/"),
+                "local_keep_last_n": 0,
+            },
+            "--local-keep-last-n",
+        ),
+        ({"settle": -1.0}, "--settle"),
+    ],
+)
+def test_run_local_rejects_bad_arguments_before_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "ran"
+    with pytest.raises(UsageError, match=message):
+        run_local([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], **kwargs)
+    assert not marker.exists()
