@@ -243,9 +243,25 @@ class _RunctlCheckpointMixin:
         """Protect the checkpoint this run resumed from (it is known only after restore)."""
         super().on_train_start(trainer, pl_module)  # type: ignore[misc]
         if trainer.ckpt_path and self._uploader is not None:
-            self._resumed_from = Path(str(trainer.ckpt_path)).name
+            resumed = Path(str(trainer.ckpt_path))
+            self._resumed_from = resumed.name
             self._uploader.set_resumed_from(self._resumed_from)
+            self._upload_if_never_handed_over(resumed, trainer)
         self._update_best()
+
+    def _upload_if_never_handed_over(self, resumed: Path, trainer: Any) -> None:
+        # A run killed between torch.save and the hand-over leaves a local checkpoint that no
+        # journal entry knows; resuming from it must not leave it out of S3 for good.
+        uploader = self._uploader
+        dirpath = str(getattr(self, "dirpath", "") or "")
+        if uploader is None or not dirpath or not resumed.is_file():
+            return
+        if os.path.realpath(resumed.parent) != os.path.realpath(dirpath):
+            return
+        if resumed.name in uploader.journal.replay():
+            return
+        log.info("runctl: %s was never handed over before the restart: uploading it now", resumed.name)
+        self._hand_over(str(resumed), int(trainer.global_step))
 
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
         """Write the checkpoint as ModelCheckpoint does, then hand it to the uploader (rank zero)."""

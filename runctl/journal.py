@@ -113,8 +113,11 @@ class Journal:
     def __repr__(self) -> str:
         return f"Journal({str(self.path)!r})"
 
-    def record(self, name: str, state: str, **fields: Any) -> None:
+    def record(self, name: str, state: str, *, sync: bool = True, **fields: Any) -> None:
         """Append one entry; ``fields`` are any of time, size, mtime, s3_url, detail.
+
+        The line is in the kernel once this returns, so it survives SIGKILL of the process;
+        ``sync=False`` leaves the fsync (survival of a power loss) to a later ``sync()``.
 
         Raises:
             UsageError: for an unknown state or field.
@@ -130,9 +133,24 @@ class Journal:
         when = fields.pop("time", None)
         entry = JournalEntry(name, state, time.time() if when is None else float(when), **fields)
         line = json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
-        self._append(line + b"\n")
+        self._append(line + b"\n", sync)
 
-    def _append(self, data: bytes) -> None:
+    def sync(self) -> None:
+        """fsync the journal file (after ``record(..., sync=False)``)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc.strerror or exc}") from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot sync the journal {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def _append(self, data: bytes, sync: bool = True) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
@@ -146,7 +164,8 @@ class Journal:
                     written = os.write(fd, data)
                     while written < len(data):  # never for a short line on a local disk
                         written += os.write(fd, data[written:])
-                    os.fsync(fd)
+                    if sync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
         except OSError as exc:

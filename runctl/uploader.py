@@ -219,7 +219,11 @@ class _Rewritten(Exception):
 
 
 class _JournalWriter:
-    """Writes journal lines on its own thread, in order, so the caller never waits for fsync."""
+    """Writes each journal line at once (it survives SIGKILL) and leaves the fsync to a thread.
+
+    A plain append costs the caller microseconds; the fsync (milliseconds, sometimes tens) only
+    matters for a power loss, so it runs on its own thread and the caller never waits for it.
+    """
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
@@ -228,26 +232,28 @@ class _JournalWriter:
         self._thread.start()
 
     def record(self, name: str, state: str, *, wait: bool = False, **fields: Any) -> None:
+        try:
+            self.journal.record(name, state, sync=False, **fields)
+        except Exception as exc:
+            log.error("cannot record %s as %s in the journal: %s", name, state, exc)
+            if wait:
+                raise
+            return
         done = threading.Event() if wait else None
-        box: list[BaseException] = []
-        self._queue.put((name, state, fields, done, box))
-        if done is not None:
-            if not done.wait(60.0):
-                raise JournalError(f"journal write of {name} ({state}) did not finish within 60 s")
-            if box:
-                raise box[0]
+        self._queue.put(("sync", done))
+        if done is not None and not done.wait(60.0):
+            raise JournalError(f"journal sync after {name} ({state}) did not finish within 60 s")
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            name, state, fields, done, box = item
+            _, done = item
             try:
-                self.journal.record(name, state, **fields)
-            except Exception as exc:  # noqa: BLE001 - reported to a waiter, else logged
-                log.error("cannot record %s as %s in the journal: %s", name, state, exc)
-                box.append(exc)
+                self.journal.sync()
+            except Exception as exc:  # noqa: BLE001 - the line itself is written; log and go on
+                log.error("cannot sync the journal: %s", exc)
             finally:
                 if done is not None:
                     done.set()
