@@ -1,0 +1,903 @@
+"""The measurements of issue 6, one function per table section, sharing one rclone server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import data
+from benchmarks.harness import (
+    NOT_IMPLEMENTED,
+    Arm,
+    BenchError,
+    Row,
+    alternate,
+    fmt_mb,
+    fmt_ratio,
+    fmt_s,
+    median,
+    met_text,
+    percentile,
+    run_cmd,
+)
+from benchmarks.tools import Tools
+
+MiB, GiB, KiB = data.MiB, data.GiB, 1024
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Data sizes and repetition counts of one run mode."""
+
+    mode: str
+    big: int = GiB
+    dir_files: int = 64
+    dir_each: int = 16 * MiB
+    small_files: int = 2000
+    small_each: int = 4 * KiB
+    stall_size: int = GiB
+    stall_submits: int = 20
+    stall_batches: int = 1
+    cleanup_ckpts: int = 100
+    cleanup_objects: int = 100
+    keep: int = 10
+    list_ckpts: int = 1000
+    list_objects: int = 100
+    startup_reps: int = 10
+    # Repetition counts keep a full run under 10 minutes on 2 busy cores (each 1 GiB transfer costs
+    # 5-9 s against rclone): runctl and s5cmd get the most, aws-cli and the boto3 fallback fewer.
+    large_reps: int = 2
+    large_slow_reps: int = 1  # aws-cli and the boto3 fallback on the 1 GiB datasets
+    small_reps: int = 3
+    small_slow_reps: int = 1
+    cleanup_reps: int = 2
+    cleanup_aws_reps: int = 1  # one aws process per doomed checkpoint: ~1 minute a repetition
+    list_reps: int = 2
+    list_aws_reps: int = 1
+
+
+FULL = Sizes("full")
+QUICK = Sizes(
+    "quick",
+    big=32 * MiB,
+    dir_files=8,
+    dir_each=4 * MiB,
+    small_files=200,
+    stall_size=256 * MiB,
+    stall_submits=6,
+    stall_batches=2,
+    cleanup_ckpts=15,
+    cleanup_objects=10,
+    list_ckpts=100,
+    list_objects=20,
+    startup_reps=3,
+    large_reps=2,
+    large_slow_reps=1,
+    small_reps=2,
+    small_slow_reps=1,
+    cleanup_reps=1,
+    list_reps=2,
+    list_aws_reps=1,
+)
+#: For the self-test only: every row filled in seconds.
+TINY = Sizes(
+    "tiny",
+    big=2 * MiB,
+    dir_files=3,
+    dir_each=512 * KiB,
+    small_files=20,
+    stall_size=4 * MiB,
+    stall_submits=3,
+    stall_batches=1,
+    cleanup_ckpts=12,
+    cleanup_objects=3,
+    list_ckpts=10,
+    list_objects=10,
+    startup_reps=1,
+    large_reps=1,
+    large_slow_reps=1,
+    small_reps=1,
+    small_slow_reps=1,
+    cleanup_reps=1,
+    list_reps=1,
+    list_aws_reps=1,
+)
+
+
+def human_size(n: int) -> str:
+    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class Bench:
+    """Everything one run shares: sizes, the server, the tools, scratch space, the rows so far."""
+
+    sizes: Sizes
+    root: Path
+    served: Path
+    server: Any
+    tools: Tools
+    commands: dict[str, bool]
+    has_uploader: bool
+    log: Callable[[str], None]
+    rows: list[Row] = field(default_factory=list)
+    datasets: list[data.Dataset] = field(default_factory=list)
+
+    @property
+    def scratch(self) -> Path:
+        return self.root / "scratch"
+
+    def restart_server(self) -> None:
+        """rclone caches directory listings: files written on disk appear only after a restart."""
+        self.server.stop()
+        self.server.start()
+
+    def cmd(self, cmd: Sequence[str], timeout: float = 900.0) -> float:
+        return run_cmd(cmd, self.tools.env, timeout=timeout, out_dir=self.scratch).wall
+
+    def missing(self, *commands: str) -> list[str]:
+        return [c for c in commands if not self.commands.get(c)]
+
+
+# --------------------------------------------------------------------------------------------
+# 6. start-up
+
+
+def bench_startup(b: Bench) -> None:
+    b.log("6. start-up")
+    t = b.tools
+    arms = []
+    if b.commands.get("app"):
+        arms.append(Arm("runctl --help", lambda _r: b.cmd(t.rc("--help")), b.sizes.startup_reps))
+    if b.commands.get("list"):
+        arms.append(
+            Arm(
+                "runctl s3 list --help",
+                lambda _r: b.cmd(t.rc("s3", "list", "--help")),
+                b.sizes.startup_reps,
+            )
+        )
+    if t.aws:
+        arms.append(
+            Arm("aws --version", lambda _r: b.cmd([t.aws, "--version"]), b.sizes.startup_reps)
+        )
+    arms.append(Arm("s5cmd version", lambda _r: b.cmd([t.s5cmd, "version"]), b.sizes.startup_reps))
+    by = {a.name: a for a in arms}
+    alternate(arms, b.log)
+    base = _baselines(by.get("aws --version"), by.get("s5cmd version"), names=("aws", "s5cmd"))
+    aws_med = by["aws --version"].median if "aws --version" in by else None
+    for rid, name in (("6a", "runctl --help"), ("6b", "runctl s3 list --help")):
+        row = Row(
+            rid,
+            f"start-up: `{name}` (wall, median of {b.sizes.startup_reps})",
+            "≤ 250 ms; ≤ 0.5× aws-cli",
+        )
+        arm = by.get(name)
+        row.baselines = base
+        if arm is None or arm.median is None:
+            _unavailable(row, arm, "runctl CLI")
+        else:
+            ratio = arm.median / aws_med if aws_med else None
+            row.runctl = fmt_s(arm.median)
+            row.ratios = f"{fmt_ratio(ratio)} aws"
+            row.met = met_text([arm.median <= 0.25, None if ratio is None else ratio <= 0.5])
+            row.data = _arm_data(arm, *(by.get(n) for n in ("aws --version", "s5cmd version")))
+        b.rows.append(row)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. listing 100,000 keys
+
+
+def bench_listing(b: Bench) -> None:
+    s = b.sizes
+    n_keys = s.list_ckpts * s.list_objects
+    b.log(f"5. list / review / watch over {n_keys:,} keys")
+    t = b.tools
+    url = "s3://list/run/"
+    run_cmd(t.s5("ls", url + "*"), t.env, out_dir=b.scratch)  # warm rclone's directory cache
+
+    def listing(name: str, cmd: list[str], min_lines: int) -> Arm:
+        arm: Arm
+
+        def run(_rep: int) -> float:
+            result = run_cmd(cmd, t.env, timeout=900, out_dir=b.scratch)
+            lines = result.stdout.count("\n")
+            if lines < min_lines:
+                raise BenchError(f"{name} printed {lines} lines, expected at least {min_lines}")
+            arm.record("maxrss", result.maxrss)
+            return result.wall
+
+        arm = Arm(name, run, s.list_reps)
+        return arm
+
+    arms: list[Arm] = []
+    if b.commands.get("list"):
+        arms.append(
+            listing("runctl s3 list --recursive", t.rc("s3", "list", "--recursive", url), n_keys)
+        )
+    if b.commands.get("review"):
+        arms.append(listing("runctl s3 review", t.rc("s3", "review", url), 1))
+    if b.commands.get("watch"):
+        arms.append(listing("runctl s3 watch --once", t.rc("s3", "watch", "--once", url), 1))
+    arms.append(listing("s5cmd ls", t.s5("ls", url + "*"), n_keys))
+    if t.aws:
+        aws = listing("aws s3 ls --recursive", t.aws_cmd("s3", "ls", "--recursive", url), n_keys)
+        aws.reps = s.list_aws_reps
+        arms.append(aws)
+    alternate(arms, b.log)
+    by = {a.name: a for a in arms}
+    s5, aws_arm = by["s5cmd ls"], by.get("aws s3 ls --recursive")
+    base = _baselines(aws_arm, s5, names=("aws", "s5cmd"))
+    for rid, name, cmd_name in (
+        ("5a", "runctl s3 list --recursive", "list"),
+        ("5b", "runctl s3 review", "review"),
+        ("5c", "runctl s3 watch --once", "watch"),
+    ):
+        row = Row(
+            rid,
+            f"`{name.removeprefix('runctl ')}` over {n_keys:,} keys (+ peak RSS)",
+            "≤ 1.5× s5cmd; peak RSS ≤ 150 MB",
+        )
+        arm = by.get(name)
+        row.baselines = base
+        if arm is None or arm.median is None:
+            _unavailable(row, arm, f"runctl s3 {cmd_name}")
+        else:
+            rss = max(arm.extra.get("maxrss", [0]))
+            r_s5 = _ratio(arm, s5)
+            r_aws = _ratio(arm, aws_arm)
+            row.runctl = f"{fmt_s(arm.median)}; RSS {fmt_mb(rss)}"
+            row.ratios = f"{fmt_ratio(r_s5)} s5cmd; {fmt_ratio(r_aws)} aws"
+            row.met = met_text([None if r_s5 is None else r_s5 <= 1.5, rss <= 150e6])
+            row.data = _arm_data(arm, s5, aws_arm)
+        b.rows.append(row)
+    notes = [
+        f"{a.name} peak RSS {fmt_mb(max(a.extra['maxrss']))}"
+        for a in (s5, aws_arm)
+        if a and a.extra.get("maxrss")
+    ]
+    if notes and b.rows and b.rows[-1].id == "5c":
+        b.rows[-1].note = (
+            "baselines' peak RSS: "
+            + ", ".join(notes)
+            + "; RSS is wait4's peak of the largest process in the command's tree"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# 4. cleanup
+
+
+def bench_cleanup(b: Bench) -> None:
+    s = b.sizes
+    b.log(
+        f"4. cleanup --keep-last-n {s.keep} over {s.cleanup_ckpts} checkpoints × {s.cleanup_objects} objects"
+    )
+    t = b.tools
+    prefix_dir = b.served / "ckpt" / "run"
+    doomed = [f"checkpoint-{i}" for i in range(1, s.cleanup_ckpts - s.keep + 1)]
+    state: dict[str, list[str]] = {}
+
+    def setup(_rep: int) -> None:
+        state["keys"] = data.write_checkpoint_tree(
+            prefix_dir, s.cleanup_ckpts, s.cleanup_objects, KiB
+        )
+        b.restart_server()
+
+    def check(_rep: int) -> None:
+        files, _ = data.tree_stats(prefix_dir)
+        left = (
+            sorted(p.name for p in prefix_dir.iterdir() if any(p.iterdir()))
+            if prefix_dir.exists()
+            else []
+        )
+        want = s.keep * s.cleanup_objects
+        if files != want:
+            raise BenchError(
+                f"after cleanup {files} objects remain ({len(left)} checkpoints), expected {want}"
+            )
+
+    def runctl(_rep: int) -> float:
+        return b.cmd(t.rc("s3", "cleanup", "s3://ckpt/run/", "--keep-last-n", str(s.keep)))
+
+    def s5cmd(_rep: int) -> float:
+        keys = [f"s3://ckpt/run/{k}" for k in state["keys"] if k.split("/", 1)[0] in set(doomed)]
+        return b.cmd(t.s5("rm", *keys))
+
+    def aws(_rep: int) -> float:
+        total = 0.0
+        for name in doomed:
+            total += b.cmd(
+                t.aws_cmd("s3", "rm", "--recursive", "--only-show-errors", f"s3://ckpt/run/{name}/")
+            )
+        return total
+
+    arms = []
+    if b.commands.get("cleanup"):
+        arms.append(Arm("runctl s3 cleanup", runctl, s.cleanup_reps, setup, check))
+    arms.append(Arm("s5cmd rm (same keys)", s5cmd, s.cleanup_reps, setup, check))
+    if t.aws:
+        arms.append(Arm("aws s3 rm --recursive ×ckpt", aws, s.cleanup_aws_reps, setup, check))
+    alternate(arms, b.log)
+    by = {a.name: a for a in arms}
+    s5, aws_arm = by["s5cmd rm (same keys)"], by.get("aws s3 rm --recursive ×ckpt")
+    row = Row(
+        "4",
+        f"`s3 cleanup --keep-last-n {s.keep}`: {s.cleanup_ckpts} dir checkpoints × {s.cleanup_objects} objects (with markers)",
+        "≤ 1.5× s5cmd; ≤ 0.2× aws-cli",
+    )
+    arm = by.get("runctl s3 cleanup")
+    if arm is None or arm.median is None:
+        _unavailable(row, arm, "runctl s3 cleanup")
+    else:
+        r_s5, r_aws = _ratio(arm, s5), _ratio(arm, aws_arm)
+        row.runctl = fmt_s(arm.median)
+        row.ratios = f"{fmt_ratio(r_s5)} s5cmd; {fmt_ratio(r_aws)} aws"
+        row.met = met_text(
+            [None if r_s5 is None else r_s5 <= 1.5, None if r_aws is None else r_aws <= 0.2]
+        )
+        row.data = _arm_data(arm, s5, aws_arm)
+    row.baselines = _baselines(aws_arm, s5, names=("aws", "s5cmd"))
+    row.note = (
+        f"s5cmd deletes exactly the {len(doomed) * s.cleanup_objects} doomed keys given on its command line (no listing); "
+        f"aws runs one `aws s3 rm --recursive` per doomed checkpoint ({len(doomed)} processes, timed in total)"
+    )
+    b.rows.append(row)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. training-thread stall
+
+
+def _uploader(b: Bench, root: Path, url: str, **kwargs: Any) -> Any:
+    from runctl.uploader import CheckpointUploader
+
+    return CheckpointUploader(root, url, config=b.server.config(), **kwargs)
+
+
+def bench_stall(b: Bench) -> None:
+    s = b.sizes
+    b.log(
+        f"1. stall: submit() of a {human_size(s.stall_size)} checkpoint, {s.stall_submits} submits"
+    )
+    t = b.tools
+    root = b.root / "stall"
+    names = [f"step_{i}.pt" for i in range(1, s.stall_submits + 1)]
+    for name in names:
+        data.sparse_file(root / name, s.stall_size)
+    per = -(-len(names) // s.stall_batches)
+    batches = [names[i * per : (i + 1) * per] for i in range(s.stall_batches)]
+    state: dict[str, Any] = {}
+
+    def s5cmd(rep: int) -> float:
+        return b.cmd(t.s5("cp", str(root / names[0]), f"s3://bench/stall-s5cmd/{rep}/{names[0]}"))
+
+    def s5cmd_teardown(rep: int) -> None:
+        shutil.rmtree(b.served / "bench" / "stall-s5cmd" / str(rep), ignore_errors=True)
+
+    def submits(rep: int) -> float:
+        up = state.get("up")
+        if up is None:
+            up = state["up"] = _uploader(b, root, "s3://bench/stall-up/", keep_last_n=1)
+        times = []
+        for name in batches[rep]:
+            start = time.perf_counter()
+            up.submit(root / name)
+            times.append(time.perf_counter() - start)
+            time.sleep(0.02)  # the training step between two saves
+        try:
+            up.flush(timeout=900)
+        except Exception as exc:  # noqa: BLE001 - any uploader failure fails the row, with its message
+            raise BenchError(f"uploader flush failed: {exc}") from exc
+        for x in times:
+            arm.record("submit", x)
+        return median(times)
+
+    arms = [Arm("s5cmd cp (sync)", s5cmd, s.stall_batches, teardown=s5cmd_teardown)]
+    row = Row(
+        "1",
+        f"training-thread stall: time in `submit()` for a {human_size(s.stall_size)} checkpoint (sparse file), {s.stall_submits} submits",
+        "median ≤ 2 ms, p99 ≤ 10 ms; ratio ≤ 0.001",
+    )
+    arm: Arm | None = None
+    if b.has_uploader:
+        arm = Arm("uploader submit()", submits, s.stall_batches)
+        arms.insert(0, arm)
+    try:
+        alternate(arms, b.log)
+    finally:
+        if "up" in state:
+            try:
+                state["up"].close(timeout=300)
+            except Exception as exc:  # noqa: BLE001
+                b.log(f"    uploader close failed: {exc}")
+    base = arms[-1]
+    row.baselines = (
+        f"s5cmd cp {fmt_s(base.median)}"
+        if base.median is not None
+        else f"s5cmd failed: {base.error}"
+    )
+    if arm is None or not arm.extra.get("submit"):
+        _unavailable(row, arm, "runctl.uploader")
+    else:
+        samples = arm.extra["submit"]
+        med, p99 = median(samples), percentile(samples, 99)
+        ratio = med / base.median if base.median else None
+        row.runctl = f"median {fmt_s(med)}, p99 {fmt_s(p99)}"
+        row.ratios = fmt_ratio(ratio)
+        row.met = met_text([med <= 0.002, p99 <= 0.010, None if ratio is None else ratio <= 0.001])
+        row.data = {"submit_s": samples, "s5cmd_s": base.samples}
+    row.note = (
+        "sparse file (reads as zeros); submits 20 ms apart while the uploader works in the background "
+        f"(keep_last_n=1); p99 is nearest-rank over {s.stall_submits} submits; the Lightning save hook is not measured here"
+    )
+    b.rows.append(row)
+
+
+# --------------------------------------------------------------------------------------------
+# 2, 3, 8: moving data
+
+
+def bench_transfers(b: Bench) -> None:
+    s = b.sizes
+    large = [d for d in b.datasets if d.size >= s.big // 2]
+    rows_up: dict[str, dict[str, Arm]] = {}
+    rows_down: dict[str, dict[str, Arm]] = {}
+    for ds in b.datasets:
+        is_large = ds in large
+        reps = s.large_reps if is_large else s.small_reps
+        slow = s.large_slow_reps if is_large else s.small_slow_reps
+        b.log(f"2/3/8. upload {ds.label}")
+        rows_up[ds.key] = _upload_arms(b, ds, reps, slow, with_uploader=is_large)
+        b.log(f"3/8. download {ds.label}")
+        rows_down[ds.key] = _download_arms(b, ds, reps, slow)
+
+    # 2: time-to-durable through the uploader vs s5cmd cp
+    for rid, ds in zip(("2a", "2b"), large, strict=False):
+        arms = rows_up[ds.key]
+        row = Row(
+            rid,
+            f"time-to-durable through the uploader (submit + flush): {ds.label}",
+            "≤ 1.05× s5cmd",
+        )
+        arm, s5 = arms.get("uploader"), arms["s5cmd"]
+        row.baselines = _baselines(None, s5, names=("aws", "s5cmd cp"))
+        if arm is None or arm.median is None:
+            _unavailable(row, arm, "runctl.uploader")
+        else:
+            ratio = _ratio(arm, s5)
+            row.runctl = fmt_s(arm.median)
+            row.ratios = f"{fmt_ratio(ratio)} s5cmd"
+            row.met = met_text([None if ratio is None else ratio <= 1.05])
+            row.data = _arm_data(arm, s5)
+        b.rows.append(row)
+
+    # 3 and 8: the CLI on each backend
+    letters = iter("abcdef")
+    rows8: list[Row] = []
+    for direction, table in (("upload", rows_up), ("download", rows_down)):
+        for ds in b.datasets:
+            arms = table[ds.key]
+            is_large = ds in large
+            letter = next(letters)
+            s5, aws = arms["s5cmd"], arms.get("aws")
+            target = "≤ 1.05× s5cmd" if is_large else "≤ 1.2× s5cmd; ≤ 0.25× aws-cli"
+            row = Row(f"3{letter}", f"`runctl s3 {direction}`: {ds.label}", target)
+            row.baselines = _baselines(aws, s5, names=("aws", "s5cmd"))
+            arm = arms.get("runctl")
+            if arm is None or arm.median is None:
+                _unavailable(row, arm, f"runctl s3 {direction}")
+            else:
+                r_s5, r_aws = _ratio(arm, s5), _ratio(arm, aws)
+                row.runctl = fmt_s(arm.median)
+                row.ratios = f"{fmt_ratio(r_s5)} s5cmd; {fmt_ratio(r_aws)} aws"
+                checks = [None if r_s5 is None else r_s5 <= (1.05 if is_large else 1.2)]
+                if not is_large:
+                    checks.append(None if r_aws is None else r_aws <= 0.25)
+                row.met = met_text(checks)
+                row.data = _arm_data(arm, s5, aws)
+            b.rows.append(row)
+
+            row8 = Row(
+                f"8{letter}",
+                f"boto3 fallback `runctl s3 {direction} --no-use-s5cmd`: {ds.label}",
+                "≤ 1.0× aws-cli",
+            )
+            row8.baselines = _baselines(aws, None, names=("aws", "s5cmd"))
+            boto = arms.get("runctl-boto3")
+            if boto is None or boto.median is None:
+                _unavailable(row8, boto, f"runctl s3 {direction} --no-use-s5cmd")
+            else:
+                r_aws = _ratio(boto, aws)
+                row8.runctl = fmt_s(boto.median)
+                row8.ratios = f"{fmt_ratio(r_aws)} aws"
+                row8.met = met_text([None if r_aws is None else r_aws <= 1.0])
+                row8.data = _arm_data(boto, aws)
+            rows8.append(row8)
+    b.rows.extend(rows8)
+
+
+def _upload_arms(
+    b: Bench, ds: data.Dataset, reps: int, slow: int, *, with_uploader: bool
+) -> dict[str, Arm]:
+    t = b.tools
+    local = str(ds.path)
+    recursive = ["--recursive"] if ds.is_dir else []
+
+    def dest(arm: str, rep: int) -> str:
+        base = f"s3://bench/up/{arm}-{ds.key}-{rep}/"
+        return base if ds.is_dir else base + ds.path.name
+
+    def check_and_clean(arm: str) -> Callable[[int], None]:
+        def teardown(rep: int) -> None:
+            landed = b.served / "bench" / "up" / f"{arm}-{ds.key}-{rep}"
+            files, size = data.tree_stats(landed, skip_names=(".runctl-manifest.json",))
+            shutil.rmtree(landed, ignore_errors=True)
+            if (files, size) != (ds.count, ds.size):
+                raise BenchError(
+                    f"{arm} uploaded {files} files / {size} bytes, expected {ds.count} / {ds.size}"
+                )
+
+        return teardown
+
+    arms: dict[str, Arm] = {}
+    if with_uploader and b.has_uploader:
+        state: dict[str, Any] = {}
+
+        def up_setup(rep: int) -> None:
+            root = b.root / f"durable-{ds.key}-{rep}"
+            shutil.rmtree(root, ignore_errors=True)
+            name = f"checkpoint-{rep + 1}" if ds.is_dir else f"step_{rep + 1}.pt"
+            data.link_tree(ds.path, root / name)
+            state["root"], state["name"] = root, name
+            state["up"] = _uploader(b, root, f"s3://bench/up/uploader-{ds.key}-{rep}/")
+
+        def up_run(rep: int) -> float:
+            up = state["up"]
+            start = time.perf_counter()
+            try:
+                up.submit(state["root"] / state["name"])
+                up.flush(timeout=900)
+            except Exception as exc:  # noqa: BLE001
+                raise BenchError(f"uploader failed: {exc}") from exc
+            return time.perf_counter() - start
+
+        def up_teardown(rep: int) -> None:
+            try:
+                state["up"].close(timeout=60)
+            except Exception as exc:  # noqa: BLE001
+                raise BenchError(f"uploader close failed: {exc}") from exc
+            finally:
+                shutil.rmtree(state["root"], ignore_errors=True)
+            landed = b.served / "bench" / "up" / f"uploader-{ds.key}-{rep}"
+            files, size = data.tree_stats(landed, skip_names=(".runctl-manifest.json",))
+            shutil.rmtree(landed, ignore_errors=True)
+            if (files, size) != (ds.count, ds.size):
+                raise BenchError(
+                    f"uploader uploaded {files} files / {size} bytes, expected {ds.count} / {ds.size}"
+                )
+
+        arms["uploader"] = Arm("uploader submit+flush", up_run, reps, up_setup, up_teardown)
+    if b.commands.get("upload"):
+        arms["runctl"] = Arm(
+            "runctl s3 upload",
+            lambda rep: b.cmd(t.rc("s3", "upload", *recursive, local, dest("runctl", rep))),
+            reps,
+            teardown=check_and_clean("runctl"),
+        )
+    src = local + "/*" if ds.is_dir else local
+    arms["s5cmd"] = Arm(
+        "s5cmd cp",
+        lambda rep: b.cmd(t.s5("cp", src, dest("s5cmd", rep))),
+        reps,
+        teardown=check_and_clean("s5cmd"),
+    )
+    if t.aws:
+        arms["aws"] = Arm(
+            "aws s3 cp",
+            lambda rep: b.cmd(
+                t.aws_cmd("s3", "cp", "--only-show-errors", *recursive, local, dest("aws", rep))
+            ),
+            slow,
+            teardown=check_and_clean("aws"),
+        )
+    if b.commands.get("upload"):
+        arms["runctl-boto3"] = Arm(
+            "runctl s3 upload --no-use-s5cmd",
+            lambda rep: b.cmd(
+                t.rc("s3", "upload", "--no-use-s5cmd", *recursive, local, dest("boto3", rep))
+            ),
+            slow,
+            teardown=check_and_clean("boto3"),
+        )
+    alternate(list(arms.values()), b.log)
+    return arms
+
+
+def _download_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str, Arm]:
+    t = b.tools
+    recursive = ["--recursive"] if ds.is_dir else []
+    src = f"s3://bench/src/{ds.key}/" + ("" if ds.is_dir else ds.path.name)
+
+    def dest(arm: str, rep: int) -> Path:
+        return b.root / "dl" / f"{arm}-{ds.key}-{rep}"
+
+    def target(arm: str, rep: int) -> str:
+        d = dest(arm, rep)
+        if ds.is_dir:
+            return str(d) + "/"
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d / ds.path.name)
+
+    def check_and_clean(arm: str) -> Callable[[int], None]:
+        def teardown(rep: int) -> None:
+            files, size = data.tree_stats(dest(arm, rep))
+            shutil.rmtree(dest(arm, rep), ignore_errors=True)
+            if (files, size) != (ds.count, ds.size):
+                raise BenchError(
+                    f"{arm} downloaded {files} files / {size} bytes, expected {ds.count} / {ds.size}"
+                )
+
+        return teardown
+
+    arms: dict[str, Arm] = {}
+    if b.commands.get("download"):
+        arms["runctl"] = Arm(
+            "runctl s3 download",
+            lambda rep: b.cmd(t.rc("s3", "download", *recursive, src, target("runctl", rep))),
+            reps,
+            teardown=check_and_clean("runctl"),
+        )
+    s5_src = src + "*" if ds.is_dir else src
+    arms["s5cmd"] = Arm(
+        "s5cmd cp",
+        lambda rep: b.cmd(t.s5("cp", s5_src, target("s5cmd", rep))),
+        reps,
+        teardown=check_and_clean("s5cmd"),
+    )
+    if t.aws:
+        arms["aws"] = Arm(
+            "aws s3 cp",
+            lambda rep: b.cmd(
+                t.aws_cmd("s3", "cp", "--only-show-errors", *recursive, src, target("aws", rep))
+            ),
+            slow,
+            teardown=check_and_clean("aws"),
+        )
+    if b.commands.get("download"):
+        arms["runctl-boto3"] = Arm(
+            "runctl s3 download --no-use-s5cmd",
+            lambda rep: b.cmd(
+                t.rc("s3", "download", "--no-use-s5cmd", *recursive, src, target("boto3", rep))
+            ),
+            slow,
+            teardown=check_and_clean("boto3"),
+        )
+    alternate(list(arms.values()), b.log)
+    return arms
+
+
+# --------------------------------------------------------------------------------------------
+# 7. uploader memory
+
+_RSS_PROBE = r"""
+import json, sys, threading, time
+import psutil
+sys.path.insert(0, sys.argv[5])
+from pathlib import Path
+from tests.servers import ACCESS_KEY, SECRET_KEY, REGION
+from runctl.config import Credentials, S3Config
+from runctl.uploader import CheckpointUploader
+root, url, endpoint, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+me = psutil.Process()
+cfg = S3Config(endpoint_url=endpoint, region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY))
+up = CheckpointUploader(root, url, config=cfg)
+time.sleep(0.2)
+before = me.memory_info().rss
+peak, child_peak = before, 0
+handle = up.submit(root / name)
+start = time.perf_counter()
+while not handle.done():
+    peak = max(peak, me.memory_info().rss)
+    for child in me.children(recursive=True):
+        try:
+            child_peak = max(child_peak, child.memory_info().rss)
+        except psutil.Error:
+            pass
+    time.sleep(0.005)
+up.flush(timeout=900)
+seconds = time.perf_counter() - start
+peak = max(peak, me.memory_info().rss)
+up.close(timeout=60)
+print(json.dumps({"before": before, "peak": peak, "child_peak": child_peak, "seconds": seconds}))
+"""
+
+
+def bench_memory(b: Bench) -> None:
+    big = b.datasets[0]
+    b.log(f"7. uploader RSS while uploading {big.label}")
+    row = Row("7", f"uploader RSS overhead while uploading {big.label} (peak − before)", "≤ 50 MB")
+    if not b.has_uploader:
+        _unavailable(row, None, "runctl.uploader")
+        row.baselines = "RSS before upload: n/a (no uploader)"
+        b.rows.append(row)
+        return
+    root = b.root / "rss"
+    shutil.rmtree(root, ignore_errors=True)
+    data.link_tree(big.path, root / "step_1.pt")
+    repo = str(Path(__file__).resolve().parent.parent)
+    cmd = [
+        sys.executable,
+        "-c",
+        _RSS_PROBE,
+        str(root),
+        "s3://bench/rss/",
+        b.server.endpoint_url,
+        "step_1.pt",
+        repo,
+    ]
+    try:
+        result = run_cmd(cmd, b.tools.env, timeout=900, out_dir=b.scratch)
+        doc = json.loads(result.stdout.strip().splitlines()[-1])
+    except (BenchError, ValueError, IndexError) as exc:
+        row.runctl = f"failed: {exc}"
+        row.met = "n/a"
+        b.rows.append(row)
+        return
+    finally:
+        shutil.rmtree(b.served / "bench" / "rss", ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+    overhead = doc["peak"] - doc["before"]
+    row.runctl = f"+{fmt_mb(overhead)}"
+    row.baselines = f"RSS before {fmt_mb(doc['before'])}"
+    row.ratios = f"{doc['peak'] / doc['before']:.2f}× before"
+    row.met = met_text([overhead <= 50e6])
+    row.note = (
+        f"Python process sampled every 5 ms (psutil); the s5cmd child peaked at {fmt_mb(doc['child_peak'])} "
+        f"(a separate process, not counted); upload took {doc['seconds']:.1f} s"
+    )
+    row.data = doc
+    b.rows.append(row)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _ratio(arm: Arm | None, base: Arm | None) -> float | None:
+    if arm is None or base is None or arm.median is None or not base.median:
+        return None
+    return arm.median / base.median
+
+
+def _baselines(aws: Arm | None, s5: Arm | None, names: tuple[str, str]) -> str:
+    parts = []
+    for arm, label in ((s5, names[1]), (aws, names[0])):
+        if arm is None:
+            continue
+        parts.append(
+            f"{label} {fmt_s(arm.median)}"
+            if arm.median is not None
+            else f"{label} failed: {arm.error}"
+        )
+    return "; ".join(parts) or "n/a (aws-cli not installed)"
+
+
+def _unavailable(row: Row, arm: Arm | None, what: str) -> None:
+    if arm is not None and arm.error:
+        row.runctl = f"failed: {arm.error}"
+    else:
+        row.runctl = f"{NOT_IMPLEMENTED}: {what}"
+    row.ratios = row.ratios or "—"
+    row.met = "n/a"
+
+
+def _arm_data(*arms: Arm | None) -> dict[str, Any]:
+    return {
+        a.name: {"median_s": a.median, "samples_s": a.samples, **{k: v for k, v in a.extra.items()}}
+        for a in arms
+        if a is not None
+    }
+
+
+def run_suite(
+    sizes: Sizes, tools_factory: Callable[[Path, str], Tools], log: Callable[[str], None]
+) -> tuple[list[Row], dict[str, Any]]:
+    """Generate the data, start rclone, run every section; the server and scratch data are removed after."""
+    from benchmarks.tools import runctl_commands, uploader_available, versions
+    from tests.servers import start_rclone
+
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="runctl-bench-"))
+    served = root / "s3"
+    try:
+        (root / "scratch").mkdir()
+        log(f"generating data in {root}")
+        local = root / "local"
+        datasets = [
+            data.make_dataset(
+                local, "big", f"1×{human_size(sizes.big)}", 1, sizes.big, single=True
+            ),
+            data.make_dataset(
+                local,
+                "dir",
+                f"{sizes.dir_files}×{human_size(sizes.dir_each)}",
+                sizes.dir_files,
+                sizes.dir_each,
+            ),
+            data.make_dataset(
+                local,
+                "small",
+                f"{sizes.small_files:,}×{human_size(sizes.small_each)}",
+                sizes.small_files,
+                sizes.small_each,
+            ),
+        ]
+        for ds in datasets:
+            data.link_tree(
+                ds.path, served / "bench" / "src" / ds.key / (ds.path.name if not ds.is_dir else "")
+            )
+        data.write_checkpoint_tree(
+            served / "list" / "run", sizes.list_ckpts, sizes.list_objects, 16
+        )
+        (served / "ckpt").mkdir(parents=True)
+        server = start_rclone(served)
+        try:
+            tools = tools_factory(root / "scratch", server.endpoint_url)
+            tools.env.update(server.env())
+            meta = versions(tools, root / "scratch")
+            commands = runctl_commands(tools, root / "scratch")
+            has_uploader = uploader_available()
+            log(f"runctl commands available: {commands}; uploader: {has_uploader}")
+            b = Bench(
+                sizes, root, served, server, tools, commands, has_uploader, log, datasets=datasets
+            )
+            for section in (
+                bench_startup,
+                bench_listing,
+                bench_cleanup,
+                bench_stall,
+                bench_transfers,
+                bench_memory,
+            ):
+                section_start = time.perf_counter()
+                section(b)
+                log(f"  ({section.__name__} took {time.perf_counter() - section_start:.0f} s)")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    order = {k: i for i, k in enumerate(("1", "2", "3", "4", "5", "6", "7", "8"))}
+    rows = sorted(b.rows, key=lambda r: (order[r.id[0]], r.id))
+    meta.update(
+        mode=sizes.mode,
+        server=f"rclone serve s3 ({_rclone_version()})",
+        elapsed_s=time.perf_counter() - started,
+        commands_available=commands,
+        uploader_available=has_uploader,
+    )
+    return rows, meta
+
+
+def _rclone_version() -> str:
+    from tests.servers import rclone_binary
+
+    try:
+        out = subprocess.run(
+            [rclone_binary(), "version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown version"
+    return out.splitlines()[0].strip() if out else "unknown version"

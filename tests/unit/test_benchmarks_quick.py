@@ -1,0 +1,54 @@
+"""The benchmark suite runs end to end on tiny data and fills every row (it asserts nothing about speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPECTED_IDS = [
+    "1", "2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f", "4", "5a", "5b", "5c", "6a", "6b", "7",
+    "8a", "8b", "8c", "8d", "8e", "8f",
+]  # fmt: skip
+
+
+def test_quick_benchmarks_fill_every_row_of_the_table_and_the_json(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--tiny",
+            "--no-install-aws",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    header, body = table[0], table[1:]
+    assert header.startswith(
+        "| # | measurement | runctl (median s) | baseline(s) (median s) | ratio(s) |"
+    )
+    assert [line.split(" | ")[0].removeprefix("| ") for line in body] == EXPECTED_IDS
+    for line in body:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        assert len(cells) == 7, line
+        assert all(cells) and "—" not in (cells[2], cells[3], cells[5], cells[6]), line
+        assert not cells[2].startswith("failed"), line
+
+    assert (tmp_path / "latest.md").read_text().count("\n| ") >= len(EXPECTED_IDS)
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert [row["id"] for row in doc["rows"]] == EXPECTED_IDS
+    for row in doc["rows"]:
+        for key in ("measurement", "runctl", "baselines", "ratios", "target", "met"):
+            assert row[key], (row["id"], key)
+    assert doc["meta"]["mode"] == "tiny"
