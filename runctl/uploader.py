@@ -42,7 +42,14 @@ from runctl.journal import Journal
 from runctl.retention import apply_local_retention, apply_s3_retention, check_keep_last_n
 from runctl.retry import RetryPolicy
 from runctl.s3url import S3URL
-from runctl.staging import FileStamp, Snapshot, SnapshotError, StagingArea, tree_inventory
+from runctl.staging import (
+    FileStamp,
+    Snapshot,
+    SnapshotError,
+    StagingArea,
+    stamp_or_none,
+    tree_inventory,
+)
 from runctl.transfer import get_transfer
 from runctl.transfer.base import ObjectInfo, Transfer
 
@@ -183,6 +190,9 @@ class _Job:
     adopted: str | None = None
     cancelled: str | None = None
     snapshot: Snapshot | None = field(default=None, repr=False)
+    #: Saved under a name that is written again (an alias, or submitted before): copy, not link.
+    rewritable: bool = False
+    copy_token: str | None = None
     #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
     inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
 
@@ -261,6 +271,12 @@ class _JournalWriter:
     def close(self, timeout: float = 30.0) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+def _still_linked(source: Path, staged: Path) -> bool:
+    """True when ``source`` is still the staged inode (so a writer could still change it)."""
+    now = stamp_or_none(source)
+    return now is not None and now.ino == FileStamp.of(staged).ino
 
 
 def _positive(value: float | None, argument: str) -> None:
@@ -397,6 +413,7 @@ class CheckpointUploader:
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
         self._superseded: dict[str, tuple[int, float]] = {}
+        self._submitted_names: set[str] = set()
         self._verified_keys: list[tuple[int, int, float]] = []
         self._stats: dict[str, float] = {
             "uploaded": 0,
@@ -477,7 +494,9 @@ class CheckpointUploader:
             handle=UploadHandle(name),
             staged=staged,
             inventory=inventory,
+            rewritable=not is_dir and (is_alias(name) or name in self._submitted_names),
         )
+        self._submitted_names.add(name)
         self._journal.record(
             name,
             "queued",
@@ -688,7 +707,21 @@ class CheckpointUploader:
         self._skip(job, reason)
         self._cond.notify_all()
 
+    def _private_copy(self, job: _Job) -> Snapshot:
+        # A name saved again and again (last.ckpt, latest.pt) may be rewritten in place while it
+        # uploads, and a hard link shares that inode: upload from a private copy instead, so S3
+        # never holds a mix of two versions, even for the moment before a re-send.
+        assert job.staged is not None
+        try:
+            snapshot = self.staging.copy_file(job.staged, f"{job.token}-copy")
+        except SnapshotError as exc:
+            raise _Skip(str(exc)) from None
+        job.copy_token = f"{job.token}-copy"
+        return snapshot
+
     def _release(self, job: _Job) -> None:
+        if job.copy_token:
+            self.staging.release(job.copy_token)
         self.staging.release(job.token)
         if job.adopted:
             self.staging.release(job.adopted)
@@ -843,6 +876,8 @@ class CheckpointUploader:
     def _snapshot(self, job: _Job) -> Snapshot:
         if not job.is_dir:
             if job.staged is not None:
+                if job.rewritable and _still_linked(job.source, job.staged):
+                    return self._private_copy(job)
                 return self.staging.snapshot_file(job.staged)
             log.info(
                 "cannot hard-link %s into the staging area: copying it for upload instead", job.name

@@ -148,13 +148,37 @@ def test_rewrite_or_delete_while_queued_uploads_the_submitted_version(
     assert not Journal(root).is_durable("last.ckpt", st.st_size, st.st_mtime)
 
 
-def test_in_place_rewrite_during_upload_is_sent_again_never_mixed(
+def test_in_place_rewrite_of_an_alias_during_upload_lands_the_submitted_version(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
+    """last.ckpt is rewritten every save: it goes up from a private copy, never the shared inode."""
     old, new = b"A" * 200_000, b"B" * 200_000
     path = write(root / "last.ckpt", old)
     wrapped = Wrapped(boto_transfer)
     url = moto_bucket.join("run/last.ckpt")
+
+    def rewrite_in_place(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        with open(path, "r+b") as fh:  # same inode as the staged hard link
+            fh.write(new)
+
+    wrapped.before_put = rewrite_in_place
+    up = uploader(root, moto_bucket, wrapped)
+    assert up.submit(path).result(30).state == "verified"
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(url) == old  # type: ignore[attr-defined]
+    assert wrapped.put_count == 1
+    st = path.stat()
+    assert not Journal(root).is_durable("last.ckpt", st.st_size, st.st_mtime), "the rewrite is not durable"
+
+
+def test_in_place_rewrite_during_upload_is_sent_again_never_mixed(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    """A name saved once is hard-linked; a rewrite during its upload is detected and re-sent."""
+    old, new = b"A" * 200_000, b"B" * 200_000
+    path = write(root / "model-final.pt", old)
+    wrapped = Wrapped(boto_transfer)
+    url = moto_bucket.join("run/model-final.pt")
 
     def tear(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
         if count == 1:
