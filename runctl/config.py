@@ -82,6 +82,8 @@ class S3Config:
         """Credentials from the standard chain, resolved once; None when there are none."""
         if self.static_credentials is not None:
             creds = self.static_credentials
+        elif (from_env := self._env_credentials()) is not None:
+            creds = from_env
         else:
             import botocore.session
             from botocore.exceptions import BotoCoreError
@@ -98,6 +100,23 @@ class S3Config:
         register_secret(creds.secret_key)
         register_secret(creds.token)
         return creds
+
+    def _env_credentials(self) -> Credentials | None:
+        """The key pair in the environment, read without importing botocore (0.1 s saved per command).
+
+        Used only when no profile is named (neither here nor in ``AWS_PROFILE``) and both keys
+        are set: exactly the case where botocore's chain would pick the environment provider.
+        Anything else (a profile, a partial pair, no keys) goes through botocore as before.
+        """
+        env = os.environ
+        if self.profile or env.get("AWS_PROFILE") or env.get("AWS_CREDENTIAL_EXPIRATION"):
+            return None  # expiring env credentials: botocore's refresh logic applies
+        access_key = env.get("AWS_ACCESS_KEY_ID", "")
+        secret_key = env.get("AWS_SECRET_ACCESS_KEY", "")
+        if not (access_key and secret_key):
+            return None
+        token = env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN") or None
+        return Credentials(access_key, secret_key, token)
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """Environment for a child process (s5cmd): credentials go here, never on its command line."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,10 +35,12 @@ from runctl.transfer.base import (
 
 log = logging.getLogger("runctl.transfer.boto")
 
-#: Parallel parts of one large file (s3transfer's max_concurrency).
-PART_CONCURRENCY = 8
-#: Files moved at once when a batch holds many files.
-FILE_CONCURRENCY = 8
+#: Requests in flight for a batch (one shared s3transfer manager; the client pool holds 32).
+BATCH_CONCURRENCY = 32
+#: Read size when streaming a small object to disk.
+IO_CHUNK = 256 * 1024
+#: Longest file name most filesystems take (a temp name is cut to fit, as s3transfer does).
+_MAX_NAME = 255
 #: Listing page size (the S3 maximum).
 PAGE_SIZE = 1000
 
@@ -188,6 +191,24 @@ class _Progress:
             self._callback(moved)
 
 
+def _known_size(size: int) -> Any:
+    """An s3transfer subscriber that hands over a size already known, so no HEAD is sent."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class KnownSize(BaseSubscriber):  # type: ignore[misc]
+        def on_queued(self, future: Any, **kwargs: Any) -> None:
+            future.meta.provide_transfer_size(size)
+
+    return KnownSize()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class BotoTransfer(Transfer):
     """The boto3 backend (fallback when s5cmd is unavailable); thread-safe.
 
@@ -216,45 +237,16 @@ class BotoTransfer(Transfer):
 
     # -- files -------------------------------------------------------------------------------
 
-    def _transfer_config(self, size: int) -> Any:
-        from boto3.s3.transfer import TransferConfig
+    def _manager(self, part_size: int) -> Any:
+        """One s3transfer manager (one thread pool) for a whole batch; shut it down after."""
+        from s3transfer.manager import TransferConfig, TransferManager
 
-        part = part_size_for(size)
-        return TransferConfig(
+        config = TransferConfig(
             multipart_threshold=DEFAULT_PART_SIZE,
-            multipart_chunksize=part,
-            max_concurrency=PART_CONCURRENCY,
-            use_threads=True,
+            multipart_chunksize=part_size,
+            max_request_concurrency=BATCH_CONCURRENCY,
         )
-
-    def _run_batch(
-        self,
-        items: Sequence[Any],
-        work: Callable[[Any], None],
-        describe: Callable[[Any], str],
-        action: str,
-    ) -> None:
-        errors: dict[str, TransferError] = {}
-        lock = threading.Lock()
-
-        def one(item: Any) -> None:
-            try:
-                work(item)
-            except Exception as exc:  # every failure is reported by name after the batch
-                err = map_error(exc, describe(item), action)
-                log.debug("%s %s failed: %s", action, describe(item), err)
-                with lock:
-                    errors[describe(item)] = err
-
-        if len(items) <= 1:
-            for item in items:
-                one(item)
-        else:
-            with ThreadPoolExecutor(
-                max_workers=min(FILE_CONCURRENCY, len(items)), thread_name_prefix="runctl-boto"
-            ) as pool:
-                list(pool.map(one, items))
-        raise_batch(errors, len(items), action)
+        return TransferManager(self.client, config)
 
     def put_files(
         self,
@@ -263,23 +255,37 @@ class BotoTransfer(Transfer):
         storage_class: str | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
-        """Upload each local file to exactly its URL (multipart for large files)."""
-        callback = _Progress(progress)
-        extra = {"StorageClass": storage_class} if storage_class else None
+        """Upload each local file to exactly its URL (multipart for large files).
 
-        def work(pair: tuple[Path, S3URL]) -> None:
-            path, url = pair
-            size = Path(path).stat().st_size
-            self.client.upload_file(
-                str(path),
-                url.bucket,
-                url.key,
-                ExtraArgs=extra,
-                Callback=callback,
-                Config=self._transfer_config(size),
-            )
+        The whole batch shares one s3transfer manager (one pool of request threads) per
+        part size, instead of a manager and thread pool per file.
+        """
+        from boto3.s3.transfer import ProgressCallbackInvoker
 
-        self._run_batch(list(pairs), work, lambda pair: str(pair[1]), "upload")
+        pairs = list(pairs)
+        subscribers = [ProgressCallbackInvoker(_Progress(progress))] if progress else None
+        extra = {"StorageClass": storage_class} if storage_class else {}
+        errors: dict[str, TransferError] = {}
+        groups: dict[int, list[tuple[Path, S3URL]]] = {}
+        for path, url in pairs:
+            try:
+                size = Path(path).stat().st_size
+            except OSError as exc:
+                errors[str(url)] = map_error(exc, str(url), "upload")
+                continue
+            groups.setdefault(part_size_for(size), []).append((path, url))
+        for part_size, group in groups.items():
+            with self._manager(part_size) as manager:  # cancels the rest if interrupted
+                futures = [
+                    (url, manager.upload(str(path), url.bucket, url.key, extra, subscribers))
+                    for path, url in group
+                ]
+                for url, future in futures:
+                    try:
+                        future.result()
+                    except Exception as exc:  # every failure is reported by name after the batch
+                        errors[str(url)] = map_error(exc, str(url), "upload")
+        raise_batch(errors, len(pairs), "upload")
 
     def get_files(
         self,
@@ -287,26 +293,94 @@ class BotoTransfer(Transfer):
         *,
         progress: ProgressCallback | None = None,
     ) -> None:
-        """Download each object to exactly the given path (its parent must exist)."""
-        callback = _Progress(progress)
+        """Download each object to exactly the given path (its parent must exist).
 
-        def work(pair: tuple[S3URL, Path]) -> None:
+        Each object is first asked for with one GetObject (no HEAD): an object smaller than
+        the part size is streamed from that response into a temporary file beside the
+        destination and renamed into place. A larger one (or a read that broke off) goes to
+        one shared s3transfer manager with its size already known, for ranged, retried GETs.
+        """
+        from boto3.s3.transfer import ProgressCallbackInvoker
+
+        pairs = list(pairs)
+        callback = _Progress(progress)
+        errors: dict[str, TransferError] = {}
+        lock = threading.Lock()
+        futures: list[tuple[S3URL, Any]] = []
+
+        def fail(url: S3URL, exc: BaseException) -> None:
+            err = map_error(exc, url, "download")
+            if isinstance(err, NoSuchKeyError) and err.code == "404":
+                err = self._missing_bucket_or_key(url, err)
+            log.debug("download %s failed: %s", url, err)
+            with lock:
+                errors[str(url)] = err
+
+        def one(pair: tuple[S3URL, Path]) -> None:
             url, path = pair
             try:
-                self.client.download_file(
-                    url.bucket,
-                    url.key,
-                    str(path),
-                    Callback=callback,
-                    Config=self._transfer_config(0),
-                )
-            except Exception as exc:
-                err = map_error(exc, url, "download")
-                if isinstance(err, NoSuchKeyError) and err.code == "404":
-                    err = self._missing_bucket_or_key(url, err)
-                raise err from None
+                size = self._get_small(url, Path(path), callback)
+            except Exception as exc:  # every failure is reported by name after the batch
+                fail(url, exc)
+                return
+            if size is None:
+                return
+            subscribers = [ProgressCallbackInvoker(callback), _known_size(size)]
+            try:
+                future = manager.download(url.bucket, url.key, str(path), None, subscribers)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                fail(url, exc)
+                return
+            with lock:
+                futures.append((url, future))
 
-        self._run_batch(list(pairs), work, lambda pair: str(pair[0]), "download")
+        with self._manager(part_size_for(0)) as manager:  # cancels the rest if interrupted
+            if len(pairs) <= 1:
+                for pair in pairs:
+                    one(pair)
+            else:
+                with ThreadPoolExecutor(
+                    max_workers=min(BATCH_CONCURRENCY, len(pairs)), thread_name_prefix="runctl-boto"
+                ) as pool:
+                    list(pool.map(one, pairs))
+            for url, future in futures:
+                try:
+                    future.result()
+                except Exception as exc:  # every failure is reported by name after the batch
+                    fail(url, exc)
+        raise_batch(errors, len(pairs), "download")
+
+    def _get_small(self, url: S3URL, path: Path, callback: _Progress) -> int | None:
+        """GetObject ``url`` into ``path`` if it is small; else its size (None when done).
+
+        A read that breaks off midway also returns the size, so the manager retries it.
+        """
+        from s3transfer.download import S3_RETRYABLE_DOWNLOAD_ERRORS
+
+        response = self.client.get_object(Bucket=url.bucket, Key=url.key)
+        body = response["Body"]
+        size = int(response.get("ContentLength") or 0)
+        if size >= DEFAULT_PART_SIZE:
+            body.close()  # the manager fetches it in parallel ranges
+            return size
+        suffix = f".{os.urandom(4).hex()}"  # s3transfer's temp name: beside it, same filesystem
+        temp = os.path.join(os.path.dirname(path), path.name[: _MAX_NAME - len(suffix)] + suffix)
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in body.iter_chunks(IO_CHUNK):
+                    fh.write(chunk)
+                    callback(len(chunk))
+            os.replace(temp, path)
+        except S3_RETRYABLE_DOWNLOAD_ERRORS:
+            _unlink(temp)
+            body.close()
+            return size
+        except BaseException:
+            _unlink(temp)
+            body.close()
+            raise
+        return None
 
     def _missing_bucket_or_key(self, url: S3URL, err: TransferError) -> TransferError:
         """A HEAD 404 does not say whether the bucket or the key is missing; ask once."""

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -36,6 +35,7 @@ from runctl.exceptions import (
 )
 from runctl.s3url import S3URL
 from runctl.transfer.base import (
+    DEFAULT_PART_SIZE,
     DELETE_BATCH,
     DeleteResult,
     MiB,
@@ -44,6 +44,7 @@ from runctl.transfer.base import (
     ProgressCallback,
     part_size_for,
 )
+from runctl.transfer.boto import map_error
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -53,8 +54,13 @@ log = logging.getLogger("runctl.transfer.s5cmd")
 ENV_BINARY = "RUNCTL_S5CMD"
 #: Parts transferred in parallel per large object (s5cmd's own default is 5).
 PART_CONCURRENCY = 8
-#: s5cmd's default of 256 workers can hold 256 x concurrency part buffers; we stay modest.
+#: Workers for a batch that may hold large (multipart) files: each worker can hold
+#: ``PART_CONCURRENCY`` part buffers, so s5cmd's default of 256 would be far too much memory.
 DEFAULT_NUMWORKERS = 32
+#: Workers for a batch of small files only (s5cmd's own default): one request each, no part buffers.
+SMALL_FILE_NUMWORKERS = 256
+#: Downloads carry no sizes; a batch of more pairs than this is taken as many small objects.
+MANY_PAIRS = 64
 #: Idle limits (no output and no bytes moved) when the caller sets no ``stall_timeout``.
 DEFAULT_IDLE_TRANSFER = 900.0
 DEFAULT_IDLE_METADATA = 120.0
@@ -94,6 +100,27 @@ _REQUEST_ID_RE = re.compile(r",? ?request id: .*$")
 _TIME_RE = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?$"
 )
+
+
+def batch_numworkers(sizes: Sequence[int | None]) -> int:
+    """s5cmd ``--numworkers`` for one batch of files, from their sizes (None when unknown).
+
+    The rule: every size known and below the multipart part size (50 MiB) -> 256 (s5cmd's
+    default; small files need no part buffers). Any file at or above it -> 32, which bounds
+    part-buffer memory. Sizes unknown (downloads: ``get_files`` has only URLs) -> 256 when
+    the batch has more than ``MANY_PAIRS`` pairs (typically many small objects), else 32.
+
+    Example:
+        >>> batch_numworkers([4096] * 10), batch_numworkers([4096, 200 * MiB])
+        (256, 32)
+        >>> batch_numworkers([None] * 10), batch_numworkers([None] * 1000)
+        (32, 256)
+    """
+    if any(size is not None and size >= DEFAULT_PART_SIZE for size in sizes):
+        return DEFAULT_NUMWORKERS
+    if sizes and all(size is not None for size in sizes):
+        return SMALL_FILE_NUMWORKERS
+    return SMALL_FILE_NUMWORKERS if len(sizes) > MANY_PAIRS else DEFAULT_NUMWORKERS
 
 
 def find_s5cmd(override: str | None = None) -> str:
@@ -433,7 +460,8 @@ class S5cmdTransfer:
             )
         self.config = config
         self.binary = find_s5cmd(binary)
-        self.numworkers = numworkers or DEFAULT_NUMWORKERS
+        #: Fixed ``--numworkers`` for every command; None picks per batch (``batch_numworkers``).
+        self.numworkers = numworkers
         self.retry_count = retry_count
         self.stall_timeout = stall_timeout
         self._children: set[_Child] = set()
@@ -442,13 +470,14 @@ class S5cmdTransfer:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _argv(self, *command: str | bytes) -> list[str | bytes]:
+    def _argv(self, *command: str | bytes, numworkers: int | None = None) -> list[str | bytes]:
         # Global flags go before the command; credentials never appear here.
+        workers = self.numworkers or numworkers or DEFAULT_NUMWORKERS
         argv: list[str | bytes] = [
             self.binary,
             "--json",
             "--numworkers",
-            str(self.numworkers),
+            str(workers),
             "--retry-count",
             str(self.retry_count),
         ]
@@ -533,11 +562,19 @@ class S5cmdTransfer:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _run_jobs(self, op: str, jobs: Sequence[_Job], progress: ProgressCallback | None) -> None:
+    def _run_jobs(
+        self,
+        op: str,
+        jobs: Sequence[_Job],
+        progress: ProgressCallback | None,
+        *,
+        sizes_known: bool = True,
+    ) -> None:
         """Run cp jobs: one ``s5cmd run`` for every expressible line, direct argv for the rest.
 
         A batch succeeds only if s5cmd exits 0, prints no error line, and reports every
-        expected pair done (it can exit 0 after a failure).
+        expected pair done (it can exit 0 after a failure). ``--numworkers`` follows
+        ``batch_numworkers`` (job sizes count only when ``sizes_known``).
         """
         if not jobs:
             return
@@ -609,7 +646,8 @@ class S5cmdTransfer:
 
         if batch:
             lines = [" ".join(["cp", *j.flags, _quote(j.src), _quote(j.dst)]) for j in batch]
-            argv = self._argv("run")
+            workers = batch_numworkers([j.size if sizes_known else None for j in batch])
+            argv = self._argv("run", numworkers=workers)
             outcome = self._collect(
                 argv, transfer=True, stdin_lines=lines, on_success=tracker(batch)
             )
@@ -723,7 +761,7 @@ class S5cmdTransfer:
             jobs.append(_Job(str(url), _local(path), str(url), 0, flags))
         problems: dict[str, str] = {}
         try:
-            self._run_jobs("download", jobs, progress)
+            self._run_jobs("download", jobs, progress, sizes_known=False)
         except PartialTransferError as exc:
             if not odd:
                 raise
@@ -915,44 +953,26 @@ class S5cmdTransfer:
         raise error_class(code, message)(f"stat {url} failed: {message}", code=code, url=str(url))
 
     def put_bytes(self, data: bytes, url: S3URL) -> None:
-        """Write a small object (markers, manifests) in one put, via a private temp file.
+        """Write a small object (markers, manifests) in one PutObject on the cached boto3 client.
+
+        One request on a kept-alive connection instead of an s5cmd process per marker; errors
+        are mapped exactly as the boto3 backend maps them.
 
         Example:
             >>> t.put_bytes(b"{}", S3URL.parse("s3://b/run/ckpt-1/.runctl-manifest.json"))  # doctest: +SKIP
         """
-        if url.is_prefix:
+        if url.is_bucket or url.is_prefix:
             raise UsageError(f"put_bytes needs an object URL, got {url}")
-        fd, name = tempfile.mkstemp(prefix="runctl-put-")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            try:
-                self._run_jobs(
-                    "upload",
-                    [
-                        _Job(
-                            _local(name),
-                            str(url),
-                            str(url),
-                            len(data),
-                            ("--raw", "--part-size", str(part_size_for(len(data)) // MiB)),
-                        )
-                    ],
-                    None,
-                )
-            except PartialTransferError as exc:
-                raise TransferError(str(exc), code=exc.code, url=str(url)) from None
-        finally:
-            try:
-                os.unlink(name)
-            except OSError:
-                pass
+            self._client().put_object(Bucket=url.bucket, Key=url.key, Body=data)
+        except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+            raise map_error(exc, url, "put") from None
 
     def get_bytes(self, url: S3URL) -> bytes:
-        """Read a small object whole, downloading it into a private temporary directory.
+        """Read a small object whole with one GetObject on the cached boto3 client.
 
-        ``s5cmd cat`` would be shorter but checks existence with HEAD, which cannot tell a
-        missing bucket from a missing key; GetObject (``cp``) can.
+        Retention and cleanup read ~100 markers in a row; one s5cmd process each cost far
+        more than the request. GetObject (unlike HEAD) tells a missing bucket from a missing key.
 
         Raises:
             NoSuchKeyError: if the object does not exist (``NoSuchBucketError`` for its bucket).
@@ -963,17 +983,11 @@ class S5cmdTransfer:
         """
         if url.is_bucket:
             raise UsageError(f"get_bytes needs an object URL, got {url}")
-        if url.is_prefix or not _fits_run_line(url.key):
-            return self._boto_get_bytes(url)
-        with tempfile.TemporaryDirectory(prefix="runctl-get-") as scratch:
-            target = os.path.join(scratch, "object")
-            job = _Job(str(url), _local(target), str(url), 0, ("--raw",))
-            try:
-                self._run_jobs("download", [job], None)
-            except PartialTransferError as exc:
-                raise TransferError(str(exc), code=exc.code, url=str(url)) from None
-            with open(target, "rb") as fh:
-                return fh.read()
+        try:
+            response = self._client().get_object(Bucket=url.bucket, Key=url.key)
+            return bytes(response["Body"].read())
+        except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+            raise map_error(exc, url, "get") from None
 
     def close(self) -> None:
         """Kill any s5cmd still running and drop the boto3 client."""
@@ -1036,15 +1050,6 @@ class S5cmdTransfer:
             etag.strip('"') if etag else None,
             head.get("StorageClass") or "STANDARD",
         )
-
-    def _boto_get_bytes(self, url: S3URL) -> bytes:
-        try:
-            return bytes(self._client().get_object(Bucket=url.bucket, Key=url.key)["Body"].read())
-        except Exception as exc:  # noqa: BLE001
-            code, message = _boto_error(exc)
-            raise error_class(code, message)(
-                f"reading {url} failed: {message}", code=code, url=str(url)
-            ) from None
 
     def _boto_put(
         self, path: Path, url: S3URL, storage_class: str | None, progress: ProgressCallback | None

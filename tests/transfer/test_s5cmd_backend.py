@@ -115,7 +115,7 @@ def test_override_by_argument_and_by_env_is_used(
     monkeypatch.setenv("RUNCTL_S5CMD", fake)
     by_env = S5cmdTransfer(s3_server.config())
     assert by_env.binary == fake
-    assert by_env.get_bytes(bucket.join("a.pt")) == src.read_bytes()
+    assert by_env.stat(bucket.join("a.pt")) is not None  # get_bytes no longer spawns s5cmd
     assert calls.read_text().count("called") == 2
 
 
@@ -604,3 +604,49 @@ def test_keys_ending_in_slash_go_through_boto(moto_server: S3Server, tmp_path: P
     assert (tmp_path / "marker.bin").read_bytes() == src.read_bytes()
     assert t.delete_keys(bucket.bucket, ["dir/", "dir/a.pt"]).deleted == 2
     assert keys_in(moto_server, bucket) == []
+
+
+def test_small_objects_use_one_cached_client_not_s5cmd(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    calls = tmp_path / "calls.log"
+    fake = wrapper(tmp_path, f'echo called >> "{calls}"\nexec "$REAL" "$@"')
+    t = S5cmdTransfer(s3_server.config(), binary=fake)
+    urls = [bucket.join(f"run/ckpt-{i}/.runctl-complete") for i in range(5)]
+    for i, url in enumerate(urls):
+        t.put_bytes(f"marker {i}".encode(), url)
+    assert [t.get_bytes(url) for url in urls] == [f"marker {i}".encode() for i in range(5)]
+    assert not calls.exists()  # no s5cmd process for markers
+    assert t._client() is t._client()
+    with pytest.raises(NoSuchKeyError) as caught:
+        t.get_bytes(bucket.join("run/absent"))
+    assert caught.value.code == "NoSuchKey"
+    missing = S3URL(f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}")
+    with pytest.raises(NoSuchBucketError):
+        t.get_bytes(missing.join("k"))
+    with pytest.raises(NoSuchBucketError):
+        t.put_bytes(b"x", missing.join("k"))
+
+
+def test_numworkers_follow_the_batch(s3_server: S3Server, bucket: S3URL, tmp_path: Path) -> None:
+    from runctl.transfer.s5cmd import batch_numworkers
+
+    assert batch_numworkers([4 * 1024] * 3) == 256
+    assert batch_numworkers([4 * 1024, 50 * MiB]) == 32
+    assert batch_numworkers([None] * 64) == 32
+    assert batch_numworkers([None] * 65) == 256
+    assert batch_numworkers([None] * 100 + [60 * MiB]) == 32
+
+    calls = tmp_path / "argv.log"
+    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    paths = make_files(tmp_path / "src", ["a.pt", "b.pt"])
+    pairs = [(p, bucket.join(p.name)) for p in paths]
+    S5cmdTransfer(s3_server.config(), binary=fake).put_files(pairs)
+    S5cmdTransfer(s3_server.config(), binary=fake, numworkers=7).put_files(pairs)
+    down = tmp_path / "down"
+    down.mkdir()
+    S5cmdTransfer(s3_server.config(), binary=fake).get_files(
+        [(url, down / path.name) for path, url in pairs]
+    )
+    logged = calls.read_text().splitlines()
+    assert [line.split()[2] for line in logged] == ["256", "7", "32"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from runctl.config import (
@@ -128,3 +133,61 @@ def test_no_credentials_keeps_profile_for_child(monkeypatch: pytest.MonkeyPatch)
     assert cfg.credentials is None
     env = S3Config(profile=None).child_env({})
     assert "AWS_ACCESS_KEY_ID" not in env
+
+
+_NO_BOTOCORE_SCRIPT = """
+import sys
+from runctl.config import S3Config, scrub
+creds = S3Config().credentials
+assert creds is not None, "no credentials"
+print(creds.access_key, creds.token, scrub("x env-secret-no-botocore"))
+print("botocore" in sys.modules)
+"""
+
+
+def _run_resolution(env: dict[str, str]) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_BOTOCORE_SCRIPT],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.split("\n")
+
+
+def test_env_credentials_resolve_without_importing_botocore() -> None:
+    lines = _run_resolution(
+        {
+            "AWS_ACCESS_KEY_ID": "AKIDNOBOTO",
+            "AWS_SECRET_ACCESS_KEY": "env-secret-no-botocore",
+            "AWS_SESSION_TOKEN": "env-token-no-botocore",
+        }
+    )
+    assert lines[0] == "AKIDNOBOTO env-token-no-botocore x ****"
+    assert lines[1] == "False"
+
+
+def test_env_credentials_with_a_profile_still_use_botocore(tmp_path: Path) -> None:
+    creds_file = tmp_path / "credentials"
+    creds_file.write_text("[other]\naws_access_key_id = AKIDPROFILE\naws_secret_access_key = s3cret-profile\n")
+    lines = _run_resolution(
+        {
+            "AWS_ACCESS_KEY_ID": "AKIDNOBOTO",
+            "AWS_SECRET_ACCESS_KEY": "env-secret-no-botocore",
+            "AWS_PROFILE": "other",
+            "AWS_SHARED_CREDENTIALS_FILE": str(creds_file),
+            "AWS_CONFIG_FILE": str(tmp_path / "config"),
+        }
+    )
+    # AWS_PROFILE alone does not beat env keys in botocore's chain; what matters is the path taken.
+    assert lines[1] == "True"
+
+
+def test_partial_env_pair_falls_back_to_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDHALF")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    assert S3Config()._env_credentials() is None
