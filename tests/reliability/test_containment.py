@@ -1,0 +1,149 @@
+"""Hostile keys (``..``, absolute, ``//``, backslashes, very long): nothing is written outside the destination."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+from runctl.exceptions import RunctlError
+from runctl.s3url import S3URL
+from runctl.uploader import latest_checkpoint
+from tests.cli.cli_support import run
+from tests.reliability.conftest import tree_snapshot
+from tests.servers import S3Server
+
+
+def hostile_keys(tag: str) -> list[str]:
+    """Relative keys (below the prefix) that try to escape, plus one harmless file."""
+    return [
+        f"a/../../x-{tag}",
+        f"../x-{tag}",
+        f"/abs-{tag}",
+        f"//abs2-{tag}",
+        f"a//b-{tag}",
+        f"a\\..\\..\\bs-{tag}",
+        ".",
+        "..",
+        "n" * 300,
+        "/".join(["d" * 200] * 25) + f"/deep-{tag}",
+        f"ok-{tag}.txt",
+    ]
+
+
+def no_retry_client(server: S3Server):  # noqa: ANN201
+    """A raw boto3 client that does not retry (rclone answers some hostile keys with 500s)."""
+    import boto3
+    from botocore.config import Config
+
+    from tests.servers import ACCESS_KEY, REGION, SECRET_KEY
+
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint_url,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name=REGION,
+        config=Config(
+            retries={"max_attempts": 1, "mode": "standard"}, s3={"addressing_style": "path"}
+        ),
+    )
+
+
+def plant(server: S3Server, bucket: str, prefix: str, tag: str) -> set[str]:
+    """Create every hostile key the server accepts (rclone refuses some); return those that exist."""
+    client = no_retry_client(server)
+
+    def put(rel: str) -> None:
+        try:
+            client.put_object(Bucket=bucket, Key=prefix + rel, Body=b"evil")
+        except Exception:  # noqa: BLE001 - a server that refuses a key protects us already
+            pass
+
+    # In parallel: rclone takes about a second to refuse each key it rejects.
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        list(pool.map(put, hostile_keys(tag)))
+    found = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        found.update(o["Key"] for o in page.get("Contents", []))
+    return found
+
+
+def escaped(tmp_path: Path, dest: Path, before: dict[str, str], tag: str) -> list[str]:
+    """Paths written outside ``dest``: new entries under tmp_path, or tagged files anywhere likely."""
+    dest_rel = str(dest.relative_to(tmp_path))
+    new = [
+        rel
+        for rel, kind in tree_snapshot(tmp_path).items()
+        if rel not in before and rel != dest_rel and not rel.startswith(dest_rel + os.sep)
+    ]
+    roots = [Path("/"), Path.cwd(), *list(dest.parents)[:6]]
+    for root in roots:
+        try:
+            new += [str(p) for p in root.iterdir() if tag in p.name]
+        except OSError:
+            pass
+    return new
+
+
+TAG = uuid.uuid4().hex[:10]
+_PLANTED: dict[str, tuple[str, set[str]]] = {}
+
+
+def planted(server: S3Server) -> tuple[str, set[str]]:
+    """One read-only bucket per server with the hostile keys, twice: under evil/ and as checkpoint-9/."""
+    if server.endpoint_url not in _PLANTED:
+        bucket = server.new_bucket("evil")
+        plant(server, bucket, "evil/", TAG)
+        base = "latest/checkpoint-9/"
+        present = plant(server, bucket, base, TAG)
+        # A directory checkpoint whose marker lists the hostile files as its own.
+        files = {k[len(base) :]: FileEntry(4) for k in present if k.startswith(base)}
+        marker = Manifest("checkpoint-9", 9, files, created=1.0).to_bytes()
+        server.client().put_object(Bucket=bucket, Key=base + MARKER_NAME, Body=marker)
+        _PLANTED[server.endpoint_url] = (bucket, present | {base + MARKER_NAME})
+    return _PLANTED[server.endpoint_url]
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("command", ["download", "sync", "latest", "latest_checkpoint"])
+def test_hostile_keys_never_escape(
+    s3_server: S3Server, backend: str, command: str, tmp_path: Path
+) -> None:
+    name, everything = planted(s3_server)
+    bucket, tag = S3URL(name), TAG
+    dest = tmp_path / "s1" / "s2" / "s3" / "dest"
+    dest.parent.mkdir(parents=True)
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    where = "latest/" if command.startswith("latest") else "evil/"
+    present = {k for k in everything if k.startswith(where)}
+    assert any(k.endswith(f"ok-{tag}.txt") for k in present)
+    before = tree_snapshot(tmp_path)
+    url = str(bucket.join(where))
+    endpoint = ["--endpoint-url", s3_server.endpoint_url]
+    if command == "download":
+        result = run(*endpoint, "s3", "download", url, str(dest), "--recursive", flag)
+    elif command == "sync":
+        result = run(*endpoint, "s3", "sync", str(dest), url, "--direction", "down", flag)
+    elif command == "latest":
+        result = run(*endpoint, "s3", "download", url, str(dest), "--latest", flag)
+    else:
+        result = None
+        try:
+            latest_checkpoint(url, dest, config=s3_server.config(), use_s5cmd=backend == "s5cmd")
+        except RunctlError:
+            pass  # refusing is fine; writing outside is not
+    if result is not None:
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.exit_code in (0, 1), (result.exit_code, result.stderr)
+    assert escaped(tmp_path, dest, before, tag) == []
+    if command in ("download", "sync"):
+        # The harmless file still arrives; the hostile ones are reported, not silently dropped.
+        assert (dest / f"ok-{tag}.txt").read_bytes() == b"evil"
+        if len(present) > 1:
+            assert result is not None and result.exit_code == 1
+            assert "unsafe" in result.stderr.lower() or "skipped" in result.stderr.lower()

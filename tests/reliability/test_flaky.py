@@ -1,0 +1,190 @@
+"""A flaky server (500, 503 SlowDown, resets, stalls via a fault proxy): everything still ends correct."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.checkpoints import MARKER_NAME, group_s3
+from runctl.exceptions import AccessDeniedError, UploadError
+from runctl.s3url import S3URL
+from runctl.transfer import get_transfer
+from runctl.transfer.base import ObjectInfo
+from runctl.uploader import CheckpointUploader, latest_checkpoint
+from tests.cli.cli_support import assert_one_line_error, records, run
+from tests.reliability.conftest import COMBOS, QUICK_RETRY, config_for, get_object, s3_snapshot
+from tests.reliability.faultproxy import FaultPlan, Rule
+from tests.servers import S3Server
+
+FLAKY = {"error500": 0.08, "slowdown": 0.08, "reset": 0.06, "stall": 0.04}
+
+
+def flaky_plan(seed: int, *rules: Rule) -> FaultPlan:
+    return FaultPlan(
+        seed=seed,
+        probabilities=dict(FLAKY),
+        max_consecutive=2,
+        stall_seconds=0.5,
+        rules=list(rules),
+    )
+
+
+def complete_checkpoints(server: S3Server, prefix: S3URL) -> dict[str, tuple[str, ...]]:
+    """name -> files of every checkpoint S3 shows as complete (markers read and checked)."""
+    t = get_transfer(server.config(), use_s5cmd=False)
+    try:
+        objects = [o for o in t.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)]
+        grouped = group_s3(
+            objects, prefix, read_marker=lambda key: t.get_bytes(S3URL(prefix.bucket, key))
+        )
+        return {c.name: c.files for c in grouped.checkpoints if c.complete}
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize(("kind", "backend"), COMBOS)
+def test_uploader_ends_correct_through_a_flaky_server(
+    request: pytest.FixtureRequest, kind: str, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    s3_server: S3Server = request.getfixturevalue(f"{kind}_server")
+    bucket = S3URL(s3_server.new_bucket())
+    # The first 6 PUTs of step_3.pt fail: more than the SDK's own retries, so the uploader retries.
+    proxy = make_proxy(
+        s3_server, flaky_plan(7, Rule("error500", 6, method="PUT", path_contains="step_3.pt"))
+    )
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    prefix = bucket.join("run/")
+    data = {f"step_{i}.pt": os.urandom(200_000 + i) for i in (1, 2, 3)}
+    shards = {f"shard_{i}.bin": os.urandom(50_000 + i) for i in range(3)}
+    with CheckpointUploader(
+        root,
+        prefix,
+        config=config_for(proxy.url),
+        use_s5cmd=backend == "s5cmd",
+        keep_last_n=2,
+        local_keep_last_n=1,
+        retry=QUICK_RETRY,
+    ) as up:
+        for name, blob in data.items():
+            (root / name).write_bytes(blob)
+            up.submit(root / name)
+        (root / "step_4").mkdir()
+        for rel, blob in shards.items():
+            (root / "step_4" / rel).write_bytes(blob)
+        up.submit(root / "step_4")
+        up.flush(timeout=120)
+        status = up.status()
+    assert proxy.faults() > 0, proxy.counts
+    assert status.failures == 0 and status.uploaded + status.skipped == 4
+    # Retries happened, are counted, and stayed within the policy.
+    assert 1 <= status.retries <= 4 * (QUICK_RETRY.attempts - 1), status
+    complete = complete_checkpoints(s3_server, prefix)
+    assert set(complete) == {"step_3.pt", "step_4"}
+    assert get_object(s3_server, bucket, "run/step_3.pt") == data["step_3.pt"]
+    for rel, blob in shards.items():
+        assert get_object(s3_server, bucket, f"run/step_4/{rel}") == blob
+    keys = set(s3_snapshot(s3_server, bucket.bucket))
+    assert keys == {"run/step_3.pt", f"run/step_4/{MARKER_NAME}"} | {
+        f"run/step_4/{r}" for r in shards
+    }
+    local = {p.name for p in root.iterdir() if p.name != ".runctl"}
+    assert local == {"step_4"}
+
+
+@pytest.mark.parametrize(("kind", "backend"), COMBOS)
+def test_cli_upload_list_download_cleanup_through_a_flaky_server(
+    request: pytest.FixtureRequest, kind: str, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    s3_server: S3Server = request.getfixturevalue(f"{kind}_server")
+    bucket = S3URL(s3_server.new_bucket())
+    proxy = make_proxy(s3_server, flaky_plan(11))
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    src = tmp_path / "src"
+    src.mkdir()
+    blobs = {f"step_{i}.pt": os.urandom(30_000 + i) for i in range(1, 7)}
+    for name, blob in blobs.items():
+        (src / name).write_bytes(blob)
+    (src / "train.log").write_bytes(b"log")
+    url = str(bucket.join("run/"))
+
+    def cli(*args: str):  # noqa: ANN202
+        started = time.monotonic()
+        result = run("--endpoint-url", proxy.url, *args)
+        assert time.monotonic() - started < 60
+        return result
+
+    up = cli("s3", "upload", str(src), url, "--recursive", flag, "--json")
+    assert up.exit_code == 0, up.stderr
+    assert {get_object(s3_server, bucket, f"run/{n}") for n in blobs} == set(blobs.values())
+
+    listed = cli("s3", "list", url, "--recursive", flag, "--json")
+    assert listed.exit_code == 0, listed.stderr
+    assert {r["key"] for r in records(listed.stdout) if r["type"] == "object"} == {
+        f"run/{n}" for n in [*blobs, "train.log"]
+    }
+
+    dest = tmp_path / "dest"
+    down = cli("s3", "download", url, str(dest), "--recursive", flag, "--json")
+    assert down.exit_code == 0, down.stderr
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == {**blobs, "train.log": b"log"}
+
+    clean = cli("s3", "cleanup", url, "--keep-last-n", "2", flag, "--json")
+    assert clean.exit_code == 0, clean.stderr
+    assert set(s3_snapshot(s3_server, bucket.bucket)) == {
+        "run/step_5.pt",
+        "run/step_6.pt",
+        "run/train.log",
+    }
+    got = latest_checkpoint(
+        url, tmp_path / "latest", config=config_for(proxy.url), use_s5cmd=backend == "s5cmd"
+    )
+    assert got is not None and got.read_bytes() == blobs["step_6.pt"]
+    assert proxy.faults() > 0, proxy.counts
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_wrong_secret_fails_fast_instead_of_retrying(
+    rclone_server: S3Server, backend: str, tmp_path: Path
+) -> None:
+    bucket = S3URL(rclone_server.new_bucket())
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / "step_1.pt").write_bytes(b"x" * 1000)
+    started = time.monotonic()
+    up = CheckpointUploader(
+        root,
+        bucket.join("run/"),
+        config=config_for(rclone_server.endpoint_url, secret="wrong-secret-0000"),
+        use_s5cmd=backend == "s5cmd",
+        retry=QUICK_RETRY,
+    )
+    handle = up.submit(root / "step_1.pt")
+    exc = handle.exception(timeout=60)
+    assert isinstance(exc, AccessDeniedError), repr(exc)
+    with pytest.raises(UploadError, match="step_1.pt"):
+        up.close(timeout=30)
+    assert time.monotonic() - started < 30
+    status = up.status()
+    assert status.retries == 0 and status.failures == 1
+    assert (root / "step_1.pt").exists()
+
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    started = time.monotonic()
+    result = run(
+        "--endpoint-url",
+        rclone_server.endpoint_url,
+        "s3",
+        "upload",
+        str(root / "step_1.pt"),
+        str(bucket.join("run/")),
+        flag,
+        env={"AWS_SECRET_ACCESS_KEY": "wrong-secret-0000"},
+    )
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr)
+    assert time.monotonic() - started < 30
+    assert s3_snapshot(rclone_server, bucket.bucket) == {}
