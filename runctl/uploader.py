@@ -305,6 +305,8 @@ def make_transfer(
         try:
             return get_transfer(config, s5cmd_path=s5cmd_path, stall_timeout=stall_timeout)
         except BinaryNotFoundError as exc:
+            if s5cmd_path or os.environ.get("RUNCTL_S5CMD"):
+                raise  # a binary the user named is missing: say so, never guess
             log.warning("%s; falling back to boto3", exc)
     return get_transfer(config, use_s5cmd=False)
 

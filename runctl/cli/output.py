@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
+from runctl.config import scrub
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -282,7 +284,7 @@ class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level = record.levelname.lower()
-            sys.stderr.write(f"{PROG}: {level}: {one_line(record.getMessage())}\n")
+            sys.stderr.write(f"{PROG}: {level}: {one_line(scrub(record.getMessage()))}\n")
         except Exception:  # a log line must never break a command
             self.handleError(record)
 

@@ -274,14 +274,7 @@ API_IDS = [
     "uploader-local-keep-negative",
     "uploader-bad-policy",
     "uploader-bad-stall",
-    pytest.param(
-        "uploader-missing-s5cmd",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="defect: uploader.make_transfer silently falls back to boto3 when an explicit "
-            "s5cmd_path does not exist (should raise BinaryNotFoundError like the CLI does)",
-        ),
-    ),
+    "uploader-missing-s5cmd",
     "submit-missing",
     "submit-outside-root",
     "latest-bad-url",
