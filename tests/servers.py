@@ -131,6 +131,11 @@ def start_rclone(data_dir: str | os.PathLike[str] | None = None, port: int | Non
             os.devnull,
             "--log-level",
             "ERROR",
+            # rclone answers a listing from its directory cache; once that expires (default 5 min)
+            # it re-reads the directory and shows control characters as symbols (a tab as U+2409),
+            # so a long session would see different keys than it stored. Keep the cache.
+            "--dir-cache-time",
+            "1000h",
             str(root),
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
