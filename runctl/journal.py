@@ -17,7 +17,16 @@ log = logging.getLogger("runctl.journal")
 
 JOURNAL_DIR = ".runctl"
 JOURNAL_NAME = "journal.jsonl"
-STATES = ("queued", "uploaded", "verified", "skipped", "failed", "deleted_s3", "deleted_local")
+STATES = (
+    "queued",
+    "uploaded",
+    "verified",
+    "skipped",
+    "failed",
+    "deleting_s3",
+    "deleted_s3",
+    "deleted_local",
+)
 PENDING_STATES = ("queued", "uploaded")
 _FIELDS = ("time", "size", "mtime", "s3_url", "detail")
 #: Two mtimes closer than this are the same (they come from the same stat, through JSON).
@@ -220,6 +229,21 @@ class Journal:
         """A ``was_verified`` predicate over one replay (for checking many checkpoints at once)."""
         return _DurabilityCheck(self._load())
 
+    def unfinished_deletions(self) -> set[str]:
+        """Names whose S3 deletion by retention began (``deleting_s3``) but never finished.
+
+        A process killed between deleting a directory checkpoint's marker and its files leaves
+        marker-less files behind; retention finishes deleting these names.
+
+        Example:
+            >>> import tempfile
+            >>> j = Journal(Path(tempfile.mkdtemp()))
+            >>> j.record("checkpoint-1", "deleting_s3")
+            >>> j.unfinished_deletions()
+            {'checkpoint-1'}
+        """
+        return {e.name for e in self._load().latest.values() if e.state == "deleting_s3"}
+
     def pending(self) -> list[JournalEntry]:
         """Entries whose latest state is queued or uploaded (not yet verified), oldest first."""
         entries = [e for e in self._load().latest.values() if e.state in PENDING_STATES]
@@ -232,7 +256,7 @@ def _was_verified(state: _State, name: str, size: int | None, mtime: float | Non
         return False
     if latest.state == "verified":
         return latest.matches(size, mtime)
-    if latest.state == "deleted_s3":
+    if latest.state in ("deleting_s3", "deleted_s3"):
         last = state.verified.get(name)
         return last is not None and last.matches(size, mtime)
     return False

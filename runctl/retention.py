@@ -74,13 +74,15 @@ def plan_retention(
     protected: Collection[str] = (),
     max_total_size: int | None = None,
     incomplete_older_than: float | None = None,
+    unfinished: Collection[str] = (),
     now: float | None = None,
 ) -> RetentionPlan:
     """Decide which checkpoints to keep and which to delete. Pure: touches nothing.
 
     Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count), plus every
     protected one, every alias, and every incomplete one (unless ``incomplete_older_than`` is
-    given and its mtime is older than that many seconds before ``now``: an abandoned upload).
+    given and its mtime is older than that many seconds before ``now``: an abandoned upload, or
+    it is named in ``unfinished``: a deletion an earlier retention began and did not finish).
     Then, with ``max_total_size``, deletes the oldest deletable kept ones until the rest fit.
     Never deletes a protected name, an alias, or the newest complete checkpoint.
     ``keep_last_n=None`` keeps every complete checkpoint.
@@ -117,7 +119,10 @@ def plan_retention(
             reasons[name] = "protected"
         elif not cp.complete:
             age = now - cp.mtime
-            if incomplete_older_than is not None and age > incomplete_older_than:
+            if name in unfinished:
+                doomed.add(name)
+                reasons[name] = "incomplete: an earlier retention began deleting it"
+            elif incomplete_older_than is not None and age > incomplete_older_than:
                 doomed.add(name)
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
             else:
@@ -185,6 +190,8 @@ def apply_s3_retention(
     incomplete_older_than: float | None = None,
     patterns: Sequence[str] | None = None,
     treat_unmarked_complete: bool = False,
+    unfinished: Collection[str] = (),
+    before_delete: Callable[[RetentionPlan], None] | None = None,
     dry_run: bool = False,
     lock_timeout: float = 600.0,
 ) -> RetentionPlan:
@@ -194,6 +201,10 @@ def apply_s3_retention(
     delete more than one would. Deletes every doomed directory's marker first (readers stop seeing
     it as complete), then its files, then single-file checkpoints, in batches; a key already gone is
     fine. ``dry_run`` only plans.
+
+    ``before_delete(plan)`` runs under the lock before the first key is deleted (the uploader
+    journals each doomed name there); ``unfinished`` names checkpoints whose deletion an earlier,
+    interrupted run began: an incomplete one of those is deleted rather than kept as in progress.
 
     Raises:
         LockTimeout: the lock was held elsewhere for longer than ``lock_timeout``.
@@ -225,9 +236,12 @@ def apply_s3_retention(
             protected=protected,
             max_total_size=max_total_size,
             incomplete_older_than=incomplete_older_than,
+            unfinished=unfinished,
         )
         if dry_run or not plan.delete:
             return plan
+        if before_delete is not None:
+            before_delete(plan)
         log.info(
             "retention in %s: deleting %d checkpoint(s) (%s), keeping %d",
             prefix,

@@ -39,7 +39,12 @@ from runctl.exceptions import (
     UsageError,
 )
 from runctl.journal import Journal
-from runctl.retention import apply_local_retention, apply_s3_retention, check_keep_last_n
+from runctl.retention import (
+    RetentionPlan,
+    apply_local_retention,
+    apply_s3_retention,
+    check_keep_last_n,
+)
 from runctl.retry import RetryPolicy
 from runctl.s3url import S3URL
 from runctl.staging import (
@@ -1154,6 +1159,8 @@ class CheckpointUploader:
                     self.keep_last_n,
                     protected=protected,
                     patterns=self.patterns,
+                    unfinished=self.journal.unfinished_deletions(),
+                    before_delete=self._journal_deleting,
                 )
                 for cp in plan.delete:
                     self._journal.record(
@@ -1180,6 +1187,12 @@ class CheckpointUploader:
                 )
             except Exception as exc:  # noqa: BLE001
                 self._retention_failed("local", exc)
+
+    def _journal_deleting(self, plan: RetentionPlan) -> None:
+        # Written (and fsynced) before the first delete: a run killed half-way through a directory
+        # checkpoint leaves marker-less files that the next run's retention then finishes off.
+        for cp in plan.delete:
+            self._journal.record(cp.name, "deleting_s3", wait=True, size=cp.size)
 
     def _superseded_and_covered(self, cp: Checkpoint) -> bool:
         # A checkpoint skipped because retention would delete it anyway may go locally once a

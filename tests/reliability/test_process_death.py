@@ -160,13 +160,8 @@ def test_sigkill_at_a_point_then_resume(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a SIGKILL between deleting a directory checkpoint's marker and its files leaves "
-    "the marker-less files in S3 forever; the next retention does not finish the deletion "
-    "(retention.apply_s3_retention / uploader._resume)",
-)
 def test_interrupted_retention_is_finished_on_resume(moto_server: S3Server, tmp_path: Path) -> None:
+    """Killed between a directory checkpoint's marker delete and its files: the next run finishes."""
     root = tmp_path / "ckpt"
     root.mkdir()
     make_checkpoints(root)

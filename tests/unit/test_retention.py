@@ -73,6 +73,18 @@ def test_abandoned_incomplete_deleted_only_when_older_than() -> None:
     assert plan.delete == ()
 
 
+def test_unfinished_deletion_of_an_incomplete_checkpoint_is_finished() -> None:
+    half = cp("checkpoint-1", 1, complete=False, is_dir=True)
+    fresh = cp("checkpoint-4", 4, complete=False, is_dir=True)
+    plan = plan_retention([half, fresh, *steps(2)], keep_last_n=5, unfinished={"checkpoint-1"}, now=NOW)
+    assert names(plan.delete) == ["checkpoint-1"]
+    assert "earlier retention" in plan.reasons["checkpoint-1"]
+    # Protected still wins: the name may be the one this run resumed from.
+    plan = plan_retention([half, *steps(2)], keep_last_n=5, unfinished={"checkpoint-1"},
+                          protected={"checkpoint-1"}, now=NOW)
+    assert plan.delete == ()
+
+
 def test_protected_and_aliases_are_kept_and_do_not_use_up_n() -> None:
     items = [*steps(1, 2, 3, 4), cp("last.ckpt", mtime=NOW)]
     plan = plan_retention(items, keep_last_n=2, protected={"step_1.pt"}, now=NOW)
