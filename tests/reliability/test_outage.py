@@ -15,8 +15,8 @@ from runctl.uploader import CheckpointUploader
 from tests.reliability.conftest import get_object
 from tests.servers import start_rclone
 
-#: Seconds the server stays down (the issue suggests 20; 8 keeps the slow env short).
-OUTAGE = 8.0
+#: Seconds the server stays down, as the reliability issue asks.
+OUTAGE = 20.0
 #: What one submit() may cost the training thread at most, even with the server down.
 STALL_BUDGET = 0.5
 
@@ -30,7 +30,7 @@ def test_server_outage_while_checkpoints_queue(tmp_path: Path, backend: str) -> 
         root = tmp_path / "ckpt"
         root.mkdir()
         blobs = {f"step_{i}.pt": os.urandom(2_000_000 + i) for i in range(1, 6)}
-        retry = RetryPolicy(attempts=12, backoff_factor=0.5, backoff_max=2.0, jitter=0.1)
+        retry = RetryPolicy(attempts=25, backoff_factor=0.5, backoff_max=2.0, jitter=0.1)
         up = CheckpointUploader(
             root,
             bucket.join("run/"),
