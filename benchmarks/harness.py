@@ -126,6 +126,8 @@ class Arm:
 def alternate(arms: Sequence[Arm], log: Callable[[str], None]) -> None:
     """Run the arms interleaved, A B C A B C …, so drift on a noisy machine hits every arm alike.
 
+    Dirty pages are synced before every timed run, so no arm pays for the previous one's writes.
+
     An arm that fails stops (its error is kept); the others go on.
     """
     for rep in range(max((arm.reps for arm in arms), default=0)):
@@ -135,6 +137,9 @@ def alternate(arms: Sequence[Arm], log: Callable[[str], None]) -> None:
             try:
                 if arm.setup:
                     arm.setup(rep)
+                # The last arm's writes (a GiB of dirty pages) are flushed now, untimed, rather
+                # than by the kernel in the middle of whichever arm comes next.
+                os.sync()
                 seconds = arm.run(rep)
                 arm.samples.append(seconds)
                 log(f"    {arm.name:<28} rep {rep + 1}/{arm.reps}: {seconds:.3f}s")

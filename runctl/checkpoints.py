@@ -321,12 +321,45 @@ def group_s3(
                     storage_class=obj.storage_class,
                 )
             )
+    if read_marker is not None:
+        wanted = [f"{base}{name}/{MARKER_NAME}" for name in dirs]
+        present = {o.key for members in dirs.values() for o in members if o.size > 0}
+        read_marker = _prefetched(read_marker, [k for k in wanted if k in present])
     checkpoints = singles + [
         _group_dir(name, members, base, treat_unmarked_complete, read_marker)
         for name, members in dirs.items()
     ]
     checkpoints.sort(key=Checkpoint.order_key)
     return S3Checkpoints(tuple(checkpoints), tuple(others))
+
+
+#: Markers read at once: one small GET each, so a listing of a hundred directory checkpoints
+#: costs a few round trips rather than a hundred.
+MARKER_READERS = 16
+
+
+def _prefetched(read_marker: Callable[[str], bytes], keys: Sequence[str]) -> Callable[[str], bytes]:
+    """``read_marker`` answered from reads of ``keys`` made in parallel (errors re-raised on use)."""
+    if len(keys) < 2:
+        return read_marker
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(key: str) -> bytes | Exception:
+        try:
+            return read_marker(key)
+        except Exception as exc:  # noqa: BLE001 - handed back to the caller when it asks for key
+            return exc
+
+    with ThreadPoolExecutor(min(MARKER_READERS, len(keys)), thread_name_prefix="runctl-marker") as pool:
+        results = dict(zip(keys, pool.map(attempt, keys), strict=True))
+
+    def cached(key: str) -> bytes:
+        result = results[key] if key in results else read_marker(key)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return cached
 
 
 def _group_dir(

@@ -222,6 +222,7 @@ def apply_s3_retention(
         return transfer.get_bytes(S3URL(prefix.bucket, key))
 
     with s3_prefix_lock(prefix, transfer.config.endpoint_url, timeout=lock_timeout):
+        transfer.warm_up()
         objects = [o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)]
         grouped = group_s3(
             objects,

@@ -147,6 +147,13 @@ class Transfer(Protocol):
         """Read a small object whole."""
         ...
 
+    def warm_up(self) -> None:
+        """Prepare, in the background, for many small requests (marker reads) soon after.
+
+        Returns at once; callers that list and then read markers call it before listing.
+        """
+        ...
+
     def close(self) -> None:
         """Release clients, pools and child processes."""
         ...

@@ -505,6 +505,9 @@ class BotoTransfer(Transfer):
         except Exception as exc:
             raise map_error(exc, url, "get") from None
 
+    def warm_up(self) -> None:
+        """Nothing to prepare: the listing itself creates the client the reads use."""
+
     def close(self) -> None:
         """Close the client's connection pool."""
         with self._client_lock:

@@ -557,6 +557,15 @@ class S5cmdTransfer:
                 self._boto = self.config.boto_client()
             return self._boto
 
+    def warm_up(self) -> None:
+        """Create the boto3 client used for small reads on a thread, while s5cmd lists.
+
+        Importing boto3 and building a client costs ~0.2 s; cleanup, review and watch list
+        first and read markers after, so that time overlaps with the listing.
+        """
+        if self._boto is None:
+            threading.Thread(target=self._client, name="runctl-boto3-warm", daemon=True).start()
+
     def _shown(self, argv: Sequence[str | bytes]) -> list[str]:
         return [scrub(os.fsdecode(a)) for a in argv]
 

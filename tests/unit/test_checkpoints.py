@@ -373,3 +373,27 @@ def test_verify_against_manifest() -> None:
         "c: missing",
     ]
     assert verify_against_manifest(m, {"a": obj("a", 3, etag="e1"), "b": obj("b", 2), "c": obj("c", 1)}) == []
+
+
+def test_markers_are_read_in_parallel_and_a_failed_read_stays_with_its_checkpoint() -> None:
+    import threading
+
+    from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    prefix = S3URL("bkt", "run/")
+    objects = []
+    for step in (1, 2, 3):
+        objects.append(ObjectInfo("bkt", f"run/checkpoint-{step}/model.bin", 4, t))
+        objects.append(ObjectInfo("bkt", f"run/checkpoint-{step}/{MARKER_NAME}", 10, t))
+    both_waiting = threading.Barrier(3, timeout=5)  # sequential reads would never get past it
+
+    def read_marker(key: str) -> bytes:
+        both_waiting.wait()
+        if "checkpoint-2" in key:
+            raise TransferError("connection reset", code="RequestError")
+        return Manifest("x", None, {"model.bin": FileEntry(4)}, "0.1", 0.0).to_bytes()
+
+    grouped = group_s3(objects, prefix, read_marker=read_marker)
+    complete = {c.name: c.complete for c in grouped.checkpoints}
+    assert complete == {"checkpoint-1": True, "checkpoint-2": False, "checkpoint-3": True}

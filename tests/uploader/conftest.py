@@ -49,6 +49,9 @@ class Wrapped:
     def get_files(self, pairs, *, progress=None):  # noqa: ANN001, ANN201
         return self.inner.get_files(pairs, progress=progress)
 
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
     def iter_objects(self, url, *, recursive=True):  # noqa: ANN001, ANN201
         return self.inner.iter_objects(url, recursive=recursive)
 
