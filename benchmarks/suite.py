@@ -46,6 +46,7 @@ class Sizes:
     stall_size: int = GiB
     stall_submits: int = 20
     stall_batches: int = 1
+    hook_saves: int = 4  # Lightning saves (each a torch.save of stall_size bytes)
     cleanup_ckpts: int = 100
     cleanup_objects: int = 100
     keep: int = 10
@@ -74,6 +75,7 @@ QUICK = Sizes(
     stall_size=256 * MiB,
     stall_submits=6,
     stall_batches=2,
+    hook_saves=3,
     cleanup_ckpts=15,
     cleanup_objects=10,
     list_ckpts=100,
@@ -97,6 +99,7 @@ TINY = Sizes(
     stall_size=4 * MiB,
     stall_submits=3,
     stall_batches=1,
+    hook_saves=2,
     cleanup_ckpts=12,
     cleanup_objects=3,
     list_ckpts=10,
@@ -441,9 +444,114 @@ def bench_stall(b: Bench) -> None:
         row.data = {"submit_s": samples, "s5cmd_s": base.samples}
     row.note = (
         "sparse file (reads as zeros); submits 20 ms apart while the uploader works in the background "
-        f"(keep_last_n=1); p99 is nearest-rank over {s.stall_submits} submits; the Lightning save hook is not measured here"
+        f"(keep_last_n=1); p99 is nearest-rank over {s.stall_submits} submits; the Lightning save hook is row 1b"
     )
     b.rows.append(row)
+
+
+def bench_lightning_hook(b: Bench) -> None:
+    """1b: what RunctlCheckpoint's save hook costs the training loop beyond Lightning's own write.
+
+    A real ``Trainer.fit`` on the CPU saves every step a module holding ``stall_size`` bytes; the
+    hook's time minus the time in ``trainer.save_checkpoint`` (the ``torch.save``) is the stall.
+    """
+    s = b.sizes
+    row = Row(
+        "1b",
+        f"training-thread stall in Lightning's save hook beyond `torch.save` "
+        f"(RunctlCheckpoint, {human_size(s.stall_size)} checkpoint), {s.hook_saves} saves",
+        "median ≤ 2 ms, p99 ≤ 10 ms; ratio ≤ 0.001",
+    )
+    b.rows.append(row)
+    s5cmd = next((r.data.get("s5cmd_s") for r in b.rows if r.id == "1"), None)
+    row.baselines = f"s5cmd cp {fmt_s(median(s5cmd))} (row 1)" if s5cmd else "s5cmd cp: see row 1"
+    try:
+        import torch
+        from lightning.pytorch import LightningModule, Trainer
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from runctl.integrations.lightning import RunctlCheckpoint
+    except ImportError as exc:
+        row.runctl = f"n/a ({exc.name} not installed: pip install runctl[lightning])"
+        row.ratios, row.met = "—", "n/a"
+        return
+    b.log(f"1b. Lightning save hook: {s.hook_saves} saves of {human_size(s.stall_size)}")
+
+    class Blob(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+            self.register_buffer("blob", torch.zeros(s.stall_size // 4))
+
+        def training_step(self, batch: Any, _index: int) -> Any:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    ckpt = RunctlCheckpoint(
+        dirpath=b.root / "lightning",
+        every_n_train_steps=1,
+        save_top_k=-1,
+        s3_url="s3://bench/lightning/",
+        config=b.server.config(),
+        keep_last_n=1,
+        local_keep_last_n=1,
+        log_stats=False,
+    )
+    trainer = Trainer(
+        max_steps=s.hook_saves,
+        callbacks=[ckpt],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    writes: list[float] = []
+    hooks: list[float] = []
+    save_checkpoint, hook = trainer.save_checkpoint, ckpt._save_checkpoint
+
+    def timed_write(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return save_checkpoint(*args, **kwargs)
+        finally:
+            writes.append(time.perf_counter() - start)
+
+    def timed_hook(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            hooks.append(time.perf_counter() - start)
+
+    trainer.save_checkpoint = timed_write  # type: ignore[method-assign]
+    ckpt._save_checkpoint = timed_hook  # type: ignore[method-assign]
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), batch_size=8)
+    try:
+        trainer.fit(Blob(), loader)  # the end of fit flushes the uploads
+    except Exception as exc:  # noqa: BLE001 - the row says what failed
+        row.runctl, row.ratios, row.met = f"failed: {exc}", "—", "n/a"
+        return
+    finally:
+        shutil.rmtree(b.root / "lightning", ignore_errors=True)
+    if len(hooks) != len(writes) or not hooks:
+        row.runctl, row.ratios, row.met = f"failed: {len(hooks)} hooks, {len(writes)} writes", "—", "n/a"
+        return
+    extra = [h - w for h, w in zip(hooks, writes, strict=True)]
+    med, p99 = median(extra), percentile(extra, 99)
+    ratio = med / median(s5cmd) if s5cmd else None
+    row.runctl = f"median {fmt_s(med)}, p99 {fmt_s(p99)} (torch.save {fmt_s(median(writes))})"
+    row.ratios = fmt_ratio(ratio)
+    row.met = met_text([med <= 0.002, p99 <= 0.010, None if ratio is None else ratio <= 0.001])
+    row.data = {"hook_extra_s": extra, "torch_save_s": writes, "s5cmd_s": s5cmd}
+    row.note = (
+        "a real Trainer.fit on the CPU, a save every step (save_top_k=-1, keep_last_n=1, "
+        "local_keep_last_n=1); stall = time in RunctlCheckpoint._save_checkpoint minus time in "
+        "trainer.save_checkpoint"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -904,6 +1012,7 @@ def run_suite(
                 bench_listing,
                 bench_cleanup,
                 bench_stall,
+                bench_lightning_hook,
                 bench_transfers,
                 bench_memory,
             ):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_IDS = [
-    "1", "2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f", "4", "5a", "5b", "5c", "6a", "6b", "7",
+    "1", "1b", "2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f", "4", "5a", "5b", "5c", "6a", "6b", "7",
     "8a", "8b", "8c", "8d", "8e", "8f",
 ]  # fmt: skip
 
