@@ -25,7 +25,9 @@ class CmdlineWatcher:
     """Reads /proc/<pid>/cmdline of every child process while it runs."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, str] = {}
+        #: Every command line seen per pid (a child reads as python between fork and exec).
+        self.seen: dict[int, set[str]] = {}
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -33,15 +35,21 @@ class CmdlineWatcher:
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            for child in me.children(recursive=True):
+            try:
+                children = me.children(recursive=True)
+            except psutil.Error as exc:  # a process vanishing mid-walk must not end the watch
+                self.errors.append(repr(exc))
+                children = []
+            for child in children:
                 try:
                     raw = Path(f"/proc/{child.pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                self.seen[child.pid] = raw.decode("utf-8", "replace")
-            self._stop.wait(0.02)
+                if raw:  # empty while a child is being reaped
+                    self.seen.setdefault(child.pid, set()).add(raw.decode("utf-8", "replace"))
+            self._stop.wait(0.005)
 
-    def stop(self) -> dict[int, str]:
+    def stop(self) -> dict[int, set[str]]:
         self._stop.set()
         self._thread.join(5)
         return self.seen
@@ -61,7 +69,7 @@ def test_secret_not_in_logs_errors_or_s5cmd_cmdline(
     (root / "step_2.pt").write_bytes(b"b" * 5000)
     # moto accepts any secret: a working upload, slowed so s5cmd lives long enough to be seen.
     proxy = make_proxy(
-        moto_server, FaultPlan(rules=[Rule("stall", 2, method="PUT")], stall_seconds=0.6)
+        moto_server, FaultPlan(rules=[Rule("stall", 2, method="PUT")], stall_seconds=1.0)
     )
     watcher = CmdlineWatcher()
     good = S3URL(moto_server.new_bucket())
@@ -83,9 +91,14 @@ def test_secret_not_in_logs_errors_or_s5cmd_cmdline(
         up.close(timeout=30)
     seen = watcher.stop()
 
-    assert any("s5cmd" in cmd for cmd in seen.values()), "no s5cmd child was observed"
-    for pid, cmd in seen.items():
-        assert SECRET not in cmd, (pid, cmd)
+    assert any("s5cmd" in cmd for cmds in seen.values() for cmd in cmds), (
+        "no s5cmd child was observed",
+        seen,
+        watcher.errors,
+    )
+    for pid, cmds in seen.items():
+        for cmd in cmds:
+            assert SECRET not in cmd, (pid, cmd)
     assert error is not None
     for text in (str(error), repr(error), str(raised.value), repr(raised.value), repr(up.status())):
         assert SECRET not in text
