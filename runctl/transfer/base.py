@@ -151,6 +151,9 @@ class Transfer(Protocol):
         """Prepare, in the background, for many small requests (marker reads) soon after.
 
         Returns at once; callers that list and then read markers call it before listing.
+
+        Example:
+            >>> transfer.warm_up()  # doctest: +SKIP
         """
         ...
 

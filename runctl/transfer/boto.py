@@ -506,7 +506,11 @@ class BotoTransfer(Transfer):
             raise map_error(exc, url, "get") from None
 
     def warm_up(self) -> None:
-        """Nothing to prepare: the listing itself creates the client the reads use."""
+        """Nothing to prepare: the listing itself creates the client the reads use.
+
+        Example:
+            >>> BotoTransfer(S3Config()).warm_up()  # doctest: +SKIP
+        """
 
     def close(self) -> None:
         """Close the client's connection pool."""

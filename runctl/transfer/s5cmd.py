@@ -564,6 +564,9 @@ class S5cmdTransfer:
 
         Importing boto3 and building a client costs ~0.2 s; cleanup, review and watch list
         first and read markers after, so that time overlaps with the listing.
+
+        Example:
+            >>> t.warm_up(); objects = list(t.iter_objects(S3URL.parse("s3://b/run/")))  # doctest: +SKIP
         """
         if self._boto is None:
             threading.Thread(target=self._client, name="runctl-boto3-warm", daemon=True).start()
