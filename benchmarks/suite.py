@@ -450,6 +450,19 @@ def bench_stall(b: Bench) -> None:
     b.rows.append(row)
 
 
+def _timed(fn: Callable[..., Any], seconds: list[float]) -> Callable[..., Any]:
+    """``fn``, appending the wall time of each call (raised or not) to ``seconds``."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    return timed
+
+
 def bench_lightning_hook(b: Bench) -> None:
     """1b: what RunctlCheckpoint's save hook costs the training loop beyond Lightning's own write.
 
@@ -512,24 +525,8 @@ def bench_lightning_hook(b: Bench) -> None:
     )
     writes: list[float] = []
     hooks: list[float] = []
-    save_checkpoint, hook = trainer.save_checkpoint, ckpt._save_checkpoint
-
-    def timed_write(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return save_checkpoint(*args, **kwargs)
-        finally:
-            writes.append(time.perf_counter() - start)
-
-    def timed_hook(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return hook(*args, **kwargs)
-        finally:
-            hooks.append(time.perf_counter() - start)
-
-    trainer.save_checkpoint = timed_write  # type: ignore[method-assign]
-    ckpt._save_checkpoint = timed_hook  # type: ignore[method-assign]
+    trainer.save_checkpoint = _timed(trainer.save_checkpoint, writes)  # type: ignore[method-assign]
+    ckpt._save_checkpoint = _timed(ckpt._save_checkpoint, hooks)  # type: ignore[method-assign]
     loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), batch_size=8)
     try:
         trainer.fit(Blob(), loader)  # the end of fit flushes the uploads
@@ -756,7 +753,7 @@ def _upload_arms(
 
 
 def _warm_server(b: Bench, prefix: str) -> None:
-    """List and HEAD every object under ``prefix`` once, untimed, before any arm reads them.
+    """List every object under ``prefix`` once (and HEAD each, when there are few), untimed.
 
     rclone computes an object's MD5 (its ETag) lazily, on the first HEAD or listing that shows
     it: 1.2 s for 1 GiB here, where S3 stores the ETag at write time. Without this the first

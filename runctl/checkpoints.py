@@ -326,9 +326,9 @@ def group_s3(
                 )
             )
     if read_marker is not None:
-        wanted = [f"{base}{name}/{MARKER_NAME}" for name in dirs]
-        present = {o.key for members in dirs.values() for o in members if o.size > 0}
-        read_marker = _prefetched(read_marker, [k for k in wanted if k in present])
+        wanted = {f"{base}{name}/{MARKER_NAME}" for name in dirs}
+        markers = [o.key for members in dirs.values() for o in members if o.size > 0 and o.key in wanted]
+        read_marker = _prefetched(read_marker, markers)
     checkpoints = singles + [
         _group_dir(name, members, base, treat_unmarked_complete, read_marker)
         for name, members in dirs.items()

@@ -1191,8 +1191,10 @@ class CheckpointUploader:
     def _journal_deleting(self, plan: RetentionPlan) -> None:
         # Written (and fsynced) before the first delete: a run killed half-way through a directory
         # checkpoint leaves marker-less files that the next run's retention then finishes off.
-        for cp in plan.delete:
-            self._journal.record(cp.name, "deleting_s3", wait=True, size=cp.size)
+        # Each line is in the file once recorded; waiting for the last one's fsync covers them all.
+        last = len(plan.delete) - 1
+        for i, cp in enumerate(plan.delete):
+            self._journal.record(cp.name, "deleting_s3", wait=i == last, size=cp.size)
 
     def _superseded_and_covered(self, cp: Checkpoint) -> bool:
         # A checkpoint skipped because retention would delete it anyway may go locally once a
