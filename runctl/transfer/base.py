@@ -88,7 +88,8 @@ class Transfer(Protocol):
     """One S3 backend. Both implementations obey the same contract and conformance tests.
 
     Paths and URLs are always explicit pairs: a backend never expands wildcards, and a key
-    with ``*``, ``?`` or ``[`` is transferred literally. Containment (no file outside a
+    with ``*``, ``?`` or ``[`` is transferred literally (``put_tree`` may copy a directory
+    whole, for a caller that vouches for its content). Containment (no file outside a
     destination) and atomic renames are the caller's (``runctl.transfer.ops``); a backend
     writes exactly the path it is given.
     """
@@ -107,6 +108,26 @@ class Transfer(Protocol):
 
         Raises:
             PartialTransferError: naming every pair that failed, after trying them all.
+        """
+        ...
+
+    def put_tree(
+        self,
+        root: Path,
+        pairs: Sequence[tuple[Path, S3URL]],
+        *,
+        storage_class: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """``put_files`` for a whole directory: ``pairs`` are every file below ``root``, nothing else.
+
+        The caller promises that ``root`` holds exactly these regular files (no symlinks, no
+        other entries) and that each goes to one prefix plus its path relative to ``root``;
+        a backend may then copy the directory in one command rather than pair by pair.
+        Same objects, same errors as ``put_files``.
+
+        Example:
+            >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP
         """
         ...
 

@@ -287,6 +287,21 @@ class BotoTransfer(Transfer):
                         errors[str(url)] = map_error(exc, str(url), "upload")
         raise_batch(errors, len(pairs), "upload")
 
+    def put_tree(
+        self,
+        root: Path,
+        pairs: Sequence[tuple[Path, S3URL]],
+        *,
+        storage_class: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """``put_files`` of the pairs: boto3 has no directory copy, so a tree is its files.
+
+        Example:
+            >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP
+        """
+        self.put_files(pairs, storage_class=storage_class, progress=progress)
+
     def get_files(
         self,
         pairs: Sequence[tuple[S3URL, Path]],

@@ -6,6 +6,7 @@ import fnmatch
 import itertools
 import logging
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ log = logging.getLogger("runctl.transfer")
 
 #: Files handed to a backend per call: bounds memory for huge trees, and s5cmd runs once per chunk.
 CHUNK = 1_000
+#: A directory upload of at most this many files goes to the backend whole (``put_tree``).
+TREE_MAX_FILES = 50_000
 _TMP_PREFIX = ".runctl-tmp-"
 #: runctl's own state directory inside a checkpoint root (journal, staging, locks).
 STATE_DIR = ".runctl"
@@ -144,21 +147,40 @@ def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return not any(fnmatch.fnmatchcase(rel, pat) for pat in exclude)
 
 
-def _walk_files(root: Path) -> Iterator[tuple[str, Path]]:
+def _walk_files(root: Path, odd: list[Path] | None = None) -> Iterator[tuple[str, Path]]:
     """``(relative posix path, path)`` of every regular file under ``root``, sorted, no dir symlinks followed.
 
-    The ``.runctl/`` state directory is skipped.
+    The ``.runctl/`` state directory is skipped. ``odd`` collects every entry that is not a
+    plain file or directory, or that was skipped: symlinks (to files too, which are
+    yielded), the state directory, interrupted downloads, sockets, FIFOs.
     """
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        if odd is not None:
+            odd.extend(base / d for d in dirnames if d == STATE_DIR or os.path.islink(base / d))
         # runctl's own state (journal, staging links, locks) is never user data to transfer.
         dirnames[:] = sorted(d for d in dirnames if d != STATE_DIR)
-        base = Path(dirpath)
         for name in sorted(filenames):
             path = base / name
             if name.startswith(_TMP_PREFIX):
+                if odd is not None:
+                    odd.append(path)
                 continue  # our own interrupted download
-            if not path.is_file():  # dangling symlink, socket, fifo
-                log.warning("skipping %s: not a regular file", path)
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                mode = 0
+            if stat.S_ISLNK(mode):
+                if odd is not None:
+                    odd.append(path)
+                regular = path.is_file()
+            else:
+                regular = stat.S_ISREG(mode)
+            if not regular:  # dangling symlink, socket, fifo
+                if odd is None:
+                    log.warning("skipping %s: not a regular file", path)
+                elif not stat.S_ISLNK(mode):
+                    odd.append(path)
                 continue
             yield path.relative_to(root).as_posix(), path
 
@@ -211,6 +233,26 @@ def _upload_pairs(
         raise UsageError(f"cannot upload {str(local)!r}: no such file or directory")
 
 
+def _plain_tree(
+    local: Path, url: S3URL, include: Sequence[str], exclude: Sequence[str]
+) -> list[tuple[Path, S3URL]] | None:
+    """Every pair of a directory upload, when the directory holds exactly those files, else None.
+
+    Exactly: no symlink, state directory, special file or filtered-out file, at most
+    ``TREE_MAX_FILES`` files. Such a tree may go up as one directory copy (``put_tree``).
+    """
+    if not local.is_dir():
+        return None
+    odd: list[Path] = []
+    prefix = url.as_prefix()
+    pairs: list[tuple[Path, S3URL]] = []
+    for rel, path in _walk_files(local, odd):
+        if odd or len(pairs) >= TREE_MAX_FILES or not _selected(rel, include, exclude):
+            return None
+        pairs.append((path, prefix.join(rel)))
+    return None if odd else pairs
+
+
 def upload(
     transfer: Transfer,
     local: Path,
@@ -236,6 +278,16 @@ def upload(
     local = Path(local)
     done: list[tuple[Path, S3URL]] = []
     failures: dict[str, str] = {}
+    tree = None if dry_run or not recursive else _plain_tree(local, url, include, exclude)
+    if tree:
+        try:
+            transfer.put_tree(local, tree, storage_class=storage_class, progress=progress)
+        except TransferError as exc:
+            if len(tree) == 1 and not isinstance(exc, PartialTransferError):
+                raise
+            _collect(exc, [str(u) for _, u in tree], failures)
+        _raise_collected(failures, len(tree), "upload")
+        return tree
     total = 0
     for chunk in _chunks(_upload_pairs(local, url, recursive, include, exclude)):
         total += len(chunk)

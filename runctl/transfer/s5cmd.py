@@ -264,6 +264,39 @@ class _Job:
     flags: tuple[str, ...]
 
 
+def _tree_copy(
+    root: Path, pairs: Sequence[tuple[Path, S3URL]]
+) -> tuple[str, str, list[_Job]] | None:
+    """``(source dir/, destination prefix/, jobs)`` when one directory copy equals ``pairs``, else None."""
+    if len(pairs) <= MANY_PAIRS:
+        return None
+    base = _local(root)
+    if not _fits_run_line(base) or _GLOB_CHARS & set(base):
+        return None
+    bucket, prefix = pairs[0][1].bucket, None
+    jobs: list[_Job] = []
+    for path, url in pairs:
+        src = _local(path)
+        rel = src[len(base) + 1 :] if src.startswith(base + os.sep) else ""
+        if not rel or not _fits_run_line(rel) or _GLOB_CHARS & set(rel):
+            return None
+        if url.is_prefix or url.bucket != bucket or not url.key.endswith(rel):
+            return None
+        here = url.key[: len(url.key) - len(rel)]
+        if prefix is None:
+            prefix = here
+        if here != prefix or (prefix and not prefix.endswith("/")):
+            return None
+        try:
+            size = os.stat(src).st_size
+        except OSError:
+            return None  # put_files names it as failed
+        if size >= DEFAULT_PART_SIZE:
+            return None
+        jobs.append(_Job(src, str(url), str(url), size, ()))
+    return base + os.sep, f"s3://{bucket}/{prefix or ''}", jobs
+
+
 @dataclass(frozen=True)
 class _Outcome:
     returncode: int | None
@@ -583,16 +616,21 @@ class S5cmdTransfer:
         progress: ProgressCallback | None,
         *,
         sizes_known: bool = True,
+        command: Sequence[str] | None = None,
     ) -> None:
         """Run cp jobs: one ``s5cmd run`` for every expressible line, direct argv for the rest.
 
-        A batch succeeds only if s5cmd exits 0, prints no error line, and reports every
-        expected pair done (it can exit 0 after a failure). ``--numworkers`` follows
-        ``batch_numworkers`` (job sizes count only when ``sizes_known``).
+        With ``command`` (one s5cmd command that covers every job: a directory copy), that
+        command runs instead. A batch succeeds only if s5cmd exits 0, prints no error line,
+        and reports every expected pair done (it can exit 0 after a failure). ``--numworkers``
+        follows ``batch_numworkers`` (job sizes count only when ``sizes_known``).
         """
         if not jobs:
             return
-        batch = [j for j in jobs if _fits_run_line(j.src) and _fits_run_line(j.dst)]
+        if command is not None:
+            batch = list(jobs)
+        else:
+            batch = [j for j in jobs if _fits_run_line(j.src) and _fits_run_line(j.dst)]
         in_batch = set(batch)
         direct = [j for j in jobs if j not in in_batch]
         done: set[_Job] = set()
@@ -659,12 +697,16 @@ class S5cmdTransfer:
                 general.extend(outcome.warnings)
 
         if batch:
-            lines = [" ".join(["cp", *j.flags, _quote(j.src), _quote(j.dst)]) for j in batch]
             workers = batch_numworkers([j.size if sizes_known else None for j in batch])
-            argv = self._argv("run", numworkers=workers)
-            outcome = self._collect(
-                argv, transfer=True, stdin_lines=lines, on_success=tracker(batch)
-            )
+            if command is not None:
+                argv = self._argv(*command, numworkers=workers)
+                outcome = self._collect(argv, transfer=True, on_success=tracker(batch))
+            else:
+                lines = [" ".join(["cp", *j.flags, _quote(j.src), _quote(j.dst)]) for j in batch]
+                argv = self._argv("run", numworkers=workers)
+                outcome = self._collect(
+                    argv, transfer=True, stdin_lines=lines, on_success=tracker(batch)
+                )
             absorb(outcome, batch, argv)
         for job in direct:
             argv = self._argv("cp", *job.flags, os.fsencode(job.src), os.fsencode(job.dst))
@@ -749,6 +791,41 @@ class S5cmdTransfer:
                 ),
                 problems,
             )
+
+    def put_tree(
+        self,
+        root: Path,
+        pairs: Sequence[tuple[Path, S3URL]],
+        *,
+        storage_class: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Upload a whole directory of many small files with one ``s5cmd cp DIR/ PREFIX/``.
+
+        ``s5cmd run`` spends about 0.3 ms of CPU parsing each ``cp`` line (2,000 files: 1.2 s
+        of CPU against 0.6 s for one directory copy, here on rclone), which is most of the
+        time for small files. The directory copy is used only when it must give the same
+        objects as the pairs: more than ``MANY_PAIRS`` files, none large enough for multipart,
+        each at one prefix plus its path relative to ``root``, and no name (nor ``root``)
+        that s5cmd could read as a wildcard or that a run line could not carry. The caller
+        vouches that ``root`` holds these files and nothing else (``Transfer.put_tree``);
+        otherwise, or when these do not hold, it is ``put_files``.
+
+        Raises:
+            PartialTransferError: naming every pair that failed.
+
+        Example:
+            >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP
+        """
+        plan = _tree_copy(root, pairs)
+        if plan is None:
+            self.put_files(pairs, storage_class=storage_class, progress=progress)
+            return
+        source, prefix, jobs = plan
+        flags = ["--part-size", str(DEFAULT_PART_SIZE // MiB), "--concurrency", str(PART_CONCURRENCY)]
+        if storage_class:
+            flags += ["--storage-class", storage_class]
+        self._run_jobs("upload", jobs, progress, command=("cp", *flags, source, prefix))
 
     def get_files(
         self,

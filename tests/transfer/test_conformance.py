@@ -246,6 +246,83 @@ def test_tree_of_1000_small_files(transfer: Transfer, bucket: S3URL, tmp_path: P
     assert tree_files(out) == files
 
 
+#: A tree big enough for a directory copy (s5cmd ``put_tree``), with names a walk could get wrong.
+TREE_NAMES = [
+    ".hidden",
+    "sub/.also-hidden",
+    "empty",
+    "with space/ünïcødé ✓.pt",
+    "it's \"quoted\".pt",
+    "tab\there.pt",
+    "plus+and%percent&amp=.bin",
+    "deep/er/still/leaf.pt",
+    "-leading-dash.pt",
+] + [f"many/f{i:03d}.bin" for i in range(80)]
+
+
+def test_tree_upload_is_exactly_its_regular_files(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    files = {rel: (b"" if rel == "empty" else rel.encode() * 3) for rel in TREE_NAMES}
+    make_tree(tmp_path / "src", files)
+    (tmp_path / "src" / "empty dir").mkdir()
+    moved: list[int] = []
+    uploaded = ops.upload(transfer, tmp_path / "src", bucket.join("t/"), recursive=True, progress=moved.append)
+    assert sorted(str(u) for _, u in uploaded) == sorted(str(bucket.join("t", rel)) for rel in files)
+    rows = listing(transfer, bucket)
+    assert [row[1] for row in rows] == sorted(f"t/{rel}" for rel in files)
+    assert all(row[3] == md5(files[row[1][2:]]) for row in rows)
+    if moved:
+        assert sum(moved) == sum(len(data) for data in files.values())
+
+
+def test_tree_upload_skips_what_a_walk_skips(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+    # Each of these makes the tree not plain, so no backend may copy the directory whole.
+    files = {f"f{i:03d}.bin": b"%d" % i for i in range(80)}
+    cases: dict[str, Any] = {
+        "state dir": lambda src: make_tree(src, {".runctl/journal.jsonl": b"{}"}),
+        "interrupted download": lambda src: make_tree(src, {".runctl-tmp-0123": b"partial"}),
+        "dir symlink": lambda src: (src / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True),
+        "fifo": lambda src: os.mkfifo(src / "pipe"),
+        "dangling symlink": lambda src: (src / "dangling").symlink_to(tmp_path / "missing"),
+    }
+    make_tree(tmp_path / "elsewhere", {"outside.bin": b"outside"})
+    for i, (case, add) in enumerate(cases.items()):
+        src = tmp_path / f"src{i}"
+        make_tree(src, files)
+        add(src)
+        ops.upload(transfer, src, bucket.join(f"c{i}/"), recursive=True)
+        keys = [row[1] for row in listing(transfer, bucket.join(f"c{i}/"))]
+        assert keys == [f"c{i}/{rel}" for rel in sorted(files)], case
+    src = tmp_path / "filelink"
+    make_tree(src, files)
+    (src / "z-link.bin").symlink_to(tmp_path / "elsewhere" / "outside.bin")
+    ops.upload(transfer, src, bucket.join("l/"), recursive=True, exclude=["f000.bin"])
+    keys = [row[1] for row in listing(transfer, bucket.join("l/"))]
+    assert keys == [f"l/{rel}" for rel in sorted(files) if rel != "f000.bin"] + ["l/z-link.bin"]
+    assert transfer.get_bytes(bucket.join("l/z-link.bin")) == b"outside"
+
+
+def test_tree_upload_from_a_directory_named_like_a_glob(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path
+) -> None:
+    files = {f"f{i:03d}.bin": b"%d" % i for i in range(80)}
+    make_tree(tmp_path / "a", {"stray.bin": b"not mine"})  # what "[ab]*" would also match
+    src = tmp_path / "[ab]*"
+    make_tree(src, files)
+    ops.upload(transfer, src, bucket.join("g/"), recursive=True)
+    assert [row[1] for row in listing(transfer, bucket)] == [f"g/{rel}" for rel in sorted(files)]
+
+
+def test_tree_upload_to_a_missing_bucket_names_every_file(
+    transfer: Transfer, tmp_path: Path
+) -> None:
+    make_tree(tmp_path / "src", {f"f{i:03d}.bin": b"x" for i in range(80)})
+    missing = S3URL(f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}")
+    with pytest.raises(PartialTransferError) as info:
+        ops.upload(transfer, tmp_path / "src", missing.join("t/"), recursive=True)
+    assert len(info.value.failures) == 80
+    assert "NoSuchBucket" in str(info.value)
+
+
 def test_upload_include_exclude(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
     make_tree(tmp_path / "src", {"a.pt": b"1", "b.log": b"2", "sub/c.pt": b"3", "sub/skip.pt": b"4"})
     ops.upload(transfer, tmp_path / "src", bucket.join("r/"), recursive=True, include=["*.pt"], exclude=["*skip*"])
