@@ -135,17 +135,52 @@ class Output:
         right: Sequence[str] = (),
         styles: Sequence[str | None] | None = None,
     ) -> None:
-        """A rich table (human mode only); ``right`` names right-aligned columns, ``styles`` one per row."""
+        """A table (human mode only); ``right`` names right-aligned columns, ``styles`` one per row.
+
+        On a terminal, a rich table (styled, folded to the width); piped, plain aligned columns,
+        one row per line and never folded, so ``grep`` and ``awk`` see whole rows (and rich's
+        0.8 s for 1,000 rows is not spent). Cells are text, never markup.
+
+        Example:
+            >>> Output().table(("name", "size"), [("step_1.pt", "1.0 KiB")], right=("size",))  # doctest: +SKIP
+            name          size
+            step_1.pt  1.0 KiB
+        """
         if not self.human:
             return
+        cells = [[str(cell) for cell in row] for row in rows]
+        if not self._is_tty():
+            self._plain_table(columns, cells, title, right)
+            return
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
         for name in columns:
             table.add_column(name, justify="right" if name in right else "left", overflow="fold")
-        for i, row in enumerate(rows):
-            table.add_row(*(str(cell) for cell in row), style=styles[i] if styles else None)
+        for i, row in enumerate(cells):
+            table.add_row(*(Text(cell) for cell in row), style=styles[i] if styles else None)
         self.console().print(table)
+
+    def _plain_table(
+        self,
+        columns: Sequence[str],
+        cells: Sequence[Sequence[str]],
+        title: str | None,
+        right: Sequence[str],
+    ) -> None:
+        widths = [len(name) for name in columns]
+        for row in cells:
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=False)]
+
+        def fmt(values: Sequence[str]) -> str:
+            return "  ".join(
+                value.rjust(width) if name in right else value.ljust(width)
+                for value, width, name in zip(values, widths, columns, strict=False)
+            ).rstrip()
+
+        lines = ([title] if title else []) + [fmt(columns)] + [fmt(row) for row in cells]
+        self.stdout.write("\n".join(lines) + "\n")
 
     # -- progress --
 
