@@ -238,6 +238,8 @@ class _JournalWriter:
 
     A plain append costs the caller microseconds; the fsync (milliseconds, sometimes tens) only
     matters for a power loss, so it runs on its own thread and the caller never waits for it.
+    Fsyncs asked for while one runs are done as one. The thread also runs ``later(fn)``
+    housekeeping that the training thread should not wait for, in order.
     """
 
     def __init__(self, journal: Journal) -> None:
@@ -259,19 +261,50 @@ class _JournalWriter:
         if done is not None and not done.wait(60.0):
             raise JournalError(f"journal sync after {name} ({state}) did not finish within 60 s")
 
+    def later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the journal thread, after everything asked for before it."""
+        self._queue.put(("call", fn))
+
+    def drain(self, timeout: float | None) -> None:
+        """Wait (up to ``timeout`` seconds) until everything asked for so far is done."""
+        if not self._thread.is_alive():
+            return  # closed: it finished everything before it stopped
+        done = threading.Event()
+        self._queue.put(("sync", done))
+        if not done.wait(None if timeout is None else max(0.01, timeout)):
+            log.error("journal thread still busy after %s s", timeout)
+
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            waiting: list[threading.Event | None] = []
+            for item in batch:
+                if item is None:
+                    continue
+                kind, arg = item
+                if kind == "call":
+                    try:
+                        arg()
+                    except Exception:  # noqa: BLE001 - housekeeping must not stop the journal
+                        log.exception("runctl background housekeeping failed")
+                else:
+                    waiting.append(arg)
+            if waiting:
+                try:
+                    self.journal.sync()
+                except Exception as exc:  # noqa: BLE001 - the lines are written; log and go on
+                    log.error("cannot sync the journal: %s", exc)
+                finally:
+                    for done in waiting:
+                        if done is not None:
+                            done.set()
+            if None in batch:
                 return
-            _, done = item
-            try:
-                self.journal.sync()
-            except Exception as exc:  # noqa: BLE001 - the line itself is written; log and go on
-                log.error("cannot sync the journal: %s", exc)
-            finally:
-                if done is not None:
-                    done.set()
 
     def close(self, timeout: float = 30.0) -> None:
         self._queue.put(None)
@@ -574,6 +607,9 @@ class CheckpointUploader:
                     next_log = now + PROGRESS_EVERY
                 wait = next_log - now if deadline is None else min(deadline - now, next_log - now)
                 self._cond.wait(max(0.01, wait))
+        # Skipped saves are finished on the journal thread (see _cancel): wait for them too.
+        self._journal.drain(None if deadline is None else deadline - time.monotonic())
+        with self._cond:
             failures, self._failures = self._failures, {}
         if failures:
             errors: dict[str, BaseException | str] = dict(failures)
@@ -708,10 +744,14 @@ class CheckpointUploader:
             )
 
     def _cancel(self, job: _Job, reason: str) -> None:
-        # Called with the lock held (an RLock), for a job still in the queue.
+        # Called with the lock held (an RLock), for a job still in the queue, often from
+        # submit() on the training thread: the counters change now, but the journal line and
+        # the unlink of the staged copy (each up to ~20 ms while the disk is busy) go to the
+        # journal thread. flush() waits for them.
         self._queue.remove(job)
         job.cancelled = reason
-        self._skip(job, reason)
+        self._note_skip(job)
+        self._journal.later(lambda: self._finish_skip(job, reason))
         self._cond.notify_all()
 
     def _private_copy(self, job: _Job) -> Snapshot:
@@ -1110,11 +1150,17 @@ class CheckpointUploader:
         self._retention(job)
 
     def _skip(self, job: _Job, reason: str) -> None:
+        self._note_skip(job)
+        self._finish_skip(job, reason)
+
+    def _note_skip(self, job: _Job) -> None:
         with self._cond:
             self._stats["skipped"] += 1
             version = job.version()
             if version is not None:
                 self._superseded[job.name] = version
+
+    def _finish_skip(self, job: _Job, reason: str) -> None:
         # A superseded save is routine (every rewritten last.ckpt): logged and counted, no warning.
         log.info("skipping upload of %s: %s", job.name, reason)
         self._journal.record(job.name, "skipped", detail=reason)

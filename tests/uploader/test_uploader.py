@@ -308,6 +308,29 @@ def test_a_newer_submit_of_the_same_name_supersedes_the_queued_one(
     assert boto_transfer.get_bytes(moto_bucket.join("run/last.ckpt")) == b"new"  # type: ignore[attr-defined]
 
 
+def test_skipping_a_queued_save_leaves_its_disk_work_off_the_training_thread(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # Unlinking the staged copy and journaling the skip each cost up to tens of ms on a busy
+    # disk (benchmark row 1); submit() must not pay them for the save it supersedes.
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped, keep_last_n=1)
+    released_on: list[threading.Thread] = []
+    release = up.staging.release
+    up.staging.release = lambda token: (released_on.append(threading.current_thread()), release(token))[1]  # type: ignore[method-assign]
+    up.submit(write(root / "step_1.pt", b"1"))
+    assert gate.entered.wait(10)
+    skipped = [up.submit(write(root / f"step_{i}.pt", b"x" * i)) for i in (2, 3)]
+    assert skipped[0].result(5).state == "skipped"
+    gate.open()
+    up.close(timeout=30)
+    assert released_on and threading.main_thread() not in released_on
+    journal = Journal(root).replay()
+    assert journal["step_2.pt"].state == "skipped"
+    assert [p.name for p in (root / ".runctl" / "staging").rglob("*.pt")] == []
+
+
 # -- errors, retries, failure policy ------------------------------------------------------------------
 
 
