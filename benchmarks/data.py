@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -61,14 +62,23 @@ def make_dataset(
 
 
 def link_tree(src: Path, dest: Path) -> None:
-    """Hard-link ``src`` (a file or a directory of files) to ``dest``: same bytes, no copy."""
+    """Hard-link ``src`` (a file or a directory of files) to ``dest``; copy across filesystems."""
+
+    def place(a: Path, b: Path) -> None:
+        try:
+            os.link(a, b)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(a, b)
+
     if src.is_dir():
         dest.mkdir(parents=True, exist_ok=True)
         for entry in src.iterdir():
-            os.link(entry, dest / entry.name)
+            place(entry, dest / entry.name)
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.link(src, dest)
+        place(src, dest)
 
 
 def tree_stats(path: Path, skip_names: tuple[str, ...] = ()) -> tuple[int, int]:

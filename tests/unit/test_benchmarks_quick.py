@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_IDS = [
@@ -52,3 +55,37 @@ def test_quick_benchmarks_fill_every_row_of_the_table_and_the_json(tmp_path: Pat
         for key in ("measurement", "runctl", "baselines", "ratios", "target", "met"):
             assert row[key], (row["id"], key)
     assert doc["meta"]["mode"] == "tiny"
+
+
+def test_server_storage_prefers_the_request_then_roomy_tmpfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import suite
+
+    assert suite.server_storage(tmp_path) == tmp_path
+    monkeypatch.setattr(suite, "TMPFS", tmp_path)
+    monkeypatch.setattr(suite, "TMPFS_NEEDS", 1)
+    assert suite.server_storage(None) == tmp_path
+    monkeypatch.setattr(suite, "TMPFS_NEEDS", 1 << 62)
+    assert suite.server_storage(None) is None
+    monkeypatch.setattr(suite, "TMPFS", tmp_path / "missing")
+    assert suite.server_storage(None) is None
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (/dev/shm)")
+def test_link_tree_copies_across_filesystems(tmp_path: Path) -> None:
+    import tempfile
+
+    from benchmarks import data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a" * 10)
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        data.link_tree(src, other / "tree")
+        data.link_tree(src / "a.bin", other / "single.bin")
+        assert (other / "tree" / "a.bin").read_bytes() == b"a" * 10
+        assert (other / "single.bin").read_bytes() == b"a" * 10
+    finally:
+        shutil.rmtree(other)
