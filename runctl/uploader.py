@@ -267,8 +267,8 @@ class _JournalWriter:
 
     def drain(self, timeout: float | None) -> None:
         """Wait (up to ``timeout`` seconds) until everything asked for so far is done."""
-        if not self._thread.is_alive():
-            return  # closed: it finished everything before it stopped
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return  # closed (it finished everything first), or asked from its own work
         done = threading.Event()
         self._queue.put(("sync", done))
         if not done.wait(None if timeout is None else max(0.01, timeout)):
