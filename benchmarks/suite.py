@@ -1120,9 +1120,8 @@ def run_suite(
     rows = sorted(b.rows, key=lambda r: (order[r.id[0]], r.id))
     meta.update(
         mode=sizes.mode,
-        server=f"rclone serve s3 ({_rclone_version()}, data and downloads on {_fs_kind(served_root)})"
-        if downloads is not None
-        else f"rclone serve s3 ({_rclone_version()}, data on {_fs_kind(served_root)})",
+        server=f"rclone serve s3 ({_rclone_version()}, "
+        f"{'data and downloads' if downloads is not None else 'data'} on {_fs_kind(served_root)})",
         elapsed_s=time.perf_counter() - started,
         commands_available=commands,
         uploader_available=has_uploader,

@@ -170,17 +170,13 @@ def _walk_files(root: Path, odd: list[Path] | None = None) -> Iterator[tuple[str
                 mode = os.lstat(path).st_mode
             except OSError:
                 mode = 0
-            if stat.S_ISLNK(mode):
-                if odd is not None:
-                    odd.append(path)
-                regular = path.is_file()
-            else:
-                regular = stat.S_ISREG(mode)
+            link = stat.S_ISLNK(mode)
+            regular = path.is_file() if link else stat.S_ISREG(mode)
+            if odd is not None and (link or not regular):
+                odd.append(path)
             if not regular:  # dangling symlink, socket, fifo
-                if odd is None:
+                if odd is None:  # a caller collecting odd entries decides what to say
                     log.warning("skipping %s: not a regular file", path)
-                elif not stat.S_ISLNK(mode):
-                    odd.append(path)
                 continue
             yield path.relative_to(root).as_posix(), path
 
@@ -279,23 +275,27 @@ def upload(
     done: list[tuple[Path, S3URL]] = []
     failures: dict[str, str] = {}
     tree = None if dry_run or not recursive else _plain_tree(local, url, include, exclude)
-    if tree:
-        try:
-            transfer.put_tree(local, tree, storage_class=storage_class, progress=progress)
-        except TransferError as exc:
-            if len(tree) == 1 and not isinstance(exc, PartialTransferError):
-                raise
-            _collect(exc, [str(u) for _, u in tree], failures)
-        _raise_collected(failures, len(tree), "upload")
-        return tree
+    chunks: Iterable[list[tuple[Path, S3URL]]]
+    if tree:  # the whole tree in one call, which may copy the directory at once
+        chunks = [tree]
+
+        def send(chunk: list[tuple[Path, S3URL]]) -> None:
+            transfer.put_tree(local, chunk, storage_class=storage_class, progress=progress)
+
+    else:
+        chunks = _chunks(_upload_pairs(local, url, recursive, include, exclude))
+
+        def send(chunk: list[tuple[Path, S3URL]]) -> None:
+            transfer.put_files(chunk, storage_class=storage_class, progress=progress)
+
     total = 0
-    for chunk in _chunks(_upload_pairs(local, url, recursive, include, exclude)):
+    for chunk in chunks:
         total += len(chunk)
         if dry_run:
             done.extend(chunk)
             continue
         try:
-            transfer.put_files(chunk, storage_class=storage_class, progress=progress)
+            send(chunk)
         except TransferError as exc:
             if (
                 total == len(chunk)
