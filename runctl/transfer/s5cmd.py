@@ -69,6 +69,10 @@ DEFAULT_IDLE_METADATA = 120.0
 _TICK = 0.25
 #: Bytes read from a child's output at a time.
 _READ_SIZE = 64 * 1024
+#: After a read that drained the pipe, the reader waits this long for more output to gather:
+#: s5cmd writes a line per object, and a thread hand-off per line cost 2,000 wake-ups and
+#: 0.03 s of CPU (beside s5cmd on two cores) for 2,000 small files; with this, about 90.
+_GATHER = 0.005
 #: Longest wait for a child to exit once its output is closed, or after a kill.
 _EXIT_WAIT = 30.0
 #: Characters s5cmd expands as wildcards in an ``ls`` target (``\\`` escapes them).
@@ -388,6 +392,8 @@ class _Child:
                 rest = data[cut:]
                 if cut:
                     self._put((name, data[:cut].splitlines(keepends=True)))
+                if len(data) < _READ_SIZE and _GATHER:
+                    time.sleep(_GATHER)
             if rest:
                 self._put((name, [rest]))
         except (OSError, ValueError):
