@@ -30,3 +30,28 @@ def test_help_imports_no_heavy_module() -> None:
     assert loaded("--help") == []
     assert loaded("s3", "list", "--help") == []
     assert loaded("s3", "cleanup", "--help") == []
+
+
+def test_only_the_program_skips_the_final_collection() -> None:
+    # As the program (no argv), main() freezes the collector just before exiting; called
+    # with arguments (tests, embedding code), it must leave the caller's collector alone.
+    import gc
+
+    from runctl.cli.app import main
+
+    before = gc.get_freeze_count()
+    try:
+        main(["--version"])
+    except SystemExit:
+        pass
+    assert gc.get_freeze_count() == before
+    probe = (
+        "import atexit, gc, sys\n"
+        "from runctl.cli.app import main\n"
+        "atexit.register(lambda: sys.stderr.write(str(gc.get_freeze_count() > 0)))\n"
+        "sys.argv = ['runctl', '--version']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stderr.strip().endswith("True")
