@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runctl._version import __version__
 from runctl.exceptions import MarkerError, TransferError, UsageError
 from runctl.s3url import S3URL
 from runctl.transfer.base import ObjectInfo, PrefixInfo
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger("runctl.checkpoints")
 
@@ -295,44 +298,48 @@ def group_s3(
     dirs: dict[str, list[ObjectInfo]] = {}
     others: list[ObjectInfo] = []
     known: dict[str, bool] = {}
-    for obj in objects:
-        if not isinstance(obj, ObjectInfo):
-            continue
-        if obj.bucket != prefix.bucket or not obj.key.startswith(base) or obj.key == base:
-            others.append(obj)
-            continue
-        rel = obj.key[len(base) :]
-        top, sep, _rest = rel.partition("/")
-        recognised = known.get(top)
-        if recognised is None:  # a directory checkpoint's name repeats once per file
-            recognised = known[top] = is_recognised(top, patterns)
-        if not recognised:
-            others.append(obj)
-        elif sep:
-            dirs.setdefault(top, []).append(obj)
-        else:
-            step, epoch = parse_step(top)
-            singles.append(
-                Checkpoint(
-                    name=top,
-                    is_dir=False,
-                    step=step,
-                    epoch=epoch,
-                    mtime=obj.last_modified.timestamp(),
-                    size=obj.size,
-                    complete=True,
-                    files=(obj.key,),
-                    storage_class=obj.storage_class,
+    # Markers are read as the listing shows them, on threads, while the rest of it arrives.
+    reads = _MarkerReads(read_marker) if read_marker is not None else None
+    try:
+        for obj in objects:
+            if not isinstance(obj, ObjectInfo):
+                continue
+            if obj.bucket != prefix.bucket or not obj.key.startswith(base) or obj.key == base:
+                others.append(obj)
+                continue
+            rel = obj.key[len(base) :]
+            top, sep, rest = rel.partition("/")
+            recognised = known.get(top)
+            if recognised is None:  # a directory checkpoint's name repeats once per file
+                recognised = known[top] = is_recognised(top, patterns)
+            if not recognised:
+                others.append(obj)
+            elif sep:
+                dirs.setdefault(top, []).append(obj)
+                if reads is not None and rest == MARKER_NAME and obj.size > 0:
+                    reads.start(obj.key)
+            else:
+                step, epoch = parse_step(top)
+                singles.append(
+                    Checkpoint(
+                        name=top,
+                        is_dir=False,
+                        step=step,
+                        epoch=epoch,
+                        mtime=obj.last_modified.timestamp(),
+                        size=obj.size,
+                        complete=True,
+                        files=(obj.key,),
+                        storage_class=obj.storage_class,
+                    )
                 )
-            )
-    if read_marker is not None:
-        wanted = {f"{base}{name}/{MARKER_NAME}" for name in dirs}
-        markers = [o.key for members in dirs.values() for o in members if o.size > 0 and o.key in wanted]
-        read_marker = _prefetched(read_marker, markers)
-    checkpoints = singles + [
-        _group_dir(name, members, base, treat_unmarked_complete, read_marker)
-        for name, members in dirs.items()
-    ]
+        checkpoints = singles + [
+            _group_dir(name, members, base, treat_unmarked_complete, reads)
+            for name, members in dirs.items()
+        ]
+    finally:
+        if reads is not None:
+            reads.close()
     checkpoints.sort(key=Checkpoint.order_key)
     return S3Checkpoints(tuple(checkpoints), tuple(others))
 
@@ -342,28 +349,38 @@ def group_s3(
 MARKER_READERS = 16
 
 
-def _prefetched(read_marker: Callable[[str], bytes], keys: Sequence[str]) -> Callable[[str], bytes]:
-    """``read_marker`` answered from reads of ``keys`` made in parallel (errors re-raised on use)."""
-    if len(keys) < 2:
-        return read_marker
-    from concurrent.futures import ThreadPoolExecutor
+class _MarkerReads:
+    """``read_marker`` with reads started early, ``MARKER_READERS`` at a time (errors re-raised on use).
 
-    def attempt(key: str) -> bytes | Exception:
-        try:
-            return read_marker(key)
-        except Exception as exc:  # noqa: BLE001 - handed back to the caller when it asks for key
-            return exc
+    Example:
+        >>> reads = _MarkerReads(lambda key: b"{}"); reads.start("run/c-1/.runctl-manifest.json")
+        >>> reads("run/c-1/.runctl-manifest.json"), reads.close()
+        (b'{}', None)
+    """
 
-    with ThreadPoolExecutor(min(MARKER_READERS, len(keys)), thread_name_prefix="runctl-marker") as pool:
-        results = dict(zip(keys, pool.map(attempt, keys), strict=True))
+    def __init__(self, read_marker: Callable[[str], bytes]) -> None:
+        self._read = read_marker
+        self._pool: Any = None
+        self._started: dict[str, Future[bytes]] = {}
 
-    def cached(key: str) -> bytes:
-        result = results[key] if key in results else read_marker(key)
-        if isinstance(result, Exception):
-            raise result
-        return result
+    def start(self, key: str) -> None:
+        """Begin reading ``key`` on a thread (once)."""
+        if key in self._started:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-    return cached
+            self._pool = ThreadPoolExecutor(MARKER_READERS, thread_name_prefix="runctl-marker")
+        self._started[key] = self._pool.submit(self._read, key)
+
+    def __call__(self, key: str) -> bytes:
+        future = self._started.get(key)
+        return self._read(key) if future is None else future.result()
+
+    def close(self) -> None:
+        """Drop reads not begun; wait for those under way."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _group_dir(

@@ -15,7 +15,7 @@ from runctl.exceptions import PartialTransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
 from runctl.s3url import S3URL
-from runctl.transfer.base import ObjectInfo, Transfer
+from runctl.transfer.base import Transfer
 
 log = logging.getLogger("runctl.retention")
 
@@ -223,9 +223,9 @@ def apply_s3_retention(
 
     with s3_prefix_lock(prefix, transfer.config.endpoint_url, timeout=lock_timeout):
         transfer.warm_up()
-        objects = [o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)]
+        # group_s3 reads markers as the listing streams past them.
         grouped = group_s3(
-            objects,
+            transfer.iter_objects(prefix, recursive=True),
             prefix,
             patterns,
             treat_unmarked_complete=treat_unmarked_complete,

@@ -397,3 +397,51 @@ def test_markers_are_read_in_parallel_and_a_failed_read_stays_with_its_checkpoin
     grouped = group_s3(objects, prefix, read_marker=read_marker)
     complete = {c.name: c.complete for c in grouped.checkpoints}
     assert complete == {"checkpoint-1": True, "checkpoint-2": False, "checkpoint-3": True}
+
+
+def test_a_marker_is_read_while_the_listing_is_still_arriving() -> None:
+    # cleanup hands group_s3 the live listing: each marker's read starts as the listing passes
+    # it, so the reads overlap the rest of the listing instead of following it.
+    import threading
+
+    from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    first_read = threading.Event()
+    body = Manifest("x", None, {"model.bin": FileEntry(4)}, "0.1", 0.0).to_bytes()
+
+    def listing():
+        yield ObjectInfo("bkt", "run/checkpoint-1/model.bin", 4, t)
+        yield ObjectInfo("bkt", f"run/checkpoint-1/{MARKER_NAME}", len(body), t)
+        assert first_read.wait(5), "the marker was not read until the listing ended"
+        yield ObjectInfo("bkt", "run/checkpoint-2/model.bin", 4, t)
+
+    def read_marker(key: str) -> bytes:
+        first_read.set()
+        return body
+
+    grouped = group_s3(listing(), S3URL("bkt", "run/"), read_marker=read_marker)
+    complete = {c.name: c.complete for c in grouped.checkpoints}
+    assert complete == {"checkpoint-1": True, "checkpoint-2": False}
+
+
+def test_a_listing_that_fails_midway_leaves_no_marker_reader_behind() -> None:
+    import threading
+
+    from runctl.checkpoints import MARKER_NAME
+
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    release = threading.Event()
+
+    def listing():
+        yield ObjectInfo("bkt", f"run/checkpoint-1/{MARKER_NAME}", 10, t)
+        release.set()
+        raise TransferError("listing broke", code="RequestError")
+
+    def read_marker(key: str) -> bytes:
+        release.wait(5)
+        return b"{}"
+
+    with pytest.raises(TransferError, match="listing broke"):
+        group_s3(listing(), S3URL("bkt", "run/"), read_marker=read_marker)
+    assert not [th for th in threading.enumerate() if th.name.startswith("runctl-marker")]
