@@ -56,13 +56,15 @@ class Sizes:
     startup_reps: int = 10
     # Repetition counts keep a full run under 10 minutes on 2 busy cores (each 1 GiB transfer costs
     # 5-9 s against rclone): runctl and s5cmd get the most, aws-cli and the boto3 fallback fewer.
-    large_reps: int = 2
+    # At least 3 where a ratio is judged: the median of 2 is their mean, and one slow first
+    # repetition (3d: 1.51 s then 0.83 s, against s5cmd's 0.78 and 0.75) decided the row.
+    large_reps: int = 3
     large_slow_reps: int = 1  # aws-cli and the boto3 fallback on the 1 GiB datasets
-    small_reps: int = 3
+    small_reps: int = 5
     small_slow_reps: int = 1
-    cleanup_reps: int = 2
+    cleanup_reps: int = 3
     cleanup_aws_reps: int = 1  # one aws process per doomed checkpoint: ~1 minute a repetition
-    list_reps: int = 2
+    list_reps: int = 3
     list_aws_reps: int = 1
 
 
@@ -320,6 +322,10 @@ def bench_cleanup(b: Bench) -> None:
             prefix_dir, s.cleanup_ckpts, s.cleanup_objects, KiB
         )
         b.restart_server()
+        # Untimed: rclone's first listing of fresh files computes their ETags (runctl's own
+        # listing of these 10,000 took 0.48-0.50 s cold, 0.26-0.28 s warm), which S3 stores
+        # at write time; the s5cmd arm, handed its keys, never lists and never paid it.
+        _warm_server(b, "run/", bucket="ckpt")
 
     def check(_rep: int) -> None:
         files, _ = data.tree_stats(prefix_dir)
@@ -377,7 +383,8 @@ def bench_cleanup(b: Bench) -> None:
     row.baselines = _baselines(aws_arm, s5, names=("aws", "s5cmd"))
     row.note = (
         f"s5cmd deletes exactly the {len(doomed) * s.cleanup_objects} doomed keys given on its command line (no listing); "
-        f"aws runs one `aws s3 rm --recursive` per doomed checkpoint ({len(doomed)} processes, timed in total)"
+        f"aws runs one `aws s3 rm --recursive` per doomed checkpoint ({len(doomed)} processes, timed in total); "
+        "the server lists the fresh data once, untimed, before each repetition (rclone computes ETags on first listing)"
     )
     b.rows.append(row)
 
@@ -777,7 +784,7 @@ def _upload_arms(
     return arms
 
 
-def _warm_server(b: Bench, prefix: str) -> None:
+def _warm_server(b: Bench, prefix: str, bucket: str = "bench") -> None:
     """List every object under ``prefix`` once (and HEAD each, when there are few), untimed.
 
     rclone computes an object's MD5 (its ETag) lazily, on the first HEAD or listing that shows
@@ -785,11 +792,11 @@ def _warm_server(b: Bench, prefix: str) -> None:
     arm to touch the data pays that for everyone.
     """
     client = b.server.client()
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     if len(keys) <= 64:
         for key in keys:
-            client.head_object(Bucket="bench", Key=key)
+            client.head_object(Bucket=bucket, Key=key)
 
 
 def _download_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str, Arm]:
