@@ -109,12 +109,26 @@ def start_moto() -> S3Server:
     return S3Server("moto", f"http://{host}:{port}", _stop=server.stop)
 
 
-def start_rclone(data_dir: str | os.PathLike[str] | None = None, port: int | None = None) -> S3Server:
-    """``rclone serve s3`` over a local directory; ``stop()``/``start()`` keep the data and port."""
+def start_rclone(
+    data_dir: str | os.PathLike[str] | None = None,
+    port: int | None = None,
+    *,
+    hash_db: str | os.PathLike[str] | None = None,
+) -> S3Server:
+    """``rclone serve s3`` over a local directory; ``stop()``/``start()`` keep the data and port.
+
+    Plain rclone computes an object's MD5 (its ETag) on the first HEAD or listing that shows
+    it. With ``hash_db`` (a directory), it serves through rclone's hasher overlay instead,
+    which computes the MD5 as the object is written and keeps it there, as S3 does.
+    """
     root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="runctl-rclone-"))
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     state: dict[str, subprocess.Popen | None] = {"proc": None}
+    target = [str(root)]
+    if hash_db is not None:
+        quoted = "'" + str(root).replace("'", "''") + "'"
+        target = ["--cache-dir", str(hash_db), f":hasher,remote={quoted},hashes=md5,max_age=off:"]
 
     def start() -> None:
         cmd = [
@@ -136,7 +150,7 @@ def start_rclone(data_dir: str | os.PathLike[str] | None = None, port: int | Non
             # so a long session would see different keys than it stored. Keep the cache.
             "--dir-cache-time",
             "1000h",
-            str(root),
+            *target,
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         state["proc"] = proc
