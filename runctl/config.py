@@ -140,18 +140,24 @@ class S3Config:
         return env
 
     def boto_client(self, **client_kwargs: Any) -> BaseClient:
-        """A boto3 S3 client with this endpoint, region, credentials and addressing style."""
-        import boto3
+        """A botocore S3 client with this endpoint, region, credentials and addressing style.
+
+        Built on a botocore session, as boto3 builds its own: importing boto3 (and s3transfer,
+        which it loads) as well cost 0.04-0.06 s of CPU per process and adds nothing runctl
+        calls (its upload_file/download_file helpers; runctl drives s3transfer itself).
+
+        Example:
+            >>> S3Config(endpoint_url="http://127.0.0.1:9000").boto_client().meta.region_name  # doctest: +SKIP
+            'us-east-1'
+        """
+        import botocore.session
         from botocore.config import Config as BotoConfig
 
         creds = self.credentials
-        session = boto3.session.Session(
-            aws_access_key_id=creds.access_key if creds else None,
-            aws_secret_access_key=creds.secret_key if creds else None,
-            aws_session_token=creds.token if creds else None,
-            region_name=self.region,
-            profile_name=None if creds else self.profile,
-        )
+        session = botocore.session.Session(profile=None if creds else self.profile)
+        if creds is not None:
+            session.set_credentials(creds.access_key, creds.secret_key, creds.token)
+        session.set_config_variable("region", self.region)
         boto_config = BotoConfig(
             s3={"addressing_style": "path" if self.path_style else "auto"},
             retries={"max_attempts": 5, "mode": "standard"},
@@ -162,7 +168,13 @@ class S3Config:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return session.client("s3", endpoint_url=self.endpoint_url, config=boto_config, **client_kwargs)
+        return session.create_client(
+            "s3",
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            config=boto_config,
+            **client_kwargs,
+        )
 
 
 def resolve_config(

@@ -191,6 +191,17 @@ class _Progress:
             self._callback(moved)
 
 
+def _on_progress(callback: _Progress) -> Any:
+    """An s3transfer subscriber that hands each progress step to ``callback``."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class OnProgress(BaseSubscriber):  # type: ignore[misc]
+        def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+            callback(bytes_transferred)
+
+    return OnProgress()
+
+
 def _known_size(size: int) -> Any:
     """An s3transfer subscriber that hands over a size already known, so no HEAD is sent."""
     from s3transfer.subscribers import BaseSubscriber
@@ -260,10 +271,8 @@ class BotoTransfer(Transfer):
         The whole batch shares one s3transfer manager (one pool of request threads) per
         part size, instead of a manager and thread pool per file.
         """
-        from boto3.s3.transfer import ProgressCallbackInvoker
-
         pairs = list(pairs)
-        subscribers = [ProgressCallbackInvoker(_Progress(progress))] if progress else None
+        subscribers = [_on_progress(_Progress(progress))] if progress else None
         extra = {"StorageClass": storage_class} if storage_class else {}
         errors: dict[str, TransferError] = {}
         groups: dict[int, list[tuple[Path, S3URL]]] = {}
@@ -315,8 +324,6 @@ class BotoTransfer(Transfer):
         destination and renamed into place. A larger one (or a read that broke off) goes to
         one shared s3transfer manager with its size already known, for ranged, retried GETs.
         """
-        from boto3.s3.transfer import ProgressCallbackInvoker
-
         pairs = list(pairs)
         callback = _Progress(progress)
         errors: dict[str, TransferError] = {}
@@ -340,7 +347,7 @@ class BotoTransfer(Transfer):
                 return
             if size is None:
                 return
-            subscribers = [ProgressCallbackInvoker(callback), _known_size(size)]
+            subscribers = [_on_progress(callback), _known_size(size)]
             try:
                 future = manager.download(url.bucket, url.key, str(path), None, subscribers)
             except Exception as exc:  # noqa: BLE001 - reported per item

@@ -1164,9 +1164,12 @@ class S5cmdTransfer:
     def _boto_put(
         self, path: Path, url: S3URL, storage_class: str | None, progress: ProgressCallback | None
     ) -> dict[str, str]:
+        # boto3's managed transfer, called on the plain botocore client (S3Config.boto_client).
+        from boto3.s3.inject import upload_file
+
         extra = {"StorageClass": storage_class} if storage_class else None
         try:
-            self._client().upload_file(os.fspath(path), url.bucket, url.key, ExtraArgs=extra)
+            upload_file(self._client(), os.fspath(path), url.bucket, url.key, ExtraArgs=extra)
         except Exception as exc:  # noqa: BLE001
             return {str(url): _boto_error(exc)[1]}
         if progress is not None:
@@ -1176,8 +1179,10 @@ class S5cmdTransfer:
     def _boto_get(
         self, url: S3URL, path: Path, progress: ProgressCallback | None
     ) -> dict[str, str]:
+        from boto3.s3.inject import download_file
+
         try:
-            self._client().download_file(url.bucket, url.key, os.fspath(path))
+            download_file(self._client(), url.bucket, url.key, os.fspath(path))
         except Exception as exc:  # noqa: BLE001
             return {str(url): _boto_error(exc)[1]}
         if progress is not None:

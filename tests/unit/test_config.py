@@ -191,3 +191,22 @@ def test_partial_env_pair_falls_back_to_botocore(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     assert S3Config()._env_credentials() is None
+
+
+def test_boto_client_signs_with_the_profile_and_needs_no_boto3(tmp_path: Path) -> None:
+    # botocore alone builds the client (boto3 and s3transfer cost 0.04-0.06 s of CPU to import).
+    creds_file = tmp_path / "credentials"
+    creds_file.write_text("[other]\naws_access_key_id = AKIDPROFILE\naws_secret_access_key = s3cret-profile\n")
+    probe = (
+        "import json, sys\n"
+        "from runctl.config import S3Config\n"
+        "c = S3Config(profile='other', region='eu-west-1', endpoint_url='http://127.0.0.1:9').boto_client()\n"
+        "key = c._request_signer._credentials.access_key\n"
+        "print(json.dumps([key, c.meta.region_name, 'boto3' in sys.modules]))\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("AWS_")
+    } | {"AWS_SHARED_CREDENTIALS_FILE": str(creds_file), "AWS_CONFIG_FILE": str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '["AKIDPROFILE", "eu-west-1", false]'
