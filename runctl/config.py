@@ -157,7 +157,6 @@ class S3Config:
         session = botocore.session.Session(profile=None if creds else self.profile)
         if creds is not None:
             session.set_credentials(creds.access_key, creds.secret_key, creds.token)
-        session.set_config_variable("region", self.region)
         boto_config = BotoConfig(
             s3={"addressing_style": "path" if self.path_style else "auto"},
             retries={"max_attempts": 5, "mode": "standard"},

@@ -392,7 +392,7 @@ class _Child:
                 rest = data[cut:]
                 if cut:
                     self._put((name, data[:cut].splitlines(keepends=True)))
-                if len(data) < _READ_SIZE and _GATHER:
+                if len(data) < _READ_SIZE:
                     time.sleep(_GATHER)
             if rest:
                 self._put((name, [rest]))
