@@ -669,6 +669,21 @@ def _check_landed(b: Bench, ds: data.Dataset, arm: str) -> Callable[[int], None]
     return teardown
 
 
+def _s5cmd_src(ds: data.Dataset) -> str:
+    return str(ds.path) + "/*" if ds.is_dir else str(ds.path)
+
+
+def _s5cmd_upload_arm(b: Bench, ds: data.Dataset, reps: int) -> Arm:
+    """``s5cmd cp`` of the dataset: the baseline of rows 2 and 3 (each against its own server)."""
+    src = _s5cmd_src(ds)
+    return Arm(
+        "s5cmd cp",
+        lambda rep: b.cmd(b.tools.s5("cp", src, _up_dest(ds, "s5cmd", rep))),
+        reps,
+        teardown=_check_landed(b, ds, "s5cmd"),
+    )
+
+
 def _upload_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str, Arm]:
     t = b.tools
     local = str(ds.path)
@@ -681,13 +696,7 @@ def _upload_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str, 
             reps,
             teardown=_check_landed(b, ds, "runctl"),
         )
-    src = local + "/*" if ds.is_dir else local
-    arms["s5cmd"] = Arm(
-        "s5cmd cp",
-        lambda rep: b.cmd(t.s5("cp", src, _up_dest(ds, "s5cmd", rep))),
-        reps,
-        teardown=_check_landed(b, ds, "s5cmd"),
-    )
+    arms["s5cmd"] = _s5cmd_upload_arm(b, ds, reps)
     if t.aws:
         arms["aws"] = Arm(
             "aws s3 cp",
@@ -781,7 +790,7 @@ def _durable_row(rid: str, ds: data.Dataset, arms: dict[str, Arm]) -> Row:
 
 def _durable_arms(b: Bench, ds: data.Dataset, reps: int) -> dict[str, Arm]:
     t = b.tools
-    src = str(ds.path) + "/*" if ds.is_dir else str(ds.path)
+    src = _s5cmd_src(ds)
     state: dict[str, Any] = {}
 
     def up_setup(rep: int) -> None:
@@ -823,12 +832,7 @@ def _durable_arms(b: Bench, ds: data.Dataset, reps: int) -> dict[str, Arm]:
 
     arms = {
         "uploader": Arm("uploader submit+flush", up_run, reps, up_setup, up_teardown),
-        "s5cmd": Arm(
-            "s5cmd cp",
-            lambda rep: b.cmd(t.s5("cp", src, _up_dest(ds, "s5cmd", rep))),
-            reps,
-            teardown=_check_landed(b, ds, "s5cmd"),
-        ),
+        "s5cmd": _s5cmd_upload_arm(b, ds, reps),
         "s5cmd-verify": Arm(
             "s5cmd cp + ls/head", cp_and_verify, reps, teardown=_check_landed(b, ds, "s5cmd-verify")
         ),
