@@ -13,6 +13,11 @@ from typing import Any, TypeGuard
 
 from runctl.exceptions import JournalError, UsageError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a line another process is writing may be seen torn
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("runctl.journal")
 
 JOURNAL_DIR = ".runctl"
@@ -165,6 +170,10 @@ class Journal:
             with self._lock:
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
+                    # Another process may be mid-write: the file's size can grow a page at a
+                    # time, so without the lock the check below would see a line half there.
+                    if fcntl is not None:
+                        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close
                     end = os.fstat(fd).st_size
                     # A writer that died mid-line left no newline: start ours on a fresh line so
                     # that only the torn one is lost.
