@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Annotated, Any
 
 import typer
 from typer import _click
 from typer.core import TyperGroup
+from typer.models import TyperInfo
 
 from runctl._version import __version__
 from runctl.cli.checkpoint import checkpoint_app
@@ -164,6 +167,105 @@ def root(
 _register_optional({"root": app, "s3": s3_app, "checkpoint": checkpoint_app})
 
 
+class _LazyCommands(MutableMapping[str, _click.Command]):
+    """A group's subcommands by name, each built by typer the first time it is looked up.
+
+    Names are known at once (for help, completion and "did you mean"); building a command
+    (typer reads its signature and makes every option) waits until it is used, so
+    ``runctl s3 list`` builds one command rather than all sixteen.
+
+    Example:
+        >>> from typer.core import TyperCommand
+        >>> cmds = _LazyCommands({"hi": lambda: TyperCommand("hi")})
+        >>> list(cmds), cmds.built, cmds["hi"].name, cmds.built
+        (['hi'], [], 'hi', ['hi'])
+    """
+
+    def __init__(self, builders: dict[str, Callable[[], _click.Command]]) -> None:
+        self._builders = dict(builders)
+        self._built: dict[str, _click.Command] = {}
+
+    @property
+    def built(self) -> list[str]:
+        """The names built so far."""
+        return list(self._built)
+
+    def __getitem__(self, name: str) -> _click.Command:
+        command = self._built.get(name)
+        if command is None:
+            command = self._built[name] = self._builders[name]()
+        return command
+
+    def __setitem__(self, name: str, command: _click.Command) -> None:
+        self._built[name] = command
+        self._builders.setdefault(name, lambda: command)
+
+    def __delitem__(self, name: str) -> None:
+        del self._builders[name]
+        self._built.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+
+def _lazy_group(info: TyperInfo, options: dict[str, Any]) -> TyperGroup:
+    """What ``typer.main.get_group_from_info`` builds, with subcommands built on first use."""
+    from typer.main import (
+        get_command_from_info,
+        get_command_name,
+        get_group_from_info,
+        solve_typer_info_defaults,
+    )
+
+    real = info.typer_instance
+    assert real is not None
+    shell = copy.copy(real)  # the group itself (options, callback, help) without its children
+    shell.registered_commands, shell.registered_groups = [], []
+    shell_info = copy.copy(info)
+    shell_info.typer_instance = shell
+    group = get_group_from_info(shell_info, **options)
+    builders: dict[str, Callable[[], _click.Command]] = {}
+    for command_info in real.registered_commands:
+        assert command_info.callback is not None
+        name = command_info.name or get_command_name(command_info.callback.__name__)
+        builders[name] = functools.partial(
+            get_command_from_info,
+            command_info,
+            pretty_exceptions_short=options["pretty_exceptions_short"],
+            rich_markup_mode=options["rich_markup_mode"],
+        )
+    for group_info in real.registered_groups:
+        group_name = solve_typer_info_defaults(group_info).name
+        assert group_name, "every sub-app is added with a name"
+        builders[group_name] = functools.partial(_lazy_group, group_info, options)
+    group.commands = _LazyCommands(builders)
+    return group
+
+
+def cli_command() -> TyperGroup:
+    """The click group ``main`` runs: the same as ``typer.main.get_command(app)``, built lazily.
+
+    Example:
+        >>> cli_command().main(["s3", "list", "--help"], prog_name="runctl")  # doctest: +SKIP
+    """
+    from typer.main import get_install_completion_arguments
+
+    group = _lazy_group(
+        TyperInfo(app),
+        {
+            "pretty_exceptions_short": app.pretty_exceptions_short,
+            "rich_markup_mode": app.rich_markup_mode,
+            "suggest_commands": app.suggest_commands,
+        },
+    )
+    if app._add_completion:
+        group.params.extend(get_install_completion_arguments())
+    return group
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI and exit with its code: 0 ok, 1 failed, 2 bad usage, 130 interrupted.
 
@@ -176,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         register_secret(os.environ.get(var))
     try:
-        result = app(
+        result = cli_command().main(
             args=list(sys.argv[1:] if argv is None else argv),
             prog_name="runctl",
             standalone_mode=False,
