@@ -344,9 +344,16 @@ def bench_cleanup(b: Bench) -> None:
     def runctl(_rep: int) -> float:
         return b.cmd(t.rc("s3", "cleanup", "s3://ckpt/run/", "--keep-last-n", str(s.keep)))
 
+    def doomed_keys() -> list[str]:
+        return [f"s3://ckpt/run/{k}" for k in state["keys"] if k.split("/", 1)[0] in set(doomed)]
+
     def s5cmd(_rep: int) -> float:
-        keys = [f"s3://ckpt/run/{k}" for k in state["keys"] if k.split("/", 1)[0] in set(doomed)]
-        return b.cmd(t.s5("rm", *keys))
+        return b.cmd(t.s5("rm", *doomed_keys()))
+
+    def s5cmd_listed(_rep: int) -> float:
+        # The least any tool does that must learn the keys before deleting them: one listing
+        # of the prefix, then the same delete (no marker reads, no decisions).
+        return b.cmd(t.s5("ls", "s3://ckpt/run/*")) + b.cmd(t.s5("rm", *doomed_keys()))
 
     def aws(_rep: int) -> float:
         total = 0.0
@@ -360,11 +367,13 @@ def bench_cleanup(b: Bench) -> None:
     if b.commands.get("cleanup"):
         arms.append(Arm("runctl s3 cleanup", runctl, s.cleanup_reps, setup, check))
     arms.append(Arm("s5cmd rm (same keys)", s5cmd, s.cleanup_reps, setup, check))
+    arms.append(Arm("s5cmd ls, then rm", s5cmd_listed, s.cleanup_reps, setup, check))
     if t.aws:
         arms.append(Arm("aws s3 rm --recursive ×ckpt", aws, s.cleanup_aws_reps, setup, check))
     alternate(arms, b.log)
     by = {a.name: a for a in arms}
     s5, aws_arm = by["s5cmd rm (same keys)"], by.get("aws s3 rm --recursive ×ckpt")
+    listed = by["s5cmd ls, then rm"]
     row = Row(
         "4",
         f"`s3 cleanup --keep-last-n {s.keep}`: {s.cleanup_ckpts} dir checkpoints × {s.cleanup_objects} objects (with markers)",
@@ -380,10 +389,17 @@ def bench_cleanup(b: Bench) -> None:
         row.met = met_text(
             [None if r_s5 is None else r_s5 <= 1.5, None if r_aws is None else r_aws <= 0.2]
         )
-        row.data = _arm_data(arm, s5, aws_arm)
+        row.data = _arm_data(arm, s5, aws_arm, listed)
+        if listed.median is not None:
+            row.ratios += f"; {fmt_ratio(_ratio(arm, listed))} ls+rm"
     row.baselines = _baselines(aws_arm, s5, names=("aws", "s5cmd"))
+    if listed.median is not None:
+        row.baselines += (
+            f"; s5cmd ls, then rm {fmt_s(listed.median)} (= {fmt_ratio(_ratio(listed, s5))} s5cmd rm)"
+        )
     row.note = (
         f"s5cmd deletes exactly the {len(doomed) * s.cleanup_objects} doomed keys given on its command line (no listing); "
+        "'s5cmd ls, then rm' lists the prefix first, as any tool must that is not handed the keys; "
         f"aws runs one `aws s3 rm --recursive` per doomed checkpoint ({len(doomed)} processes, timed in total); "
         "the server lists the fresh data once, untimed, before each repetition (rclone computes ETags on first listing)"
     )
