@@ -173,7 +173,7 @@ class Journal:
                     # Another process may be mid-write: the file's size can grow a page at a
                     # time, so without the lock the check below would see a line half there.
                     if fcntl is not None:
-                        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close
+                        fcntl.flock(fd, fcntl.LOCK_EX)  # until our line is written (or the close)
                     end = os.fstat(fd).st_size
                     # A writer that died mid-line left no newline: start ours on a fresh line so
                     # that only the torn one is lost.
@@ -182,6 +182,8 @@ class Journal:
                     written = os.write(fd, data)
                     while written < len(data):  # never for a short line on a local disk
                         written += os.write(fd, data[written:])
+                    if fcntl is not None:
+                        fcntl.flock(fd, fcntl.LOCK_UN)  # other writers need not wait for our fsync
                     if sync:
                         os.fsync(fd)
                 finally:
