@@ -20,6 +20,23 @@ except ImportError:  # Windows: no flock; a line another process is writing may 
 
 log = logging.getLogger("runctl.journal")
 
+
+def _flock(fd: int, *, exclusive: bool) -> bool:
+    """Take (or drop) the journal's lock between processes; False where there is none.
+
+    Windows has no flock, and some network filesystems refuse it (ENOLCK): the journal still
+    works there, one ``os.write`` per line, with a small chance that a line another process is
+    writing at that moment is taken for a torn one (an empty line then, skipped on replay).
+    """
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return True
+
+
 JOURNAL_DIR = ".runctl"
 JOURNAL_NAME = "journal.jsonl"
 STATES = (
@@ -108,8 +125,9 @@ class _State:
 class Journal:
     """The journal of one checkpoint directory: ``<root>/.runctl/journal.jsonl``.
 
-    Every record is one line written by one ``os.write`` with ``O_APPEND`` and then fsynced,
-    so threads and processes can share it and a crash loses at most the line being written.
+    Every record is one line written by one ``os.write`` with ``O_APPEND`` (under ``flock``)
+    and then fsynced, so threads and processes can share it and a crash loses at most the line
+    being written.
 
     Example:
         >>> import tempfile
@@ -172,8 +190,7 @@ class Journal:
                 try:
                     # Another process may be mid-write: the file's size can grow a page at a
                     # time, so without the lock the check below would see a line half there.
-                    if fcntl is not None:
-                        fcntl.flock(fd, fcntl.LOCK_EX)  # until our line is written (or the close)
+                    locked = _flock(fd, exclusive=True)
                     end = os.fstat(fd).st_size
                     # A writer that died mid-line left no newline: start ours on a fresh line so
                     # that only the torn one is lost.
@@ -182,8 +199,8 @@ class Journal:
                     written = os.write(fd, data)
                     while written < len(data):  # never for a short line on a local disk
                         written += os.write(fd, data[written:])
-                    if fcntl is not None:
-                        fcntl.flock(fd, fcntl.LOCK_UN)  # other writers need not wait for our fsync
+                    if locked:
+                        _flock(fd, exclusive=False)  # other writers need not wait for our fsync
                     if sync:
                         os.fsync(fd)
                 finally:

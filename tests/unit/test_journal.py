@@ -122,3 +122,31 @@ def test_many_processes_and_threads_never_interleave(tmp_path: Path) -> None:
     assert len(lines) == 6120
     assert all(json.loads(line)["state"] == "queued" for line in lines)
     assert len(Journal(tmp_path).replay()) == 6120
+
+
+def test_a_filesystem_that_refuses_flock_still_gets_its_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import runctl.journal as journal_module
+
+    calls: list[int] = []
+
+    class NoLocks:
+        LOCK_EX, LOCK_UN = 2, 8
+
+        @staticmethod
+        def flock(fd: int, op: int) -> None:
+            calls.append(op)
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(journal_module, "fcntl", NoLocks)
+    j = Journal(tmp_path)
+    j.record("a", "queued", time=1)
+    j.record("b", "verified", time=2, size=1)
+    assert calls == [2, 2]  # asked each time; never unlocked what it did not hold
+    assert list(j.replay()) == ["a", "b"]
+    monkeypatch.setattr(journal_module, "fcntl", None)  # Windows
+    j.record("c", "queued", time=3)
+    assert list(j.replay()) == ["a", "b", "c"]
