@@ -32,7 +32,8 @@ def _flock(fd: int, *, exclusive: bool) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
-    except OSError:
+    except OSError as exc:
+        log.debug("journal written without a lock: flock refused (%s)", exc)
         return False
     return True
 
