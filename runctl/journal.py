@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,21 +22,36 @@ except ImportError:  # Windows: no flock; a line another process is writing may 
 log = logging.getLogger("runctl.journal")
 
 
-def _flock(fd: int, *, exclusive: bool) -> bool:
-    """Take (or drop) the journal's lock between processes; False where there is none.
+#: How long an append waits for another writer's lock before it writes without one. A writer
+#: holds it for a stat, a one-byte read and a write (microseconds; on NFS, a flush): only a
+#: writer stopped inside it (Ctrl-Z) or a lock left by a dead NFS client holds it longer, and
+#: the training thread must not wait on that.
+LOCK_WAIT = 0.05
 
-    Windows has no flock, and some network filesystems refuse it (ENOLCK): the journal still
-    works there, one ``os.write`` per line, with a small chance that a line another process is
-    writing at that moment is taken for a torn one (an empty line then, skipped on replay).
+
+def _lock_file(fd: int) -> bool:
+    """Take the journal's lock between processes; False where there is none or it stays taken.
+
+    Without the lock (no flock on Windows, ENOLCK on some network filesystems, or a holder
+    past ``LOCK_WAIT``) the journal still works, one ``os.write`` per line, with a small chance
+    that a line another process is writing at that moment is taken for a torn one (an empty
+    line then, skipped on replay).
     """
     if fcntl is None:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
-    except OSError as exc:
-        log.debug("journal written without a lock: flock refused (%s)", exc)
-        return False
-    return True
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.debug("journal line written without the lock: held for over %g s", LOCK_WAIT)
+                return False
+            time.sleep(0.0005)
+        except OSError as exc:
+            log.debug("journal line written without the lock: flock refused (%s)", exc)
+            return False
 
 
 JOURNAL_DIR = ".runctl"
@@ -191,7 +207,7 @@ class Journal:
                 try:
                     # Another process may be mid-write: the file's size can grow a page at a
                     # time, so without the lock the check below would see a line half there.
-                    locked = _flock(fd, exclusive=True)
+                    locked = _lock_file(fd)
                     end = os.fstat(fd).st_size
                     # A writer that died mid-line left no newline: start ours on a fresh line so
                     # that only the torn one is lost.
@@ -200,8 +216,9 @@ class Journal:
                     written = os.write(fd, data)
                     while written < len(data):  # never for a short line on a local disk
                         written += os.write(fd, data[written:])
-                    if locked:
-                        _flock(fd, exclusive=False)  # other writers need not wait for our fsync
+                    if locked:  # other writers need not wait for our fsync
+                        with contextlib.suppress(OSError):  # the close releases it anyway
+                            fcntl.flock(fd, fcntl.LOCK_UN)
                     if sync:
                         os.fsync(fd)
                 finally:

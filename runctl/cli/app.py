@@ -170,9 +170,10 @@ _register_optional({"root": app, "s3": s3_app, "checkpoint": checkpoint_app})
 class _LazyCommands(MutableMapping[str, _click.Command]):
     """A group's subcommands by name, each built by typer the first time it is looked up.
 
-    Names are known at once (for help, completion and "did you mean"); building a command
-    (typer reads its signature and makes every option) waits until it is used, so
-    ``runctl s3 list`` builds one command rather than all sixteen.
+    Names are known at once (for "did you mean"); building a command (typer reads its
+    signature and makes every option) waits until it is looked up, so ``runctl s3 list``
+    builds ``s3`` and ``list`` rather than all sixteen. Help and completion list a group's
+    children with their short help, which builds that group's children (not their own).
 
     Example:
         >>> from typer.core import TyperCommand
@@ -193,8 +194,16 @@ class _LazyCommands(MutableMapping[str, _click.Command]):
     def __getitem__(self, name: str) -> _click.Command:
         command = self._built.get(name)
         if command is None:
-            command = self._built[name] = self._builders[name]()
+            build = self._builders[name]  # KeyError: no such command
+            command = self._built[name] = build()
         return command
+
+    def get(self, name: str, default: Any = None) -> Any:
+        # Mapping.get would take a KeyError raised while building for "no such command".
+        return self[name] if name in self._builders else default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._builders
 
     def __setitem__(self, name: str, command: _click.Command) -> None:
         self._built[name] = command
@@ -221,7 +230,8 @@ def _lazy_group(info: TyperInfo, options: dict[str, Any]) -> TyperGroup:
     )
 
     real = info.typer_instance
-    assert real is not None
+    if real is None:
+        raise TypeError("a typer.Typer instance is needed to build a click group")
     shell = copy.copy(real)  # the group itself (options, callback, help) without its children
     shell.registered_commands, shell.registered_groups = [], []
     shell_info = copy.copy(info)
@@ -229,7 +239,8 @@ def _lazy_group(info: TyperInfo, options: dict[str, Any]) -> TyperGroup:
     group = get_group_from_info(shell_info, **options)
     builders: dict[str, Callable[[], _click.Command]] = {}
     for command_info in real.registered_commands:
-        assert command_info.callback is not None
+        if command_info.callback is None:
+            raise TypeError("a command must have a callback function")
         name = command_info.name or get_command_name(command_info.callback.__name__)
         builders[name] = functools.partial(
             get_command_from_info,
@@ -239,7 +250,8 @@ def _lazy_group(info: TyperInfo, options: dict[str, Any]) -> TyperGroup:
         )
     for group_info in real.registered_groups:
         group_name = solve_typer_info_defaults(group_info).name
-        assert group_name, "every sub-app is added with a name"
+        if not group_name:  # typer would merge its commands into this group; runctl names each
+            raise TypeError("every sub-app of runctl is added with a name")
         builders[group_name] = functools.partial(_lazy_group, group_info, options)
     group.commands = _LazyCommands(builders)
     return group

@@ -10,13 +10,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import typer.testing
 from typer.testing import CliRunner, Result
 
-from runctl.cli.app import app
+from runctl.cli.app import app, cli_command
 from runctl.s3url import S3URL
 from tests.servers import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# In-process tests run the command tree `runctl` runs: main() builds it lazily (cli_command),
+# while typer's CliRunner would build typer's eager one. test_startup checks the two agree.
+_typer_get_command = typer.testing._get_command
+typer.testing._get_command = lambda given: (  # type: ignore[assignment]
+    cli_command() if given is app else _typer_get_command(given)
+)
 
 
 def run(*args: str, env: Mapping[str, str] | None = None) -> Result:

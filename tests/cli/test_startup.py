@@ -87,6 +87,12 @@ def _help(root: Any, path: tuple[str, ...]) -> str:
     return str(command.get_help(ctx))
 
 
+def _settings(node: Any) -> dict[str, str]:
+    """Every attribute of a command or group but its children, options and callback."""
+    skip = {"commands", "params", "callback"}
+    return {k: repr(v) for k, v in vars(node).items() if k not in skip}
+
+
 def _resolve(group: Any, path: tuple[str, ...]) -> Any:
     for name in path:
         group = group.commands[name]
@@ -106,6 +112,7 @@ def test_the_lazy_tree_is_typers_tree() -> None:
     for path in paths:
         a, b = _resolve(eager, path), _resolve(lazy, path)
         assert type(a) is type(b), path
+        assert _settings(a) == _settings(b), path
         assert [_describe(p) for p in a.params] == [_describe(p) for p in b.params], path
         help_text = _help(eager, path)
         assert help_text.startswith("Usage: runctl") and help_text == _help(lazy, path), path
@@ -130,3 +137,24 @@ def test_a_mistyped_command_still_gets_a_suggestion() -> None:
     )
     assert done.returncode == 2
     assert "No such command 'uplod'. Did you mean 'upload'?" in done.stderr
+
+
+def test_an_error_while_building_a_command_is_not_no_such_command() -> None:
+    # Mapping.get turns any KeyError into "missing": one raised while building must surface.
+    from typer.core import TyperGroup
+
+    from runctl.cli.app import _LazyCommands
+
+    def broken() -> Any:
+        return {}["missing"]
+
+    group = TyperGroup(name="g")
+    group.commands = _LazyCommands({"x": broken})
+    assert "x" in group.commands and "y" not in group.commands
+    assert group.commands.get("y") is None
+    try:
+        group.main(["x"], prog_name="g", standalone_mode=False)
+    except KeyError as exc:
+        assert exc.args == ("missing",)
+    else:
+        raise AssertionError("the builder's KeyError was swallowed")

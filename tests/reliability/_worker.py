@@ -88,6 +88,7 @@ def cleaner(root: Path, url: str, rounds: str) -> None:
     """Run `runctl s3 cleanup` and `runctl checkpoint cleanup` in a loop (the CLI app, in-process)."""
     from typer.testing import CliRunner
 
+    import tests.cli.cli_support  # noqa: F401  (the lazy tree `runctl` runs)
     from runctl.cli.app import app
 
     runner = CliRunner()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,7 +127,7 @@ def test_many_processes_and_threads_never_interleave(tmp_path: Path) -> None:
 
 
 def test_a_filesystem_that_refuses_flock_still_gets_its_lines(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import errno
 
@@ -134,7 +136,7 @@ def test_a_filesystem_that_refuses_flock_still_gets_its_lines(
     calls: list[int] = []
 
     class NoLocks:
-        LOCK_EX, LOCK_UN = 2, 8
+        LOCK_EX, LOCK_NB, LOCK_UN = 2, 4, 8
 
         @staticmethod
         def flock(fd: int, op: int) -> None:
@@ -143,10 +145,48 @@ def test_a_filesystem_that_refuses_flock_still_gets_its_lines(
 
     monkeypatch.setattr(journal_module, "fcntl", NoLocks)
     j = Journal(tmp_path)
-    j.record("a", "queued", time=1)
-    j.record("b", "verified", time=2, size=1)
-    assert calls == [2, 2]  # asked each time; never unlocked what it did not hold
+    with caplog.at_level(logging.DEBUG, logger="runctl.journal"):
+        j.record("a", "queued", time=1)
+        j.record("b", "verified", time=2, size=1)
+    assert calls == [6, 6]  # asked each time, once; never unlocked what it did not hold
+    assert "flock refused" in caplog.text
     assert list(j.replay()) == ["a", "b"]
     monkeypatch.setattr(journal_module, "fcntl", None)  # Windows
     j.record("c", "queued", time=3)
+    assert list(j.replay()) == ["a", "b", "c"]
+
+
+def test_another_writers_lock_is_waited_for_but_only_so_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fcntl
+
+    from runctl.journal import LOCK_WAIT
+
+    j = Journal(tmp_path)
+    j.record("a", "queued", time=1)
+
+    def hold(seconds: float | None) -> int:
+        fd = os.open(j.path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if seconds is not None:
+            threading.Timer(seconds, os.close, [fd]).start()
+        return fd
+
+    with caplog.at_level(logging.DEBUG, logger="runctl.journal"):
+        hold(0.02)  # a writer that finishes in time: waited for
+        started = time.monotonic()
+        j.record("b", "queued", time=2, sync=False)
+        assert time.monotonic() - started >= 0.015
+        assert "without the lock" not in caplog.text
+
+        stuck = hold(None)  # a writer stopped inside the lock: not waited on for long
+        try:
+            started = time.monotonic()
+            j.record("c", "queued", time=3, sync=False)
+            waited = time.monotonic() - started
+        finally:
+            os.close(stuck)
+    assert LOCK_WAIT <= waited < LOCK_WAIT + 1.0
+    assert "held for over" in caplog.text
     assert list(j.replay()) == ["a", "b", "c"]
