@@ -231,7 +231,9 @@ def test_200mib_multipart_roundtrip(
         assert sum(moved) == 200 * MiB
 
 
-def test_tree_of_1000_small_files(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
+def test_tree_of_1000_small_files(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, s3_server: S3Server
+) -> None:
     src = tmp_path / "src"
     files = {f"d{i % 10}/f{i:04d}.bin": f"{i}".encode() * (i % 7 + 1) for i in range(1000)}
     make_tree(src, files)
@@ -239,7 +241,12 @@ def test_tree_of_1000_small_files(transfer: Transfer, bucket: S3URL, tmp_path: P
     assert len(uploaded) == 1000
     rows = listing(transfer, bucket.join("tree/"))
     assert [row[1] for row in rows] == [f"tree/{rel}" for rel in sorted(files)]
-    assert all(row[3] == md5(files[row[1][5:]]) for row in rows)
+    # rclone now and then answers an empty ETag for a few of 1,000 fresh small objects, in
+    # listings and HEAD alike and for good (1 run in 40 here with the CPU busy; sizes right):
+    # unknown is not wrong, and the download below checks every byte.
+    unknown = [row for row in rows if row[3] is None and s3_server.kind == "rclone"]
+    assert len(unknown) <= 20, unknown[:5]
+    assert [row for row in rows if row[3] != md5(files[row[1][5:]]) and row not in unknown] == []
     out = tmp_path / "out"
     got = ops.download(transfer, bucket.join("tree/"), out, recursive=True)
     assert len(got) == 1000
