@@ -344,8 +344,10 @@ def bench_cleanup(b: Bench) -> None:
     def runctl(_rep: int) -> float:
         return b.cmd(t.rc("s3", "cleanup", "s3://ckpt/run/", "--keep-last-n", str(s.keep)))
 
+    doomed_names = set(doomed)
+
     def doomed_keys() -> list[str]:
-        return [f"s3://ckpt/run/{k}" for k in state["keys"] if k.split("/", 1)[0] in set(doomed)]
+        return [f"s3://ckpt/run/{k}" for k in state["keys"] if k.split("/", 1)[0] in doomed_names]
 
     def s5cmd(_rep: int) -> float:
         return b.cmd(t.s5("rm", *doomed_keys()))
