@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,10 @@ STAGING_DIR = ".runctl/staging"
 #: errno values that mean "this filesystem will not hard-link here": copy instead.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES, errno.ENOSYS}
 _COPY_TRIES = 3
+#: Linux names every open file ``/proc/self/fd/N``: linking that path stages the very inode
+#: opened in ``submit()``, so the link itself (a journaled write that can wait tens of ms while
+#: the disk is busy) can run on a background thread. Elsewhere ``submit()`` links at once.
+FD_LINKS = os.path.isdir("/proc/self/fd")
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,43 @@ class StagingArea:
             raise
         return dest
 
+    def link_open_file(self, fd: int, source: Path, token: str) -> Path | None:
+        """Hard-link the inode open as ``fd`` (opened by ``open_for_staging``) into the staging area.
+
+        Runs on a background thread. When the trainer deleted or replaced ``source`` since it
+        was opened, the inode has no name left to link and its bytes are copied from ``fd``:
+        the staged file is the version that was handed over either way. Returns None when this
+        filesystem refuses hard links (the worker copies instead).
+
+        Raises:
+            SnapshotError: the open file changed while its bytes were being copied.
+
+        Example:
+            >>> import tempfile
+            >>> root = Path(tempfile.mkdtemp()); _ = (root / "step_1.pt").write_bytes(b"abc")
+            >>> fd = open_for_staging(root / "step_1.pt")
+            >>> (root / "step_1.pt").unlink()
+            >>> StagingArea(root).link_open_file(fd, root / "step_1.pt", "t1").read_bytes()
+            b'abc'
+            >>> os.close(fd)
+        """
+        dest = self.slot(token, source.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # linkat(AT_SYMLINK_FOLLOW) through the fd's magic link; os.link's plain link(2) of
+            # "/proc/self/fd/N" would link the symlink itself, across devices (EXDEV).
+            os.link(str(fd), dest, src_dir_fd=fds)
+        except FileNotFoundError:
+            _copy_open_file(fd, dest)  # no name left: Linux links only inodes that still have one
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                return None
+            raise
+        finally:
+            os.close(fds)
+        return dest
+
     def copy_file(self, source: Path, token: str) -> Snapshot:
         """Copy ``source`` (no hard links here) and make sure the copy is one whole version."""
         dest = self.slot(token, source.name)
@@ -269,6 +311,41 @@ class StagingArea:
             self.release(token)
             removed += 1
         return removed
+
+
+def open_for_staging(source: Path) -> int:
+    """Open a regular file read-only, to stage it later with ``StagingArea.link_open_file``.
+
+    Reading metadata and opening write nothing to the disk, so this stays in microseconds
+    however busy the disk is; the open file keeps its inode (and bytes) alive if the trainer
+    deletes it before it is staged.
+
+    Raises:
+        FileNotFoundError: ``source`` is gone.
+        IsADirectoryError: ``source`` is not a regular file.
+    """
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(source))
+    return fd
+
+
+def _copy_open_file(fd: int, dest: Path) -> None:
+    before = os.fstat(fd)
+    with open(dest, "wb") as out:
+        offset = 0
+        while offset < before.st_size:
+            sent = os.sendfile(out.fileno(), fd, offset, before.st_size - offset)
+            if sent == 0:
+                break
+            offset += sent
+    after = os.fstat(fd)
+    unchanged = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    if not unchanged or offset != before.st_size:
+        raise SnapshotError(f"{dest.name} changed while it was copied for upload")
+    # The original's times, so the journal's durability check matches what was submitted.
+    os.utime(dest, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def tree_inventory(root: Path, limit: int = 256) -> dict[str, tuple[int, int]] | None:

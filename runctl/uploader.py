@@ -48,10 +48,12 @@ from runctl.retention import (
 from runctl.retry import RetryPolicy
 from runctl.s3url import S3URL
 from runctl.staging import (
+    FD_LINKS,
     FileStamp,
     Snapshot,
     SnapshotError,
     StagingArea,
+    open_for_staging,
     stamp_or_none,
     tree_inventory,
 )
@@ -200,6 +202,10 @@ class _Job:
     copy_token: str | None = None
     #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
     inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
+    #: Set once the journal thread has linked the file opened at submit (``_stage_open``).
+    staging_done: threading.Event | None = field(default=None, repr=False)
+    #: Why that link (or copy) failed, if it did.
+    staging_error: str | None = None
 
     def version(self) -> tuple[int, float] | None:
         """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
@@ -352,7 +358,8 @@ def make_transfer(
 class CheckpointUploader:
     """Uploads checkpoints in the background, one at a time in order, then applies keep-last-N.
 
-    ``submit`` costs the caller a stat and a hard link; one worker thread uploads through s5cmd
+    ``submit`` costs the caller a stat and an open (the hard link into the staging area is made
+    from the open file on a background thread); one worker thread uploads through s5cmd
     (boto3 fallback), verifies sizes, writes a directory's marker last, records each step in
     ``<root>/.runctl/journal.jsonl`` and prunes S3 and local copies (local ones only once durable).
 
@@ -484,8 +491,10 @@ class CheckpointUploader:
     ) -> UploadHandle:
         """Hand over a checkpoint (file or directory directly inside the root); returns at once.
 
-        The caller's thread only stats it and hard-links a file into ``.runctl/staging/``; the
-        worker does the rest.
+        The caller's thread only stats it and opens a file (no write to the disk, so this
+        stays in microseconds however busy the disk is); a background thread hard-links that
+        open file into ``.runctl/staging/``, so deleting or replacing it right after ``submit``
+        returns cannot lose the version handed over. The worker does the rest.
 
         Raises:
             UsageError: the path does not exist or is not directly inside the root; the uploader is closed.
@@ -513,14 +522,18 @@ class CheckpointUploader:
         name = src.name
         token = f"{os.getpid()}-{next(_ids)}"
         staged = None
+        held = None
         inventory = tree_inventory(src) if is_dir else None
-        if not is_dir:
-            try:
+        try:
+            if is_dir:
+                pass
+            elif FD_LINKS and stat_module.S_ISREG(st.st_mode):
+                held = open_for_staging(src)
+                st = os.fstat(held)  # the version that will be staged, even if src was replaced
+            else:
                 staged = self.staging.link_file(src, token)
-            except FileNotFoundError:
-                raise UsageError(
-                    f"cannot submit {str(path)!r}: it was deleted while submitting"
-                ) from None
+        except FileNotFoundError:
+            raise UsageError(f"cannot submit {str(path)!r}: it was deleted while submitting") from None
         parsed_step, epoch = parse_step(name)
         job = _Job(
             token=token,
@@ -535,7 +548,10 @@ class CheckpointUploader:
             staged=staged,
             inventory=inventory,
             rewritable=not is_dir and (is_alias(name) or name in self._submitted_names),
+            staging_done=None if held is None else threading.Event(),
         )
+        if held is not None:
+            self._journal.later(lambda: self._stage_open(job, held))
         self._submitted_names.add(name)
         self._journal.record(
             name,
@@ -754,6 +770,29 @@ class CheckpointUploader:
         self._journal.later(lambda: self._finish_skip(job, reason))
         self._cond.notify_all()
 
+    def _stage_open(self, job: _Job, fd: int) -> None:
+        # On the journal thread, in order with the rest of its work: before the job's skip
+        # (which releases the slot) and before the worker, which waits for it.
+        assert job.staging_done is not None
+        started = time.monotonic()
+        try:
+            job.staged = self.staging.link_open_file(fd, job.source, job.token)
+        except OSError as exc:
+            job.staging_error = f"cannot stage it for upload: {exc}"
+        finally:
+            os.close(fd)
+            job.staging_done.set()
+        log.debug("staged %s in %.1f ms", job.name, (time.monotonic() - started) * 1000)
+
+    def _await_staging(self, job: _Job) -> None:
+        if job.staging_done is None:
+            return
+        while not job.staging_done.wait(0.5):
+            if self._abort.is_set():
+                raise _Aborted()
+        if job.staging_error:
+            raise _Skip(job.staging_error)
+
     def _private_copy(self, job: _Job) -> Snapshot:
         # A name saved again and again (last.ckpt, latest.pt) may be rewritten in place while it
         # uploads, and a hard link shares that inode: upload from a private copy instead, so S3
@@ -922,6 +961,7 @@ class CheckpointUploader:
 
     def _snapshot(self, job: _Job) -> Snapshot:
         if not job.is_dir:
+            self._await_staging(job)
             if job.staged is not None:
                 if job.rewritable and _still_linked(job.source, job.staged):
                     return self._private_copy(job)
