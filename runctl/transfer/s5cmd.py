@@ -53,8 +53,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("runctl.transfer.s5cmd")
 
 ENV_BINARY = "RUNCTL_S5CMD"
-#: Parts transferred in parallel per large object (s5cmd's own default is 5).
-PART_CONCURRENCY = 8
+#: Parts transferred in parallel per large object: s5cmd's own default. 8 was no faster here
+#: (1 GiB to a loopback server, alternating: 4.41 s against 4.32-4.39 s up, 0.82 s either way
+#: down), and with no real network to show a gain runctl keeps what ``s5cmd cp`` users get.
+PART_CONCURRENCY = 5
 #: Workers for a batch that may hold large (multipart) files: each worker can hold
 #: ``PART_CONCURRENCY`` part buffers, so s5cmd's default of 256 would be far too much memory.
 DEFAULT_NUMWORKERS = 32

@@ -665,7 +665,7 @@ def test_a_plain_tree_of_small_files_goes_up_as_one_directory_copy(
     t = S5cmdTransfer(s3_server.config(), binary=fake)
     ops.upload(t, src, bucket.join("plain/"), recursive=True)
     (line,) = calls.read_text().splitlines()
-    assert line.endswith(f" cp --part-size 50 --concurrency 8 {src}/ {bucket.join('plain/')}")
+    assert line.endswith(f" cp --part-size 50 --concurrency 5 {src}/ {bucket.join('plain/')}")
     assert keys_in(s3_server, bucket) == [f"plain/d/f{i:03d}.bin" for i in range(70)]
 
     calls.unlink()
