@@ -323,6 +323,18 @@ def _still_linked(source: Path, staged: Path) -> bool:
     return now is not None and now.ino == FileStamp.of(staged).ino
 
 
+def _open_or_none(path: Path) -> int | None:
+    """``open_for_staging``, or None where it fails but a hard link may not (no read permission,
+    no file descriptors left): ``submit`` then links at once, as on platforms without fd links."""
+    try:
+        return open_for_staging(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        log.debug("cannot open %s to stage it later (%s): linking it now", path, exc)
+        return None
+
+
 def _positive(value: float | None, argument: str) -> None:
     if value is None:
         return
@@ -525,12 +537,11 @@ class CheckpointUploader:
         held = None
         inventory = tree_inventory(src) if is_dir else None
         try:
-            if is_dir:
-                pass
-            elif FD_LINKS and stat_module.S_ISREG(st.st_mode):
-                held = open_for_staging(src)
+            if not is_dir and FD_LINKS and stat_module.S_ISREG(st.st_mode):
+                held = _open_or_none(src)
+            if held is not None:
                 st = os.fstat(held)  # the version that will be staged, even if src was replaced
-            else:
+            elif not is_dir:
                 staged = self.staging.link_file(src, token)
         except FileNotFoundError:
             raise UsageError(f"cannot submit {str(path)!r}: it was deleted while submitting") from None

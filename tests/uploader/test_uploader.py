@@ -86,6 +86,26 @@ def test_the_staging_link_is_made_off_the_training_thread(
     assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
 
 
+def test_a_file_that_cannot_be_opened_is_still_staged_at_submit(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of file descriptors (EMFILE), or unreadable: submit() links at once, as before, and
+    # never raises into the training loop for it.
+    import runctl.uploader as uploader_module
+
+    def no_fds(path: Path) -> int:
+        raise OSError(24, "Too many open files", str(path))
+
+    monkeypatch.setattr(uploader_module, "open_for_staging", no_fds)
+    up = uploader(root, moto_bucket, boto_transfer)
+    data = os.urandom(50_000)
+    handle = up.submit(write(root / "step_1.pt", data))
+    (root / "step_1.pt").unlink()  # the link made in submit() keeps it
+    assert handle.result(30).state == "verified"
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
+
+
 # -- promise 2: durable before delete -----------------------------------------------------------
 
 
