@@ -119,7 +119,9 @@ class StagingArea:
 
     A hard link pins the inode: Lightning deleting the file, or ``os.replace`` of a new
     ``last.ckpt`` over it, leaves the staged version whole. An in-place rewrite (``open(..., "wb")``)
-    does reach the staged inode; ``Snapshot.changed`` detects it.
+    does reach the staged inode; ``Snapshot.changed`` detects it. ``submit()`` only opens a
+    file; a background thread links that open file (``link_open_file``), or the worker copies
+    it (``copy_open_file``) when the trainer has already deleted or replaced it.
 
     Example:
         >>> import tempfile
@@ -138,7 +140,7 @@ class StagingArea:
         return self.dir / token / name
 
     def link_file(self, source: Path, token: str) -> Path | None:
-        """Hard-link ``source`` into the staging area (the caller's thread: one link, no data copied).
+        """Hard-link ``source`` into the staging area now (one link, no data copied).
 
         Returns None when this filesystem refuses hard links (the worker copies instead).
 
@@ -162,22 +164,21 @@ class StagingArea:
     def link_open_file(self, fd: int, source: Path, token: str) -> Path | None:
         """Hard-link the inode open as ``fd`` (opened by ``open_for_staging``) into the staging area.
 
-        Runs on a background thread. When the trainer deleted or replaced ``source`` since it
-        was opened, the inode has no name left to link and its bytes are copied from ``fd``:
-        the staged file is the version that was handed over either way. Returns None when this
-        filesystem refuses hard links (the worker copies instead).
+        Runs on a background thread: a link is a metadata write, quick unless the disk is busy.
+        Returns None when this filesystem refuses hard links (the worker copies instead).
 
         Raises:
-            SnapshotError: the open file changed while its bytes were being copied.
+            FileNotFoundError: the inode has no name left (the trainer deleted or replaced
+                ``source`` since it was opened) and Linux links only inodes that have one:
+                ``copy_open_file`` copies it from ``fd`` instead.
 
         Example:
             >>> import tempfile
             >>> root = Path(tempfile.mkdtemp()); _ = (root / "step_1.pt").write_bytes(b"abc")
             >>> fd = open_for_staging(root / "step_1.pt")
-            >>> (root / "step_1.pt").unlink()
-            >>> StagingArea(root).link_open_file(fd, root / "step_1.pt", "t1").read_bytes()
+            >>> staged = StagingArea(root).link_open_file(fd, root / "step_1.pt", "t1")
+            >>> (root / "step_1.pt").unlink(); os.close(fd); staged.read_bytes()
             b'abc'
-            >>> os.close(fd)
         """
         dest = self.slot(token, source.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -186,8 +187,6 @@ class StagingArea:
             # linkat(AT_SYMLINK_FOLLOW) through the fd's magic link; os.link's plain link(2) of
             # "/proc/self/fd/N" would link the symlink itself, across devices (EXDEV).
             os.link(str(fd), dest, src_dir_fd=fds)
-        except FileNotFoundError:
-            _copy_open_file(fd, dest)  # no name left: Linux links only inodes that still have one
         except OSError as exc:
             if exc.errno in _NO_LINK:
                 return None
@@ -196,18 +195,66 @@ class StagingArea:
             os.close(fds)
         return dest
 
+    def copy_open_file(self, fd: int, source: Path, token: str) -> Snapshot:
+        """Copy the file open as ``fd`` into the staging area (the worker: it may be large).
+
+        The copy is written under a temporary name and renamed into place only once whole,
+        so a crash mid-copy never leaves a short file that a resume would take for the
+        checkpoint. It keeps the original's mtime, so the journal's durability check matches.
+
+        Raises:
+            SnapshotError: the open file changed while it was copied.
+
+        Example:
+            >>> import tempfile
+            >>> root = Path(tempfile.mkdtemp()); _ = (root / "step_1.pt").write_bytes(b"abc")
+            >>> fd = open_for_staging(root / "step_1.pt"); (root / "step_1.pt").unlink()
+            >>> StagingArea(root).copy_open_file(fd, root / "step_1.pt", "t1").path.read_bytes()
+            b'abc'
+            >>> os.close(fd)
+        """
+        dest = self.slot(token, source.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.part")
+        before = os.fstat(fd)
+        try:
+            with open(partial, "wb") as out:
+                offset = 0
+                while offset < before.st_size:
+                    sent = os.sendfile(out.fileno(), fd, offset, before.st_size - offset)
+                    if sent == 0:
+                        break
+                    offset += sent
+            after = os.fstat(fd)
+            unchanged = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+            if not unchanged or offset != before.st_size:
+                raise SnapshotError(f"{source.name} changed while it was copied for upload")
+            os.utime(partial, ns=(before.st_atime_ns, before.st_mtime_ns))
+            os.replace(partial, dest)
+        finally:
+            partial.unlink(missing_ok=True)
+        copied = FileStamp.of(dest)
+        return Snapshot(dest, False, {"": copied}, copied=True)
+
     def copy_file(self, source: Path, token: str) -> Snapshot:
         """Copy ``source`` (no hard links here) and make sure the copy is one whole version."""
         dest = self.slot(token, source.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(_COPY_TRIES):
-            before = FileStamp.of(source)
-            shutil.copy2(source, dest)
-            after = FileStamp.of(source)
-            if before.same_content(after):
-                copied = FileStamp.of(dest)
-                # Keep the original's mtime so the journal's durability check matches the source.
-                return Snapshot(dest, False, {"": _as_source(copied, before)}, copied=True)
+        # Under a temporary name until whole: a crash mid-copy must not leave a short file
+        # that a resume (``find``) would take for the checkpoint.
+        partial = dest.with_name(f".{dest.name}.part")
+        try:
+            for _ in range(_COPY_TRIES):
+                before = FileStamp.of(source)
+                shutil.copy2(source, partial)
+                after = FileStamp.of(source)
+                if before.same_content(after):
+                    os.replace(partial, dest)
+                    copied = FileStamp.of(dest)
+                    # Keep the original's mtime so the journal's durability check matches the source.
+                    return Snapshot(dest, False, {"": _as_source(copied, before)}, copied=True)
+        finally:
+            partial.unlink(missing_ok=True)
         raise SnapshotError(f"{source} kept changing while it was copied for upload")
 
     def snapshot_file(self, staged: Path) -> Snapshot:
@@ -329,23 +376,6 @@ def open_for_staging(source: Path) -> int:
         os.close(fd)
         raise IsADirectoryError(errno.EISDIR, "not a regular file", str(source))
     return fd
-
-
-def _copy_open_file(fd: int, dest: Path) -> None:
-    before = os.fstat(fd)
-    with open(dest, "wb") as out:
-        offset = 0
-        while offset < before.st_size:
-            sent = os.sendfile(out.fileno(), fd, offset, before.st_size - offset)
-            if sent == 0:
-                break
-            offset += sent
-    after = os.fstat(fd)
-    unchanged = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    if not unchanged or offset != before.st_size:
-        raise SnapshotError(f"{dest.name} changed while it was copied for upload")
-    # The original's times, so the journal's durability check matches what was submitted.
-    os.utime(dest, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def tree_inventory(root: Path, limit: int = 256) -> dict[str, tuple[int, int]] | None:

@@ -202,10 +202,12 @@ class _Job:
     copy_token: str | None = None
     #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
     inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
-    #: Set once the journal thread has linked the file opened at submit (``_stage_open``).
+    #: Set once the file opened at submit is staged, or staging it failed (``_stage_open``).
     staging_done: threading.Event | None = field(default=None, repr=False)
-    #: Why that link (or copy) failed, if it did.
-    staging_error: str | None = None
+    #: The staged copy, when the opened file could not be linked and was copied instead.
+    staged_copy: Snapshot | None = field(default=None, repr=False)
+    #: Why staging failed, if it did.
+    staging_error: OSError | None = field(default=None, repr=False)
 
     def version(self) -> tuple[int, float] | None:
         """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
@@ -317,6 +319,34 @@ class _JournalWriter:
         self._thread.join(timeout)
 
 
+class _Stager:
+    """Stages each file opened by ``submit()`` on its own thread, in order (``later(fn)``).
+
+    Not the journal thread: staging may copy a large file (when it cannot be linked), and the
+    journal thread's fsyncs, which uploads wait for, must not queue behind that copy.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="runctl-stage", daemon=True)
+        self._thread.start()
+
+    def later(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while (fn := self._queue.get()) is not None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one job's staging must not stop the others'
+                log.exception("runctl staging failed")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish what was asked for, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
 def _still_linked(source: Path, staged: Path) -> bool:
     """True when ``source`` is still the staged inode (so a writer could still change it)."""
     now = stamp_or_none(source)
@@ -370,8 +400,8 @@ def make_transfer(
 class CheckpointUploader:
     """Uploads checkpoints in the background, one at a time in order, then applies keep-last-N.
 
-    ``submit`` costs the caller a stat and an open (the hard link into the staging area is made
-    from the open file on a background thread); one worker thread uploads through s5cmd
+    ``submit`` costs the caller a stat, an open and a journal line (the hard link into the
+    staging area is made from the open file on a staging thread); one worker thread uploads through s5cmd
     (boto3 fallback), verifies sizes, writes a directory's marker last, records each step in
     ``<root>/.runctl/journal.jsonl`` and prunes S3 and local copies (local ones only once durable).
 
@@ -460,6 +490,7 @@ class CheckpointUploader:
         self.transfer = transfer
         self.journal = Journal(root)
         self._journal = _JournalWriter(self.journal)
+        self._stager = _Stager()
         self.staging = StagingArea(root)
 
         self._cond = threading.Condition()
@@ -503,10 +534,12 @@ class CheckpointUploader:
     ) -> UploadHandle:
         """Hand over a checkpoint (file or directory directly inside the root); returns at once.
 
-        The caller's thread only stats it and opens a file (no write to the disk, so this
-        stays in microseconds however busy the disk is); a background thread hard-links that
-        open file into ``.runctl/staging/``, so deleting or replacing it right after ``submit``
-        returns cannot lose the version handed over. The worker does the rest.
+        The caller's thread stats it, opens a file and appends one journal line; a staging
+        thread hard-links that open file into ``.runctl/staging/`` (a link can wait tens of ms
+        on a busy disk), or copies it if it has been deleted or replaced by then, so the staged
+        file is the version handed over. The worker does the rest. One window is left: a
+        process killed before that link is made (normally well under a millisecond after
+        ``submit`` returns) whose file was also deleted in it cannot resume that upload.
 
         Raises:
             UsageError: the path does not exist or is not directly inside the root; the uploader is closed.
@@ -562,7 +595,7 @@ class CheckpointUploader:
             staging_done=None if held is None else threading.Event(),
         )
         if held is not None:
-            self._journal.later(lambda: self._stage_open(job, held))
+            self._stager.later(lambda: self._stage_open(job, held))
         self._submitted_names.add(name)
         self._journal.record(
             name,
@@ -782,27 +815,38 @@ class CheckpointUploader:
         self._cond.notify_all()
 
     def _stage_open(self, job: _Job, fd: int) -> None:
-        # On the journal thread, in order with the rest of its work: before the job's skip
-        # (which releases the slot) and before the worker, which waits for it.
+        # On the staging thread, right after submit(): link the opened file, or copy it at once
+        # when it cannot be linked (deleted or replaced since submit: no name left; no space;
+        # no hard links here), so a crash after this leaves a staged copy to resume from.
         assert job.staging_done is not None
-        started = time.monotonic()
         try:
-            job.staged = self.staging.link_open_file(fd, job.source, job.token)
+            try:
+                job.staged = self.staging.link_open_file(fd, job.source, job.token)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot hard-link %s into the staging area (%s): copying it", job.name, exc)
+            if job.staged is None and not (job.cancelled or self._abort.is_set()):
+                job.staged_copy = self.staging.copy_open_file(fd, job.source, job.token)
+                job.staged = job.staged_copy.path
         except OSError as exc:
-            job.staging_error = f"cannot stage it for upload: {exc}"
+            job.staging_error = exc
         finally:
             os.close(fd)
             job.staging_done.set()
-        log.debug("staged %s in %.1f ms", job.name, (time.monotonic() - started) * 1000)
 
-    def _await_staging(self, job: _Job) -> None:
+    def _await_staging(self, job: _Job) -> Snapshot | None:
+        """Wait for ``_stage_open``; the snapshot when it had to copy the opened file."""
         if job.staging_done is None:
-            return
+            return None
         while not job.staging_done.wait(0.5):
             if self._abort.is_set():
                 raise _Aborted()
-        if job.staging_error:
-            raise _Skip(job.staging_error)
+        if isinstance(job.staging_error, SnapshotError):
+            raise _Skip(str(job.staging_error))
+        if job.staging_error is not None:
+            raise job.staging_error  # reported as this checkpoint's failure, never dropped
+        return job.staged_copy
 
     def _private_copy(self, job: _Job) -> Snapshot:
         # A name saved again and again (last.ckpt, latest.pt) may be rewritten in place while it
@@ -817,6 +861,10 @@ class CheckpointUploader:
         return snapshot
 
     def _release(self, job: _Job) -> None:
+        if job.staging_done is not None:
+            # A save cancelled while queued: its staging (one link; no copy once cancelled)
+            # must be done before its slot is removed, or the slot would come back after.
+            job.staging_done.wait()
         if job.copy_token:
             self.staging.release(job.copy_token)
         self.staging.release(job.token)
@@ -972,7 +1020,9 @@ class CheckpointUploader:
 
     def _snapshot(self, job: _Job) -> Snapshot:
         if not job.is_dir:
-            self._await_staging(job)
+            copied = self._await_staging(job)
+            if copied is not None:
+                return copied
             if job.staged is not None:
                 if job.rewritable and _still_linked(job.source, job.staged):
                     return self._private_copy(job)
@@ -1356,6 +1406,7 @@ class CheckpointUploader:
                 None,
                 UploadError({job.name: "not uploaded before close (still pending in the journal)"}),
             )
+        self._stager.close()  # links what is still queued (a resume starts from them), no copies
         self._journal.close()
         if self._owns_transfer:
             try:

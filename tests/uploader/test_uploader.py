@@ -172,13 +172,19 @@ def test_deleted_or_replaced_before_it_is_staged_uploads_the_version_handed_over
     from runctl.staging import StagingArea
 
     held = threading.Event()
-    link_open_file = StagingArea.link_open_file
+    link_open_file, copy_open_file = StagingArea.link_open_file, StagingArea.copy_open_file
+    copied_on: list[str] = []
 
     def late(self: StagingArea, fd: int, source: Path, token: str) -> Path | None:
         assert held.wait(10)
         return link_open_file(self, fd, source, token)
 
+    def recorded(self: StagingArea, fd: int, source: Path, token: str) -> object:
+        copied_on.append(threading.current_thread().name)
+        return copy_open_file(self, fd, source, token)
+
     monkeypatch.setattr(StagingArea, "link_open_file", late)
+    monkeypatch.setattr(StagingArea, "copy_open_file", recorded)
     up = uploader(root, moto_bucket, boto_transfer)
     first, old, new = os.urandom(300_000), os.urandom(200_000), b"new version"
     deleted = up.submit(write(root / "epoch=0-step=10.ckpt", first))
@@ -194,6 +200,54 @@ def test_deleted_or_replaced_before_it_is_staged_uploads_the_version_handed_over
     assert get(moto_bucket.join("run/epoch=0-step=10.ckpt")) == first
     assert get(moto_bucket.join("run/last.ckpt")) == old
     assert [p.name for p in (root / ".runctl" / "staging").rglob("*") if p.is_file()] == []
+    # Both had lost their names: copied at once (a crash after that leaves a staged copy to
+    # resume from), on the staging thread: not the worker, which may be busy with an earlier
+    # upload for minutes, nor the journal thread, whose fsyncs uploads wait for.
+    assert copied_on == ["runctl-stage", "runctl-stage"]
+
+
+def test_a_staging_link_that_fails_is_copied_not_skipped(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A skipped checkpoint counts as superseded, which lets local retention delete it: a
+    # link that fails for want of space (or anything else) must not end as "skipped". The
+    # file opened at submit is copied instead, not whatever the name holds by then.
+    from runctl.staging import StagingArea
+
+    def replaced_then_no_space(self: StagingArea, fd: int, source: Path, token: str) -> Path | None:
+        write(root / "last.ckpt.tmp", b"a newer version")
+        os.replace(root / "last.ckpt.tmp", source)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StagingArea, "link_open_file", replaced_then_no_space)
+    up = uploader(root, moto_bucket, boto_transfer)
+    data = os.urandom(70_000)
+    handle = up.submit(write(root / "last.ckpt", data))
+    assert handle.result(30).state == "verified"
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/last.ckpt")) == data  # type: ignore[attr-defined]
+
+
+def test_a_checkpoint_that_cannot_be_staged_is_a_failure_not_a_skip(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runctl.staging import StagingArea
+
+    def no_space(self: StagingArea, fd: int, source: Path, token: str) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StagingArea, "link_open_file", no_space)
+    monkeypatch.setattr(StagingArea, "copy_open_file", no_space)
+    up = uploader(root, moto_bucket, boto_transfer)
+    handle = up.submit(write(root / "step_1.pt", b"x" * 1000))
+    with pytest.raises(OSError, match="No space left"):
+        handle.result(30)
+    with pytest.raises(UploadError, match="step_1.pt"):
+        up.close(timeout=30)
+    status = up.status()
+    assert (status.failures, status.skipped) == (1, 0)
+    assert Journal(root).replay()["step_1.pt"].state == "failed"
+    assert (root / "step_1.pt").exists()
 
 
 def test_rewrite_or_delete_while_queued_uploads_the_submitted_version(
