@@ -120,7 +120,7 @@ class StagingArea:
     A hard link pins the inode: Lightning deleting the file, or ``os.replace`` of a new
     ``last.ckpt`` over it, leaves the staged version whole. An in-place rewrite (``open(..., "wb")``)
     does reach the staged inode; ``Snapshot.changed`` detects it. ``submit()`` only opens a
-    file; a background thread links that open file (``link_open_file``), or the worker copies
+    file; the uploader's staging thread links that open file (``link_open_file``), or copies
     it (``copy_open_file``) when the trainer has already deleted or replaced it.
 
     Example:
@@ -164,8 +164,8 @@ class StagingArea:
     def link_open_file(self, fd: int, source: Path, token: str) -> Path | None:
         """Hard-link the inode open as ``fd`` (opened by ``open_for_staging``) into the staging area.
 
-        Runs on a background thread: a link is a metadata write, quick unless the disk is busy.
-        Returns None when this filesystem refuses hard links (the worker copies instead).
+        Runs on the staging thread: a link is a metadata write, quick unless the disk is busy.
+        Returns None when this filesystem refuses hard links (``copy_open_file`` then).
 
         Raises:
             FileNotFoundError: the inode has no name left (the trainer deleted or replaced
@@ -196,7 +196,7 @@ class StagingArea:
         return dest
 
     def copy_open_file(self, fd: int, source: Path, token: str) -> Snapshot:
-        """Copy the file open as ``fd`` into the staging area (the worker: it may be large).
+        """Copy the file open as ``fd`` into the staging area (the staging thread: it may be large).
 
         The copy is written under a temporary name and renamed into place only once whole,
         so a crash mid-copy never leaves a short file that a resume would take for the
@@ -370,6 +370,13 @@ def open_for_staging(source: Path) -> int:
     Raises:
         FileNotFoundError: ``source`` is gone.
         IsADirectoryError: ``source`` is not a regular file.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "step_1.pt"; _ = path.write_bytes(b"abc")
+        >>> fd = open_for_staging(path); path.unlink(); os.pread(fd, 3, 0)
+        b'abc'
+        >>> os.close(fd)
     """
     fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
