@@ -7,7 +7,8 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,9 +199,8 @@ class StagingArea:
     def copy_open_file(self, fd: int, source: Path, token: str) -> Snapshot:
         """Copy the file open as ``fd`` into the staging area (the staging thread: it may be large).
 
-        The copy is written under a temporary name and renamed into place only once whole,
-        so a crash mid-copy never leaves a short file that a resume would take for the
-        checkpoint. It keeps the original's mtime, so the journal's durability check matches.
+        Whole or not at all (``_partial``); it keeps the original's mtime, so the journal's
+        durability check matches.
 
         Raises:
             SnapshotError: the open file changed while it was copied.
@@ -215,9 +215,8 @@ class StagingArea:
         """
         dest = self.slot(token, source.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(f".{dest.name}.part")
         before = os.fstat(fd)
-        try:
+        with _partial(dest) as partial:
             with open(partial, "wb") as out:
                 offset = 0
                 while offset < before.st_size:
@@ -231,8 +230,6 @@ class StagingArea:
                 raise SnapshotError(f"{source.name} changed while it was copied for upload")
             os.utime(partial, ns=(before.st_atime_ns, before.st_mtime_ns))
             os.replace(partial, dest)
-        finally:
-            partial.unlink(missing_ok=True)
         copied = FileStamp.of(dest)
         return Snapshot(dest, False, {"": copied}, copied=True)
 
@@ -240,10 +237,7 @@ class StagingArea:
         """Copy ``source`` (no hard links here) and make sure the copy is one whole version."""
         dest = self.slot(token, source.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        # Under a temporary name until whole: a crash mid-copy must not leave a short file
-        # that a resume (``find``) would take for the checkpoint.
-        partial = dest.with_name(f".{dest.name}.part")
-        try:
+        with _partial(dest) as partial:
             for _ in range(_COPY_TRIES):
                 before = FileStamp.of(source)
                 shutil.copy2(source, partial)
@@ -253,8 +247,6 @@ class StagingArea:
                     copied = FileStamp.of(dest)
                     # Keep the original's mtime so the journal's durability check matches the source.
                     return Snapshot(dest, False, {"": _as_source(copied, before)}, copied=True)
-        finally:
-            partial.unlink(missing_ok=True)
         raise SnapshotError(f"{source} kept changing while it was copied for upload")
 
     def snapshot_file(self, staged: Path) -> Snapshot:
@@ -403,6 +395,21 @@ def tree_inventory(root: Path, limit: int = 256) -> dict[str, tuple[int, int]] |
                 continue  # deleted just now, or a dangling link: absent either way
             versions[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
     return versions
+
+
+@contextmanager
+def _partial(dest: Path) -> Iterator[Path]:
+    """A temporary name beside ``dest`` for a copy, removed on the way out unless renamed to ``dest``.
+
+    A copy is written there and renamed into place only once whole: a crash mid-copy must not
+    leave a short file under the staged name, which a resume (``find``) would take for the
+    checkpoint.
+    """
+    partial = dest.with_name(f".{dest.name}.part")
+    try:
+        yield partial
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _as_source(copy: FileStamp, source: FileStamp) -> FileStamp:

@@ -204,8 +204,6 @@ class _Job:
     inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
     #: Set once the file opened at submit is staged, or staging it failed (``_stage_open``).
     staging_done: threading.Event | None = field(default=None, repr=False)
-    #: The staged copy, when the opened file could not be linked and was copied instead.
-    staged_copy: Snapshot | None = field(default=None, repr=False)
     #: Why staging failed, if it did.
     staging_error: OSError | None = field(default=None, repr=False)
 
@@ -827,18 +825,17 @@ class CheckpointUploader:
             except OSError as exc:
                 log.warning("cannot hard-link %s into the staging area (%s): copying it", job.name, exc)
             if job.staged is None and not (job.cancelled or self._abort.is_set()):
-                job.staged_copy = self.staging.copy_open_file(fd, job.source, job.token)
-                job.staged = job.staged_copy.path
+                job.staged = self.staging.copy_open_file(fd, job.source, job.token).path
         except OSError as exc:
             job.staging_error = exc
         finally:
             os.close(fd)
             job.staging_done.set()
 
-    def _await_staging(self, job: _Job) -> Snapshot | None:
-        """Wait for ``_stage_open``; the snapshot when it had to copy the opened file."""
+    def _await_staging(self, job: _Job) -> None:
+        """Wait for ``_stage_open``; then ``job.staged`` is the link or the copy."""
         if job.staging_done is None:
-            return None
+            return
         while not job.staging_done.wait(0.5):
             if self._abort.is_set():
                 raise _Aborted()
@@ -846,7 +843,6 @@ class CheckpointUploader:
             raise _Skip(str(job.staging_error))
         if job.staging_error is not None:
             raise job.staging_error  # reported as this checkpoint's failure, never dropped
-        return job.staged_copy
 
     def _private_copy(self, job: _Job) -> Snapshot:
         # A name saved again and again (last.ckpt, latest.pt) may be rewritten in place while it
@@ -1020,9 +1016,7 @@ class CheckpointUploader:
 
     def _snapshot(self, job: _Job) -> Snapshot:
         if not job.is_dir:
-            copied = self._await_staging(job)
-            if copied is not None:
-                return copied
+            self._await_staging(job)
             if job.staged is not None:
                 if job.rewritable and _still_linked(job.source, job.staged):
                     return self._private_copy(job)
