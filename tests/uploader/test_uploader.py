@@ -8,7 +8,9 @@ import shutil
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +35,21 @@ MiB = 1024 * 1024
 def uploader(root: Path, url: S3URL, transfer: object, **kwargs: object) -> CheckpointUploader:
     kwargs.setdefault("retry", FAST_RETRY)
     return CheckpointUploader(root, url.join("run/"), transfer=transfer, **kwargs)  # type: ignore[arg-type]
+
+
+def upload_one(
+    root: Path, url: S3URL, transfer: Any, name: str, data: bytes, then: Callable[[], object] = tuple
+) -> bytes:
+    """Submit ``data`` saved as ``name`` to a fresh uploader, run ``then``; what S3 holds after close.
+
+    The upload must end verified.
+    """
+    up = uploader(root, url, transfer)
+    handle = up.submit(write(root / name, data))
+    then()
+    assert handle.result(30).state == "verified"
+    up.close(timeout=30)
+    return transfer.get_bytes(url.join(f"run/{name}"))
 
 
 # -- promise 1: no stall ----------------------------------------------------------------------
@@ -77,13 +94,9 @@ def test_the_staging_link_is_made_off_the_training_thread(
         link(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "link", recording_link)
-    up = uploader(root, moto_bucket, boto_transfer)
     data = os.urandom(100_000)
-    handle = up.submit(write(root / "step_1.pt", data))
-    assert handle.result(30).state == "verified"
-    up.close(timeout=30)
+    assert upload_one(root, moto_bucket, boto_transfer, "step_1.pt", data) == data
     assert linked_on and threading.main_thread() not in linked_on
-    assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
 
 
 def test_a_file_that_cannot_be_opened_is_still_staged_at_submit(
@@ -97,13 +110,10 @@ def test_a_file_that_cannot_be_opened_is_still_staged_at_submit(
         raise OSError(24, "Too many open files", str(path))
 
     monkeypatch.setattr(uploader_module, "open_for_staging", no_fds)
-    up = uploader(root, moto_bucket, boto_transfer)
     data = os.urandom(50_000)
-    handle = up.submit(write(root / "step_1.pt", data))
-    (root / "step_1.pt").unlink()  # the link made in submit() keeps it
-    assert handle.result(30).state == "verified"
-    up.close(timeout=30)
-    assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
+    # Deleted right after submit(): the link made in submit() keeps it.
+    deleted = (root / "step_1.pt").unlink
+    assert upload_one(root, moto_bucket, boto_transfer, "step_1.pt", data, then=deleted) == data
 
 
 # -- promise 2: durable before delete -----------------------------------------------------------
@@ -220,12 +230,8 @@ def test_a_staging_link_that_fails_is_copied_not_skipped(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(StagingArea, "link_open_file", replaced_then_no_space)
-    up = uploader(root, moto_bucket, boto_transfer)
     data = os.urandom(70_000)
-    handle = up.submit(write(root / "last.ckpt", data))
-    assert handle.result(30).state == "verified"
-    up.close(timeout=30)
-    assert boto_transfer.get_bytes(moto_bucket.join("run/last.ckpt")) == data  # type: ignore[attr-defined]
+    assert upload_one(root, moto_bucket, boto_transfer, "last.ckpt", data) == data
 
 
 def test_a_checkpoint_that_cannot_be_staged_is_a_failure_not_a_skip(
