@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from runctl.exceptions import (
     UsageError,
 )
 from runctl.s3url import S3URL
+from runctl.transfer import s5cmd as s5cmd_module
 from runctl.transfer.base import MiB, ObjectInfo, PrefixInfo, Transfer, part_size_for
 from runctl.transfer.s5cmd import S5cmdTransfer, error_code, find_s5cmd, parse_time
 from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port
@@ -436,6 +439,51 @@ def test_listing_streams_and_an_abandoned_listing_kills_s5cmd(
     assert (
         not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     )
+
+
+def child_output(argv: list[str]) -> tuple[list[bytes], int]:
+    """Run a child through s5cmd's reader: its stdout lines, and how many batches carried them."""
+    child = s5cmd_module._Child(argv, dict(os.environ), idle_limit=60, watch_bytes_only=False)
+    batches = 0
+    put = child._put
+
+    def counting_put(item: tuple[str, list[bytes] | None]) -> None:
+        nonlocal batches
+        batches += item[0] == "out" and item[1] is not None
+        put(item)
+
+    child._put = counting_put  # type: ignore[method-assign]
+    lines = [line for stream, line in child.events() if stream == "out"]
+    return lines, batches
+
+
+def test_output_lines_arrive_in_few_batches() -> None:
+    # Each batch is a wake-up of the reader and of the consumer: for one line every 2 ms, the
+    # reader waits for lines to gather (25 ms at a time with a widened pipe), not 5 ms.
+    script = "import sys, time\nfor i in range(200):\n    print(i, flush=True)\n    time.sleep(0.002)"
+    lines, batches = child_output([sys.executable, "-c", script])
+    assert [int(line) for line in lines] == list(range(200))
+    assert batches < 50, batches
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux-only")
+def test_the_reader_widens_the_pipe_so_s5cmd_never_waits_on_it() -> None:
+    script = "import fcntl, time\ntime.sleep(0.5)\nprint(fcntl.fcntl(1, fcntl.F_GETPIPE_SZ))"
+    lines, _ = child_output([sys.executable, "-c", script])
+    assert int(lines[0]) >= s5cmd_module._PIPE_SIZE
+
+
+def test_the_last_output_is_read_at_once_not_after_the_gathering_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A short command (stat, a manifest put) prints one line and exits: the reader must see
+    # the pipe close rather than sleep out its wait for more output.
+    monkeypatch.setattr(s5cmd_module, "_GATHER", 30.0)
+    monkeypatch.setattr(s5cmd_module, "_GATHER_SMALL_PIPE", 30.0)
+    started = time.monotonic()
+    lines, _ = child_output(["echo", "done"])
+    assert lines == [b"done\n"]
+    assert time.monotonic() - started < 10
 
 
 def test_stall_watchdog_kills_a_silent_child(
