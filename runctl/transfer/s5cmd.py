@@ -292,22 +292,22 @@ def _tree_copy(
     """``(source dir/, destination prefix/, jobs)`` when one directory copy equals ``pairs``, else None."""
     if len(pairs) <= MANY_PAIRS:
         return None
-    base = _local(root)
-    if not _fits_run_line(base) or _GLOB_CHARS & set(base):
-        return None
+    base = _local(root) + os.sep
     bucket, prefix = pairs[0][1].bucket, None
     jobs: list[_Job] = []
+    names = [base]
     for path, url in pairs:
         src = _local(path)
-        rel = src[len(base) + 1 :] if src.startswith(base + os.sep) else ""
-        if not rel or not _fits_run_line(rel) or _GLOB_CHARS & set(rel):
+        rel = src[len(base) :] if src.startswith(base) else ""
+        key = url.key
+        if not rel or url.bucket != bucket or not key.endswith(rel) or key.endswith("/"):
             return None
-        if url.is_prefix or url.bucket != bucket or not url.key.endswith(rel):
-            return None
-        here = url.key[: len(url.key) - len(rel)]
+        here = key[: len(key) - len(rel)]
         if prefix is None:
             prefix = here
-        if here != prefix or (prefix and not prefix.endswith("/")):
+            if prefix and not prefix.endswith("/"):
+                return None
+        elif here != prefix:
             return None
         try:
             size = os.stat(src).st_size
@@ -315,8 +315,14 @@ def _tree_copy(
             return None  # put_files names it as failed
         if size >= DEFAULT_PART_SIZE:
             return None
-        jobs.append(_Job(src, str(url), str(url), size, ()))
-    return base + os.sep, f"s3://{bucket}/{prefix or ''}", jobs
+        names.append(rel)
+        dst = f"s3://{bucket}/{key}"
+        jobs.append(_Job(src, dst, dst, size, ()))
+    # One check of every name at once: each test looks at single characters.
+    every_name = "".join(names)
+    if not _fits_run_line(every_name) or not _GLOB_CHARS.isdisjoint(every_name):
+        return None
+    return base, f"s3://{bucket}/{prefix or ''}", jobs
 
 
 @dataclass(frozen=True)
