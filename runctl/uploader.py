@@ -206,6 +206,8 @@ class _Job:
     staging_done: threading.Event | None = field(default=None, repr=False)
     #: Why staging failed, if it did.
     staging_error: OSError | None = field(default=None, repr=False)
+    #: Set (under the uploader's lock) once ``submit()`` has journaled and queued the job.
+    queued: bool = False
 
     def version(self) -> tuple[int, float] | None:
         """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
@@ -254,7 +256,10 @@ class _JournalWriter:
         self._thread = threading.Thread(target=self._run, name="runctl-journal", daemon=True)
         self._thread.start()
 
-    def record(self, name: str, state: str, *, wait: bool = False, **fields: Any) -> None:
+    def record(
+        self, name: str, state: str, *, wait: bool = False, sync: bool = True, **fields: Any
+    ) -> None:
+        """Append the line now; fsync it on the thread (``sync=False``: the caller asks later)."""
         try:
             self.journal.record(name, state, sync=False, **fields)
         except Exception as exc:
@@ -262,10 +267,16 @@ class _JournalWriter:
             if wait:
                 raise
             return
+        if not (sync or wait):
+            return
         done = threading.Event() if wait else None
         self._queue.put(("sync", done))
         if done is not None and not done.wait(60.0):
             raise JournalError(f"journal sync after {name} ({state}) did not finish within 60 s")
+
+    def request_sync(self) -> None:
+        """fsync the lines written so far, on the thread; the caller does not wait."""
+        self._queue.put(("sync", None))
 
     def later(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the journal thread, after everything asked for before it."""
@@ -535,7 +546,8 @@ class CheckpointUploader:
         The caller's thread stats it, opens a file and appends one journal line; a staging
         thread hard-links that open file into ``.runctl/staging/`` (a link can wait tens of ms
         on a busy disk), or copies it if it has been deleted or replaced by then, so the staged
-        file is the version handed over. The worker does the rest. One window is left: a
+        file is the version handed over, then has the line fsynced and wakes the worker: the
+        caller's thread wakes that one thread only. The worker does the rest. One window is left: a
         process killed before that link is made (normally well under a millisecond after
         ``submit`` returns) whose file was also deleted in it cannot resume that upload.
 
@@ -595,9 +607,14 @@ class CheckpointUploader:
         if held is not None:
             self._stager.later(lambda: self._stage_open(job, held))
         self._submitted_names.add(name)
+        # A file staged on the staging thread wakes no other thread from here: that thread asks
+        # for the journal's fsync and wakes the worker once it has staged the file (the worker
+        # could only wait for it anyway). Each wake-up can cost the training thread its core
+        # or the GIL for milliseconds on a busy machine.
         self._journal.record(
             name,
             "queued",
+            sync=held is None,
             time=job.queued_at,
             size=None if is_dir else st.st_size,
             mtime=st.st_mtime,
@@ -606,7 +623,10 @@ class CheckpointUploader:
         with self._cond:
             if protect:
                 self._pinned.add(name)
-            self._enqueue(job)
+            self._enqueue(job, wake=held is None)
+            job.queued = True
+            if job.staging_done is not None and job.staging_done.is_set():
+                self._handed_over(job)  # staged already: the staging thread left this to us
         return job.handle
 
     def protect(self, name: str) -> None:
@@ -750,7 +770,7 @@ class CheckpointUploader:
         err.args = (f"{why}: {err}",)
         raise err from cause
 
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job, *, wake: bool = True) -> None:
         for old in list(self._queue):
             if old.name == job.name:
                 self._cancel(old, f"superseded by a newer submit of {job.name}")
@@ -769,6 +789,16 @@ class CheckpointUploader:
             ):
                 self._cond.wait(1.0)
                 self._prune_queue()
+        if wake:
+            self._cond.notify_all()
+
+    def _handed_over(self, job: _Job) -> None:
+        """Once a file opened by ``submit()`` is staged and queued: fsync its line, wake the worker.
+
+        Called with the lock held, exactly once: by whichever of ``submit()`` and the staging
+        thread comes second.
+        """
+        self._journal.request_sync()
         self._cond.notify_all()
 
     def _worker_alive(self) -> bool:
@@ -830,7 +860,10 @@ class CheckpointUploader:
             job.staging_error = exc
         finally:
             os.close(fd)
-            job.staging_done.set()
+            with self._cond:
+                job.staging_done.set()
+                if job.queued:
+                    self._handed_over(job)
 
     def _await_staging(self, job: _Job) -> None:
         """Wait for ``_stage_open``; then ``job.staged`` is the link or the copy."""

@@ -99,6 +99,76 @@ def test_the_staging_link_is_made_off_the_training_thread(
     assert linked_on and threading.main_thread() not in linked_on
 
 
+@pytest.mark.parametrize("staged_first", [False, True], ids=["staged-after-queued", "staged-first"])
+def test_submit_wakes_one_thread_and_the_upload_still_starts(
+    root: Path,
+    moto_bucket: S3URL,
+    boto_transfer: object,
+    monkeypatch: pytest.MonkeyPatch,
+    staged_first: bool,
+) -> None:
+    # Every thread woken from submit() can cost the training thread its core or the GIL for
+    # milliseconds (benchmark row 1's tail). A file staged in the background wakes only the
+    # staging thread; that thread asks for the journal's fsync and wakes the worker, or, when
+    # it finished before submit() queued the job, submit() does: either way exactly once.
+    import runctl.uploader as uploader_module
+
+    up = uploader(root, moto_bucket, boto_transfer)
+    woken: list[tuple[str, str]] = []
+    journal_queue = up._journal._queue
+    notify_all = up._cond.notify_all
+
+    class RecordingQueue:
+        def put(self, item: object) -> None:
+            woken.append(("journal", threading.current_thread().name))
+            journal_queue.put(item)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(journal_queue, name)
+
+    def notify() -> None:
+        woken.append(("worker", threading.current_thread().name))
+        notify_all()
+
+    monkeypatch.setattr(up._journal, "_queue", RecordingQueue())
+    monkeypatch.setattr(up._cond, "notify_all", notify)
+    staged = threading.Event()
+    release = threading.Event()
+    link_open_file = up.staging.link_open_file
+
+    def gated_link(*args: object) -> object:
+        if not staged_first:
+            release.wait(10)
+        try:
+            return link_open_file(*args)  # type: ignore[arg-type]
+        finally:
+            staged.set()
+
+    monkeypatch.setattr(up.staging, "link_open_file", gated_link)
+    if staged_first:  # the journal line waits until the staging thread is done
+        record = uploader_module._JournalWriter.record
+
+        def late_record(self: object, *args: object, **kwargs: object) -> None:
+            if threading.current_thread() is threading.main_thread():
+                assert staged.wait(10)
+                time.sleep(0.05)  # and has taken the lock and seen the job not yet queued
+            record(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(uploader_module._JournalWriter, "record", late_record)
+    data = os.urandom(10_000)
+    handle = up.submit(write(root / "step_1.pt", data))
+    from_submit = list(woken)
+    release.set()
+    assert handle.result(30).state == "verified"
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
+    if staged_first:  # submit() came second: it hands over, once
+        assert from_submit == [("journal", "MainThread"), ("worker", "MainThread")]
+    else:  # submit() woke nobody; the staging thread fsyncs the line and starts the worker
+        assert from_submit == []
+        assert woken[:2] == [("journal", "runctl-stage"), ("worker", "runctl-stage")]
+
+
 def test_a_file_that_cannot_be_opened_is_still_staged_at_submit(
     root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
