@@ -432,7 +432,10 @@ class _Child:
         rest = b""
         try:
             fd = stream.fileno()
-            pause = _gatherer(fd, _GATHER if _widen_pipe(fd) else _GATHER_SMALL_PIPE)
+            # Only stdout carries a line per object; stderr keeps the default pipe (each widened
+            # pipe counts 256 pages against the user's pipe budget).
+            widened = name == "out" and _widen_pipe(fd)
+            pause = _gatherer(fd, _GATHER if widened else _GATHER_SMALL_PIPE)
             while data := os.read(fd, _READ_SIZE):
                 data = rest + data
                 cut = data.rfind(b"\n") + 1

@@ -468,9 +468,16 @@ def test_output_lines_arrive_in_few_batches() -> None:
 
 @pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux-only")
 def test_the_reader_widens_the_pipe_so_s5cmd_never_waits_on_it() -> None:
-    script = "import fcntl, time\ntime.sleep(0.5)\nprint(fcntl.fcntl(1, fcntl.F_GETPIPE_SZ))"
+    # stdout only: stderr carries no line per object, and each widened pipe counts against the
+    # user's pipe budget.
+    script = (
+        "import fcntl, time\ntime.sleep(0.5)\n"
+        "print(fcntl.fcntl(1, fcntl.F_GETPIPE_SZ), fcntl.fcntl(2, fcntl.F_GETPIPE_SZ))"
+    )
     lines, _ = child_output([sys.executable, "-c", script])
-    assert int(lines[0]) >= s5cmd_module._PIPE_SIZE
+    stdout_size, stderr_size = map(int, lines[0].split())
+    assert stdout_size >= s5cmd_module._PIPE_SIZE
+    assert stderr_size < s5cmd_module._PIPE_SIZE
 
 
 def test_the_last_output_is_read_at_once_not_after_the_gathering_wait(
