@@ -141,6 +141,8 @@ class _Destination:
 
 def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """Globs on the relative path (``*`` also crosses ``/``): in an include (if any), in no exclude."""
+    if not (include or exclude):  # the usual case, once per file of every walk
+        return True
     if include and not any(fnmatch.fnmatchcase(rel, pat) for pat in include):
         return False
     return not any(fnmatch.fnmatchcase(rel, pat) for pat in exclude)
@@ -263,9 +265,8 @@ def _plain_tree(
     odd: list[Path] = []
     prefix = url.as_prefix()
     pairs: list[tuple[Path, S3URL]] = []
-    filtered = bool(include or exclude)
     for rel, path in _walk_files(local, odd):
-        if odd or len(pairs) >= TREE_MAX_FILES or (filtered and not _selected(rel, include, exclude)):
+        if odd or len(pairs) >= TREE_MAX_FILES or not _selected(rel, include, exclude):
             return None
         pairs.append((path, prefix.join(rel)))
     return None if odd else pairs
