@@ -267,12 +267,13 @@ class _JournalWriter:
             if wait:
                 raise
             return
-        if not (sync or wait):
-            return
-        done = threading.Event() if wait else None
-        self._queue.put(("sync", done))
-        if done is not None and not done.wait(60.0):
-            raise JournalError(f"journal sync after {name} ({state}) did not finish within 60 s")
+        if wait:
+            done = threading.Event()
+            self._queue.put(("sync", done))
+            if not done.wait(60.0):
+                raise JournalError(f"journal sync after {name} ({state}) did not finish within 60 s")
+        elif sync:
+            self.request_sync()
 
     def request_sync(self) -> None:
         """fsync the lines written so far, on the thread; the caller does not wait."""
