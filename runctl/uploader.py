@@ -206,8 +206,6 @@ class _Job:
     staging_done: threading.Event | None = field(default=None, repr=False)
     #: Why staging failed, if it did.
     staging_error: OSError | None = field(default=None, repr=False)
-    #: Set (under the uploader's lock) once ``submit()`` has journaled and queued the job.
-    queued: bool = False
 
     def version(self) -> tuple[int, float] | None:
         """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
@@ -477,6 +475,7 @@ class CheckpointUploader:
 
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self._root_abs = os.path.abspath(root)
         self._root_real = os.path.realpath(root)
         self.prefix = url.as_prefix()
         self.keep_last_n = keep_last_n
@@ -548,7 +547,7 @@ class CheckpointUploader:
         thread hard-links that open file into ``.runctl/staging/`` (a link can wait tens of ms
         on a busy disk), or copies it if it has been deleted or replaced by then, so the staged
         file is the version handed over, then has the line fsynced and wakes the worker: the
-        caller's thread wakes that one thread only. The worker does the rest. One window is left: a
+        caller's thread wakes that one thread only, as its last step. The worker does the rest. One window is left: a
         process killed before that link is made (normally well under a millisecond after
         ``submit`` returns) whose file was also deleted in it cannot resume that upload.
 
@@ -562,13 +561,16 @@ class CheckpointUploader:
         """
         if self._closed:
             raise UsageError("submit() called after close(): this uploader is closed")
-        src = Path(os.path.abspath(path))
-        if os.path.realpath(src.parent) != self._root_real:
+        absolute = os.path.abspath(path)
+        parent = os.path.dirname(absolute)
+        # The same string as the root needs no lookup (realpath is an lstat per component).
+        if parent != self._root_abs and os.path.realpath(parent) != self._root_real:
             raise UsageError(
                 f"submit path must be directly inside the uploader's root {str(self.root)!r} (got {str(path)!r})"
             )
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise UsageError(f"step must be an integer or None (got {step!r})")
+        src = Path(absolute)
         self._check_failure_policy()
         try:
             st = os.stat(src)
@@ -605,29 +607,33 @@ class CheckpointUploader:
             rewritable=not is_dir and (is_alias(name) or name in self._submitted_names),
             staging_done=None if held is None else threading.Event(),
         )
-        if held is not None:
-            self._stager.later(lambda: self._stage_open(job, held))
         self._submitted_names.add(name)
-        # A file staged on the staging thread wakes no other thread from here: that thread asks
-        # for the journal's fsync and wakes the worker once it has staged the file (the worker
-        # could only wait for it anyway). Each wake-up can cost the training thread its core
-        # or the GIL for milliseconds on a busy machine.
-        self._journal.record(
-            name,
-            "queued",
-            sync=held is None,
-            time=job.queued_at,
-            size=None if is_dir else st.st_size,
-            mtime=st.st_mtime,
-            s3_url=str(self._url_of(name, is_dir)),
-        )
-        with self._cond:
-            if protect:
-                self._pinned.add(name)
-            self._enqueue(job, wake=held is None)
-            job.queued = True
-            if job.staging_done is not None and job.staging_done.is_set():
-                self._handed_over(job)  # staged already: the staging thread left this to us
+        # A file staged on the staging thread wakes one thread, that one, and last: it asks for
+        # the journal's fsync and wakes the worker once the file is staged (the worker could
+        # only wait for it anyway). A thread woken while this one still has system calls to
+        # make takes the GIL, or this one's core, for milliseconds on a busy machine.
+        queued = False
+        try:
+            self._journal.record(
+                name,
+                "queued",
+                sync=held is None,
+                time=job.queued_at,
+                size=None if is_dir else st.st_size,
+                mtime=st.st_mtime,
+                s3_url=str(self._url_of(name, is_dir)),
+            )
+            with self._cond:
+                if protect:
+                    self._pinned.add(name)
+                self._enqueue(job, wake=held is None)
+            queued = True
+        finally:
+            if held is not None:
+                if queued:
+                    self._stager.later(lambda: self._stage_open(job, held))
+                else:
+                    os.close(held)
         return job.handle
 
     def protect(self, name: str) -> None:
@@ -793,15 +799,6 @@ class CheckpointUploader:
         if wake:
             self._cond.notify_all()
 
-    def _handed_over(self, job: _Job) -> None:
-        """Once a file opened by ``submit()`` is staged and queued: fsync its line, wake the worker.
-
-        Called with the lock held, exactly once: by whichever of ``submit()`` and the staging
-        thread comes second.
-        """
-        self._journal.request_sync()
-        self._cond.notify_all()
-
     def _worker_alive(self) -> bool:
         worker = getattr(self, "_worker", None)
         return worker is None or worker.is_alive()
@@ -861,10 +858,11 @@ class CheckpointUploader:
             job.staging_error = exc
         finally:
             os.close(fd)
+            # submit() queued the job before it asked for this: have its line fsynced, wake the worker.
+            self._journal.request_sync()
             with self._cond:
                 job.staging_done.set()
-                if job.queued:
-                    self._handed_over(job)
+                self._cond.notify_all()
 
     def _await_staging(self, job: _Job) -> None:
         """Wait for ``_stage_open``; then ``job.staged`` is the link or the copy."""

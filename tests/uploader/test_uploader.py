@@ -99,74 +99,71 @@ def test_the_staging_link_is_made_off_the_training_thread(
     assert linked_on and threading.main_thread() not in linked_on
 
 
-@pytest.mark.parametrize("staged_first", [False, True], ids=["staged-after-queued", "staged-first"])
-def test_submit_wakes_one_thread_and_the_upload_still_starts(
+def test_submit_wakes_one_thread_last_and_the_upload_still_starts(
     root: Path,
     moto_bucket: S3URL,
     boto_transfer: object,
     monkeypatch: pytest.MonkeyPatch,
-    staged_first: bool,
 ) -> None:
     # Every thread woken from submit() can cost the training thread its core or the GIL for
-    # milliseconds (benchmark row 1's tail). A file staged in the background wakes only the
-    # staging thread; that thread asks for the journal's fsync and wakes the worker, or, when
-    # it finished before submit() queued the job, submit() does: either way exactly once.
+    # milliseconds (benchmark rows 1 and 1b). A file staged in the background wakes only the
+    # staging thread, after the journal line is written and the job queued; that thread asks
+    # for the journal's fsync and wakes the worker once the file is staged.
     import runctl.uploader as uploader_module
 
     up = uploader(root, moto_bucket, boto_transfer)
-    woken: list[tuple[str, str]] = []
+    events: list[tuple[str, str]] = []
+    queued: list[bool] = []
     journal_queue = up._journal._queue
+    stager_queue = up._stager._queue
     notify_all = up._cond.notify_all
+    record = uploader_module.Journal.record
 
-    class RecordingQueue:
+    class Recording:
+        def __init__(self, inner: Any, event: str) -> None:
+            self.inner, self.event = inner, event
+
         def put(self, item: object) -> None:
-            woken.append(("journal", threading.current_thread().name))
-            journal_queue.put(item)
+            if item is not None:  # None: close() stopping the thread
+                events.append((self.event, threading.current_thread().name))
+            if self.event == "wake stager" and item is not None:
+                queued.append(any(j.name == "step_1.pt" for j in up._queue))
+            self.inner.put(item)
 
         def __getattr__(self, name: str) -> Any:
-            return getattr(journal_queue, name)
+            return getattr(self.inner, name)
 
     def notify() -> None:
-        woken.append(("worker", threading.current_thread().name))
+        events.append(("wake worker", threading.current_thread().name))
         notify_all()
 
-    monkeypatch.setattr(up._journal, "_queue", RecordingQueue())
+    def recorded(self: object, name: str, state: str, **kwargs: Any) -> None:
+        events.append((f"line {state}", threading.current_thread().name))
+        record(self, name, state, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(up._journal, "_queue", Recording(journal_queue, "journal"))
+    monkeypatch.setattr(up._stager, "_queue", Recording(stager_queue, "wake stager"))
     monkeypatch.setattr(up._cond, "notify_all", notify)
-    staged = threading.Event()
+    monkeypatch.setattr(uploader_module.Journal, "record", recorded)
     release = threading.Event()
     link_open_file = up.staging.link_open_file
 
     def gated_link(*args: object) -> object:
-        if not staged_first:
-            release.wait(10)
-        try:
-            return link_open_file(*args)  # type: ignore[arg-type]
-        finally:
-            staged.set()
+        release.wait(10)
+        return link_open_file(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(up.staging, "link_open_file", gated_link)
-    if staged_first:  # the journal line waits until the staging thread is done
-        record = uploader_module._JournalWriter.record
-
-        def late_record(self: object, *args: object, **kwargs: object) -> None:
-            if threading.current_thread() is threading.main_thread():
-                assert staged.wait(10)
-                time.sleep(0.05)  # and has taken the lock and seen the job not yet queued
-            record(self, *args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(uploader_module._JournalWriter, "record", late_record)
     data = os.urandom(10_000)
     handle = up.submit(write(root / "step_1.pt", data))
-    from_submit = list(woken)
+    from_submit = list(events)
     release.set()
     assert handle.result(30).state == "verified"
     up.close(timeout=30)
     assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
-    if staged_first:  # submit() came second: it hands over, once
-        assert from_submit == [("journal", "MainThread"), ("worker", "MainThread")]
-    else:  # submit() woke nobody; the staging thread fsyncs the line and starts the worker
-        assert from_submit == []
-        assert woken[:2] == [("journal", "runctl-stage"), ("worker", "runctl-stage")]
+    assert from_submit == [("line queued", "MainThread"), ("wake stager", "MainThread")]
+    assert queued == [True]  # the job was in the queue before the staging thread could run
+    after = events[len(from_submit) :]
+    assert after[:2] == [("journal", "runctl-stage"), ("wake worker", "runctl-stage")]
 
 
 def test_a_file_that_cannot_be_opened_is_still_staged_at_submit(
@@ -659,6 +656,13 @@ def test_submit_validates_its_argument(
             up.submit(root / "step_404.pt")
         with pytest.raises(UsageError, match="directly inside"):
             up.submit(write(tmp_path / "elsewhere" / "step_1.pt", b"x"))
+        with pytest.raises(UsageError, match="directly inside"):
+            up.submit(write(root / "sub" / "step_1.pt", b"x"))
+        # The root spelled another way (a symlink to it, "..") is still the root.
+        (tmp_path / "alias").symlink_to(root)
+        write(root / "step_2.pt", b"y")
+        assert up.submit(tmp_path / "alias" / "step_2.pt").result(30).state == "verified"
+        assert up.submit(root / "sub" / ".." / "step_2.pt").result(30).state == "verified"
     with pytest.raises(UsageError, match="failure_policy"):
         CheckpointUploader(root, "s3://bkt/run/", failure_policy="explode", transfer=boto_transfer)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="keep_last_n"):
