@@ -30,6 +30,21 @@ def test_record_and_replay_latest_per_name(tmp_path: Path) -> None:
     assert len(lines) == 4 and all(json.loads(line) for line in lines)
 
 
+def test_lines_are_compact_sorted_json_and_the_directory_comes_back(tmp_path: Path) -> None:
+    # The line's bytes are the format other versions read; its directory is made on the first
+    # line, and again if someone removed it.
+    import shutil
+
+    j = Journal(tmp_path)
+    j.record("step_1.pt", "queued", size=3, mtime=1.5, time=10, s3_url="s3://b/é")
+    path = tmp_path / JOURNAL_DIR / JOURNAL_NAME
+    expected = b'{"mtime":1.5,"name":"step_1.pt","s3_url":"s3://b/\\u00e9","size":3,"state":"queued","time":10.0}\n'
+    assert path.read_bytes() == expected
+    shutil.rmtree(tmp_path / JOURNAL_DIR)
+    j.record("step_2.pt", "queued", time=11)
+    assert j.replay()["step_2.pt"].state == "queued"
+
+
 def test_missing_journal_replays_empty(tmp_path: Path) -> None:
     j = Journal(tmp_path / "nothing-yet")
     assert j.replay() == {} and j.pending() == [] and not j.is_durable("x")
