@@ -119,6 +119,11 @@ def _async_executor(trainer: Any) -> Executor | None:
     return None
 
 
+def _same_directory(a: str, b: str) -> bool:
+    """True when two paths name one directory; equal strings (Lightning's case) need no lookup."""
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
 class _RunctlCheckpointMixin:
     """The whole implementation; combined with each namespace's ModelCheckpoint below."""
 
@@ -157,6 +162,7 @@ class _RunctlCheckpointMixin:
         )
         self.log_stats = log_stats
         self._uploader: CheckpointUploader | None = None
+        self._best_told: str | None = None  # the best_model_path last given to the uploader
         self._resumed_from: str | None = None
         self._restored_runctl: dict[str, Any] | None = None
         #: The uploader's ``runctl/...`` counters when fit ended (rank zero).
@@ -237,6 +243,7 @@ class _RunctlCheckpointMixin:
                 f"RunctlCheckpoint needs a local dirpath to upload from, got dirpath={dirpath!r}"
             )
         self._uploader = self.runctl_options.make_uploader(dirpath)
+        self._best_told = None
         log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -383,9 +390,12 @@ class _RunctlCheckpointMixin:
         if self._uploader is None:
             return
         best = getattr(self, "best_model_path", "") or ""
+        if best == self._best_told:  # called on every save: no system call when nothing changed
+            return
         dirpath = getattr(self, "dirpath", None)
-        if best and dirpath and Path(best).parent.resolve() == Path(str(dirpath)).resolve():
+        if best and dirpath and _same_directory(os.path.dirname(best), str(dirpath)):
             self._uploader.set_best(Path(best).name)
+            self._best_told = best
 
     def _log_stats(
         self, trainer: Any, uploader: CheckpointUploader | None = None, save: bool = False

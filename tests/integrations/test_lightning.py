@@ -79,9 +79,23 @@ def ckpt_step(body: bytes, tmp: Path) -> int:
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_topk_monitor_save_last_keep_last_n(
-    namespace: str, moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+    namespace: str,
+    moto_server: S3Server,
+    moto_bucket: S3URL,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """save_top_k=2 + monitor + save_last + keep_last_n=2 in S3: best kept, newest kept, nothing torn."""
+    from runctl.uploader import CheckpointUploader
+
+    told: list[str | None] = []
+    set_best = CheckpointUploader.set_best
+
+    def spy(self: CheckpointUploader, name: str | None) -> None:
+        told.append(name)
+        set_best(self, name)
+
+    monkeypatch.setattr(CheckpointUploader, "set_best", spy)
     prefix = moto_bucket.join("run/")
     dirpath = tmp_path / "ckpt"
     cb = checkpoint_class(namespace)(
@@ -100,6 +114,8 @@ def test_topk_monitor_save_last_keep_last_n(
     trainer.fit(make_module(namespace, [0.5, 0.1, 0.4, 0.3, 0.2]), loader(), loader(1))
 
     assert Path(cb.best_model_path).name == "epoch=1-step=8.ckpt"
+    # The uploader hears of each new best once; the save hook does no lookup when it is unchanged.
+    assert told == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
     local = sorted(p.name for p in dirpath.glob("*.ckpt"))
     assert local == ["epoch=1-step=8.ckpt", "epoch=4-step=20.ckpt", "last.ckpt"]
 
