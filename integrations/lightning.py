@@ -369,18 +369,13 @@ class _RunctlCheckpointMixin:
         uploader = self._uploader
         if uploader is None:
             return
-        if not os.path.exists(filepath):
-            # Lightning removed it (top-k) before an asynchronous write finished or was handed over.
-            log.info("runctl: %s was removed before upload; skipped as superseded", filepath)
-            return
         try:
             uploader.submit(filepath, step=step)
         except (FileNotFoundError, RunctlError) as exc:
             if not os.path.exists(filepath):
-                log.info(
-                    "runctl: %s was removed while being handed over; skipped as superseded",
-                    filepath,
-                )
+                # Lightning removed it (top-k) before an asynchronous write finished or was
+                # handed over (submit() stats it; no need to look twice on every save).
+                log.info("runctl: %s was removed before upload; skipped as superseded", filepath)
                 return
             log.warning("runctl: could not queue %s for upload: %s", filepath, exc)
             if self.runctl_options.on_upload_error == "raise":
@@ -394,7 +389,7 @@ class _RunctlCheckpointMixin:
             return
         dirpath = getattr(self, "dirpath", None)
         if best and dirpath and _same_directory(os.path.dirname(best), str(dirpath)):
-            self._uploader.set_best(Path(best).name)
+            self._uploader.set_best(os.path.basename(best))
             self._best_told = best
 
     def _log_stats(

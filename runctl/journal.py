@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -233,8 +232,10 @@ class Journal:
                     while written < len(data):  # never for a short line on a local disk
                         written += os.write(fd, data[written:])
                     if locked:  # other writers need not wait for our fsync
-                        with contextlib.suppress(OSError):  # the close releases it anyway
+                        try:
                             fcntl.flock(fd, fcntl.LOCK_UN)
+                        except OSError:  # the close releases it anyway
+                            pass
                     if sync:
                         os.fsync(fd)
                 finally:

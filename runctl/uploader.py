@@ -478,6 +478,7 @@ class CheckpointUploader:
         self._root_abs = os.path.abspath(root)
         self._root_real = os.path.realpath(root)
         self.prefix = url.as_prefix()
+        self._file_url = str(self.prefix)  # + a file's name: str(self._url_of(name, False))
         self.keep_last_n = keep_last_n
         self.local_keep_last_n = local_keep_last_n
         self.patterns = patterns
@@ -562,7 +563,7 @@ class CheckpointUploader:
         if self._closed:
             raise UsageError("submit() called after close(): this uploader is closed")
         absolute = os.path.abspath(path)
-        parent = os.path.dirname(absolute)
+        parent, name = os.path.split(absolute)
         # The same string as the root needs no lookup (realpath is an lstat per component).
         if parent != self._root_abs and os.path.realpath(parent) != self._root_real:
             raise UsageError(
@@ -571,13 +572,13 @@ class CheckpointUploader:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise UsageError(f"step must be an integer or None (got {step!r})")
         src = Path(absolute)
-        self._check_failure_policy()
+        if self._consecutive >= self.max_consecutive_failures or self.max_backlog is not None:
+            self._check_failure_policy()  # under the lock; a submit with nothing to check skips it
         try:
-            st = os.stat(src)
+            st = os.stat(absolute)
         except FileNotFoundError:
             raise UsageError(f"cannot submit {str(path)!r}: it does not exist") from None
         is_dir = stat_module.S_ISDIR(st.st_mode)
-        name = src.name
         token = f"{os.getpid()}-{next(_ids)}"
         staged = None
         held = None
@@ -621,7 +622,7 @@ class CheckpointUploader:
                 time=job.queued_at,
                 size=None if is_dir else st.st_size,
                 mtime=st.st_mtime,
-                s3_url=str(self._url_of(name, is_dir)),
+                s3_url=str(self._url_of(name, True)) if is_dir else self._file_url + name,
             )
             with self._cond:
                 if protect:
