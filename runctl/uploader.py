@@ -478,7 +478,6 @@ class CheckpointUploader:
         self._root_abs = os.path.abspath(root)
         self._root_real = os.path.realpath(root)
         self.prefix = url.as_prefix()
-        self._file_url = str(self.prefix)  # + a file's name: str(self._url_of(name, False))
         self.keep_last_n = keep_last_n
         self.local_keep_last_n = local_keep_last_n
         self.patterns = patterns
@@ -548,9 +547,10 @@ class CheckpointUploader:
         thread hard-links that open file into ``.runctl/staging/`` (a link can wait tens of ms
         on a busy disk), or copies it if it has been deleted or replaced by then, so the staged
         file is the version handed over, then has the line fsynced and wakes the worker: the
-        caller's thread wakes that one thread only, as its last step. The worker does the rest. One window is left: a
-        process killed before that link is made (normally well under a millisecond after
-        ``submit`` returns) whose file was also deleted in it cannot resume that upload.
+        caller's thread wakes that one thread only, as its last step. The worker does the rest.
+        One window is left: a process killed before that link is made (normally well under a
+        millisecond after ``submit`` returns) whose file was also deleted in it cannot resume
+        that upload.
 
         Raises:
             UsageError: the path does not exist or is not directly inside the root; the uploader is closed.
@@ -572,8 +572,7 @@ class CheckpointUploader:
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise UsageError(f"step must be an integer or None (got {step!r})")
         src = Path(absolute)
-        if self._consecutive >= self.max_consecutive_failures or self.max_backlog is not None:
-            self._check_failure_policy()  # under the lock; a submit with nothing to check skips it
+        self._check_failure_policy()
         try:
             st = os.stat(absolute)
         except FileNotFoundError:
@@ -622,7 +621,7 @@ class CheckpointUploader:
                 time=job.queued_at,
                 size=None if is_dir else st.st_size,
                 mtime=st.st_mtime,
-                s3_url=str(self._url_of(name, True)) if is_dir else self._file_url + name,
+                s3_url=str(self._url_of(name, is_dir)),
             )
             with self._cond:
                 if protect:
@@ -755,6 +754,8 @@ class CheckpointUploader:
         return names + [j.name for j in self._queue]
 
     def _check_failure_policy(self) -> None:
+        if self._consecutive < self.max_consecutive_failures and self.max_backlog is None:
+            return  # nothing to check: no lock taken (a stale count only delays this one submit)
         with self._cond:
             backlog = len(self._queue) + (1 if self._in_flight else 0)
             too_many = self._consecutive >= self.max_consecutive_failures
