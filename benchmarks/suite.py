@@ -587,29 +587,30 @@ def bench_lightning_hook(b: Bench) -> None:
     hooks: list[float] = []
     floors: list[float] = []  # _least_handover at the same moment, for comparison
     floor_journal = str(b.root / "least-handover.jsonl")
-    inside: list[float] = [0.0]  # the floor's time inside the current hook, not runctl's
+    inside = 0.0  # the floor's time inside the current hook, not runctl's
     save, hook = trainer.save_checkpoint, ckpt._save_checkpoint
 
     # The floor runs right after the write on odd saves, before runctl's hand-over, and right
     # after runctl's hand-over on even ones: whichever comes first after a write of a GiB
     # finds the caches cold, so each goes first half of the time.
     def save_then_floor(filepath: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal inside
         start = time.perf_counter()
         try:
             return save(filepath, *args, **kwargs)
         finally:
             writes.append(time.perf_counter() - start)
-            inside[0] = 0.0
+            inside = 0.0
             if len(writes) % 2 == 1:
-                inside[0] = _least_handover(str(filepath), floor_journal)
-                floors.append(inside[0])
+                inside = _least_handover(str(filepath), floor_journal)
+                floors.append(inside)
 
     def hook_then_floor(trainer: Any, filepath: str) -> None:
         start = time.perf_counter()
         try:
             hook(trainer, filepath)
         finally:
-            hooks.append(time.perf_counter() - start - inside[0])
+            hooks.append(time.perf_counter() - start - inside)
             if len(hooks) % 2 == 0 and os.path.exists(filepath):
                 floors.append(_least_handover(filepath, floor_journal))
 
