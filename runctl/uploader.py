@@ -612,7 +612,6 @@ class CheckpointUploader:
         # the journal's fsync and wakes the worker once the file is staged (the worker could
         # only wait for it anyway). A thread woken while this one still has system calls to
         # make takes the GIL, or this one's core, for milliseconds on a busy machine.
-        queued = False
         try:
             self._journal.record(
                 name,
@@ -624,16 +623,22 @@ class CheckpointUploader:
                 s3_url=str(self._url_of(name, is_dir)),
             )
             with self._cond:
+                if self._closed:  # close() ran on another thread since the check above
+                    raise UsageError(
+                        f"submit() of {name!r} raced close(): this uploader is closed "
+                        "(its journal line stays pending for the next run)"
+                    )
                 if protect:
                     self._pinned.add(name)
                 self._enqueue(job, wake=held is None)
-            queued = True
+                if held is not None:
+                    # Under the lock: a close() after this stops the staging thread only once
+                    # it has staged this file (and closed the descriptor, which it now owns).
+                    fd, held = held, None
+                    self._stager.later(lambda: self._stage_open(job, fd))
         finally:
             if held is not None:
-                if queued:
-                    self._stager.later(lambda: self._stage_open(job, held))
-                else:
-                    os.close(held)
+                os.close(held)
         return job.handle
 
     def protect(self, name: str) -> None:

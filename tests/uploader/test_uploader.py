@@ -669,6 +669,44 @@ def test_submit_validates_its_argument(
         CheckpointUploader(root, "s3://bkt/run/", keep_last_n=0, transfer=boto_transfer)  # type: ignore[arg-type]
 
 
+def test_a_submit_that_races_close_is_refused_and_leaks_no_descriptor(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() on another thread after submit() checked the uploader was open: the job must not
+    # land in a closed uploader's queue, where nothing would finish its handle, nor its opened
+    # file go to a staging thread that has stopped, where nothing would close it.
+    import runctl.uploader as uploader_module
+
+    up = uploader(root, moto_bucket, boto_transfer)
+    path = write(root / "step_1.pt", b"x" * 1000)
+    record = uploader_module.Journal.record
+    closers: list[threading.Thread] = []
+
+    def close_first(self: object, name: str, state: str, **kwargs: Any) -> None:
+        if not closers:
+            closers.append(threading.Thread(target=up.close, kwargs={"timeout": 30}))
+            closers[0].start()
+            closers[0].join(30)
+        record(self, name, state, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uploader_module.Journal, "record", close_first)
+    with pytest.raises(UsageError, match="raced close"):
+        up.submit(path)
+    assert not closers[0].is_alive() and not up._stager._thread.is_alive()
+    assert list(up._queue) == []
+    fds = Path("/proc/self/fd")
+    if fds.is_dir():
+        opened = []
+        for fd in fds.iterdir():
+            try:
+                opened.append(os.readlink(fd))
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+        assert str(path) not in opened
+    with pytest.raises(UsageError, match="after close"):
+        up.submit(path)
+
+
 def test_status_counts_bytes_and_journal_records_the_life(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
