@@ -13,6 +13,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from runctl.exceptions import RunctlError, UsageError
+from runctl.localrun import (  # read when an argument is omitted (``runctl local`` sets them)
+    ENV_ENDPOINT_URL,
+    ENV_KEEP_LAST_N,
+    ENV_S3_URL,
+)
 from runctl.s3url import S3URL
 
 if TYPE_CHECKING:
@@ -20,10 +25,6 @@ if TYPE_CHECKING:
     from runctl.uploader import CheckpointUploader
 
 log = logging.getLogger("runctl.integrations")
-
-#: Environment variables read when an argument is omitted.
-ENV_S3_URL = "RUNCTL_S3_URL"
-ENV_CHECKPOINT_DIR = "RUNCTL_CHECKPOINT_DIR"
 
 ON_UPLOAD_ERROR = ("raise", "warn")
 METRIC_PREFIX = "runctl/"
@@ -91,10 +92,21 @@ class UploadOptions:
         uploader_options: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> UploadOptions:
-        """Validate every argument (naming the one that is wrong); ``s3_url`` falls back to $RUNCTL_S3_URL."""
+        """Validate every argument (naming the one that is wrong).
+
+        Omitted, ``s3_url``, ``keep_last_n`` and ``endpoint_url`` fall back to $RUNCTL_S3_URL,
+        $RUNCTL_KEEP_LAST_N and $RUNCTL_ENDPOINT_URL: what ``runctl local`` gives its script.
+        """
         env = os.environ if env is None else env
         if s3_url is None and env.get(ENV_S3_URL):
             s3_url = env[ENV_S3_URL]
+        if keep_last_n is None and env.get(ENV_KEEP_LAST_N):
+            text = env[ENV_KEEP_LAST_N].strip()
+            if not text.isdigit() or int(text) < 1:
+                raise UsageError(f"${ENV_KEEP_LAST_N} must be a whole number >= 1, got {text!r}")
+            keep_last_n = int(text)
+        if endpoint_url is None and config is None and env.get(ENV_ENDPOINT_URL):
+            endpoint_url = env[ENV_ENDPOINT_URL]
         url = None
         if s3_url is not None:
             url = (s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))).as_prefix()

@@ -38,10 +38,11 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
 
     Args:
         s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL).
-        keep_last_n: complete checkpoints to keep in S3.
+        keep_last_n: complete checkpoints to keep in S3 (default $RUNCTL_KEEP_LAST_N, else all).
         local_keep_last_n: checkpoints to keep locally, deleting only ones durable in S3
             (``save_total_limit`` works as well and is independent).
-        endpoint_url, profile, region, config: where and as whom to reach S3.
+        endpoint_url, profile, region, config: where and as whom to reach S3 (``endpoint_url``
+            defaults to $RUNCTL_ENDPOINT_URL unless ``config`` is given).
         use_s5cmd: upload with s5cmd (default) or boto3.
         wait_for_uploads: flush at the end of training (default True).
         flush_timeout: seconds the final flush may take.

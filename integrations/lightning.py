@@ -414,11 +414,12 @@ Every ``ModelCheckpoint`` argument works as before; runctl adds (keyword-only):
 
 Args:
     s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL; None: no uploads).
-    keep_last_n: complete checkpoints to keep in S3 (the best one, ``last.ckpt`` and the one this
-        run resumed from are always kept).
+    keep_last_n: complete checkpoints to keep in S3 (default $RUNCTL_KEEP_LAST_N, else all; the
+        best one, ``last.ckpt`` and the one this run resumed from are always kept).
     local_keep_last_n: checkpoints to keep locally, deleting only ones durable in S3 (default:
         Lightning's own top-k decides).
-    endpoint_url, profile, region, config: where and as whom to reach S3.
+    endpoint_url, profile, region, config: where and as whom to reach S3 (``endpoint_url``
+        defaults to $RUNCTL_ENDPOINT_URL unless ``config`` is given).
     use_s5cmd: upload with s5cmd (default) or boto3.
     wait_for_uploads: flush at the end of fit (default); False leaves uploads running in the
         background (call ``close()`` later; at interpreter exit runctl still flushes them, bounded).

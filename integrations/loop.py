@@ -11,8 +11,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from runctl.exceptions import UsageError
+from runctl.localrun import ENV_CHECKPOINT_DIR
 
-from ._common import ENV_CHECKPOINT_DIR, UploadOptions, finish_uploads, require
+from ._common import UploadOptions, finish_uploads, require
 
 if TYPE_CHECKING:
     from runctl.config import S3Config
@@ -33,10 +34,13 @@ class CheckpointManager:
 
     Args:
         local_dir: where checkpoints are written.
-        s3_url: ``s3://bucket/prefix/`` to upload to.
-        keep_last_n: how many complete checkpoints to keep in S3.
+        s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL).
+        keep_last_n: how many complete checkpoints to keep in S3 (default $RUNCTL_KEEP_LAST_N,
+            else all).
         local_keep_last_n: how many to keep locally (only ones durable in S3 are deleted).
         filename: the file name, formatted with ``step`` (it must keep the step parseable).
+        endpoint_url, profile, region, config: where and as whom to reach S3 (``endpoint_url``
+            defaults to $RUNCTL_ENDPOINT_URL unless ``config`` is given).
         on_upload_error: ``"raise"`` (default) or ``"warn"`` when uploads failed at ``close``.
 
     Example:

@@ -83,6 +83,40 @@ def test_defaults_come_from_the_environment(
     ]
 
 
+def test_runctl_locals_keep_last_n_and_endpoint_are_defaults_too(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `runctl local --endpoint-url URL --keep-last-n N` hands its script these two as well; a
+    # script that omits them must not upload to AWS itself, nor keep everything.
+    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("RUNCTL_S3_URL", str(moto_bucket.join("env-keep")))
+    monkeypatch.setenv("RUNCTL_KEEP_LAST_N", "2")
+    monkeypatch.setenv("RUNCTL_ENDPOINT_URL", moto_server.endpoint_url)
+    with CheckpointManager() as manager:
+        assert (manager.options.keep_last_n, manager.options.endpoint_url) == (
+            2,
+            moto_server.endpoint_url,
+        )
+        _train(manager, range(4))
+    assert sorted(file_checkpoints(s3_objects(moto_server, moto_bucket.join("env-keep/")))) == [
+        "step_2.pt",
+        "step_3.pt",
+    ]
+    # Arguments win; an explicit config names its own endpoint.
+    explicit = CheckpointManager(
+        tmp_path / "mine", "s3://bucket/x/", keep_last_n=5, endpoint_url="http://127.0.0.1:9"
+    )
+    assert (explicit.options.keep_last_n, explicit.options.endpoint_url) == (5, "http://127.0.0.1:9")
+    explicit.close()
+    configured = CheckpointManager(tmp_path / "cfg", config=moto_server.config())
+    assert configured.options.endpoint_url is None
+    configured.close()
+    for bad in ("0", "three", "-1"):
+        monkeypatch.setenv("RUNCTL_KEEP_LAST_N", bad)
+        with pytest.raises(UsageError, match="RUNCTL_KEEP_LAST_N"):
+            CheckpointManager(tmp_path / "bad")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
