@@ -102,7 +102,7 @@ class UploadOptions:
             s3_url = env[ENV_S3_URL]
         if keep_last_n is None and env.get(ENV_KEEP_LAST_N):
             text = env[ENV_KEEP_LAST_N].strip()
-            if not text.isdigit() or int(text) < 1:
+            if not (text.isascii() and text.isdigit()) or int(text) < 1:
                 raise UsageError(f"${ENV_KEEP_LAST_N} must be a whole number >= 1, got {text!r}")
             keep_last_n = int(text)
         if endpoint_url is None and config is None and env.get(ENV_ENDPOINT_URL):

@@ -111,7 +111,7 @@ def test_runctl_locals_keep_last_n_and_endpoint_are_defaults_too(
     configured = CheckpointManager(tmp_path / "cfg", config=moto_server.config())
     assert configured.options.endpoint_url is None
     configured.close()
-    for bad in ("0", "three", "-1"):
+    for bad in ("0", "three", "-1", "²"):
         monkeypatch.setenv("RUNCTL_KEEP_LAST_N", bad)
         with pytest.raises(UsageError, match="RUNCTL_KEEP_LAST_N"):
             CheckpointManager(tmp_path / "bad")
