@@ -630,7 +630,14 @@ class CheckpointUploader:
                     )
                 if protect:
                     self._pinned.add(name)
-                self._enqueue(job, wake=held is None)
+                try:
+                    self._enqueue(job, wake=held is None)
+                except BaseException:
+                    # Interrupted while the queue was full (Ctrl-C in the wait): take the job
+                    # back, or the worker would wait for a staging no one asked for.
+                    if job in self._queue:
+                        self._queue.remove(job)
+                    raise
                 if held is not None:
                     # Under the lock: a close() after this stops the staging thread only once
                     # it has staged this file (and closed the descriptor, which it now owns).

@@ -707,6 +707,33 @@ def test_a_submit_that_races_close_is_refused_and_leaks_no_descriptor(
         up.submit(path)
 
 
+def test_an_interrupted_wait_for_queue_space_takes_its_job_back(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while submit() waits for room in a full queue (max_queue): the job it had queued
+    # must not stay behind waiting for a staging no one asked for, where flush() would wait on
+    # it until its timeout.
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped, max_queue=1)
+    up.submit(write(root / "step_0.pt", b"0"))
+    assert gate.entered.wait(10)  # in flight
+    up.submit(write(root / "step_1.pt", b"1"))  # queued: the queue is full now
+    wait = up._cond.wait
+
+    def interrupted(timeout: float | None = None) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(up._cond, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        up.submit(write(root / "step_2.pt", b"2"))
+    monkeypatch.setattr(up._cond, "wait", wait)
+    assert [job.name for job in up._queue] == ["step_1.pt"]
+    gate.open()
+    up.close(timeout=10)
+    assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_0.pt", "step_1.pt"]
+
+
 def test_status_counts_bytes_and_journal_records_the_life(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
