@@ -46,7 +46,9 @@ def test_server_outage_while_checkpoints_queue(tmp_path: Path, backend: str) -> 
         def watch_local() -> None:
             while not stop.is_set():
                 for name in blobs:
-                    if (root / name).exists() is False and name in saved:
+                    # `saved` first: a file looked for before its write and counted after it
+                    # would read as deleted (CI saw that once for step_2.pt).
+                    if name in saved and not (root / name).exists():
                         seen_missing.append(name)
                 stop.wait(0.05)
 
