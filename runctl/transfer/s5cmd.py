@@ -569,8 +569,11 @@ class S5cmdTransfer:
         self.retry_count = retry_count
         self.stall_timeout = stall_timeout
         self._children: set[_Child] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _children only: taken at every s5cmd start
         self._boto: BaseClient | None = None
+        # Building the client takes 0.1-0.25 s; under a lock of its own, so that s5cmd
+        # commands started meanwhile (warm_up's whole point) do not wait for it.
+        self._boto_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -656,22 +659,29 @@ class S5cmdTransfer:
             self._release(child)
 
     def _client(self) -> BaseClient:
-        with self._lock:
+        with self._boto_lock:
             if self._boto is None:
                 self._boto = self.config.boto_client()
             return self._boto
 
     def warm_up(self) -> None:
-        """Create the boto3 client used for small reads on a thread, while s5cmd lists.
+        """Create the boto3 client used for small requests on a thread, while s5cmd works.
 
         Importing boto3 and building a client costs ~0.2 s; cleanup, review and watch list
-        first and read markers after, so that time overlaps with the listing.
+        first and read markers after, and the uploader writes a directory's manifest after
+        its files, so that time overlaps with the listing or the upload.
 
         Example:
             >>> t.warm_up(); objects = list(t.iter_objects(S3URL.parse("s3://b/run/")))  # doctest: +SKIP
         """
         if self._boto is None:
-            threading.Thread(target=self._client, name="runctl-boto3-warm", daemon=True).start()
+            threading.Thread(target=self._warm, name="runctl-boto3-warm", daemon=True).start()
+
+    def _warm(self) -> None:
+        try:
+            self._client()
+        except Exception as exc:  # noqa: BLE001 - the request that needs the client raises it
+            log.debug("building the boto3 client ahead of use failed: %s", exc)
 
     def _shown(self, argv: Sequence[str | bytes]) -> list[str]:
         return [scrub(os.fsdecode(a)) for a in argv]
@@ -1154,9 +1164,10 @@ class S5cmdTransfer:
         with self._lock:
             children = list(self._children)
             self._children.clear()
-            self._boto = None
         for child in children:
             child.kill()
+        with self._boto_lock:  # waits for a warm-up still building the client
+            self._boto = None
 
     def __enter__(self) -> S5cmdTransfer:
         return self

@@ -683,6 +683,60 @@ def test_small_objects_use_one_cached_client_not_s5cmd(
         t.put_bytes(b"x", missing.join("k"))
 
 
+def test_s5cmd_starts_while_a_warm_up_is_still_building_the_client(
+    s3_server: S3Server, bucket: S3URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # warm_up builds the boto3 client on a thread so that it overlaps a listing or an upload;
+    # once it held the lock every s5cmd start takes, and the listing waited for the client.
+    building, release, built = threading.Event(), threading.Event(), threading.Event()
+    real_build = S3Config.boto_client
+
+    def slow_build(self: S3Config, **kwargs: object) -> object:
+        building.set()
+        release.wait(20)
+        client = real_build(self, **kwargs)
+        built.set()
+        return client
+
+    monkeypatch.setattr(S3Config, "boto_client", slow_build)
+    t = S5cmdTransfer(s3_server.config())
+    try:
+        t.warm_up()
+        assert building.wait(10)
+        assert t.stat(bucket.join("run/absent.pt")) is None  # an s5cmd head, mid-build
+        assert list(t.iter_objects(bucket.join("run/"))) == []  # an s5cmd ls, mid-build
+        assert not built.is_set()
+        release.set()
+        t.put_bytes(b"m", bucket.join("run/marker"))  # the client the warm-up built
+        assert t.get_bytes(bucket.join("run/marker")) == b"m"
+    finally:
+        release.set()
+        t.close()
+    assert t._boto is None
+
+
+def test_a_failed_warm_up_is_quiet_and_the_request_reports_it(
+    s3_server: S3Server, bucket: S3URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A warm-up runs beside training: a client that cannot be built must not print a
+    # thread traceback there. The request that needs the client raises the error instead.
+    def broken(self: S3Config, **kwargs: object) -> object:
+        raise ValueError("no client today")
+
+    uncaught: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    monkeypatch.setattr(S3Config, "boto_client", broken)
+    t = S5cmdTransfer(s3_server.config())
+    t.warm_up()
+    for thread in threading.enumerate():
+        if thread.name == "runctl-boto3-warm":
+            thread.join(10)
+    assert uncaught == []
+    with pytest.raises(TransferError, match="no client today"):
+        t.put_bytes(b"m", bucket.join("run/marker"))
+    t.close()
+
+
 def test_numworkers_follow_the_batch(s3_server: S3Server, bucket: S3URL, tmp_path: Path) -> None:
     from runctl.transfer.s5cmd import batch_numworkers
 

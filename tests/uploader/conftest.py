@@ -50,6 +50,8 @@ class Wrapped:
         return self.inner.get_files(pairs, progress=progress)
 
     def warm_up(self) -> None:
+        with self.lock:
+            self.calls.append(("warm_up", None))
         self.inner.warm_up()
 
     def iter_objects(self, url, *, recursive=True):  # noqa: ANN001, ANN201

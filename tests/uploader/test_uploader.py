@@ -420,6 +420,9 @@ def test_directory_checkpoint_files_first_marker_last(
     marker = str(bucket.join(f"run/checkpoint-500/{MARKER_NAME}"))
     order = [c for c in wrapped.calls if c[0] in ("put_files", "put_bytes")]
     assert order[-1] == ("put_bytes", marker), order
+    # The client that writes the marker is built while the files upload, not after them.
+    names = [c[0] for c in wrapped.calls]
+    assert "warm_up" in names and names.index("warm_up") < names.index("put_files"), names
     put = {u for c in order[:-1] for u in c[1]}
     assert put == {str(bucket.join(f"run/checkpoint-500/{rel}")) for rel in files}
     manifest = Manifest.from_bytes(transfer.get_bytes(S3URL.parse(marker)))  # type: ignore[attr-defined]
