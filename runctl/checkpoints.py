@@ -273,6 +273,7 @@ def group_s3(
     *,
     treat_unmarked_complete: bool = False,
     read_marker: Callable[[str], bytes] | None = None,
+    read_markers: Callable[[Sequence[str]], Mapping[str, bytes | TransferError]] | None = None,
 ) -> S3Checkpoints:
     """Group a recursive listing of ``prefix`` into checkpoints and others.
 
@@ -282,7 +283,9 @@ def group_s3(
 
     A directory checkpoint is complete only when its marker exists (and, when ``read_marker``
     is given, parses and matches the listed files); ``treat_unmarked_complete`` makes marker-less
-    directories complete. ``read_marker(key)`` returns the marker's bytes.
+    directories complete. ``read_marker(key)`` returns the marker's bytes, read as the listing
+    shows each marker; ``read_markers(keys)`` instead reads every marker at once after the
+    listing, mapping each key to its bytes or the error that kept it unread.
 
     Example:
         >>> from datetime import datetime, timezone
@@ -298,8 +301,10 @@ def group_s3(
     dirs: dict[str, list[ObjectInfo]] = {}
     others: list[ObjectInfo] = []
     known: dict[str, bool] = {}
-    # Markers are read as the listing shows them, on threads, while the rest of it arrives.
+    # Markers are read as the listing shows them, on threads, while the rest of it arrives;
+    # or, with read_markers, all in one batch once it has.
     reads = _MarkerReads(read_marker) if read_marker is not None else None
+    batch: list[str] | None = [] if read_markers is not None and reads is None else None
     try:
         for obj in objects:
             if not isinstance(obj, ObjectInfo):
@@ -316,8 +321,11 @@ def group_s3(
                 others.append(obj)
             elif sep:
                 dirs.setdefault(top, []).append(obj)
-                if reads is not None and rest == MARKER_NAME and obj.size > 0:
-                    reads.start(obj.key)
+                if rest == MARKER_NAME and obj.size > 0:
+                    if reads is not None:
+                        reads.start(obj.key)
+                    elif batch is not None:
+                        batch.append(obj.key)
             else:
                 step, epoch = parse_step(top)
                 singles.append(
@@ -333,8 +341,11 @@ def group_s3(
                         storage_class=obj.storage_class,
                     )
                 )
+        reader: Callable[[str], bytes] | None = reads
+        if batch is not None and read_markers is not None:
+            reader = _batch_reader(read_markers(batch) if batch else {})
         checkpoints = singles + [
-            _group_dir(name, members, base, treat_unmarked_complete, reads)
+            _group_dir(name, members, base, treat_unmarked_complete, reader)
             for name, members in dirs.items()
         ]
     finally:
@@ -342,6 +353,18 @@ def group_s3(
             reads.close()
     checkpoints.sort(key=Checkpoint.order_key)
     return S3Checkpoints(tuple(checkpoints), tuple(others))
+
+
+def _batch_reader(found: Mapping[str, bytes | TransferError]) -> Callable[[str], bytes]:
+    """``read_marker`` over the result of one batch read (a key it lacks was not read)."""
+
+    def read(key: str) -> bytes:
+        got = found.get(key)
+        if isinstance(got, bytes):
+            return got
+        raise got if got is not None else TransferError(f"marker {key} was not read")
+
+    return read
 
 
 #: Markers read at once: one small GET each, so a listing of a hundred directory checkpoints

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runctl.checkpoints import Checkpoint, group_s3, is_alias, scan_local
-from runctl.exceptions import PartialTransferError, UsageError
+from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
 from runctl.s3url import S3URL
@@ -180,6 +181,46 @@ def _delete_s3(transfer: Transfer, bucket: str, plan: RetentionPlan) -> None:
         )
 
 
+def read_small_objects(
+    transfer: Transfer, bucket: str, keys: Sequence[str]
+) -> dict[str, bytes | TransferError]:
+    """Read many small objects (markers) in one batch: each key's bytes, or why it was not read.
+
+    One ``get_files`` into a temporary directory: with s5cmd, a single process reads them
+    all in parallel. 100 markers one GET at a time on the boto3 client cost 0.1-0.2 s of
+    CPU under the GIL (and 0.2 s to import botocore and build the client), most of the time
+    a 100-checkpoint cleanup spent beyond its listing and its deletes.
+
+    Raises:
+        TransferError: the batch failed as a whole (endpoint, credentials, bucket): no key
+            is reported unread for a reason that is not its own.
+
+    Example:
+        >>> read_small_objects(t, "bkt", ["run/c-1/.runctl-manifest.json"])  # doctest: +SKIP
+        {'run/c-1/.runctl-manifest.json': b'{...}'}
+    """
+    if not keys:
+        return {}
+    failures: dict[str, TransferError] = {}
+    with tempfile.TemporaryDirectory(prefix="runctl-read-") as tmp:
+        pairs = [(S3URL(bucket, key), Path(tmp, str(i))) for i, key in enumerate(keys)]
+        try:
+            transfer.get_files(pairs)
+        except PartialTransferError as exc:
+            failures = {url: TransferError(why) for url, why in exc.failures.items()}
+        found: dict[str, bytes | TransferError] = {}
+        for key, (url, path) in zip(keys, pairs, strict=True):
+            failed = failures.get(str(url))
+            if failed is not None:
+                found[key] = failed
+                continue
+            try:
+                found[key] = path.read_bytes()
+            except OSError as exc:
+                found[key] = TransferError(f"reading {url} back failed: {exc}")
+    return found
+
+
 def apply_s3_retention(
     transfer: Transfer,
     prefix: S3URL,
@@ -218,18 +259,13 @@ def apply_s3_retention(
     _check_non_negative(incomplete_older_than, "incomplete_older_than")
     prefix = prefix.as_prefix()
 
-    def read_marker(key: str) -> bytes:
-        return transfer.get_bytes(S3URL(prefix.bucket, key))
-
     with s3_prefix_lock(prefix, transfer.config.endpoint_url, timeout=lock_timeout):
-        transfer.warm_up()
-        # group_s3 reads markers as the listing streams past them.
         grouped = group_s3(
             transfer.iter_objects(prefix, recursive=True),
             prefix,
             patterns,
             treat_unmarked_complete=treat_unmarked_complete,
-            read_marker=read_marker,
+            read_markers=lambda keys: read_small_objects(transfer, prefix.bucket, keys),
         )
         plan = plan_retention(
             grouped.checkpoints,

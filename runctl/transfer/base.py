@@ -169,9 +169,9 @@ class Transfer(Protocol):
         ...
 
     def warm_up(self) -> None:
-        """Prepare, in the background, for many small requests (marker reads) soon after.
+        """Prepare, in the background, for small requests (``put_bytes``, ``get_bytes``) soon after.
 
-        Returns at once; callers that list and then read markers call it before listing.
+        Returns at once; the uploader calls it before a directory's files, whose manifest follows.
 
         Example:
             >>> transfer.warm_up()  # doctest: +SKIP

@@ -667,9 +667,8 @@ class S5cmdTransfer:
     def warm_up(self) -> None:
         """Create the boto3 client used for small requests on a thread, while s5cmd works.
 
-        Importing boto3 and building a client costs ~0.2 s; cleanup, review and watch list
-        first and read markers after, and the uploader writes a directory's manifest after
-        its files, so that time overlaps with the listing or the upload.
+        Importing boto3 and building a client costs ~0.2 s; the uploader writes a directory's
+        manifest after its files, so it starts this as they upload.
 
         Example:
             >>> t.warm_up(); objects = list(t.iter_objects(S3URL.parse("s3://b/run/")))  # doctest: +SKIP
@@ -1141,8 +1140,9 @@ class S5cmdTransfer:
     def get_bytes(self, url: S3URL) -> bytes:
         """Read a small object whole with one GetObject on the cached boto3 client.
 
-        Retention and cleanup read ~100 markers in a row; one s5cmd process each cost far
-        more than the request. GetObject (unlike HEAD) tells a missing bucket from a missing key.
+        One s5cmd process per small read would cost far more than the request; many reads at
+        once (retention's markers) go through ``runctl.retention.read_small_objects`` instead.
+        GetObject (unlike HEAD) tells a missing bucket from a missing key.
 
         Raises:
             NoSuchKeyError: if the object does not exist (``NoSuchBucketError`` for its bucket).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -301,6 +302,51 @@ def test_group_s3_unreadable_marker_is_incomplete() -> None:
     objects = [obj("ckpt/checkpoint-5/model.bin"), obj(f"ckpt/checkpoint-5/{MARKER_NAME}", 9)]
     (c,) = group_s3(objects, PREFIX, read_marker=unreadable).checkpoints
     assert not c.complete
+
+
+def test_group_s3_reads_every_marker_in_one_batch_when_asked() -> None:
+    def key(name: str) -> str:
+        return f"ckpt/{name}/{MARKER_NAME}"
+
+    objects = [
+        obj("ckpt/checkpoint-1/model.bin", 4),
+        obj(key("checkpoint-1"), 50),
+        obj("ckpt/checkpoint-2/model.bin", 4),
+        obj(key("checkpoint-2"), 50),
+        obj("ckpt/checkpoint-3/model.bin", 4),
+        obj(key("checkpoint-3"), 50),
+        obj("ckpt/checkpoint-4/model.bin", 4),
+        obj(key("checkpoint-4"), 0),  # empty: never read, incomplete
+        obj("ckpt/checkpoint-5/model.bin", 4),
+        obj(key("checkpoint-5"), 50),
+        obj("ckpt/step_9.pt", 4),
+    ]
+    batches: list[list[str]] = []
+
+    def read_markers(keys: Sequence[str]) -> dict[str, bytes | TransferError]:
+        batches.append(list(keys))
+        return {
+            key("checkpoint-1"): manifest_for("checkpoint-1", {"model.bin": 4}),
+            key("checkpoint-2"): manifest_for("checkpoint-2", {"model.bin": 5}),  # wrong size
+            key("checkpoint-3"): TransferError("read failed", code="InternalError"),
+            # checkpoint-5's marker is absent from the result: not read, so not proof
+        }
+
+    grouped = group_s3(objects, PREFIX, read_markers=read_markers)
+    assert batches == [[key(f"checkpoint-{i}") for i in (1, 2, 3, 5)]]
+    complete = {c.name: c.complete for c in grouped.checkpoints}
+    assert complete == {
+        "checkpoint-1": True,
+        "checkpoint-2": False,
+        "checkpoint-3": False,
+        "checkpoint-4": False,
+        "checkpoint-5": False,
+        "step_9.pt": True,
+    }
+    # No marker to read: no batch at all.
+    batches.clear()
+    group_s3([obj("ckpt/step_1.pt")], PREFIX, read_markers=read_markers)
+    assert batches == []
 
 
 def test_group_s3_empty_marker_is_incomplete() -> None:
