@@ -304,7 +304,7 @@ def group_s3(
     # Markers are read as the listing shows them, on threads, while the rest of it arrives;
     # or, with read_markers, all in one batch once it has.
     reads = _MarkerReads(read_marker) if read_marker is not None else None
-    batch: list[str] | None = [] if read_markers is not None and reads is None else None
+    marker_keys: list[str] = []
     try:
         for obj in objects:
             if not isinstance(obj, ObjectInfo):
@@ -322,10 +322,9 @@ def group_s3(
             elif sep:
                 dirs.setdefault(top, []).append(obj)
                 if rest == MARKER_NAME and obj.size > 0:
+                    marker_keys.append(obj.key)
                     if reads is not None:
                         reads.start(obj.key)
-                    elif batch is not None:
-                        batch.append(obj.key)
             else:
                 step, epoch = parse_step(top)
                 singles.append(
@@ -342,8 +341,8 @@ def group_s3(
                     )
                 )
         reader: Callable[[str], bytes] | None = reads
-        if batch is not None and read_markers is not None:
-            reader = _batch_reader(read_markers(batch) if batch else {})
+        if reader is None and read_markers is not None:
+            reader = _batch_reader(read_markers(marker_keys) if marker_keys else {})
         checkpoints = singles + [
             _group_dir(name, members, base, treat_unmarked_complete, reader)
             for name, members in dirs.items()
