@@ -688,15 +688,11 @@ def bench_transfers(b: Bench) -> None:
                 r_s5, r_aws = _ratio(arm, s5), _ratio(arm, aws)
                 row.runctl = fmt_s(arm.median)
                 row.ratios = f"{fmt_ratio(r_s5)} s5cmd; {fmt_ratio(r_aws)} aws"
-                pairs = arms.get("s5cmd-pairs")
-                if pairs is not None and pairs.median is not None:
-                    row.baselines += f"; s5cmd run, exact pairs {fmt_s(pairs.median)}"
-                    row.ratios += f"; {fmt_ratio(_ratio(arm, pairs))} exact pairs"
                 checks = [None if r_s5 is None else r_s5 <= (1.05 if is_large else 1.2)]
                 if not is_large:
                     checks.append(None if r_aws is None else r_aws <= 0.25)
                 row.met = met_text(checks)
-                row.data = _arm_data(arm, s5, aws, arms.get("s5cmd-pairs"))
+                row.data = _arm_data(arm, s5, aws)
             b.rows.append(row)
 
             row8 = Row(
@@ -967,26 +963,6 @@ def _download_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str
         reps,
         teardown=check_and_clean("s5cmd"),
     )
-    if ds.is_dir and ds.count > 64:
-        # What runctl asks of s5cmd: one exact pair per object (a wildcard download is not
-        # contained in s5cmd 2.3.0, peak/s5cmd#872), each object a HEAD and a GET.
-        rels = sorted(p.relative_to(ds.path).as_posix() for p in ds.path.rglob("*") if p.is_file())
-        commands = b.root / f"s5cmd-pairs-{ds.key}.txt"
-
-        def write_pairs(rep: int) -> None:
-            dest_dir = dest("s5pairs", rep)
-            commands.write_text(
-                "".join(f"cp --raw '{src}{rel}' '{dest_dir / rel}'\n" for rel in rels),
-                encoding="utf-8",
-            )
-
-        arms["s5cmd-pairs"] = Arm(
-            "s5cmd run (exact pairs)",
-            lambda rep: b.cmd(t.s5("run", str(commands))),
-            reps,
-            setup=write_pairs,
-            teardown=check_and_clean("s5pairs"),
-        )
     if t.aws:
         arms["aws"] = Arm(
             "aws s3 cp",

@@ -89,9 +89,10 @@ class Transfer(Protocol):
 
     Paths and URLs are always explicit pairs: a backend never expands wildcards, and a key
     with ``*``, ``?`` or ``[`` is transferred literally (``put_tree`` may copy a directory
-    whole, for a caller that vouches for its content). Containment (no file outside a
+    whole, for a caller that vouches for its content, and ``get_tree`` may download a prefix
+    whole into a directory the caller gives up to it). Containment (no file outside a
     destination) and atomic renames are the caller's (``runctl.transfer.ops``); a backend
-    writes exactly the path it is given.
+    writes exactly the path it is given, or, in ``get_tree``, only inside the root it is given.
     """
 
     name: str
@@ -141,6 +142,29 @@ class Transfer(Protocol):
 
         Raises:
             PartialTransferError: naming every pair that failed, after trying them all.
+        """
+        ...
+
+    def get_tree(
+        self,
+        prefix: S3URL,
+        root: Path,
+        pairs: Iterable[tuple[S3URL, Path]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """``get_files`` for objects below ``prefix``, each to ``root`` plus its key relative to it.
+
+        The caller promises that ``root`` is an empty directory of its own, removed (with
+        whatever else is in it) once the files are moved out, and that each path is
+        ``root / key[len(prefix.key):]`` with its parent created. A backend may then download
+        the whole prefix in one command, started before ``pairs`` (which may be lazy) are
+        read: objects below ``prefix`` that are not in ``pairs`` may appear under ``root``
+        too, and nothing appears outside it. An exception from ``pairs`` stops the download
+        and is raised. Otherwise the same errors as ``get_files``, for the pairs only.
+
+        Example:
+            >>> t.get_tree(S3URL.parse("s3://b/run/"), Path("stage"), [(S3URL.parse("s3://b/run/a.pt"), Path("stage/a.pt"))])  # doctest: +SKIP
         """
         ...
 

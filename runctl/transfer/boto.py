@@ -311,6 +311,21 @@ class BotoTransfer(Transfer):
         """
         self.put_files(pairs, storage_class=storage_class, progress=progress)
 
+    def get_tree(
+        self,
+        prefix: S3URL,
+        root: Path,
+        pairs: Iterable[tuple[S3URL, Path]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """``get_files`` of the pairs: boto3 has no prefix download, so a tree is its objects.
+
+        Example:
+            >>> t.get_tree(S3URL.parse("s3://b/run/"), Path("stage"), [(S3URL.parse("s3://b/run/a.pt"), Path("stage/a.pt"))])  # doctest: +SKIP
+        """
+        self.get_files(list(pairs), progress=progress)
+
     def get_files(
         self,
         pairs: Sequence[tuple[S3URL, Path]],

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,7 +177,7 @@ def _walk_files(root: Path, odd: list[Path] | None = None) -> Iterator[tuple[str
             name = entry.name
             link = _is(entry.is_symlink)
             if _is(entry.is_dir):  # follows a symlink, like os.walk: never entered, never sent
-                if name == STATE_DIR or link:
+                if name == STATE_DIR or link or name.startswith(_TMP_PREFIX):
                     if odd is not None:
                         odd.append(directory / name)
                 else:
@@ -349,40 +352,126 @@ def _set_mtime(path: Path, obj: ObjectInfo | None) -> None:
         log.warning("cannot set the modification time of %s: %s", path, exc)
 
 
+def _move_into_place(staged: Path, final: Path) -> None:
+    """Rename ``staged`` to ``final``; across filesystems, copy beside ``final`` first, then rename."""
+    try:
+        os.replace(staged, final)  # replaces a symlink itself, never writes through it
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = _tmp_name(final)
+        try:
+            shutil.copy2(staged, tmp)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def _fetch(
     transfer: Transfer,
-    items: Sequence[tuple[ObjectInfo | None, S3URL, Path]],
+    items: Iterable[tuple[ObjectInfo | None, S3URL, Path]],
     dest_root: Path,
     failures: dict[str, str],
     progress: ProgressCallback | None,
+    *,
+    tree: S3URL | None = None,
 ) -> list[tuple[S3URL, Path]]:
-    """Download each (info, url, final path) atomically into ``dest_root``; record failures by URL."""
+    """Download each (info, url, final path) atomically into ``dest_root``; record failures by URL.
+
+    Each file is written under a temporary name beside its final path, then renamed. With
+    ``tree`` (``items`` are every object below that prefix the caller wants, possibly still
+    being listed), they are written instead into one temporary directory inside
+    ``dest_root``, given up to ``Transfer.get_tree``, and moved into place from there; the
+    directory goes afterwards, and so does ``dest_root`` if it was made for nothing.
+    """
+    dest_root = Path(dest_root)
+    stage: Path | None = None
+    made: list[Path] = []  # directories created for the stage, deepest first
+    if tree is not None:
+        made = [p for p in (dest_root, *dest_root.parents) if not p.exists()]
+        dest_root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=dest_root))
+    try:
+        return _fetch_into(transfer, items, dest_root.resolve(), stage, tree, failures, progress)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for directory in made:
+            try:
+                directory.rmdir()  # only while empty: nothing was downloaded into it
+            except OSError:
+                break
+
+
+def _fetch_into(
+    transfer: Transfer,
+    items: Iterable[tuple[ObjectInfo | None, S3URL, Path]],
+    real_root: Path,
+    stage: Path | None,
+    tree: S3URL | None,
+    failures: dict[str, str],
+    progress: ProgressCallback | None,
+) -> list[tuple[S3URL, Path]]:
     staged: list[tuple[ObjectInfo | None, S3URL, Path, Path]] = []
-    real_root = Path(dest_root).resolve()
+    stage_dirs: set[Path] = set()
     contained: dict[Path, bool] = {}  # parent -> resolves inside, checked once per batch
-    for info, url, final in items:
-        try:
-            parent = final.parent
-            if parent not in contained:
-                parent.mkdir(parents=True, exist_ok=True)
-                # Re-check after creating directories: nothing may have become a symlink out of the root.
-                contained[parent] = _is_within(parent.resolve(), real_root)
-            if not contained[parent]:
-                raise UnsafeKeyError(
-                    f"unsafe key {url.key!r}: its directory resolves outside {str(real_root)!r}"
-                )
-            if final.is_dir() and not final.is_symlink():
-                raise TransferError(f"cannot write {str(final)!r}: a directory is in the way")
-        except (OSError, TransferError) as exc:
-            failures[str(url)] = str(exc)
-            continue
-        staged.append((info, url, final, _tmp_name(final)))
-    if not staged:
-        return []
+    listing_failed = False
+
+    def checked() -> Iterator[tuple[S3URL, Path]]:
+        nonlocal listing_failed
+        it = iter(items)
+        while True:
+            try:
+                info, url, final = next(it)
+            except StopIteration:
+                return
+            except BaseException:
+                listing_failed = True
+                raise
+            try:
+                tmp = _staging_path(url, final)
+            except (OSError, TransferError) as exc:
+                failures[str(url)] = str(exc)
+                continue
+            staged.append((info, url, final, tmp))
+            yield url, tmp
+
+    def _staging_path(url: S3URL, final: Path) -> Path:
+        parent = final.parent
+        if parent not in contained:
+            parent.mkdir(parents=True, exist_ok=True)
+            # Re-check after creating directories: nothing may have become a symlink out of the root.
+            contained[parent] = _is_within(parent.resolve(), real_root)
+        if not contained[parent]:
+            raise UnsafeKeyError(
+                f"unsafe key {url.key!r}: its directory resolves outside {str(real_root)!r}"
+            )
+        if final.is_dir() and not final.is_symlink():
+            raise TransferError(f"cannot write {str(final)!r}: a directory is in the way")
+        if stage is None or tree is None:
+            return _tmp_name(final)
+        # The key below the prefix, checked safe as the final path's part below the root.
+        rel = url.key[len(tree.key) :]
+        if rel.split("/", 1)[0] == stage.name:
+            raise UnsafeKeyError(f"unsafe key {url.key!r}: it names runctl's temporary directory")
+        tmp = stage / rel
+        if tmp.parent not in stage_dirs:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            stage_dirs.add(tmp.parent)
+        return tmp
+
     batch_failures: dict[str, str] = {}
     try:
-        transfer.get_files([(url, tmp) for _, url, _, tmp in staged], progress=progress)
+        if stage is not None and tree is not None:
+            # Lazily: the backend may download the prefix while the listing is still read.
+            transfer.get_tree(tree, stage, checked(), progress=progress)
+        else:
+            pairs = list(checked())
+            if pairs:
+                transfer.get_files(pairs, progress=progress)
     except TransferError as exc:
+        if listing_failed:
+            raise
         _collect(exc, [str(url) for _, url, _, _ in staged], batch_failures)
     done: list[tuple[S3URL, Path]] = []
     for info, url, final, tmp in staged:
@@ -391,7 +480,7 @@ def _fetch(
             continue
         try:
             _set_mtime(tmp, info)
-            os.replace(tmp, final)  # replaces a symlink itself, never writes through it
+            _move_into_place(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             batch_failures[str(url)] = f"cannot move into place {str(final)!r}: {exc}"
@@ -409,8 +498,13 @@ def _download_tree(
     *,
     dry_run: bool,
     progress: ProgressCallback | None,
+    whole: bool = False,
 ) -> tuple[list[tuple[S3URL, Path]], dict[str, str], int]:
-    """Download objects below ``prefix`` into ``dest``: atomic, contained; unsafe keys skipped."""
+    """Download objects below ``prefix`` into ``dest``: atomic, contained; unsafe keys skipped.
+
+    ``whole``: ``objects`` are the listing of everything below ``prefix``, so the backend may
+    download the prefix whole (``Transfer.get_tree``) rather than object by object.
+    """
     prefix = prefix.as_prefix()
     done: list[tuple[S3URL, Path]] = []
     failures: dict[str, str] = {}
@@ -437,6 +531,11 @@ def _download_tree(
                 continue
             yield obj, obj.url, final
 
+    if whole and not dry_run:
+        # One batch, read as the listing streams in: the backend may download the prefix in
+        # one command (``Transfer.get_tree``) alongside. It holds one entry per object.
+        done = _fetch(transfer, planned(), dest, failures, progress, tree=prefix)
+        return done, failures, seen
     for chunk in _chunks(planned()):
         if dry_run:
             done.extend((url, final) for _, url, final in chunk)
@@ -479,6 +578,7 @@ def download(
             dest,
             dry_run=dry_run,
             progress=progress,
+            whole=True,
         )
         if seen == 0:
             raise NoSuchKeyError(f"no objects under {prefix}", code="NoSuchKey", url=str(prefix))

@@ -325,6 +325,19 @@ def _tree_copy(
     return base, f"s3://{bucket}/{prefix or ''}", jobs
 
 
+def _whole_failure(outcome: _Outcome, source: str) -> TransferError | None:
+    """The error of a copy that failed for one cause that is the same for every object, else None."""
+    messages = [_tidy(record.get("error", "")) for record in outcome.errors]
+    if not messages:
+        return None
+    codes = {error_code(message) for message in messages}
+    code = codes.pop() if len(codes) == 1 else None
+    cls = error_class(code, " ".join(messages))
+    if cls in (TransferError, NoSuchKeyError):
+        return None  # per object, or not known: each is asked for again by name
+    return cls(scrub(f"download of {source} failed: {messages[0]}"), code=code, url=source)
+
+
 @dataclass(frozen=True)
 class _Outcome:
     returncode: int | None
@@ -619,11 +632,17 @@ class S5cmdTransfer:
         on_success: Callable[[dict[str, Any]], None] | None = None,
     ) -> _Outcome:
         """Run one s5cmd to completion, sorting its NDJSON output."""
+        child = self._spawn(argv, transfer=transfer, stdin_lines=stdin_lines)
+        return self._drain(child, on_success)
+
+    def _drain(
+        self, child: _Child, on_success: Callable[[dict[str, Any]], None] | None
+    ) -> _Outcome:
+        """Read a started s5cmd's NDJSON output to the end, sorted; the child is released after."""
         successes: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         noise: list[str] = []
         warnings: list[str] = []
-        child = self._spawn(argv, transfer=transfer, stdin_lines=stdin_lines)
         events = child.events()
         try:
             for stream, raw in events:
@@ -949,6 +968,111 @@ class S5cmdTransfer:
                 ),
                 problems,
             )
+
+    def get_tree(
+        self,
+        prefix: S3URL,
+        root: Path,
+        pairs: Iterable[tuple[S3URL, Path]],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Download the objects below one prefix with one ``s5cmd cp 'PREFIX*' ROOT/``.
+
+        s5cmd 2.3.0 sends a HEAD before the GET of each object it is given by name, and
+        ``s5cmd run`` parses a ``cp`` line for each: 2,000 objects of 4 KiB took 1.63 s that
+        way against 0.66 s for one wildcard copy of the prefix, here on rclone. So the prefix
+        is copied whole into ``root`` (``Transfer.get_tree``), and the copy starts at once:
+        ``pairs`` may be a lazy iterable (the caller's own listing and checks), consumed while
+        s5cmd already lists and downloads.
+
+        s5cmd joins each key to ``root`` unchecked (peak/s5cmd#872), so ``--exclude '*..*'``
+        keeps every key with ``..`` in it out of the copy: nothing lands outside ``root``.
+        Those keys, any other pair the copy cannot write to its path (wildcard characters, a
+        path not at ``root`` plus the key), and any pair it did not report done then go
+        through ``get_files``, whose errors are the ones raised. A copy that got nothing done
+        for a cause that is the same for every object (a missing bucket, credentials, the
+        endpoint) raises that at once.
+
+        Raises:
+            PartialTransferError: naming every pair that failed.
+
+        Example:
+            >>> t.get_tree(S3URL.parse("s3://b/run/"), Path("stage"), [(S3URL.parse("s3://b/run/a.pt"), Path("stage/a.pt"))])  # doctest: +SKIP
+        """
+        base = _local(root) + os.sep
+        plain = not prefix.key or prefix.key.endswith("/")
+        names = prefix.key + base
+        if not plain or not _GLOB_CHARS.isdisjoint(names) or not _fits_run_line(names):
+            self.get_files(list(pairs), progress=progress)
+            return
+        source = f"s3://{prefix.bucket}/{prefix.key}*"
+        flags = ("--concurrency", str(PART_CONCURRENCY), "--exclude", "*..*")
+        argv = self._argv("cp", *flags, source, base, numworkers=SMALL_FILE_NUMWORKERS)
+        got: dict[str, str] = {}  # source URL -> the path s5cmd wrote it to
+
+        def on_success(record: dict[str, Any]) -> None:
+            got[str(record.get("source"))] = str(record.get("destination"))
+            size = (record.get("object") or {}).get("size")
+            if progress is not None and isinstance(size, int):
+                progress(size)
+
+        child = self._spawn(argv, transfer=True)
+        box: dict[str, Any] = {}
+
+        def drain() -> None:
+            try:
+                box["outcome"] = self._drain(child, on_success)
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread below
+                box["error"] = exc
+
+        reader = threading.Thread(target=drain, name="runctl-s5cmd-tree", daemon=True)
+        reader.start()
+        copied: list[tuple[S3URL, Path]] = []
+        rest: list[tuple[S3URL, Path]] = []
+        try:
+            for url, path in pairs:
+                rel = url.key[len(prefix.key) :]
+                below = url.bucket == prefix.bucket and url.key.startswith(prefix.key)
+                plain = ".." not in rel and _GLOB_CHARS.isdisjoint(rel)
+                if below and plain and _local(path) == base + rel:
+                    copied.append((url, path))
+                else:
+                    rest.append((url, path))
+        except BaseException:
+            child.kill()
+            raise
+        finally:
+            reader.join()
+        if "error" in box:
+            raise box["error"]
+        missing = [(url, path) for url, path in copied if got.get(str(url)) != _local(path)]
+        if missing and len(missing) == len(copied):
+            failure = _whole_failure(box["outcome"], source)
+            if failure is not None:
+                raise failure
+        if missing:
+            log.debug("s5cmd copied %d of %d below %s", len(copied) - len(missing), len(copied), source)
+        retry = missing + rest
+        if not retry:
+            return
+        try:
+            self.get_files(retry, progress=progress)
+        except PartialTransferError:
+            raise
+        except TransferError as exc:
+            total = len(copied) + len(rest)
+            if len(retry) == total:
+                raise
+            # Every pair asked for again failed, the others did not: name these, as get_files would.
+            failures = {str(url): str(exc) for url, _ in retry}
+            shown = "; ".join(f"{url}: {why}" for url, why in list(failures.items())[:5])
+            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+            raise PartialTransferError(
+                f"download failed for {len(retry)} of {total} objects: {shown}{more}",
+                failures,
+                code=exc.code,
+            ) from None
 
     def iter_objects(
         self, url: S3URL, *, recursive: bool = True

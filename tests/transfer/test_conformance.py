@@ -188,7 +188,17 @@ def test_missing_key_is_a_typed_error(transfer: Transfer, bucket: S3URL, tmp_pat
     with pytest.raises(NoSuchKeyError):
         ops.download(transfer, bucket.join("missing"), tmp_path / "m")
     with pytest.raises(NoSuchKeyError):
-        ops.download(transfer, bucket.join("empty/"), tmp_path / "d", recursive=True)
+        ops.download(transfer, bucket.join("empty/"), tmp_path / "d" / "e", recursive=True)
+    assert not (tmp_path / "d").exists()  # not even the temporary directory of a prefix download
+
+
+def test_missing_bucket_in_a_prefix_download_is_a_typed_error(
+    transfer: Transfer, tmp_path: Path
+) -> None:
+    missing = S3URL(f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}", "run/")
+    with pytest.raises(NoSuchBucketError):
+        ops.download(transfer, missing, tmp_path / "d", recursive=True)
+    assert not (tmp_path / "d").exists()
 
 
 def test_partial_failure_names_each_item(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
@@ -289,6 +299,7 @@ def test_tree_upload_skips_what_a_walk_skips(transfer: Transfer, bucket: S3URL, 
     cases: dict[str, Any] = {
         "state dir": lambda src: make_tree(src, {".runctl/journal.jsonl": b"{}"}),
         "interrupted download": lambda src: make_tree(src, {".runctl-tmp-0123": b"partial"}),
+        "interrupted prefix download": lambda src: make_tree(src, {".runctl-tmp-x1/a": b"part"}),
         "dir symlink": lambda src: (src / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True),
         "fifo": lambda src: os.mkfifo(src / "pipe"),
         "dangling symlink": lambda src: (src / "dangling").symlink_to(tmp_path / "missing"),

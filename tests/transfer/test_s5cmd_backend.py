@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -800,3 +801,122 @@ def test_a_file_gone_before_the_directory_copy_is_named(
         t.put_tree(src, pairs)
     assert list(caught.value.failures) == [str(bucket.join("t", "f005.bin"))]
     assert len(keys_in(s3_server, bucket)) == 69
+
+
+# -- a prefix download: one wildcard copy into a directory given up to it ---------------------
+
+
+def put_keys(server: S3Server, bucket: S3URL, keys: list[str]) -> dict[str, bytes]:
+    client = server.client()
+    bodies = {key: f"{i}:{key}".encode() for i, key in enumerate(keys)}
+    for key, body in bodies.items():
+        client.put_object(Bucket=bucket.bucket, Key=key, Body=body)
+    return bodies
+
+
+def subcommands(calls: Path) -> list[str]:
+    """The s5cmd command of each logged argv (the word after the endpoint URL)."""
+    return [line.split(" --endpoint-url ")[1].split()[1] for line in calls.read_text().splitlines()]
+
+
+def test_a_prefix_downloads_in_one_wildcard_copy_beside_the_listing(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # By name, s5cmd 2.3.0 sends a HEAD before each GET and `run` parses a line per object.
+    from runctl.transfer import ops
+
+    keys = [f"run/d{i % 3}/f{i:03d}.bin" for i in range(70)] + ["run/v1..2.pt"]
+    bodies = put_keys(s3_server, bucket, [*keys, "runner/not-below.bin"])
+    calls = tmp_path / "argv.log"
+    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    t = S5cmdTransfer(s3_server.config(), binary=fake)
+    out = tmp_path / "out"
+    got = ops.download(t, bucket.join("run/"), out, recursive=True)
+    assert sorted(str(url) for url, _ in got) == sorted(str(bucket.join(k)) for k in keys)
+    for key in keys:
+        assert (out / key[len("run/") :]).read_bytes() == bodies[key]
+    # The copy, then the listing started beside it; the key with ".." in it came by name.
+    assert sorted(subcommands(calls)) == ["cp", "ls", "run"]
+    (copy,) = [line for line in calls.read_text().splitlines() if " cp " in line]
+    assert f" cp --concurrency 5 --exclude *..* {bucket}run/* {out}/.runctl-tmp-" in copy
+    assert sorted(os.listdir(out)) == ["d0", "d1", "d2", "v1..2.pt"]  # the stage is gone
+    listed = {o.key: o for o in t.iter_objects(bucket.join("run/")) if isinstance(o, ObjectInfo)}
+    for key in keys:
+        mtime = (out / key[len("run/") :]).stat().st_mtime
+        assert mtime == pytest.approx(listed[key].last_modified.timestamp(), abs=1e-3)
+
+
+def test_a_prefix_copy_writes_only_inside_its_root(moto_server: S3Server, tmp_path: Path) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    tag = f"esc-{os.getpid()}-{time.monotonic_ns()}"
+    hostile = [f"run/a/../../{tag}-1", f"run/../{tag}-2", f"run/x/../../../{tag}-3"]
+    safe = [f"run/f{i:03d}.bin" for i in range(5)]
+    bodies = put_keys(moto_server, bucket, [*hostile, *safe])
+    root = tmp_path / "a" / "b" / "root"
+    root.mkdir(parents=True)
+    t = S5cmdTransfer(moto_server.config())
+    # The caller asks only for the safe keys; the copy sees the hostile ones too.
+    t.get_tree(bucket.join("run/"), root, [(bucket.join(k), root / k[4:]) for k in safe])
+    for key in safe:
+        assert (root / key[4:]).read_bytes() == bodies[key]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(root).as_posix() for p in written) == [k[4:] for k in safe]
+    assert not any(tag in p.name for d in (Path.cwd(), Path("/tmp")) for p in d.iterdir())
+
+
+def test_a_pair_the_prefix_copy_missed_is_asked_for_by_name_and_named(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    keys = [f"run/f{i:03d}.bin" for i in range(4)]
+    bodies = put_keys(s3_server, bucket, keys)
+    calls = tmp_path / "argv.log"
+    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    t = S5cmdTransfer(s3_server.config(), binary=fake)
+    root = tmp_path / "root"
+    root.mkdir()
+    pairs = [(bucket.join(k), root / k[4:]) for k in [*keys, "run/gone.bin"]]
+    with pytest.raises(PartialTransferError) as caught:
+        t.get_tree(bucket.join("run/"), root, pairs)
+    assert list(caught.value.failures) == [str(bucket.join("run/gone.bin"))]
+    assert caught.value.code == "NoSuchKey"
+    for key in keys:
+        assert (root / key[4:]).read_bytes() == bodies[key]
+    assert subcommands(calls) == ["cp", "run"]  # the copy, then only the missed pair by name
+
+
+def test_a_prefix_copy_that_failed_as_a_whole_raises_without_asking_again(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    calls = tmp_path / "argv.log"
+    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    t = S5cmdTransfer(s3_server.config(), binary=fake)
+    missing = S3URL(f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}", "run/")
+    root = tmp_path / "root"
+    root.mkdir()
+    pairs = [(missing.join(f"f{i}"), root / f"f{i}") for i in range(3)]
+    with pytest.raises(NoSuchBucketError):
+        t.get_tree(missing, root, pairs)
+    assert subcommands(calls) == ["cp"]
+
+
+def test_an_error_from_the_pairs_stops_the_prefix_copy(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    fake = wrapper(tmp_path, f'touch "{started}"\nsleep 60\nexec "$REAL" "$@"')
+    t = S5cmdTransfer(s3_server.config(), binary=fake)
+    root = tmp_path / "root"
+    root.mkdir()
+
+    def listing() -> Iterator[tuple[S3URL, Path]]:
+        yield bucket.join("run/a"), root / "a"
+        deadline = time.monotonic() + 20
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise EndpointError("the listing broke off")
+
+    began = time.monotonic()
+    with pytest.raises(EndpointError, match="the listing broke off"):
+        t.get_tree(bucket.join("run/"), root, listing())
+    assert time.monotonic() - began < 20  # the sleeping copy was killed, not waited for
+    assert started.exists() and not t._children

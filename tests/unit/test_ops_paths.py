@@ -106,3 +106,42 @@ def test_name_max_comes_from_the_filesystem(tmp_path: Path) -> None:
     safe_local_path(tmp_path, "n" * limit)
     with pytest.raises(UnsafeKeyError, match="longer than the filesystem allows"):
         safe_local_path(tmp_path, "n" * (limit + 1))
+
+
+def test_a_file_moves_into_place_across_filesystems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prefix download stages inside the destination; a mount point below it makes the
+    # rename fail with EXDEV, and the file is then copied beside its place and renamed.
+    import errno
+
+    from runctl.transfer import ops
+
+    staged, final = tmp_path / "stage" / "a.bin", tmp_path / "mnt" / "a.bin"
+    staged.parent.mkdir()
+    final.parent.mkdir()
+    staged.write_bytes(b"weights")
+    os.utime(staged, (1_600_000_000, 1_600_000_000))
+    final.write_bytes(b"old")
+    real_replace = os.replace
+    calls: list[tuple[str, str]] = []
+
+    def replace(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        calls.append((Path(src).parent.name, Path(dst).parent.name))
+        if Path(src) == staged:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ops.os, "replace", replace)
+    ops._move_into_place(staged, final)
+    assert final.read_bytes() == b"weights"
+    assert final.stat().st_mtime == 1_600_000_000
+    assert calls == [("stage", "mnt"), ("mnt", "mnt")]  # the copy went beside its place first
+    assert sorted(p.name for p in final.parent.iterdir()) == ["a.bin"]
+
+    def refuse(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ops.os, "replace", refuse)  # any other error is the caller's to report
+    with pytest.raises(PermissionError):
+        ops._move_into_place(staged, final)

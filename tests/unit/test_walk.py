@@ -30,6 +30,7 @@ def test_odd_entries_are_reported_and_only_file_symlinks_are_sent(tmp_path: Path
     _touch(root / "plain.bin")
     _touch(root / ".runctl" / "journal.jsonl")
     _touch(root / ".runctl-tmp-0123")
+    _touch(root / ".runctl-tmp-k3j9x2/d/part.bin")  # an interrupted prefix download's directory
     _touch(root / "sub" / ".runctl" / "lock")
     (root / "dirlink").symlink_to(outside, target_is_directory=True)
     (root / "filelink.bin").symlink_to(outside / "target.bin")
@@ -39,7 +40,8 @@ def test_odd_entries_are_reported_and_only_file_symlinks_are_sent(tmp_path: Path
     walked = [rel for rel, _ in _walk_files(root, odd)]
     assert walked == ["filelink.bin", "plain.bin"]
     assert sorted(p.relative_to(root).as_posix() for p in odd) == [
-        ".runctl", ".runctl-tmp-0123", "dangling", "dirlink", "filelink.bin", "pipe", "sub/.runctl",
+        ".runctl", ".runctl-tmp-0123", ".runctl-tmp-k3j9x2", "dangling", "dirlink", "filelink.bin",
+        "pipe", "sub/.runctl",
     ]
     # Without a list for odd entries, the same files are sent (and the rest logged).
     assert [rel for rel, _ in _walk_files(root)] == walked
