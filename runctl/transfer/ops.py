@@ -85,7 +85,8 @@ class _Destination:
         self.root = Path(root)
         self._limits: tuple[int, int] | None = None
         self._real_root: Path | None = None
-        self._parents: dict[Path, Path] = {}
+        #: relative parent directory -> (its path, the byte length of its resolved path)
+        self._parents: dict[str, tuple[Path, int]] = {}
 
     def path_for(self, rel_key: str) -> Path:
         def unsafe(reason: str) -> UnsafeKeyError:
@@ -120,23 +121,27 @@ class _Destination:
                 raise unsafe(
                     f"component of {len(os.fsencode(part))} bytes is longer than the filesystem allows ({name_max})"
                 )
-        candidate = self.root.joinpath(*parts)
+        parent_rel, _, name = rel_key.rpartition("/")
         try:
-            if self._real_root is None:
-                self._real_root = self.root.resolve()
-            real_root = self._real_root
-            real_parent = self._parents.get(candidate.parent)
-            if real_parent is None:
-                real_parent = self._parents[candidate.parent] = candidate.parent.resolve()
+            known = self._parents.get(parent_rel)
+            if known is None:
+                if self._real_root is None:
+                    self._real_root = self.root.resolve()
+                parent = self.root.joinpath(*parts[:-1])
+                real_parent = parent.resolve()
+                if not _is_within(real_parent, self._real_root):
+                    raise unsafe(
+                        f"its directory resolves to {str(real_parent)!r}, "
+                        f"outside {str(self._real_root)!r}"
+                    )
+                resolved = os.fsencode(str(real_parent)).rstrip(b"/")  # "/" itself: b""
+                known = self._parents[parent_rel] = (parent, len(resolved))
         except (OSError, RuntimeError) as exc:  # symlink loops
             raise unsafe(f"cannot resolve its directory: {exc}") from None
-        if not _is_within(real_parent, real_root):
-            raise unsafe(
-                f"its directory resolves to {str(real_parent)!r}, outside {str(real_root)!r}"
-            )
-        if len(os.fsencode(str(real_parent / parts[-1]))) >= path_max:
+        parent, parent_bytes = known
+        if parent_bytes + 1 + len(os.fsencode(name)) >= path_max:
             raise unsafe("the local path is longer than the filesystem allows")
-        return candidate
+        return parent / name
 
 
 # -- filters and walking ----------------------------------------------------------------------
@@ -413,8 +418,8 @@ def _fetch_into(
     progress: ProgressCallback | None,
 ) -> list[tuple[S3URL, Path]]:
     staged: list[tuple[ObjectInfo | None, S3URL, Path, Path]] = []
-    stage_dirs: set[Path] = set()
-    contained: dict[Path, bool] = {}  # parent -> resolves inside, checked once per batch
+    stage_dirs: set[str] = {""}  # relative directories made in the stage
+    contained: dict[str, bool] = {}  # parent -> resolves inside, checked once per batch
     listing_failed = False
 
     def checked() -> Iterator[tuple[S3URL, Path]]:
@@ -437,28 +442,30 @@ def _fetch_into(
             yield url, tmp
 
     def _staging_path(url: S3URL, final: Path) -> Path:
-        parent = final.parent
+        parent = str(final).rpartition(os.sep)[0] or os.sep  # a string: cheaper than .parent
         if parent not in contained:
-            parent.mkdir(parents=True, exist_ok=True)
+            Path(parent).mkdir(parents=True, exist_ok=True)
             # Re-check after creating directories: nothing may have become a symlink out of the root.
-            contained[parent] = _is_within(parent.resolve(), real_root)
+            contained[parent] = _is_within(Path(parent).resolve(), real_root)
         if not contained[parent]:
             raise UnsafeKeyError(
                 f"unsafe key {url.key!r}: its directory resolves outside {str(real_root)!r}"
             )
-        if final.is_dir() and not final.is_symlink():
-            raise TransferError(f"cannot write {str(final)!r}: a directory is in the way")
         if stage is None or tree is None:
+            if final.is_dir() and not final.is_symlink():
+                raise TransferError(f"cannot write {str(final)!r}: a directory is in the way")
             return _tmp_name(final)
+        # A directory in the way fails the move into place (not checked here, while s5cmd
+        # downloads: one stat per file on the same cores).
         # The key below the prefix, checked safe as the final path's part below the root.
         rel = url.key[len(tree.key) :]
         if rel.split("/", 1)[0] == stage.name:
             raise UnsafeKeyError(f"unsafe key {url.key!r}: it names runctl's temporary directory")
-        tmp = stage / rel
-        if tmp.parent not in stage_dirs:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            stage_dirs.add(tmp.parent)
-        return tmp
+        parent_rel = rel.rpartition("/")[0]
+        if parent_rel not in stage_dirs:
+            (stage / parent_rel).mkdir(parents=True, exist_ok=True)
+            stage_dirs.add(parent_rel)
+        return stage / rel
 
     batch_failures: dict[str, str] = {}
     try:

@@ -1028,15 +1028,16 @@ class S5cmdTransfer:
 
         reader = threading.Thread(target=drain, name="runctl-s5cmd-tree", daemon=True)
         reader.start()
-        copied: list[tuple[S3URL, Path]] = []
+        copied: list[tuple[S3URL, Path, str]] = []  # with the path s5cmd will write
         rest: list[tuple[S3URL, Path]] = []
         try:
             for url, path in pairs:
                 rel = url.key[len(prefix.key) :]
                 below = url.bucket == prefix.bucket and url.key.startswith(prefix.key)
                 plain = ".." not in rel and _GLOB_CHARS.isdisjoint(rel)
-                if below and plain and _local(path) == base + rel:
-                    copied.append((url, path))
+                dst = base + rel
+                if below and plain and _local(path) == dst:
+                    copied.append((url, path, dst))
                 else:
                     rest.append((url, path))
         except BaseException:
@@ -1046,7 +1047,7 @@ class S5cmdTransfer:
             reader.join()
         if "error" in box:
             raise box["error"]
-        missing = [(url, path) for url, path in copied if got.get(str(url)) != _local(path)]
+        missing = [(url, path) for url, path, dst in copied if got.get(str(url)) != dst]
         if missing and len(missing) == len(copied):
             failure = _whole_failure(box["outcome"], source)
             if failure is not None:
