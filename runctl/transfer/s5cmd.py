@@ -1040,11 +1040,11 @@ class S5cmdTransfer:
                     copied.append((url, path, dst))
                 else:
                     rest.append((url, path))
-        except BaseException:
-            child.kill()
-            raise
-        finally:
             reader.join()
+        except BaseException:  # the listing failed, or Ctrl-C: stop the copy too
+            child.kill()
+            reader.join()
+            raise
         if "error" in box:
             raise box["error"]
         missing = [(url, path) for url, path, dst in copied if got.get(str(url)) != dst]
