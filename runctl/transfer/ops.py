@@ -434,14 +434,14 @@ def _fetch_into(
                 listing_failed = True
                 raise
             try:
-                tmp = _staging_path(url, final)
+                tmp = staging_path(url, final)
             except (OSError, TransferError) as exc:
                 failures[str(url)] = str(exc)
                 continue
             staged.append((info, url, final, tmp))
             yield url, tmp
 
-    def _staging_path(url: S3URL, final: Path) -> Path:
+    def staging_path(url: S3URL, final: Path) -> Path:
         parent = str(final).rpartition(os.sep)[0] or os.sep  # a string: cheaper than .parent
         if parent not in contained:
             Path(parent).mkdir(parents=True, exist_ok=True)
@@ -563,8 +563,9 @@ def download(
     """Download one object, or (recursive) every object below a prefix, never outside ``dest``.
 
     One object goes to ``dest`` (or ``dest/<name>`` when ``dest`` is a directory). A prefix
-    goes to ``dest/<key relative to the prefix>``. Files appear atomically (temp name in the
-    same directory, then rename). Unsafe keys are skipped; the rest is downloaded first.
+    goes to ``dest/<key relative to the prefix>``. Files appear atomically: written under a
+    temporary name inside ``dest`` (a prefix: one temporary directory, which the backend may
+    fill with one command), then renamed. Unsafe keys are skipped; the rest is downloaded first.
 
     Raises:
         UsageError: a prefix without ``recursive``.
