@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,18 @@ def part_size_for(size: int, default: int = DEFAULT_PART_SIZE) -> int:
     needed = math.ceil(size / MAX_PARTS) if size > 0 else 0
     return max(default, math.ceil(needed / MiB) * MiB)
 
+
+
+def failure_summary(failures: Mapping[str, str], shown: int = 5) -> str:
+    """The first ``shown`` failures as ``name: reason`` pairs, then how many more there are.
+
+    Example:
+        >>> failure_summary({"s3://b/a": "NoSuchKey", "s3://b/c": "AccessDenied"}, shown=1)
+        's3://b/a: NoSuchKey (and 1 more)'
+    """
+    first = itertools.islice(failures.items(), shown)
+    head = "; ".join(f"{name}: {reason}" for name, reason in first)
+    return head + (f" (and {len(failures) - shown} more)" if len(failures) > shown else "")
 
 @dataclass(frozen=True)
 class ObjectInfo:

@@ -30,6 +30,7 @@ from runctl.transfer.base import (
     PrefixInfo,
     ProgressCallback,
     Transfer,
+    failure_summary,
     part_size_for,
 )
 
@@ -167,11 +168,9 @@ def raise_batch(errors: dict[str, TransferError], total: int, action: str) -> No
             if kind is not TransferError:
                 raise first
     failures = {name: str(err) for name, err in errors.items()}
-    shown = "; ".join(f"{name}: {reason}" for name, reason in itertools.islice(failures.items(), 5))
-    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
     codes = {e.code for e in errors.values()}
     raise PartialTransferError(
-        f"{action}: {len(failures)} of {total} failed: {shown}{more}",
+        f"{action}: {len(failures)} of {total} failed: {failure_summary(failures)}",
         failures,
         code=codes.pop() if len(codes) == 1 else None,
     )

@@ -23,7 +23,13 @@ from runctl.exceptions import (
     UsageError,
 )
 from runctl.s3url import S3URL
-from runctl.transfer.base import ObjectInfo, PrefixInfo, ProgressCallback, Transfer
+from runctl.transfer.base import (
+    ObjectInfo,
+    PrefixInfo,
+    ProgressCallback,
+    Transfer,
+    failure_summary,
+)
 
 log = logging.getLogger("runctl.transfer")
 
@@ -221,10 +227,8 @@ def _chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
 def _raise_collected(failures: dict[str, str], total: int, action: str) -> None:
     if not failures:
         return
-    shown = "; ".join(f"{name}: {reason}" for name, reason in itertools.islice(failures.items(), 5))
-    more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
     raise PartialTransferError(
-        f"{action}: {len(failures)} of {total} failed: {shown}{more}", failures
+        f"{action}: {len(failures)} of {total} failed: {failure_summary(failures)}", failures
     )
 
 

@@ -49,6 +49,7 @@ from runctl.transfer.base import (
     ObjectInfo,
     PrefixInfo,
     ProgressCallback,
+    failure_summary,
     part_size_for,
 )
 from runctl.transfer.boto import map_error
@@ -822,9 +823,8 @@ class S5cmdTransfer:
         found = {codes[j] for j in failed}
         common = found.pop() if len(found) == 1 else None
         noun = "object" if len(jobs) == 1 else "objects"
-        summary = "; ".join(f"{url}: {why}" for url, why in list(failures.items())[:5])
-        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-        message = scrub(f"{op} failed for {len(failed)} of {len(jobs)} {noun}: {summary}{more}")
+        summary = failure_summary(failures)
+        message = scrub(f"{op} failed for {len(failed)} of {len(jobs)} {noun}: {summary}")
         cls = error_class(common, " ".join(failures.values()))
         if len(failed) == len(jobs) and cls is not TransferError:
             raise cls(message, code=common, url=failed[0].url)
@@ -1001,9 +1001,9 @@ class S5cmdTransfer:
             >>> t.get_tree(S3URL.parse("s3://b/run/"), Path("stage"), [(S3URL.parse("s3://b/run/a.pt"), Path("stage/a.pt"))])  # doctest: +SKIP
         """
         base = _local(root) + os.sep
-        plain = not prefix.key or prefix.key.endswith("/")
+        at_slash = not prefix.key or prefix.key.endswith("/")
         names = prefix.key + base
-        if not plain or not _GLOB_CHARS.isdisjoint(names) or not _fits_run_line(names):
+        if not at_slash or not _GLOB_CHARS.isdisjoint(names) or not _fits_run_line(names):
             self.get_files(list(pairs), progress=progress)
             return
         source = f"s3://{prefix.bucket}/{prefix.key}*"
@@ -1067,10 +1067,8 @@ class S5cmdTransfer:
                 raise
             # Every pair asked for again failed, the others did not: name these, as get_files would.
             failures = {str(url): str(exc) for url, _ in retry}
-            shown = "; ".join(f"{url}: {why}" for url, why in list(failures.items())[:5])
-            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
             raise PartialTransferError(
-                f"download failed for {len(retry)} of {total} objects: {shown}{more}",
+                f"download failed for {len(retry)} of {total} objects: {failure_summary(failures)}",
                 failures,
                 code=exc.code,
             ) from None

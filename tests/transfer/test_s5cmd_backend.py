@@ -65,6 +65,12 @@ def wrapper(tmp_path: Path, body: str, name: str = "fake-s5cmd") -> str:
     return str(script)
 
 
+def recording_wrapper(tmp_path: Path) -> tuple[str, Path]:
+    """The real s5cmd behind a script that appends each argv to a log: (script, log)."""
+    calls = tmp_path / "argv.log"
+    return wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"'), calls
+
+
 def make_files(root: Path, names: list[str]) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -747,8 +753,7 @@ def test_numworkers_follow_the_batch(s3_server: S3Server, bucket: S3URL, tmp_pat
     assert batch_numworkers([None] * 65) == 256
     assert batch_numworkers([None] * 100 + [60 * MiB]) == 32
 
-    calls = tmp_path / "argv.log"
-    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    fake, calls = recording_wrapper(tmp_path)
     paths = make_files(tmp_path / "src", ["a.pt", "b.pt"])
     pairs = [(p, bucket.join(p.name)) for p in paths]
     S5cmdTransfer(s3_server.config(), binary=fake).put_files(pairs)
@@ -768,8 +773,7 @@ def test_a_plain_tree_of_small_files_goes_up_as_one_directory_copy(
     # `s5cmd run` costs ~0.3 ms of CPU per cp line; a plain tree needs only one command.
     from runctl.transfer import ops
 
-    calls = tmp_path / "argv.log"
-    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    fake, calls = recording_wrapper(tmp_path)
     src = tmp_path / "src"
     make_files(src / "d", [f"f{i:03d}.bin" for i in range(70)])
     t = S5cmdTransfer(s3_server.config(), binary=fake)
@@ -827,8 +831,7 @@ def test_a_prefix_downloads_in_one_wildcard_copy_beside_the_listing(
 
     keys = [f"run/d{i % 3}/f{i:03d}.bin" for i in range(70)] + ["run/v1..2.pt"]
     bodies = put_keys(s3_server, bucket, [*keys, "runner/not-below.bin"])
-    calls = tmp_path / "argv.log"
-    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    fake, calls = recording_wrapper(tmp_path)
     t = S5cmdTransfer(s3_server.config(), binary=fake)
     out = tmp_path / "out"
     got = ops.download(t, bucket.join("run/"), out, recursive=True)
@@ -869,8 +872,7 @@ def test_a_pair_the_prefix_copy_missed_is_asked_for_by_name_and_named(
 ) -> None:
     keys = [f"run/f{i:03d}.bin" for i in range(4)]
     bodies = put_keys(s3_server, bucket, keys)
-    calls = tmp_path / "argv.log"
-    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    fake, calls = recording_wrapper(tmp_path)
     t = S5cmdTransfer(s3_server.config(), binary=fake)
     root = tmp_path / "root"
     root.mkdir()
@@ -887,8 +889,7 @@ def test_a_pair_the_prefix_copy_missed_is_asked_for_by_name_and_named(
 def test_a_prefix_copy_that_failed_as_a_whole_raises_without_asking_again(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
-    calls = tmp_path / "argv.log"
-    fake = wrapper(tmp_path, f'echo "$@" >> "{calls}"\nexec "$REAL" "$@"')
+    fake, calls = recording_wrapper(tmp_path)
     t = S5cmdTransfer(s3_server.config(), binary=fake)
     missing = S3URL(f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}", "run/")
     root = tmp_path / "root"
