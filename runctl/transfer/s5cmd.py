@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import json
@@ -989,10 +990,11 @@ class S5cmdTransfer:
         s5cmd joins each key to ``root`` unchecked (peak/s5cmd#872), so ``--exclude '*..*'``
         keeps every key with ``..`` in it out of the copy: nothing lands outside ``root``.
         Those keys, any other pair the copy cannot write to its path (wildcard characters, a
-        path not at ``root`` plus the key), and any pair it did not report done then go
-        through ``get_files``, whose errors are the ones raised. A copy that got nothing done
-        for a cause that is the same for every object (a missing bucket, credentials, the
-        endpoint) raises that at once.
+        path not at ``root`` plus the key), any pair it did not report done, and any pair
+        whose path it reports writing for another object too (s5cmd cleans ``p/./c`` to the
+        path of ``p/c``) then go through ``get_files``, whose errors are the ones raised. A
+        copy that got nothing done for a cause that is the same for every object (a missing
+        bucket, credentials, the endpoint) raises that at once.
 
         Raises:
             PartialTransferError: naming every pair that failed.
@@ -1047,7 +1049,15 @@ class S5cmdTransfer:
             raise
         if "error" in box:
             raise box["error"]
-        missing = [(url, path) for url, path, dst in copied if got.get(str(url)) != dst]
+        # s5cmd cleans each joined path, so an object the caller did not ask for (``p/./c``,
+        # ``p//c``, ``p/c/.``) is written over the one it did (``p/c``), and the last to finish
+        # wins. A path written more than once is fetched again by name.
+        writers = collections.Counter(got.values())
+        missing = [
+            (url, path)
+            for url, path, dst in copied
+            if got.get(str(url)) != dst or writers[dst] > 1
+        ]
         if missing and len(missing) == len(copied):
             failure = _whole_failure(box["outcome"], source)
             if failure is not None:

@@ -147,3 +147,26 @@ def test_hostile_keys_never_escape(
         if len(present) > 1:
             assert result is not None and result.exit_code == 1
             assert "unsafe" in result.stderr.lower() or "skipped" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_key_that_cleans_to_another_keys_path_never_replaces_its_content(
+    moto_server: S3Server, backend: str, tmp_path: Path
+) -> None:
+    # "run/./c03" names the same path as "run/c03" once cleaned: the safe key must arrive with
+    # its own bytes, whichever of the two a backend finishes last; the other is refused.
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    wanted = [f"run/c{i:02d}" for i in range(24)]
+    twins = [(f"run/./c{i:02d}", f"run//c{i:02d}", f"run/c{i:02d}/.")[i % 3] for i in range(24)]
+    for key in [*wanted, *twins]:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    dest = tmp_path / "dest"
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    result = run(
+        "--endpoint-url", moto_server.endpoint_url,
+        "s3", "download", f"s3://{bucket}/run/", str(dest), "--recursive", flag,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.stderr
+    assert "unsafe" in result.stderr.lower()
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == {k[4:]: k.encode() for k in wanted}

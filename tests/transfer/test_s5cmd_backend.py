@@ -867,6 +867,26 @@ def test_a_prefix_copy_writes_only_inside_its_root(moto_server: S3Server, tmp_pa
     assert not any(tag in p.name for d in (Path.cwd(), Path("/tmp")) for p in d.iterdir())
 
 
+def test_an_object_the_copy_wrote_over_a_wanted_one_is_fetched_again(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # s5cmd cleans each joined path: "run/./c0", "run//c1" and "run/c2/." land on the paths of
+    # "run/c0", "run/c1" and "run/c2", and whichever finishes last is the file left there.
+    bucket = S3URL(moto_server.new_bucket())
+    wanted = [f"run/c{i:02d}" for i in range(24)]
+    twins = [
+        (f"run/./c{i:02d}", f"run//c{i:02d}", f"run/c{i:02d}/.")[i % 3] for i in range(24)
+    ]
+    bodies = put_keys(moto_server, bucket, [*wanted, *twins])
+    fake, calls = recording_wrapper(tmp_path)
+    t = S5cmdTransfer(moto_server.config(), binary=fake)
+    root = tmp_path / "root"
+    root.mkdir()
+    t.get_tree(bucket.join("run/"), root, [(bucket.join(k), root / k[4:]) for k in wanted])
+    assert {k: (root / k[4:]).read_bytes() for k in wanted} == {k: bodies[k] for k in wanted}
+    assert subcommands(calls) == ["cp", "run"]  # the copy, then the written-over ones by name
+
+
 def test_a_pair_the_prefix_copy_missed_is_asked_for_by_name_and_named(
     s3_server: S3Server, bucket: S3URL, tmp_path: Path
 ) -> None:
