@@ -56,6 +56,19 @@ def test_quick_benchmarks_fill_every_row_of_the_table_and_the_json(tmp_path: Pat
             assert row[key], (row["id"], key)
     assert doc["meta"]["mode"] == "tiny"
 
+    # Rows 3 carry the ratio of a command that only started: s5cmd's time plus runctl's
+    # start-up beyond s5cmd's (row 6b less `s5cmd version`), from this run's own numbers.
+    rows = {row["id"]: row for row in doc["rows"]}
+    startup = rows["6b"]["data"]
+    extra = startup["runctl s3 list --help"]["median_s"] - startup["s5cmd version"]["median_s"]
+    for rid in ("3a", "3b", "3c", "3d", "3e", "3f"):
+        row = rows[rid]
+        assert row["data"]["startup_extra_s"] == pytest.approx(max(0.0, extra)), rid
+        s5 = row["data"]["s5cmd cp"]["median_s"]
+        floor = (s5 + row["data"]["startup_extra_s"]) / s5
+        assert f"start-up floor {floor:.2f}×" in row["ratios"], (rid, row["ratios"], floor)
+    assert "start-up floor" in rows["3a"]["note"]
+
 
 def test_server_storage_prefers_the_request_then_roomy_tmpfs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
