@@ -705,7 +705,7 @@ def bench_transfers(b: Bench) -> None:
                     row.data["startup_extra_s"] = b.startup_extra
             if letter == "a" and b.startup_extra is not None:
                 row.note = (
-                    "3a-3f: 'start-up floor' = (s5cmd + runctl's start-up beyond s5cmd's) / "
+                    "for 3a-3f, 'start-up floor' = (s5cmd + runctl's start-up beyond s5cmd's) / "
                     f"s5cmd, where that start-up is row 6b less `s5cmd version` "
                     f"({fmt_s(b.startup_extra)}): the ratio of a runctl command that did "
                     "nothing but start, before it reads a file or a key"
