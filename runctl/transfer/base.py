@@ -35,7 +35,6 @@ def part_size_for(size: int, default: int = DEFAULT_PART_SIZE) -> int:
     return max(default, math.ceil(needed / MiB) * MiB)
 
 
-
 def failure_summary(failures: Mapping[str, str], shown: int = 5) -> str:
     """The first ``shown`` failures as ``name: reason`` pairs, then how many more there are.
 
@@ -46,6 +45,7 @@ def failure_summary(failures: Mapping[str, str], shown: int = 5) -> str:
     first = itertools.islice(failures.items(), shown)
     head = "; ".join(f"{name}: {reason}" for name, reason in first)
     return head + (f" (and {len(failures) - shown} more)" if len(failures) > shown else "")
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
