@@ -124,16 +124,20 @@ class Arm:
 
 
 def alternate(arms: Sequence[Arm], log: Callable[[str], None]) -> None:
-    """Run the arms interleaved, A B C A B C …, so drift on a noisy machine hits every arm alike.
+    """Run the arms interleaved, so drift on a noisy machine hits every arm alike.
 
+    Each round starts one arm later among those still running (A B C, B C A, C A B; with two
+    left, A B then B A): no arm always runs first, or always right after the same other one.
     Dirty pages are synced before every timed run, so no arm pays for the previous one's writes.
 
     An arm that fails stops (its error is kept); the others go on.
     """
     for rep in range(max((arm.reps for arm in arms), default=0)):
-        for arm in arms:
-            if rep >= arm.reps or arm.error is not None:
-                continue
+        active = [arm for arm in arms if rep < arm.reps and arm.error is None]
+        if not active:
+            continue
+        shift = rep % len(active)
+        for arm in [*active[shift:], *active[:shift]]:
             try:
                 if arm.setup:
                     arm.setup(rep)
