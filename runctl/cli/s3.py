@@ -188,12 +188,15 @@ def upload_files(
     seconds = time.monotonic() - started
     moved = 0
     prefix = "(dry run) " if dry_run else ""
+    shown: list[str] = []
     for path, dest in pairs:
         size = _size_of(path)
         moved += size
-        s.out.record("upload", source=str(path), destination=str(dest), size=size, dry_run=dry_run)
-        if not s.out.quiet:
-            s.out.line(f"{prefix}upload: {path} -> {dest}")
+        if s.out.json:
+            s.out.record("upload", source=str(path), destination=str(dest), size=size, dry_run=dry_run)
+        elif not s.out.quiet:
+            shown.append(f"{prefix}upload: {path} -> {dest}")
+    s.out.lines(shown)
     s.out.record(
         "summary",
         action="upload",
@@ -295,12 +298,15 @@ def download_files(
     seconds = time.monotonic() - started
     moved = 0
     prefix = "(dry run) " if dry_run else ""
+    shown: list[str] = []
     for src, path in pairs:
         size = 0 if dry_run else _size_of(path)
         moved += size
-        s.out.record("download", source=str(src), destination=str(path), size=size, dry_run=dry_run)
-        if not s.out.quiet:
-            s.out.line(f"{prefix}download: {src} -> {path}")
+        if s.out.json:
+            s.out.record("download", source=str(src), destination=str(path), size=size, dry_run=dry_run)
+        elif not s.out.quiet:
+            shown.append(f"{prefix}download: {src} -> {path}")
+    s.out.lines(shown)
     s.out.record(
         "summary",
         action="download",
@@ -425,14 +431,14 @@ def sync_tree(
         )
     seconds = time.monotonic() - started
     prefix = "(dry run) " if dry_run else ""
-    for src, dst in plan.copy:
-        s.out.record("copy", source=src, destination=dst, dry_run=dry_run)
-        if not s.out.quiet:
-            s.out.line(f"{prefix}copy: {src} -> {dst}")
-    for target in plan.delete:
-        s.out.record("delete", target=target, dry_run=dry_run)
-        if not s.out.quiet:
-            s.out.line(f"{prefix}delete: {target}")
+    if s.out.json:
+        for src, dst in plan.copy:
+            s.out.record("copy", source=src, destination=dst, dry_run=dry_run)
+        for target in plan.delete:
+            s.out.record("delete", target=target, dry_run=dry_run)
+    elif not s.out.quiet:
+        s.out.lines(f"{prefix}copy: {src} -> {dst}" for src, dst in plan.copy)
+        s.out.lines(f"{prefix}delete: {target}" for target in plan.delete)
     for skipped_url, reason in plan.skipped:
         s.out.record("skipped", url=skipped_url, reason=reason)
         s.out.warn(f"skipped {skipped_url}: {reason}")

@@ -315,6 +315,55 @@ def test_sync_up_then_down_with_delete(
     assert "delete: " in down.stdout and "stale.pt" in down.stdout
 
 
+def test_each_file_moved_is_one_line_in_human_mode_one_record_in_json_and_nothing_when_quiet(
+    s3_server: S3Server, bucket: S3URL, backend: str, tree: Path, tmp_path: Path
+) -> None:
+    flag = backend_flag(backend)
+    files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file())
+    url = f"{bucket}lines/"
+
+    up = run_s3(s3_server, "s3", "upload", str(tree), url, "--recursive", flag)
+    assert up.exit_code == 0, up.output
+    moved = [line for line in up.stdout.splitlines() if line.startswith("upload: ")]
+    assert sorted(moved) == sorted(f"upload: {tree / rel} -> {url}{rel}" for rel in files)
+    assert up.stdout.endswith("\n") and not any(
+        line.startswith("{") for line in up.stdout.splitlines()
+    )
+
+    dest = tmp_path / "down"
+    human = run_s3(s3_server, "s3", "download", url, f"{dest}/", "--recursive", flag)
+    assert human.exit_code == 0, human.output
+    moved = [line for line in human.stdout.splitlines() if line.startswith("download: ")]
+    assert sorted(moved) == sorted(f"download: {url}{rel} -> {dest / rel}" for rel in files)
+
+    as_json = run_s3(s3_server, "s3", "download", url, f"{tmp_path / 'j'}/", "-r", flag, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    got = of_type(as_json.stdout, "download")
+    assert sorted((r["source"], r["size"]) for r in got) == sorted(
+        (f"{url}{rel}", (tree / rel).stat().st_size) for rel in files
+    )
+    assert "download: " not in as_json.stdout  # every line parsed as JSON by of_type
+
+    quiet = run_s3(s3_server, "s3", "download", url, f"{tmp_path / 'q'}/", "-r", flag, "--quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == ""
+    assert (
+        sorted(
+            p.relative_to(tmp_path / "q").as_posix()
+            for p in (tmp_path / "q").rglob("*")
+            if p.is_file()
+        )
+        == files
+    )
+
+    (tree / "step_1.pt").write_bytes(b"changed, and longer")
+    synced = run_s3(s3_server, "s3", "sync", str(tree), url, "--direction", "up", flag)
+    assert synced.exit_code == 0, synced.output
+    assert [line for line in synced.stdout.splitlines() if line.startswith("copy: ")] == [
+        f"copy: {tree / 'step_1.pt'} -> {url}step_1.pt"
+    ]
+
+
 def test_list_one_level_recursive_and_summary(
     s3_server: S3Server, bucket: S3URL, backend: str
 ) -> None:
