@@ -110,8 +110,8 @@ class Output:
     def lines(self, texts: Iterable[str]) -> None:
         """Many human data lines in one write; skipped in JSON mode.
 
-        A terminal's stdout is line-buffered: ``line`` for each of 2,000 transferred files is
-        2,000 writes there, and even to a file it cost 5 ms more than this.
+        A terminal's stdout is line-buffered: ``line`` once per transferred file is one write
+        per file there.
 
         Example:
             >>> Output().lines(["upload: a.pt -> s3://b/a.pt", "upload: b.pt -> s3://b/b.pt"])  # doctest: +SKIP
