@@ -885,7 +885,7 @@ class S5cmdTransfer:
             raise PartialTransferError(
                 scrub(
                     f"upload failed for {len(problems)} of {len(pairs)} objects: "
-                    + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
+                    + failure_summary(problems)
                 ),
                 problems,
             )
@@ -965,7 +965,7 @@ class S5cmdTransfer:
             raise PartialTransferError(
                 scrub(
                     f"download failed for {len(problems)} of {len(pairs)} objects: "
-                    + "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
+                    + failure_summary(problems)
                 ),
                 problems,
             )
