@@ -720,9 +720,9 @@ def bench_transfers(b: Bench) -> None:
                     f"({fmt_s(b.startup_extra)}): the ratio of a runctl command that did "
                     "nothing but start, before it reads a file or a key"
                 )
-            if letter == "e" and "least" in arms:
+            if "least" in arms:
                 row.note = (
-                    "for 3e-3f, 'least' = a one-command Typer app (benchmarks/least_download.py) "
+                    "'least' = a one-command Typer app (benchmarks/least_download.py) "
                     "that keeps runctl's download promises with the least work: `s5cmd ls` beside "
                     "one wildcard `s5cmd cp` into a temporary directory, containment checked on "
                     "strings, each file given its object's time and renamed into place, a line "
@@ -956,7 +956,7 @@ def _warm_server(b: Bench, prefix: str, bucket: str = "bench") -> None:
             client.head_object(Bucket=bucket, Key=key)
 
 
-#: The floor of rows 3e/3f: the least a Typer CLI can do to download a prefix with runctl's promises.
+#: The floor of row 3f: the least a Typer CLI can do to download a prefix with runctl's promises.
 LEAST_DOWNLOAD = Path(__file__).with_name("least_download.py")
 LEAST_ARM = "least Typer download"
 
@@ -1003,7 +1003,7 @@ def _download_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str
         reps,
         teardown=check_and_clean("s5cmd"),
     )
-    if ds.is_dir:
+    if ds.is_dir and ds.size < b.sizes.big // 2:  # 3f: 3e sits at its start-up floor
         least = [sys.executable, str(LEAST_DOWNLOAD), t.s5cmd, t.endpoint, src]
         arms["least"] = Arm(
             LEAST_ARM,
