@@ -69,6 +69,13 @@ def test_quick_benchmarks_fill_every_row_of_the_table_and_the_json(tmp_path: Pat
         assert f"start-up floor {floor:.2f}×" in row["ratios"], (rid, row["ratios"], floor)
     assert "start-up floor" in rows["3a"]["note"]
 
+    # Row 2's raw copy is the copy inside each "cp, then read back" repetition, not a third arm.
+    for rid in ("2a", "2b"):
+        arms = rows[rid]["data"]
+        copies, verified = arms["s5cmd cp"]["samples_s"], arms["s5cmd cp + ls/head"]["samples_s"]
+        assert len(copies) == len(verified) > 0, rid
+        assert all(c < v for c, v in zip(copies, verified, strict=True)), (rid, copies, verified)
+
     # The small-file download (3f) also times the least Typer CLI that keeps runctl's promises.
     row = rows["3f"]
     least = row["data"]["least Typer download"]["median_s"]
