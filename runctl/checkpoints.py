@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -273,7 +275,7 @@ def group_s3(
     *,
     treat_unmarked_complete: bool = False,
     read_marker: Callable[[str], bytes] | None = None,
-    read_markers: Callable[[Sequence[str]], Mapping[str, bytes | TransferError]] | None = None,
+    read_markers: Callable[[Iterable[str]], Mapping[str, bytes | TransferError]] | None = None,
 ) -> S3Checkpoints:
     """Group a recursive listing of ``prefix`` into checkpoints and others.
 
@@ -284,8 +286,9 @@ def group_s3(
     A directory checkpoint is complete only when its marker exists (and, when ``read_marker``
     is given, parses and matches the listed files); ``treat_unmarked_complete`` makes marker-less
     directories complete. ``read_marker(key)`` returns the marker's bytes, read as the listing
-    shows each marker; ``read_markers(keys)`` instead reads every marker at once after the
-    listing, mapping each key to its bytes or the error that kept it unread.
+    shows each marker; ``read_markers(keys)`` instead reads every marker in one batch,
+    mapping each key to its bytes or the error that kept it unread: it runs on a thread from
+    the first marker on, and ``keys`` yields each marker as the listing shows it.
 
     Example:
         >>> from datetime import datetime, timezone
@@ -301,10 +304,10 @@ def group_s3(
     dirs: dict[str, list[ObjectInfo]] = {}
     others: list[ObjectInfo] = []
     known: dict[str, bool] = {}
-    # Markers are read as the listing shows them, on threads, while the rest of it arrives;
-    # or, with read_markers, all in one batch once it has.
+    # Markers are read as the listing shows them, while the rest of it arrives: one at a time
+    # on threads, or with read_markers in one batch that takes each as it comes.
     reads = _MarkerReads(read_marker) if read_marker is not None else None
-    marker_keys: list[str] = []
+    batch = _MarkerBatch(read_markers) if read_markers is not None and reads is None else None
     try:
         for obj in objects:
             if not isinstance(obj, ObjectInfo):
@@ -322,9 +325,10 @@ def group_s3(
             elif sep:
                 dirs.setdefault(top, []).append(obj)
                 if rest == MARKER_NAME and obj.size > 0:
-                    marker_keys.append(obj.key)
                     if reads is not None:
                         reads.start(obj.key)
+                    elif batch is not None:
+                        batch.add(obj.key)
             else:
                 step, epoch = parse_step(top)
                 singles.append(
@@ -341,8 +345,8 @@ def group_s3(
                     )
                 )
         reader: Callable[[str], bytes] | None = reads
-        if reader is None and read_markers is not None:
-            reader = _batch_reader(read_markers(marker_keys) if marker_keys else {})
+        if batch is not None:
+            reader = _batch_reader(batch.results())
         checkpoints = singles + [
             _group_dir(name, members, base, treat_unmarked_complete, reader)
             for name, members in dirs.items()
@@ -350,6 +354,8 @@ def group_s3(
     finally:
         if reads is not None:
             reads.close()
+        if batch is not None:
+            batch.end()
     checkpoints.sort(key=Checkpoint.order_key)
     return S3Checkpoints(tuple(checkpoints), tuple(others))
 
@@ -364,6 +370,67 @@ def _batch_reader(found: Mapping[str, bytes | TransferError]) -> Callable[[str],
         raise got if got is not None else TransferError(f"marker {key} was not read")
 
     return read
+
+
+class _MarkerBatch:
+    """``read_markers`` run on a thread from the first key on, fed each key as it comes.
+
+    A 100-checkpoint cleanup read its 100 markers after the listing, in 0.1 s on top of it;
+    fed as the listing shows them, one s5cmd process reads them while the listing goes on.
+
+    Example:
+        >>> batch = _MarkerBatch(lambda keys: {k: b"{}" for k in keys}); batch.add("c-1/m")
+        >>> batch.results()
+        {'c-1/m': b'{}'}
+    """
+
+    _END = object()
+
+    def __init__(
+        self, read_markers: Callable[[Iterable[str]], Mapping[str, bytes | TransferError]]
+    ) -> None:
+        self._read = read_markers
+        self._keys: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._found: Mapping[str, bytes | TransferError] = {}
+        self._error: BaseException | None = None
+        self._ended = False
+
+    def add(self, key: str) -> None:
+        """Hand ``key`` to the batch, starting it with the first."""
+        self._keys.put(key)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="runctl-markers", daemon=True)
+            self._thread.start()
+
+    def _incoming(self) -> Iterator[str]:
+        while (key := self._keys.get()) is not self._END:
+            yield str(key)
+
+    def _run(self) -> None:
+        try:
+            self._found = self._read(self._incoming())
+        except BaseException as exc:  # noqa: BLE001 - raised by results() on the caller's thread
+            self._error = exc
+
+    def end(self) -> None:
+        """No more keys: the batch finishes those it has (a listing that failed waits for none)."""
+        if not self._ended:
+            self._ended = True
+            self._keys.put(self._END)
+
+    def results(self) -> Mapping[str, bytes | TransferError]:
+        """Each key's bytes or the error that kept it unread, once every key is read.
+
+        Raises:
+            TransferError: the batch failed as a whole.
+        """
+        self.end()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._found
 
 
 #: Markers read at once: one small GET each, so a listing of a hundred directory checkpoints

@@ -6,7 +6,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,14 +182,15 @@ def _delete_s3(transfer: Transfer, bucket: str, plan: RetentionPlan) -> None:
 
 
 def read_small_objects(
-    transfer: Transfer, bucket: str, keys: Sequence[str]
+    transfer: Transfer, bucket: str, keys: Iterable[str]
 ) -> dict[str, bytes | TransferError]:
     """Read many small objects (markers) in one batch: each key's bytes, or why it was not read.
 
     One ``get_files`` into a temporary directory: with s5cmd, a single process reads them
     all in parallel. 100 markers one GET at a time on the boto3 client cost 0.1-0.2 s of
     CPU under the GIL (and 0.2 s to import botocore and build the client), most of the time
-    a 100-checkpoint cleanup spent beyond its listing and its deletes.
+    a 100-checkpoint cleanup spent beyond its listing and its deletes. ``keys`` may be lazy
+    (still coming from a listing): each is read as it arrives, while the listing goes on.
 
     Raises:
         TransferError: the batch failed as a whole (endpoint, credentials, bucket): no key
@@ -199,17 +200,21 @@ def read_small_objects(
         >>> read_small_objects(t, "bkt", ["run/c-1/.runctl-manifest.json"])  # doctest: +SKIP
         {'run/c-1/.runctl-manifest.json': b'{...}'}
     """
-    if not keys:
-        return {}
     failures: dict[str, TransferError] = {}
+    asked: list[tuple[str, S3URL, Path]] = []
     with tempfile.TemporaryDirectory(prefix="runctl-read-") as tmp:
-        pairs = [(S3URL(bucket, key), Path(tmp, str(i))) for i, key in enumerate(keys)]
+
+        def pairs() -> Iterator[tuple[S3URL, Path]]:
+            for i, key in enumerate(keys):
+                asked.append((key, S3URL(bucket, key), Path(tmp, str(i))))
+                yield asked[-1][1:]
+
         try:
-            transfer.get_files(pairs)
+            transfer.get_files(pairs() if not isinstance(keys, Sequence) else list(pairs()))
         except PartialTransferError as exc:
             failures = {url: TransferError(why) for url, why in exc.failures.items()}
         found: dict[str, bytes | TransferError] = {}
-        for key, (url, path) in zip(keys, pairs, strict=True):
+        for key, url, path in asked:
             failed = failures.get(str(url))
             if failed is not None:
                 found[key] = failed

@@ -147,11 +147,14 @@ class Transfer(Protocol):
 
     def get_files(
         self,
-        pairs: Sequence[tuple[S3URL, Path]],
+        pairs: Iterable[tuple[S3URL, Path]],
         *,
         progress: ProgressCallback | None = None,
     ) -> None:
         """Download each object to exactly the given path (parents already exist).
+
+        ``pairs`` may be lazy (an iterator whose pairs are still coming): a backend may start
+        on the first before the rest arrive. An exception from it is raised.
 
         Raises:
             PartialTransferError: naming every pair that failed, after trying them all.

@@ -327,7 +327,7 @@ class BotoTransfer(Transfer):
 
     def get_files(
         self,
-        pairs: Sequence[tuple[S3URL, Path]],
+        pairs: Iterable[tuple[S3URL, Path]],
         *,
         progress: ProgressCallback | None = None,
     ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -393,7 +394,7 @@ class _Child:
         *,
         idle_limit: float,
         watch_bytes_only: bool,
-        stdin_lines: Sequence[str] | None = None,
+        stdin_lines: Iterable[str] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.idle_limit = idle_limit
@@ -428,17 +429,26 @@ class _Child:
         for thread in self._threads:
             thread.start()
 
-    def _feed(self, lines: Sequence[str]) -> None:
+    def _feed(self, lines: Iterable[str]) -> None:
+        # A list is written through the pipe's buffer; lines that are still coming (an
+        # iterator) each go to s5cmd at once, which starts on them while the rest arrive.
         stdin = self.proc.stdin
         assert stdin is not None
+        streamed = not isinstance(lines, Sequence)
         try:
             for line in lines:
                 if self._closed.is_set():
                     break
                 stdin.write(line.encode("utf-8") + b"\n")
-            stdin.close()
+                if streamed:
+                    stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             pass
+        finally:
+            try:
+                stdin.close()  # s5cmd run ends only at the end of its input
+            except (BrokenPipeError, OSError, ValueError):
+                pass
 
     def _pump(self, name: str, stream: Any) -> None:
         # The only reader of its stream, so it alone closes it (closing from another thread
@@ -630,7 +640,7 @@ class S5cmdTransfer:
         argv: Sequence[str | bytes],
         *,
         transfer: bool,
-        stdin_lines: Sequence[str] | None = None,
+        stdin_lines: Iterable[str] | None = None,
         on_success: Callable[[dict[str, Any]], None] | None = None,
     ) -> _Outcome:
         """Run one s5cmd to completion, sorting its NDJSON output."""
@@ -711,7 +721,7 @@ class S5cmdTransfer:
     def _run_jobs(
         self,
         op: str,
-        jobs: Sequence[_Job],
+        jobs: Iterable[_Job],
         progress: ProgressCallback | None,
         *,
         sizes_known: bool = True,
@@ -723,25 +733,61 @@ class S5cmdTransfer:
         command runs instead. A batch succeeds only if s5cmd exits 0, prints no error line,
         and reports every expected pair done (it can exit 0 after a failure). ``--numworkers``
         follows ``batch_numworkers`` (job sizes count only when ``sizes_known``).
+
+        ``jobs`` that are not a sequence are still coming: s5cmd starts on the first, each
+        line goes to it as its job arrives (with ``DEFAULT_NUMWORKERS``: their sizes and number
+        are unknown), and the jobs no run line can carry go after. An exception from ``jobs``
+        is raised once s5cmd has finished the ones before it.
         """
-        if not jobs:
+        incoming: Iterator[_Job] | None = None
+        if not isinstance(jobs, Sequence):
+            incoming = iter(jobs)
+            first = next(incoming, None)
+            if first is None:
+                return
+            incoming = itertools.chain([first], incoming)
+        elif not jobs:
             return
+        direct: list[_Job] = []
         if command is not None:
-            batch = list(jobs)
+            batch = list(jobs if incoming is None else incoming)
+            incoming = None
+        elif incoming is not None:
+            batch = []  # filled, and direct too, as s5cmd is fed
         else:
             batch = [j for j in jobs if _fits_run_line(j.src) and _fits_run_line(j.dst)]
-        in_batch = set(batch)
-        direct = [j for j in jobs if j not in in_batch]
+            in_batch = set(batch)
+            direct = [j for j in jobs if j not in in_batch]
+        by_pair = {(j.src, j.dst): j for j in batch}  # the batch's jobs, as s5cmd echoes them
         done: set[_Job] = set()
         reasons: dict[_Job, str] = {}
         codes: dict[_Job, str | None] = {}
         general: list[str] = []
+        fed_error: list[Exception] = []  # from jobs still coming, on the feeding thread
 
-        def tracker(candidates: Sequence[_Job]) -> Callable[[dict[str, Any]], None]:
-            by_pair = {(j.src, j.dst): j for j in candidates}
+        def line(job: _Job) -> str:
+            return " ".join(["cp", *job.flags, _quote(job.src), _quote(job.dst)])
+
+        def feed(source: Iterable[_Job]) -> Iterator[str]:
+            # On the feeding thread: a job is known before s5cmd can echo it.
+            try:
+                for job in source:
+                    if not (_fits_run_line(job.src) and _fits_run_line(job.dst)):
+                        direct.append(job)
+                        continue
+                    by_pair[(job.src, job.dst)] = job
+                    batch.append(job)
+                    yield line(job)
+            except Exception as exc:  # noqa: BLE001 - raised on the caller's thread below
+                fed_error.append(exc)
+
+        def tracker(
+            candidates: Sequence[_Job], pairs: dict[tuple[str, str], _Job] | None = None
+        ) -> Callable[[dict[str, Any]], None]:
+            known = pairs if pairs is not None else {(j.src, j.dst): j for j in candidates}
 
             def on_success(record: dict[str, Any]) -> None:
-                job = by_pair.get((str(record.get("source")), str(record.get("destination"))))
+                job = known.get((str(record.get("source")), str(record.get("destination"))))
                 if job is None and len(candidates) == 1 and record.get("operation") == "cp":
                     job = candidates[0]  # one pair per invocation: echoes of odd bytes still count
                 if job is None or job in done:
@@ -795,24 +841,35 @@ class S5cmdTransfer:
             if missing:
                 general.extend(outcome.warnings)
 
-        if batch:
+        if incoming is not None:
+            argv = self._argv("run", numworkers=DEFAULT_NUMWORKERS)
+            outcome = self._collect(
+                argv, transfer=True, stdin_lines=feed(incoming), on_success=tracker(batch, by_pair)
+            )
+            absorb(outcome, batch, argv)
+        elif batch:
             workers = batch_numworkers([j.size if sizes_known else None for j in batch])
             if command is not None:
                 argv = self._argv(*command, numworkers=workers)
                 outcome = self._collect(argv, transfer=True, on_success=tracker(batch))
             else:
-                lines = [" ".join(["cp", *j.flags, _quote(j.src), _quote(j.dst)]) for j in batch]
                 argv = self._argv("run", numworkers=workers)
                 outcome = self._collect(
-                    argv, transfer=True, stdin_lines=lines, on_success=tracker(batch)
+                    argv,
+                    transfer=True,
+                    stdin_lines=[line(j) for j in batch],
+                    on_success=tracker(batch),
                 )
             absorb(outcome, batch, argv)
+        if fed_error:
+            raise fed_error[0]
         for job in direct:
             argv = self._argv("cp", *job.flags, os.fsencode(job.src), os.fsencode(job.dst))
             outcome = self._collect(argv, transfer=True, on_success=tracker([job]))
             absorb(outcome, [job], argv)
 
-        failed = [j for j in jobs if j not in done]
+        every = list(jobs) if isinstance(jobs, Sequence) else batch + direct
+        failed = [j for j in every if j not in done]
         if not failed:
             return
         fallback = "; ".join(dict.fromkeys(general)) or "s5cmd did not report it done"
@@ -823,11 +880,11 @@ class S5cmdTransfer:
             codes.setdefault(job, error_code(fallback))
         found = {codes[j] for j in failed}
         common = found.pop() if len(found) == 1 else None
-        noun = "object" if len(jobs) == 1 else "objects"
+        noun = "object" if len(every) == 1 else "objects"
         summary = failure_summary(failures)
-        message = scrub(f"{op} failed for {len(failed)} of {len(jobs)} {noun}: {summary}")
+        message = scrub(f"{op} failed for {len(failed)} of {len(every)} {noun}: {summary}")
         cls = error_class(common, " ".join(failures.values()))
-        if len(failed) == len(jobs) and cls is not TransferError:
+        if len(failed) == len(every) and cls is not TransferError:
             raise cls(message, code=common, url=failed[0].url)
         raise PartialTransferError(message, failures, code=common)
 
@@ -927,7 +984,7 @@ class S5cmdTransfer:
 
     def get_files(
         self,
-        pairs: Sequence[tuple[S3URL, Path]],
+        pairs: Iterable[tuple[S3URL, Path]],
         *,
         progress: ProgressCallback | None = None,
     ) -> None:
@@ -935,22 +992,30 @@ class S5cmdTransfer:
 
         s5cmd writes into a temporary file beside the destination (``<name><random digits>``)
         and renames it into place; it removes that file when the download fails, though a
-        killed s5cmd can leave it behind.
+        killed s5cmd can leave it behind. Pairs that are not a sequence are still coming: one
+        ``s5cmd run`` starts on the first and takes each as it arrives.
 
         Raises:
             PartialTransferError: naming every pair that failed, after trying them all.
         """
         jobs: list[_Job] = []
         odd: list[tuple[S3URL, Path]] = []
-        for url, path in pairs:
-            if url.is_prefix:
-                odd.append((url, path))
-                continue
-            flags = ("--raw", "--concurrency", str(PART_CONCURRENCY))
-            jobs.append(_Job(str(url), _local(path), str(url), 0, flags))
+
+        def each_job() -> Iterator[_Job]:
+            for url, path in pairs:
+                if url.is_prefix:
+                    odd.append((url, path))
+                    continue
+                flags = ("--raw", "--concurrency", str(PART_CONCURRENCY))
+                jobs.append(_Job(str(url), _local(path), str(url), 0, flags))
+                yield jobs[-1]
+
         problems: dict[str, str] = {}
         try:
-            self._run_jobs("download", jobs, progress, sizes_known=False)
+            if isinstance(pairs, Sequence):
+                self._run_jobs("download", list(each_job()), progress, sizes_known=False)
+            else:
+                self._run_jobs("download", each_job(), progress, sizes_known=False)
         except PartialTransferError as exc:
             if not odd:
                 raise
@@ -964,7 +1029,7 @@ class S5cmdTransfer:
         if problems:
             raise PartialTransferError(
                 scrub(
-                    f"download failed for {len(problems)} of {len(pairs)} objects: "
+                    f"download failed for {len(problems)} of {len(jobs) + len(odd)} objects: "
                     + failure_summary(problems)
                 ),
                 problems,

@@ -210,6 +210,34 @@ def test_partial_failure_names_each_item(transfer: Transfer, bucket: S3URL, tmp_
     assert (tmp_path / "good").read_bytes() == b"good"
 
 
+def test_get_files_takes_pairs_that_are_still_coming(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path
+) -> None:
+    # Retention hands its markers to get_files as the listing shows them (an iterator).
+    transfer.put_bytes(b"alpha", bucket.join("a"))
+    transfer.put_bytes(b"beta", bucket.join("b"))
+    pairs = iter(
+        [
+            (bucket.join("a"), tmp_path / "a"),
+            (bucket.join("missing"), tmp_path / "m"),
+            (bucket.join("b"), tmp_path / "b"),
+        ]
+    )
+    with pytest.raises(PartialTransferError) as info:
+        transfer.get_files(pairs)
+    assert list(info.value.failures) == [str(bucket.join("missing"))]
+    assert "1 of 3" in str(info.value)
+    assert (tmp_path / "a").read_bytes() == b"alpha" and (tmp_path / "b").read_bytes() == b"beta"
+
+    def broken() -> Any:
+        yield bucket.join("a"), tmp_path / "again"
+        raise RuntimeError("the listing broke")
+
+    with pytest.raises(RuntimeError, match="the listing broke"):
+        transfer.get_files(broken())
+    transfer.get_files(iter([]))  # nothing to do
+
+
 # -- big and many -----------------------------------------------------------------------------
 
 

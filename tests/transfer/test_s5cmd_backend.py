@@ -223,6 +223,39 @@ def test_unexpressible_local_paths_fall_back_to_argv(
     assert target.read_bytes() == odd.read_bytes()
 
 
+def test_get_files_starts_on_the_first_pair_while_the_rest_are_coming(
+    s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    client = s3_server.client()
+    for name in ("first", "middle", "last"):
+        client.put_object(Bucket=bucket.bucket, Key=f"s/{name}", Body=name.encode())
+    first = tmp_path / "first"
+
+    def pairs() -> Iterator[tuple[S3URL, Path]]:
+        yield bucket.join("s/first"), first
+        deadline = time.monotonic() + 10
+        while not first.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.exists(), "s5cmd had not fetched the first pair before the next was due"
+        yield bucket.join("s/middle"), tmp_path / "line\nbreak"  # no run line carries it: after
+        yield bucket.join("s/last"), tmp_path / "last"
+
+    s5.get_files(pairs())
+    assert [(tmp_path / n).read_bytes() for n in ("first", "line\nbreak", "last")] == [
+        b"first",
+        b"middle",
+        b"last",
+    ]
+
+    def broken() -> Iterator[tuple[S3URL, Path]]:
+        yield bucket.join("s/first"), tmp_path / "again"
+        raise RuntimeError("the listing broke")
+
+    with pytest.raises(RuntimeError, match="the listing broke"):
+        s5.get_files(broken())
+    assert (tmp_path / "again").read_bytes() == b"first"  # the pair before it was done
+
+
 def test_one_level_listing_yields_prefixes(
     s5: S5cmdTransfer, s3_server: S3Server, bucket: S3URL
 ) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -347,6 +348,68 @@ def test_group_s3_reads_every_marker_in_one_batch_when_asked() -> None:
     batches.clear()
     group_s3([obj("ckpt/step_1.pt")], PREFIX, read_markers=read_markers)
     assert batches == []
+
+
+def test_group_s3_hands_each_marker_to_the_batch_while_the_listing_goes_on() -> None:
+    # A cleanup read its markers after the listing; fed as the listing shows them, the batch
+    # reads them while the rest of the listing arrives.
+    def key(name: str) -> str:
+        return f"ckpt/{name}/{MARKER_NAME}"
+
+    handed = threading.Event()
+
+    def read_markers(keys: Iterable[str]) -> dict[str, bytes | TransferError]:
+        found: dict[str, bytes | TransferError] = {}
+        for k in keys:
+            handed.set()
+            found[k] = manifest_for(k.split("/")[1], {"model.bin": 4})
+        return found
+
+    def listing() -> Iterator[ObjectInfo]:
+        yield obj(key("checkpoint-1"), 50)
+        yield obj("ckpt/checkpoint-1/model.bin", 4)
+        assert handed.wait(10), "the first marker was not handed over before the listing ended"
+        yield obj(key("checkpoint-2"), 50)
+        yield obj("ckpt/checkpoint-2/model.bin", 4)
+
+    grouped = group_s3(listing(), PREFIX, read_markers=read_markers)
+    assert [(c.name, c.complete) for c in grouped.checkpoints] == [
+        ("checkpoint-1", True),
+        ("checkpoint-2", True),
+    ]
+
+
+def test_group_s3_raises_a_failed_batch_and_a_failed_listing_does_not_wait_for_it() -> None:
+    def key(name: str) -> str:
+        return f"ckpt/{name}/{MARKER_NAME}"
+
+    def refused(keys: Iterable[str]) -> dict[str, bytes | TransferError]:
+        for _ in keys:
+            pass
+        raise TransferError("access denied", code="AccessDenied")
+
+    objects = [obj(key("checkpoint-1"), 50), obj("ckpt/checkpoint-1/model.bin", 4)]
+    with pytest.raises(TransferError, match="access denied"):
+        group_s3(objects, PREFIX, read_markers=refused)
+
+    release = threading.Event()
+    ended = threading.Event()
+
+    def slow(keys: Iterable[str]) -> dict[str, bytes | TransferError]:
+        for _ in keys:
+            pass
+        ended.set()
+        release.wait(10)
+        return {}
+
+    def broken() -> Iterator[ObjectInfo]:
+        yield obj(key("checkpoint-1"), 50)
+        raise TransferError("listing failed", code="InternalError")
+
+    with pytest.raises(TransferError, match="listing failed"):
+        group_s3(broken(), PREFIX, read_markers=slow)
+    assert ended.wait(10)  # the batch was told the keys had ended, and group_s3 did not wait
+    release.set()
 
 
 def test_group_s3_empty_marker_is_incomplete() -> None:
