@@ -851,14 +851,14 @@ class S5cmdTransfer:
             workers = batch_numworkers([j.size if sizes_known else None for j in batch])
             if command is not None:
                 argv = self._argv(*command, numworkers=workers)
-                outcome = self._collect(argv, transfer=True, on_success=tracker(batch))
+                outcome = self._collect(argv, transfer=True, on_success=tracker(batch, by_pair))
             else:
                 argv = self._argv("run", numworkers=workers)
                 outcome = self._collect(
                     argv,
                     transfer=True,
                     stdin_lines=[line(j) for j in batch],
-                    on_success=tracker(batch),
+                    on_success=tracker(batch, by_pair),
                 )
             absorb(outcome, batch, argv)
         if fed_error:
