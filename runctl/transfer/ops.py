@@ -532,8 +532,8 @@ def _download_tree(
             if rel is None:
                 failures[str(obj.url)] = f"key is not inside {prefix}"
                 continue
-            if rel.endswith("/") and obj.size == 0 and rel.strip("/"):
-                continue  # a "folder" marker object, nothing to write
+            if obj.size == 0 and (not rel or rel.endswith("/")):
+                continue  # a "folder" marker object ("fm/" itself or "fm/sub/"): nothing to write
             try:
                 final = destination.path_for(rel)
             except UnsafeKeyError as exc:

@@ -460,6 +460,22 @@ def test_download_objects_is_contained(transfer: Transfer, bucket: S3URL, tmp_pa
     assert not (tmp_path / "evil").exists()
 
 
+def test_recursive_download_skips_folder_marker_objects(
+    transfer: Transfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # The S3 console's "Create folder" makes an empty object named "fm/": under the prefix being
+    # downloaded it has an empty relative key, and nothing to write. (rclone, which keeps
+    # objects as files, refuses to store such keys.)
+    if s3_server.kind != "rclone":
+        put_raw(s3_server, bucket.bucket, ["fm/", "fm/sub/"], body=b"")
+    put_raw(s3_server, bucket.bucket, ["fm/sub/step_1.pt", "fm/step_2.pt"])
+    for prefix, want in (("fm/", {"sub/step_1.pt": b"x", "step_2.pt": b"x"}), ("fm/sub/", {"step_1.pt": b"x"})):
+        dest = tmp_path / prefix.replace("/", "_")
+        done = ops.download(transfer, bucket.join(prefix), dest, recursive=True)
+        assert sorted(str(path.relative_to(dest)) for _, path in done) == sorted(want)
+        assert tree_files(dest) == want
+
+
 def test_download_is_atomic_and_replaces(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
     transfer.put_bytes(b"new contents", bucket.join("f.bin"))
     target = tmp_path / "f.bin"
