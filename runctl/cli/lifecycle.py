@@ -20,6 +20,7 @@ from runctl.cli.options import (
     session,
 )
 from runctl.cli.output import Output
+from runctl.exceptions import UsageError
 from runctl.s3url import S3URL
 
 lifecycle_app = typer.Typer(
@@ -163,6 +164,13 @@ def set_rules(
             show_default=False,
         ),
     ] = None,
+    yes_bucket_root: Annotated[
+        bool,
+        typer.Option(
+            "--yes-bucket-root",
+            help="Confirm --expire-days on a bucket root, which expires every object in the bucket.",
+        ),
+    ] = False,
     dry_run: DryRunOpt = False,
     endpoint_url: EndpointOpt = None,
     profile: ProfileOpt = None,
@@ -174,6 +182,7 @@ def set_rules(
 
     The rule (ID runctl-<prefix>) is scoped to the prefix; rules for other prefixes stay as they are,
     and running set again replaces only this rule. --dry-run prints the resulting configuration.
+    --expire-days on a bucket root (s3://bucket/) needs --yes-bucket-root, as cleanup does there.
 
     \b
     Examples:
@@ -188,6 +197,11 @@ def set_rules(
     spec = LifecycleSpec(
         expire_days, abort_days, transition_days, storage_class
     )  # UsageError before any request
+    if prefix.is_bucket and expire_days is not None and not dry_run and not yes_bucket_root:
+        raise UsageError(
+            f"S3URL {prefix} is a bucket root: --expire-days would expire every object in the bucket; "
+            "add --yes-bucket-root to confirm, or give a prefix"
+        )
     change = set_rule(s.config().boto_client(), prefix, spec, dry_run=dry_run)
     _report(
         s.out, change, prefix, dry_run, f"rule {change.rule_id} for {prefix}: {spec.describe()}"

@@ -222,6 +222,25 @@ def test_bad_input_is_exit_2_and_changes_nothing(
     assert rules(moto_server, lc_bucket) == before
 
 
+def test_expiry_on_a_bucket_root_needs_confirmation(moto_server: S3Server, lc_bucket: str) -> None:
+    root = f"s3://{lc_bucket}/"
+    before = rules(moto_server, lc_bucket)
+    result = run_s3(moto_server, "s3", "lifecycle", "set", root, "--expire-days", "10")
+    assert result.exit_code == 2, result.output
+    assert "--yes-bucket-root" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert rules(moto_server, lc_bucket) == before
+    # A dry run shows it; aborting multipart uploads bucket-wide deletes no object: no confirmation.
+    assert run_s3(moto_server, "s3", "lifecycle", "set", root, "--expire-days", "10", "--dry-run").exit_code == 0
+    assert rules(moto_server, lc_bucket) == before
+    ok = run_s3(moto_server, "s3", "lifecycle", "set", root, "--abort-incomplete-multipart-days", "2")
+    assert ok.exit_code == 0, ok.output
+    confirmed = run_s3(moto_server, "s3", "lifecycle", "set", root, "--expire-days", "10", "--yes-bucket-root")
+    assert confirmed.exit_code == 0, confirmed.output
+    rule = by_id(rules(moto_server, lc_bucket))[rule_id(S3URL(lc_bucket))]
+    assert rule["Expiration"] == {"Days": 10}  # set replaces our rule whole
+
+
 def test_missing_bucket_is_one_line(moto_server: S3Server) -> None:
     result = run_s3(moto_server, "s3", "lifecycle", "show", "s3://no-such-bucket-lc/run/")
     assert result.exit_code == 2, result.output
