@@ -373,7 +373,8 @@ class PrefixWatcher:
         """Poll every ``interval`` seconds and yield events until ``timeout``, ``stop()`` or ``once``.
 
         The first listing's errors are raised (a wrong bucket is bad input); later ones are
-        logged, yielded as ``ErrorEvent`` and retried with capped exponential backoff.
+        yielded as ``ErrorEvent`` (logged at DEBUG only: the event is the report) and retried
+        with capped exponential backoff.
 
         Raises:
             UsageError: ``interval`` or ``timeout`` is not positive.
@@ -401,7 +402,7 @@ class PrefixWatcher:
                 failures += 1
                 retry_in = backoff_delay(failures, interval, max_backoff)
                 message = scrub(str(exc))
-                log.warning("watch %s: %s (attempt %d, retrying in %.1fs)", self.prefix, message, failures, retry_in)
+                log.debug("watch %s: %s (attempt %d, retrying in %.1fs)", self.prefix, message, failures, retry_in)
                 yield ErrorEvent(str(self.prefix), message, failures, retry_in, self._clock())
                 continue
             failures = 0
@@ -428,6 +429,6 @@ def run_exec(argv: Sequence[str], event: CheckpointEvent, *, env: Mapping[str, s
         completed = subprocess.run(list(argv), env=child_env, check=False)
     except OSError as exc:
         raise UsageError(f"--exec cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-    if completed.returncode != 0:
-        log.warning("--exec %s exited with %d for %s", argv[0], completed.returncode, event.url)
+    if completed.returncode != 0:  # the caller reports it: logged at DEBUG only
+        log.debug("--exec %s exited with %d for %s", argv[0], completed.returncode, event.url)
     return completed.returncode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,6 +158,8 @@ def watch_command(
                 raise UsageError(f"--exec {exec_cmd!r}: {exc}") from None
             if not argv:
                 raise UsageError("--exec got an empty command")
+            if shutil.which(argv[0]) is None:  # now, not at the first checkpoint hours later
+                raise UsageError(f"--exec cannot run {argv[0]!r}: not found, or not an executable file")
         if keep_last_n is not None and keep_last_n < 1:
             raise UsageError(f"--keep-last-n must be at least 1, got {keep_last_n}")
         if timeout is not None and timeout <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -123,7 +124,10 @@ def test_baseline_of_an_empty_prefix_and_unmarked_directory(moto_server: S3Serve
     assert lenient.poll() == []
 
 
-def test_events_survive_transient_errors_and_stop_on_timeout(moto_server: S3Server) -> None:
+def test_events_survive_transient_errors_and_stop_on_timeout(
+    moto_server: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="runctl")
     from runctl.exceptions import EndpointError
     from runctl.transfer.boto import BotoTransfer
 
@@ -156,6 +160,8 @@ def test_events_survive_transient_errors_and_stop_on_timeout(moto_server: S3Serv
     assert time.monotonic() - started < 3.0
     assert [e.kind for e in seen] == ["baseline", "poll_error", "poll_error", "new", "checkpoint_complete"]
     assert "connection reset" in seen[1].message and seen[2].attempt == 2
+    # the events are the report: a caller printing them prints each retry once, not once more from a log
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "retrying" in r.getMessage()]
 
     # a timeout ends the loop even when nothing happens
     started = time.monotonic()
@@ -281,10 +287,34 @@ def test_cli_watch_exec_and_keep_last_n(
     assert [e["type"] for e in events].count("checkpoint_complete") == 2
 
 
+def test_cli_watch_reports_a_failing_exec_once(server_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = S3URL(server_env.new_bucket()).join("run/")
+    original = PrefixWatcher.poll
+
+    def poll_then_write(self: PrefixWatcher) -> list[Any]:
+        events = original(self)
+        if events and events[0].kind == "baseline":
+            put(server_env, prefix, "step_2.pt", b"22")
+        return events
+
+    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    result = CliRunner().invoke(
+        monitor_app(),
+        ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "3", "--no-use-s5cmd",
+         "--exec", f"{sys.executable} -c 'raise SystemExit(5)'"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "checkpoint complete" in result.stdout
+    assert result.stderr.count("exited with") == 1 and "exited with code 5" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["s3://bucket-x/run/", "--exec", "'unclosed"], "--exec"),
+        # checked before watching, not at the first checkpoint hours later
+        (["s3://bucket-x/run/", "--exec", "no-such-command-xyz --flag"], "--exec cannot run 'no-such-command-xyz'"),
+        (["s3://bucket-x/run/", "--exec", "./no/such/script.sh"], "--exec cannot run './no/such/script.sh'"),
         (["s3://bucket-x/run/", "--keep-last-n", "0"], "--keep-last-n"),
         (["s3:/bucket-x"], "must start with s3://"),
     ],
