@@ -44,3 +44,33 @@ def test_integrations_do_not_import_a_framework_eagerly() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def _exports(module: object) -> set[str]:
+    return set(getattr(module, "__all__", ())) | set(vars(module))  # lazy classes are not built
+
+
+def test_every_import_the_readme_shows_names_a_public_name() -> None:
+    """An import line or dotted name a user copies from the README must resolve."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    lines = re.findall(r"from (runctl[\w.]*) import ([\w, ]+)", readme)
+    assert len(lines) >= 5, lines
+    for module_name, names in lines:
+        module = importlib.import_module(module_name)
+        missing = [n.strip() for n in names.split(",") if n.strip() not in _exports(module)]
+        assert not missing, f"README: from {module_name} import {missing}"
+    dotted = re.findall(r"`(runctl(?:\.\w+)+)", readme)
+    assert dotted, "the README names no dotted runctl path"
+    for path in dotted:
+        parts = path.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then one name in it
+            try:
+                module = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            rest = parts[cut:]
+            assert len(rest) <= 1 and (not rest or rest[0] in _exports(module)), f"README: {path}"
+            break
