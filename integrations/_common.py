@@ -142,8 +142,14 @@ class UploadOptions:
 
         return resolve_config(self.endpoint_url, self.profile, self.region)
 
-    def make_uploader(self, local_root: str | os.PathLike[str]) -> CheckpointUploader:
-        """A CheckpointUploader for ``local_root`` with these options (``s3_url`` must be set)."""
+    def make_uploader(
+        self, local_root: str | os.PathLike[str], *, hold_retention: bool = False
+    ) -> CheckpointUploader:
+        """A CheckpointUploader for ``local_root`` with these options (``s3_url`` must be set).
+
+        ``hold_retention``: no retention until ``release_retention()``, for a framework that
+        learns the checkpoint it resumed from only after this starts.
+        """
         from runctl.uploader import CheckpointUploader
 
         if self.s3_url is None:
@@ -159,6 +165,7 @@ class UploadOptions:
             local_keep_last_n=self.local_keep_last_n,
             config=self.resolved_config(),
             use_s5cmd=self.use_s5cmd,
+            hold_retention=hold_retention,
             **extra,
         )
 

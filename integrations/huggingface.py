@@ -102,12 +102,18 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         if not state.is_world_process_zero or self._uploader is not None:
             return
         self._output_dir = Path(args.output_dir)
-        self._uploader = self.options.make_uploader(self._output_dir)
+        # The Trainer restores the checkpoint it resumes from after on_train_begin: retention
+        # waits until the first step has protected it.
+        self._uploader = self.options.make_uploader(self._output_dir, hold_retention=True)
         self._resume_checked = False
         log.info("uploading checkpoints from %s to %s", self._output_dir, self.options.s3_url)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Protect the checkpoint training resumed from (the state is restored after on_train_begin)."""
+        self._protect_resumed(state)
+
+    def _protect_resumed(self, state: Any) -> None:
+        """Once: protect ``checkpoint-<step>/`` when training resumed from it, then let retention run."""
         if self._resume_checked or self._uploader is None or self._output_dir is None:
             return
         self._resume_checked = True
@@ -115,6 +121,7 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             name = f"{CHECKPOINT_PREFIX}-{state.global_step}"
             if (self._output_dir / name).is_dir():
                 self._uploader.set_resumed_from(name)
+        self._uploader.release_retention()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Hand ``checkpoint-<global_step>/`` to the uploader as one directory checkpoint."""
@@ -146,6 +153,7 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         if self._uploader is None or not self.options.wait_for_uploads:
             return
         self._protect_best(state)
+        self._protect_resumed(state)  # a run with no step left to train still applies retention
         uploader, self._uploader = self._uploader, None
         try:
             finish_uploads(

@@ -242,12 +242,14 @@ class _RunctlCheckpointMixin:
             raise UsageError(
                 f"RunctlCheckpoint needs a local dirpath to upload from, got dirpath={dirpath!r}"
             )
-        self._uploader = self.runctl_options.make_uploader(dirpath)
+        # Lightning restores the checkpoint it resumes from after setup: retention waits for
+        # on_train_start, which protects it first.
+        self._uploader = self.runctl_options.make_uploader(dirpath, hold_retention=True)
         self._best_told = None
         log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Protect the checkpoint this run resumed from (it is known only after restore)."""
+        """Protect the checkpoint this run resumed from (it is known only after restore), then let retention run."""
         super().on_train_start(trainer, pl_module)  # type: ignore[misc]
         if trainer.ckpt_path and self._uploader is not None:
             resumed = Path(str(trainer.ckpt_path))
@@ -255,6 +257,8 @@ class _RunctlCheckpointMixin:
             self._uploader.set_resumed_from(self._resumed_from)
             self._upload_if_never_handed_over(resumed, trainer)
         self._update_best()
+        if self._uploader is not None:
+            self._uploader.release_retention()
 
     def _upload_if_never_handed_over(self, resumed: Path, trainer: Any) -> None:
         # A run killed between torch.save and the hand-over leaves a local checkpoint that no

@@ -423,6 +423,9 @@ class CheckpointUploader:
             ``checkpoint_timeout`` abandons one attempt that runs longer and retries it.
         resume: replay the journal and re-queue what a previous process left pending.
         transfer: an explicit backend (tests); otherwise built from config/endpoint/profile/region.
+        hold_retention: apply no retention (none at start, none after an upload) until
+            ``release_retention()``: for a framework that learns which checkpoint the run resumed
+            from only after the uploader starts, so retention never deletes it first.
 
     Example:
         >>> with CheckpointUploader("checkpoints/", "s3://bucket/run-7/", keep_last_n=5) as up:  # doctest: +SKIP
@@ -454,6 +457,7 @@ class CheckpointUploader:
         on_error: Callable[[str, BaseException], None] | None = None,
         resume: bool = True,
         transfer: Transfer | None = None,
+        hold_retention: bool = False,
     ) -> None:
         root = Path(local_root)
         if root.exists() and not root.is_dir():
@@ -529,6 +533,10 @@ class CheckpointUploader:
         self._abort = threading.Event()
         self._timed_out = threading.Event()
         self._run_retention_first = False
+        # On hold, retention only notes that it is due; release_retention() has the worker run it.
+        self._retention_held = hold_retention
+        self._retention_due = False
+        self._retention_busy = False
 
         if resume:
             self._resume()
@@ -667,6 +675,19 @@ class CheckpointUploader:
         with self._cond:
             self._resumed_from = _base(name) if name else None
 
+    def release_retention(self) -> None:
+        """End ``hold_retention``: retention due meanwhile runs now, on the worker thread.
+
+        Example:
+            >>> up = CheckpointUploader("ckpt/", "s3://b/run/", keep_last_n=3, hold_retention=True)  # doctest: +SKIP
+            >>> up.set_resumed_from("step_40.pt"); up.release_retention()  # doctest: +SKIP
+        """
+        with self._cond:
+            if not self._retention_held:
+                return
+            self._retention_held = False
+            self._cond.notify_all()
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every submitted checkpoint is uploaded, skipped or failed.
 
@@ -681,7 +702,12 @@ class CheckpointUploader:
         next_log = time.monotonic() + PROGRESS_EVERY
         with self._cond:
             self._prune_queue()
-            while self._queue or self._in_flight is not None:
+            while (
+                self._queue
+                or self._in_flight is not None
+                or self._retention_busy
+                or self._retention_released()
+            ):
                 if not self._worker.is_alive():
                     raise UploadError(
                         {
@@ -978,14 +1004,27 @@ class CheckpointUploader:
             self._retention(None)
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and not self._retention_released():
                     self._cond.wait()
-                if not self._queue or self._abort.is_set():
+                if self._retention_released() and not self._abort.is_set():
+                    self._retention_due = False
+                    self._retention_busy = True
+                    job = None
+                elif not self._queue or self._abort.is_set():
                     return
-                job = self._queue.popleft()
-                self._in_flight = job
-                self._inflight_bytes = 0
-                self._cond.notify_all()
+                else:
+                    job = self._queue.popleft()
+                    self._in_flight = job
+                    self._inflight_bytes = 0
+                    self._cond.notify_all()
+            if job is None:  # the retention that came due while on hold
+                try:
+                    self._retention(None)
+                finally:
+                    with self._cond:
+                        self._retention_busy = False
+                        self._cond.notify_all()
+                continue
             try:
                 self._process(job)
             except _Aborted:
@@ -1337,8 +1376,15 @@ class CheckpointUploader:
 
     # -- retention ----------------------------------------------------------------------------
 
+    def _retention_released(self) -> bool:
+        """Retention came due while on hold, and the hold has ended (call under ``_cond``)."""
+        return self._retention_due and not self._retention_held
+
     def _retention(self, job: _Job | None) -> None:
         with self._cond:
+            if self._retention_held:
+                self._retention_due = True
+                return
             protected = self._protected()
         if job is not None:
             protected.add(job.name)

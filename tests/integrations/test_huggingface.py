@@ -124,3 +124,36 @@ def test_resume_keeps_the_resumed_checkpoint(
     assert sorted(dirs) == ["checkpoint-2", "checkpoint-6"]
     for name, files in dirs.items():
         assert_dir_complete(name, files, out / name)
+
+
+def test_resuming_from_an_older_checkpoint_keeps_it(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Retention waits for the first step: the uploader starts before the Trainer restores its state."""
+    from runctl.integrations.huggingface import RunctlCallback
+
+    prefix = moto_bucket.join("hf-resume-older/")
+    out = tmp_path / "out"
+
+    def train(max_steps: int, keep: int, resume: str | None) -> None:
+        args = transformers.TrainingArguments(
+            output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, save_steps=2,
+            report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        )
+        callback = RunctlCallback(prefix, keep_last_n=keep, local_keep_last_n=keep, config=moto_server.config())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = transformers.Trainer(
+                model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=[callback]
+            )
+            trainer.train(resume_from_checkpoint=resume)
+
+    train(6, keep=3, resume=None)
+    assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # checkpoint-2 is #3 under keep-last-2, but it is what the second run resumed from.
+    train(8, keep=2, resume=str(out / "checkpoint-2"))
+    dirs = dir_checkpoints(s3_objects(moto_server, prefix))
+    assert sorted(dirs) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(dirs)
+    for name, files in dirs.items():
+        assert_dir_complete(name, files, out / name)

@@ -219,6 +219,41 @@ def test_resume_from_s3_protects_the_resumed_checkpoint(
     json.dumps(runctl_state)  # plain values only
 
 
+def test_resuming_from_an_older_local_checkpoint_keeps_it(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Retention waits for on_train_start: the uploader starts in setup, before Lightning restores."""
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("resume-older/")
+    dirpath = tmp_path / "ckpt"
+
+    def callback(keep: int) -> Any:
+        return RunctlCheckpoint(
+            dirpath=dirpath, every_n_train_steps=2, save_top_k=-1, s3_url=prefix,
+            keep_last_n=keep, local_keep_last_n=keep, config=moto_server.config(),
+        )
+
+    make_trainer("lightning.pytorch", [callback(3)], max_steps=8).fit(make_module("lightning.pytorch"), loader(16))
+    older = "epoch=0-step=4.ckpt"
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == [
+        older, "epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt"
+    ]
+    # Resume from the oldest of the three with keep-last-2: it is #3, but it is what this run
+    # resumed from, so neither the start-up retention nor any later one may delete it.
+    trainer = make_trainer("lightning.pytorch", [callback(2)], max_steps=10)
+    trainer.fit(make_module("lightning.pytorch"), loader(16), ckpt_path=str(dirpath / older))
+    assert trainer.global_step == 10
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    # Kept: the newest two (step 10, and one of the two step-8 saves: Lightning names the second
+    # "epoch=0-step=8-v1.ckpt", and the server's times may not tell them apart), and the resumed one.
+    assert len(in_s3) == 3 and {older, "epoch=0-step=10.ckpt"} <= set(in_s3), sorted(in_s3)
+    assert set(in_s3) & {"epoch=0-step=8.ckpt", "epoch=0-step=8-v1.ckpt"}
+    local = {p.name for p in dirpath.glob("*.ckpt")}  # its times tell the two step-8 saves apart
+    assert len(local) == 3 and {older, "epoch=0-step=10.ckpt"} <= local, sorted(local)
+    assert in_s3[older] == (dirpath / older).read_bytes()
+
+
 def test_resolve_latest_from_an_empty_prefix_starts_fresh(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
 ) -> None:

@@ -468,6 +468,30 @@ def test_retention_keeps_last_n_plus_best_and_resumed_from(
     assert deleted == {"step_3.pt", "step_4.pt"}
 
 
+def test_held_retention_waits_for_release_then_runs_once_before_flush_returns(
+    root: Path, bucket: S3URL, transfer: object
+) -> None:
+    prefix = bucket.join("run/")
+    earlier = uploader(root, bucket, transfer)  # an earlier run's checkpoints, durable in S3
+    for i in range(1, 5):
+        earlier.submit(write(root / f"step_{i}.pt", b"%d" % i))
+    earlier.close(timeout=60)
+    up = uploader(root, bucket, transfer, keep_last_n=2, local_keep_last_n=2, hold_retention=True)
+    write(root / "step_5.pt", b"5")
+    assert up.submit(root / "step_5.pt").result(60).state == "verified"
+    up.flush(60)
+    # On hold: neither the start-up retention nor the one after an upload deleted anything.
+    assert sorted(keys_under(transfer, prefix)) == [f"step_{i}.pt" for i in range(1, 6)]
+    assert len(list(root.glob("step_*"))) == 5
+    up.set_resumed_from("step_1.pt")  # learnt only now, as a framework restoring its state does
+    up.release_retention()
+    up.flush(60)  # waits for the retention that came due
+    assert sorted(keys_under(transfer, prefix)) == ["step_1.pt", "step_4.pt", "step_5.pt"]
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1.pt", "step_4.pt", "step_5.pt"]
+    up.release_retention()  # a second release is a no-op
+    up.close(timeout=60)
+
+
 # -- promise 9: backpressure ------------------------------------------------------------------------
 
 
