@@ -66,7 +66,7 @@ STATES = (
     "deleted_local",
 )
 PENDING_STATES = ("queued", "uploaded")
-_FIELDS = ("time", "size", "mtime", "s3_url", "detail")
+_FIELDS = ("time", "size", "mtime", "s3_url", "detail", "queued")
 #: One encoder for every line: ``json.dumps`` with options builds a new one per call.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 #: Two mtimes closer than this are the same (they come from the same stat, through JSON).
@@ -89,6 +89,8 @@ class JournalEntry:
     mtime: float | None = None
     s3_url: str | None = None
     detail: str | None = None
+    #: On a line after ``queued``: the ``time`` of the ``queued`` line of the version it is about.
+    queued: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         # Not dataclasses.asdict, which deep-copies each field: submit() writes a line on the
@@ -101,6 +103,7 @@ class JournalEntry:
             "mtime": self.mtime,
             "s3_url": self.s3_url,
             "detail": self.detail,
+            "queued": self.queued,
         }
         return {k: v for k, v in doc.items() if v is not None}
 
@@ -120,7 +123,9 @@ class JournalEntry:
             raise ValueError(f"invalid size {size!r}")
         if mtime is not None and not _is_number(mtime):
             raise ValueError(f"invalid mtime {mtime!r}")
-        s3_url, detail = doc.get("s3_url"), doc.get("detail")
+        s3_url, detail, queued = doc.get("s3_url"), doc.get("detail"), doc.get("queued")
+        if queued is not None and not _is_number(queued):
+            raise ValueError(f"invalid queued time {queued!r}")
         return cls(
             name,
             state,
@@ -129,7 +134,13 @@ class JournalEntry:
             None if mtime is None else float(mtime),
             None if s3_url is None else str(s3_url),
             None if detail is None else str(detail),
+            None if queued is None else float(queued),
         )
+
+    @property
+    def version(self) -> float | None:
+        """Which submitted version this line is about: the time it was queued (None if unknown)."""
+        return self.time if self.state == "queued" else self.queued
 
     def matches(self, size: int | None, mtime: float | None) -> bool:
         """True when the given size and mtime (those given) equal the recorded ones."""
@@ -263,13 +274,31 @@ class Journal:
                 what = "torn last line" if torn else "corrupt line"
                 log.warning("skipping %s %d of %s: %s", what, number, self.path, exc)
                 continue
+            before = latest.get(entry.name)
+            if (
+                before is not None
+                and before.state in PENDING_STATES
+                and entry.state != "queued"
+                and entry.queued is not None
+                and before.version is not None
+                and entry.queued != before.version
+            ):
+                # About an older version, written after a newer one was queued (a rewritten
+                # last.ckpt superseded it, or it was still uploading): the newer one stays pending.
+                if entry.state == "verified":
+                    verified[entry.name] = entry
+                continue
             latest[entry.name] = entry
             if entry.state == "verified":
                 verified[entry.name] = entry
         return _State(latest, verified)
 
     def replay(self) -> dict[str, JournalEntry]:
-        """The latest entry per name, in file order; torn or corrupt lines are skipped with a warning."""
+        """The latest entry per name, in file order; torn or corrupt lines are skipped with a warning.
+
+        A line about an older version (its ``queued`` names an earlier ``queued`` line) that
+        comes after a newer version was queued does not end the newer one, which stays pending.
+        """
         return self._load().latest
 
     def is_durable(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:

@@ -978,7 +978,7 @@ class CheckpointUploader:
                 is_dir,
                 step,
                 epoch,
-                entry.time,
+                entry.time if entry.version is None else entry.version,  # when it was queued
                 FileStamp.from_stat(st),
                 UploadHandle(entry.name),
                 staged_link,
@@ -1206,7 +1206,12 @@ class CheckpointUploader:
                     url=str(url),
                 )
         self._journal.record(
-            job.name, "uploaded", size=want.size, mtime=want.mtime, s3_url=str(url)
+            job.name,
+            "uploaded",
+            size=want.size,
+            mtime=want.mtime,
+            s3_url=str(url),
+            queued=job.queued_at,
         )
 
     def _list_dir(self, url: S3URL) -> dict[str, ObjectInfo]:
@@ -1281,7 +1286,12 @@ class CheckpointUploader:
                 )
             raise _Rewritten(", ".join(changed[:3]))
         self._journal.record(
-            job.name, "uploaded", size=snapshot.size, mtime=snapshot.mtime, s3_url=str(url)
+            job.name,
+            "uploaded",
+            size=snapshot.size,
+            mtime=snapshot.mtime,
+            s3_url=str(url),
+            queued=job.queued_at,
         )
         etags = {rel: objects[rel].etag for rel in snapshot.files if objects[rel].etag}
         manifest = build_manifest(snapshot.path, job.name, job.step, etags)  # type: ignore[arg-type]
@@ -1312,6 +1322,7 @@ class CheckpointUploader:
             size=snapshot.size,
             mtime=snapshot.mtime,
             s3_url=str(url),
+            queued=job.queued_at,
         )
         outcome = UploadOutcome(job.name, "verified", str(url), snapshot.size, seconds, attempts)
         with self._cond:
@@ -1347,7 +1358,9 @@ class CheckpointUploader:
     def _finish_skip(self, job: _Job, reason: str) -> None:
         # A superseded save is routine (every rewritten last.ckpt): logged and counted, no warning.
         log.info("skipping upload of %s: %s", job.name, reason)
-        self._journal.record(job.name, "skipped", detail=reason)
+        # queued= names this version: a superseded one's line comes after the newer version's
+        # "queued" line, and must not end that one (Journal.replay).
+        self._journal.record(job.name, "skipped", detail=reason, queued=job.queued_at)
         self._release(job)
         job.handle._finish(
             UploadOutcome(
@@ -1365,7 +1378,7 @@ class CheckpointUploader:
         log.error(
             "upload of %s to %s failed: %s", job.name, self._url_of(job.name, job.is_dir), text
         )
-        self._journal.record(job.name, "failed", detail=scrub(text)[:500])
+        self._journal.record(job.name, "failed", detail=scrub(text)[:500], queued=job.queued_at)
         self._release(job)
         job.handle._finish(None, exc)
         if self.on_error is not None:

@@ -95,6 +95,26 @@ def test_pending_oldest_first(tmp_path: Path) -> None:
     assert [e.name for e in j.pending()] == ["a", "b"]
 
 
+def test_a_line_about_an_older_version_does_not_end_the_newer_pending_one(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.record("last.ckpt", "queued", time=1.0, size=10)
+    j.record("last.ckpt", "queued", time=2.0, size=12)  # rewritten and submitted again
+    j.record("last.ckpt", "skipped", queued=1.0, detail="superseded")  # the first, afterwards
+    assert [(e.name, e.version) for e in j.pending()] == [("last.ckpt", 2.0)]
+    # The first version was still uploading: its own lines come after the second's "queued".
+    j.record("last.ckpt", "uploaded", queued=1.0, size=10)
+    j.record("last.ckpt", "verified", queued=1.0, size=10, mtime=7.0)
+    assert [e.version for e in j.pending()] == [2.0]
+    assert j.was_verified("last.ckpt") is False and j.durability_check()("last.ckpt") is False
+    j.record("last.ckpt", "uploaded", queued=2.0, size=12)  # the second's own lines end it
+    assert [e.version for e in j.pending()] == [2.0]
+    j.record("last.ckpt", "verified", queued=2.0, size=12, mtime=8.0)
+    assert j.pending() == [] and j.is_durable("last.ckpt", 12, 8.0)
+    j.record("step_1.pt", "queued", time=5.0)
+    j.record("step_1.pt", "failed", detail="a line from an older runctl: no queued= field")
+    assert j.pending() == [] and j.replay()["step_1.pt"].state == "failed"
+
+
 def test_torn_and_corrupt_lines_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     j = Journal(tmp_path)
     j.record("a", "verified", time=1)

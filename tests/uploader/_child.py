@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,48 @@ def main() -> None:
             time.sleep(600)
 
         transfer.before_put = half_then_hang
+    if mode.startswith("supersede"):
+        # The worker is stuck on step_1.pt while last.ckpt is saved twice: the second save
+        # supersedes the first while both wait, then the process dies.
+        def hang(count: int, pairs: list) -> None:
+            time.sleep(600)
+
+        transfer.before_put = hang
+        up = CheckpointUploader(root, url, transfer=transfer)  # type: ignore[arg-type]
+        up.submit(root / "step_1.pt")
+        for version in (b"v1", b"v2"):
+            (root / "last.ckpt").write_bytes(version * 1000)
+            up.submit(root / "last.ckpt")
+            time.sleep(0.1)  # a later mtime, even with a coarse filesystem clock
+        journal = root / ".runctl" / "journal.jsonl"
+        while '"state":"skipped"' not in journal.read_text():
+            time.sleep(0.01)
+        print("SUPERSEDED", flush=True)
+        time.sleep(600)
+    if mode.startswith("inflight"):
+        # last.ckpt is saved again while its first version uploads: the first one is verified
+        # after the second was queued, then the process dies before the second goes up.
+        uploading, resaved = threading.Event(), threading.Event()
+
+        def first_waits_second_hangs(count: int, pairs: list) -> None:
+            if count == 1:
+                uploading.set()
+                resaved.wait(60)
+                return
+            print("INFLIGHT", flush=True)
+            time.sleep(600)
+
+        transfer.before_put = first_waits_second_hangs
+        up = CheckpointUploader(root, url, transfer=transfer)  # type: ignore[arg-type]
+        (root / "last.ckpt").write_bytes(b"v1" * 1000)
+        up.submit(root / "last.ckpt")
+        uploading.wait(60)
+        time.sleep(0.1)
+        (root / "last.tmp").write_bytes(b"v2" * 1000)  # saved atomically: a new file
+        os.replace(root / "last.tmp", root / "last.ckpt")
+        up.submit(root / "last.ckpt")
+        resaved.set()
+        time.sleep(600)
     up = CheckpointUploader(root, url, transfer=transfer, keep_last_n=3)  # type: ignore[arg-type]
     for name in sorted(os.listdir(root)):
         if name != ".runctl":

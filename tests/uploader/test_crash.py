@@ -92,6 +92,36 @@ def test_resume_after_sigkill_mid_upload(
     assert list((root / ".runctl" / "staging").iterdir()) == []
 
 
+@pytest.mark.parametrize(("mode", "said", "pending_names"), [
+    # the first last.ckpt, still queued, is superseded: its "skipped" line comes after the
+    # second one's "queued" line
+    ("supersede", "SUPERSEDED", ["last.ckpt", "step_1.pt"]),
+    # the first last.ckpt was uploading: its "verified" line comes after the second's "queued"
+    ("inflight", "INFLIGHT", ["last.ckpt"]),
+])
+def test_a_newer_save_queued_before_a_crash_is_resumed(
+    root: Path, moto_server: S3Server, moto_bucket: S3URL, boto_transfer: object,
+    mode: str, said: str, pending_names: list[str],
+) -> None:
+    write(root / "step_1.pt", b"step one")
+    url = moto_bucket.join("run/")
+    proc = child(moto_server, root, url, f"{mode}-boto3")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == said
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert sorted(e.name for e in Journal(root).pending()) == pending_names
+
+    with CheckpointUploader(root, url, transfer=boto_transfer, retry=FAST_RETRY) as up:  # type: ignore[arg-type]
+        up.flush(timeout=60)
+    assert boto_transfer.get_bytes(url.join("last.ckpt")) == b"v2" * 1000  # type: ignore[attr-defined]
+    assert Journal(root).pending() == []
+
+
 def test_atexit_flushes_an_uploader_nobody_closed(
     root: Path, moto_server: S3Server, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
