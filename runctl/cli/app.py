@@ -102,7 +102,14 @@ def _innermost(ctx: _click.Context, exc: BaseException) -> _click.Context:
 app = typer.Typer(
     name="runctl",
     cls=RunctlGroup,
-    help="Get training checkpoints safely and quickly into S3.",
+    help=(
+        "Get training checkpoints safely and quickly into S3.\n\n"
+        "\b\nExamples:\n"
+        "  runctl s3 upload checkpoints/ s3://bucket/run-7/ --recursive\n"
+        "  runctl s3 cleanup s3://bucket/run-7/ --keep-last-n 3 --dry-run\n"
+        "  runctl local --checkpoint-dir ckpt --upload-to s3://bucket/run-7/ train.py\n"
+        "  runctl demo"
+    ),
     epilog="Exit codes: 0 success, 1 operation failed, 2 bad usage or input, 130 interrupted.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -13,7 +13,11 @@ from runctl.exceptions import UsageError
 
 checkpoint_app = typer.Typer(
     name="checkpoint",
-    help="Manage local checkpoint directories.",
+    help=(
+        "Manage local checkpoint directories.\n\n"
+        "\b\nExamples:\n"
+        "  runctl checkpoint cleanup ./checkpoints --keep-last-n 3 --dry-run"
+    ),
     no_args_is_help=True,
     rich_markup_mode=None,
 )

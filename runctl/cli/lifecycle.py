@@ -25,7 +25,12 @@ from runctl.s3url import S3URL
 
 lifecycle_app = typer.Typer(
     name="lifecycle",
-    help="Lifecycle rules for a prefix: expire, transition, abort abandoned multipart uploads.",
+    help=(
+        "Lifecycle rules for a prefix: expire, transition, abort abandoned multipart uploads.\n\n"
+        "\b\nExamples:\n"
+        "  runctl s3 lifecycle show s3://bucket/run-7/\n"
+        "  runctl s3 lifecycle set s3://bucket/run-7/ --abort-incomplete-multipart-days 2"
+    ),
     no_args_is_help=True,
     rich_markup_mode=None,
 )

@@ -34,7 +34,13 @@ from runctl.s3url import S3URL
 
 s3_app = typer.Typer(
     name="s3",
-    help="Move, list and clean up checkpoints in S3 (or any S3-compatible store).",
+    help=(
+        "Move, list and clean up checkpoints in S3 (or any S3-compatible store).\n\n"
+        "\b\nExamples:\n"
+        "  runctl s3 upload checkpoints/ s3://bucket/run-7/ --recursive\n"
+        "  runctl s3 download s3://bucket/run-7/ restored/ --latest\n"
+        "  runctl s3 review s3://bucket/run-7/"
+    ),
     no_args_is_help=True,
     rich_markup_mode=None,
 )

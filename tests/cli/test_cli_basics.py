@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,44 @@ def test_version() -> None:
     assert result.stdout.strip() == f"runctl {__version__}"
     proc = run_process("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"runctl {__version__}"
+
+
+def _command_paths() -> list[list[str]]:
+    """Every command and group under ``runctl``, as argv paths ([] is runctl itself)."""
+    import typer.main
+
+    paths: list[list[str]] = []
+
+    def walk(command: Any, path: list[str]) -> None:  # typer's own (vendored) click types
+        paths.append(path)
+        if hasattr(command, "list_commands"):
+            ctx = command.context_class(command, info_name=path[-1] if path else "runctl")
+            for name in command.list_commands(ctx):  # runctl's group loads commands lazily
+                sub = command.get_command(ctx, name)
+                assert sub is not None, name
+                walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+def test_every_command_and_group_help_has_examples_of_real_commands() -> None:
+    paths = _command_paths()
+    assert ["s3", "lifecycle", "set"] in paths and ["local"] in paths and [] in paths
+    known = {" ".join(p) for p in paths}
+    for path in paths:
+        result = run(*path, "--help")
+        assert result.exit_code == 0, (path, result.output)
+        assert "Examples:" in result.stdout, path
+        examples = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("runctl ")]
+        assert examples, path
+        for words in examples:
+            # the longest run of words that names a command: it must be this one or below it
+            named = max(
+                (" ".join(words[1:i]) for i in range(1, len(words) + 1) if " ".join(words[1:i]) in known),
+                key=len,
+            ).split()
+            assert named[: len(path)] == path and (named != [] or path == []), (path, words)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
