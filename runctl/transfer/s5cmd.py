@@ -118,6 +118,7 @@ _CODE_CLASSES: dict[str, type[TransferError]] = {
     "ExpiredToken": AccessDeniedError,
     "InvalidToken": AccessDeniedError,
     "Forbidden": AccessDeniedError,
+    "NoCredentials": AccessDeniedError,
 }
 _CODE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9]+): ")
 _STATUS_RE = re.compile(r"status code: (\d{3})")
@@ -247,8 +248,15 @@ def error_class(code: str | None, message: str = "") -> type[TransferError]:
 
 
 def _tidy(message: object) -> str:
-    """An s5cmd error message without request/host ids, scrubbed of credentials."""
-    return scrub(_REQUEST_ID_RE.sub("", str(message)).strip())
+    """An s5cmd error message without request/host ids, scrubbed of credentials.
+
+    The AWS SDK's "NoCredentialProviders: no valid providers in chain. Deprecated. ..." reads
+    as boto3's does.
+    """
+    text = scrub(_REQUEST_ID_RE.sub("", str(message)).strip())
+    if text.startswith("NoCredentialProviders"):
+        return "NoCredentials: no AWS credentials found"
+    return text
 
 
 def _is_warning(record: dict[str, Any]) -> bool:

@@ -103,6 +103,33 @@ def test_operation_failure_exits_1_without_leaking_the_secret(rclone_server: S3S
         assert wrong not in line and SECRET_KEY not in line
 
 
+@pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
+def test_missing_credentials_read_the_same_on_both_backends(moto_server: S3Server, backend: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli.cli_support import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_CA_BUNDLE"}
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",  # no instance metadata lookup either
+        PYTHONPATH=str(ROOT),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "runctl", "--endpoint-url", moto_server.endpoint_url, "s3", "list",
+         "s3://some-bucket/", backend],
+        capture_output=True, text=True, env=env, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 1, result.stderr
+    assert_one_line_error(result.stderr)
+    # not the AWS SDK's "NoCredentialProviders: no valid providers in chain. Deprecated. ..."
+    assert "no AWS credentials found" in result.stderr and "NoCredentials" in result.stderr
+    assert "Deprecated" not in result.stderr
+
+
 def test_partial_failure_counts_what_failed(moto_server: S3Server, tmp_path: Path) -> None:
     bucket = S3URL(moto_server.new_bucket())
     put(moto_server, bucket, "run/good.pt", b"good")
