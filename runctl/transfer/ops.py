@@ -602,6 +602,9 @@ def download(
         )
     info = transfer.stat(url)
     if info is None:
+        # A HEAD answers a bare 404 for a missing bucket too: a listing tells the two apart.
+        for _ in transfer.iter_objects(url, recursive=False):  # NoSuchBucketError if it is that
+            break
         raise NoSuchKeyError(f"no such object: {url}", code="NoSuchKey", url=str(url))
     if dest.is_dir():
         final = safe_local_path(dest, url.name)

@@ -199,6 +199,10 @@ def test_missing_bucket_in_a_prefix_download_is_a_typed_error(
     with pytest.raises(NoSuchBucketError):
         ops.download(transfer, missing, tmp_path / "d", recursive=True)
     assert not (tmp_path / "d").exists()
+    # One object: a HEAD answers a bare 404 for a missing bucket too; it must not read as NoSuchKey.
+    with pytest.raises(NoSuchBucketError):
+        ops.download(transfer, missing.join("step_1.pt"), tmp_path / "d")
+    assert not (tmp_path / "d").exists()
 
 
 def test_partial_failure_names_each_item(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
