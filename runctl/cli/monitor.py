@@ -235,7 +235,7 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
     out.line("")
     out.line(
         f"Totals: {result.objects} objects, {human_size(result.size)}; "
-        f"{len(result.checkpoints)} checkpoints ({complete} complete, {human_size(result.checkpoint_size)}); "
+        f"{len(result.checkpoints)} checkpoints, {human_size(result.checkpoint_size)} ({complete} complete); "
         f"{len(result.others)} other {'object' if len(result.others) == 1 else 'objects'}"
     )
     if result.incomplete:

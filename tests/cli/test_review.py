@@ -13,6 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from runctl.cli.output import human_size
 from runctl.review import DEFAULT_PRICES, GB, review
 from runctl.s3url import S3URL
 from tests.servers import S3Server
@@ -129,6 +130,9 @@ def test_cli_review_json_and_prices_file(
     for text in ("step_1.pt", "checkpoint-3", "abandoned", "run/step_4.pt", "Estimated monthly storage cost"):
         assert text in result.stdout
     assert f"{billed / GB * 2.5:.2e}" in result.stdout
+    # the size is that of all three checkpoints, complete or not, and reads so
+    all_three = SIZES["step_1.pt"] + SIZES["step_2.pt"] + SIZES["checkpoint-3/model.bin"]
+    assert f"3 checkpoints, {human_size(all_three)} (2 complete)" in result.stdout
 
 
 @pytest.mark.parametrize(
