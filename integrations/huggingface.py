@@ -102,6 +102,16 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         if not state.is_world_process_zero or self._uploader is not None:
             return
         self._output_dir = Path(args.output_dir)
+        limit, keep = getattr(args, "save_total_limit", None), self.options.keep_last_n
+        if limit and keep and limit < keep:
+            log.warning(
+                "runctl: save_total_limit=%d is below keep_last_n=%d: the Trainer deletes older "
+                "checkpoint directories, and one deleted before its upload starts never reaches "
+                "S3, which may then hold fewer than the newest %d",
+                limit,
+                keep,
+                keep,
+            )
         # The Trainer restores the checkpoint it resumes from after on_train_begin: retention
         # waits until the first step has protected it.
         self._uploader = self.options.make_uploader(self._output_dir, hold_retention=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,23 @@ def test_resuming_from_an_older_checkpoint_keeps_it(
     assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(dirs)
     for name, files in dirs.items():
         assert_dir_complete(name, files, out / name)
+
+
+@pytest.mark.parametrize(("limit", "warned"), [(2, True), (3, False), (None, False)])
+def test_a_save_total_limit_below_keep_last_n_is_warned_about(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    limit: int | None, warned: bool,
+) -> None:
+    from runctl.integrations.huggingface import RunctlCallback
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), save_total_limit=limit, report_to=[], use_cpu=True
+    )
+    callback = RunctlCallback(moto_bucket.join("hf-limit/"), keep_last_n=3, config=moto_server.config())
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl())
+        callback.close()
+    said = [r.getMessage() for r in caplog.records if "save_total_limit" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "save_total_limit=2 is below keep_last_n=3" in said[0]
