@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -226,10 +226,13 @@ class Review:
     total_monthly_cost: float
     currency: str
     warnings: tuple[str, ...]
+    #: Each marker was read and checked against the listed files (else: a marker exists).
+    markers_verified: bool = False
 
     @property
     def incomplete(self) -> tuple[CheckpointRow, ...]:
-        """Directory checkpoints without a marker (uploads in progress, or abandoned)."""
+        """Directory checkpoints without a marker (uploads in progress, or abandoned), or, when
+        ``markers_verified``, with one that does not match their files."""
         return tuple(c for c in self.checkpoints if not c.complete)
 
     @property
@@ -247,6 +250,7 @@ class Review:
             "checkpoints": [c.to_json() for c in self.checkpoints],
             "others": [o.to_json() for o in self.others],
             "incomplete": [c.name for c in self.incomplete],
+            "markers_verified": self.markers_verified,
             "totals": {
                 "objects": self.objects,
                 "size": self.size,
@@ -374,11 +378,15 @@ def review(
     patterns: Sequence[str] | None = None,
     treat_unmarked_complete: bool = False,
     include_multipart: bool = True,
+    verify_markers: bool = False,
 ) -> Review:
     """Audit ``prefix``: checkpoints, other artifacts, unfinished multipart uploads and monthly cost.
 
     ``prices`` overrides ``DEFAULT_PRICES`` per storage class (USD per GB-month). A server that
     cannot list multipart uploads leaves ``multipart_error`` set instead of failing the review.
+    A directory checkpoint is complete when it has a non-empty marker; ``verify_markers`` also
+    reads each marker (one batch, beside the listing) and checks it against the listed files, as
+    retention does: 1,000 checkpoints cost about a second more.
 
     Example:
         >>> r = review(transfer, S3URL.parse("s3://bucket/run/"))   # doctest: +SKIP
@@ -420,12 +428,20 @@ def review(
         if pool is not None
         else None
     )
+    read_markers = None
+    if verify_markers:
+        from runctl.retention import read_small_objects  # its imports cost start-up otherwise
+
+        def read_markers(keys: Iterable[str]) -> Mapping[str, bytes | TransferError]:
+            return read_small_objects(transfer, prefix.bucket, keys)
+
     try:
         grouped = group_s3(
             counted(transfer.iter_objects(prefix, recursive=True)),
             prefix,
             patterns,
             treat_unmarked_complete=treat_unmarked_complete,
+            read_markers=read_markers,
         )
     finally:
         if pool is not None:
@@ -508,4 +524,5 @@ def review(
         total_monthly_cost=sum(c.monthly_cost for c in costs if c.monthly_cost is not None),
         currency=CURRENCY,
         warnings=tuple(warnings),
+        markers_verified=verify_markers,
     )

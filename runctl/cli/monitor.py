@@ -46,13 +46,15 @@ Examples:
 
 REVIEW_HELP = """Audit an S3 prefix: checkpoints, other artifacts, unfinished multipart uploads, monthly cost.
 
-Lists each checkpoint (step, files, size, age, complete or not, storage class), other objects, totals, directory checkpoints without a marker, in-progress and abandoned multipart uploads (their parts are billed), and an estimated monthly storage cost per storage class from a price table (USD per GB-month, AWS us-east-1 list prices; override with --prices FILE or RUNCTL_PRICES, a JSON object such as {"STANDARD": 0.021}).
+Lists each checkpoint (step, files, size, age, complete or not, storage class; a directory checkpoint is complete when it has a marker, and with --verify only when its marker also matches its listed files, as cleanup checks), other objects, totals, directory checkpoints without a marker, in-progress and abandoned multipart uploads (their parts are billed), and an estimated monthly storage cost per storage class from a price table (USD per GB-month, AWS us-east-1 list prices; override with --prices FILE or RUNCTL_PRICES, a JSON object such as {"STANDARD": 0.021}).
 
 Examples:
 
   runctl s3 review s3://bucket/run-7/
 
   runctl s3 review s3://bucket/run-7/ --detailed --abandoned-after 6h
+
+  runctl s3 review s3://bucket/run-7/ --verify
 
   runctl s3 review s3://bucket/run-7/ --json --prices prices.json
 """
@@ -239,7 +241,8 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
         f"{len(result.others)} other {'object' if len(result.others) == 1 else 'objects'}"
     )
     if result.incomplete:
-        out.line("Incomplete directory checkpoints (no marker): " + ", ".join(c.name for c in result.incomplete))
+        why = "no marker, or one that does not match" if result.markers_verified else "no marker"
+        out.line(f"Incomplete directory checkpoints ({why}): " + ", ".join(c.name for c in result.incomplete))
 
     out.line("")
     if result.multipart_error:
@@ -309,6 +312,13 @@ def review_command(
         ),
     ] = "24h",
     treat_unmarked_complete: UnmarkedOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Read each directory checkpoint's marker and check it against the listed files (slower: one small read per checkpoint).",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     endpoint_url: EndpointOpt = None,
@@ -333,6 +343,7 @@ def review_command(
                     detailed=detailed,
                     abandoned_after=threshold,
                     treat_unmarked_complete=treat_unmarked_complete,
+                    verify_markers=verify,
                 )
         except KeyboardInterrupt:
             out.stderr.write("interrupted\n")

@@ -78,6 +78,14 @@ def put(server: S3Server, bucket: S3URL, key: str, data: bytes = b"x") -> None:
     server.client().put_object(Bucket=bucket.bucket, Key=key, Body=data)
 
 
+def put_marker(server: S3Server, prefix: S3URL, name: str, files: dict[str, int]) -> None:
+    """A marker for directory checkpoint ``prefix/name/`` naming ``files`` (relative name -> size)."""
+    from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+
+    manifest = Manifest(name, None, {rel: FileEntry(size) for rel, size in files.items()}, "test", 0.0)
+    put(server, prefix, f"{prefix.key}{name}/{MARKER_NAME}", manifest.to_bytes())
+
+
 def assert_one_line_error(stderr: str, *, contains: str = "") -> str:
     """stderr ends with exactly one ``runctl: error: ...`` line (warnings may precede it), no traceback."""
     lines = [line for line in stderr.splitlines() if line.strip()]

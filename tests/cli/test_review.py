@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from runctl.cli.output import human_size
 from runctl.review import DEFAULT_PRICES, GB, review
 from runctl.s3url import S3URL
+from tests.cli.cli_support import put_marker
 from tests.servers import S3Server
 
 SIZES = {"step_1.pt": 1000, "step_2.pt": 2345, "checkpoint-3/model.bin": 700, "train.log": 10}
@@ -133,6 +134,32 @@ def test_cli_review_json_and_prices_file(
     # the size is that of all three checkpoints, complete or not, and reads so
     all_three = SIZES["step_1.pt"] + SIZES["step_2.pt"] + SIZES["checkpoint-3/model.bin"]
     assert f"3 checkpoints, {human_size(all_three)} (2 complete)" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
+def test_cli_review_verify_checks_each_marker_against_the_files(
+    s3_server: S3Server, bucket: S3URL, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    prefix = bucket.join("run/")
+    client = s3_server.client()
+    for name, size in (("checkpoint-5", 3), ("checkpoint-6", 4), ("checkpoint-7", 3)):
+        client.put_object(Bucket=bucket.bucket, Key=f"{prefix.key}{name}/model.bin", Body=b"m" * size)
+    put_marker(s3_server, prefix, "checkpoint-5", {"model.bin": 3})
+    put_marker(s3_server, prefix, "checkpoint-6", {"model.bin": 3})  # the file is 4 bytes
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    plain = runner.invoke(monitor_app(), ["s3", "review", str(prefix), "--json", backend])
+    assert plain.exit_code == 0, plain.output
+    doc = json.loads(plain.stdout)
+    assert doc["incomplete"] == ["checkpoint-7"] and doc["markers_verified"] is False
+    checked = runner.invoke(monitor_app(), ["s3", "review", str(prefix), "--json", "--verify", backend])
+    assert checked.exit_code == 0, checked.output
+    doc = json.loads(checked.stdout)
+    assert doc["incomplete"] == ["checkpoint-6", "checkpoint-7"] and doc["markers_verified"] is True
+    assert "checkpoint-6" in checked.stderr and "does not match its marker" in checked.stderr
+    human = runner.invoke(monitor_app(), ["s3", "review", str(prefix), "--verify", backend])
+    assert "(no marker, or one that does not match): checkpoint-6, checkpoint-7" in human.stdout
 
 
 @pytest.mark.parametrize(

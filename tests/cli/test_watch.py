@@ -18,7 +18,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
+from runctl.checkpoints import MARKER_NAME
 from runctl.s3url import S3URL
 from runctl.watch import (
     BaselineEvent,
@@ -28,16 +28,12 @@ from runctl.watch import (
     RetentionEvent,
     backoff_delay,
 )
+from tests.cli.cli_support import put_marker
 from tests.servers import S3Server
 
 
 def put(server: S3Server, url: S3URL, key: str, data: bytes = b"x") -> None:
     server.client().put_object(Bucket=url.bucket, Key=url.key + key, Body=data)
-
-
-def put_marker(server: S3Server, url: S3URL, name: str, files: dict[str, int]) -> None:
-    manifest = Manifest(name, None, {rel: FileEntry(size) for rel, size in files.items()}, "test", 0.0)
-    put(server, url, f"{name}/{MARKER_NAME}", manifest.to_bytes())
 
 
 def kinds(events: list[Any]) -> list[tuple[str, str]]:
