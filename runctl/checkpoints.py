@@ -484,7 +484,7 @@ def _group_dir(
     marker = next((o for o in members if o.key == marker_key), None)
     files = sorted((o for o in members if o.key != marker_key), key=lambda o: o.key)
     if marker is not None:
-        complete = _marker_ok(marker, files, dir_key, read_marker)
+        complete = marker_ok(marker, files, dir_key, read_marker)
         mtime = marker.last_modified.timestamp()
     else:
         complete = treat_unmarked_complete
@@ -504,12 +504,26 @@ def _group_dir(
     )
 
 
-def _marker_ok(
+def marker_ok(
     marker: ObjectInfo,
     files: Sequence[ObjectInfo],
     dir_key: str,
     read_marker: Callable[[str], bytes] | None,
 ) -> bool:
+    """Whether a directory checkpoint's marker makes it complete; why not is logged as a warning.
+
+    A non-empty marker counts when ``read_marker`` is None; otherwise it must be readable, parse,
+    and match ``files`` (the objects listed under ``dir_key``) in size and, where both have one,
+    ETag.
+
+    Example:
+        >>> from datetime import datetime, timezone
+        >>> t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+        >>> m = ObjectInfo("b", "run/c-1/" + MARKER_NAME, 90, t)
+        >>> body = Manifest("c-1", 1, {"w.bin": FileEntry(3)}, "0.1", 0.0).to_bytes()
+        >>> marker_ok(m, [ObjectInfo("b", "run/c-1/w.bin", 3, t)], "run/c-1/", lambda key: body)
+        True
+    """
     if marker.size == 0:
         log.warning("marker %s is empty: treating the checkpoint as incomplete", marker.key)
         return False

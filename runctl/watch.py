@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runctl.checkpoints import Checkpoint, group_s3
+from runctl.checkpoints import Checkpoint, group_s3, marker_ok
 from runctl.config import scrub
 from runctl.exceptions import LockTimeout, TransferError, UsageError
 from runctl.s3url import S3URL
@@ -197,8 +197,9 @@ class PrefixWatcher:
 
     The first ``poll()`` returns one ``BaselineEvent``; every later one returns an event per
     new, changed (ETag or size) and deleted object, then a ``CheckpointEvent`` for each
-    checkpoint that became complete (its marker landed, or a single-file checkpoint
-    appeared or was rewritten). Only ``key -> (etag, size)`` is remembered between polls.
+    checkpoint that became complete (its marker landed and, read then, matches its files; or a
+    single-file checkpoint appeared or was rewritten). The baseline counts directories with a
+    marker as complete, and names as latest the newest whose marker matches. Only ``key -> (etag, size)`` is remembered between polls.
     With ``keep_last_n``, S3 retention (same lock and rules as ``runctl s3 cleanup``) runs
     after each poll that completed a checkpoint.
 
@@ -231,6 +232,10 @@ class PrefixWatcher:
         self._state: ObjectState | None = None
         # name -> identity of its completing object (marker or the single file), for completion edges.
         self._complete: dict[str, tuple[str, str | None, int]] = {}
+        # name -> (marker identity, its files' state) of a marker read that did not match them:
+        # not read again until either changes.
+        self._mismatched: dict[str, tuple[object, object]] = {}
+        self._objects: dict[str, ObjectInfo] = {}  # the last listing's objects, for those reads
         self._stop = threading.Event()
         self._retention_due = False
 
@@ -249,11 +254,14 @@ class PrefixWatcher:
 
     def _list(self) -> tuple[ObjectState, list[Checkpoint]]:
         state: ObjectState = {}
+        objects: dict[str, ObjectInfo] = {}
+        self._objects = objects
 
         def recorded(items: Iterable[object]) -> Iterator[ObjectInfo]:
             for item in items:
                 if isinstance(item, ObjectInfo):
                     state[item.key] = (item.etag, item.size)
+                    objects[item.key] = item
                     yield item
 
         grouped = group_s3(
@@ -263,6 +271,41 @@ class PrefixWatcher:
             treat_unmarked_complete=self.treat_unmarked_complete,
         )
         return state, list(grouped.checkpoints)
+
+    def _mismatch(self, candidates: Sequence[Checkpoint], state: ObjectState) -> set[str]:
+        """The candidates whose marker, read now (one batch), does not match their listed files."""
+        from runctl.retention import read_small_objects
+
+        marked = [c for c in candidates if c.is_dir and c.marker is not None]
+        found: set[str] = set()
+        to_read: list[Checkpoint] = []
+        for ckpt in marked:
+            assert ckpt.marker is not None
+            seen = (state.get(ckpt.marker), tuple(state.get(k) for k in ckpt.files))
+            if self._mismatched.get(ckpt.name) == seen:
+                found.add(ckpt.name)  # unchanged since its marker was read and did not match
+            else:
+                self._mismatched.pop(ckpt.name, None)
+                to_read.append(ckpt)
+        if not to_read:
+            return found
+        read = read_small_objects(self.transfer, self.prefix.bucket, [c.marker for c in to_read if c.marker])
+        for ckpt in to_read:
+            assert ckpt.marker is not None
+            body = read.get(ckpt.marker)
+
+            def reader(key: str, body: bytes | TransferError | None = body) -> bytes:
+                if isinstance(body, bytes):
+                    return body
+                raise body if body is not None else TransferError(f"marker {key} was not read")
+
+            files = [self._objects[k] for k in ckpt.files if k in self._objects]
+            dir_key = self.prefix.join(ckpt.name).key + "/"
+            if not marker_ok(self._objects[ckpt.marker], files, dir_key, reader):
+                found.add(ckpt.name)
+                if isinstance(body, bytes):  # a read that failed is tried again next poll
+                    self._mismatched[ckpt.name] = (state.get(ckpt.marker), tuple(state.get(k) for k in ckpt.files))
+        return found
 
     def _identity(self, ckpt: Checkpoint, state: ObjectState) -> tuple[str, str | None, int] | None:
         """What marks ``ckpt`` complete: its marker's or its file's (key, etag, size); None if incomplete."""
@@ -292,9 +335,15 @@ class PrefixWatcher:
         old_state = self._state
         self._state = new_state
         if old_state is None:
-            self._complete = complete_now
             done = [c for c in checkpoints if c.complete]
-            latest = max(done, key=lambda c: c.order_key()).name if done else None
+            latest = None
+            for ckpt in sorted(done, key=lambda c: c.order_key(), reverse=True):
+                if not self._mismatch([ckpt], new_state):  # read the newest marker(s) only
+                    latest = ckpt.name
+                    break
+                complete_now.pop(ckpt.name, None)  # it completes once its files match
+            self._complete = complete_now
+            self._objects = {}
             return [BaselineEvent(str(self.prefix), len(new_state), len(checkpoints), len(done), latest, now)]
 
         events: list[WatchEvent] = []
@@ -311,7 +360,14 @@ class PrefixWatcher:
         completed = [
             c for c in checkpoints if c.name in complete_now and self._complete.get(c.name) != complete_now[c.name]
         ]
+        # A new marker is read and checked against the files before it is reported (and --exec
+        # runs): one that does not match them is not a completion until either changes.
+        mismatched = self._mismatch(completed, new_state)
+        for name in mismatched:
+            complete_now.pop(name, None)
+        completed = [c for c in completed if c.name not in mismatched]
         self._complete = complete_now
+        self._objects = {}
         for ckpt in sorted(completed, key=lambda c: c.order_key()):
             events.append(
                 CheckpointEvent(

@@ -97,6 +97,41 @@ def test_baseline_then_one_event_per_object_and_one_per_marker(s3_server: S3Serv
     }
 
 
+def test_a_marker_that_does_not_match_its_files_is_not_a_completion(
+    s3_server: S3Server, bucket: S3URL, transfer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = bucket.join("ckpt/")
+    base = str(prefix)
+    put(s3_server, prefix, "checkpoint-1/model.bin", b"abc")
+    put_marker(s3_server, prefix, "checkpoint-1", {"model.bin": 3})
+    put(s3_server, prefix, "checkpoint-2/model.bin", b"abcd")  # its marker says 3 bytes
+    put_marker(s3_server, prefix, "checkpoint-2", {"model.bin": 3})
+
+    watcher = PrefixWatcher(transfer, prefix)
+    (baseline,) = watcher.poll()
+    assert isinstance(baseline, BaselineEvent) and baseline.latest == "checkpoint-1"
+    said = [r.getMessage() for r in caplog.records if "does not match its marker" in r.getMessage()]
+    assert len(said) == 1 and "checkpoint-2" in said[0]
+
+    caplog.clear()
+    put(s3_server, prefix, "checkpoint-3/model.bin", b"abcd")
+    put_marker(s3_server, prefix, "checkpoint-3", {"model.bin": 3, "optim.bin": 2})
+    events = watcher.poll()
+    assert [k for k, _ in kinds(events)] == ["new", "new"]  # no checkpoint_complete
+    assert watcher.poll() == []  # unchanged: not read again
+    said = [r.getMessage() for r in caplog.records if "does not match its marker" in r.getMessage()]
+    assert len(said) == 1 and "checkpoint-3" in said[0]
+
+    put(s3_server, prefix, "checkpoint-3/model.bin", b"abc")  # the files catch up with the marker
+    put(s3_server, prefix, "checkpoint-3/optim.bin", b"xy")
+    put(s3_server, prefix, "checkpoint-2/model.bin", b"abc")
+    events = watcher.poll()
+    assert [(k, u) for k, u in kinds(events) if k == "checkpoint_complete"] == [
+        ("checkpoint_complete", base + "checkpoint-2/"),
+        ("checkpoint_complete", base + "checkpoint-3/"),
+    ]
+
+
 def test_baseline_of_an_empty_prefix_and_unmarked_directory(moto_server: S3Server) -> None:
     from runctl.transfer.boto import BotoTransfer
 
