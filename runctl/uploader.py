@@ -539,6 +539,7 @@ class CheckpointUploader:
         self._retention_held = hold_retention
         self._retention_due = False
         self._retention_busy = False
+        self._outranked_warned = False  # _warn_if_outranked says it once
 
         if resume:
             self._resume()
@@ -1435,6 +1436,7 @@ class CheckpointUploader:
                         size=cp.size,
                         s3_url=str(self._url_of(cp.name, cp.is_dir)),
                     )
+                self._warn_if_outranked(plan)
             except Exception as exc:  # noqa: BLE001 - retention failing must not stop uploads
                 self._retention_failed("S3", exc)
         if self.local_keep_last_n is not None:
@@ -1457,6 +1459,37 @@ class CheckpointUploader:
                 )
             except Exception as exc:  # noqa: BLE001
                 self._retention_failed("local", exc)
+
+    def _warn_if_outranked(self, plan: RetentionPlan) -> None:
+        """Once: say so when retention deleted this run's checkpoints for others that rank newer.
+
+        A fresh run uploading to a prefix that holds an older run's higher steps loses each of its
+        own checkpoints to retention soon after it lands; that is keep-last-N working as written,
+        but almost never what the user meant.
+        """
+        if self._outranked_warned:
+            return
+        with self._cond:
+            ours = set(self._submitted_names)
+        lost = [cp for cp in plan.delete if cp.name in ours]
+        if not lost:
+            return
+        newest_lost = max(cp.order_key() for cp in lost)
+        others = [
+            cp.name
+            for cp in plan.keep
+            if cp.complete and cp.name not in ours and not is_alias(cp.name) and cp.order_key() > newest_lost
+        ]
+        if not others:
+            return
+        self._outranked_warned = True
+        log.warning(
+            "retention in %s deleted %s, uploaded by this run, because checkpoints it did not "
+            "write rank newer (by step): %s. Another run's? Upload to a fresh prefix, or clean it first.",
+            self.prefix,
+            ", ".join(cp.name for cp in lost),
+            ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""),
+        )
 
     def _journal_deleting(self, plan: RetentionPlan) -> None:
         # Written (and fsynced) before the first delete: a run killed half-way through a directory

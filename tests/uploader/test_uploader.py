@@ -493,6 +493,24 @@ def test_held_retention_waits_for_release_then_runs_once_before_flush_returns(
     up.close(timeout=60)
 
 
+def test_a_run_whose_checkpoints_are_outranked_by_another_runs_is_warned_once(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="runctl")
+    prefix = moto_bucket.join("run/")
+    for step in (100, 200, 300):  # an older run's checkpoints, at higher steps
+        boto_transfer.put_bytes(b"old", prefix.join(f"step_{step}.pt"))  # type: ignore[attr-defined]
+    up = uploader(root, moto_bucket, boto_transfer, keep_last_n=2)
+    for step in (1, 2, 3):
+        assert up.submit(write(root / f"step_{step}.pt", b"new")).result(30).state == "verified"
+        up.flush(30)
+    up.close(timeout=30)
+    said = [r.getMessage() for r in caplog.records if "rank newer" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "deleted step_1.pt, uploaded by this run" in said[0] and "step_300.pt" in said[0]
+    assert "fresh prefix" in said[0]
+
+
 # -- promise 9: backpressure ------------------------------------------------------------------------
 
 
