@@ -1218,13 +1218,14 @@ class CheckpointUploader:
                     code="VerifyFailed",
                     url=str(url),
                 )
+        self._record(job, "uploaded", want.size, want.mtime, url)
+
+    def _record(
+        self, job: _Job, state: str, size: int, mtime: float, url: S3URL, *, wait: bool = False
+    ) -> None:
+        """A journal line for this version of ``job`` (``queued=`` says which version)."""
         self._journal.record(
-            job.name,
-            "uploaded",
-            size=want.size,
-            mtime=want.mtime,
-            s3_url=str(url),
-            queued=job.queued_at,
+            job.name, state, wait=wait, size=size, mtime=mtime, s3_url=str(url), queued=job.queued_at
         )
 
     def _list_dir(self, url: S3URL) -> dict[str, ObjectInfo]:
@@ -1298,14 +1299,7 @@ class CheckpointUploader:
                     f"rewritten during upload ({', '.join(changed[:3])}) and a newer version is queued"
                 )
             raise _Rewritten(", ".join(changed[:3]))
-        self._journal.record(
-            job.name,
-            "uploaded",
-            size=snapshot.size,
-            mtime=snapshot.mtime,
-            s3_url=str(url),
-            queued=job.queued_at,
-        )
+        self._record(job, "uploaded", snapshot.size, snapshot.mtime, url)
         etags = {rel: objects[rel].etag for rel in snapshot.files if objects[rel].etag}
         manifest = build_manifest(snapshot.path, job.name, job.step, etags)  # type: ignore[arg-type]
         missing = set(snapshot.files) - set(manifest.files)
@@ -1328,15 +1322,7 @@ class CheckpointUploader:
     def _commit(
         self, job: _Job, snapshot: Snapshot, url: S3URL, attempts: int, seconds: float
     ) -> None:
-        self._journal.record(
-            job.name,
-            "verified",
-            wait=True,
-            size=snapshot.size,
-            mtime=snapshot.mtime,
-            s3_url=str(url),
-            queued=job.queued_at,
-        )
+        self._record(job, "verified", snapshot.size, snapshot.mtime, url, wait=True)
         outcome = UploadOutcome(job.name, "verified", str(url), snapshot.size, seconds, attempts)
         with self._cond:
             self._stats["uploaded"] += 1
