@@ -540,6 +540,7 @@ class CheckpointUploader:
         self._retention_due = False
         self._retention_busy = False
         self._outranked_warned = False  # _warn_if_outranked says it once
+        self._left_pending: tuple[str, ...] = ()  # after a close that gave up: for the next process
 
         if resume:
             self._resume()
@@ -775,7 +776,7 @@ class CheckpointUploader:
                 retries=int(s["retries"]),
                 failures=int(s["failures"]),
                 skipped=int(s["skipped"]),
-                pending=tuple(self._pending_names()),
+                pending=tuple(self._pending_names()) if not self._closed else self._left_pending,
                 retention_errors=int(s["retention_errors"]),
             )
 
@@ -1565,6 +1566,7 @@ class CheckpointUploader:
             busy = bool(self._queue) or self._in_flight is not None
             if busy:
                 # flush gave up: stop now; the journal keeps these pending for the next process.
+                self._left_pending = tuple(self._pending_names())
                 self._abort.set()
             self._cond.notify_all()
         if busy:

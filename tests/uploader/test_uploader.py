@@ -745,6 +745,9 @@ def test_flush_timeout_is_bounded_and_names_pending(
         up.close(timeout=0.3)
     assert time.monotonic() - start < 10
     assert not up._worker.is_alive()
+    # what close gave up on stays pending (in the journal, for the next process), and says so
+    assert up.status().pending == ("step_0.pt", "step_1.pt", "step_2.pt")
+    assert up.status().to_dict()["pending"] == 3
 
 
 def test_submit_validates_its_argument(
