@@ -518,8 +518,6 @@ class CheckpointUploader:
         self._superseded: dict[str, tuple[int, float]] = {}
         self._submitted_names: set[str] = set()
         self._verified_keys: list[tuple[int, int, float]] = []
-        # name -> (order key, version) of an upload that failed, to tell when that loses nothing
-        self._failed_keys: dict[str, tuple[tuple[int, int, float], tuple[int, float] | None]] = {}
         self._stats: dict[str, float] = {
             "uploaded": 0,
             "bytes": 0,
@@ -738,16 +736,6 @@ class CheckpointUploader:
         self._journal.drain(None if deadline is None else deadline - time.monotonic())
         with self._cond:
             failures, self._failures = self._failures, {}
-            moot = self._moot_failures(failures)
-        for name in moot:
-            log.warning(
-                "the upload of %s failed, but %d newer checkpoints are durable in S3 and retention "
-                "(keep_last_n=%s) would delete it there anyway: not raised",
-                name,
-                self.keep_last_n,
-                self.keep_last_n,
-            )
-            del failures[name]
         if failures:
             errors: dict[str, BaseException | str] = dict(failures)
             raise UploadError(errors) from next(reversed(failures.values()))
@@ -1332,9 +1320,6 @@ class CheckpointUploader:
             self._consecutive = 0
             self._superseded.pop(job.name, None)
             self._verified_keys.append(job.order_key())
-            # A newer version of a name whose upload failed (a rewritten last.ckpt) replaces it.
-            self._failures.pop(job.name, None)
-            self._failed_keys.pop(job.name, None)
         log.info(
             "uploaded %s (%d bytes in %.1f s, %d attempt(s))", url, snapshot.size, seconds, attempts
         )
@@ -1377,7 +1362,6 @@ class CheckpointUploader:
             self._stats["failures"] += 1
             self._consecutive += 1
             self._failures[job.name] = exc
-            self._failed_keys[job.name] = (job.order_key(), job.version())
             self._last_failure = (job.name, exc)
         log.error(
             "upload of %s to %s failed: %s", job.name, self._url_of(job.name, job.is_dir), text
@@ -1431,11 +1415,7 @@ class CheckpointUploader:
                 check = self.journal.durability_check()
 
                 def durable(cp: Checkpoint) -> bool:
-                    return (
-                        check(cp.name, cp.size, cp.mtime)
-                        or self._superseded_and_covered(cp)
-                        or self._failed_and_covered(cp)
-                    )
+                    return check(cp.name, cp.size, cp.mtime) or self._superseded_and_covered(cp)
 
                 apply_local_retention(
                     self.root,
@@ -1485,40 +1465,6 @@ class CheckpointUploader:
         last = len(plan.delete) - 1
         for i, cp in enumerate(plan.delete):
             self._journal.record(cp.name, "deleting_s3", wait=i == last, size=cp.size)
-
-    def _covered(self, key: tuple[int, int, float]) -> bool:
-        """``keep_last_n`` newer checkpoints are durable: S3 retention would delete this one (under ``_cond``)."""
-        if self.keep_last_n is None:
-            return False
-        return sum(1 for v in self._verified_keys if v > key) >= self.keep_last_n
-
-    def _moot_failures(self, failures: Mapping[str, object]) -> list[str]:
-        """Failed uploads that lose nothing: unprotected, not aliases, and covered (under ``_cond``).
-
-        A checkpoint that failed during an outage while newer ones landed afterwards would be
-        deleted by retention anyway; raising for it from flush() (the end of ``fit``) would stop
-        a run that kept everything it promised to keep.
-        """
-        protected = self._protected()
-        return sorted(
-            name
-            for name in failures
-            if name in self._failed_keys
-            and name not in protected
-            and not is_alias(name)
-            and self._covered(self._failed_keys[name][0])
-        )
-
-    def _failed_and_covered(self, cp: Checkpoint) -> bool:
-        """This version's upload failed and retention would delete it in S3 anyway: it may go locally."""
-        with self._cond:
-            failed = self._failed_keys.get(cp.name)
-            if failed is None or failed[1] is None or is_alias(cp.name):
-                return False
-            size, mtime = failed[1]
-            if size != cp.size or abs(mtime - cp.mtime) > 1e-6:
-                return False
-            return cp.name not in self._protected() and self._covered(failed[0])
 
     def _superseded_and_covered(self, cp: Checkpoint) -> bool:
         # A checkpoint skipped because retention would delete it anyway may go locally once a

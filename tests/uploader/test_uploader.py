@@ -630,59 +630,6 @@ def test_transient_failure_is_retried_and_not_reported(
     assert errors == []
 
 
-@pytest.mark.parametrize(("keep", "raised"), [(2, False), (3, True), (None, True)])
-def test_a_failed_upload_that_retention_would_delete_anyway_is_not_raised(
-    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture,
-    keep: int | None, raised: bool,
-) -> None:
-    """An outage fails step_1.pt; step_2 and step_3 land after it. With keep_last_n=2 nothing is lost."""
-    caplog.set_level(logging.WARNING, logger="runctl")
-    wrapped = Wrapped(boto_transfer)
-
-    def outage(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
-        if any(url.key.endswith("step_1.pt") for _, url in pairs):
-            raise TransferError("connection refused", code="RequestError")
-
-    wrapped.before_put = outage
-    up = uploader(root, moto_bucket, wrapped, keep_last_n=keep, local_keep_last_n=2)
-    with pytest.raises(TransferError):  # retried, then given up while the server is away
-        up.submit(write(root / "step_1.pt", b"1")).result(30)
-    for i in (2, 3):
-        assert up.submit(write(root / f"step_{i}.pt", b"%d" % i)).result(30).state == "verified"
-    if raised:
-        with pytest.raises(UploadError, match="step_1.pt"):
-            up.flush(30)
-        assert (root / "step_1.pt").exists()  # its only copy: kept on disk
-    else:
-        up.flush(30)
-        said = [r.getMessage() for r in caplog.records]
-        assert any("step_1.pt failed" in m and "not raised" in m for m in said), said
-        assert not (root / "step_1.pt").exists()  # retention would delete it in S3: it may go locally
-    assert up.status().failures == 1
-    up.close(timeout=30)
-
-
-def test_a_newer_version_that_lands_replaces_the_failed_upload_of_an_alias(
-    root: Path, moto_bucket: S3URL, boto_transfer: object
-) -> None:
-    wrapped = Wrapped(boto_transfer)
-    down = [True]
-
-    def outage(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
-        if down[0]:
-            raise TransferError("connection refused", code="RequestError")
-
-    wrapped.before_put = outage
-    up = uploader(root, moto_bucket, wrapped, keep_last_n=1)
-    with pytest.raises(TransferError):  # the first last.ckpt failed
-        up.submit(write(root / "last.ckpt", b"old")).result(30)
-    down[0] = False
-    time.sleep(0.02)
-    assert up.submit(write(root / "last.ckpt", b"newer")).result(30).state == "verified"
-    up.flush(30)  # the newer last.ckpt is in S3: the old failure loses nothing
-    up.close(timeout=30)
-
-
 def test_a_retry_resends_only_the_missing_files(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
