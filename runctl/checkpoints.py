@@ -346,7 +346,7 @@ def group_s3(
                 )
         reader: Callable[[str], bytes] | None = reads
         if batch is not None:
-            reader = _batch_reader(batch.results())
+            reader = batch_reader(batch.results())
         checkpoints = singles + [
             _group_dir(name, members, base, treat_unmarked_complete, reader)
             for name, members in dirs.items()
@@ -360,7 +360,7 @@ def group_s3(
     return S3Checkpoints(tuple(checkpoints), tuple(others))
 
 
-def _batch_reader(found: Mapping[str, bytes | TransferError]) -> Callable[[str], bytes]:
+def batch_reader(found: Mapping[str, bytes | TransferError]) -> Callable[[str], bytes]:
     """``read_marker`` over the result of one batch read (a key it lacks was not read)."""
 
     def read(key: str) -> bytes:

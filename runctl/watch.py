@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runctl.checkpoints import Checkpoint, group_s3, marker_ok
+from runctl.checkpoints import Checkpoint, batch_reader, group_s3, marker_ok
 from runctl.config import scrub
 from runctl.exceptions import LockTimeout, TransferError, UsageError
 from runctl.s3url import S3URL
@@ -199,7 +199,8 @@ class PrefixWatcher:
     new, changed (ETag or size) and deleted object, then a ``CheckpointEvent`` for each
     checkpoint that became complete (its marker landed and, read then, matches its files; or a
     single-file checkpoint appeared or was rewritten). The baseline counts directories with a
-    marker as complete, and names as latest the newest whose marker matches. Only ``key -> (etag, size)`` is remembered between polls.
+    marker as complete, and names as latest the newest whose marker matches. Only
+    ``key -> (etag, size)`` is remembered between polls.
     With ``keep_last_n``, S3 retention (same lock and rules as ``runctl s3 cleanup``) runs
     after each poll that completed a checkpoint.
 
@@ -234,7 +235,7 @@ class PrefixWatcher:
         self._complete: dict[str, tuple[str, str | None, int]] = {}
         # name -> (marker identity, its files' state) of a marker read that did not match them:
         # not read again until either changes.
-        self._mismatched: dict[str, tuple[object, object]] = {}
+        self._mismatched: dict[str, tuple[object, ...]] = {}
         self._objects: dict[str, ObjectInfo] = {}  # the last listing's objects, for those reads
         self._stop = threading.Event()
         self._retention_due = False
@@ -276,35 +277,28 @@ class PrefixWatcher:
         """The candidates whose marker, read now (one batch), does not match their listed files."""
         from runctl.retention import read_small_objects
 
-        marked = [c for c in candidates if c.is_dir and c.marker is not None]
         found: set[str] = set()
-        to_read: list[Checkpoint] = []
-        for ckpt in marked:
-            assert ckpt.marker is not None
-            seen = (state.get(ckpt.marker), tuple(state.get(k) for k in ckpt.files))
+        to_read: dict[str, tuple[Checkpoint, str, tuple[object, ...]]] = {}  # by marker key
+        for ckpt in candidates:
+            if not ckpt.is_dir or ckpt.marker is None:
+                continue
+            seen: tuple[object, ...] = (state.get(ckpt.marker), tuple(state.get(k) for k in ckpt.files))
             if self._mismatched.get(ckpt.name) == seen:
                 found.add(ckpt.name)  # unchanged since its marker was read and did not match
             else:
                 self._mismatched.pop(ckpt.name, None)
-                to_read.append(ckpt)
+                to_read[ckpt.marker] = (ckpt, ckpt.marker, seen)
         if not to_read:
             return found
-        read = read_small_objects(self.transfer, self.prefix.bucket, [c.marker for c in to_read if c.marker])
-        for ckpt in to_read:
-            assert ckpt.marker is not None
-            body = read.get(ckpt.marker)
-
-            def reader(key: str, body: bytes | TransferError | None = body) -> bytes:
-                if isinstance(body, bytes):
-                    return body
-                raise body if body is not None else TransferError(f"marker {key} was not read")
-
+        read = read_small_objects(self.transfer, self.prefix.bucket, list(to_read))
+        reader = batch_reader(read)
+        for ckpt, marker, seen in to_read.values():
             files = [self._objects[k] for k in ckpt.files if k in self._objects]
             dir_key = self.prefix.join(ckpt.name).key + "/"
-            if not marker_ok(self._objects[ckpt.marker], files, dir_key, reader):
+            if not marker_ok(self._objects[marker], files, dir_key, reader):
                 found.add(ckpt.name)
-                if isinstance(body, bytes):  # a read that failed is tried again next poll
-                    self._mismatched[ckpt.name] = (state.get(ckpt.marker), tuple(state.get(k) for k in ckpt.files))
+                if isinstance(read.get(marker), bytes):  # a read that failed is tried next poll
+                    self._mismatched[ckpt.name] = seen
         return found
 
     def _identity(self, ckpt: Checkpoint, state: ObjectState) -> tuple[str, str | None, int] | None:
