@@ -236,7 +236,6 @@ class PrefixWatcher:
         # name -> (marker identity, its files' state) of a marker read that did not match them:
         # not read again until either changes.
         self._mismatched: dict[str, tuple[object, ...]] = {}
-        self._objects: dict[str, ObjectInfo] = {}  # the last listing's objects, for those reads
         self._stop = threading.Event()
         self._retention_due = False
 
@@ -253,10 +252,10 @@ class PrefixWatcher:
         """Make ``events()`` return at its next wait (thread-safe)."""
         self._stop.set()
 
-    def _list(self) -> tuple[ObjectState, list[Checkpoint]]:
+    def _list(self) -> tuple[ObjectState, dict[str, ObjectInfo], list[Checkpoint]]:
+        """The listing as state, as objects by key (for reading markers), and as checkpoints."""
         state: ObjectState = {}
         objects: dict[str, ObjectInfo] = {}
-        self._objects = objects
 
         def recorded(items: Iterable[object]) -> Iterator[ObjectInfo]:
             for item in items:
@@ -271,14 +270,16 @@ class PrefixWatcher:
             self.patterns,
             treat_unmarked_complete=self.treat_unmarked_complete,
         )
-        return state, list(grouped.checkpoints)
+        return state, objects, list(grouped.checkpoints)
 
-    def _mismatch(self, candidates: Sequence[Checkpoint], state: ObjectState) -> set[str]:
+    def _mismatch(
+        self, candidates: Sequence[Checkpoint], state: ObjectState, objects: Mapping[str, ObjectInfo]
+    ) -> set[str]:
         """The candidates whose marker, read now (one batch), does not match their listed files."""
         from runctl.retention import read_small_objects
 
         found: set[str] = set()
-        to_read: dict[str, tuple[Checkpoint, str, tuple[object, ...]]] = {}  # by marker key
+        to_read: dict[str, tuple[Checkpoint, tuple[object, ...]]] = {}  # by marker key
         for ckpt in candidates:
             if not ckpt.is_dir or ckpt.marker is None:
                 continue
@@ -287,15 +288,15 @@ class PrefixWatcher:
                 found.add(ckpt.name)  # unchanged since its marker was read and did not match
             else:
                 self._mismatched.pop(ckpt.name, None)
-                to_read[ckpt.marker] = (ckpt, ckpt.marker, seen)
+                to_read[ckpt.marker] = (ckpt, seen)
         if not to_read:
             return found
         read = read_small_objects(self.transfer, self.prefix.bucket, list(to_read))
         reader = batch_reader(read)
-        for ckpt, marker, seen in to_read.values():
-            files = [self._objects[k] for k in ckpt.files if k in self._objects]
+        for marker, (ckpt, seen) in to_read.items():
+            files = [objects[k] for k in ckpt.files if k in objects]
             dir_key = self.prefix.join(ckpt.name).key + "/"
-            if not marker_ok(self._objects[marker], files, dir_key, reader):
+            if not marker_ok(objects[marker], files, dir_key, reader):
                 found.add(ckpt.name)
                 if isinstance(read.get(marker), bytes):  # a read that failed is tried next poll
                     self._mismatched[ckpt.name] = seen
@@ -322,7 +323,7 @@ class PrefixWatcher:
         Raises:
             TransferError: the listing failed (``events()`` retries; a direct caller decides).
         """
-        new_state, checkpoints = self._list()
+        new_state, objects, checkpoints = self._list()
         now = self._clock()
         identities = {c.name: self._identity(c, new_state) for c in checkpoints}
         complete_now = {name: ident for name, ident in identities.items() if ident is not None}
@@ -332,12 +333,11 @@ class PrefixWatcher:
             done = [c for c in checkpoints if c.complete]
             latest = None
             for ckpt in sorted(done, key=lambda c: c.order_key(), reverse=True):
-                if not self._mismatch([ckpt], new_state):  # read the newest marker(s) only
+                if not self._mismatch([ckpt], new_state, objects):  # read the newest marker(s) only
                     latest = ckpt.name
                     break
                 complete_now.pop(ckpt.name, None)  # it completes once its files match
             self._complete = complete_now
-            self._objects = {}
             return [BaselineEvent(str(self.prefix), len(new_state), len(checkpoints), len(done), latest, now)]
 
         events: list[WatchEvent] = []
@@ -356,12 +356,11 @@ class PrefixWatcher:
         ]
         # A new marker is read and checked against the files before it is reported (and --exec
         # runs): one that does not match them is not a completion until either changes.
-        mismatched = self._mismatch(completed, new_state)
+        mismatched = self._mismatch(completed, new_state, objects)
         for name in mismatched:
             complete_now.pop(name, None)
         completed = [c for c in completed if c.name not in mismatched]
         self._complete = complete_now
-        self._objects = {}
         for ckpt in sorted(completed, key=lambda c: c.order_key()):
             events.append(
                 CheckpointEvent(
