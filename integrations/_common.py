@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from runctl.exceptions import RunctlError, UsageError
 from runctl.localrun import (  # read when an argument is omitted (``runctl local`` sets them)
+    ENV_CHECKPOINT_DIR,
     ENV_ENDPOINT_URL,
     ENV_KEEP_LAST_N,
     ENV_S3_URL,
+    ENV_WATCHED,
 )
 from runctl.s3url import S3URL
 
@@ -73,6 +75,8 @@ class UploadOptions:
     flush_timeout: float | None = 600.0
     on_upload_error: str = "raise"
     uploader_options: Mapping[str, Any] = field(default_factory=dict)
+    #: (directory, prefix) that an enclosing ``runctl local`` uploads itself, when it does.
+    local_run: tuple[str, S3URL] | None = None
 
     @classmethod
     def build(
@@ -96,8 +100,13 @@ class UploadOptions:
 
         Omitted, ``s3_url``, ``keep_last_n`` and ``endpoint_url`` fall back to $RUNCTL_S3_URL,
         $RUNCTL_KEEP_LAST_N and $RUNCTL_ENDPOINT_URL: what ``runctl local`` gives its script.
+        With $RUNCTL_LOCAL_WATCHING=1 it also remembers the directory and prefix that
+        ``runctl local`` uploads itself (see ``make_uploader``).
         """
         env = os.environ if env is None else env
+        local_run = None
+        if env.get(ENV_WATCHED) == "1" and env.get(ENV_CHECKPOINT_DIR) and env.get(ENV_S3_URL):
+            local_run = (env[ENV_CHECKPOINT_DIR], S3URL.parse(env[ENV_S3_URL]).as_prefix())
         if s3_url is None and env.get(ENV_S3_URL):
             s3_url = env[ENV_S3_URL]
         if keep_last_n is None and env.get(ENV_KEEP_LAST_N):
@@ -132,6 +141,7 @@ class UploadOptions:
             flush_timeout=flush_timeout,
             on_upload_error=on_upload_error,
             uploader_options=dict(uploader_options or {}),
+            local_run=local_run,
         )
 
     def resolved_config(self) -> S3Config:
@@ -142,10 +152,30 @@ class UploadOptions:
 
         return resolve_config(self.endpoint_url, self.profile, self.region)
 
+    def left_to_local_run(self, local_root: str | os.PathLike[str]) -> bool:
+        """True when an enclosing ``runctl local`` itself uploads ``local_root`` to ``s3_url``.
+
+        Example:
+            >>> env = {"RUNCTL_LOCAL_WATCHING": "1", "RUNCTL_CHECKPOINT_DIR": "/ck",
+            ...        "RUNCTL_S3_URL": "s3://bucket/run/"}
+            >>> UploadOptions.build(env=env).left_to_local_run("/ck")
+            True
+            >>> UploadOptions.build("s3://bucket/other/", env=env).left_to_local_run("/ck")
+            False
+        """
+        if self.local_run is None or self.s3_url is None:
+            return False
+        watched, prefix = self.local_run
+        return prefix == self.s3_url and os.path.realpath(watched) == os.path.realpath(local_root)
+
     def make_uploader(
         self, local_root: str | os.PathLike[str], *, hold_retention: bool = False
-    ) -> CheckpointUploader:
+    ) -> CheckpointUploader | None:
         """A CheckpointUploader for ``local_root`` with these options (``s3_url`` must be set).
+
+        None when ``runctl local`` runs this script and uploads ``local_root`` to ``s3_url``
+        itself ($RUNCTL_LOCAL_WATCHING=1): the integration then only saves, and runctl local
+        uploads each checkpoint once and applies its own keep-last-N.
 
         ``hold_retention``: no retention until ``release_retention()``, for a framework that
         learns the checkpoint it resumed from only after this starts.
@@ -156,6 +186,13 @@ class UploadOptions:
             raise UsageError("s3_url is required to upload (or set $RUNCTL_S3_URL), got None")
         root = Path(local_root)
         root.mkdir(parents=True, exist_ok=True)
+        if self.left_to_local_run(root):
+            log.info(
+                "runctl local is uploading %s to %s itself: this script only saves checkpoints",
+                root,
+                self.s3_url,
+            )
+            return None
         extra = dict(self.uploader_options)
         extra.setdefault("failure_policy", "warn")
         return CheckpointUploader(

@@ -165,6 +165,42 @@ def test_sigint_is_forwarded_and_runctl_exits_130_after_uploading(
     assert record["exit_code"] == 130 and record["signal"] == signal.SIGINT
 
 
+HELPER_TRAIN = textwrap.dedent(
+    """
+    import torch
+    from runctl.integrations.loop import CheckpointManager
+
+    with CheckpointManager(keep_last_n=2) as manager:
+        print("helper uploads", manager.uploader is not None, flush=True)
+        for step in range(1, 5):
+            manager.save({"step": step, "w": torch.arange(step * 5000)}, step)
+    """
+)
+
+
+def test_a_helper_inside_runctl_local_leaves_the_uploads_to_it(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "helper.py").write_text(HELPER_TRAIN)
+    proc = runctl_local(
+        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
+        "--keep-last-n", "2", "--settle", "0.3", "helper.py",
+    )
+    rc, out, err = finish(proc)
+    assert rc == 0, (out, err)
+    assert "helper uploads False" in out
+    # runctl local uploaded each checkpoint once, and its keep-last-N left the newest two.
+    uploads = [u["name"] for u in run_record(ckpt)["uploads"]]
+    assert sorted(uploads) == sorted(set(uploads)), uploads
+    assert {"step_3.pt", "step_4.pt"} <= set(uploads)
+    assert sorted(k for k in keys(moto_server, bucket) if k.endswith(".pt")) == [
+        "run/step_3.pt",
+        "run/step_4.pt",
+    ]
+
+
 def test_plain_run_passes_output_through_without_a_checkpoint_dir(tmp_path: Path) -> None:
     script = tmp_path / "hello.py"
     script.write_text("import sys\nprint('hi', sys.argv[1:])\nsys.exit(5)\n")

@@ -178,3 +178,21 @@ def test_a_save_total_limit_below_keep_last_n_is_warned_about(
     assert bool(said) == warned, said
     if warned:
         assert "save_total_limit=2 is below keep_last_n=3" in said[0]
+
+
+def test_under_runctl_local_uploading_its_output_dir_it_only_saves(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runctl.integrations.huggingface import RunctlCallback
+
+    out, prefix = tmp_path / "out", moto_bucket.join("local-run/")
+    monkeypatch.setenv("RUNCTL_LOCAL_WATCHING", "1")
+    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(out))
+    monkeypatch.setenv("RUNCTL_S3_URL", str(prefix))
+    args = transformers.TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
+    for url, uploads in ((None, False), (moto_bucket.join("mine/"), True)):
+        callback = RunctlCallback(url, config=moto_server.config())
+        callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl())
+        # runctl local uploads `out` to `prefix` itself; another prefix is the callback's own.
+        assert (callback.uploader is not None) == uploads, url
+        callback.close()

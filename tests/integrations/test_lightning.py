@@ -280,6 +280,32 @@ def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     ]
 
 
+def test_under_runctl_local_uploading_its_dirpath_it_only_saves(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("local-run/")
+    for name, value in (
+        ("RUNCTL_LOCAL_WATCHING", "1"),
+        ("RUNCTL_CHECKPOINT_DIR", str(tmp_path)),
+        ("RUNCTL_S3_URL", str(prefix)),
+        ("RUNCTL_ENDPOINT_URL", moto_server.endpoint_url),
+    ):
+        monkeypatch.setenv(name, value)
+    cb = RunctlCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    make_trainer("lightning.pytorch", [cb], max_steps=4).fit(
+        make_module("lightning.pytorch"), loader(16)
+    )
+    # runctl local uploads tmp_path itself: the callback saved, and sent nothing twice.
+    assert cb.s3_url == prefix and cb.uploader is None and cb.final_stats == {}
+    assert s3_objects(moto_server, prefix) == {}
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+    ]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [({"keep_last_n": 0}, "keep_last_n"), ({"on_upload_error": "nope"}, "on_upload_error")],

@@ -135,3 +135,28 @@ def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, needle: str) -> N
 def test_missing_dir_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="RUNCTL_CHECKPOINT_DIR"):
         CheckpointManager()
+
+
+def test_under_runctl_local_uploading_the_same_directory_it_only_saves(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `runctl local --checkpoint-dir DIR --upload-to URL` uploads DIR itself: a helper that
+    # uploaded too would send every checkpoint twice and run a second retention over the prefix.
+    watched, prefix = tmp_path / "watched", moto_bucket.join("local-run/")
+    monkeypatch.setenv("RUNCTL_LOCAL_WATCHING", "1")
+    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(watched))
+    monkeypatch.setenv("RUNCTL_S3_URL", str(prefix))
+    monkeypatch.setenv("RUNCTL_ENDPOINT_URL", moto_server.endpoint_url)
+    with CheckpointManager(local_keep_last_n=1) as manager:
+        assert manager.uploader is None and manager.s3_url == prefix
+        _train(manager, range(3))
+    # Nothing went up from here, and nothing was deleted: runctl local's retention owns both.
+    assert s3_objects(moto_server, prefix) == {}
+    assert sorted(p.name for p in watched.glob("*.pt")) == [f"step_{i}.pt" for i in range(3)]
+
+    # Another directory, or another prefix, is this helper's own to upload.
+    for local_dir, url in ((tmp_path / "other", prefix), (watched, moto_bucket.join("mine/"))):
+        with CheckpointManager(local_dir, url) as manager:
+            assert manager.uploader is not None, (local_dir, url)
+            _train(manager, range(1))
+        assert file_checkpoints(s3_objects(moto_server, url)), (local_dir, url)
