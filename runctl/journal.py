@@ -321,6 +321,22 @@ class Journal:
         """A ``was_verified`` predicate over one replay (for checking many checkpoints at once)."""
         return _DurabilityCheck(self._load())
 
+    def verified_versions(self) -> list[JournalEntry]:
+        """The ``verified`` line of each name whose verified version still counts (``was_verified``).
+
+        Example:
+            >>> import tempfile
+            >>> j = Journal(Path(tempfile.mkdtemp()))
+            >>> j.record("step_5.pt", "verified", size=3, mtime=1.5)
+            >>> j.record("step_6.pt", "queued")
+            >>> [e.name for e in j.verified_versions()]
+            ['step_5.pt']
+        """
+        state = self._load()
+        return [
+            e for name, e in state.verified.items() if _was_verified(state, name, e.size, e.mtime)
+        ]
+
     def unfinished_deletions(self) -> set[str]:
         """Names whose S3 deletion by retention began (``deleting_s3``) but never finished.
 

@@ -992,12 +992,38 @@ class CheckpointUploader:
                 keep.add(adopted)
             self._queue.append(job)
             log.info("resuming the upload of %s (left pending by an earlier run)", entry.name)
+        self._seed_superseded()
         removed = self.staging.cleanup_orphans(keep)
         if removed:
             log.info("removed %d stale staging slot(s) from an earlier run", removed)
         self._run_retention_first = (
             self.keep_last_n is not None or self.local_keep_last_n is not None
         )
+
+    def _seed_superseded(self) -> None:
+        """What earlier runs skipped, and what they made durable, as if this run had seen it.
+
+        A checkpoint skipped because a newer one made it moot is never uploaded: local retention
+        lets it go once a newer one is durable (``_superseded_and_covered``). Without this, one
+        skipped before a restart would stay on disk for good.
+        """
+        try:
+            latest = self.journal.replay()
+            verified = self.journal.verified_versions()
+        except JournalError as exc:
+            log.error("cannot replay the journal: %s", exc)
+            return
+        with self._cond:
+            for entry in latest.values():
+                if entry.state == "skipped" and entry.size is not None and entry.mtime is not None:
+                    self._superseded[entry.name] = (entry.size, entry.mtime)
+            for entry in verified:
+                if entry.mtime is None:
+                    continue
+                step, epoch = parse_step(entry.name)
+                self._verified_keys.append(
+                    (-1 if step is None else step, -1 if epoch is None else epoch, entry.mtime)
+                )
 
     # -- worker -------------------------------------------------------------------------------
 
@@ -1348,7 +1374,12 @@ class CheckpointUploader:
         log.info("skipping upload of %s: %s", job.name, reason)
         # queued= names this version: a superseded one's line comes after the newer version's
         # "queued" line, and must not end that one (Journal.replay).
-        self._journal.record(job.name, "skipped", detail=reason, queued=job.queued_at)
+        # size= and mtime= name the version, so a restarted uploader can still let it go
+        # locally once a newer one is durable (_seed_superseded).
+        size, mtime = job.version() or (None, None)
+        self._journal.record(
+            job.name, "skipped", detail=reason, queued=job.queued_at, size=size, mtime=mtime
+        )
         self._release(job)
         job.handle._finish(
             UploadOutcome(

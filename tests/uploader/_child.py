@@ -44,6 +44,21 @@ def main() -> None:
             time.sleep(0.01)
         print("SUPERSEDED", flush=True)
         time.sleep(600)
+    if mode.startswith("skip"):
+        # Every upload hangs while steps 1-4 are saved: keep-last-2 skips the older ones still
+        # queued (retention would delete them anyway), then the process dies before 3 and 4 go up.
+        def hang(count: int, pairs: list) -> None:
+            time.sleep(600)
+
+        transfer.before_put = hang
+        up = CheckpointUploader(root, url, transfer=transfer, keep_last_n=2, local_keep_last_n=2)  # type: ignore[arg-type]
+        for step in range(1, 5):
+            up.submit(root / f"step_{step}.pt")
+        journal = root / ".runctl" / "journal.jsonl"
+        while '"state":"skipped"' not in journal.read_text():
+            time.sleep(0.01)
+        print("SKIPPED", flush=True)
+        time.sleep(600)
     if mode.startswith("inflight"):
         # last.ckpt is saved again while its first version uploads: the first one is verified
         # after the second was queued, then the process dies before the second goes up.

@@ -122,6 +122,34 @@ def test_a_newer_save_queued_before_a_crash_is_resumed(
     assert Journal(root).pending() == []
 
 
+def test_a_checkpoint_skipped_before_a_crash_goes_locally_once_a_newer_one_is_durable(
+    root: Path, moto_server: S3Server, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    for step in range(1, 5):
+        write(root / f"step_{step}.pt", b"step %d" % step)
+    url = moto_bucket.join("run/")
+    proc = child(moto_server, root, url, "skip-boto3")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "SKIPPED"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert Journal(root).replay()["step_2.pt"].state == "skipped"
+
+    with CheckpointUploader(
+        root, url, transfer=boto_transfer, keep_last_n=2, local_keep_last_n=2, retry=FAST_RETRY  # type: ignore[arg-type]
+    ) as up:
+        up.flush(timeout=60)
+    assert sorted(keys_under(boto_transfer, url)) == ["step_3.pt", "step_4.pt"]
+    # step_2.pt (and step_1.pt, unless it was already uploading) was never uploaded and never
+    # will be: with newer ones durable, local keep-last-2 lets it go, as it would have
+    # without the crash. Disk stays bounded.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_3.pt", "step_4.pt"]
+
+
 def test_atexit_flushes_an_uploader_nobody_closed(
     root: Path, moto_server: S3Server, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
