@@ -76,6 +76,10 @@ class EndpointError(TransferError, ConnectionError):
     """The endpoint could not be reached."""
 
 
+class StreamClosedError(TransferError):
+    """The reader of a download streamed to stdout closed it first (a broken pipe)."""
+
+
 class UnsafeKeyError(TransferError):
     """An S3 key that would land outside the download destination."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -44,6 +45,9 @@ s3_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
+
+#: LOCAL for a stream: stdin for upload, stdout for download (as aws s3 cp has it).
+STDIO = "-"
 
 #: Storage classes S3 accepts on upload (checked before anything is sent).
 STORAGE_CLASSES = (
@@ -147,12 +151,14 @@ def upload_files(
 
     A file goes to the key S3URL names, or below it when S3URL ends in '/'.
     A directory's files keep their paths relative to it, below S3URL.
+    LOCAL '-' reads stdin to its end into the one object S3URL names (./- is a file named '-').
 
     \b
     Examples:
       runctl s3 upload model.ckpt s3://bucket/run-7/
       runctl s3 upload checkpoints/ s3://bucket/run-7/ckpt/ --recursive --exclude '*.tmp'
       runctl s3 upload big.pt s3://bucket/archive/big.pt --storage-class STANDARD_IA --no-use-s5cmd
+      tar c checkpoints/ | runctl s3 upload - s3://bucket/archive/run-7.tar
     """
     s = session(
         ctx,
@@ -163,6 +169,13 @@ def upload_files(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
+    if str(local) == STDIO:
+        if recursive or include or exclude:
+            raise UsageError(
+                "LOCAL '-' is one stream (stdin): --recursive, --include and --exclude do not apply"
+            )
+        _upload_stdin(s, url, _check_storage_class(storage_class), dry_run, use_s5cmd)
+        return
     if not local.exists():
         raise UsageError(f"LOCAL {str(local)!r}: no such file or directory")
     if local.is_dir() and not recursive:
@@ -221,6 +234,30 @@ def upload_files(
         )
 
 
+def _upload_stdin(
+    s: Session, url: S3URL, storage: str | None, dry_run: bool, use_s5cmd: bool
+) -> None:
+    if url.is_prefix:
+        raise UsageError(f"S3URL {url} ends with '/': a stream from stdin needs the object's key")
+    prefix = "(dry run) " if dry_run else ""
+    moved, started = 0, time.monotonic()
+    if not dry_run:
+        from runctl.transfer import ops
+
+        with s.transfer(use_s5cmd) as transfer:
+            moved = ops.upload_stream(transfer, sys.stdin.fileno(), url, storage_class=storage)
+    seconds = time.monotonic() - started
+    s.out.line(f"{prefix}upload: {STDIO} -> {url}")
+    s.out.record("upload", source=STDIO, destination=str(url), size=moved, dry_run=dry_run)
+    s.out.record(
+        "summary", action="upload", files=1, bytes=moved, seconds=round(seconds, 3), dry_run=dry_run
+    )
+    if dry_run:
+        s.out.info("dry run: would upload stdin")
+    else:
+        s.out.info(f"uploaded stdin ({human_size(moved)}) in {seconds:.1f} s")
+
+
 @s3_app.command("download")
 def download_files(
     ctx: typer.Context,
@@ -253,13 +290,15 @@ def download_files(
     """Download an object, a prefix (--recursive), or the newest complete checkpoint (--latest).
 
     Files appear atomically and never outside LOCAL, whatever the keys say
-    (unsafe keys are skipped and reported).
+    (unsafe keys are skipped and reported). LOCAL '-' writes one object's bytes to
+    stdout, and nothing else (./- is a file named '-').
 
     \b
     Examples:
       runctl s3 download s3://bucket/run-7/step_100.pt ./restore/
       runctl s3 download s3://bucket/run-7/ ./restore/ --recursive
       runctl s3 download s3://bucket/run-7/ckpt/ ./resume/ --latest
+      runctl s3 download s3://bucket/archive/run-7.tar - | tar x
     """
     s = session(
         ctx,
@@ -270,6 +309,22 @@ def download_files(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
+    if local_arg == STDIO:
+        if recursive or latest or treat_unmarked_complete:
+            raise UsageError("LOCAL '-' (stdout) takes one object: --recursive and --latest do not apply")
+        if s.out.json:
+            raise UsageError("--json writes its records to stdout, where LOCAL '-' writes the object")
+        if url.is_prefix:
+            raise UsageError(f"S3URL {url} is a prefix: only one object can go to stdout")
+        from runctl.transfer import ops
+
+        if dry_run:
+            s.out.line(f"(dry run) download: {url} -> {STDIO}")
+            return
+        sys.stdout.flush()
+        with s.transfer(use_s5cmd) as transfer:
+            ops.download_stream(transfer, url, sys.stdout.fileno())
+        return
     local = Path(local_arg)
     into_dir = local_arg.endswith(("/", os.sep)) and not recursive and not latest
     if into_dir and local.exists() and not local.is_dir():

@@ -200,6 +200,14 @@ class Transfer(Protocol):
         """The object's metadata, or None if it does not exist."""
         ...
 
+    def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
+        """Upload everything read from the file descriptor ``fd``, to its end, as one object."""
+        ...
+
+    def get_stream(self, url: S3URL, fd: int) -> None:
+        """Write one object's bytes to the file descriptor ``fd`` (StreamClosedError on a broken pipe)."""
+        ...
+
     def put_bytes(self, data: bytes, url: S3URL) -> None:
         """Write a small object (markers, manifests) in one put."""
         ...

@@ -19,6 +19,7 @@ from runctl.exceptions import (
     NoSuchBucketError,
     NoSuchKeyError,
     PartialTransferError,
+    StreamClosedError,
     TransferError,
 )
 from runctl.s3url import S3URL
@@ -217,6 +218,45 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def upload_stream(client: Any, fd: int, url: S3URL, storage_class: str | None = None) -> None:
+    """Upload what ``fd`` yields until its end to ``url``, in parts as it is read (s3transfer).
+
+    Example:
+        >>> upload_stream(client, sys.stdin.fileno(), S3URL.parse("s3://b/x.tar"))  # doctest: +SKIP
+    """
+    from boto3.s3.inject import upload_fileobj
+
+    extra = {"StorageClass": storage_class} if storage_class else None
+    with os.fdopen(fd, "rb", closefd=False) as source:
+        try:
+            upload_fileobj(client, source, url.bucket, url.key, ExtraArgs=extra)
+        except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+            raise map_error(exc, str(url), "upload") from None
+
+
+def download_stream(client: Any, url: S3URL, fd: int) -> None:
+    """Write the object's bytes to ``fd`` as they arrive (one GetObject).
+
+    Raises:
+        StreamClosedError: if the reader closed ``fd`` first (a broken pipe).
+
+    Example:
+        >>> download_stream(client, S3URL.parse("s3://b/x.tar"), sys.stdout.fileno())  # doctest: +SKIP
+    """
+    try:
+        body = client.get_object(Bucket=url.bucket, Key=url.key)["Body"]
+        for chunk in body.iter_chunks(IO_CHUNK):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        raise StreamClosedError(
+            f"download of {url} stopped: its reader closed the pipe", url=str(url)
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+        raise map_error(exc, str(url), "download") from None
 
 
 class BotoTransfer(Transfer):
@@ -525,6 +565,14 @@ class BotoTransfer(Transfer):
             etag=_unquote_etag(head.get("ETag")),
             storage_class=head.get("StorageClass") or "STANDARD",
         )
+
+    def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
+        """Upload everything read from the file descriptor ``fd`` to ``url`` (multipart as it is read)."""
+        upload_stream(self.client, fd, url, storage_class)
+
+    def get_stream(self, url: S3URL, fd: int) -> None:
+        """Write the object's bytes to the file descriptor ``fd`` (StreamClosedError on a broken pipe)."""
+        download_stream(self.client, url, fd)
 
     def put_bytes(self, data: bytes, url: S3URL) -> None:
         """Write a small object in one PutObject."""

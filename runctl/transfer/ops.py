@@ -600,12 +600,7 @@ def download(
         raise UsageError(
             f"{url} is a prefix: pass recursive (--recursive) to download everything below it"
         )
-    info = transfer.stat(url)
-    if info is None:
-        # A HEAD answers a bare 404 for a missing bucket too: a listing tells the two apart.
-        for _ in transfer.iter_objects(url, recursive=False):  # NoSuchBucketError if it is that
-            break
-        raise NoSuchKeyError(f"no such object: {url}", code="NoSuchKey", url=str(url))
+    info = _existing(transfer, url)
     if dest.is_dir():
         final = safe_local_path(dest, url.name)
     else:
@@ -623,6 +618,59 @@ def download(
     finally:
         tmp.unlink(missing_ok=True)
     return [(url, final)]
+
+
+def _existing(transfer: Transfer, url: S3URL) -> ObjectInfo:
+    """The object's metadata; NoSuchKeyError, or NoSuchBucketError, when it is not there."""
+    info = transfer.stat(url)
+    if info is None:
+        # A HEAD answers a bare 404 for a missing bucket too: a listing tells the two apart.
+        for _ in transfer.iter_objects(url, recursive=False):  # NoSuchBucketError if it is that
+            break
+        raise NoSuchKeyError(f"no such object: {url}", code="NoSuchKey", url=str(url))
+    return info
+
+
+def download_stream(transfer: Transfer, url: S3URL, fd: int) -> ObjectInfo:
+    """Write one object's bytes to the file descriptor ``fd`` (``runctl s3 download URL -``).
+
+    The object is looked up first, so a missing one is a typed error before a byte is written.
+
+    Raises:
+        UsageError: ``url`` is a prefix.
+        NoSuchKeyError: the object is missing (NoSuchBucketError: its bucket).
+        StreamClosedError: the reader closed ``fd`` first.
+
+    Example:
+        >>> download_stream(t, S3URL.parse("s3://bkt/run/data.tar"), sys.stdout.fileno())  # doctest: +SKIP
+        ObjectInfo(bucket='bkt', key='run/data.tar', size=10240, ...)
+    """
+    if url.is_bucket or url.is_prefix:
+        raise UsageError(f"{url} is a prefix: only one object can be written to stdout")
+    info = _existing(transfer, url)
+    transfer.get_stream(url, fd)
+    return info
+
+
+def upload_stream(
+    transfer: Transfer, fd: int, url: S3URL, *, storage_class: str | None = None
+) -> int:
+    """Upload what ``fd`` yields, to its end, as the one object ``url`` (``runctl s3 upload - URL``).
+
+    The object appears only once the stream has ended and every part is in (multipart).
+
+    Returns:
+        The object's size in S3.
+
+    Example:
+        >>> upload_stream(t, sys.stdin.fileno(), S3URL.parse("s3://bkt/run/data.tar"))  # doctest: +SKIP
+        10240
+    """
+    if url.is_bucket or url.is_prefix:
+        raise UsageError(f"{url} is a prefix: a stream from stdin needs the object's full key")
+    transfer.put_stream(fd, url, storage_class=storage_class)
+    info = transfer.stat(url)
+    return 0 if info is None else info.size
 
 
 def download_objects(

@@ -38,6 +38,7 @@ from runctl.exceptions import (
     NoSuchBucketError,
     NoSuchKeyError,
     PartialTransferError,
+    StreamClosedError,
     SubprocessError,
     TransferError,
     UsageError,
@@ -54,7 +55,7 @@ from runctl.transfer.base import (
     failure_summary,
     part_size_for,
 )
-from runctl.transfer.boto import map_error
+from runctl.transfer.boto import download_stream, map_error, upload_stream
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -403,18 +404,27 @@ class _Child:
         idle_limit: float,
         watch_bytes_only: bool,
         stdin_lines: Iterable[str] | None = None,
+        stdin_fd: int | None = None,
+        stdout_fd: int | None = None,
     ) -> None:
+        # stdin_fd / stdout_fd: the stream itself, passed through (s5cmd pipe / cat); its
+        # pace is the other end's, so the stall watchdog stays off.
         self.argv = list(argv)
         self.idle_limit = idle_limit
         self._closed = threading.Event()
         self._killed = False
         # Items are a stream's complete lines as read (up to 64 KiB), or None at its end.
         self._queue: queue.Queue[tuple[str, list[bytes] | None]] = queue.Queue(maxsize=64)
+        stdin: int = subprocess.DEVNULL
+        if stdin_lines is not None:
+            stdin = subprocess.PIPE
+        elif stdin_fd is not None:
+            stdin = stdin_fd
         try:
             self.proc = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.PIPE if stdin_lines is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdin=stdin,
+                stdout=subprocess.PIPE if stdout_fd is None else stdout_fd,
                 stderr=subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its own process group, so a kill takes everything
@@ -425,11 +435,16 @@ class _Child:
         self._last_io = _io_bytes(self.proc.pid)
         # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
         # commands (which print promptly) are then watched.
-        self._watch = self._last_io is not None or not watch_bytes_only
+        self._watch = (self._last_io is not None or not watch_bytes_only) and (
+            stdin_fd is None and stdout_fd is None
+        )
+        pumped = [("err", self.proc.stderr)]
+        if stdout_fd is None:
+            pumped.insert(0, ("out", self.proc.stdout))
         self._threads = [
-            threading.Thread(target=self._pump, args=("out", self.proc.stdout), daemon=True),
-            threading.Thread(target=self._pump, args=("err", self.proc.stderr), daemon=True),
+            threading.Thread(target=self._pump, args=item, daemon=True) for item in pumped
         ]
+        self._streams = len(pumped)
         if stdin_lines is not None:
             self._threads.append(
                 threading.Thread(target=self._feed, args=(stdin_lines,), daemon=True)
@@ -498,7 +513,7 @@ class _Child:
 
     def events(self) -> Generator[tuple[str, bytes], None, None]:
         """Yield ("out"|"err", chunk) as the child writes; raise TransferError if it stalls."""
-        open_streams = 2
+        open_streams = self._streams
         try:
             while open_streams:
                 try:
@@ -1326,6 +1341,59 @@ class S5cmdTransfer:
         if code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
             return None
         raise error_class(code, message)(f"stat {url} failed: {message}", code=code, url=str(url))
+
+    def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
+        """Upload everything read from the file descriptor ``fd`` to ``url`` (``s5cmd pipe``).
+
+        Example:
+            >>> t.put_stream(sys.stdin.fileno(), S3URL.parse("s3://b/run/data.tar"))  # doctest: +SKIP
+        """
+        if url.is_bucket or url.is_prefix:
+            raise UsageError(f"a stream goes to one object, got the prefix {url}")
+        if not _fits_run_line(url.key):
+            return upload_stream(self._client(), fd, url, storage_class)
+        flags = ["--raw"]  # s5cmd's 50 MiB parts: streams up to ~488 GiB
+        if storage_class:
+            flags += ["--storage-class", storage_class]
+        child = self._spawn(self._argv("pipe", *flags, str(url)), transfer=True, stdin_fd=fd)
+        self._raise_stream_failure(self._drain(child, None), "upload", url)
+
+    def get_stream(self, url: S3URL, fd: int) -> None:
+        """Write the object's bytes to the file descriptor ``fd`` (``s5cmd cat``).
+
+        Raises:
+            NoSuchKeyError: if the object does not exist.
+            StreamClosedError: if the reader closed ``fd`` first (a broken pipe).
+
+        Example:
+            >>> t.get_stream(S3URL.parse("s3://b/run/step_1.pt"), sys.stdout.fileno())  # doctest: +SKIP
+        """
+        if url.is_bucket or url.is_prefix:
+            raise UsageError(f"a stream comes from one object, got the prefix {url}")
+        if not _fits_run_line(url.key):
+            return download_stream(self._client(), url, fd)
+        child = self._spawn(self._argv("cat", "--raw", str(url)), transfer=True, stdout_fd=fd)
+        outcome = self._drain(child, None)
+        if outcome.returncode == -signal.SIGPIPE:
+            raise StreamClosedError(
+                f"download of {url} stopped: its reader closed the pipe", url=str(url)
+            )
+        self._raise_stream_failure(outcome, "download", url)
+
+    def _raise_stream_failure(self, outcome: _Outcome, op: str, url: S3URL) -> None:
+        if outcome.returncode == 0 and not outcome.errors:
+            return
+        message = (
+            _tidy(outcome.errors[0].get("error", ""))
+            if outcome.errors
+            else ("; ".join(outcome.noise) or f"s5cmd exit code {outcome.returncode}")
+        )
+        code = error_code(message)
+        if op == "download" and "not found" in message:
+            code = "NoSuchKey"
+        raise error_class(code, message)(
+            scrub(f"{op} of {url} failed: {message}"), code=code, url=str(url)
+        )
 
     def put_bytes(self, data: bytes, url: S3URL) -> None:
         """Write a small object (markers, manifests) in one PutObject on the cached boto3 client.

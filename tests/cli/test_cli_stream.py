@@ -1,0 +1,119 @@
+"""`runctl s3 upload - URL` and `runctl s3 download URL -`: stdin and stdout streams, as aws s3 cp has them.
+
+Real child processes with real pipes against real servers, on both transfer backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from runctl.s3url import S3URL
+from tests.cli.cli_support import ROOT, of_type, records
+from tests.servers import S3Server
+
+
+def runctl(
+    server: S3Server, backend: str, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, **server.env(), "PYTHONPATH": str(ROOT)}
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    return subprocess.run(
+        [sys.executable, "-m", "runctl", "s3", *args, flag],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=120,
+        cwd=tempfile.gettempdir(),  # never the repository, whatever the command writes
+    )
+
+
+def test_a_stream_goes_up_and_comes_back_byte_for_byte(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    # Over 50 MiB, so the upload is multipart on both backends; every byte value appears.
+    data = os.urandom(1 << 20) * 56 + bytes(range(256))
+    url = f"{bucket}stream/run-7.tar"
+    up = runctl(s3_server, backend, "upload", "-", url, "--json", stdin=data)
+    assert up.returncode == 0, up.stderr
+    (record,) = of_type(up.stdout.decode(), "upload")
+    assert (record["source"], record["destination"], record["size"]) == ("-", url, len(data))
+    stored = s3_server.client().get_object(Bucket=bucket.bucket, Key="stream/run-7.tar")
+    assert stored["ContentLength"] == len(data)
+
+    down = runctl(s3_server, backend, "download", url, "-")
+    assert down.returncode == 0, down.stderr
+    # stdout is the object and nothing else.
+    assert hashlib.sha256(down.stdout).digest() == hashlib.sha256(data).digest()
+    assert down.stderr == b""
+
+
+def test_an_empty_stream_and_a_key_with_glob_characters(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    for key, data in (("s/empty", b""), ("s/odd [1]*?.bin", b"literal key")):
+        url = f"{bucket}{key}"
+        up = runctl(s3_server, backend, "upload", "-", url, stdin=data)
+        assert up.returncode == 0, up.stderr
+        assert f"upload: - -> {url}" in up.stdout.decode()
+        down = runctl(s3_server, backend, "download", url, "-")
+        assert (down.returncode, down.stdout) == (0, data), down.stderr
+
+
+def test_a_missing_object_is_one_line_and_nothing_on_stdout(
+    moto_server: S3Server, backend: str
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    missing = runctl(moto_server, backend, "download", f"{bucket}nope.bin", "-")
+    assert missing.returncode == 2 and missing.stdout == b""
+    assert missing.stderr.decode().count("\n") == 1 and "NoSuchKey" in missing.stderr.decode()
+    no_bucket = runctl(moto_server, backend, "download", "s3://no-such-bucket-x/a.bin", "-")
+    assert no_bucket.returncode == 2 and "NoSuchBucket" in no_bucket.stderr.decode()
+
+
+def test_a_reader_that_stops_early_ends_the_download(moto_server: S3Server, backend: str) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    moto_server.client().put_object(Bucket=bucket.bucket, Key="big.bin", Body=os.urandom(32 << 20))
+    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}big.bin", "-", flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert len(proc.stdout.read(1000)) == 1000  # `| head -c 1000`
+    proc.stdout.close()
+    assert proc.wait(60) == 1
+    err = proc.stderr.read().decode()
+    assert err.count("\n") == 1 and "closed the pipe" in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("upload", "-", "s3://bkt/dir/"), "needs the object's key"),
+        (("upload", "-", "s3://bkt/a.tar", "--recursive"), "one stream (stdin)"),
+        (("download", "s3://bkt/a.tar", "-", "--json"), "--json writes its records to stdout"),
+        (("download", "s3://bkt/run/", "-", "--recursive"), "takes one object"),
+        (("download", "s3://bkt/run/", "-"), "only one object can go to stdout"),
+    ],
+)
+def test_streams_refuse_what_cannot_be_one_object(
+    moto_server: S3Server, args: tuple[str, ...], needle: str
+) -> None:
+    result = runctl(moto_server, "boto3", *args, stdin=b"x")
+    assert result.returncode == 2
+    out = result.stdout.decode()
+    if "--json" in args:  # the error is also a record on stdout, as for every command
+        assert [r["type"] for r in records(out)] == ["error"]
+    else:
+        assert out == ""
+    err = result.stderr.decode()
+    assert err.count("\n") == 1 and needle in err, err
