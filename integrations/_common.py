@@ -218,11 +218,15 @@ def finish_uploads(
     """Flush (bounded by ``timeout``) and close ``uploader``; raise or warn about what failed.
 
     Returns the error it warned about (None when all went well). With ``allow_raise=False``
-    (used while another exception is already propagating) it always warns instead of raising.
+    (used while another exception is already propagating) it always warns instead of raising,
+    and stops waiting once uploads have failed for ``FAILING_TIMEOUT`` s with nothing landing:
+    the training error is not held up by an unreachable S3 (what is pending stays journaled).
     """
+    from runctl.uploader import FAILING_TIMEOUT
+
     error: BaseException | None = None
     try:
-        uploader.flush(timeout=timeout)
+        uploader.flush(timeout=timeout, failing_timeout=None if allow_raise else FAILING_TIMEOUT)
     except RunctlError as exc:
         error = exc
     if close:

@@ -67,6 +67,9 @@ FAILURE_POLICIES = ("warn", "raise")
 PROGRESS_EVERY = 10.0
 #: The atexit safety net never waits longer than this.
 ATEXIT_TIMEOUT = 600.0
+#: At exit, or while a training error propagates, stop waiting once uploads have failed for
+#: this long with nothing landing: what is pending stays in the journal for the next run.
+FAILING_TIMEOUT = 30.0
 #: Clock skew allowed when deciding that an object a retry finds already landed in this upload.
 LANDED_SKEW = 5.0
 #: A file rewritten in place during its upload is re-sent at most this many times.
@@ -515,6 +518,8 @@ class CheckpointUploader:
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
+        #: When uploads began failing with nothing landing since (None: they are not failing).
+        self._failing_since: float | None = None
         self._superseded: dict[str, tuple[int, float]] = {}
         self._submitted_names: set[str] = set()
         self._verified_keys: list[tuple[int, int, float]] = []
@@ -690,16 +695,23 @@ class CheckpointUploader:
             self._retention_held = False
             self._cond.notify_all()
 
-    def flush(self, timeout: float | None = None) -> None:
+    def flush(self, timeout: float | None = None, *, failing_timeout: float | None = None) -> None:
         """Wait until every submitted checkpoint is uploaded, skipped or failed.
 
-        Logs progress every ~10 s while it waits.
+        Logs progress every ~10 s while it waits. ``failing_timeout``: stop waiting, as for
+        ``timeout``, once uploads have failed for that many seconds with nothing landing (an
+        unreachable S3 need not hold up a training error or an exit for ``timeout``).
 
         Raises:
-            FlushTimeout: ``timeout`` seconds passed; it names what is still pending.
+            FlushTimeout: ``timeout`` (or ``failing_timeout``) seconds passed; it names what is
+                still pending, which stays in the journal for the next run.
             UploadError: one error naming every checkpoint that failed since the last flush.
+
+        Example:
+            >>> uploader.flush(timeout=600, failing_timeout=30)  # doctest: +SKIP
         """
         _positive(timeout, "timeout")
+        _positive(failing_timeout, "failing_timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         next_log = time.monotonic() + PROGRESS_EVERY
         with self._cond:
@@ -727,10 +739,27 @@ class CheckpointUploader:
                         ", ".join(pending),
                     )
                     raise FlushTimeout(pending, dict(self._failures))
+                failing = self._failing_since
+                if (
+                    failing_timeout is not None
+                    and failing is not None
+                    and now - failing >= failing_timeout
+                ):
+                    pending = self._pending_names()
+                    log.error(
+                        "stopped waiting: uploads have failed for %.0f s with nothing landing; "
+                        "%d pending stay in the journal for the next run: %s",
+                        now - failing,
+                        len(pending),
+                        ", ".join(pending),
+                    )
+                    raise FlushTimeout(pending, dict(self._failures))
                 if now >= next_log:
                     self._log_progress()
                     next_log = now + PROGRESS_EVERY
                 wait = next_log - now if deadline is None else min(deadline - now, next_log - now)
+                if failing_timeout is not None:
+                    wait = min(wait, (failing or now) + failing_timeout - now)
                 self._cond.wait(max(0.01, wait))
         # Skipped saves are finished on the journal thread (see _cancel): wait for them too.
         self._journal.drain(None if deadline is None else deadline - time.monotonic())
@@ -740,12 +769,12 @@ class CheckpointUploader:
             errors: dict[str, BaseException | str] = dict(failures)
             raise UploadError(errors) from next(reversed(failures.values()))
 
-    def close(self, timeout: float | None = None) -> None:
-        """``flush(timeout)``, then stop the worker. Raises like ``flush``; idempotent."""
+    def close(self, timeout: float | None = None, *, failing_timeout: float | None = None) -> None:
+        """``flush(timeout, failing_timeout=...)``, then stop the worker. Raises like ``flush``; idempotent."""
         if self._closed:
             return
         try:
-            self.flush(timeout)
+            self.flush(timeout, failing_timeout=failing_timeout)
         finally:
             self._shutdown()
 
@@ -1114,6 +1143,8 @@ class CheckpointUploader:
                     raise
                 with self._cond:
                     self._stats["retries"] += 1
+                    self._failing_since = self._failing_since or time.monotonic()
+                    self._cond.notify_all()
                 delay = self.retry.delay(attempt)
                 log.warning(
                     "upload of %s failed (attempt %d of %d): %s; retrying in %.1f s",
@@ -1199,6 +1230,8 @@ class CheckpointUploader:
 
     def _progress(self, moved: int) -> None:
         self._inflight_bytes += moved
+        if moved > 0:
+            self._failing_since = None
 
     def _upload_file(self, job: _Job, snapshot: Snapshot) -> None:
         url = self._url_of(job.name, False)
@@ -1344,6 +1377,7 @@ class CheckpointUploader:
             self._stats["bytes"] += snapshot.size
             self._stats["seconds"] += seconds
             self._consecutive = 0
+            self._failing_since = None
             self._superseded.pop(job.name, None)
             self._verified_keys.append(job.order_key())
         log.info(
@@ -1392,6 +1426,7 @@ class CheckpointUploader:
         with self._cond:
             self._stats["failures"] += 1
             self._consecutive += 1
+            self._failing_since = self._failing_since or time.monotonic()
             self._failures[job.name] = exc
             self._last_failure = (job.name, exc)
         log.error(
@@ -1577,7 +1612,7 @@ class CheckpointUploader:
             ATEXIT_TIMEOUT,
         )
         try:
-            self.close(timeout=ATEXIT_TIMEOUT)
+            self.close(timeout=ATEXIT_TIMEOUT, failing_timeout=FAILING_TIMEOUT)
         except RunctlError as exc:
             log.error("uploads did not all finish at exit: %s", exc)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,53 @@ def test_exception_mid_fit_still_lands_what_was_saved(
     assert set(in_s3) == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
     for name, body in in_s3.items():
         assert body == (dirpath / name).read_bytes()
+
+
+def test_an_exception_with_s3_unreachable_is_not_held_up_by_the_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training error surfaces once uploads have failed for FAILING_TIMEOUT, not flush_timeout."""
+    import runctl.uploader
+    from runctl.config import Credentials, S3Config
+    from runctl.integrations.lightning import RunctlCheckpoint
+    from runctl.journal import Journal
+    from runctl.retry import RetryPolicy
+    from tests.servers import free_port
+
+    monkeypatch.setattr(runctl.uploader, "FAILING_TIMEOUT", 1.0)
+
+    class Boom(RuntimeError):
+        pass
+
+    module = make_module("lightning.pytorch")
+    original = module.training_step
+
+    def failing_step(batch: Any, batch_idx: int) -> torch.Tensor:
+        if module.global_step == 3:
+            raise Boom("step 3 failed")
+        return original(batch, batch_idx)
+
+    module.training_step = failing_step
+    dirpath = tmp_path / "ckpt"
+    nobody = S3Config(
+        endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: S3 is unreachable
+        static_credentials=Credentials("test", "test"),
+    )
+    cb = RunctlCheckpoint(
+        dirpath=dirpath,
+        every_n_train_steps=2,
+        s3_url="s3://bucket/unreachable/",
+        config=nobody,
+        use_s5cmd=False,
+        uploader_options={"retry": RetryPolicy(attempts=1000, backoff_factor=0.05, backoff_max=0.1)},
+    )
+    start = time.monotonic()
+    with pytest.raises(Boom), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer("lightning.pytorch", [cb], max_steps=10).fit(module, loader(16))
+    assert time.monotonic() - start < 30  # flush_timeout is 600 s
+    # What could not go up stays in the journal: the next run uploads it.
+    assert [e.name for e in Journal(dirpath).pending()] == ["epoch=0-step=2.ckpt"]
 
 
 def test_upload_stats_reach_the_trainer_logger(

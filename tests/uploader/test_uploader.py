@@ -697,6 +697,57 @@ def test_flush_timeout_is_bounded_and_names_pending(
     assert up.status().to_dict()["pending"] == 3
 
 
+PATIENT_RETRY = RetryPolicy(attempts=1000, backoff_factor=0.05, backoff_max=0.1, jitter=0.0)
+
+
+def test_flush_stops_waiting_once_uploads_have_failed_for_failing_timeout(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # S3 unreachable: with a patient retry policy each attempt fails and is tried again, and a
+    # flush bounded only by its timeout would wait all of it (a training error held up for 600 s).
+    wrapped = Wrapped(boto_transfer)
+
+    def unreachable(count: int, pairs: list) -> None:
+        raise TransferError("could not connect to the endpoint", code="EndpointConnectionError")
+
+    wrapped.before_put = unreachable
+    up = uploader(root, moto_bucket, wrapped, retry=PATIENT_RETRY)
+    up.submit(write(root / "step_1.pt", b"x"))
+    start = time.monotonic()
+    with pytest.raises(FlushTimeout) as info:
+        up.flush(timeout=60, failing_timeout=0.5)
+    assert 0.5 <= time.monotonic() - start < 5
+    assert info.value.pending == ["step_1.pt"]
+    with pytest.raises(FlushTimeout):
+        up.close(timeout=0.3)
+    assert [e.name for e in Journal(root).pending()] == ["step_1.pt"]  # the next run resumes it
+
+
+def test_failing_timeout_counts_only_while_nothing_lands(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # A blip shorter than failing_timeout, and uploads landing in between, never stop the flush.
+    wrapped = Wrapped(boto_transfer)
+    down_until = time.monotonic() + 1.0
+
+    def blip(count: int, pairs: list) -> None:
+        if time.monotonic() < down_until:
+            raise TransferError("could not connect to the endpoint", code="EndpointConnectionError")
+
+    wrapped.before_put = blip
+    up = uploader(root, moto_bucket, wrapped, retry=PATIENT_RETRY)
+    handles = [up.submit(write(root / f"step_{i}.pt", b"x")) for i in range(3)]
+    up.flush(timeout=60, failing_timeout=1.5)
+    assert [h.result(1).state for h in handles] == ["verified"] * 3
+    assert up.status().retries > 0
+    down_until = time.monotonic() + 1.0
+    up.submit(write(root / "step_9.pt", b"y"))
+    up.close(timeout=60, failing_timeout=1.5)  # failing time started afresh after the landing
+    assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == [
+        "step_0.pt", "step_1.pt", "step_2.pt", "step_9.pt"
+    ]
+
+
 def test_submit_validates_its_argument(
     root: Path, moto_bucket: S3URL, boto_transfer: object, tmp_path: Path
 ) -> None:
