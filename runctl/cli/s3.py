@@ -247,7 +247,8 @@ def _upload_stdin(
         with s.transfer(use_s5cmd) as transfer:
             moved = ops.upload_stream(transfer, sys.stdin.fileno(), url, storage_class=storage)
     seconds = time.monotonic() - started
-    s.out.line(f"{prefix}upload: {STDIO} -> {url}")
+    if not s.out.quiet:
+        s.out.line(f"{prefix}upload: {STDIO} -> {url}")
     s.out.record("upload", source=STDIO, destination=str(url), size=moved, dry_run=dry_run)
     s.out.record(
         "summary", action="upload", files=1, bytes=moved, seconds=round(seconds, 3), dry_run=dry_run

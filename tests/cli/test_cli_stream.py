@@ -65,6 +65,8 @@ def test_an_empty_stream_and_a_key_with_glob_characters(
         up = runctl(s3_server, backend, "upload", "-", url, stdin=data)
         assert up.returncode == 0, up.stderr
         assert f"upload: - -> {url}" in up.stdout.decode()
+        quiet = runctl(s3_server, backend, "upload", "-", url, "--quiet", stdin=data)
+        assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, b"", b"")
         down = runctl(s3_server, backend, "download", url, "-")
         assert (down.returncode, down.stdout) == (0, data), down.stderr
 
