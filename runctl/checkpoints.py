@@ -29,6 +29,10 @@ log = logging.getLogger("runctl.checkpoints")
 MARKER_NAME = ".runctl-manifest.json"
 #: Where runctl keeps its own files (journal, lock) inside a local checkpoint directory.
 RUNCTL_DIR = ".runctl"
+#: Hugging Face's completion sign: written last into each checkpoint-N/ by the Trainer.
+HF_SIGN = "trainer_state.json"
+#: DeepSpeed writes ``latest`` (naming the tag) next to its ``global_stepN`` directories once one is whole.
+DEEPSPEED_SIGN = "latest"
 MANIFEST_FORMAT = "runctl-manifest"
 MANIFEST_VERSION = 1
 
@@ -102,6 +106,27 @@ def compile_patterns(patterns: Sequence[str] | None = None) -> tuple[re.Pattern[
     if isinstance(patterns, str):
         patterns = (patterns,)
     return _compile(tuple(DEFAULT_PATTERNS if patterns is None else patterns))
+
+
+def has_completion_sign(path: Path) -> bool:
+    """True when a framework has marked the local directory checkpoint ``path`` finished.
+
+    Hugging Face writes ``trainer_state.json`` into it last; DeepSpeed writes ``latest``
+    (naming the tag) beside its ``global_stepN`` directories once one is whole.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()) / "checkpoint-5"; d.mkdir()
+        >>> has_completion_sign(d), (d / HF_SIGN).write_text("{}") > 0, has_completion_sign(d)
+        (False, True, True)
+    """
+    if (path / HF_SIGN).is_file() or (path / DEEPSPEED_SIGN).is_file():
+        return True
+    try:
+        tag = (path.parent / DEEPSPEED_SIGN).read_text(errors="replace").strip()
+    except OSError:
+        return False
+    return tag == path.name
 
 
 def is_temp_name(name: str) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runctl.checkpoints import RUNCTL_DIR, is_recognised
+from runctl.checkpoints import RUNCTL_DIR, has_completion_sign, is_recognised
 from runctl.exceptions import (
     EXIT_FAILED,
     FlushTimeout,
@@ -41,10 +41,6 @@ ENV_ENDPOINT_URL = "RUNCTL_ENDPOINT_URL"  # the resolved S3 endpoint, when not A
 #: Set to "1" while `runctl local` itself uploads what appears in RUNCTL_CHECKPOINT_DIR.
 ENV_WATCHED = "RUNCTL_LOCAL_WATCHING"
 
-#: Name of a Hugging Face checkpoint's completion sign (written last by the Trainer).
-HF_SIGN = "trainer_state.json"
-#: DeepSpeed writes ``latest`` (naming the tag) next to its ``global_stepN`` directories once one is whole.
-DEEPSPEED_SIGN = "latest"
 RUNS_DIR = "runs"
 
 DEFAULT_SETTLE = 2.0
@@ -318,15 +314,6 @@ class CheckpointWatcher:
             return _file_signature(st)
         return None
 
-    def _has_sign(self, path: Path) -> bool:
-        if (path / HF_SIGN).is_file() or (path / DEEPSPEED_SIGN).is_file():
-            return True
-        try:
-            tag = (self.root / DEEPSPEED_SIGN).read_text(errors="replace").strip()
-        except OSError:
-            return False
-        return tag == path.name
-
     def _writers(self) -> set[str] | None:
         if self.pids is None:
             return None
@@ -394,7 +381,7 @@ class CheckpointWatcher:
                     continue
             else:
                 path = Path(entry.path)
-                signed = is_dir and self._has_sign(path)
+                signed = is_dir and has_completion_sign(path)
                 quiet_for = now - state.since
                 if signed:
                     if state.polls < 2:

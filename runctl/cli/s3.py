@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -32,6 +33,9 @@ from runctl.cli.options import (
 from runctl.cli.output import human_size, render_retention
 from runctl.exceptions import RunctlError, UsageError
 from runctl.s3url import S3URL
+
+if TYPE_CHECKING:
+    from runctl.marking import MarkResult
 
 s3_app = typer.Typer(
     name="s3",
@@ -188,11 +192,15 @@ def upload_files(
         raise UsageError(f"LOCAL {str(local)!r} is not a regular file or directory")
     storage = _check_storage_class(storage_class)
 
+    from runctl import marking
     from runctl.transfer import ops
 
     total = _tree_size(local) if s.out.progress_enabled() else None
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
+    dirs = marking.copied_checkpoint_dirs(local, url) if recursive and not dry_run else []
     with s.transfer(use_s5cmd) as transfer, s.out.progress("upload", total) as advance:
+        if dirs:
+            marking.clear_markers(transfer, dirs)
         pairs = ops.upload(
             transfer,
             local,
@@ -204,6 +212,7 @@ def upload_files(
             dry_run=dry_run,
             progress=advance,
         )
+        marks = marking.mark_copied(transfer, dirs, started=began)
     seconds = time.monotonic() - started
     moved = 0
     prefix = "(dry run) " if dry_run else ""
@@ -216,6 +225,7 @@ def upload_files(
         elif not s.out.quiet:
             shown.append(f"{prefix}upload: {path} -> {dest}")
     s.out.lines(shown)
+    _report_marks(s, marks)
     s.out.record(
         "summary",
         action="upload",
@@ -232,6 +242,17 @@ def upload_files(
         s.out.info(
             f"uploaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
         )
+
+
+def _report_marks(s: Session, marks: MarkResult) -> None:
+    """A line per directory checkpoint marked complete; a warning for each one left unmarked."""
+    for dest in marks.marked:
+        s.out.record("marker", url=str(dest), complete=True)
+        if not s.out.quiet:
+            s.out.line(f"marked complete: {dest}")
+    for dest, reason in marks.unmarked.items():
+        s.out.record("marker", url=str(dest), complete=False, reason=reason)
+        s.out.warn(f"{dest} is not marked complete: {reason}")
 
 
 def _upload_stdin(
@@ -475,10 +496,21 @@ def sync_tree(
     if direction is Direction.up and not local.is_dir():
         raise UsageError(f"LOCAL {str(local)!r}: no such directory to sync up")
 
+    from runctl import marking
     from runctl.transfer import ops
 
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
+    up = direction is Direction.up
+    dirs = marking.copied_checkpoint_dirs(local, url) if up and not dry_run else []
     with s.transfer(use_s5cmd) as transfer, s.out.progress(f"sync {direction.value}") as advance:
+
+        def clear_changed(uploads: Sequence[tuple[Path, S3URL]]) -> None:
+            # Only the directories that get files: an unchanged one stays complete if this fails.
+            keys = [str(dest) for _, dest in uploads]
+            marking.clear_markers(
+                transfer, [d for d in dirs if any(k.startswith(str(d[1])) for k in keys)]
+            )
+
         plan = ops.sync(
             transfer,
             local,
@@ -490,7 +522,10 @@ def sync_tree(
             include=include or (),
             exclude=exclude or (),
             progress=advance,
+            before_upload=clear_changed if dirs else None,
+            keep_key=marking.is_marker_key if up else None,
         )
+        marks = marking.mark_copied(transfer, dirs, started=began)
     seconds = time.monotonic() - started
     prefix = "(dry run) " if dry_run else ""
     if s.out.json:
@@ -504,6 +539,7 @@ def sync_tree(
     for skipped_url, reason in plan.skipped:
         s.out.record("skipped", url=skipped_url, reason=reason)
         s.out.warn(f"skipped {skipped_url}: {reason}")
+    _report_marks(s, marks)
     s.out.record(
         "summary",
         action="sync",

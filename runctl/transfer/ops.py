@@ -768,6 +768,7 @@ def _plan(
     size_only: bool,
     include: Sequence[str],
     exclude: Sequence[str],
+    keep_key: Callable[[str], bool] | None = None,
 ) -> _SyncWork:
     if direction not in ("up", "down"):
         raise UsageError(f"direction must be 'up' or 'down', got {direction!r}")
@@ -798,7 +799,11 @@ def _plan(
                 uploads.append((path, prefix.join(rel)))
             else:
                 unchanged += 1
-        doomed = [remote[rel] for rel in sorted(remote) if rel not in local_files] if delete else []
+        doomed = [
+            remote[rel]
+            for rel in sorted(remote)
+            if delete and rel not in local_files and not (keep_key and keep_key(remote[rel].key))
+        ]
         plan = SyncPlan(
             "up",
             tuple((str(p), str(u)) for p, u in uploads),
@@ -881,8 +886,14 @@ def sync(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     progress: ProgressCallback | None = None,
+    before_upload: Callable[[Sequence[tuple[Path, S3URL]]], None] | None = None,
+    keep_key: Callable[[str], bool] | None = None,
 ) -> SyncPlan:
     """Carry out ``plan_sync`` (copies first, then deletes) and return the plan; dry-run only plans.
+
+    ``before_upload`` sees every (file, URL) pair of an upward sync before the first is sent;
+    with ``delete``, a key for which ``keep_key`` is true is never deleted (a marker in S3 has
+    no local file).
 
     Raises:
         PartialTransferError: naming every copy or delete that failed and every unsafe key skipped.
@@ -899,10 +910,13 @@ def sync(
         size_only=size_only,
         include=include,
         exclude=exclude,
+        keep_key=keep_key,
     )
     plan = work.plan
     if dry_run:
         return plan
+    if before_upload is not None and work.uploads:
+        before_upload(work.uploads)
     failures: dict[str, str] = dict(plan.skipped)
     for chunk in _chunks(work.uploads):
         try:

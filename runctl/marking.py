@@ -1,0 +1,210 @@
+"""Markers for directory checkpoints copied by hand (``runctl s3 upload -r``, ``sync --direction up``).
+
+The uploader writes a directory checkpoint's marker last, once it has verified the files. A plain
+recursive copy of a checkpoint tree would otherwise leave every ``checkpoint-N/`` unmarked, and
+readers (``review``, ``download --latest``, retention) would count none of them complete. Here the
+copy does what the uploader does: it clears an old marker before the files go up, then writes a
+new one for each directory that is finished locally and whole in S3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runctl._version import __version__
+from runctl.checkpoints import (
+    MARKER_NAME,
+    RUNCTL_DIR,
+    FileEntry,
+    Manifest,
+    has_completion_sign,
+    is_recognised,
+    parse_step,
+)
+from runctl.exceptions import TransferError
+from runctl.s3url import S3URL
+from runctl.transfer.base import ObjectInfo, Transfer
+
+log = logging.getLogger("runctl.marking")
+
+#: A directory without a framework's completion sign counts as finished once none of its files
+#: changed for this long before the copy began (``runctl local``'s default ``--settle``).
+SETTLE = 2.0
+
+
+@dataclass(frozen=True)
+class MarkResult:
+    """What ``mark_copied`` did: the directories it marked, and why it left the others unmarked."""
+
+    marked: tuple[S3URL, ...] = ()
+    unmarked: Mapping[S3URL, str] = field(default_factory=dict)
+
+
+def copied_checkpoint_dirs(
+    local: Path, url: S3URL, patterns: Sequence[str] | None = None
+) -> list[tuple[Path, S3URL]]:
+    """The directory checkpoints a recursive copy of ``local`` to ``url`` carries, with their S3 prefix.
+
+    ``local`` itself when the destination's name is a recognised checkpoint name
+    (``upload ckpt/checkpoint-5/ s3://b/run/checkpoint-5/ -r``), else each child directory with
+    a recognised name (``upload ckpt/ s3://b/run/ -r``). Deeper directories are not looked at.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); (root / "checkpoint-5").mkdir(); (root / "logs").mkdir()
+        >>> [str(u) for _, u in copied_checkpoint_dirs(root, S3URL.parse("s3://bkt/run/"))]
+        ['s3://bkt/run/checkpoint-5/']
+    """
+    prefix = url.as_prefix()
+    name = prefix.key.rstrip("/").rsplit("/", 1)[-1]
+    if name and is_recognised(name, patterns) and local.is_dir():
+        return [(local, prefix)]
+    found = []
+    try:
+        entries = list(os.scandir(local))
+    except OSError:
+        return []
+    for entry in entries:
+        if (
+            entry.name != RUNCTL_DIR
+            and is_recognised(entry.name, patterns)
+            and entry.is_dir(follow_symlinks=False)
+        ):
+            found.append((Path(entry.path), prefix.join(entry.name + "/")))
+    return sorted(found, key=lambda pair: pair[1].key)
+
+
+def is_marker_key(key: str) -> bool:
+    """True for a directory checkpoint's marker (which no local file stands for).
+
+    Example:
+        >>> is_marker_key("run/checkpoint-5/.runctl-manifest.json"), is_marker_key("run/a.pt")
+        (True, False)
+    """
+    return key.endswith("/" + MARKER_NAME)
+
+
+def clear_markers(transfer: Transfer, dirs: Iterable[tuple[Path, S3URL]]) -> None:
+    """Delete these destinations' markers before new files go up: a mix of old and new files must
+    not read as complete. A missing marker is not an error (one DeleteObjects per bucket).
+
+    Example:
+        >>> clear_markers(t, copied_checkpoint_dirs(Path("ckpt"), S3URL.parse("s3://b/run/")))  # doctest: +SKIP
+    """
+    keys: dict[str, list[str]] = {}
+    for _, dest in dirs:
+        keys.setdefault(dest.bucket, []).append(dest.join(MARKER_NAME).key)
+    for bucket, names in keys.items():
+        result = transfer.delete_keys(bucket, names)
+        if result.errors:
+            key, reason = next(iter(result.errors.items()))
+            raise TransferError(
+                f"cannot remove the old marker s3://{bucket}/{key}: {reason}",
+                url=f"s3://{bucket}/{key}",
+            )
+
+
+def _local_files(path: Path) -> dict[str, os.stat_result]:
+    files: dict[str, os.stat_result] = {}
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d != RUNCTL_DIR or dirpath != str(path))
+        for fname in filenames:
+            full = os.path.join(dirpath, fname)
+            rel = os.path.relpath(full, path).replace(os.sep, "/")
+            if rel == MARKER_NAME:
+                continue
+            try:
+                st = os.stat(full, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files[rel] = st
+    return files
+
+
+def mark_copied(
+    transfer: Transfer,
+    dirs: Sequence[tuple[Path, S3URL]],
+    *,
+    started: float,
+    settle: float = SETTLE,
+) -> MarkResult:
+    """Write the marker of each copied directory checkpoint that is finished and whole in S3.
+
+    A directory is finished when it has its framework's completion sign (Hugging Face's
+    ``trainer_state.json``, DeepSpeed's ``latest``) or none of its files changed within
+    ``settle`` seconds before ``started`` (when the copy began) or since. It is whole when every
+    local file is in S3 with its local size (one listing per bucket and common prefix). The
+    marker lists each file with its size and S3 ETag, like the uploader's.
+
+    Example:
+        >>> dirs = copied_checkpoint_dirs(Path("ckpt"), S3URL.parse("s3://b/run/"))  # doctest: +SKIP
+        >>> mark_copied(t, dirs, started=time.time() - 30).marked  # doctest: +SKIP
+        (S3URL(bucket='b', key='run/checkpoint-5/'),)
+    """
+    if not dirs:
+        return MarkResult()
+    listed = _listing(transfer, [dest for _, dest in dirs])
+    marked: list[S3URL] = []
+    unmarked: dict[S3URL, str] = {}
+    for local_dir, dest in dirs:
+        files = _local_files(local_dir)
+        if not files:
+            unmarked[dest] = "it is empty"
+            continue
+        newest = max(st.st_mtime for st in files.values())
+        if newest > started or (newest > started - settle and not has_completion_sign(local_dir)):
+            unmarked[dest] = (
+                f"a file in it changed {max(0.0, started - newest):.1f} s before the copy or during "
+                "it, and it has no completion sign: it may still be being written (copy it again "
+                "once it is finished)"
+            )
+            continue
+        objects = {
+            key[len(dest.key) :]: obj for key, obj in listed.items() if key.startswith(dest.key)
+        }
+        problems = [
+            rel
+            for rel, st in files.items()
+            if rel not in objects or objects[rel].size != st.st_size
+        ]
+        if problems:
+            unmarked[dest] = (
+                f"{len(problems)} of its files are not in S3 with their local size "
+                f"(e.g. {sorted(problems)[0]}; left out by --include/--exclude?)"
+            )
+            continue
+        name = dest.key.rstrip("/").rsplit("/", 1)[-1]
+        manifest = Manifest(
+            name,
+            parse_step(name)[0],
+            {
+                rel: FileEntry(st.st_size, (objects[rel].etag or "").strip('"') or None)
+                for rel, st in sorted(files.items())
+            },
+            __version__,
+            time.time(),
+        )
+        transfer.put_bytes(manifest.to_bytes(), dest.join(MARKER_NAME))
+        marked.append(dest)
+    return MarkResult(tuple(marked), unmarked)
+
+
+def _listing(transfer: Transfer, dests: Sequence[S3URL]) -> dict[str, ObjectInfo]:
+    """Every object under these prefixes, by key: one recursive listing per bucket's common prefix."""
+    by_bucket: dict[str, list[str]] = {}
+    for dest in dests:
+        by_bucket.setdefault(dest.bucket, []).append(dest.key)
+    found: dict[str, ObjectInfo] = {}
+    for bucket, keys in by_bucket.items():
+        common = os.path.commonprefix(keys)
+        for obj in transfer.iter_objects(S3URL(bucket, common), recursive=True):
+            if isinstance(obj, ObjectInfo):
+                found[obj.key] = obj
+    return found

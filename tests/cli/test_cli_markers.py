@@ -1,0 +1,129 @@
+"""`runctl s3 upload -r` and `sync --direction up` mark the directory checkpoints they copy whole.
+
+Without a marker, readers count a directory checkpoint incomplete: the help's own flow
+(`upload checkpoints/ ... -r`, then `download ... --latest`) found nothing to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.checkpoints import MARKER_NAME, Manifest
+from runctl.s3url import S3URL
+from tests.cli.cli_support import keys, of_type, run_s3
+from tests.servers import S3Server
+
+
+def backend_flag(backend: str) -> str:
+    return "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+
+
+def write(path: Path, data: bytes, age: float = 60.0) -> None:
+    """A file last written ``age`` seconds ago."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+def complete(server: S3Server, prefix: S3URL, backend: str) -> dict[str, bool]:
+    """Each checkpoint under ``prefix`` and whether review --verify counts it complete."""
+    result = run_s3(server, "s3", "review", str(prefix), "--verify", "--json", backend_flag(backend))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    return {c["name"]: c["complete"] for c in doc["checkpoints"]}
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> Path:
+    root = tmp_path / "checkpoints"
+    write(root / "checkpoint-5" / "model.bin", b"five" * 100)  # finished a minute ago
+    write(root / "checkpoint-5" / "sub" / "optim.bin", b"o" * 10)
+    write(root / "checkpoint-10" / "model.bin", b"ten" * 100, age=0)  # just written, but ...
+    write(root / "checkpoint-10" / "trainer_state.json", b"{}", age=0)  # ... Hugging Face's sign
+    write(root / "step-15" / "shard-0.bin", b"s" * 50, age=0)  # just written, no sign
+    write(root / "logs" / "events.txt", b"log")  # not a checkpoint
+    write(root / "step_3.pt", b"file checkpoint")
+    return root
+
+
+def test_upload_marks_each_finished_directory_and_latest_finds_it(
+    s3_server: S3Server, bucket: S3URL, backend: str, trained: Path, tmp_path: Path
+) -> None:
+    prefix = bucket.join("run/")
+    result = run_s3(
+        s3_server, "s3", "upload", str(trained), str(prefix), "-r", backend_flag(backend)
+    )
+    assert result.exit_code == 0, result.output
+    assert f"marked complete: {prefix}checkpoint-5/" in result.stdout
+    assert f"marked complete: {prefix}checkpoint-10/" in result.stdout
+    # step-15 may still be being written: it is left unmarked, and the user is told why.
+    assert f"{prefix}step-15/ is not marked complete" in result.stderr
+    assert "no completion sign" in result.stderr
+    assert complete(s3_server, prefix, backend) == {
+        "step_3.pt": True,
+        "checkpoint-5": True,
+        "checkpoint-10": True,
+        "step-15": False,
+    }
+    marker = Manifest.from_bytes(keys(s3_server, bucket)[f"run/checkpoint-5/{MARKER_NAME}"])
+    assert marker.step == 5 and set(marker.files) == {"model.bin", "sub/optim.bin"}
+
+    down = run_s3(
+        s3_server, "s3", "download", str(prefix), str(tmp_path / "resume"), "--latest",
+        backend_flag(backend),
+    )
+    assert down.exit_code == 0, down.output
+    assert (tmp_path / "resume" / "checkpoint-10" / "model.bin").read_bytes() == b"ten" * 100
+
+
+def test_a_rewritten_directory_is_marked_again_and_a_filtered_one_is_not(
+    moto_server: S3Server, trained: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    one = bucket.join("run/checkpoint-5/")
+    # One checkpoint directory to its own prefix is marked as well.
+    result = run_s3(moto_server, "s3", "upload", str(trained / "checkpoint-5"), str(one), "-r", "--json")
+    assert result.exit_code == 0, result.output
+    assert of_type(result.stdout, "marker") == [
+        {"type": "marker", "url": str(one), "complete": True}
+    ]
+    # Uploaded again with a file that grew: the old marker goes first, the new one matches.
+    write(trained / "checkpoint-5" / "model.bin", b"five" * 200)
+    result = run_s3(moto_server, "s3", "upload", str(trained / "checkpoint-5"), str(one), "-r")
+    assert result.exit_code == 0, result.output
+    marker = Manifest.from_bytes(keys(moto_server, bucket)[f"run/checkpoint-5/{MARKER_NAME}"])
+    assert marker.files["model.bin"].size == 800
+    assert complete(moto_server, bucket.join("run/"), "boto3") == {"checkpoint-5": True}
+
+    # A file left out by --exclude: S3 does not hold the whole directory, so no marker.
+    result = run_s3(
+        moto_server, "s3", "upload", str(trained / "checkpoint-5"), str(bucket.join("x/checkpoint-5/")),
+        "-r", "--exclude", "sub/*",
+    )
+    assert result.exit_code == 0, result.output
+    assert "is not marked complete: 1 of its files are not in S3" in result.stderr
+    assert f"x/checkpoint-5/{MARKER_NAME}" not in keys(moto_server, bucket)
+
+
+def test_sync_up_marks_and_delete_keeps_the_markers(
+    s3_server: S3Server, bucket: S3URL, backend: str, trained: Path
+) -> None:
+    prefix = bucket.join("sync/")
+    args = ("s3", "sync", str(trained), str(prefix), "--direction", "up", backend_flag(backend))
+    result = run_s3(s3_server, *args, "--delete")
+    assert result.exit_code == 0, result.output
+    assert complete(s3_server, prefix, backend)["checkpoint-5"] is True
+    # Again, with nothing changed: --delete must not take the markers (no local file has
+    # their name), and the checkpoints stay complete.
+    result = run_s3(s3_server, *args, "--delete", "--json")
+    assert result.exit_code == 0, result.output
+    (summary,) = of_type(result.stdout, "summary")
+    assert (summary["copied"], summary["deleted"]) == (0, 0)
+    found = complete(s3_server, prefix, backend)
+    assert found["checkpoint-5"] is True and found["checkpoint-10"] is True
