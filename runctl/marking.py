@@ -71,10 +71,11 @@ def copied_checkpoint_dirs(
     except OSError:
         return []
     for entry in entries:
+        # is_dir first: it costs nothing (the entry's type), the patterns a regex each.
         if (
-            entry.name != RUNCTL_DIR
+            entry.is_dir(follow_symlinks=False)
+            and entry.name != RUNCTL_DIR
             and is_recognised(entry.name, patterns)
-            and entry.is_dir(follow_symlinks=False)
         ):
             found.append((Path(entry.path), prefix.join(entry.name + "/")))
     return sorted(found, key=lambda pair: pair[1].key)
