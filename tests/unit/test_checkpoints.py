@@ -554,3 +554,13 @@ def test_a_listing_that_fails_midway_leaves_no_marker_reader_behind() -> None:
     with pytest.raises(TransferError, match="listing broke"):
         group_s3(listing(), S3URL("bkt", "run/"), read_marker=read_marker)
     assert not [th for th in threading.enumerate() if th.name.startswith("runctl-marker")]
+
+
+def test_marking_names_agree_with_checkpoints() -> None:
+    # runctl.marking repeats two names so that a plain copy need not import this module.
+    from runctl import checkpoints, marking
+
+    assert (marking.MARKER_NAME, marking.RUNCTL_DIR) == (
+        checkpoints.MARKER_NAME,
+        checkpoints.RUNCTL_DIR,
+    )
