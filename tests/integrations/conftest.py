@@ -29,6 +29,16 @@ def moto_bucket(moto_server: S3Server) -> S3URL:
     return S3URL(moto_server.new_bucket("integ"))
 
 
+def as_under_runctl_local(
+    monkeypatch: pytest.MonkeyPatch, checkpoint_dir: Path, prefix: S3URL, server: S3Server
+) -> None:
+    """The environment `runctl local --checkpoint-dir DIR --upload-to PREFIX` gives its script."""
+    monkeypatch.setenv("RUNCTL_LOCAL_WATCHING", "1")
+    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(checkpoint_dir))
+    monkeypatch.setenv("RUNCTL_S3_URL", str(prefix))
+    monkeypatch.setenv("RUNCTL_ENDPOINT_URL", server.endpoint_url)
+
+
 def s3_objects(server: S3Server, prefix: S3URL) -> dict[str, bytes]:
     """Every object under ``prefix``, keyed relative to it, with its bytes."""
     client = server.client()

@@ -12,7 +12,12 @@ import torch
 from torch.utils.data import Dataset
 
 from runctl.s3url import S3URL
-from tests.integrations.conftest import assert_dir_complete, dir_checkpoints, s3_objects
+from tests.integrations.conftest import (
+    as_under_runctl_local,
+    assert_dir_complete,
+    dir_checkpoints,
+    s3_objects,
+)
 from tests.servers import S3Server
 
 transformers = pytest.importorskip("transformers")
@@ -186,9 +191,7 @@ def test_under_runctl_local_uploading_its_output_dir_it_only_saves(
     from runctl.integrations.huggingface import RunctlCallback
 
     out, prefix = tmp_path / "out", moto_bucket.join("local-run/")
-    monkeypatch.setenv("RUNCTL_LOCAL_WATCHING", "1")
-    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(out))
-    monkeypatch.setenv("RUNCTL_S3_URL", str(prefix))
+    as_under_runctl_local(monkeypatch, out, prefix, moto_server)
     args = transformers.TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
     for url, uploads in ((None, False), (moto_bucket.join("mine/"), True)):
         callback = RunctlCallback(url, config=moto_server.config())

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from runctl.exceptions import UsageError
 from runctl.s3url import S3URL
-from tests.integrations.conftest import file_checkpoints, s3_objects
+from tests.integrations.conftest import as_under_runctl_local, file_checkpoints, s3_objects
 from tests.servers import S3Server
 
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
@@ -48,6 +48,24 @@ def make_module(namespace: str, val_losses: list[float] | None = None) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     return Tiny()
+
+
+class Boom(RuntimeError):
+    """The training error a test raises mid-fit."""
+
+
+def failing_module(at_step: int) -> Any:
+    """The tiny regressor, whose training step raises Boom once ``global_step`` reaches ``at_step``."""
+    module = make_module("lightning.pytorch")
+    original = module.training_step
+
+    def failing_step(batch: Any, batch_idx: int) -> torch.Tensor:
+        if module.global_step == at_step:
+            raise Boom(f"step {at_step} failed")
+        return original(batch, batch_idx)
+
+    module.training_step = failing_step
+    return module
 
 
 def loader(batches: int = 4) -> DataLoader:
@@ -287,13 +305,7 @@ def test_under_runctl_local_uploading_its_dirpath_it_only_saves(
     from runctl.integrations.lightning import RunctlCheckpoint
 
     prefix = moto_bucket.join("local-run/")
-    for name, value in (
-        ("RUNCTL_LOCAL_WATCHING", "1"),
-        ("RUNCTL_CHECKPOINT_DIR", str(tmp_path)),
-        ("RUNCTL_S3_URL", str(prefix)),
-        ("RUNCTL_ENDPOINT_URL", moto_server.endpoint_url),
-    ):
-        monkeypatch.setenv(name, value)
+    as_under_runctl_local(monkeypatch, tmp_path, prefix, moto_server)
     cb = RunctlCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     make_trainer("lightning.pytorch", [cb], max_steps=4).fit(
         make_module("lightning.pytorch"), loader(16)
@@ -333,18 +345,7 @@ def test_exception_mid_fit_still_lands_what_was_saved(
     """on_exception flushes pending uploads (bounded) and lets the training error through."""
     from runctl.integrations.lightning import RunctlCheckpoint
 
-    class Boom(RuntimeError):
-        pass
-
-    module = make_module("lightning.pytorch")
-    original = module.training_step
-
-    def failing_step(batch: Any, batch_idx: int) -> torch.Tensor:
-        if module.global_step == 5:
-            raise Boom("step 5 failed")
-        return original(batch, batch_idx)
-
-    module.training_step = failing_step
+    module = failing_module(at_step=5)
     prefix = moto_bucket.join("boom/")
     dirpath = tmp_path / "ckpt"
     cb = RunctlCheckpoint(
@@ -375,19 +376,7 @@ def test_an_exception_with_s3_unreachable_is_not_held_up_by_the_flush(
     from tests.servers import free_port
 
     monkeypatch.setattr(runctl.uploader, "FAILING_TIMEOUT", 1.0)
-
-    class Boom(RuntimeError):
-        pass
-
-    module = make_module("lightning.pytorch")
-    original = module.training_step
-
-    def failing_step(batch: Any, batch_idx: int) -> torch.Tensor:
-        if module.global_step == 3:
-            raise Boom("step 3 failed")
-        return original(batch, batch_idx)
-
-    module.training_step = failing_step
+    module = failing_module(at_step=3)
     dirpath = tmp_path / "ckpt"
     nobody = S3Config(
         endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: S3 is unreachable

@@ -10,7 +10,7 @@ import torch
 from runctl.exceptions import UsageError
 from runctl.integrations.loop import CheckpointManager
 from runctl.s3url import S3URL
-from tests.integrations.conftest import file_checkpoints, s3_objects
+from tests.integrations.conftest import as_under_runctl_local, file_checkpoints, s3_objects
 from tests.servers import S3Server
 
 
@@ -143,10 +143,7 @@ def test_under_runctl_local_uploading_the_same_directory_it_only_saves(
     # `runctl local --checkpoint-dir DIR --upload-to URL` uploads DIR itself: a helper that
     # uploaded too would send every checkpoint twice and run a second retention over the prefix.
     watched, prefix = tmp_path / "watched", moto_bucket.join("local-run/")
-    monkeypatch.setenv("RUNCTL_LOCAL_WATCHING", "1")
-    monkeypatch.setenv("RUNCTL_CHECKPOINT_DIR", str(watched))
-    monkeypatch.setenv("RUNCTL_S3_URL", str(prefix))
-    monkeypatch.setenv("RUNCTL_ENDPOINT_URL", moto_server.endpoint_url)
+    as_under_runctl_local(monkeypatch, watched, prefix, moto_server)
     with CheckpointManager(local_keep_last_n=1) as manager:
         assert manager.uploader is None and manager.s3_url == prefix
         _train(manager, range(3))
