@@ -265,6 +265,8 @@ def _upload_stdin(
     if not dry_run:
         from runctl.transfer import ops
 
+        if sys.stdin is None:
+            raise UsageError("LOCAL '-' reads stdin, which is closed")
         with s.transfer(use_s5cmd) as transfer:
             moved = ops.upload_stream(transfer, sys.stdin.fileno(), url, storage_class=storage)
     seconds = time.monotonic() - started
@@ -340,12 +342,13 @@ def download_files(
             raise UsageError(f"S3URL {url} is a prefix: only one object can go to stdout")
         from runctl.transfer import ops
 
-        if dry_run:
-            s.out.line(f"(dry run) download: {url} -> {STDIO}")
-            return
+        if sys.stdout is None:
+            raise UsageError("LOCAL '-' writes to stdout, which is closed")
         sys.stdout.flush()
         with s.transfer(use_s5cmd) as transfer:
-            ops.download_stream(transfer, url, sys.stdout.fileno())
+            ops.download_stream(transfer, url, sys.stdout.fileno(), dry_run=dry_run)
+        if dry_run:
+            s.out.line(f"(dry run) download: {url} -> {STDIO}")
         return
     local = Path(local_arg)
     into_dir = local_arg.endswith(("/", os.sep)) and not recursive and not latest

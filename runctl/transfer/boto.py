@@ -227,11 +227,14 @@ def upload_stream(client: Any, fd: int, url: S3URL, storage_class: str | None = 
         >>> upload_stream(client, sys.stdin.fileno(), S3URL.parse("s3://b/x.tar"))  # doctest: +SKIP
     """
     from boto3.s3.inject import upload_fileobj
+    from boto3.s3.transfer import TransferConfig
 
     extra = {"StorageClass": storage_class} if storage_class else None
+    # s5cmd's part size: a stream of unknown size may be up to 10,000 parts (~488 GiB), not ~78.
+    config = TransferConfig(multipart_chunksize=DEFAULT_PART_SIZE)
     with os.fdopen(fd, "rb", closefd=False) as source:
         try:
-            upload_fileobj(client, source, url.bucket, url.key, ExtraArgs=extra)
+            upload_fileobj(client, source, url.bucket, url.key, ExtraArgs=extra, Config=config)
         except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
             raise map_error(exc, str(url), "upload") from None
 

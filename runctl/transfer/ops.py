@@ -631,10 +631,13 @@ def _existing(transfer: Transfer, url: S3URL) -> ObjectInfo:
     return info
 
 
-def download_stream(transfer: Transfer, url: S3URL, fd: int) -> ObjectInfo:
+def download_stream(
+    transfer: Transfer, url: S3URL, fd: int, *, dry_run: bool = False
+) -> ObjectInfo:
     """Write one object's bytes to the file descriptor ``fd`` (``runctl s3 download URL -``).
 
-    The object is looked up first, so a missing one is a typed error before a byte is written.
+    The object is looked up first, so a missing one is a typed error before a byte is written
+    (``dry_run``: only that).
 
     Raises:
         UsageError: ``url`` is a prefix.
@@ -648,7 +651,8 @@ def download_stream(transfer: Transfer, url: S3URL, fd: int) -> ObjectInfo:
     if url.is_bucket or url.is_prefix:
         raise UsageError(f"{url} is a prefix: only one object can be written to stdout")
     info = _existing(transfer, url)
-    transfer.get_stream(url, fd)
+    if not dry_run:
+        transfer.get_stream(url, fd)
     return info
 
 

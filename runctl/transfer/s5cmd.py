@@ -953,7 +953,9 @@ class S5cmdTransfer:
             try:
                 self._run_jobs("upload", jobs, progress)
             except BaseException:
-                self._abort_multipart(jobs)
+                self._abort_multipart(
+                    S3URL.parse(j.url) for j in jobs if j.size >= part_size_for(j.size)
+                )
                 raise
         except PartialTransferError as exc:
             if not odd:
@@ -974,34 +976,36 @@ class S5cmdTransfer:
                 problems,
             )
 
-    def _abort_multipart(self, jobs: Sequence[_Job]) -> None:
-        """Abort the multipart uploads a killed or failed s5cmd left for these jobs' keys.
+    def _abort_multipart(self, urls: Iterable[S3URL]) -> None:
+        """Abort the multipart uploads a killed or failed s5cmd left for exactly these keys.
 
         s5cmd aborts its own on an error, but not when it is killed (Ctrl-C, a stall, a
         closed transfer), and S3 keeps (and bills) the parts of an upload nobody completes.
         Every unfinished upload of exactly these keys goes: this one's, or an older orphan's.
-        (Not by start time: some S3 servers report a fixed one.)
+        (Not by start time: some S3 servers report a fixed one.) A server that cannot list
+        multipart uploads (rclone answers NoSuchUpload) has none to abort.
         """
-        large = [S3URL.parse(j.url) for j in jobs if j.size >= part_size_for(j.size)]
-        if not large:
-            return
-        try:
-            client = self._client()
-            for url in large:
+        for url in urls:
+            try:
+                client = self._client()
                 listing = client.list_multipart_uploads(Bucket=url.bucket, Prefix=url.key)
                 for upload in listing.get("Uploads", ()) or ():
-                    if upload.get("Key") != url.key:
-                        continue
-                    client.abort_multipart_upload(
-                        Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"]
-                    )
-                    log.info("aborted the unfinished multipart upload of %s", url)
-        except Exception as exc:  # noqa: BLE001 - the transfer's own error is the one to raise
-            log.warning(
-                "could not abort unfinished multipart uploads (%s): S3 keeps their parts until "
-                "a lifecycle rule (runctl s3 lifecycle) or an abort removes them",
-                _boto_error(exc)[1],
-            )
+                    if upload.get("Key") == url.key:
+                        client.abort_multipart_upload(
+                            Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"]
+                        )
+                        log.info("aborted the unfinished multipart upload of %s", url)
+            except Exception as exc:  # noqa: BLE001 - the transfer's own error is the one to raise
+                code, message = _boto_error(exc)
+                if code in ("NoSuchUpload", "NotImplemented"):
+                    log.debug("no multipart uploads to abort for %s: %s", url, message)
+                    continue
+                log.warning(
+                    "could not abort unfinished multipart uploads of %s (%s): S3 keeps their "
+                    "parts until a lifecycle rule (runctl s3 lifecycle) or an abort removes them",
+                    url,
+                    message,
+                )
 
     def put_tree(
         self,
@@ -1389,7 +1393,18 @@ class S5cmdTransfer:
         if storage_class:
             flags += ["--storage-class", storage_class]
         child = self._spawn(self._argv("pipe", *flags, str(url)), transfer=True, stdin_fd=fd)
-        self._raise_stream_failure(self._drain(child, None), "upload", url)
+        try:
+            outcome = self._drain(child, None)
+        except BaseException:
+            self._abort_multipart([url])  # its size is unknown: it may be multipart
+            raise
+        if outcome.returncode != 0 and not outcome.errors and not outcome.noise:
+            # s5cmd 2.3.0's pipe prints nothing when it fails: a listing names the cause
+            # (NoSuchBucket, AccessDenied, an unreachable endpoint) as the boto3 backend would.
+            self._abort_multipart([url])
+            for _ in self.iter_objects(url, recursive=False):
+                break
+        self._raise_stream_failure(outcome, "upload", url)
 
     def get_stream(self, url: S3URL, fd: int) -> None:
         """Write the object's bytes to the file descriptor ``fd`` (``s5cmd cat``).
