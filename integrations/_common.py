@@ -17,8 +17,10 @@ from runctl.localrun import (  # read when an argument is omitted (``runctl loca
     ENV_CHECKPOINT_DIR,
     ENV_ENDPOINT_URL,
     ENV_KEEP_LAST_N,
+    ENV_LOCAL_KEEP_LAST_N,
     ENV_S3_URL,
     ENV_WATCHED,
+    claim_directory,
 )
 from runctl.s3url import S3URL
 
@@ -98,8 +100,9 @@ class UploadOptions:
     ) -> UploadOptions:
         """Validate every argument (naming the one that is wrong).
 
-        Omitted, ``s3_url``, ``keep_last_n`` and ``endpoint_url`` fall back to $RUNCTL_S3_URL,
-        $RUNCTL_KEEP_LAST_N and $RUNCTL_ENDPOINT_URL: what ``runctl local`` gives its script.
+        Omitted, ``s3_url``, ``keep_last_n``, ``local_keep_last_n`` and ``endpoint_url`` fall
+        back to $RUNCTL_S3_URL, $RUNCTL_KEEP_LAST_N, $RUNCTL_LOCAL_KEEP_LAST_N and
+        $RUNCTL_ENDPOINT_URL: what ``runctl local`` gives its script.
         With $RUNCTL_LOCAL_WATCHING=1 it also remembers the directory and prefix that
         ``runctl local`` uploads itself (see ``make_uploader``).
         """
@@ -109,11 +112,10 @@ class UploadOptions:
             local_run = (env[ENV_CHECKPOINT_DIR], S3URL.parse(env[ENV_S3_URL]).as_prefix())
         if s3_url is None and env.get(ENV_S3_URL):
             s3_url = env[ENV_S3_URL]
-        if keep_last_n is None and env.get(ENV_KEEP_LAST_N):
-            text = env[ENV_KEEP_LAST_N].strip()
-            if not (text.isascii() and text.isdigit()) or int(text) < 1:
-                raise UsageError(f"${ENV_KEEP_LAST_N} must be a whole number >= 1, got {text!r}")
-            keep_last_n = int(text)
+        if keep_last_n is None:
+            keep_last_n = _env_count(env, ENV_KEEP_LAST_N)
+        if local_keep_last_n is None:
+            local_keep_last_n = _env_count(env, ENV_LOCAL_KEEP_LAST_N)
         if endpoint_url is None and config is None and env.get(ENV_ENDPOINT_URL):
             endpoint_url = env[ENV_ENDPOINT_URL]
         url = None
@@ -152,15 +154,15 @@ class UploadOptions:
 
         return resolve_config(self.endpoint_url, self.profile, self.region)
 
-    def left_to_local_run(self, local_root: str | os.PathLike[str]) -> bool:
-        """True when an enclosing ``runctl local`` itself uploads ``local_root`` to ``s3_url``.
+    def watched_by_local_run(self, local_root: str | os.PathLike[str]) -> bool:
+        """True when an enclosing ``runctl local`` watches ``local_root`` for ``s3_url`` too.
 
         Example:
             >>> env = {"RUNCTL_LOCAL_WATCHING": "1", "RUNCTL_CHECKPOINT_DIR": "/ck",
             ...        "RUNCTL_S3_URL": "s3://bucket/run/"}
-            >>> UploadOptions.build(env=env).left_to_local_run("/ck")
+            >>> UploadOptions.build(env=env).watched_by_local_run("/ck")
             True
-            >>> UploadOptions.build("s3://bucket/other/", env=env).left_to_local_run("/ck")
+            >>> UploadOptions.build("s3://bucket/other/", env=env).watched_by_local_run("/ck")
             False
         """
         if self.local_run is None or self.s3_url is None:
@@ -170,12 +172,12 @@ class UploadOptions:
 
     def make_uploader(
         self, local_root: str | os.PathLike[str], *, hold_retention: bool = False
-    ) -> CheckpointUploader | None:
+    ) -> CheckpointUploader:
         """A CheckpointUploader for ``local_root`` with these options (``s3_url`` must be set).
 
-        None when ``runctl local`` runs this script and uploads ``local_root`` to ``s3_url``
-        itself ($RUNCTL_LOCAL_WATCHING=1): the integration then only saves, and runctl local
-        uploads each checkpoint once and applies its own keep-last-N.
+        When ``runctl local`` runs this script and watches ``local_root`` for ``s3_url``
+        ($RUNCTL_LOCAL_WATCHING=1), this claims the directory: runctl local then stands aside,
+        and each checkpoint goes up once, by this uploader, which knows which ones to protect.
 
         ``hold_retention``: no retention until ``release_retention()``, for a framework that
         learns the checkpoint it resumed from only after this starts.
@@ -186,13 +188,9 @@ class UploadOptions:
             raise UsageError("s3_url is required to upload (or set $RUNCTL_S3_URL), got None")
         root = Path(local_root)
         root.mkdir(parents=True, exist_ok=True)
-        if self.left_to_local_run(root):
-            log.info(
-                "runctl local is uploading %s to %s itself: this script only saves checkpoints",
-                root,
-                self.s3_url,
-            )
-            return None
+        if self.watched_by_local_run(root):
+            claim_directory(root)
+            log.info("runctl local watches %s too: this script uploads it, runctl local stands aside", root)
         extra = dict(self.uploader_options)
         extra.setdefault("failure_policy", "warn")
         return CheckpointUploader(
@@ -205,6 +203,16 @@ class UploadOptions:
             hold_retention=hold_retention,
             **extra,
         )
+
+
+def _env_count(env: Mapping[str, str], name: str) -> int | None:
+    """A whole number >= 1 from ``env[name]`` (None when unset or empty)."""
+    text = (env.get(name) or "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise UsageError(f"${name} must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def finish_uploads(

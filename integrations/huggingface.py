@@ -116,8 +116,7 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         # waits until the first step has protected it.
         self._uploader = self.options.make_uploader(self._output_dir, hold_retention=True)
         self._resume_checked = False
-        if self._uploader is not None:
-            log.info("uploading checkpoints from %s to %s", self._output_dir, self.options.s3_url)
+        log.info("uploading checkpoints from %s to %s", self._output_dir, self.options.s3_url)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Protect the checkpoint training resumed from (the state is restored after on_train_begin)."""

@@ -246,8 +246,7 @@ class _RunctlCheckpointMixin:
         # on_train_start, which protects it first.
         self._uploader = self.runctl_options.make_uploader(dirpath, hold_retention=True)
         self._best_told = None
-        if self._uploader is not None:
-            log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
+        log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Protect the checkpoint this run resumed from (it is known only after restore), then let retention run."""

@@ -32,7 +32,7 @@ class CheckpointManager:
     Without ``s3_url`` (and no $RUNCTL_S3_URL) it only saves locally and applies
     ``local_keep_last_n`` itself. ``local_dir`` defaults to $RUNCTL_CHECKPOINT_DIR. Under
     ``runctl local --checkpoint-dir DIR --upload-to S3URL`` with the same directory and prefix,
-    it only saves: runctl local uploads each checkpoint and applies its own keep-last-N.
+    it uploads them, and runctl local stands aside (each checkpoint goes up once).
 
     Args:
         local_dir: where checkpoints are written.
@@ -109,7 +109,7 @@ class CheckpointManager:
 
     @property
     def uploader(self) -> CheckpointUploader | None:
-        """The background uploader (None without S3, or while ``runctl local`` uploads instead)."""
+        """The background uploader (None without S3)."""
         return self._uploader
 
     def path_for(self, step: int) -> Path:
@@ -147,7 +147,7 @@ class CheckpointManager:
             tmp.unlink(missing_ok=True)
         if self._uploader is not None:
             self._submit(path, step, protect)
-        elif self.options.local_keep_last_n is not None and self.options.s3_url is None:
+        elif self.options.local_keep_last_n is not None:
             self._apply_local_retention(protect_name=path.name if protect else None)
         return path
 

@@ -37,11 +37,14 @@ log = logging.getLogger("runctl.local")
 ENV_CHECKPOINT_DIR = "RUNCTL_CHECKPOINT_DIR"  # absolute path of --checkpoint-dir
 ENV_S3_URL = "RUNCTL_S3_URL"  # --upload-to, as a prefix (s3://bucket/run/)
 ENV_KEEP_LAST_N = "RUNCTL_KEEP_LAST_N"  # --keep-last-n (S3 retention)
+ENV_LOCAL_KEEP_LAST_N = "RUNCTL_LOCAL_KEEP_LAST_N"  # --local-keep-last-n
 ENV_ENDPOINT_URL = "RUNCTL_ENDPOINT_URL"  # the resolved S3 endpoint, when not AWS itself
 #: Set to "1" while `runctl local` itself uploads what appears in RUNCTL_CHECKPOINT_DIR.
 ENV_WATCHED = "RUNCTL_LOCAL_WATCHING"
 
 RUNS_DIR = "runs"
+#: Under ``<dir>/.runctl/``: one file per process of the script that uploads the directory itself.
+CLAIMS_DIR = "claims"
 
 DEFAULT_SETTLE = 2.0
 DEFAULT_INTERVAL = 0.5
@@ -88,6 +91,7 @@ def script_env(
     checkpoint_dir: Path | None = None,
     s3_url: S3URL | None = None,
     keep_last_n: int | None = None,
+    local_keep_last_n: int | None = None,
     endpoint_url: str | None = None,
     watching: bool = False,
 ) -> dict[str, str]:
@@ -105,6 +109,7 @@ def script_env(
         else str(Path(checkpoint_dir).absolute()),
         ENV_S3_URL: None if s3_url is None else str(s3_url.as_prefix()),
         ENV_KEEP_LAST_N: None if keep_last_n is None else str(keep_last_n),
+        ENV_LOCAL_KEEP_LAST_N: None if local_keep_last_n is None else str(local_keep_last_n),
         ENV_ENDPOINT_URL: endpoint_url,
         ENV_WATCHED: "1" if watching else None,
     }
@@ -478,6 +483,8 @@ class RunRecord:
     not_uploaded: Mapping[str, str] = field(default_factory=dict)
     upload_error: str | None = None
     record_path: str | None = None
+    #: The pid of the script's process that uploaded the directory itself (runctl local stood aside).
+    uploaded_by_script: int | None = None
 
     @property
     def failed_uploads(self) -> tuple[UploadRecord, ...]:
@@ -504,6 +511,7 @@ class RunRecord:
             "uploads": [u.to_json() for u in self.uploads],
             "not_uploaded": dict(self.not_uploaded),
             "upload_error": self.upload_error,
+            "uploaded_by_script": self.uploaded_by_script,
         }
 
 
@@ -662,6 +670,57 @@ def _outcomes(handles: Sequence[UploadHandle]) -> list[UploadRecord]:
     return found
 
 
+def claim_directory(root: Path) -> Path:
+    """Tell an enclosing ``runctl local`` that this process uploads ``root`` itself.
+
+    A callback or ``CheckpointManager`` knows what ``runctl local``'s watcher cannot (the best
+    checkpoint, the one resumed from, its own keep-last-N), so the watcher stands aside for a
+    claim made by a process of its script: each checkpoint then goes up once, by the one that
+    knows it. Returns the claim file (``<root>/.runctl/claims/<pid>``).
+
+    Example:
+        >>> import tempfile
+        >>> claim_directory(Path(tempfile.mkdtemp())).parent.name
+        'claims'
+    """
+    folder = Path(root) / RUNCTL_DIR / CLAIMS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / str(os.getpid())
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+def claimed_by(root: Path, pids: Sequence[int]) -> int | None:
+    """The pid among ``pids`` (the script's processes) that claimed ``root``, if any.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); _ = claim_directory(root)
+        >>> claimed_by(root, [os.getpid()]) == os.getpid(), claimed_by(root, [1])
+        (True, None)
+    """
+    try:
+        names = os.listdir(Path(root) / RUNCTL_DIR / CLAIMS_DIR)
+    except OSError:
+        return None
+    alive = set(pids)
+    return next((int(n) for n in names if n.isdigit() and int(n) in alive), None)
+
+
+def _clear_claims(root: Path) -> None:
+    """Remove claims left by earlier runs (their processes are gone)."""
+    folder = Path(root) / RUNCTL_DIR / CLAIMS_DIR
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        try:
+            (folder / name).unlink()
+        except OSError:
+            pass
+
+
 def run_local(
     command: Sequence[str],
     *,
@@ -727,6 +786,10 @@ def run_local(
             from runctl.uploader import CheckpointUploader
 
             uploader_factory = CheckpointUploader
+        _clear_claims(root)
+        # Retention waits for the first checkpoint this process uploads: when the script's own
+        # uploader claims the directory instead, only its retention (which knows the best
+        # checkpoint and the one resumed from) may delete anything.
         uploader = uploader_factory(
             root,
             s3_url,
@@ -735,6 +798,7 @@ def run_local(
             config=config,
             use_s5cmd=use_s5cmd,
             failure_policy="warn",
+            hold_retention=True,
         )
 
     child_env = script_env(
@@ -742,6 +806,7 @@ def run_local(
         checkpoint_dir=root,
         s3_url=s3_url,
         keep_last_n=keep_last_n,
+        local_keep_last_n=local_keep_last_n,
         endpoint_url=config.endpoint_url if config is not None else None,
         watching=uploader is not None,
     )
@@ -754,6 +819,7 @@ def run_local(
     forwarder: _SignalForwarder | None = None
     upload_error: str | None = None
     script_code = EXIT_FAILED
+    claimant: int | None = None  # the script's process that uploads the directory itself
     try:
         if log_file is not None:
             try:
@@ -774,10 +840,22 @@ def run_local(
             tees.append(_Tee(proc.stderr, stderr or sys.stderr.buffer, log_fh, lock))
         running = proc
         if uploader is not None and root is not None:
-            active = uploader
+            active, watched = uploader, root
 
             def submit(path: Path) -> None:
+                nonlocal claimant
+                if claimant is None:
+                    claimant = claimed_by(watched, process_tree(running.pid))
+                    if claimant is not None:
+                        log.info(
+                            "the script (pid %d) uploads %s itself: runctl local leaves it to it",
+                            claimant,
+                            watched,
+                        )
+                if claimant is not None:
+                    return
                 handles.append(active.submit(path))
+                active.release_retention()
 
             watcher = CheckpointWatcher(
                 root,
@@ -801,7 +879,8 @@ def run_local(
             script_code = _script_code(proc.returncode)
             if watcher is not None:
                 watcher.stop()
-                watcher.final_scan(script_failed=script_code != 0)
+                if claimant is None:
+                    watcher.final_scan(script_failed=script_code != 0)
             if uploader is not None:
                 try:
                     uploader.close(flush_timeout)
@@ -842,6 +921,7 @@ def run_local(
         uploads=uploads,
         not_uploaded=dict(watcher.skipped) if watcher is not None else {},
         upload_error=upload_error,
+        uploaded_by_script=claimant,
     )
     if exit_code == 0 and record.upload_failed:
         record = _replace(record, exit_code=EXIT_FAILED)

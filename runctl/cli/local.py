@@ -26,7 +26,7 @@ SCRIPT is run as `python SCRIPT ARGS` when it ends in .py (with runctl's interpr
 
 With --checkpoint-dir DIR --upload-to S3URL, DIR is watched while the script runs and each finished checkpoint (a recognised name: step_100.pt, epoch=3-step=1200.ckpt, checkpoint-500/, global_step500/ ...) goes to the background uploader: a file once its size and mtime have not changed for --settle seconds and the script no longer has it open for writing; a directory once its framework's completion sign exists (Hugging Face trainer_state.json, DeepSpeed `latest`) or it has been quiet for --settle seconds. When the script exits: a final scan, a flush, and a summary of what was uploaded. A failed upload makes the exit code 1 when the script itself succeeded. A run record (command, start, end, exit code, uploads) is written to DIR/.runctl/runs/<UTC time>.json.
 
-The script gets these variables (the plain-loop helper and the callbacks use them as defaults): RUNCTL_CHECKPOINT_DIR (absolute DIR), RUNCTL_S3_URL (S3URL as a prefix), RUNCTL_KEEP_LAST_N (N), RUNCTL_ENDPOINT_URL (the S3 endpoint, when not AWS), and RUNCTL_LOCAL_WATCHING=1 while runctl itself uploads DIR (a callback or CheckpointManager saving into DIR and uploading to S3URL then only saves, so each checkpoint goes up once).
+The script gets these variables (the plain-loop helper and the callbacks use them as defaults): RUNCTL_CHECKPOINT_DIR (absolute DIR), RUNCTL_S3_URL (S3URL as a prefix), RUNCTL_KEEP_LAST_N (N), RUNCTL_ENDPOINT_URL (the S3 endpoint, when not AWS), and RUNCTL_LOCAL_WATCHING=1 while runctl itself watches DIR. A callback or CheckpointManager saving into DIR and uploading to S3URL claims DIR: runctl then stands aside, so each checkpoint goes up once, by the code that knows the best one and the one it resumed from (RUNCTL_LOCAL_KEEP_LAST_N carries --local-keep-last-n to it).
 
 Examples:
 
@@ -166,7 +166,9 @@ def local_command(
 
     out.record("run", **record.to_json(), record_path=record.record_path)
     out.flush()
-    if url is not None:
+    if record.uploaded_by_script is not None:
+        _say(out, f"the script (pid {record.uploaded_by_script}) uploaded {checkpoint_dir} to {url} itself")
+    elif url is not None:
         verified = [u for u in record.uploads if u.state == "verified"]
         skipped = [u for u in record.uploads if u.state == "skipped"]
         size = sum(u.size or 0 for u in verified)

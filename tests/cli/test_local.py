@@ -170,15 +170,47 @@ HELPER_TRAIN = textwrap.dedent(
     import torch
     from runctl.integrations.loop import CheckpointManager
 
-    with CheckpointManager(keep_last_n=2) as manager:
+    with CheckpointManager() as manager:
         print("helper uploads", manager.uploader is not None, flush=True)
         for step in range(1, 5):
             manager.save({"step": step, "w": torch.arange(step * 5000)}, step)
     """
 )
 
+LIGHTNING_TRAIN = textwrap.dedent(
+    """
+    import os
+    import torch
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from runctl.integrations.lightning import RunctlCheckpoint
 
-def test_a_helper_inside_runctl_local_leaves_the_uploads_to_it(
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            # step 2's score is the best; later ones only get worse
+            self.log("score", torch.tensor(10.0 if self.global_step == 1 else -float(self.global_step)))
+            return torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    x = torch.randn(40, 4)
+    cb = RunctlCheckpoint(dirpath=os.environ["RUNCTL_CHECKPOINT_DIR"], every_n_train_steps=2,
+                          save_top_k=-1, monitor="score", mode="max")
+    trainer = pl.Trainer(max_steps=10, callbacks=[cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Tiny(), DataLoader(TensorDataset(x, x.sum(1)), batch_size=4))
+    print("BEST", os.path.basename(cb.best_model_path), flush=True)
+    """
+)
+
+
+def test_runctl_local_stands_aside_for_a_helper_that_uploads_the_same_directory(
     moto_server: S3Server, tmp_path: Path
 ) -> None:
     bucket = S3URL(moto_server.new_bucket())
@@ -186,19 +218,41 @@ def test_a_helper_inside_runctl_local_leaves_the_uploads_to_it(
     (tmp_path / "helper.py").write_text(HELPER_TRAIN)
     proc = runctl_local(
         moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
-        "--keep-last-n", "2", "--settle", "0.3", "helper.py",
+        "--keep-last-n", "2", "--local-keep-last-n", "1", "--settle", "0.3", "helper.py",
     )
     rc, out, err = finish(proc)
     assert rc == 0, (out, err)
-    assert "helper uploads False" in out
-    # runctl local uploaded each checkpoint once, and its keep-last-N left the newest two.
-    uploads = [u["name"] for u in run_record(ckpt)["uploads"]]
-    assert sorted(uploads) == sorted(set(uploads)), uploads
-    assert {"step_3.pt", "step_4.pt"} <= set(uploads)
+    assert "helper uploads True" in out
+    # The helper uploaded each checkpoint once, with runctl local's N; runctl local stood aside.
+    record = run_record(ckpt)
+    assert record["uploads"] == [] and isinstance(record["uploaded_by_script"], int)
+    assert "uploaded" in err and "itself" in err
     assert sorted(k for k in keys(moto_server, bucket) if k.endswith(".pt")) == [
         "run/step_3.pt",
         "run/step_4.pt",
     ]
+    assert sorted(p.name for p in ckpt.glob("*.pt")) == ["step_4.pt"]
+
+
+def test_under_runctl_local_lightnings_best_checkpoint_survives_retention(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # runctl local's watcher cannot know which checkpoint Lightning calls best: its keep-last-N
+    # must not be the one that runs.
+    bucket = S3URL(moto_server.new_bucket())
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "light.py").write_text(LIGHTNING_TRAIN)
+    proc = runctl_local(
+        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
+        "--keep-last-n", "2", "--local-keep-last-n", "2", "--settle", "0.3", "light.py",
+    )
+    rc, out, err = finish(proc, timeout=180)
+    assert rc == 0, (out, err)
+    best = next(line.split()[1] for line in out.splitlines() if line.startswith("BEST "))
+    assert best == "epoch=0-step=2.ckpt"
+    in_s3 = sorted(k[len("run/"):] for k in keys(moto_server, bucket) if k.endswith(".ckpt"))
+    assert in_s3 == sorted([best, "epoch=0-step=8.ckpt", "epoch=0-step=10.ckpt"])
+    assert (ckpt / best).exists()
 
 
 def test_plain_run_passes_output_through_without_a_checkpoint_dir(tmp_path: Path) -> None:

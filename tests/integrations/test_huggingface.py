@@ -185,17 +185,21 @@ def test_a_save_total_limit_below_keep_last_n_is_warned_about(
         assert "save_total_limit=2 is below keep_last_n=3" in said[0]
 
 
-def test_under_runctl_local_uploading_its_output_dir_it_only_saves(
+def test_under_runctl_local_watching_its_output_dir_it_claims_it(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import os
+
     from runctl.integrations.huggingface import RunctlCallback
+    from runctl.localrun import claimed_by
 
     out, prefix = tmp_path / "out", moto_bucket.join("local-run/")
     as_under_runctl_local(monkeypatch, out, prefix, moto_server)
     args = transformers.TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
-    for url, uploads in ((None, False), (moto_bucket.join("mine/"), True)):
+    for url, claims in ((moto_bucket.join("mine/"), False), (None, True)):
         callback = RunctlCallback(url, config=moto_server.config())
         callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl())
-        # runctl local uploads `out` to `prefix` itself; another prefix is the callback's own.
-        assert (callback.uploader is not None) == uploads, url
+        # runctl local watches `out` for `prefix`: only that one is claimed.
+        assert callback.uploader is not None
+        assert (claimed_by(out, [os.getpid()]) is not None) == claims, url
         callback.close()

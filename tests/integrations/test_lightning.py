@@ -299,10 +299,13 @@ def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     ]
 
 
-def test_under_runctl_local_uploading_its_dirpath_it_only_saves(
+def test_under_runctl_local_watching_its_dirpath_it_claims_it(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import os
+
     from runctl.integrations.lightning import RunctlCheckpoint
+    from runctl.localrun import claimed_by
 
     prefix = moto_bucket.join("local-run/")
     as_under_runctl_local(monkeypatch, tmp_path, prefix, moto_server)
@@ -310,10 +313,10 @@ def test_under_runctl_local_uploading_its_dirpath_it_only_saves(
     make_trainer("lightning.pytorch", [cb], max_steps=4).fit(
         make_module("lightning.pytorch"), loader(16)
     )
-    # runctl local uploads tmp_path itself: the callback saved, and sent nothing twice.
-    assert cb.s3_url == prefix and cb.uploader is None and cb.final_stats == {}
-    assert s3_objects(moto_server, prefix) == {}
-    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+    # The callback uploaded (it knows the best checkpoint, runctl local's watcher does not),
+    # and told runctl local so.
+    assert claimed_by(tmp_path, [os.getpid()]) == os.getpid()
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == [
         "epoch=0-step=2.ckpt",
         "epoch=0-step=4.ckpt",
     ]

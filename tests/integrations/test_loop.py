@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -137,23 +138,25 @@ def test_missing_dir_is_a_usage_error() -> None:
         CheckpointManager()
 
 
-def test_under_runctl_local_uploading_the_same_directory_it_only_saves(
+def test_under_runctl_local_watching_the_same_directory_it_claims_it(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # `runctl local --checkpoint-dir DIR --upload-to URL` uploads DIR itself: a helper that
-    # uploaded too would send every checkpoint twice and run a second retention over the prefix.
+    # `runctl local --checkpoint-dir DIR --upload-to URL` watches DIR: the helper, which knows its
+    # own keep-last-N, uploads, and tells runctl local to stand aside (a claim with its pid).
+    from runctl.localrun import claimed_by
+
     watched, prefix = tmp_path / "watched", moto_bucket.join("local-run/")
     as_under_runctl_local(monkeypatch, watched, prefix, moto_server)
-    with CheckpointManager(local_keep_last_n=1) as manager:
-        assert manager.uploader is None and manager.s3_url == prefix
-        _train(manager, range(3))
-    # Nothing went up from here, and nothing was deleted: runctl local's retention owns both.
-    assert s3_objects(moto_server, prefix) == {}
-    assert sorted(p.name for p in watched.glob("*.pt")) == [f"step_{i}.pt" for i in range(3)]
+    monkeypatch.setenv("RUNCTL_KEEP_LAST_N", "2")
+    monkeypatch.setenv("RUNCTL_LOCAL_KEEP_LAST_N", "1")
+    with CheckpointManager() as manager:
+        assert manager.uploader is not None
+        assert claimed_by(watched, [os.getpid()]) == os.getpid()
+        _train(manager, range(4))
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_2.pt", "step_3.pt"]
+    assert sorted(p.name for p in watched.glob("*.pt")) == ["step_3.pt"]
 
-    # Another directory, or another prefix, is this helper's own to upload.
-    for local_dir, url in ((tmp_path / "other", prefix), (watched, moto_bucket.join("mine/"))):
-        with CheckpointManager(local_dir, url) as manager:
-            assert manager.uploader is not None, (local_dir, url)
-            _train(manager, range(1))
-        assert file_checkpoints(s3_objects(moto_server, url)), (local_dir, url)
+    # Another directory, or another prefix, is not runctl local's: no claim.
+    other = tmp_path / "other"
+    with CheckpointManager(other, prefix) as manager:
+        assert claimed_by(other, [os.getpid()]) is None
