@@ -352,9 +352,20 @@ class Journal:
         """
         return {e.name for e in self._load().latest.values() if e.state == "deleting_s3"}
 
-    def pending(self) -> list[JournalEntry]:
-        """Entries whose latest state is queued or uploaded (not yet verified), oldest first."""
-        entries = [e for e in self._load().latest.values() if e.state in PENDING_STATES]
+    def pending(self, *, failed: bool = False) -> list[JournalEntry]:
+        """Entries whose latest state is queued or uploaded (not yet verified), oldest first.
+
+        ``failed=True`` adds those whose upload failed: a new process tries them again.
+
+        Example:
+            >>> import tempfile
+            >>> j = Journal(Path(tempfile.mkdtemp()))
+            >>> j.record("step_1.pt", "failed"); j.record("step_2.pt", "queued")
+            >>> [e.name for e in j.pending()], [e.name for e in j.pending(failed=True)]
+            (['step_2.pt'], ['step_1.pt', 'step_2.pt'])
+        """
+        states = (*PENDING_STATES, "failed") if failed else PENDING_STATES
+        entries = [e for e in self._load().latest.values() if e.state in states]
         return sorted(entries, key=lambda e: (e.time, e.name))
 
 

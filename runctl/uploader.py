@@ -973,8 +973,10 @@ class CheckpointUploader:
     # -- resume -------------------------------------------------------------------------------
 
     def _resume(self) -> None:
+        # Failed ones too: an upload that used up its retries in an earlier process (an outage
+        # during a final flush) still has its local copy, and S3 may be back.
         try:
-            pending = self.journal.pending()
+            pending = self.journal.pending(failed=True)
         except JournalError as exc:
             log.error("cannot replay the journal, nothing resumed: %s", exc)
             pending = []

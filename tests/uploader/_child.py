@@ -55,7 +55,11 @@ def main() -> None:
         for step in range(1, 5):
             up.submit(root / f"step_{step}.pt")
         journal = root / ".runctl" / "journal.jsonl"
-        while '"state":"skipped"' not in journal.read_text():
+        # step_2.pt's own line: when step_1.pt was still queued too, its line comes first.
+        while not any(
+            '"name":"step_2.pt"' in line and '"state":"skipped"' in line
+            for line in journal.read_text().splitlines()
+        ):
             time.sleep(0.01)
         print("SKIPPED", flush=True)
         time.sleep(600)

@@ -748,6 +748,30 @@ def test_failing_timeout_counts_only_while_nothing_lands(
     ]
 
 
+def test_an_upload_that_failed_in_an_earlier_process_is_tried_again(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # An outage during the final flush used up its retries: "failed" in the journal. The local
+    # copy is still there, and the next uploader (S3 back) uploads it instead of dropping it.
+    wrapped = Wrapped(boto_transfer)
+
+    def unreachable(count: int, pairs: list) -> None:
+        raise TransferError("could not connect to the endpoint", code="EndpointConnectionError")
+
+    wrapped.before_put = unreachable
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_1.pt", b"one"))
+    with pytest.raises(UploadError):
+        up.close(timeout=30)
+    assert Journal(root).replay()["step_1.pt"].state == "failed"
+
+    with uploader(root, moto_bucket, boto_transfer) as again:
+        again.flush(timeout=30)
+        assert again.status().uploaded == 1
+    assert list(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_1.pt"]
+    assert Journal(root).replay()["step_1.pt"].state == "verified"
+
+
 def test_submit_validates_its_argument(
     root: Path, moto_bucket: S3URL, boto_transfer: object, tmp_path: Path
 ) -> None:
