@@ -227,8 +227,8 @@ def finish_uploads(
 
     Returns the error it warned about (None when all went well). With ``allow_raise=False``
     (used while another exception is already propagating) it always warns instead of raising,
-    and stops waiting once uploads have failed for ``FAILING_TIMEOUT`` s with nothing landing:
-    the training error is not held up by an unreachable S3 (what is pending stays journaled).
+    and stops waiting once nothing has reached S3 for ``FAILING_TIMEOUT`` s: the training error
+    is not held up by an unreachable or hung S3 (what is pending stays journaled).
     """
     from runctl.uploader import FAILING_TIMEOUT
 

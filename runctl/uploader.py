@@ -67,8 +67,8 @@ FAILURE_POLICIES = ("warn", "raise")
 PROGRESS_EVERY = 10.0
 #: The atexit safety net never waits longer than this.
 ATEXIT_TIMEOUT = 600.0
-#: At exit, or while a training error propagates, stop waiting once uploads have failed for
-#: this long with nothing landing: what is pending stays in the journal for the next run.
+#: At exit, or while a training error propagates, stop waiting once nothing has reached S3 for
+#: this long (failing or hung): what is pending stays in the journal for the next run.
 FAILING_TIMEOUT = 30.0
 #: Clock skew allowed when deciding that an object a retry finds already landed in this upload.
 LANDED_SKEW = 5.0
@@ -518,8 +518,8 @@ class CheckpointUploader:
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
-        #: When uploads began failing with nothing landing since (None: they are not failing).
-        self._failing_since: float | None = None
+        #: When a checkpoint last landed, a byte moved or a local step of an upload ended (monotonic).
+        self._last_progress = time.monotonic()
         self._superseded: dict[str, tuple[int, float]] = {}
         self._submitted_names: set[str] = set()
         self._verified_keys: list[tuple[int, int, float]] = []
@@ -699,8 +699,9 @@ class CheckpointUploader:
         """Wait until every submitted checkpoint is uploaded, skipped or failed.
 
         Logs progress every ~10 s while it waits. ``failing_timeout``: stop waiting, as for
-        ``timeout``, once uploads have failed for that many seconds with nothing landing (an
-        unreachable S3 need not hold up a training error or an exit for ``timeout``).
+        ``timeout``, once nothing has reached S3 for that many seconds (no checkpoint landed, no
+        byte moved): an unreachable or hung S3 need not hold up a training error or an exit
+        for ``timeout``.
 
         Raises:
             FlushTimeout: ``timeout`` (or ``failing_timeout``) seconds passed; it names what is
@@ -712,7 +713,8 @@ class CheckpointUploader:
         """
         _positive(timeout, "timeout")
         _positive(failing_timeout, "failing_timeout")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         next_log = time.monotonic() + PROGRESS_EVERY
         with self._cond:
             self._prune_queue()
@@ -739,17 +741,15 @@ class CheckpointUploader:
                         ", ".join(pending),
                     )
                     raise FlushTimeout(pending, dict(self._failures))
-                failing = self._failing_since
-                if (
-                    failing_timeout is not None
-                    and failing is not None
-                    and now - failing >= failing_timeout
-                ):
+                moved = now
+                if failing_timeout is not None:
+                    moved = max(self._last_progress, started, self._transfer_active_at())
+                if failing_timeout is not None and now - moved >= failing_timeout:
                     pending = self._pending_names()
                     log.error(
-                        "stopped waiting: uploads have failed for %.0f s with nothing landing; "
+                        "stopped waiting: nothing has reached S3 for %.0f s (failing or hung); "
                         "%d pending stay in the journal for the next run: %s",
-                        now - failing,
+                        now - moved,
                         len(pending),
                         ", ".join(pending),
                     )
@@ -759,7 +759,8 @@ class CheckpointUploader:
                     next_log = now + PROGRESS_EVERY
                 wait = next_log - now if deadline is None else min(deadline - now, next_log - now)
                 if failing_timeout is not None:
-                    wait = min(wait, (failing or now) + failing_timeout - now)
+                    # Woken at least every second: s5cmd's progress is only seen by asking.
+                    wait = min(wait, moved + failing_timeout - now, 1.0)
                 self._cond.wait(max(0.01, wait))
         # Skipped saves are finished on the journal thread (see _cancel): wait for them too.
         self._journal.drain(None if deadline is None else deadline - time.monotonic())
@@ -768,6 +769,15 @@ class CheckpointUploader:
         if failures:
             errors: dict[str, BaseException | str] = dict(failures)
             raise UploadError(errors) from next(reversed(failures.values()))
+
+    def _transfer_active_at(self) -> float:
+        """When the transfer last moved a byte, as far as it can tell (0.0: it cannot).
+
+        s5cmd reports a file only once it is done: for a large one, its process's I/O counters
+        are the only sign of life (boto3's progress callbacks reach ``_progress``).
+        """
+        active_at = getattr(self.transfer, "active_at", None)
+        return (active_at() or 0.0) if callable(active_at) else 0.0
 
     def close(self, timeout: float | None = None, *, failing_timeout: float | None = None) -> None:
         """``flush(timeout, failing_timeout=...)``, then stop the worker. Raises like ``flush``; idempotent."""
@@ -1103,7 +1113,7 @@ class CheckpointUploader:
                     self._cond.notify_all()
 
     def _process(self, job: _Job) -> None:
-        started = time.monotonic()
+        started = self._last_progress = time.monotonic()
         url = self._url_of(job.name, job.is_dir)
         try:
             snapshot = self._snapshot(job)
@@ -1111,6 +1121,7 @@ class CheckpointUploader:
             self._skip(job, str(skip))
             return
         job.snapshot = snapshot
+        self._last_progress = time.monotonic()  # staged: local work is progress too
         attempt = 0
         rewrites = 0
         while True:
@@ -1145,8 +1156,6 @@ class CheckpointUploader:
                     raise
                 with self._cond:
                     self._stats["retries"] += 1
-                    self._failing_since = self._failing_since or time.monotonic()
-                    self._cond.notify_all()
                 delay = self.retry.delay(attempt)
                 log.warning(
                     "upload of %s failed (attempt %d of %d): %s; retrying in %.1f s",
@@ -1233,7 +1242,7 @@ class CheckpointUploader:
     def _progress(self, moved: int) -> None:
         self._inflight_bytes += moved
         if moved > 0:
-            self._failing_since = None
+            self._last_progress = time.monotonic()
 
     def _upload_file(self, job: _Job, snapshot: Snapshot) -> None:
         url = self._url_of(job.name, False)
@@ -1241,6 +1250,7 @@ class CheckpointUploader:
         if snapshot.changed():
             raise _Rewritten("changed before the upload began")
         self.transfer.put_files([(staged, url)], progress=self._progress)
+        self._last_progress = time.monotonic()  # sent; the checks (an MD5) follow
         info = self.transfer.stat(url)
         want = snapshot.files[""]
         if snapshot.changed():
@@ -1326,6 +1336,7 @@ class CheckpointUploader:
                 [(snapshot.local(rel), url.join(rel)) for rel in sorted(todo)],
                 progress=self._progress,
             )
+        self._last_progress = time.monotonic()  # sent; the checks follow
         objects = self._list_dir(url)
         problems = []
         for rel, st in sorted(snapshot.files.items()):
@@ -1379,7 +1390,7 @@ class CheckpointUploader:
             self._stats["bytes"] += snapshot.size
             self._stats["seconds"] += seconds
             self._consecutive = 0
-            self._failing_since = None
+            self._last_progress = time.monotonic()
             self._superseded.pop(job.name, None)
             self._verified_keys.append(job.order_key())
         log.info(
@@ -1428,7 +1439,6 @@ class CheckpointUploader:
         with self._cond:
             self._stats["failures"] += 1
             self._consecutive += 1
-            self._failing_since = self._failing_since or time.monotonic()
             self._failures[job.name] = exc
             self._last_failure = (job.name, exc)
         log.error(

@@ -535,12 +535,17 @@ class _Child:
                 self.kill()
             self._closed.set()
 
-    def _check_stall(self) -> None:
-        now = time.monotonic()
+    def active_at(self) -> float:
+        """When the child last printed or moved a byte (its I/O counters, read now)."""
         current = _io_bytes(self.proc.pid)
         if current is not None and current != self._last_io:
             self._last_io = current
-            self._last_activity = now
+            self._last_activity = time.monotonic()
+        return self._last_activity
+
+    def _check_stall(self) -> None:
+        now = time.monotonic()
+        if self.active_at() >= now:
             return
         if self._watch and now - self._last_activity > self.idle_limit:
             self.kill()
@@ -1378,6 +1383,17 @@ class S5cmdTransfer:
         if code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
             return None
         raise error_class(code, message)(f"stat {url} failed: {message}", code=code, url=str(url))
+
+    def active_at(self) -> float | None:
+        """When a running s5cmd last printed or moved a byte (monotonic), None when none runs.
+
+        Example:
+            >>> t.active_at() is None  # doctest: +SKIP
+            True
+        """
+        with self._lock:
+            children = list(self._children)
+        return max((child.active_at() for child in children), default=None)
 
     def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
         """Upload everything read from the file descriptor ``fd`` to ``url`` (``s5cmd pipe``).

@@ -723,6 +723,77 @@ def test_flush_stops_waiting_once_uploads_have_failed_for_failing_timeout(
     assert [e.name for e in Journal(root).pending()] == ["step_1.pt"]  # the next run resumes it
 
 
+def test_failing_timeout_also_ends_a_wait_on_a_hung_s3(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # A connection that never answers fails no attempt for a long time (a read timeout, then a
+    # stall watchdog): nothing moving is what counts, not a failure.
+    wrapped = Wrapped(boto_transfer)
+    Gate(wrapped)  # never opens: every put hangs
+    up = uploader(root, moto_bucket, wrapped, retry=PATIENT_RETRY)
+    up.submit(write(root / "step_1.pt", b"x"))
+    start = time.monotonic()
+    with pytest.raises(FlushTimeout) as info:
+        up.flush(timeout=60, failing_timeout=0.5)
+    assert 0.5 <= time.monotonic() - start < 5
+    assert info.value.pending == ["step_1.pt"]
+    with pytest.raises(FlushTimeout):
+        up.close(timeout=0.3)
+
+
+def test_an_upload_that_keeps_moving_is_not_cut_short(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # Bytes moving (boto3's progress callbacks) are progress, however long the upload takes.
+    wrapped = Wrapped(boto_transfer)
+    inner_put = wrapped.put_files
+
+    def slow_but_moving(pairs, *, storage_class=None, progress=None):  # noqa: ANN001, ANN202
+        for _ in range(15):  # 1.5 s in all, a byte every 0.1 s
+            time.sleep(0.1)
+            if progress is not None:
+                progress(1)
+        return inner_put(pairs, storage_class=storage_class, progress=progress)
+
+    wrapped.put_files = slow_but_moving  # type: ignore[method-assign]
+    up = uploader(root, moto_bucket, wrapped)
+    handle = up.submit(write(root / "step_1.pt", b"x"))
+    start = time.monotonic()
+    up.close(timeout=60, failing_timeout=0.5)
+    assert time.monotonic() - start > 1.5
+    assert handle.result(1).state == "verified"
+
+
+def test_s5cmd_shows_its_progress_while_a_large_file_goes_up(
+    root: Path, moto_server: object, moto_bucket: S3URL
+) -> None:
+    # s5cmd reports a file only when it is done: its I/O counters are the sign of life.
+    from runctl.transfer.s5cmd import S5cmdTransfer
+
+    transfer = S5cmdTransfer(moto_server.config())  # type: ignore[attr-defined]
+    path = write(root / "big.bin", os.urandom(1 << 20) * 200)
+    assert transfer.active_at() is None  # nothing running
+    seen: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            at = transfer.active_at()
+            if at is not None and (not seen or at > seen[-1]):
+                seen.append(at)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        transfer.put_files([(path, moto_bucket.join("big.bin"))])
+    finally:
+        done.set()
+        watcher.join()
+        transfer.close()
+    assert len(seen) >= 3, seen  # it moved, and was seen moving, more than once
+
+
 def test_failing_timeout_counts_only_while_nothing_lands(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
@@ -737,12 +808,12 @@ def test_failing_timeout_counts_only_while_nothing_lands(
     wrapped.before_put = blip
     up = uploader(root, moto_bucket, wrapped, retry=PATIENT_RETRY)
     handles = [up.submit(write(root / f"step_{i}.pt", b"x")) for i in range(3)]
-    up.flush(timeout=60, failing_timeout=1.5)
+    up.flush(timeout=60, failing_timeout=3.0)  # the margin is for a loaded machine
     assert [h.result(1).state for h in handles] == ["verified"] * 3
     assert up.status().retries > 0
     down_until = time.monotonic() + 1.0
     up.submit(write(root / "step_9.pt", b"y"))
-    up.close(timeout=60, failing_timeout=1.5)  # failing time started afresh after the landing
+    up.close(timeout=60, failing_timeout=3.0)  # the clock started afresh after the landing
     assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == [
         "step_0.pt", "step_1.pt", "step_2.pt", "step_9.pt"
     ]
