@@ -46,7 +46,9 @@ def trained(tmp_path: Path) -> Path:
     write(root / "checkpoint-5" / "sub" / "optim.bin", b"o" * 10)
     write(root / "checkpoint-10" / "model.bin", b"ten" * 100, age=0)  # just written, but ...
     write(root / "checkpoint-10" / "trainer_state.json", b"{}", age=0)  # ... Hugging Face's sign
-    write(root / "step-15" / "shard-0.bin", b"s" * 50, age=0)  # just written, no sign
+    # Still being written, no sign (its mtime ahead of the copy, so a slow machine can't make
+    # it look settled)
+    write(root / "step-15" / "shard-0.bin", b"s" * 50, age=-30)
     write(root / "logs" / "events.txt", b"log")  # not a checkpoint
     write(root / "step_3.pt", b"file checkpoint")
     return root
@@ -115,6 +117,7 @@ def test_sync_up_marks_and_delete_keeps_the_markers(
     s3_server: S3Server, bucket: S3URL, backend: str, trained: Path
 ) -> None:
     prefix = bucket.join("sync/")
+    write(trained / "step-15" / "shard-0.bin", b"s" * 50)  # finished: its mtime in the past
     args = ("s3", "sync", str(trained), str(prefix), "--direction", "up", backend_flag(backend))
     result = run_s3(s3_server, *args, "--delete")
     assert result.exit_code == 0, result.output
