@@ -358,6 +358,13 @@ class _Outcome:
     noise: tuple[str, ...]  # stderr lines that are not JSON (panics, warnings)
     warnings: tuple[str, ...] = ()  # harmless error records (the region probe)
 
+    @property
+    def message(self) -> str:
+        """What went wrong, as s5cmd said it: its first error, else its other output, else the exit code."""
+        if self.errors:
+            return _tidy(self.errors[0].get("error", ""))
+        return "; ".join(self.noise) or f"s5cmd exit code {self.returncode}"
+
 
 def _io_bytes(pid: int) -> int | None:
     """Bytes the process has read plus written (files and sockets), or None where unknown."""
@@ -1374,11 +1381,7 @@ class S5cmdTransfer:
                     etag=str(etag).strip('"') if etag else None,
                     storage_class=record.get("storage_class") or None,
                 )
-        message = (
-            _tidy(outcome.errors[0].get("error", ""))
-            if outcome.errors
-            else ("; ".join(outcome.noise) or f"exit code {outcome.returncode}")
-        )
+        message = outcome.message
         code = error_code(message)
         if code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
             return None
@@ -1447,11 +1450,7 @@ class S5cmdTransfer:
     def _raise_stream_failure(self, outcome: _Outcome, op: str, url: S3URL) -> None:
         if outcome.returncode == 0 and not outcome.errors:
             return
-        message = (
-            _tidy(outcome.errors[0].get("error", ""))
-            if outcome.errors
-            else ("; ".join(outcome.noise) or f"s5cmd exit code {outcome.returncode}")
-        )
+        message = outcome.message
         code = error_code(message)
         if op == "download" and "not found" in message:
             code = "NoSuchKey"
