@@ -77,7 +77,7 @@ class UploadOptions:
     flush_timeout: float | None = 600.0
     on_upload_error: str = "raise"
     uploader_options: Mapping[str, Any] = field(default_factory=dict)
-    #: (directory, prefix) that an enclosing ``runctl local`` uploads itself, when it does.
+    #: (directory, prefix) that an enclosing ``runctl local`` watches, when it does.
     local_run: tuple[str, S3URL] | None = None
 
     @classmethod

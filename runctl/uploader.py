@@ -741,19 +741,19 @@ class CheckpointUploader:
                         ", ".join(pending),
                     )
                     raise FlushTimeout(pending, dict(self._failures))
-                moved = now
+                moved = now  # the last sign of progress, when failing_timeout asks for it
                 if failing_timeout is not None:
                     moved = max(self._last_progress, started, self._transfer_active_at())
-                if failing_timeout is not None and now - moved >= failing_timeout:
-                    pending = self._pending_names()
-                    log.error(
-                        "stopped waiting: nothing has reached S3 for %.0f s (failing or hung); "
-                        "%d pending stay in the journal for the next run: %s",
-                        now - moved,
-                        len(pending),
-                        ", ".join(pending),
-                    )
-                    raise FlushTimeout(pending, dict(self._failures))
+                    if now - moved >= failing_timeout:
+                        pending = self._pending_names()
+                        log.error(
+                            "stopped waiting: nothing has reached S3 for %.0f s (failing or "
+                            "hung); %d pending stay in the journal for the next run: %s",
+                            now - moved,
+                            len(pending),
+                            ", ".join(pending),
+                        )
+                        raise FlushTimeout(pending, dict(self._failures))
                 if now >= next_log:
                     self._log_progress()
                     next_log = now + PROGRESS_EVERY
