@@ -210,18 +210,27 @@ LIGHTNING_TRAIN = textwrap.dedent(
 )
 
 
+def run_script(
+    server: S3Server, tmp_path: Path, source: str, local_keep_last_n: int
+) -> tuple[S3URL, Path, str, str]:
+    """``runctl local --checkpoint-dir ckpt --upload-to <bucket>run/ --keep-last-n 2 ... script``
+    over ``source``, to a successful end: (bucket, ckpt, stdout, stderr)."""
+    bucket = S3URL(server.new_bucket())
+    (tmp_path / "script.py").write_text(source)
+    proc = runctl_local(
+        server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
+        "--keep-last-n", "2", "--local-keep-last-n", str(local_keep_last_n), "--settle", "0.3",
+        "script.py",
+    )
+    rc, out, err = finish(proc, timeout=180)
+    assert rc == 0, (out, err)
+    return bucket, tmp_path / "ckpt", out, err
+
+
 def test_runctl_local_stands_aside_for_a_helper_that_uploads_the_same_directory(
     moto_server: S3Server, tmp_path: Path
 ) -> None:
-    bucket = S3URL(moto_server.new_bucket())
-    ckpt = tmp_path / "ckpt"
-    (tmp_path / "helper.py").write_text(HELPER_TRAIN)
-    proc = runctl_local(
-        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
-        "--keep-last-n", "2", "--local-keep-last-n", "1", "--settle", "0.3", "helper.py",
-    )
-    rc, out, err = finish(proc)
-    assert rc == 0, (out, err)
+    bucket, ckpt, out, err = run_script(moto_server, tmp_path, HELPER_TRAIN, local_keep_last_n=1)
     assert "helper uploads True" in out
     # The helper uploaded each checkpoint once, with runctl local's N; runctl local stood aside.
     record = run_record(ckpt)
@@ -239,15 +248,7 @@ def test_under_runctl_local_lightnings_best_checkpoint_survives_retention(
 ) -> None:
     # runctl local's watcher cannot know which checkpoint Lightning calls best: its keep-last-N
     # must not be the one that runs.
-    bucket = S3URL(moto_server.new_bucket())
-    ckpt = tmp_path / "ckpt"
-    (tmp_path / "light.py").write_text(LIGHTNING_TRAIN)
-    proc = runctl_local(
-        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
-        "--keep-last-n", "2", "--local-keep-last-n", "2", "--settle", "0.3", "light.py",
-    )
-    rc, out, err = finish(proc, timeout=180)
-    assert rc == 0, (out, err)
+    bucket, ckpt, out, _ = run_script(moto_server, tmp_path, LIGHTNING_TRAIN, local_keep_last_n=2)
     best = next(line.split()[1] for line in out.splitlines() if line.startswith("BEST "))
     assert best == "epoch=0-step=2.ckpt"
     in_s3 = sorted(k[len("run/"):] for k in keys(moto_server, bucket) if k.endswith(".ckpt"))
