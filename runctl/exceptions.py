@@ -9,6 +9,25 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the CLI's main thread so that Ctrl-C's clean-up runs for it too.
+
+    A ``KeyboardInterrupt`` so that every ``except KeyboardInterrupt`` stops children, aborts
+    unfinished multipart uploads and removes temporary files alike; the CLI exits 143 for it.
+    """
+
+
+def interrupted_exit_code(exc: BaseException) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports it).
+
+    Example:
+        >>> interrupted_exit_code(KeyboardInterrupt()), interrupted_exit_code(Terminated())
+        (130, 143)
+    """
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 class RunctlError(Exception):

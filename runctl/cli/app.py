@@ -8,6 +8,7 @@ import gc
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Annotated, Any
@@ -32,10 +33,11 @@ from runctl.cli.output import Output, debug_enabled
 from runctl.cli.s3 import s3_app
 from runctl.exceptions import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_USAGE,
     PartialTransferError,
     RunctlError,
+    Terminated,
+    interrupted_exit_code,
 )
 
 
@@ -61,8 +63,11 @@ def report_error(exc: BaseException, ctx: _click.Context | None = None) -> int:
     elif isinstance(exc, _click.exceptions.ClickException):
         code = exc.exit_code
         message = exc.format_message()
+    elif isinstance(exc, Terminated):
+        code = interrupted_exit_code(exc)
+        message = "terminated"
     elif isinstance(exc, (KeyboardInterrupt, typer.Abort)):
-        code = EXIT_INTERRUPTED
+        code = interrupted_exit_code(exc)
         message = "interrupted"
     elif isinstance(exc, OSError):
         code = EXIT_FAILED
@@ -110,7 +115,10 @@ app = typer.Typer(
         "  runctl local --checkpoint-dir ckpt --upload-to s3://bucket/run-7/ train.py\n"
         "  runctl demo"
     ),
-    epilog="Exit codes: 0 success, 1 operation failed, 2 bad usage or input, 130 interrupted.",
+    epilog=(
+        "Exit codes: 0 success, 1 operation failed, 2 bad usage or input, 130 interrupted,"
+        " 143 terminated (SIGTERM)."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -285,8 +293,25 @@ def cli_command() -> TyperGroup:
     return group
 
 
+def _terminate_like_ctrl_c() -> None:
+    """Make SIGTERM (``kill``, ``timeout``, a scheduler) stop runctl the way Ctrl-C does.
+
+    Python's default would end the process at once and leave an s5cmd child, in its own
+    session, sending on; as ``Terminated`` it kills the children, aborts their unfinished
+    multipart uploads and removes temporary files first. A second SIGTERM ends runctl at once.
+    """
+    if not hasattr(signal, "SIGTERM") or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the CLI and exit with its code: 0 ok, 1 failed, 2 bad usage, 130 interrupted.
+    """Run the CLI and exit with its code: 0 ok, 1 failed, 2 bad usage, 130 interrupted, 143 terminated.
 
     Example:
         >>> main(["--version"])  # doctest: +SKIP
@@ -296,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         register_secret(os.environ.get(var))
+    if argv is None:
+        _terminate_like_ctrl_c()
     try:
         result = cli_command().main(
             args=list(sys.argv[1:] if argv is None else argv),

@@ -23,7 +23,7 @@ from runctl.cli.options import (
     session,
 )
 from runctl.cli.output import Output, debug_enabled, human_size
-from runctl.exceptions import EXIT_INTERRUPTED, RunctlError, UsageError
+from runctl.exceptions import RunctlError, Terminated, UsageError, interrupted_exit_code
 
 if TYPE_CHECKING:
     from runctl.review import Review
@@ -103,6 +103,10 @@ def _one_line_errors(out: Output) -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
 
 
+def _stopped_by(exc: BaseException) -> str:
+    return "terminated" if isinstance(exc, Terminated) else "interrupted"
+
+
 # -- watch -------------------------------------------------------------------------------
 
 
@@ -177,11 +181,11 @@ def watch_command(
                         code = run_exec(argv, event)
                         if code != 0:
                             out.warn(f"--exec {argv[0]} exited with code {code} for {event.url}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             out.flush()
-            out.stderr.write(f"interrupted: stopped watching {prefix}\n")
+            out.stderr.write(f"{_stopped_by(exc)}: stopped watching {prefix}\n")
             out.stderr.flush()
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(interrupted_exit_code(exc)) from None
 
 
 # -- review ------------------------------------------------------------------------------
@@ -345,9 +349,9 @@ def review_command(
                     treat_unmarked_complete=treat_unmarked_complete,
                     verify_markers=verify,
                 )
-        except KeyboardInterrupt:
-            out.stderr.write("interrupted\n")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            out.stderr.write(f"{_stopped_by(exc)}\n")
+            raise typer.Exit(interrupted_exit_code(exc)) from None
     if out.json:
         out.json_line({"type": "review", **result.to_json()})
         out.flush()

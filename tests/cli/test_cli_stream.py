@@ -220,3 +220,53 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_parts_behind(
     if server_kind == "moto":
         assert client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", []) == []
     assert "Contents" not in client.list_objects_v2(Bucket=bucket.bucket)
+
+
+def _s5cmd_children_of(server: S3Server) -> list[str]:
+    """Every running s5cmd whose command line names this server's endpoint."""
+    endpoint = server.endpoint_url.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"s5cmd") and endpoint in argv:
+            found.append(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds s5cmd children in /proc")
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_sigterm_stops_an_upload_as_ctrl_c_does(
+    moto_server: S3Server, tmp_path: Path, backend: str
+) -> None:
+    # `kill` or `timeout` sends SIGTERM, whose default would end runctl at once and leave its
+    # s5cmd child (in its own session) sending on, the object landing after runctl "stopped".
+    bucket = S3URL(moto_server.new_bucket())
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        for _ in range(300):
+            fh.write(os.urandom(1 << 20))
+    client = moto_server.client()
+    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", "upload", str(big), f"{bucket}big.bin", flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while not client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no multipart upload began"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.decode().strip() == "runctl: error: terminated"
+    assert _s5cmd_children_of(moto_server) == []
+    assert client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", []) == []
+    time.sleep(0.5)  # an orphan would go on sending: give it the time to show
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket.bucket)

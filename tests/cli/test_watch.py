@@ -356,7 +356,14 @@ def test_cli_watch_bad_input_is_one_line_and_exit_2(args: list[str], message: st
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_watch_subprocess_events_then_ctrl_c(moto_server: S3Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_watch_subprocess_events_then_ctrl_c(
+    moto_server: S3Server, tmp_path: Path, stop: signal.Signals, code: int, word: str
+) -> None:
     bucket = S3URL(moto_server.new_bucket())
     prefix = bucket.join("run/")
     put(moto_server, prefix, "step_1.pt")
@@ -378,7 +385,7 @@ def test_watch_subprocess_events_then_ctrl_c(moto_server: S3Server, tmp_path: Pa
             line = proc.stdout.readline()
             assert line, proc.stderr.read() if proc.stderr else ""
             lines.append(json.loads(line))
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=20)
     finally:
         timer.cancel()
@@ -386,5 +393,5 @@ def test_watch_subprocess_events_then_ctrl_c(moto_server: S3Server, tmp_path: Pa
             proc.kill()
     assert [e["type"] for e in lines] == ["baseline", "new", "new", "checkpoint_complete"]
     assert lines[3]["url"] == str(prefix) + "checkpoint-2/"
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in err
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1].startswith(word) and "Traceback" not in err
