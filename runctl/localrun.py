@@ -227,7 +227,8 @@ class CheckpointWatcher:
     A directory is finished when its framework's completion sign exists (Hugging Face's
     ``trainer_state.json``; DeepSpeed's ``latest`` naming it) and nothing in it changed since
     the previous poll, or else when it has been quiet for ``settle`` seconds. Checkpoints the
-    journal already knows (verified, or pending and resumed by the uploader) are not re-sent.
+    journal already knows (verified, or pending or failed and so resumed by the uploader) are not
+    re-sent.
 
     Example:
         >>> watcher = CheckpointWatcher(Path("ckpt"), uploader.submit, settle=1.0)  # doctest: +SKIP
@@ -266,7 +267,8 @@ class CheckpointWatcher:
 
         try:
             journal = Journal(self.root)
-            pending = {e.name for e in journal.pending()}
+            # As the uploader resumes them: pending, and failed in an earlier process.
+            pending = {e.name for e in journal.pending(failed=True)}
             verified = journal.durability_check()
         except RunctlError as exc:
             log.warning("cannot read the journal in %s: %s", self.root, exc)
@@ -810,7 +812,8 @@ def run_local(
         endpoint_url=config.endpoint_url if config is not None else None,
         watching=uploader is not None,
     )
-    handles: list[UploadHandle] = []
+    # Uploads an earlier, interrupted run left pending resume at once: the summary counts them.
+    handles: list[UploadHandle] = list(uploader.resumed) if uploader is not None else []
     watcher: CheckpointWatcher | None = None
     log_fh: IO[bytes] | None = None
     tees: list[_Tee] = []

@@ -544,6 +544,8 @@ class CheckpointUploader:
         self._retention_busy = False
         self._outranked_warned = False  # _warn_if_outranked says it once
         self._left_pending: tuple[str, ...] = ()  # after a close that gave up: for the next process
+        #: Handles of the uploads resumed from the journal at start-up (left by an earlier process).
+        self.resumed: tuple[UploadHandle, ...] = ()
 
         if resume:
             self._resume()
@@ -1032,6 +1034,7 @@ class CheckpointUploader:
             if adopted:
                 keep.add(adopted)
             self._queue.append(job)
+            self.resumed += (job.handle,)
             log.info("resuming the upload of %s (left pending by an earlier run)", entry.name)
         self._seed_superseded()
         removed = self.staging.cleanup_orphans(keep)

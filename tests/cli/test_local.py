@@ -501,3 +501,42 @@ def test_hugging_face_style_directories_upload_whole_with_their_marker(
         "checkpoint-10",
         "checkpoint-20",
     ]
+
+
+def test_an_upload_left_by_an_earlier_run_is_resumed_and_counted(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The first run's upload fails (no bucket yet); the next run, once the bucket exists, resumes
+    # it from the journal before its script saves anything, and its summary says so.
+    (tmp_path / "save.py").write_text(
+        "import os, sys\n"
+        "if sys.argv[1] == 'save':\n"
+        "    open(os.path.join(os.environ['RUNCTL_CHECKPOINT_DIR'], 'step_1.pt'), 'wb').write(b'w')\n"
+    )
+    bucket = f"resume-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+
+    def local(what: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt"]
+            + ["--upload-to", f"s3://{bucket}/run/", "--settle", "0.2", "save.py", what],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    first = local("save")
+    assert first.returncode == 1 and "NoSuchBucket" in first.stderr, first.stderr
+    moto_server.client().create_bucket(Bucket=bucket)
+    second = local("nothing")
+    assert second.returncode == 0, second.stderr
+    assert "uploaded 1 checkpoint " in second.stderr, second.stderr
+    latest = max((tmp_path / "ckpt" / ".runctl" / "runs").glob("*.json"))
+    record = json.loads(latest.read_text())
+    assert [(u["name"], u["state"]) for u in record["uploads"]] == [("step_1.pt", "verified")]
+    assert moto_server.client().get_object(Bucket=bucket, Key="run/step_1.pt")["Body"].read() == b"w"
+    journal = (tmp_path / "ckpt" / ".runctl" / "journal.jsonl").read_text().splitlines()
+    states = [json.loads(line)["state"] for line in journal]
+    assert states == ["queued", "failed", "uploaded", "verified"]  # one upload, not a second
