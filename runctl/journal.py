@@ -156,10 +156,32 @@ def _is_number(value: object) -> TypeGuard[float]:
 
 
 @dataclass(frozen=True)
-class _State:
+class JournalSnapshot:
+    """One replay of a journal, for asking several questions of the same read (``Journal.snapshot``).
+
+    Example:
+        >>> import tempfile
+        >>> j = Journal(Path(tempfile.mkdtemp()))
+        >>> j.record("step_1.pt", "verified", size=3, mtime=1.5); j.record("step_2.pt", "failed")
+        >>> snap = j.snapshot()
+        >>> [e.name for e in snap.pending(failed=True)], [e.name for e in snap.verified_versions()]
+        (['step_2.pt'], ['step_1.pt'])
+    """
+
+    #: The latest entry per name, in file order (see ``Journal.replay``).
     latest: dict[str, JournalEntry]
     #: The last "verified" entry per name, kept past later "deleted_s3" entries.
     verified: dict[str, JournalEntry]
+
+    def pending(self, *, failed: bool = False) -> list[JournalEntry]:
+        """As ``Journal.pending``: queued or uploaded (and failed, with ``failed=True``), oldest first."""
+        states = (*PENDING_STATES, "failed") if failed else PENDING_STATES
+        entries = [e for e in self.latest.values() if e.state in states]
+        return sorted(entries, key=lambda e: (e.time, e.name))
+
+    def verified_versions(self) -> list[JournalEntry]:
+        """As ``Journal.verified_versions``: each name's verified line whose version still counts."""
+        return [e for name, e in self.verified.items() if _was_verified(self, name, e.size, e.mtime)]
 
 
 class Journal:
@@ -254,11 +276,12 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
 
-    def _load(self) -> _State:
+    def snapshot(self) -> JournalSnapshot:
+        """Read and replay the journal once (torn or corrupt lines skipped with a warning)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return _State({}, {})
+            return JournalSnapshot({}, {})
         except OSError as exc:
             raise JournalError(f"cannot read the journal {self.path}: {exc.strerror or exc}") from None
         latest: dict[str, JournalEntry] = {}
@@ -291,7 +314,7 @@ class Journal:
             latest[entry.name] = entry
             if entry.state == "verified":
                 verified[entry.name] = entry
-        return _State(latest, verified)
+        return JournalSnapshot(latest, verified)
 
     def replay(self) -> dict[str, JournalEntry]:
         """The latest entry per name, in file order; torn or corrupt lines are skipped with a warning.
@@ -299,14 +322,14 @@ class Journal:
         A line about an older version (its ``queued`` names an earlier ``queued`` line) that
         comes after a newer version was queued does not end the newer one, which stays pending.
         """
-        return self._load().latest
+        return self.snapshot().latest
 
     def is_durable(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
         """True when the latest entry is ``verified`` and matches the given size and mtime.
 
         A rewritten ``last.ckpt`` (other size or mtime) is not durable.
         """
-        entry = self._load().latest.get(name)
+        entry = self.snapshot().latest.get(name)
         return entry is not None and entry.state == "verified" and entry.matches(size, mtime)
 
     def was_verified(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
@@ -315,11 +338,11 @@ class Journal:
         Local retention uses this: a checkpoint that was durable and that S3 retention then
         removed on purpose may go locally too (it must not be kept forever).
         """
-        return _was_verified(self._load(), name, size, mtime)
+        return _was_verified(self.snapshot(), name, size, mtime)
 
     def durability_check(self) -> _DurabilityCheck:
         """A ``was_verified`` predicate over one replay (for checking many checkpoints at once)."""
-        return _DurabilityCheck(self._load())
+        return _DurabilityCheck(self.snapshot())
 
     def verified_versions(self) -> list[JournalEntry]:
         """The ``verified`` line of each name whose verified version still counts (``was_verified``).
@@ -332,10 +355,7 @@ class Journal:
             >>> [e.name for e in j.verified_versions()]
             ['step_5.pt']
         """
-        state = self._load()
-        return [
-            e for name, e in state.verified.items() if _was_verified(state, name, e.size, e.mtime)
-        ]
+        return self.snapshot().verified_versions()
 
     def unfinished_deletions(self) -> set[str]:
         """Names whose S3 deletion by retention began (``deleting_s3``) but never finished.
@@ -350,7 +370,7 @@ class Journal:
             >>> j.unfinished_deletions()
             {'checkpoint-1'}
         """
-        return {e.name for e in self._load().latest.values() if e.state == "deleting_s3"}
+        return {e.name for e in self.snapshot().latest.values() if e.state == "deleting_s3"}
 
     def pending(self, *, failed: bool = False) -> list[JournalEntry]:
         """Entries whose latest state is queued or uploaded (not yet verified), oldest first.
@@ -364,12 +384,10 @@ class Journal:
             >>> [e.name for e in j.pending()], [e.name for e in j.pending(failed=True)]
             (['step_2.pt'], ['step_1.pt', 'step_2.pt'])
         """
-        states = (*PENDING_STATES, "failed") if failed else PENDING_STATES
-        entries = [e for e in self._load().latest.values() if e.state in states]
-        return sorted(entries, key=lambda e: (e.time, e.name))
+        return self.snapshot().pending(failed=failed)
 
 
-def _was_verified(state: _State, name: str, size: int | None, mtime: float | None) -> bool:
+def _was_verified(state: JournalSnapshot, name: str, size: int | None, mtime: float | None) -> bool:
     latest = state.latest.get(name)
     if latest is None:
         return False
@@ -382,7 +400,7 @@ def _was_verified(state: _State, name: str, size: int | None, mtime: float | Non
 
 
 class _DurabilityCheck:
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: JournalSnapshot) -> None:
         self._state = state
 
     def __call__(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:

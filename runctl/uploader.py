@@ -38,7 +38,7 @@ from runctl.exceptions import (
     UploadError,
     UsageError,
 )
-from runctl.journal import Journal
+from runctl.journal import Journal, JournalSnapshot
 from runctl.retention import (
     RetentionPlan,
     apply_local_retention,
@@ -988,10 +988,11 @@ class CheckpointUploader:
         # Failed ones too: an upload that used up its retries in an earlier process (an outage
         # during a final flush) still has its local copy, and S3 may be back.
         try:
-            pending = self.journal.pending(failed=True)
+            snapshot: JournalSnapshot | None = self.journal.snapshot()
         except JournalError as exc:
             log.error("cannot replay the journal, nothing resumed: %s", exc)
-            pending = []
+            snapshot = None
+        pending = snapshot.pending(failed=True) if snapshot is not None else []
         keep: set[str] = set()
         for entry in pending:
             source = self.root / entry.name
@@ -1036,7 +1037,8 @@ class CheckpointUploader:
             self._queue.append(job)
             self.resumed += (job.handle,)
             log.info("resuming the upload of %s (left pending by an earlier run)", entry.name)
-        self._seed_superseded()
+        if snapshot is not None:
+            self._seed_superseded(snapshot)
         removed = self.staging.cleanup_orphans(keep)
         if removed:
             log.info("removed %d stale staging slot(s) from an earlier run", removed)
@@ -1044,21 +1046,16 @@ class CheckpointUploader:
             self.keep_last_n is not None or self.local_keep_last_n is not None
         )
 
-    def _seed_superseded(self) -> None:
+    def _seed_superseded(self, snapshot: JournalSnapshot) -> None:
         """What earlier runs skipped, and what they made durable, as if this run had seen it.
 
         A checkpoint skipped because a newer one made it moot is never uploaded: local retention
         lets it go once a newer one is durable (``_superseded_and_covered``). Without this, one
         skipped before a restart would stay on disk for good.
         """
-        try:
-            latest = self.journal.replay()
-            verified = self.journal.verified_versions()
-        except JournalError as exc:
-            log.error("cannot replay the journal: %s", exc)
-            return
+        verified = snapshot.verified_versions()
         with self._cond:
-            for entry in latest.values():
+            for entry in snapshot.latest.values():
                 if entry.state == "skipped" and entry.size is not None and entry.mtime is not None:
                     self._superseded[entry.name] = (entry.size, entry.mtime)
             for entry in verified:
