@@ -178,7 +178,6 @@ class UploadOptions:
         When ``runctl local`` runs this script and watches ``local_root`` for ``s3_url``
         ($RUNCTL_LOCAL_WATCHING=1), this claims the directory: runctl local then stands aside,
         and each checkpoint goes up once, by this uploader, which knows which ones to protect.
-        Uploads a crashed run left pending are then runctl local's, which resumed them first.
 
         ``hold_retention``: no retention until ``release_retention()``, for a framework that
         learns the checkpoint it resumed from only after this starts.
@@ -189,13 +188,10 @@ class UploadOptions:
             raise UsageError("s3_url is required to upload (or set $RUNCTL_S3_URL), got None")
         root = Path(local_root)
         root.mkdir(parents=True, exist_ok=True)
-        extra = dict(self.uploader_options)
         if self.watched_by_local_run(root):
             claim_directory(root)
             log.info("runctl local watches %s too: this script uploads it, runctl local stands aside", root)
-            # runctl local's uploader started first and already resumed what a crashed run left
-            # pending in this directory's journal: resuming it here too would send it twice.
-            extra.setdefault("resume_pending", False)
+        extra = dict(self.uploader_options)
         extra.setdefault("failure_policy", "warn")
         return CheckpointUploader(
             root,

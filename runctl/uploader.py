@@ -425,10 +425,6 @@ class CheckpointUploader:
         retry: a ``RetryPolicy``; ``stall_timeout`` stops a transfer with no bytes moving (s5cmd);
             ``checkpoint_timeout`` abandons one attempt that runs longer and retries it.
         resume: replay the journal and re-queue what a previous process left pending.
-        resume_pending: False leaves the journal's pending uploads to another live uploader of
-            the same directory that already resumed them (``runctl local``'s, for a script that
-            claims the directory), so none goes up twice; what earlier runs skipped and made
-            durable still counts for retention.
         transfer: an explicit backend (tests); otherwise built from config/endpoint/profile/region.
         hold_retention: apply no retention (none at start, none after an upload) until
             ``release_retention()``: for a framework that learns which checkpoint the run resumed
@@ -465,7 +461,6 @@ class CheckpointUploader:
         resume: bool = True,
         transfer: Transfer | None = None,
         hold_retention: bool = False,
-        resume_pending: bool = True,
     ) -> None:
         root = Path(local_root)
         if root.exists() and not root.is_dir():
@@ -553,7 +548,7 @@ class CheckpointUploader:
         self.resumed: tuple[UploadHandle, ...] = ()
 
         if resume:
-            self._resume(pending=resume_pending)
+            self._resume()
         self._worker = threading.Thread(target=self._work, name="runctl-uploader", daemon=True)
         self._worker.start()
         _register_exit_hook(self)
@@ -989,7 +984,7 @@ class CheckpointUploader:
 
     # -- resume -------------------------------------------------------------------------------
 
-    def _resume(self, *, pending: bool = True) -> None:
+    def _resume(self) -> None:
         # Failed ones too: an upload that used up its retries in an earlier process (an outage
         # during a final flush) still has its local copy, and S3 may be back.
         try:
@@ -997,16 +992,9 @@ class CheckpointUploader:
         except JournalError as exc:
             log.error("cannot replay the journal, nothing resumed: %s", exc)
             snapshot = None
-        if snapshot is not None:
-            self._seed_superseded(snapshot)
-        self._run_retention_first = (
-            self.keep_last_n is not None or self.local_keep_last_n is not None
-        )
-        if not pending:
-            return  # the uploader that resumes them also owns the staging slots they use
-        todo = snapshot.pending(failed=True) if snapshot is not None else []
+        pending = snapshot.pending(failed=True) if snapshot is not None else []
         keep: set[str] = set()
-        for entry in todo:
+        for entry in pending:
             source = self.root / entry.name
             if not os.path.lexists(source):
                 staged = self.staging.find(entry.name)
@@ -1049,9 +1037,14 @@ class CheckpointUploader:
             self._queue.append(job)
             self.resumed += (job.handle,)
             log.info("resuming the upload of %s (left pending by an earlier run)", entry.name)
+        if snapshot is not None:
+            self._seed_superseded(snapshot)
         removed = self.staging.cleanup_orphans(keep)
         if removed:
             log.info("removed %d stale staging slot(s) from an earlier run", removed)
+        self._run_retention_first = (
+            self.keep_last_n is not None or self.local_keep_last_n is not None
+        )
 
     def _seed_superseded(self, snapshot: JournalSnapshot) -> None:
         """What earlier runs skipped, and what they made durable, as if this run had seen it.

@@ -540,28 +540,3 @@ def test_an_upload_left_by_an_earlier_run_is_resumed_and_counted(
     journal = (tmp_path / "ckpt" / ".runctl" / "journal.jsonl").read_text().splitlines()
     states = [json.loads(line)["state"] for line in journal]
     assert states == ["queued", "failed", "uploaded", "verified"]  # one upload, not a second
-
-
-def test_after_a_crash_a_pending_upload_is_resumed_once_not_by_both_uploaders(
-    moto_server: S3Server, tmp_path: Path
-) -> None:
-    # A run killed mid-upload leaves step_0.pt pending in the journal. Restarted under
-    # runctl local, whose uploader resumes it at once, the script's own uploader (which claims
-    # the directory) must not resume it a second time while the first is still sending it.
-    from runctl.journal import Journal
-
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    big = ckpt / "step_0.pt"
-    with open(big, "wb") as fh:
-        for _ in range(300):
-            fh.write(os.urandom(1 << 20))
-    st = big.stat()
-    Journal(ckpt).record("step_0.pt", "queued", size=st.st_size, mtime=st.st_mtime)
-    script = "from runctl.integrations.loop import CheckpointManager\nwith CheckpointManager():\n    pass\n"
-    bucket, ckpt, out, err = run_script(moto_server, tmp_path, script, local_keep_last_n=2)
-    journal = (ckpt / ".runctl" / "journal.jsonl").read_text().splitlines()
-    uploads = [line for line in journal if json.loads(line)["state"] == "uploaded"]
-    assert len(uploads) == 1, (journal, err)
-    assert [(u["name"], u["state"]) for u in run_record(ckpt)["uploads"]] == [("step_0.pt", "verified")]
-    assert keys(moto_server, bucket)["run/step_0.pt"] == big.read_bytes()
