@@ -78,7 +78,10 @@ def build_command(script: str, args: Sequence[str] = ()) -> list[str]:
             raise UsageError(
                 f"SCRIPT {script!r} is not executable: chmod +x it, or name its interpreter"
             )
-        return [str(path if path.is_absolute() or os.sep in script else Path(".") / path), *args]
+        # As given when it names a directory ("./run.sh", not pathlib's "run.sh", which exec
+        # would look up on PATH); a bare name found here runs as ./NAME.
+        has_dir = os.sep in script or bool(os.altsep and os.altsep in script)
+        return [script if has_dir else os.path.join(os.curdir, script), *args]
     found = shutil.which(script)
     if found is None:
         raise UsageError(f"SCRIPT {script!r} is neither a file nor a command on PATH")
@@ -835,6 +838,11 @@ def run_local(
         try:
             proc = subprocess.Popen(list(command), env=child_env, stdout=pipe, stderr=pipe)
         except OSError as exc:
+            if uploader is not None:  # what it resumed stays journaled for the next run
+                try:
+                    uploader.close(0)
+                except RunctlError:
+                    pass
             raise UsageError(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
         if log_fh is not None:
             lock = threading.Lock()

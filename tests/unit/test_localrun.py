@@ -40,6 +40,20 @@ def test_build_command(tmp_path: Path) -> None:
     tool.chmod(0o755)
     assert build_command(str(tool), ["a"]) == [str(tool), "a"]
     assert build_command("sh")[0].endswith("/sh")
+
+
+def test_a_script_in_the_current_directory_runs_from_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not looked up on PATH: exec of a bare "run.sh" would be, and fail (or run another one).
+    tool = tmp_path / "run.sh"
+    tool.write_text("#!/bin/sh\necho ran here\n")
+    tool.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    for given in ("./run.sh", "run.sh"):
+        command = build_command(given)
+        assert command == ["./run.sh"]
+        assert subprocess.run(command, capture_output=True, text=True).stdout == "ran here\n"
     with pytest.raises(UsageError, match="does not exist"):
         build_command(str(tmp_path / "missing.py"))
     with pytest.raises(UsageError, match="neither a file nor a command"):
