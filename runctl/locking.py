@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -22,6 +22,7 @@ log = logging.getLogger("runctl.locking")
 #: After this long without the lock, say who we are waiting for.
 WARN_AFTER = 3.0
 LOCAL_LOCK_NAME = "retention.lock"
+UPLOAD_LOCK_NAME = "upload.lock"
 
 _locks: dict[str, FileLock] = {}
 _locks_guard = threading.Lock()
@@ -131,3 +132,37 @@ def local_dir_lock(root: Path, timeout: float = 600.0) -> AbstractContextManager
     lock_parent = root / ".runctl"
     lock_parent.mkdir(parents=True, exist_ok=True)
     return _hold(lock_parent / LOCAL_LOCK_NAME, timeout, str(root))
+
+
+@contextmanager
+def upload_turn(root: Path, *, give_up: Callable[[], bool]) -> Iterator[None]:
+    """Hold the upload turn of a local checkpoint directory (``<root>/.runctl/upload.lock``).
+
+    Uploaders of one directory in different processes (``runctl local``'s beside its script's,
+    both resuming what a crashed run left) upload in turns, so no checkpoint goes up twice at
+    once and an old version never lands after a newer one. Waits as long as the other's upload
+    takes; ``give_up()`` is asked twice a second and ends the wait with ``LockTimeout``.
+
+    Example:
+        >>> import tempfile
+        >>> with upload_turn(Path(tempfile.mkdtemp()), give_up=lambda: False):
+        ...     pass
+    """
+    lock_parent = Path(root).resolve() / ".runctl"
+    lock_parent.mkdir(parents=True, exist_ok=True)
+    lock = _file_lock(lock_parent / UPLOAD_LOCK_NAME)
+    waited = False
+    while True:
+        try:
+            lock.acquire(timeout=0.5)
+            break
+        except Timeout:
+            if give_up():
+                raise LockTimeout(f"stopped waiting for another process's upload in {root}") from None
+            if not waited:
+                log.info("waiting for another process's upload in %s to finish", root)
+                waited = True
+    try:
+        yield
+    finally:
+        lock.release()

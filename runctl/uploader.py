@@ -33,12 +33,14 @@ from runctl.exceptions import (
     BinaryNotFoundError,
     FlushTimeout,
     JournalError,
+    LockTimeout,
     RunctlError,
     TransferError,
     UploadError,
     UsageError,
 )
 from runctl.journal import Journal, JournalSnapshot
+from runctl.locking import upload_turn
 from runctl.retention import (
     RetentionPlan,
     apply_local_retention,
@@ -1095,8 +1097,11 @@ class CheckpointUploader:
                         self._cond.notify_all()
                 continue
             try:
-                self._process(job)
-            except _Aborted:
+                with upload_turn(self.root, give_up=self._abort.is_set):
+                    landed = self._process(job)
+                if landed:
+                    self._retention(job)  # outside the turn: it takes the retention locks
+            except (_Aborted, LockTimeout):  # LockTimeout: the turn's wait, given up on abort
                 job.handle._finish(
                     None,
                     UploadError(
@@ -1112,14 +1117,19 @@ class CheckpointUploader:
                     self._in_flight = None
                     self._cond.notify_all()
 
-    def _process(self, job: _Job) -> None:
+    def _process(self, job: _Job) -> bool:
+        """Upload one job (holding the directory's upload turn); True when it landed."""
         started = self._last_progress = time.monotonic()
         url = self._url_of(job.name, job.is_dir)
+        if job.resumed:
+            settled = self._settled_elsewhere(job, url)
+            if settled is not None:
+                return settled
         try:
             snapshot = self._snapshot(job)
         except _Skip as skip:
             self._skip(job, str(skip))
-            return
+            return False
         job.snapshot = snapshot
         self._last_progress = time.monotonic()  # staged: local work is progress too
         attempt = 0
@@ -1139,7 +1149,7 @@ class CheckpointUploader:
                 rewrites += 1
                 if rewrites > MAX_REWRITES:
                     self._give_up_rewrites(job, url)
-                    return
+                    return False
                 log.warning(
                     "%s was rewritten during its upload (%s): uploading it again", job.name, changed
                 )
@@ -1148,7 +1158,7 @@ class CheckpointUploader:
                 continue
             except _Skip as skip:
                 self._skip(job, str(skip))
-                return
+                return False
             except Exception as exc:
                 if self._abort.is_set():
                     raise _Aborted() from exc
@@ -1168,6 +1178,41 @@ class CheckpointUploader:
                 if self._abort.wait(delay):
                     raise _Aborted() from exc
         self._commit(job, snapshot, url, attempt, time.monotonic() - started)
+        return True
+
+    def _settled_elsewhere(self, job: _Job, url: S3URL) -> bool | None:
+        """A resumed job that another process's uploader of this directory settled meanwhile.
+
+        ``runctl local``'s uploader and its script's both resume what a crashed run left
+        pending; whoever gets the upload turn second finds it in the journal: already verified
+        (done, not sent again), or a newer version of the name queued or landed since (skipped,
+        so an old copy never lands over the new one). Returns None when the job is still to
+        upload, else whether it landed (True) or was skipped (False).
+        """
+        try:
+            entry = self.journal.snapshot().latest.get(job.name)
+        except JournalError as exc:
+            log.warning("cannot re-read the journal before resuming %s: %s", job.name, exc)
+            return False
+        if entry is None or entry.version is None:
+            return None
+        if entry.version != job.queued_at:
+            self._skip(job, "superseded: a newer version was saved since (another process uploads it)")
+            return False
+        version = job.version()
+        if entry.state == "verified" and (version is None or entry.matches(*version)):
+            log.info("%s was uploaded by another process meanwhile: not sending it again", job.name)
+            self._landed(
+                job,
+                UploadOutcome(
+                    job.name, "verified", str(url), entry.size or 0, 0.0, 0, "uploaded by another process"
+                ),
+            )
+            return True
+        if entry.state in ("skipped", "deleting_s3", "deleted_s3"):
+            self._skip(job, f"{entry.state} by another process meanwhile")
+            return False
+        return None
 
     def _snapshot(self, job: _Job) -> Snapshot:
         if not job.is_dir:
@@ -1384,18 +1429,24 @@ class CheckpointUploader:
         self, job: _Job, snapshot: Snapshot, url: S3URL, attempts: int, seconds: float
     ) -> None:
         self._record(job, "verified", snapshot.size, snapshot.mtime, url, wait=True)
-        outcome = UploadOutcome(job.name, "verified", str(url), snapshot.size, seconds, attempts)
         with self._cond:
             self._stats["uploaded"] += 1
             self._stats["bytes"] += snapshot.size
             self._stats["seconds"] += seconds
+        log.info(
+            "uploaded %s (%d bytes in %.1f s, %d attempt(s))", url, snapshot.size, seconds, attempts
+        )
+        self._landed(
+            job, UploadOutcome(job.name, "verified", str(url), snapshot.size, seconds, attempts)
+        )
+
+    def _landed(self, job: _Job, outcome: UploadOutcome) -> None:
+        """``job`` is durable in S3 (uploaded here, or by another process): finish it."""
+        with self._cond:
             self._consecutive = 0
             self._last_progress = time.monotonic()
             self._superseded.pop(job.name, None)
             self._verified_keys.append(job.order_key())
-        log.info(
-            "uploaded %s (%d bytes in %.1f s, %d attempt(s))", url, snapshot.size, seconds, attempts
-        )
         self._release(job)
         job.handle._finish(outcome)
         if self.on_uploaded is not None:
@@ -1403,7 +1454,6 @@ class CheckpointUploader:
                 self.on_uploaded(outcome)
             except Exception as exc:  # noqa: BLE001 - a user callback must not kill the worker
                 log.error("on_uploaded callback failed for %s: %s", job.name, exc)
-        self._retention(job)
 
     def _skip(self, job: _Job, reason: str) -> None:
         self._note_skip(job)

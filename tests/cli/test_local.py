@@ -540,3 +540,97 @@ def test_an_upload_left_by_an_earlier_run_is_resumed_and_counted(
     journal = (tmp_path / "ckpt" / ".runctl" / "journal.jsonl").read_text().splitlines()
     states = [json.loads(line)["state"] for line in journal]
     assert states == ["queued", "failed", "uploaded", "verified"]  # one upload, not a second
+
+
+def _pending_from_a_crash(ckpt: Path, name: str, mib: int = 300) -> bytes:
+    """Leave ``ckpt/name`` (``mib`` MiB) queued in the journal, as a run killed mid-upload does."""
+    from runctl.journal import Journal
+
+    ckpt.mkdir(exist_ok=True)
+    path = ckpt / name
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1 << 20))
+    st = path.stat()
+    Journal(ckpt).record(name, "queued", size=st.st_size, mtime=st.st_mtime)
+    return path.read_bytes()[:64]
+
+
+def _journal_states(ckpt: Path, name: str) -> list[str]:
+    lines = (ckpt / ".runctl" / "journal.jsonl").read_text().splitlines()
+    return [doc["state"] for doc in map(json.loads, lines) if doc["name"] == name]
+
+
+def test_after_a_crash_a_pending_upload_goes_up_once_though_both_uploaders_resume_it(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # runctl local's uploader resumes step_0.pt at once; the script's own uploader (which
+    # claims the directory) resumes it too, and must not send it a second time.
+    head = _pending_from_a_crash(tmp_path / "ckpt", "step_0.pt")
+    script = "from runctl.integrations.loop import CheckpointManager\nwith CheckpointManager():\n    pass\n"
+    bucket, ckpt, out, err = run_script(moto_server, tmp_path, script, local_keep_last_n=2)
+    assert _journal_states(ckpt, "step_0.pt").count("uploaded") == 1, err
+    assert keys(moto_server, bucket)["run/step_0.pt"][:64] == head
+
+
+def test_after_a_crash_an_old_resumed_version_never_lands_over_a_newer_save(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The crashed run left a large last.ckpt pending; the restarted script saves a new, small
+    # last.ckpt at once and uploads it itself while runctl local still sends the old one.
+    _pending_from_a_crash(tmp_path / "ckpt", "last.ckpt")
+    script = textwrap.dedent(
+        """
+        import os
+        from pathlib import Path
+        from runctl.integrations._common import UploadOptions
+
+        root = Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+        up = UploadOptions.build().make_uploader(root)
+        (root / "new.tmp").write_bytes(b"the newer last.ckpt")
+        os.replace(root / "new.tmp", root / "last.ckpt")
+        up.submit(root / "last.ckpt")
+        up.close(600)
+        """
+    )
+    bucket, ckpt, out, err = run_script(moto_server, tmp_path, script, local_keep_last_n=2)
+    assert keys(moto_server, bucket)["run/last.ckpt"] == b"the newer last.ckpt", err
+    assert _journal_states(ckpt, "last.ckpt")[-1] == "verified"
+
+
+def test_a_crash_and_restart_inside_one_runctl_local_session_is_resumed(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # A launcher that restarts a failed attempt (a retry loop, torchrun --max-restarts): the
+    # second attempt's uploader resumes what the first left when it was killed mid-upload.
+    (tmp_path / "attempt.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys, time
+            import torch
+            from runctl.integrations.loop import CheckpointManager
+
+            manager = CheckpointManager()
+            if sys.argv[1] == "crash":
+                manager.save({"w": torch.ones(300 << 18)}, 0)  # 300 MiB of float32
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGKILL)  # its s5cmd, in its own session, goes on alone
+            manager.close()
+            """
+        )
+    )
+    (tmp_path / "launcher.sh").write_text(
+        f"#!/bin/sh\n{sys.executable} attempt.py crash || exec {sys.executable} attempt.py again\n"
+    )
+    (tmp_path / "launcher.sh").chmod(0o755)
+    bucket = S3URL(moto_server.new_bucket())
+    proc = runctl_local(
+        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
+        "--settle", "0.3", "./launcher.sh",
+    )
+    rc, out, err = finish(proc, timeout=180)
+    assert rc == 0, (out, err)
+    ckpt = tmp_path / "ckpt"
+    (name,) = [p.name for p in ckpt.iterdir() if p.name != ".runctl"]
+    assert _journal_states(ckpt, name)[-1] == "verified", err
+    assert keys(moto_server, bucket)[f"run/{name}"] == (ckpt / name).read_bytes()
