@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runctl.exceptions import NoSuchKeyError, RunctlError, UsageError
+from runctl.localrun import ENV_CHECKPOINT_DIR
 from runctl.s3url import S3URL
 
 from ._common import (
@@ -145,6 +146,9 @@ class _RunctlCheckpointMixin:
         uploader_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        if not args and kwargs.get("dirpath") is None and os.environ.get(ENV_CHECKPOINT_DIR):
+            # Under `runctl local --checkpoint-dir DIR`, save where it watches (and so claim it).
+            kwargs["dirpath"] = os.environ[ENV_CHECKPOINT_DIR]
         super().__init__(*args, **kwargs)
         self.runctl_options = UploadOptions.build(
             s3_url,
@@ -414,7 +418,9 @@ class _RunctlCheckpointMixin:
 
 _DOC = """A ``ModelCheckpoint`` that also uploads every checkpoint it saves to S3 in the background.
 
-Every ``ModelCheckpoint`` argument works as before; runctl adds (keyword-only):
+Every ``ModelCheckpoint`` argument works as before, except that ``dirpath`` defaults to
+$RUNCTL_CHECKPOINT_DIR when that is set (``runctl local --checkpoint-dir``); runctl adds
+(keyword-only):
 
 Args:
     s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL; None: no uploads).

@@ -299,8 +299,13 @@ def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("dirpath", ["given", "from RUNCTL_CHECKPOINT_DIR"])
 def test_under_runctl_local_watching_its_dirpath_it_claims_it(
-    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    moto_server: S3Server,
+    moto_bucket: S3URL,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dirpath: str,
 ) -> None:
     import os
 
@@ -309,7 +314,9 @@ def test_under_runctl_local_watching_its_dirpath_it_claims_it(
 
     prefix = moto_bucket.join("local-run/")
     as_under_runctl_local(monkeypatch, tmp_path, prefix, moto_server)
-    cb = RunctlCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    monkeypatch.chdir(tmp_path.parent)  # not Lightning's own default, ./checkpoints
+    given = {"dirpath": tmp_path} if dirpath == "given" else {}
+    cb = RunctlCheckpoint(every_n_train_steps=2, save_top_k=-1, **given)
     make_trainer("lightning.pytorch", [cb], max_steps=4).fit(
         make_module("lightning.pytorch"), loader(16)
     )
