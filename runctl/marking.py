@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from runctl._version import __version__
@@ -85,6 +85,43 @@ def copied_checkpoint_dirs(
     return sorted(found, key=lambda pair: pair[1].key)
 
 
+def listing(transfer: Transfer, dirs: Sequence[tuple[Path, S3URL]]) -> dict[str, ObjectInfo]:
+    """Every object now under these directories' S3 prefixes, by key (one listing per bucket).
+
+    Example:
+        >>> listing(t, copied_checkpoint_dirs(Path("ckpt"), S3URL.parse("s3://b/run/")))  # doctest: +SKIP
+    """
+    return _listing(transfer, [dest for _, dest in dirs]) if dirs else {}
+
+
+def changed_dirs(
+    dirs: Sequence[tuple[Path, S3URL]], listed: Mapping[str, ObjectInfo]
+) -> list[tuple[Path, S3URL]]:
+    """The directories a copy would change in S3: a local file is missing there, has another
+    size, or is newer than its object (as ``aws s3 sync`` decides). The others' markers stay.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"w")
+        >>> dest = S3URL.parse("s3://bkt/run/checkpoint-1/")
+        >>> changed_dirs([(d, dest)], {}) == [(d, dest)]  # nothing in S3 yet
+        True
+    """
+    changed = []
+    for local_dir, dest in dirs:
+        for rel, st in _local_files(local_dir).items():
+            obj = listed.get(dest.key + rel)
+            if (
+                obj is None
+                or obj.size != st.st_size
+                # whole seconds, as sync compares: listings differ below a second
+                or int(st.st_mtime) > int(obj.last_modified.timestamp())
+            ):
+                changed.append((local_dir, dest))
+                break
+    return changed
+
+
 def is_marker_key(key: str) -> bool:
     """True for a directory checkpoint's marker (which no local file stands for).
 
@@ -93,6 +130,29 @@ def is_marker_key(key: str) -> bool:
         (True, False)
     """
     return key.endswith("/" + MARKER_NAME)
+
+
+def marker_of_a_local_dir(local: Path, url: S3URL) -> Callable[[str], bool]:
+    """For ``sync --delete``: true for the marker of a directory that still exists under ``local``.
+
+    A marker has no local file, so it is kept while its directory is there; once the directory
+    is gone locally, its files go from S3 and so does its marker.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); (root / "checkpoint-5").mkdir()
+        >>> kept = marker_of_a_local_dir(root, S3URL.parse("s3://bkt/run/"))
+        >>> kept("run/checkpoint-5/" + MARKER_NAME), kept("run/checkpoint-6/" + MARKER_NAME)
+        (True, False)
+    """
+    base = url.as_prefix().key
+
+    def keep(key: str) -> bool:
+        if not is_marker_key(key) or not key.startswith(base):
+            return False
+        return (local / key[len(base) : -len(MARKER_NAME)]).is_dir()
+
+    return keep
 
 
 def clear_markers(transfer: Transfer, dirs: Iterable[tuple[Path, S3URL]]) -> None:
@@ -139,8 +199,13 @@ def mark_copied(
     *,
     started: float,
     settle: float = SETTLE,
+    changed: Collection[S3URL] | None = None,
 ) -> MarkResult:
     """Write the marker of each copied directory checkpoint that is finished and whole in S3.
+
+    With ``changed`` (the directories whose files this copy changed), a directory outside it
+    that already has a marker keeps that marker untouched: rewriting it would tell ``watch``
+    (and its ``--exec``) that an old checkpoint is new.
 
     A directory is finished when it has its framework's completion sign (Hugging Face's
     ``trainer_state.json``, DeepSpeed's ``latest``) or none of its files changed within
@@ -161,6 +226,8 @@ def mark_copied(
     marked: list[S3URL] = []
     unmarked: dict[S3URL, str] = {}
     for local_dir, dest in dirs:
+        if changed is not None and dest not in changed and dest.key + MARKER_NAME in listed:
+            continue
         files = _local_files(local_dir)
         if not files:
             unmarked[dest] = "it is empty"

@@ -199,8 +199,11 @@ def upload_files(
     started, began = time.monotonic(), time.time()
     dirs = marking.copied_checkpoint_dirs(local, url) if recursive and not dry_run else []
     with s.transfer(use_s5cmd) as transfer, s.out.progress("upload", total) as advance:
-        if dirs:
-            marking.clear_markers(transfer, dirs)
+        # Only the checkpoints this copy changes lose their marker while it runs: an unchanged
+        # one stays complete, also when the copy fails or is interrupted.
+        changed = marking.changed_dirs(dirs, marking.listing(transfer, dirs))
+        if changed:
+            marking.clear_markers(transfer, changed)
         pairs = ops.upload(
             transfer,
             local,
@@ -212,7 +215,9 @@ def upload_files(
             dry_run=dry_run,
             progress=advance,
         )
-        marks = marking.mark_copied(transfer, dirs, started=began)
+        marks = marking.mark_copied(
+            transfer, dirs, started=began, changed={dest for _, dest in changed}
+        )
     seconds = time.monotonic() - started
     moved = 0
     prefix = "(dry run) " if dry_run else ""
@@ -507,12 +512,14 @@ def sync_tree(
     dirs = marking.copied_checkpoint_dirs(local, url) if up and not dry_run else []
     with s.transfer(use_s5cmd) as transfer, s.out.progress(f"sync {direction.value}") as advance:
 
+        touched: set[S3URL] = set()
+
         def clear_changed(uploads: Sequence[tuple[Path, S3URL]]) -> None:
             # Only the directories that get files: an unchanged one stays complete if this fails.
             keys = [str(dest) for _, dest in uploads]
-            marking.clear_markers(
-                transfer, [d for d in dirs if any(k.startswith(str(d[1])) for k in keys)]
-            )
+            changed = [d for d in dirs if any(k.startswith(str(d[1])) for k in keys)]
+            touched.update(dest for _, dest in changed)
+            marking.clear_markers(transfer, changed)
 
         plan = ops.sync(
             transfer,
@@ -526,9 +533,11 @@ def sync_tree(
             exclude=exclude or (),
             progress=advance,
             before_upload=clear_changed if dirs else None,
-            keep_key=marking.is_marker_key if up else None,
+            keep_key=marking.marker_of_a_local_dir(local, url) if up else None,
         )
-        marks = marking.mark_copied(transfer, dirs, started=began)
+        # A directory that lost files to --delete gets a marker of what it holds now.
+        touched.update(d for _, d in dirs if any(t.startswith(str(d)) for t in plan.delete))
+        marks = marking.mark_copied(transfer, dirs, started=began, changed=touched)
     seconds = time.monotonic() - started
     prefix = "(dry run) " if dry_run else ""
     if s.out.json:

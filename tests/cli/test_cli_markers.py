@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -124,9 +125,46 @@ def test_sync_up_marks_and_delete_keeps_the_markers(
     assert complete(s3_server, prefix, backend)["checkpoint-5"] is True
     # Again, with nothing changed: --delete must not take the markers (no local file has
     # their name), and the checkpoints stay complete.
+    before = markers(s3_server, bucket)
     result = run_s3(s3_server, *args, "--delete", "--json")
     assert result.exit_code == 0, result.output
     (summary,) = of_type(result.stdout, "summary")
     assert (summary["copied"], summary["deleted"]) == (0, 0)
     found = complete(s3_server, prefix, backend)
     assert found["checkpoint-5"] is True and found["checkpoint-10"] is True
+    # ... and no marker was written again (watch --exec would take each for a new checkpoint).
+    assert of_type(result.stdout, "marker") == [] and markers(s3_server, bucket) == before
+
+    # A checkpoint deleted locally goes from S3 with its marker: no 0-file "complete" left.
+    shutil.rmtree(trained / "checkpoint-5")
+    result = run_s3(s3_server, *args, "--delete")
+    assert result.exit_code == 0, result.output
+    assert f"sync/checkpoint-5/{MARKER_NAME}" not in keys(s3_server, bucket)
+    assert "checkpoint-5" not in complete(s3_server, prefix, backend)
+
+
+def markers(server: S3Server, bucket: S3URL) -> dict[str, str]:
+    """Each marker in the bucket and its ETag (a rewritten marker has another: its time differs)."""
+    listed = server.client().list_objects_v2(Bucket=bucket.bucket).get("Contents", [])
+    return {o["Key"]: o["ETag"] for o in listed if o["Key"].endswith(MARKER_NAME)}
+
+
+def test_upload_leaves_the_markers_of_unchanged_checkpoints_alone(
+    s3_server: S3Server, bucket: S3URL, backend: str, trained: Path
+) -> None:
+    # Copying the whole tree again after one more checkpoint: the older ones are neither
+    # unmarked while it runs (an interrupted or failed copy would leave them incomplete, and
+    # cleanup --incomplete-older-than would delete them) nor marked anew.
+    prefix = bucket.join("run/")
+    up = ("s3", "upload", str(trained), str(prefix), "-r", backend_flag(backend))
+    assert run_s3(s3_server, *up).exit_code == 0
+    before = markers(s3_server, bucket)
+    assert set(before) == {f"run/checkpoint-{n}/{MARKER_NAME}" for n in (5, 10)}
+    write(trained / "checkpoint-20" / "model.bin", b"twenty" * 10)
+    result = run_s3(s3_server, *up, "--json")
+    assert result.exit_code == 0, result.output
+    marked = [m["url"] for m in of_type(result.stdout, "marker") if m["complete"]]
+    assert marked == [f"{prefix}checkpoint-20/"]  # (step-15, still being written, is not)
+    after = markers(s3_server, bucket)
+    assert {k: after[k] for k in before} == before
+    assert complete(s3_server, prefix, backend)["checkpoint-20"] is True
