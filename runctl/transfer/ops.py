@@ -38,6 +38,7 @@ CHUNK = 1_000
 #: A directory upload of at most this many files goes to the backend whole (``put_tree``).
 TREE_MAX_FILES = 50_000
 _TMP_PREFIX = ".runctl-tmp-"
+_TMP_HEX = 16  # hex digits after the prefix in a temporary file's name
 #: runctl's own state directory inside a checkpoint root (journal, staging, locks).
 STATE_DIR = ".runctl"
 _DEFAULT_NAME_MAX = 255
@@ -348,7 +349,27 @@ def upload(
 
 
 def _tmp_name(final: Path) -> Path:
-    return final.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex[:16]}"
+    return final.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex[:_TMP_HEX]}"
+
+
+def _discard(tmps: Iterable[Path]) -> None:
+    """Remove these temporary files and those a backend named after them (s5cmd's
+    ``<name><digits>``, boto3's ``<name>.<hex>``), which an interrupted download leaves behind."""
+    by_parent: dict[Path, set[str]] = {}
+    for tmp in tmps:
+        by_parent.setdefault(tmp.parent, set()).add(tmp.name)
+    cut = len(_TMP_PREFIX) + _TMP_HEX
+    for parent, names in by_parent.items():
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name[:cut] in names:
+                try:
+                    os.unlink(entry.path)
+                except OSError as exc:
+                    log.warning("cannot remove the temporary file %s: %s", entry.path, exc)
 
 
 def _set_mtime(path: Path, obj: ObjectInfo | None) -> None:
@@ -482,8 +503,12 @@ def _fetch_into(
                 transfer.get_files(pairs, progress=progress)
     except TransferError as exc:
         if listing_failed:
+            _discard([tmp for *_, tmp in staged])
             raise
         _collect(exc, [str(url) for _, url, _, _ in staged], batch_failures)
+    except BaseException:  # Ctrl-C, SIGTERM: nothing is moved into place, nothing left behind
+        _discard([tmp for *_, tmp in staged])
+        raise
     done: list[tuple[S3URL, Path]] = []
     for info, url, final, tmp in staged:
         if str(url) in batch_failures:
@@ -611,12 +636,15 @@ def download(
     if final.is_dir():
         raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
     tmp = _tmp_name(final)
+    placed = False
     try:
         transfer.get_files([(url, tmp)], progress=progress)
         _set_mtime(tmp, info)
         os.replace(tmp, final)
+        placed = True
     finally:
-        tmp.unlink(missing_ok=True)
+        if not placed:
+            _discard([tmp])
     return [(url, final)]
 
 

@@ -270,3 +270,43 @@ def test_sigterm_stops_an_upload_as_ctrl_c_does(
     assert client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", []) == []
     time.sleep(0.5)  # an orphan would go on sending: give it the time to show
     assert "Contents" not in client.list_objects_v2(Bucket=bucket.bucket)
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("command", ["download", "sync"])
+def test_an_interrupted_download_leaves_no_temporary_file_behind(
+    moto_server: S3Server, tmp_path: Path, backend: str, command: str
+) -> None:
+    # The object goes to a temporary name beside its destination, and s5cmd and boto3 each
+    # write to a name of their own derived from it: stopped midway, none may stay.
+    bucket = S3URL(moto_server.new_bucket())
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        for _ in range(300):
+            fh.write(os.urandom(1 << 20))
+    with open(big, "rb") as fh:
+        moto_server.client().put_object(Bucket=bucket.bucket, Key="big.bin", Body=fh)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    args = (
+        ["download", f"{bucket}big.bin", str(dest)]
+        if command == "download"
+        else ["sync", str(dest), str(bucket), "--direction", "down"]
+    )
+    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", *args, flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 0 for p in dest.iterdir() if p.is_file()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no download began"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert sorted(p.name for p in dest.iterdir()) == []
