@@ -624,7 +624,10 @@ class _SignalForwarder:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.proc.poll() is not None:
-            # The script is gone and we are flushing: a second Ctrl-C stops waiting for uploads.
+            # The script is gone and we are flushing: Ctrl-C or SIGTERM stops waiting for
+            # uploads, and runctl exits 128 + the signal, as it would have with the script running.
+            if self.received is None:
+                self.received = signum
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signum

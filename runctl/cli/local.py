@@ -184,7 +184,7 @@ def local_command(
     if record.signal is not None:
         _say(
             out,
-            f"interrupted: the script was stopped (signal {record.signal}, script exit code {record.script_exit_code})",
+            f"interrupted by signal {record.signal} (script exit code {record.script_exit_code})",
         )
     if record.upload_failed:
         problems = [f"{u.name} ({u.state}: {u.detail})" for u in record.failed_uploads]

@@ -634,3 +634,35 @@ def test_a_crash_and_restart_inside_one_runctl_local_session_is_resumed(
     (name,) = [p.name for p in ckpt.iterdir() if p.name != ".runctl"]
     assert _journal_states(ckpt, name)[-1] == "verified", err
     assert keys(moto_server, bucket)[f"run/{name}"] == (ckpt / name).read_bytes()
+
+
+def test_sigterm_while_runctl_local_waits_for_uploads_exits_143(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The script has ended; runctl is sending its last checkpoint. SIGTERM stops that wait,
+    # and runctl exits 143 as it would have with the script still running (not 1, for a
+    # "failed" upload); what was not sent stays pending for the next run.
+    (tmp_path / "save.py").write_text(
+        "import os\n"
+        "with open(os.path.join(os.environ['RUNCTL_CHECKPOINT_DIR'], 'step_1.pt'), 'wb') as fh:\n"
+        "    for _ in range(300):\n"
+        "        fh.write(os.urandom(1 << 20))\n"
+        "print('saved', flush=True)\n"
+    )
+    bucket = S3URL(moto_server.new_bucket())
+    proc = runctl_local(
+        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/",
+        "--settle", "0.2", "save.py",
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "saved"
+    client = moto_server.client()
+    deadline = time.monotonic() + 60
+    while not client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no upload began"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    rc, out, err = finish(proc, timeout=60)
+    assert rc == 143, err
+    assert "interrupted by signal 15 (script exit code 0)" in err
+    assert run_record(tmp_path / "ckpt")["exit_code"] == 143
+    assert _journal_states(tmp_path / "ckpt", "step_1.pt")[-1] in ("queued", "uploaded")
