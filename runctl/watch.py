@@ -475,9 +475,38 @@ def run_exec(argv: Sequence[str], event: CheckpointEvent, *, env: Mapping[str, s
     child_env = dict(os.environ if env is None else env)
     child_env.update(event.env())
     try:
-        completed = subprocess.run(list(argv), env=child_env, check=False)
+        proc = subprocess.Popen(list(argv), env=child_env)
     except OSError as exc:
         raise UsageError(f"--exec cannot run {argv[0]!r}: {exc.strerror or exc}") from None
-    if completed.returncode != 0:  # the caller reports it: logged at DEBUG only
-        log.debug("--exec %s exited with %d for %s", argv[0], completed.returncode, event.url)
-    return completed.returncode
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt as exc:
+        _stop_hook(proc, exc)
+        raise
+    if code != 0:  # the caller reports it: logged at DEBUG only
+        log.debug("--exec %s exited with %d for %s", argv[0], code, event.url)
+    return code
+
+
+#: How long an --exec command has to finish its own clean-up once runctl is stopped.
+HOOK_GRACE = 10.0
+
+
+def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
+    """runctl is stopping: let the --exec command stop too, cleanly, before it is killed.
+
+    SIGTERM is passed on to it; Ctrl-C at a terminal already reached it (the same foreground
+    process group), and a second SIGINT would cut its own clean-up short.
+    """
+    from runctl.exceptions import Terminated
+
+    if isinstance(exc, Terminated):
+        try:
+            proc.terminate()
+        except OSError:
+            pass
+    try:
+        proc.wait(HOOK_GRACE)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        proc.wait()

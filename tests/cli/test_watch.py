@@ -395,3 +395,42 @@ def test_watch_subprocess_events_then_ctrl_c(
     assert lines[3]["url"] == str(prefix) + "checkpoint-2/"
     assert proc.returncode == code
     assert err.strip().splitlines()[-1].startswith(word) and "Traceback" not in err
+
+
+def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The hook (an evaluation, say) gets SIGTERM too and may clean up; it is not SIGKILLed
+    # a quarter of a second later with its own children left running.
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    hook = tmp_path / "hook.sh"
+    hook.write_text(
+        "#!/bin/sh\n"
+        "sleep 30 & pid=$!\n"
+        "trap 'kill $pid; echo cleaned-up > \"$0.done\"; exit 3' TERM\n"
+        "echo started > \"$0.started\"\n"
+        "wait\n"
+    )
+    hook.chmod(0o755)
+    env = {**os.environ, **moto_server.env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", "watch", str(prefix), "--interval", "0.2",
+         "--timeout", "60", "--exec", str(hook)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        put(moto_server, prefix, "checkpoint-2/model.bin", b"ab")
+        put_marker(moto_server, prefix, "checkpoint-2", {"model.bin": 2})
+        started = tmp_path / "hook.sh.started"
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the hook never ran"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert (tmp_path / "hook.sh.done").read_text().strip() == "cleaned-up"
