@@ -1731,11 +1731,13 @@ def latest_checkpoint(
     use_s5cmd: bool = True,
     treat_unmarked_complete: bool = False,
     transfer: Transfer | None = None,
+    dry_run: bool = False,
 ) -> Path | None:
     """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
 
     A directory checkpoint counts only with a valid marker (unless ``treat_unmarked_complete``).
-    Downloads are atomic and contained in ``dest``.
+    Downloads are atomic and contained in ``dest``. ``dry_run``: find it and return the path it
+    would have, downloading nothing.
 
     Example:
         >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
@@ -1764,9 +1766,11 @@ def latest_checkpoint(
             log.info("no complete checkpoint under %s", prefix)
             return None
         newest = complete[-1]
+        dest_dir = Path(dest)
+        if dry_run:
+            return dest_dir / newest.name
         wanted = set(newest.files)
         chosen = [o for o in objects if o.key in wanted]
-        dest_dir = Path(dest)
         dest_dir.mkdir(parents=True, exist_ok=True)
         download_objects(transfer, chosen, prefix, dest_dir)
         log.info(

@@ -362,10 +362,13 @@ def download_files(
     if local.exists() and not local.is_dir() and (recursive or latest):
         raise UsageError(f"LOCAL {str(local)!r} is a file: a prefix or --latest needs a directory")
     if latest:
-        if dry_run:
-            raise UsageError("--latest cannot be combined with --dry-run")
         _download_latest(
-            s, url, local, use_s5cmd=use_s5cmd, treat_unmarked_complete=treat_unmarked_complete
+            s,
+            url,
+            local,
+            use_s5cmd=use_s5cmd,
+            treat_unmarked_complete=treat_unmarked_complete,
+            dry_run=dry_run,
         )
         return
     if treat_unmarked_complete:
@@ -415,7 +418,13 @@ def download_files(
 
 
 def _download_latest(
-    s: Session, url: S3URL, local: Path, *, use_s5cmd: bool, treat_unmarked_complete: bool
+    s: Session,
+    url: S3URL,
+    local: Path,
+    *,
+    use_s5cmd: bool,
+    treat_unmarked_complete: bool,
+    dry_run: bool,
 ) -> None:
     from runctl.uploader import latest_checkpoint
 
@@ -427,15 +436,21 @@ def _download_latest(
         config=s.config(),
         use_s5cmd=use_s5cmd,
         treat_unmarked_complete=treat_unmarked_complete,
+        dry_run=dry_run,
     )
     if path is None:
         raise RunctlError(f"no complete checkpoint under {prefix}")
     path = Path(path)
+    source = str(prefix.join(path.name)) + ("/" if path.is_dir() else "")
+    if dry_run:
+        s.out.record("latest", source=source, destination=str(path), name=path.name, dry_run=True)
+        s.out.info(f"dry run: would download the latest complete checkpoint {path.name} to {path}")
+        return
     size = _tree_size(path)
     seconds = time.monotonic() - started
     s.out.record(
         "latest",
-        source=str(prefix.join(path.name)) + ("/" if path.is_dir() else ""),
+        source=source,
         destination=str(path),
         name=path.name,
         size=size,

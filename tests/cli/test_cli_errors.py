@@ -53,7 +53,6 @@ BAD_USAGE = {
     "include on a file": ["s3", "upload", "{local}/step_9.pt", "{b}x/", "--include", "*.pt"],
     "bad storage class": ["s3", "upload", "{local}/step_9.pt", "{b}x/", "--storage-class", "COLD"],
     "prefix without --recursive": ["s3", "download", "{b}ckpt/", "{local}/out"],
-    "latest with dry-run": ["s3", "download", "{b}ckpt/", "{local}/out", "--latest", "--dry-run"],
     "recursive into a file": ["s3", "download", "{b}ckpt/", "{local}/step_9.pt", "-r"],
     "sync direction missing": ["s3", "sync", "{local}", "{b}ckpt/"],
     "sync direction invalid": ["s3", "sync", "{local}", "{b}ckpt/", "--direction", "sideways"],

@@ -198,6 +198,15 @@ def test_download_latest_complete_checkpoint(
     put(s3_server, bucket, "ckpt/checkpoint-20/model.bin", b"twenty")  # no marker: incomplete
     put(s3_server, bucket, "ckpt/train.log", b"log")
 
+    # --dry-run names it and downloads nothing
+    dry = run_s3(
+        s3_server, "s3", "download", f"{bucket}ckpt/", str(tmp_path / "resume"), "--latest",
+        "--dry-run", backend_flag(backend),
+    )
+    assert dry.exit_code == 0, dry.output
+    assert "would download the latest complete checkpoint checkpoint-10" in dry.stderr + dry.stdout
+    assert not (tmp_path / "resume").exists()
+
     result = run_s3(
         s3_server,
         "s3",
