@@ -70,8 +70,9 @@ def demo(
 ) -> None:
     """Train a tiny model with RunctlCheckpoint (keep-last-N in S3), then review what landed.
 
-    \b
     With no --s3-url an embedded S3 server (moto, in memory, on 127.0.0.1) is started.
+
+    \b
     Examples:
       runctl demo
       runctl demo --fast --json

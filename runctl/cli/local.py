@@ -28,12 +28,10 @@ With --checkpoint-dir DIR --upload-to S3URL, DIR is watched while the script run
 
 The script gets these variables (the plain-loop helper and the callbacks use them as defaults): RUNCTL_CHECKPOINT_DIR (absolute DIR), RUNCTL_S3_URL (S3URL as a prefix), RUNCTL_KEEP_LAST_N (N), RUNCTL_ENDPOINT_URL (the S3 endpoint, when not AWS), and RUNCTL_LOCAL_WATCHING=1 while runctl itself watches DIR. A callback or CheckpointManager saving into DIR and uploading to S3URL claims DIR: runctl then stands aside, so each checkpoint goes up once, by the code that knows the best one and the one it resumed from (RUNCTL_LOCAL_KEEP_LAST_N carries --local-keep-last-n to it).
 
+
 Examples:
-
   runctl local train.py -- --epochs 3
-
   runctl local --checkpoint-dir ckpt --upload-to s3://bucket/run-7/ --keep-last-n 3 train.py --lr 0.1
-
   runctl local --checkpoint-dir ckpt --upload-to s3://bucket/run-7/ --log train.log ./train.sh
 """
 

@@ -35,12 +35,10 @@ The first poll prints one baseline line ("watching ...: 37 objects, 5 checkpoint
 
 --exec runs a command (split like a shell would, but never run through one) for each completed checkpoint, with RUNCTL_CHECKPOINT_URL, RUNCTL_CHECKPOINT_NAME and RUNCTL_CHECKPOINT_STEP set. --keep-last-n applies the same retention as `runctl s3 cleanup` after each completion.
 
+
 Examples:
-
   runctl s3 watch s3://bucket/run-7/ --interval 30
-
   runctl s3 watch s3://bucket/run-7/ --exec "python eval.py" --keep-last-n 3
-
   runctl s3 watch s3://bucket/run-7/ --once --json
 """
 
@@ -48,14 +46,11 @@ REVIEW_HELP = """Audit an S3 prefix: checkpoints, other artifacts, unfinished mu
 
 Lists each checkpoint (step, files, size, age, complete or not, storage class; a directory checkpoint is complete when it has a marker, and with --verify only when its marker also matches its listed files, as cleanup checks), other objects, totals, directory checkpoints without a marker, in-progress and abandoned multipart uploads (their parts are billed), and an estimated monthly storage cost per storage class from a price table (USD per GB-month, AWS us-east-1 list prices; override with --prices FILE or RUNCTL_PRICES, a JSON object such as {"STANDARD": 0.021}).
 
+
 Examples:
-
   runctl s3 review s3://bucket/run-7/
-
   runctl s3 review s3://bucket/run-7/ --detailed --abandoned-after 6h
-
   runctl s3 review s3://bucket/run-7/ --verify
-
   runctl s3 review s3://bucket/run-7/ --json --prices prices.json
 """
 
