@@ -94,6 +94,26 @@ def listing(transfer: Transfer, dirs: Sequence[tuple[Path, S3URL]]) -> dict[str,
     return _listing(transfer, [dest for _, dest in dirs]) if dirs else {}
 
 
+def selected_dirs(
+    dirs: Sequence[tuple[Path, S3URL]], selected: Callable[[Path], bool] | None
+) -> list[tuple[Path, S3URL]]:
+    """The directories with at least one file ``selected`` (by --include/--exclude) for the copy.
+
+    A directory the filters leave out entirely is not copied, so it is neither unmarked nor
+    marked (nor warned about).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"w")
+        >>> dirs = [(d, S3URL.parse("s3://bkt/run/checkpoint-1/"))]
+        >>> len(selected_dirs(dirs, None)), len(selected_dirs(dirs, lambda p: p.suffix == ".pt"))
+        (1, 0)
+    """
+    if selected is None:
+        return list(dirs)
+    return [d for d in dirs if any(selected(d[0] / rel) for rel in _local_files(d[0]))]
+
+
 def changed_dirs(
     dirs: Sequence[tuple[Path, S3URL]], listed: Mapping[str, ObjectInfo]
 ) -> list[tuple[Path, S3URL]]:

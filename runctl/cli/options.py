@@ -86,7 +86,10 @@ IncludeOpt = Annotated[
     typer.Option(
         "--include",
         metavar="GLOB",
-        help="Only paths matching GLOB (relative to the top; repeatable).",
+        help=(
+            "Only paths matching GLOB (relative to the top; repeatable). An --exclude match"
+            " wins, in any order (as s5cmd; unlike aws, which applies filters in order)."
+        ),
     ),
 ]
 ExcludeOpt = Annotated[
@@ -94,7 +97,7 @@ ExcludeOpt = Annotated[
     typer.Option(
         "--exclude",
         metavar="GLOB",
-        help="Skip paths matching GLOB (relative to the top; repeatable).",
+        help="Skip paths matching GLOB (relative to the top; repeatable; wins over --include).",
     ),
 ]
 ProtectOpt = Annotated[

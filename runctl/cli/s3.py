@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -198,6 +198,7 @@ def upload_files(
     total = _tree_size(local) if s.out.progress_enabled() else None
     started, began = time.monotonic(), time.time()
     dirs = marking.copied_checkpoint_dirs(local, url) if recursive and not dry_run else []
+    dirs = marking.selected_dirs(dirs, _selector(local, include, exclude))
     with s.transfer(use_s5cmd) as transfer, s.out.progress("upload", total) as advance:
         # Only the checkpoints this copy changes lose their marker while it runs: an unchanged
         # one stays complete, also when the copy fails or is interrupted.
@@ -240,7 +241,7 @@ def upload_files(
         dry_run=dry_run,
     )
     if not pairs:
-        s.out.info("nothing to upload (no file matched)")
+        s.out.info("nothing to upload (no file matched)" + _filter_hint(include, exclude))
     elif dry_run:
         s.out.info(f"dry run: would upload {_plural(len(pairs), 'file')} ({human_size(moved)})")
     else:
@@ -525,6 +526,7 @@ def sync_tree(
     started, began = time.monotonic(), time.time()
     up = direction is Direction.up
     dirs = marking.copied_checkpoint_dirs(local, url) if up and not dry_run else []
+    dirs = marking.selected_dirs(dirs, _selector(local, include, exclude))
     with s.transfer(use_s5cmd) as transfer, s.out.progress(f"sync {direction.value}") as advance:
 
         touched: set[S3URL] = set()
@@ -579,9 +581,32 @@ def sync_tree(
         dry_run=dry_run,
     )
     head = "dry run: would copy" if dry_run else "copied"
+    matched = plan.copy or plan.unchanged or plan.delete
     s.out.info(
         f"{head} {_plural(len(plan.copy), 'file')}, "
         f"{'would delete' if dry_run else 'deleted'} {len(plan.delete)}, {plan.unchanged} unchanged"
+        + ("" if matched else _filter_hint(include, exclude))
+    )
+
+
+def _selector(
+    top: Path, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> Callable[[Path], bool] | None:
+    """Whether --include/--exclude select a local file below ``top`` (None: no filters)."""
+    if not (include or exclude):
+        return None
+    from runctl.transfer.ops import selected
+
+    return lambda path: selected(path.relative_to(top).as_posix(), include or (), exclude or ())
+
+
+def _filter_hint(include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:
+    """Why nothing matched, for aws users: there, --include after --exclude '*' takes files back."""
+    if not (include and exclude):
+        return ""
+    return (
+        " (an --exclude match always wins over --include, in any order, as with s5cmd: for"
+        " aws's `--exclude '*' --include '*.pt'`, give only `--include '*.pt'`)"
     )
 
 

@@ -154,8 +154,13 @@ class _Destination:
 # -- filters and walking ----------------------------------------------------------------------
 
 
-def _selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    """Globs on the relative path (``*`` also crosses ``/``): in an include (if any), in no exclude."""
+def selected(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Globs on the relative path (``*`` also crosses ``/``): in an include (if any), in no exclude.
+
+    Example:
+        >>> selected("ckpt/a.pt", ["*.pt"], []), selected("ckpt/a.pt", ["*.pt"], ["*"])
+        (True, False)
+    """
     if not (include or exclude):  # the usual case, once per file of every walk
         return True
     if include and not any(fnmatch.fnmatchcase(rel, pat) for pat in include):
@@ -255,7 +260,7 @@ def _upload_pairs(
             )
         prefix = url.as_prefix()
         for rel, path in _walk_files(local):
-            if _selected(rel, include, exclude):
+            if selected(rel, include, exclude):
                 yield path, prefix.join(rel)
     elif local.is_file():
         yield local, (url.join(local.name) if url.is_prefix else url)
@@ -279,7 +284,7 @@ def _plain_tree(
     prefix = url.as_prefix()
     pairs: list[tuple[Path, S3URL]] = []
     for rel, path in _walk_files(local, odd):
-        if odd or len(pairs) >= TREE_MAX_FILES or not _selected(rel, include, exclude):
+        if odd or len(pairs) >= TREE_MAX_FILES or not selected(rel, include, exclude):
             return None
         pairs.append((path, prefix.join(rel)))
     return None if odd else pairs
@@ -769,7 +774,7 @@ def _remote_index(
         rel = obj.key[len(prefix.key) :]
         if not rel or (rel.endswith("/") and obj.size == 0):
             continue  # folder markers
-        if _selected(rel, include, exclude):
+        if selected(rel, include, exclude):
             index[rel] = obj
     return index
 
@@ -812,7 +817,7 @@ def _plan(
         raise UsageError(f"cannot sync up {str(local)!r}: no such directory")
     remote = _remote_index(transfer, prefix, include, exclude)
     local_files = (
-        {rel: path for rel, path in _walk_files(local) if _selected(rel, include, exclude)}
+        {rel: path for rel, path in _walk_files(local) if selected(rel, include, exclude)}
         if local.is_dir()
         else {}
     )

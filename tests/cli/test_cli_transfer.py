@@ -78,6 +78,16 @@ def test_upload_file_and_tree(s3_server: S3Server, bucket: S3URL, backend: str, 
         "tree/step_1.pt": b"one",
         "tree/step_2.pt": b"two!",
     }
+    # aws's idiom takes files back with --include after --exclude '*'; here an exclude match
+    # wins, as with s5cmd: nothing goes, and the user is told how to say it instead.
+    result = run_s3(
+        s3_server, "s3", "upload", str(tree), f"{bucket}idiom/", "-r",
+        "--exclude", "*", "--include", "*.pt", flag,
+    )
+    assert result.exit_code == 0, result.output
+    assert "give only `--include '*.pt'`" in result.output
+    assert "not marked complete" not in result.output  # checkpoint-5/ was not copied at all
+    assert not any(k.startswith("idiom/") for k in keys(s3_server, bucket))
 
 
 def test_upload_include_and_dry_run(
