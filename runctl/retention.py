@@ -302,6 +302,41 @@ def _remove_local(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def durable_in(transfer: Transfer, prefix: S3URL) -> Callable[[Checkpoint], bool]:
+    """Whether ``prefix`` holds a local checkpoint whole: one listing (and its markers), read once.
+
+    A file checkpoint counts when an object of its name and size is there; a directory when it
+    is complete there (its marker matches what is listed) with the same total size. For
+    checkpoints copied by hand (``runctl s3 upload DIR S3URL -r``), which no journal records.
+
+    Example:
+        >>> check = durable_in(transfer, S3URL.parse("s3://bkt/run-7/"))  # doctest: +SKIP
+        >>> check(scan_local(Path("ckpt"))[0])  # doctest: +SKIP
+        True
+    """
+    prefix = prefix.as_prefix()
+    found: dict[str, Checkpoint] | None = None
+
+    def check(cp: Checkpoint) -> bool:
+        nonlocal found
+        if found is None:
+            grouped = group_s3(
+                transfer.iter_objects(prefix, recursive=True),
+                prefix,
+                read_markers=lambda keys: read_small_objects(transfer, prefix.bucket, keys),
+            )
+            found = {c.name: c for c in grouped.checkpoints}
+        there = found.get(cp.name)
+        return (
+            there is not None
+            and there.complete
+            and there.is_dir == cp.is_dir
+            and there.size == cp.size
+        )
+
+    return check
+
+
 def apply_local_retention(
     root: Path,
     keep_last_n: int | None,

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from runctl.cli.options import DryRunOpt, JsonOpt, ProtectOpt, QuietOpt, session
+from runctl.cli.options import (
+    DryRunOpt,
+    EndpointOpt,
+    JsonOpt,
+    ProtectOpt,
+    QuietOpt,
+    UseS5cmdOpt,
+    parse_s3url,
+    session,
+)
 from runctl.cli.output import render_retention
 from runctl.exceptions import UsageError
 
@@ -48,7 +57,20 @@ def cleanup_local(
             "--force", help="Also delete checkpoints the journal does not show as durable in S3."
         ),
     ] = False,
+    durable_in_s3: Annotated[
+        str | None,
+        typer.Option(
+            "--durable-in",
+            metavar="S3URL",
+            help=(
+                "Also count a checkpoint durable when S3URL holds it whole (same size; a directory"
+                " complete, with its marker), as after `runctl s3 upload DIR S3URL -r`."
+            ),
+        ),
+    ] = None,
     dry_run: DryRunOpt = False,
+    endpoint_url: EndpointOpt = None,
+    use_s5cmd: UseS5cmdOpt = True,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -57,14 +79,17 @@ def cleanup_local(
     Files (step_100.pt) and directories (checkpoint-500/) are checkpoints;
     other files stay. A checkpoint not yet durable in S3 (per the upload
     journal in DIR/.runctl/) is kept, and the output says so; --force
-    deletes it anyway. Runs under the same lock as the uploader.
+    deletes it anyway. Checkpoints copied by hand are in no journal:
+    --durable-in S3URL checks S3 for them. Runs under the same lock as the
+    uploader.
 
     \b
     Examples:
       runctl checkpoint cleanup ./checkpoints --keep-last-n 2 --dry-run
+      runctl checkpoint cleanup ./checkpoints -n 2 --durable-in s3://bucket/run-7/
       runctl checkpoint cleanup ./checkpoints -n 1 --force
     """
-    s = session(ctx, json_output=json_output, quiet=quiet)
+    s = session(ctx, endpoint_url=endpoint_url, json_output=json_output, quiet=quiet)
     if keep_last_n < 1:
         raise UsageError(
             f"--keep-last-n must be at least 1 (got {keep_last_n}): the newest complete checkpoint is always kept"
@@ -74,9 +99,24 @@ def cleanup_local(
     if not directory.is_dir():
         raise UsageError(f"DIR {str(directory)!r} is not a directory")
 
-    from runctl.retention import apply_local_retention
+    from runctl.journal import Journal
+    from runctl.retention import apply_local_retention, durable_in
 
-    plan = apply_local_retention(
-        directory, keep_last_n, protected=tuple(protect or ()), force=force, dry_run=dry_run
-    )
+    if durable_in_s3 is None:
+        plan = apply_local_retention(
+            directory, keep_last_n, protected=tuple(protect or ()), force=force, dry_run=dry_run
+        )
+    else:
+        prefix = parse_s3url(durable_in_s3, "--durable-in")
+        journaled = Journal(directory).durability_check()
+        with s.transfer(use_s5cmd) as transfer:
+            in_s3 = durable_in(transfer, prefix)
+            plan = apply_local_retention(
+                directory,
+                keep_last_n,
+                protected=tuple(protect or ()),
+                force=force,
+                dry_run=dry_run,
+                is_durable=lambda cp: journaled(cp.name, cp.size, cp.mtime) or in_s3(cp),
+            )
     render_retention(s.out, plan, location=str(directory), dry_run=dry_run)

@@ -226,6 +226,37 @@ def test_local_cleanup_keeps_what_is_not_durable(tmp_path: Path) -> None:
     ]
 
 
+def test_local_cleanup_counts_what_s3_holds_whole_with_durable_in(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    # Copied by hand, the checkpoints are in no journal: --durable-in checks S3 for them.
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    prefix = bucket.join("run/")
+    flag = backend_flag(backend)
+    up = run_s3(s3_server, "s3", "upload", str(root), str(prefix), "-r", flag)
+    assert up.exit_code == 0, up.output
+    (root / "step_2.pt").write_bytes(b"w" * 11)  # changed since: S3 does not hold this one
+    args = ("checkpoint", "cleanup", str(root), "-n", "1", "--json", flag)
+    result = run_s3(s3_server, *args, "--durable-in", str(prefix))
+    assert result.exit_code == 0, result.output
+    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == [
+        "checkpoint-3",
+        "step_1.pt",
+    ]
+    (summary,) = of_type(result.stdout, "summary")
+    assert summary["not_durable"] == ["step_2.pt"]
+    assert sorted(p.name for p in root.iterdir() if p.name != ".runctl") == [
+        "step_2.pt",
+        "step_4.pt",
+        "train.log",
+    ]
+    # Another prefix holds none of them: nothing more goes.
+    other = run_s3(s3_server, *args, "--durable-in", str(bucket.join("elsewhere/")))
+    assert other.exit_code == 0, other.output
+    assert of_type(other.stdout, "delete") == []
+
+
 @pytest.mark.parametrize("bad", [["-n", "0"], ["-n", "x"], []])
 def test_local_cleanup_bad_input(tmp_path: Path, bad: list[str]) -> None:
     make_local(tmp_path / "c")
