@@ -142,12 +142,6 @@ ROWS: list[tuple[str, list[str], int, dict[str, str]]] = [
     ),
     ("download-prefix-without-recursive", ["s3", "download", "{url}", "{tmp}/new"], USAGE, {}),
     (
-        "download-latest-dry-run",
-        ["s3", "download", "{url}", "{tmp}/new", "--latest", "--dry-run"],
-        USAGE,
-        {},
-    ),
-    (
         "download-unmarked-without-latest",
         ["s3", "download", "{url}step_1.pt", "{tmp}/new/", "--treat-unmarked-complete"],
         USAGE,
