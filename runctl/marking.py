@@ -111,7 +111,7 @@ def selected_dirs(
     """
     if selected is None:
         return list(dirs)
-    return [d for d in dirs if any(selected(d[0] / rel) for rel in _local_files(d[0]))]
+    return [d for d in dirs if any(selected(d[0] / rel) for rel in local_files(d[0]))]
 
 
 def changed_dirs(
@@ -129,7 +129,7 @@ def changed_dirs(
     """
     changed = []
     for local_dir, dest in dirs:
-        for rel, st in _local_files(local_dir).items():
+        for rel, st in local_files(local_dir).items():
             obj = listed.get(dest.key + rel)
             if (
                 obj is None
@@ -195,7 +195,17 @@ def clear_markers(transfer: Transfer, dirs: Iterable[tuple[Path, S3URL]]) -> Non
             )
 
 
-def _local_files(path: Path) -> dict[str, os.stat_result]:
+def local_files(path: Path) -> dict[str, os.stat_result]:
+    """Each regular file below a checkpoint directory, by posix path relative to it, with its stat.
+
+    The marker and the top ``.runctl/`` are left out; symlinks are not followed.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"w")
+        >>> sorted(local_files(d))
+        ['w.bin']
+    """
     files: dict[str, os.stat_result] = {}
     for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if d != RUNCTL_DIR or dirpath != str(path))
@@ -248,7 +258,7 @@ def mark_copied(
     for local_dir, dest in dirs:
         if changed is not None and dest not in changed and dest.key + MARKER_NAME in listed:
             continue
-        files = _local_files(local_dir)
+        files = local_files(local_dir)
         if not files:
             unmarked[dest] = "it is empty"
             continue

@@ -16,7 +16,7 @@ from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
 from runctl.s3url import S3URL
-from runctl.transfer.base import Transfer
+from runctl.transfer.base import ObjectInfo, PrefixInfo, Transfer
 
 log = logging.getLogger("runctl.retention")
 
@@ -302,36 +302,55 @@ def _remove_local(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def durable_in(transfer: Transfer, prefix: S3URL) -> Callable[[Checkpoint], bool]:
-    """Whether ``prefix`` holds a local checkpoint whole: one listing (and its markers), read once.
+def durable_in(transfer: Transfer, prefix: S3URL, root: Path) -> Callable[[Checkpoint], bool]:
+    """Whether ``prefix`` holds a checkpoint under ``root`` whole: one listing (and its markers).
 
-    A file checkpoint counts when an object of its name and size is there; a directory when it
-    is complete there (its marker matches what is listed) with the same total size. For
+    Every local file of it must be there with its size and be no newer than its object (whole
+    seconds, as sync compares): same-size rewrites and extra local files do not count. A
+    directory must also be complete there (a marker that matches what is listed). For
     checkpoints copied by hand (``runctl s3 upload DIR S3URL -r``), which no journal records.
 
     Example:
-        >>> check = durable_in(transfer, S3URL.parse("s3://bkt/run-7/"))  # doctest: +SKIP
+        >>> check = durable_in(transfer, S3URL.parse("s3://bkt/run-7/"), Path("ckpt"))  # doctest: +SKIP
         >>> check(scan_local(Path("ckpt"))[0])  # doctest: +SKIP
         True
     """
+    from runctl.marking import local_files
+
     prefix = prefix.as_prefix()
-    found: dict[str, Checkpoint] | None = None
+    listed: dict[str, ObjectInfo] = {}
+    complete: set[str] | None = None
+
+    def objects() -> Iterator[ObjectInfo | PrefixInfo]:
+        for obj in transfer.iter_objects(prefix, recursive=True):
+            if isinstance(obj, ObjectInfo):
+                listed[obj.key] = obj
+            yield obj
 
     def check(cp: Checkpoint) -> bool:
-        nonlocal found
-        if found is None:
+        nonlocal complete
+        if complete is None:
             grouped = group_s3(
-                transfer.iter_objects(prefix, recursive=True),
+                objects(),
                 prefix,
                 read_markers=lambda keys: read_small_objects(transfer, prefix.bucket, keys),
             )
-            found = {c.name: c for c in grouped.checkpoints}
-        there = found.get(cp.name)
-        return (
-            there is not None
-            and there.complete
-            and there.is_dir == cp.is_dir
-            and there.size == cp.size
+            complete = {c.name for c in grouped.checkpoints if c.complete}
+        if cp.name not in complete:
+            return False
+        path = Path(root) / cp.name
+        if cp.is_dir:
+            files = {prefix.key + cp.name + "/" + rel: st for rel, st in local_files(path).items()}
+        else:
+            try:
+                files = {prefix.key + cp.name: path.stat()}
+            except OSError:
+                return False
+        return bool(files) and all(
+            (obj := listed.get(key)) is not None
+            and obj.size == st.st_size
+            and int(st.st_mtime) <= int(obj.last_modified.timestamp())
+            for key, st in files.items()
         )
 
     return check

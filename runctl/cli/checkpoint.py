@@ -110,7 +110,7 @@ def cleanup_local(
         prefix = parse_s3url(durable_in_s3, "--durable-in")
         journaled = Journal(directory).durability_check()
         with s.transfer(use_s5cmd) as transfer:
-            in_s3 = durable_in(transfer, prefix)
+            in_s3 = durable_in(transfer, prefix, directory)
             plan = apply_local_retention(
                 directory,
                 keep_last_n,

@@ -229,24 +229,33 @@ def test_local_cleanup_keeps_what_is_not_durable(tmp_path: Path) -> None:
 def test_local_cleanup_counts_what_s3_holds_whole_with_durable_in(
     s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
 ) -> None:
-    # Copied by hand, the checkpoints are in no journal: --durable-in checks S3 for them.
+    # Copied by hand, the checkpoints are in no journal: --durable-in checks S3 for them,
+    # file by file: a local copy that differs from what S3 holds is not durable.
     root = tmp_path / "checkpoints"
     make_local(root)
     prefix = bucket.join("run/")
     flag = backend_flag(backend)
     up = run_s3(s3_server, "s3", "upload", str(root), str(prefix), "-r", flag)
     assert up.exit_code == 0, up.output
-    (root / "step_2.pt").write_bytes(b"w" * 11)  # changed since: S3 does not hold this one
+    (root / "step_2.pt").write_bytes(b"w" * 11)  # another size
+    (root / "checkpoint-3" / "model.bin").write_bytes(b"n" * 5)  # the same total size, but
+    (root / "checkpoint-3" / "optim.bin").write_bytes(b"o" * 5)  # a file S3 does not have
+    later = time.time() + 5
+    os.utime(root / "step_1.pt", (later, later))  # the same size, written after the upload
     args = ("checkpoint", "cleanup", str(root), "-n", "1", "--json", flag)
     result = run_s3(s3_server, *args, "--durable-in", str(prefix))
     assert result.exit_code == 0, result.output
-    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == [
-        "checkpoint-3",
-        "step_1.pt",
-    ]
+    assert of_type(result.stdout, "delete") == []
     (summary,) = of_type(result.stdout, "summary")
-    assert summary["not_durable"] == ["step_2.pt"]
+    assert sorted(summary["not_durable"]) == ["checkpoint-3", "step_1.pt", "step_2.pt"]
+
+    earlier = time.time() - 3600
+    os.utime(root / "step_1.pt", (earlier, earlier))  # as it was when it went up
+    result = run_s3(s3_server, *args, "--durable-in", str(prefix))
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in of_type(result.stdout, "delete")] == ["step_1.pt"]
     assert sorted(p.name for p in root.iterdir() if p.name != ".runctl") == [
+        "checkpoint-3",
         "step_2.pt",
         "step_4.pt",
         "train.log",
