@@ -255,8 +255,15 @@ def mark_copied(
     listed = _listing(transfer, [dest for _, dest in dirs])
     marked: list[S3URL] = []
     unmarked: dict[S3URL, str] = {}
+    untouched: set[S3URL] = set()
+    if changed is not None:
+        untouched = _markers_that_still_hold(
+            transfer,
+            [d for _, d in dirs if d not in changed and d.key + MARKER_NAME in listed],
+            listed,
+        )
     for local_dir, dest in dirs:
-        if changed is not None and dest not in changed and dest.key + MARKER_NAME in listed:
+        if dest in untouched:
             continue
         files = local_files(local_dir)
         if not files:
@@ -298,6 +305,39 @@ def mark_copied(
         transfer.put_bytes(manifest.to_bytes(), dest.join(MARKER_NAME))
         marked.append(dest)
     return MarkResult(marked, unmarked)
+
+
+def _markers_that_still_hold(
+    transfer: Transfer, dests: Sequence[S3URL], listed: Mapping[str, ObjectInfo]
+) -> set[S3URL]:
+    """Those of ``dests`` whose marker still matches what is listed (sizes; ETags when known).
+
+    ``upload -r`` sends every file again: a directory that looked unchanged (same sizes, no
+    newer mtime) may still have new bytes (a copy made with ``cp -p``), and then new ETags.
+    """
+    if not dests:
+        return set()
+    from runctl.checkpoints import Manifest, verify_against_manifest
+    from runctl.exceptions import MarkerError
+    from runctl.retention import read_small_objects
+
+    holding: set[S3URL] = set()
+    bucket = dests[0].bucket
+    found = read_small_objects(transfer, bucket, [d.key + MARKER_NAME for d in dests])
+    for dest in dests:
+        data = found.get(dest.key + MARKER_NAME)
+        if not isinstance(data, bytes):
+            continue
+        try:
+            manifest = Manifest.from_bytes(data)
+        except MarkerError:
+            continue
+        objects = {
+            key[len(dest.key) :]: obj for key, obj in listed.items() if key.startswith(dest.key)
+        }
+        if not verify_against_manifest(manifest, objects):
+            holding.add(dest)
+    return holding
 
 
 def _listing(transfer: Transfer, dests: Sequence[S3URL]) -> dict[str, ObjectInfo]:

@@ -168,3 +168,13 @@ def test_upload_leaves_the_markers_of_unchanged_checkpoints_alone(
     after = markers(s3_server, bucket)
     assert {k: after[k] for k in before} == before
     assert complete(s3_server, prefix, backend)["checkpoint-20"] is True
+
+    # New bytes of the same size under an old mtime (`cp -p`) look unchanged, but upload -r
+    # sends every file again: the marker, whose ETags no longer match, is written anew.
+    write(trained / "checkpoint-5" / "model.bin", b"FIVE" * 100, age=3600)
+    result = run_s3(s3_server, *up)
+    assert result.exit_code == 0, result.output
+    again = markers(s3_server, bucket)
+    five, ten = (f"run/checkpoint-{n}/{MARKER_NAME}" for n in (5, 10))
+    assert again[five] != after[five] and again[ten] == after[ten]
+    assert complete(s3_server, prefix, backend)["checkpoint-5"] is True
