@@ -1097,7 +1097,7 @@ class CheckpointUploader:
                         self._cond.notify_all()
                 continue
             try:
-                with upload_turn(self.root, give_up=self._abort.is_set):
+                with upload_turn(self.root, give_up=self._waiting_for_turn):
                     landed = self._process(job)
                 if landed:
                     self._retention(job)  # outside the turn: it takes the retention locks
@@ -1116,6 +1116,15 @@ class CheckpointUploader:
                 with self._cond:
                     self._in_flight = None
                     self._cond.notify_all()
+
+    def _waiting_for_turn(self) -> bool:
+        """``upload_turn``'s poll: True gives up (this uploader is aborting).
+
+        Another process's uploader is sending meanwhile: that is progress, not a failing S3,
+        so the wait does not count against ``failing_timeout``.
+        """
+        self._last_progress = time.monotonic()
+        return self._abort.is_set()
 
     def _process(self, job: _Job) -> bool:
         """Upload one job (holding the directory's upload turn); True when it landed."""

@@ -755,6 +755,35 @@ def test_an_upload_that_keeps_moving_is_not_cut_short(
     assert handle.result(1).state == "verified"
 
 
+def test_waiting_for_another_uploaders_turn_is_not_a_failing_s3(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # Another process's uploader of this directory is sending (runctl local's, resuming a
+    # crashed run's upload): the wait for the turn is not "nothing reached S3".
+    import threading
+
+    from runctl.locking import upload_turn
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_uploader() -> None:
+        with upload_turn(root, give_up=lambda: False):
+            held.set()
+            release.wait(30)
+
+    other = threading.Thread(target=other_uploader)
+    other.start()
+    assert held.wait(10)
+    threading.Timer(4.0, release.set).start()
+    up = uploader(root, moto_bucket, boto_transfer)
+    handle = up.submit(write(root / "step_1.pt", b"x"))
+    start = time.monotonic()
+    up.close(timeout=60, failing_timeout=2.0)
+    other.join(10)
+    assert time.monotonic() - start > 3.5
+    assert handle.result(1).state == "verified"
+
+
 def test_s5cmd_shows_its_progress_while_a_large_file_goes_up(
     root: Path, moto_server: object, moto_bucket: S3URL
 ) -> None:
