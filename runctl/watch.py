@@ -495,14 +495,22 @@ HOOK_GRACE = 10.0
 def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
     """runctl is stopping: let the --exec command stop too, cleanly, before it is killed.
 
-    SIGTERM is passed on to it; Ctrl-C at a terminal already reached it (the same foreground
-    process group), and a second SIGINT would cut its own clean-up short.
+    SIGTERM is passed on to it, and so is a SIGINT sent with ``kill``; Ctrl-C at a terminal
+    already reached it (the same foreground process group), and a second SIGINT would cut its
+    own clean-up short.
     """
+    import signal
+
     from runctl.exceptions import Terminated
+    from runctl.localrun import _terminal_delivers_to
 
     if isinstance(exc, Terminated):
+        forward: int | None = signal.SIGTERM
+    else:
+        forward = None if _terminal_delivers_to(proc.pid) else signal.SIGINT
+    if forward is not None:
         try:
-            proc.terminate()
+            proc.send_signal(forward)
         except OSError:
             pass
     try:

@@ -397,18 +397,20 @@ def test_watch_subprocess_events_then_ctrl_c(
     assert err.strip().splitlines()[-1].startswith(word) and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
-    moto_server: S3Server, tmp_path: Path
+    moto_server: S3Server, tmp_path: Path, stop: signal.Signals, code: int
 ) -> None:
-    # The hook (an evaluation, say) gets SIGTERM too and may clean up; it is not SIGKILLed
-    # a quarter of a second later with its own children left running.
+    # The hook (an evaluation, say) gets the signal too and may clean up; it is not SIGKILLed
+    # a quarter of a second later with its own children left running. (runctl runs in a
+    # session of its own: no terminal has delivered a Ctrl-C to the hook already.)
     bucket = S3URL(moto_server.new_bucket())
     prefix = bucket.join("run/")
     hook = tmp_path / "hook.sh"
     hook.write_text(
         "#!/bin/sh\n"
         "sleep 30 & pid=$!\n"
-        "trap 'kill $pid; echo cleaned-up > \"$0.done\"; exit 3' TERM\n"
+        "trap 'kill $pid; echo cleaned-up > \"$0.done\"; exit 3' TERM INT\n"
         "echo started > \"$0.started\"\n"
         "wait\n"
     )
@@ -417,7 +419,7 @@ def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
     proc = subprocess.Popen(
         [sys.executable, "-m", "runctl", "s3", "watch", str(prefix), "--interval", "0.2",
          "--timeout", "60", "--exec", str(hook)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         put(moto_server, prefix, "checkpoint-2/model.bin", b"ab")
@@ -427,10 +429,12 @@ def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
         while not started.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the hook never ran"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
     assert (tmp_path / "hook.sh.done").read_text().strip() == "cleaned-up"
+    assert time.monotonic() - sent < 5  # not the 10 s a hook that never heard gets
