@@ -37,6 +37,35 @@ def runctl(
     )
 
 
+def write_big(path: Path, mib: int = 300) -> Path:
+    """``mib`` MiB of random bytes: long enough to interrupt midway."""
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1 << 20))
+    return path
+
+
+def start_runctl(server: S3Server, backend: str, *args: str, cwd: Path) -> subprocess.Popen[bytes]:
+    """``runctl s3 ARGS`` as a real child process, to be interrupted."""
+    env = {**os.environ, **server.env(), "PYTHONPATH": str(ROOT)}
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    return subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", *args, flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def wait_for_a_multipart_upload(server: S3Server, bucket: S3URL, proc: subprocess.Popen[bytes]) -> None:
+    client = server.client()
+    deadline = time.monotonic() + 60
+    while not client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no multipart upload began"
+        time.sleep(0.02)
+
+
 def test_a_stream_goes_up_and_comes_back_byte_for_byte(
     s3_server: S3Server, bucket: S3URL, backend: str
 ) -> None:
@@ -191,25 +220,11 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_parts_behind(
     # none to show, and runctl must not warn about one it could not abort.)
     moto_server: S3Server = request.getfixturevalue(f"{server_kind}_server")
     bucket = S3URL(moto_server.new_bucket())
-    big = tmp_path / "big.bin"
-    with open(big, "wb") as fh:
-        for _ in range(300):
-            fh.write(os.urandom(1 << 20))
+    big = write_big(tmp_path / "big.bin")
     client = moto_server.client()
-    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runctl", "s3", "upload", str(big), f"{bucket}big.bin", flag],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = start_runctl(moto_server, backend, "upload", str(big), f"{bucket}big.bin", cwd=tmp_path)
     if server_kind == "moto":
-        deadline = time.monotonic() + 60
-        while not client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads"):
-            assert proc.poll() is None and time.monotonic() < deadline, "no multipart upload began"
-            time.sleep(0.02)
+        wait_for_a_multipart_upload(moto_server, bucket, proc)
     else:
         time.sleep(0.7)  # rclone lists none: started and sending, far from done with 300 MiB
     assert proc.poll() is None, "the upload ended before Ctrl-C"
@@ -244,24 +259,10 @@ def test_sigterm_stops_an_upload_as_ctrl_c_does(
     # `kill` or `timeout` sends SIGTERM, whose default would end runctl at once and leave its
     # s5cmd child (in its own session) sending on, the object landing after runctl "stopped".
     bucket = S3URL(moto_server.new_bucket())
-    big = tmp_path / "big.bin"
-    with open(big, "wb") as fh:
-        for _ in range(300):
-            fh.write(os.urandom(1 << 20))
+    big = write_big(tmp_path / "big.bin")
     client = moto_server.client()
-    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runctl", "s3", "upload", str(big), f"{bucket}big.bin", flag],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
-    deadline = time.monotonic() + 60
-    while not client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads"):
-        assert proc.poll() is None and time.monotonic() < deadline, "no multipart upload began"
-        time.sleep(0.02)
+    proc = start_runctl(moto_server, backend, "upload", str(big), f"{bucket}big.bin", cwd=tmp_path)
+    wait_for_a_multipart_upload(moto_server, bucket, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -280,11 +281,7 @@ def test_an_interrupted_download_leaves_no_temporary_file_behind(
     # The object goes to a temporary name beside its destination, and s5cmd and boto3 each
     # write to a name of their own derived from it: stopped midway, none may stay.
     bucket = S3URL(moto_server.new_bucket())
-    big = tmp_path / "big.bin"
-    with open(big, "wb") as fh:
-        for _ in range(300):
-            fh.write(os.urandom(1 << 20))
-    with open(big, "rb") as fh:
+    with open(write_big(tmp_path / "big.bin"), "rb") as fh:
         moto_server.client().put_object(Bucket=bucket.bucket, Key="big.bin", Body=fh)
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -293,15 +290,7 @@ def test_an_interrupted_download_leaves_no_temporary_file_behind(
         if command == "download"
         else ["sync", str(dest), str(bucket), "--direction", "down"]
     )
-    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runctl", "s3", *args, flag],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = start_runctl(moto_server, backend, *args, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while not any(p.stat().st_size > 0 for p in dest.iterdir() if p.is_file()):
         assert proc.poll() is None and time.monotonic() < deadline, "no download began"
