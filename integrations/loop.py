@@ -169,6 +169,10 @@ class CheckpointManager:
         """The newest complete checkpoint to resume from: the local one, else downloaded from S3.
 
         Returns None when there is none anywhere (a fresh start).
+
+        Example:
+            >>> path = manager.latest()  # doctest: +SKIP
+            >>> state = torch.load(path) if path is not None else None  # doctest: +SKIP
         """
         from runctl.checkpoints import scan_local
 
