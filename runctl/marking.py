@@ -127,19 +127,29 @@ def changed_dirs(
         >>> changed_dirs([(d, dest)], {}) == [(d, dest)]  # nothing in S3 yet
         True
     """
-    changed = []
-    for local_dir, dest in dirs:
-        for rel, st in local_files(local_dir).items():
-            obj = listed.get(dest.key + rel)
-            if (
-                obj is None
-                or obj.size != st.st_size
-                # whole seconds, as sync compares: listings differ below a second
-                or int(st.st_mtime) > int(obj.last_modified.timestamp())
-            ):
-                changed.append((local_dir, dest))
-                break
-    return changed
+    return [
+        (local_dir, dest)
+        for local_dir, dest in dirs
+        if not all(
+            held_in_s3(listed.get(dest.key + rel), st) for rel, st in local_files(local_dir).items()
+        )
+    ]
+
+
+def held_in_s3(obj: ObjectInfo | None, st: os.stat_result) -> bool:
+    """True when ``obj`` is this local file as uploaded: the same size, the file no newer.
+
+    Whole seconds, as sync compares (listings differ below a second).
+
+    Example:
+        >>> held_in_s3(None, os.stat(__file__))
+        False
+    """
+    return (
+        obj is not None
+        and obj.size == st.st_size
+        and int(st.st_mtime) <= int(obj.last_modified.timestamp())
+    )
 
 
 def is_marker_key(key: str) -> bool:
@@ -277,9 +287,7 @@ def mark_copied(
                 "once it is finished)"
             )
             continue
-        objects = {
-            key[len(dest.key) :]: obj for key, obj in listed.items() if key.startswith(dest.key)
-        }
+        objects = _under(listed, dest)
         problems = [
             rel
             for rel, st in files.items()
@@ -332,12 +340,14 @@ def _markers_that_still_hold(
             manifest = Manifest.from_bytes(data)
         except MarkerError:
             continue
-        objects = {
-            key[len(dest.key) :]: obj for key, obj in listed.items() if key.startswith(dest.key)
-        }
-        if not verify_against_manifest(manifest, objects):
+        if not verify_against_manifest(manifest, _under(listed, dest)):
             holding.add(dest)
     return holding
+
+
+def _under(listed: Mapping[str, ObjectInfo], dest: S3URL) -> dict[str, ObjectInfo]:
+    """The listed objects below ``dest``, keyed by path relative to it."""
+    return {key[len(dest.key) :]: obj for key, obj in listed.items() if key.startswith(dest.key)}
 
 
 def _listing(transfer: Transfer, dests: Sequence[S3URL]) -> dict[str, ObjectInfo]:

@@ -315,7 +315,7 @@ def durable_in(transfer: Transfer, prefix: S3URL, root: Path) -> Callable[[Check
         >>> check(scan_local(Path("ckpt"))[0])  # doctest: +SKIP
         True
     """
-    from runctl.marking import local_files
+    from runctl.marking import held_in_s3, local_files
 
     prefix = prefix.as_prefix()
     listed: dict[str, ObjectInfo] = {}
@@ -346,12 +346,7 @@ def durable_in(transfer: Transfer, prefix: S3URL, root: Path) -> Callable[[Check
                 files = {prefix.key + cp.name: path.stat()}
             except OSError:
                 return False
-        return bool(files) and all(
-            (obj := listed.get(key)) is not None
-            and obj.size == st.st_size
-            and int(st.st_mtime) <= int(obj.last_modified.timestamp())
-            for key, st in files.items()
-        )
+        return bool(files) and all(held_in_s3(listed.get(key), st) for key, st in files.items())
 
     return check
 
