@@ -179,6 +179,10 @@ class JournalSnapshot:
         entries = [e for e in self.latest.values() if e.state in states]
         return sorted(entries, key=lambda e: (e.time, e.name))
 
+    def was_verified(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
+        """As ``Journal.was_verified``, over this replay."""
+        return _was_verified(self, name, size, mtime)
+
     def verified_versions(self) -> list[JournalEntry]:
         """As ``Journal.verified_versions``: each name's verified line whose version still counts."""
         return [e for name, e in self.verified.items() if _was_verified(self, name, e.size, e.mtime)]

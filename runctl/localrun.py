@@ -269,10 +269,10 @@ class CheckpointWatcher:
         from runctl.journal import Journal
 
         try:
-            journal = Journal(self.root)
+            snapshot = Journal(self.root).snapshot()  # one replay for both questions
             # As the uploader resumes them: pending, and failed in an earlier process.
-            pending = {e.name for e in journal.pending(failed=True)}
-            verified = journal.durability_check()
+            pending = {e.name for e in snapshot.pending(failed=True)}
+            verified = snapshot.was_verified
         except RunctlError as exc:
             log.warning("cannot read the journal in %s: %s", self.root, exc)
             return lambda name, size, mtime: False
