@@ -96,6 +96,14 @@ def train_demo(
         use_s5cmd=use_s5cmd,
         log_stats=False,
     )
+
+    class ExceptionSeen(lp.Callback):  # type: ignore[misc]
+        exception: BaseException | None = None
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self.exception = exception
+
+    interrupt = ExceptionSeen()
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     with warnings.catch_warnings():
@@ -106,7 +114,7 @@ def train_demo(
             max_steps=steps,
             accelerator="cpu",
             devices=1,
-            callbacks=[ckpt],
+            callbacks=[ckpt, interrupt],
             logger=False,
             enable_progress_bar=progress,
             enable_model_summary=False,
@@ -114,6 +122,13 @@ def train_demo(
         )
         try:
             trainer.fit(make_module(), make_dataloader())
+        except SystemExit:
+            # Lightning ends fit on Ctrl-C (or the CLI's SIGTERM, a KeyboardInterrupt too) with
+            # exit(1), after its own graceful shutdown: hand the interrupt back, so the demo
+            # exits 130 or 143 as every runctl command does, with its one line.
+            if isinstance(interrupt.exception, KeyboardInterrupt):
+                raise interrupt.exception from None
+            raise
         finally:
             lightning_log.setLevel(level)
     best = Path(ckpt.best_model_path).name if ckpt.best_model_path else None

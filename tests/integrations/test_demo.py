@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -47,3 +53,30 @@ def test_demo_human_output_names_what_landed(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Trained 10 steps" in result.stdout
     assert "epoch=0-step=10.ckpt" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_a_signal_mid_training_exits_as_every_command_does(
+    tmp_path: Path, sig: signal.Signals, code: int, line: str
+) -> None:
+    # Lightning turns the KeyboardInterrupt into exit(1) after its own shutdown; the demo must
+    # still say why it stopped and exit 128 + the signal, as the README's exit codes promise.
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "demo", "--fast", "--steps", "100000", "--dir", str(ckpt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    deadline = time.monotonic() + 120
+    while not (ckpt.is_dir() and any(p.suffix == ".ckpt" for p in ckpt.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was saved"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.decode().strip().splitlines()[-1] == f"runctl: error: {line}"
