@@ -581,8 +581,19 @@ class _Tee:
 # -- signals --------------------------------------------------------------------------------------
 
 
-def _terminal_delivers_to(child_pid: int) -> bool:
-    """True when a Ctrl-C at the terminal already reached the child (same foreground process group)."""
+def terminal_delivers_to(child_pid: int) -> bool:
+    """True when a Ctrl-C at the terminal already reached the child (same foreground process group).
+
+    Used by whatever forwards signals to a child it started (``runctl local``, ``watch --exec``):
+    a SIGINT the terminal delivered must not be sent again, one sent with ``kill`` must be.
+
+    Example:
+        >>> child = subprocess.Popen(["sleep", "5"], start_new_session=True)
+        >>> terminal_delivers_to(child.pid)  # a session of its own: no Ctrl-C reaches it
+        False
+        >>> child.kill(); child.wait()
+        -9
+    """
     try:
         if os.getpgid(child_pid) != os.getpgrp():
             return False
@@ -634,7 +645,7 @@ class _SignalForwarder:
         # A Ctrl-C at the terminal already went to the whole foreground group, the script
         # included: forwarding it too would interrupt the script's own clean-up. (A SIGINT sent
         # with kill while runctl is in the foreground is therefore not forwarded; SIGTERM always is.)
-        if signum == signal.SIGINT and _terminal_delivers_to(self.proc.pid):
+        if signum == signal.SIGINT and terminal_delivers_to(self.proc.pid):
             log.debug("SIGINT came from the terminal: the script got it too")
             return
         try:

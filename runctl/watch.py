@@ -502,12 +502,12 @@ def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
     import signal
 
     from runctl.exceptions import Terminated
-    from runctl.localrun import _terminal_delivers_to
+    from runctl.localrun import terminal_delivers_to
 
     if isinstance(exc, Terminated):
         forward: int | None = signal.SIGTERM
     else:
-        forward = None if _terminal_delivers_to(proc.pid) else signal.SIGINT
+        forward = None if terminal_delivers_to(proc.pid) else signal.SIGINT
     if forward is not None:
         try:
             proc.send_signal(forward)
