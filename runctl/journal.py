@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -344,9 +345,18 @@ class Journal:
         """
         return _was_verified(self.snapshot(), name, size, mtime)
 
-    def durability_check(self) -> _DurabilityCheck:
-        """A ``was_verified`` predicate over one replay (for checking many checkpoints at once)."""
-        return _DurabilityCheck(self.snapshot())
+    def durability_check(self) -> Callable[[str, int | None, float | None], bool]:
+        """A ``was_verified`` predicate over one replay (for checking many checkpoints at once).
+
+        Example:
+            >>> import tempfile
+            >>> j = Journal(Path(tempfile.mkdtemp()))
+            >>> j.record("step_5.pt", "verified", size=3, mtime=1.5)
+            >>> check = j.durability_check()
+            >>> check("step_5.pt", 3, 1.5), check("step_5.pt", 4, 1.5)
+            (True, False)
+        """
+        return self.snapshot().was_verified
 
     def verified_versions(self) -> list[JournalEntry]:
         """The ``verified`` line of each name whose verified version still counts (``was_verified``).
@@ -402,10 +412,3 @@ def _was_verified(state: JournalSnapshot, name: str, size: int | None, mtime: fl
         return last is not None and last.matches(size, mtime)
     return False
 
-
-class _DurabilityCheck:
-    def __init__(self, state: JournalSnapshot) -> None:
-        self._state = state
-
-    def __call__(self, name: str, size: int | None = None, mtime: float | None = None) -> bool:
-        return _was_verified(self._state, name, size, mtime)
