@@ -20,6 +20,7 @@ from runctl._version import __version__
 from runctl.exceptions import TransferError
 from runctl.s3url import S3URL
 from runctl.transfer.base import ObjectInfo, Transfer
+from runctl.transfer.ops import held_in_s3
 
 log = logging.getLogger("runctl.marking")
 
@@ -134,22 +135,6 @@ def changed_dirs(
             held_in_s3(listed.get(dest.key + rel), st) for rel, st in local_files(local_dir).items()
         )
     ]
-
-
-def held_in_s3(obj: ObjectInfo | None, st: os.stat_result) -> bool:
-    """True when ``obj`` is this local file as uploaded: the same size, the file no newer.
-
-    Whole seconds, as sync compares (listings differ below a second).
-
-    Example:
-        >>> held_in_s3(None, os.stat(__file__))
-        False
-    """
-    return (
-        obj is not None
-        and obj.size == st.st_size
-        and int(st.st_mtime) <= int(obj.last_modified.timestamp())
-    )
 
 
 def is_marker_key(key: str) -> bool:

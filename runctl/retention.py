@@ -315,7 +315,8 @@ def durable_in(transfer: Transfer, prefix: S3URL, root: Path) -> Callable[[Check
         >>> check(scan_local(Path("ckpt"))[0])  # doctest: +SKIP
         True
     """
-    from runctl.marking import held_in_s3, local_files
+    from runctl.marking import local_files
+    from runctl.transfer.ops import held_in_s3
 
     prefix = prefix.as_prefix()
     listed: dict[str, ObjectInfo] = {}

@@ -784,6 +784,23 @@ def _newer(a: float, b: float) -> bool:
     return int(a) > int(b)
 
 
+def held_in_s3(obj: ObjectInfo | None, st: os.stat_result, *, size_only: bool = False) -> bool:
+    """True when ``obj`` is this local file as uploaded: the same size, the file no newer.
+
+    Sync's rule for "unchanged" (as ``aws s3 sync`` decides): whole seconds, since listings
+    differ below a second; ``size_only`` drops the time.
+
+    Example:
+        >>> held_in_s3(None, os.stat(__file__))
+        False
+    """
+    return (
+        obj is not None
+        and obj.size == st.st_size
+        and (size_only or not _newer(st.st_mtime, obj.last_modified.timestamp()))
+    )
+
+
 @dataclass(frozen=True)
 class _SyncWork:
     """A plan plus the typed values needed to carry it out (no string round-trips of keys)."""
@@ -828,11 +845,7 @@ def _plan(
         for rel, path in local_files.items():
             obj = remote.get(rel)
             st = path.stat()
-            if (
-                obj is None
-                or obj.size != st.st_size
-                or (not size_only and _newer(st.st_mtime, obj.last_modified.timestamp()))
-            ):
+            if not held_in_s3(obj, st, size_only=size_only):
                 uploads.append((path, prefix.join(rel)))
             else:
                 unchanged += 1
