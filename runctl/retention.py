@@ -358,7 +358,7 @@ def apply_local_retention(
     *,
     protected: Collection[str] = (),
     force: bool = False,
-    is_durable: Callable[[Checkpoint], bool] | None = None,
+    also_durable: Callable[[Checkpoint], bool] | None = None,
     dry_run: bool = False,
     lock_timeout: float = 600.0,
     patterns: Sequence[str] | None = None,
@@ -366,9 +366,11 @@ def apply_local_retention(
     """Apply keep-last-N to the checkpoints directly under a local directory; return the plan.
 
     A checkpoint the plan would delete but that is not durable in S3 is kept (reason
-    ``"not durable in S3"``) unless ``force``. By default durability comes from the journal
-    (``Journal(root).was_verified`` with the checkpoint's size and mtime). Each deletion is
-    recorded in the journal as ``deleted_local``.
+    ``"not durable in S3"``) unless ``force``. Durability comes from the journal
+    (``Journal(root).was_verified`` with the checkpoint's size and mtime), read under the
+    lock; ``also_durable`` may vouch for a checkpoint the journal does not (one S3 holds whole
+    though no uploader wrote it down). Each deletion is recorded in the journal as
+    ``deleted_local``.
 
     Raises:
         UsageError: ``root`` is not a directory, or ``keep_last_n`` is below 1.
@@ -384,16 +386,18 @@ def apply_local_retention(
     journal = Journal(root)
     with local_dir_lock(root, timeout=lock_timeout):
         plan = plan_retention(scan_local(root, patterns), keep_last_n, protected=protected)
-        durable = is_durable
-        if durable is None and not force and plan.delete:
-            check = journal.durability_check()
-            durable = lambda cp: check(cp.name, cp.size, cp.mtime)  # noqa: E731
+        check = journal.durability_check() if plan.delete and not force else None
+
+        def durable(cp: Checkpoint) -> bool:
+            if check is None or check(cp.name, cp.size, cp.mtime):
+                return True
+            return also_durable is not None and also_durable(cp)
 
         reasons = dict(plan.reasons)
         keep = list(plan.keep)
         delete: list[Checkpoint] = []
         for cp in plan.delete:
-            if not force and durable is not None and not durable(cp):
+            if not durable(cp):
                 keep.append(cp)
                 reasons[cp.name] = NOT_DURABLE
             else:

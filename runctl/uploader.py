@@ -1549,16 +1549,11 @@ class CheckpointUploader:
                 self._retention_failed("S3", exc)
         if self.local_keep_last_n is not None:
             try:
-                check = self.journal.durability_check()
-
-                def durable(cp: Checkpoint) -> bool:
-                    return check(cp.name, cp.size, cp.mtime) or self._superseded_and_covered(cp)
-
                 apply_local_retention(
                     self.root,
                     self.local_keep_last_n,
                     protected=protected,
-                    is_durable=durable,
+                    also_durable=self._superseded_and_covered,
                     patterns=self.patterns,
                 )
             except Exception as exc:  # noqa: BLE001

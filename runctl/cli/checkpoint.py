@@ -99,7 +99,6 @@ def cleanup_local(
     if not directory.is_dir():
         raise UsageError(f"DIR {str(directory)!r} is not a directory")
 
-    from runctl.journal import Journal
     from runctl.retention import apply_local_retention, durable_in
 
     if durable_in_s3 is None:
@@ -108,15 +107,13 @@ def cleanup_local(
         )
     else:
         prefix = parse_s3url(durable_in_s3, "--durable-in")
-        journaled = Journal(directory).durability_check()
         with s.transfer(use_s5cmd) as transfer:
-            in_s3 = durable_in(transfer, prefix, directory)
             plan = apply_local_retention(
                 directory,
                 keep_last_n,
                 protected=tuple(protect or ()),
                 force=force,
                 dry_run=dry_run,
-                is_durable=lambda cp: journaled(cp.name, cp.size, cp.mtime) or in_s3(cp),
+                also_durable=durable_in(transfer, prefix, directory),
             )
     render_retention(s.out, plan, location=str(directory), dry_run=dry_run)

@@ -249,7 +249,7 @@ def test_local_deleted_in_s3_after_verify_may_go(tmp_path: Path) -> None:
 
 def test_local_force_and_custom_predicate(tmp_path: Path) -> None:
     write_steps(tmp_path, 1, 2, 3)
-    plan = apply_local_retention(tmp_path, 1, is_durable=lambda c: c.name == "step_1.pt")
+    plan = apply_local_retention(tmp_path, 1, also_durable=lambda c: c.name == "step_1.pt")
     assert names(plan.delete) == ["step_1.pt"] and plan.reasons["step_2.pt"] == NOT_DURABLE
     plan = apply_local_retention(tmp_path, 1, force=True)
     assert names(plan.delete) == ["step_2.pt"]
