@@ -1727,6 +1727,28 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _warn_of_strays(path: Path, downloaded: set[str]) -> None:
+    """Say so when a restored checkpoint directory also holds files it did not bring.
+
+    The download merges into a directory already there, as ``aws s3 cp`` does; a file left
+    from an earlier copy (another run's ``scheduler.pt``) would be loaded with the rest.
+    Deleting it is the user's call, not a restore's.
+    """
+    from runctl.marking import local_files
+
+    base = f"{path.name}/"
+    strays = sorted(rel for rel in local_files(path) if base + rel not in downloaded)
+    if strays:
+        shown = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+        log.warning(
+            "%s also holds %d file(s) that are not part of the checkpoint (%s): they were there "
+            "before and are left as they were; remove them before resuming from it",
+            path,
+            len(strays),
+            shown,
+        )
+
+
 def latest_checkpoint(
     s3_url: str | S3URL,
     dest: str | os.PathLike[str],
@@ -1780,6 +1802,8 @@ def latest_checkpoint(
         log.info(
             "downloaded %s (%d file(s)) from %s to %s", newest.name, len(chosen), prefix, dest_dir
         )
+        if newest.is_dir:
+            _warn_of_strays(dest_dir / newest.name, {k[len(prefix.key) :] for k in wanted})
         return dest_dir / newest.name
     finally:
         if owns:

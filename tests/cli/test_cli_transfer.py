@@ -232,6 +232,18 @@ def test_download_latest_complete_checkpoint(
     assert latest["name"] == "checkpoint-10"
     assert (Path(latest["destination"]) / "model.bin").read_bytes() == b"ten"
     assert not (tmp_path / "resume" / "checkpoint-20").exists()
+    assert "not part of the checkpoint" not in result.stderr
+
+    # Restored over an older copy: a file the checkpoint lacks stays, and is named.
+    (tmp_path / "resume" / "checkpoint-10" / "sub").mkdir()
+    (tmp_path / "resume" / "checkpoint-10" / "sub" / "scheduler.pt").write_bytes(b"old")
+    again = run_s3(
+        s3_server, "s3", "download", f"{bucket}ckpt/", str(tmp_path / "resume"), "--latest",
+        backend_flag(backend),
+    )
+    assert again.exit_code == 0, again.output
+    assert "also holds 1 file(s) that are not part of the checkpoint (sub/scheduler.pt)" in again.stderr
+    assert (tmp_path / "resume" / "checkpoint-10" / "sub" / "scheduler.pt").read_bytes() == b"old"
 
     empty = run_s3(
         s3_server,
