@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 #: Exit codes the CLI maps errors to (documented in the README).
 EXIT_OK = 0
@@ -104,11 +105,23 @@ class UnsafeKeyError(TransferError):
 
 
 class PartialTransferError(TransferError):
-    """Some objects of a batch failed; ``failures`` maps each one to its reason."""
+    """Some objects of a batch failed; ``failures`` maps each one to its reason.
 
-    def __init__(self, message: str, failures: dict[str, str], *, code: str | None = None) -> None:
+    ``done``, when the operation says, is what it did carry out, in the shape it returns on
+    success (so a caller can report the copies that landed beside the ones that failed).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failures: dict[str, str],
+        *,
+        code: str | None = None,
+        done: Any = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.failures = dict(failures)
+        self.done = done
 
 
 class SubprocessError(TransferError):

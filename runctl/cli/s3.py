@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -31,7 +31,7 @@ from runctl.cli.options import (
     session,
 )
 from runctl.cli.output import human_size, render_retention
-from runctl.exceptions import RunctlError, UsageError
+from runctl.exceptions import PartialTransferError, RunctlError, UsageError
 from runctl.s3url import S3URL
 
 if TYPE_CHECKING:
@@ -52,6 +52,10 @@ s3_app = typer.Typer(
 
 #: LOCAL for a stream: stdin for upload, stdout for download (as aws s3 cp has it).
 STDIO = "-"
+#: Why a directory checkpoint stays unmarked after a copy that partly failed.
+FAILED = "some of the copy failed, so it is not known to be whole"
+
+T = TypeVar("T")
 
 #: Storage classes S3 accepts on upload (checked before anything is sent).
 STORAGE_CLASSES = (
@@ -205,20 +209,26 @@ def upload_files(
         changed = marking.changed_dirs(dirs, marking.listing(transfer, dirs))
         if changed:
             marking.clear_markers(transfer, changed)
-        pairs = ops.upload(
-            transfer,
-            local,
-            url,
-            recursive=recursive,
-            include=include or (),
-            exclude=exclude or (),
-            storage_class=storage,
-            dry_run=dry_run,
-            progress=advance,
+        pairs, partial = _partly(
+            lambda: ops.upload(
+                transfer,
+                local,
+                url,
+                recursive=recursive,
+                include=include or (),
+                exclude=exclude or (),
+                storage_class=storage,
+                dry_run=dry_run,
+                progress=advance,
+            )
         )
-        marks = marking.mark_copied(
-            transfer, dirs, started=began, changed={dest for _, dest in changed}
-        )
+        if partial is None:
+            marks = marking.mark_copied(
+                transfer, dirs, started=began, changed={dest for _, dest in changed}
+            )
+        else:
+            # A failed file may have left an older object of its size: marking must not trust it.
+            marks = marking.MarkResult(unmarked=dict.fromkeys([d for _, d in changed], FAILED))
     seconds = time.monotonic() - started
     moved = 0
     prefix = "(dry run) " if dry_run else ""
@@ -240,7 +250,7 @@ def upload_files(
         seconds=round(seconds, 3),
         dry_run=dry_run,
     )
-    if not pairs:
+    if not pairs and partial is None:
         s.out.info("nothing to upload (no file matched)" + _filter_hint(include, exclude))
     elif dry_run:
         s.out.info(f"dry run: would upload {_plural(len(pairs), 'file')} ({human_size(moved)})")
@@ -248,6 +258,22 @@ def upload_files(
         s.out.info(
             f"uploaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
         )
+    if partial is not None:
+        raise partial
+
+
+def _partly(call: Callable[[], T]) -> tuple[T, PartialTransferError | None]:
+    """Run a copy; when part of it failed, what it did carry out and the error to raise after.
+
+    aws and s5cmd print a line for each copy that landed beside each one that failed; so does
+    runctl, and the error (exit 1) comes last.
+    """
+    try:
+        return call(), None
+    except PartialTransferError as exc:
+        if exc.done is None:
+            raise
+        return exc.done, exc
 
 
 def _report_marks(s: Session, marks: MarkResult) -> None:
@@ -387,8 +413,10 @@ def download_files(
         target = ops.safe_local_path(local, url.name)
     started = time.monotonic()
     with s.transfer(use_s5cmd) as transfer, s.out.progress("download") as advance:
-        pairs = ops.download(
-            transfer, url, target, recursive=recursive, dry_run=dry_run, progress=advance
+        pairs, partial = _partly(
+            lambda: ops.download(
+                transfer, url, target, recursive=recursive, dry_run=dry_run, progress=advance
+            )
         )
     seconds = time.monotonic() - started
     moved = 0
@@ -416,6 +444,8 @@ def download_files(
         s.out.info(
             f"downloaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
         )
+    if partial is not None:
+        raise partial
 
 
 def _download_latest(
@@ -538,23 +568,28 @@ def sync_tree(
             touched.update(dest for _, dest in changed)
             marking.clear_markers(transfer, changed)
 
-        plan = ops.sync(
-            transfer,
-            local,
-            url,
-            direction.value,
-            delete=delete,
-            size_only=size_only,
-            dry_run=dry_run,
-            include=include or (),
-            exclude=exclude or (),
-            progress=advance,
-            before_upload=clear_changed if dirs else None,
-            keep_key=marking.marker_of_a_local_dir(local, url) if up else None,
+        plan, partial = _partly(
+            lambda: ops.sync(
+                transfer,
+                local,
+                url,
+                direction.value,
+                delete=delete,
+                size_only=size_only,
+                dry_run=dry_run,
+                include=include or (),
+                exclude=exclude or (),
+                progress=advance,
+                before_upload=clear_changed if dirs else None,
+                keep_key=marking.marker_of_a_local_dir(local, url) if up else None,
+            )
         )
         # A directory that lost files to --delete gets a marker of what it holds now.
         touched.update(d for _, d in dirs if any(t.startswith(str(d)) for t in plan.delete))
-        marks = marking.mark_copied(transfer, dirs, started=began, changed=touched)
+        if partial is None:
+            marks = marking.mark_copied(transfer, dirs, started=began, changed=touched)
+        else:
+            marks = marking.MarkResult(unmarked=dict.fromkeys(touched, FAILED))
     seconds = time.monotonic() - started
     prefix = "(dry run) " if dry_run else ""
     if s.out.json:
@@ -585,8 +620,10 @@ def sync_tree(
     s.out.info(
         f"{head} {_plural(len(plan.copy), 'file')}, "
         f"{'would delete' if dry_run else 'deleted'} {len(plan.delete)}, {plan.unchanged} unchanged"
-        + ("" if matched else _filter_hint(include, exclude))
+        + ("" if matched or partial else _filter_hint(include, exclude))
     )
+    if partial is not None:
+        raise partial
 
 
 def _selector(

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -230,11 +230,16 @@ def _chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
         yield chunk
 
 
-def _raise_collected(failures: dict[str, str], total: int, action: str) -> None:
+def _raise_collected(
+    failures: dict[str, str], total: int, action: str, done: object = None
+) -> None:
+    """Raise one error naming every failure; ``done`` is what was carried out all the same."""
     if not failures:
         return
     raise PartialTransferError(
-        f"{action}: {len(failures)} of {total} failed: {failure_summary(failures)}", failures
+        f"{action}: {len(failures)} of {total} failed: {failure_summary(failures)}",
+        failures,
+        done=done,
     )
 
 
@@ -346,7 +351,7 @@ def upload(
                 raise
             _collect(exc, [str(u) for _, u in chunk], failures)
         done.extend(pair for pair in chunk if str(pair[1]) not in failures)
-    _raise_collected(failures, total, "upload")
+    _raise_collected(failures, total, "upload", done)
     return done
 
 
@@ -624,7 +629,7 @@ def download(
         )
         if seen == 0:
             raise NoSuchKeyError(f"no objects under {prefix}", code="NoSuchKey", url=str(prefix))
-        _raise_collected(failures, seen, "download")
+        _raise_collected(failures, seen, "download", done)
         return done
     if url.is_prefix:
         raise UsageError(
@@ -730,7 +735,7 @@ def download_objects(
     done, failures, seen = _download_tree(
         transfer, objects, prefix, Path(dest), dry_run=False, progress=progress
     )
-    _raise_collected(failures, seen, "download")
+    _raise_collected(failures, seen, "download", done)
     return done
 
 
@@ -963,7 +968,10 @@ def sync(
         keep_key=keep_key,
     )
     plan = work.plan
+    total = len(plan.copy) + len(plan.delete) + len(plan.skipped)
     if dry_run:
+        # As the real run would: keys it cannot write make it fail, after the rest.
+        _raise_collected(dict(plan.skipped), total, f"sync {direction}", plan)
         return plan
     if before_upload is not None and work.uploads:
         before_upload(work.uploads)
@@ -992,7 +1000,10 @@ def sync(
             pass
         except OSError as exc:
             failures[str(path)] = f"cannot delete: {exc}"
-    _raise_collected(
-        failures, len(plan.copy) + len(plan.delete) + len(plan.skipped), f"sync {direction}"
+    carried_out = replace(
+        plan,
+        copy=tuple(c for c in plan.copy if c[0] not in failures and c[1] not in failures),
+        delete=tuple(target for target in plan.delete if target not in failures),
     )
+    _raise_collected(failures, total, f"sync {direction}", carried_out)
     return plan

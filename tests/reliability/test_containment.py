@@ -13,7 +13,7 @@ from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
 from runctl.exceptions import RunctlError
 from runctl.s3url import S3URL
 from runctl.uploader import latest_checkpoint
-from tests.cli.cli_support import run
+from tests.cli.cli_support import of_type, records, run
 from tests.reliability.conftest import tree_snapshot
 from tests.servers import S3Server
 
@@ -170,3 +170,47 @@ def test_a_key_that_cleans_to_another_keys_path_never_replaces_its_content(
     assert result.exit_code == 1, result.stderr
     assert "unsafe" in result.stderr.lower()
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == {k[4:]: k.encode() for k in wanted}
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_partial_failure_still_reports_what_landed(
+    moto_server: S3Server, backend: str, tmp_path: Path
+) -> None:
+    # aws and s5cmd print a line for each copy beside each failure. One unsafe key once hid
+    # every line: sync --delete said nothing of the files it wrote and the local file it deleted.
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    for key in ("run/a.pt", "run/sub/b.pt", "run/../escape.txt"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    url = f"s3://{bucket}/run/"
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    endpoint = ["--endpoint-url", moto_server.endpoint_url]
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "local.pt").write_bytes(b"local")
+    sync = [*endpoint, "s3", "sync", str(dest), url, "-d", "down", "--delete", flag]
+
+    # The dry run fails as the real run will, and shows the same lines.
+    for dry_run in (True, False):
+        result = run(*sync, *(["--dry-run"] if dry_run else []))
+        assert result.exit_code == 1, result.stderr
+        shown = "(dry run) " if dry_run else ""
+        assert result.stdout.splitlines() == [
+            f"{shown}copy: {url}a.pt -> {dest / 'a.pt'}",
+            f"{shown}copy: {url}sub/b.pt -> {dest / 'sub' / 'b.pt'}",
+            f"{shown}delete: {dest / 'local.pt'}",
+            "dry run: would copy 2 files, would delete 1, 0 unchanged"
+            if dry_run
+            else "copied 2 files, deleted 1, 0 unchanged",
+        ]
+        err = result.stderr.strip().splitlines()
+        assert "skipped s3://" in result.stderr and "escape.txt" in err[-1], err
+        assert (dest / "local.pt").exists() == dry_run
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.pt")) == ["a.pt", "sub/b.pt"]
+
+    result = run(*endpoint, "--json", "s3", "download", url, str(tmp_path / "j"), "-r", flag)
+    assert result.exit_code == 1, result.stderr
+    assert [r["source"] for r in of_type(result.stdout, "download")] == [f"{url}a.pt", f"{url}sub/b.pt"]
+    (summary,) = of_type(result.stdout, "summary")
+    assert summary["files"] == 2
+    assert records(result.stdout)[-1]["type"] == "error"
