@@ -73,6 +73,10 @@ class S3Config:
     #: Explicit credentials; None means the standard chain (env, profile, instance role).
     static_credentials: Credentials | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            _refuse_userinfo(self.endpoint_url)
+
     @property
     def path_style(self) -> bool:
         return self.endpoint_url is not None
@@ -173,6 +177,21 @@ class S3Config:
             endpoint_url=self.endpoint_url,
             config=boto_config,
             **client_kwargs,
+        )
+
+
+def _refuse_userinfo(endpoint_url: str) -> None:
+    """An endpoint carrying ``user:password@`` would put the password in s5cmd's argv and in
+    messages; S3 signs requests with access keys, so the URL has no use for it."""
+    from urllib.parse import urlsplit
+
+    scheme, netloc, *_ = urlsplit(endpoint_url)
+    if "@" in netloc:
+        host = netloc.rpartition("@")[2]
+        raise ConfigError(
+            f"invalid endpoint URL '{scheme}://****@{host}': it carries a user or password, which"
+            " S3 does not use (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            " or --profile)"
         )
 
 

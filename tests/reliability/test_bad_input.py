@@ -104,6 +104,12 @@ ROWS: list[tuple[str, list[str], int, dict[str, str]]] = [
         {},
     ),
     ("endpoint-bad-scheme", ["--endpoint-url", "ftp://x", "s3", "list", "{url}"], USAGE, {}),
+    (
+        "endpoint-with-password",
+        ["--endpoint-url", "http://u:pw@127.0.0.1:9", "s3", "upload", "{ckpt}", "{url}", "-r"],
+        USAGE,
+        {},
+    ),
     ("keep-last-n-zero", ["s3", "cleanup", "{url}", "--keep-last-n", "0"], USAGE, {}),
     ("keep-last-n-negative", ["s3", "cleanup", "{url}", "--keep-last-n", "-1"], USAGE, {}),
     ("keep-last-n-text", ["s3", "cleanup", "{url}", "--keep-last-n", "abc"], USAGE, {}),

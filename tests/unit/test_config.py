@@ -50,6 +50,18 @@ def test_endpoint_is_tidied_and_checked() -> None:
 
 
 @pytest.mark.parametrize(
+    "url", ["http://u:SEKRET@127.0.0.1:9000", "https://SEKRET@s3.example.com", "http://u:SEKRET@h/p"]
+)
+def test_an_endpoint_with_a_password_is_refused_without_showing_it(url: str) -> None:
+    # It would reach s5cmd's argv (ps) and error messages; S3 signs with keys, not the URL.
+    with pytest.raises(ConfigError) as info:
+        resolve_config(env={"AWS_ENDPOINT_URL_S3": url})
+    assert "SEKRET" not in str(info.value) and "****@" in str(info.value)
+    with pytest.raises(ConfigError):
+        S3Config(endpoint_url=url)
+
+
+@pytest.mark.parametrize(
     "flag, env, expected",
     [
         ("eu-west-1", {"AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "ap-south-1"}, "eu-west-1"),
