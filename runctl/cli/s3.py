@@ -131,8 +131,8 @@ def _check_storage_class(value: str | None) -> str | None:
 @s3_app.command("upload")
 def upload_files(
     ctx: typer.Context,
-    local: Annotated[
-        Path,
+    local_arg: Annotated[
+        str,
         typer.Argument(metavar="LOCAL", help="File or directory to upload.", show_default=False),
     ],
     s3url: S3UrlArg,
@@ -177,7 +177,8 @@ def upload_files(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
-    if str(local) == STDIO:
+    local = Path(local_arg)
+    if local_arg == STDIO:
         if recursive or include or exclude:
             raise UsageError(
                 "LOCAL '-' is one stream (stdin): --recursive, --include and --exclude do not apply"
@@ -186,6 +187,9 @@ def upload_files(
         return
     if not local.exists():
         raise UsageError(f"LOCAL {str(local)!r}: no such file or directory")
+    if local_arg.endswith(("/", os.sep)) and not local.is_dir():
+        # As cat, aws and s5cmd: 'model.pt/' names a directory, and this is not one.
+        raise UsageError(f"LOCAL {local_arg!r} ends with '/', but {str(local)!r} is not a directory")
     if local.is_dir() and not recursive:
         raise UsageError(
             f"LOCAL {str(local)!r} is a directory: add --recursive to upload everything in it"

@@ -495,3 +495,14 @@ def test_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
         advance(6)
     monkeypatch.setenv("NO_COLOR", "1")
     assert Output().console().no_color
+
+
+def test_dot_slash_dash_is_a_file_named_dash_not_stdin(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The help promises it; pathlib turns './-' into '-', which once read stdin instead.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_bytes(b"a file named dash")
+    result = run_s3(s3_server, "s3", "upload", "./-", f"{bucket}dash", backend_flag(backend))
+    assert result.exit_code == 0, result.output
+    assert keys(s3_server, bucket)["dash"] == b"a file named dash"

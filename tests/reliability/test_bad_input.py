@@ -133,6 +133,7 @@ ROWS: list[tuple[str, list[str], int, dict[str, str]]] = [
     ("upload-dangling-symlink", ["s3", "upload", "{tmp}/dangling", "{url}"], USAGE, {}),
     ("upload-fifo", ["s3", "upload", "{tmp}/fifo", "{url}"], USAGE, {}),
     ("upload-dir-without-recursive", ["s3", "upload", "{dir}", "{url}"], USAGE, {}),
+    ("upload-file-with-a-slash", ["s3", "upload", "{file}/", "{url}"], USAGE, {}),
     ("upload-include-on-file", ["s3", "upload", "{file}", "{url}", "--include", "*.pt"], USAGE, {}),
     (
         "upload-bad-storage-class",
