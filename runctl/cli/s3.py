@@ -672,6 +672,7 @@ def list_objects(
     """List objects: one level (prefixes shown as DIR), or everything with --recursive.
 
     The listing streams page by page, so a prefix with 100,000 keys lists fine.
+    A prefix or key that matches nothing exits 1 (as aws s3 ls does); an empty bucket, 0.
 
     \b
     Examples:
@@ -713,6 +714,10 @@ def list_objects(
         out.line(f"Total Objects: {objects}")
         out.line(f"   Total Size: {human_size(total) if human_readable else total}")
     out.flush()
+    if url.key and not objects and not prefixes:
+        # As `aws s3 ls` and `s5cmd ls`: a prefix or key that matches nothing exits 1, so a
+        # script can test for it; an empty bucket lists as nothing, with exit 0.
+        raise RunctlError(f"nothing found at {url}")
 
 
 @s3_app.command("cleanup")

@@ -436,6 +436,14 @@ def test_list_one_level_recursive_and_summary(
     text = run_s3(s3_server, "s3", "list", f"{bucket}run/", "-r", "--summarize", flag)
     assert "Total Objects: 3" in text.stdout and "Total Size: 1541" in text.stdout
 
+    # As aws s3 ls: nothing matched exits 1 (after the summary), a bucket with keys exits 0.
+    for missing in (f"{bucket}nothing/", f"{bucket}run/step_9", f"{bucket}zz"):
+        none = run_s3(s3_server, "s3", "list", missing, "--summarize", flag)
+        assert none.exit_code == 1, (missing, none.output)
+        assert "Total Objects: 0" in none.stdout
+        assert none.stderr.strip() == f"runctl: error: nothing found at {missing}"
+    assert run_s3(s3_server, "s3", "list", f"{bucket}ru", "-r", flag).exit_code == 0
+
 
 def test_list_pages_through_many_keys(moto_server: S3Server, backend: str, tmp_path: Path) -> None:
     bucket = S3URL(moto_server.new_bucket())
