@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import itertools
@@ -35,6 +36,8 @@ log = logging.getLogger("runctl.transfer")
 
 #: Files handed to a backend per call: bounds memory for huge trees, and s5cmd runs once per chunk.
 CHUNK = 1_000
+#: Why a key named like a prefix of other keys (``x`` beside ``x/y``) is not downloaded.
+SHARED_NAME = "other keys are below it as a prefix, and a file and a directory cannot share its path"
 #: A directory upload of at most this many files goes to the backend whole (``put_tree``).
 TREE_MAX_FILES = 50_000
 _TMP_PREFIX = ".runctl-tmp-"
@@ -392,6 +395,24 @@ def _set_mtime(path: Path, obj: ObjectInfo | None) -> None:
         log.warning("cannot set the modification time of %s: %s", path, exc)
 
 
+def _shadowed(finals: Iterable[Path]) -> set[str]:
+    """The paths among ``finals`` that others need as their directory (keys ``x`` and ``x/y``).
+
+    A file and a directory cannot share a path; the deeper keys win, as with ``aws s3 cp``,
+    and the key named like their prefix fails (``SHARED_NAME``), on either backend.
+
+    Example:
+        >>> sorted(_shadowed([Path("d/x"), Path("d/x/y"), Path("d/z")]))
+        ['d/x']
+    """
+    paths = [str(f) for f in finals]
+    parents: set[str] = set()
+    for path in paths:
+        while (path := path.rpartition(os.sep)[0]) and path not in parents:
+            parents.add(path)
+    return {p for p in paths if p in parents}
+
+
 def _move_into_place(staged: Path, final: Path) -> None:
     """Rename ``staged`` to ``final``; across filesystems, copy beside ``final`` first, then rename."""
     try:
@@ -520,9 +541,13 @@ def _fetch_into(
         _discard([tmp for *_, tmp in staged])
         raise
     done: list[tuple[S3URL, Path]] = []
+    shadowed = _shadowed(final for _, _, final, _ in staged)
     for info, url, final, tmp in staged:
+        if str(final) in shadowed:
+            batch_failures[str(url)] = SHARED_NAME
         if str(url) in batch_failures:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a stage directory made for the deeper keys
+                tmp.unlink()
             continue
         try:
             _set_mtime(tmp, info)
@@ -587,6 +612,10 @@ def _download_tree(
             done.extend((url, final) for _, url, final in chunk)
         else:
             done.extend(_fetch(transfer, chunk, dest, failures, progress))
+    if dry_run:
+        shadowed = _shadowed(final for _, final in done)
+        failures.update((str(url), SHARED_NAME) for url, final in done if str(final) in shadowed)
+        done = [(url, final) for url, final in done if str(final) not in shadowed]
     return done, failures, seen
 
 

@@ -214,3 +214,37 @@ def test_a_partial_failure_still_reports_what_landed(
     (summary,) = of_type(result.stdout, "summary")
     assert summary["files"] == 2
     assert records(result.stdout)[-1]["type"] == "error"
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+@pytest.mark.parametrize("command", ["download", "sync", "dry-run"])
+def test_a_key_named_like_a_prefix_fails_alone_and_the_same_on_both_backends(
+    moto_server: S3Server, backend: str, command: str, tmp_path: Path
+) -> None:
+    # S3 holds "run/x" and "run/x/y" side by side; a disk cannot. The deeper keys win (as with
+    # aws s3 cp) and "x" is reported. Once s5cmd wrote x's bytes to d/x/x and boto3 stopped
+    # the whole download with "[Errno 21] Is a directory".
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    for key in ("run/a/b", "run/x", "run/x/y", "run/z"):
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    url = f"s3://{bucket}/run/"
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    dest = tmp_path / "d"
+    args = {
+        "download": ["s3", "download", url, str(dest), "-r"],
+        "sync": ["s3", "sync", str(dest), url, "-d", "down"],
+        "dry-run": ["s3", "download", url, str(dest), "-r", "--dry-run"],
+    }[command]
+    result = run("--endpoint-url", moto_server.endpoint_url, "--json", *args, flag)
+    assert result.exit_code == 1, result.stderr
+    (error,) = of_type(result.stdout, "error")
+    assert list(error["failures"]) == [f"{url}x"], error
+    assert "cannot share its path" in error["failures"][f"{url}x"]
+    reported = {r.get("source") for r in records(result.stdout)} - {None}
+    assert reported == {f"{url}a/b", f"{url}x/y", f"{url}z"}
+    if command == "dry-run":
+        assert not dest.exists()
+    else:
+        landed = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+        assert landed == {"a/b": b"run/a/b", "x/y": b"run/x/y", "z": b"run/z"}
