@@ -218,6 +218,61 @@ def local_files(path: Path) -> dict[str, os.stat_result]:
     return files
 
 
+def why_unfinished(
+    local_dir: Path,
+    files: Mapping[str, os.stat_result],
+    *,
+    started: float,
+    settle: float = SETTLE,
+) -> str | None:
+    """Why a copied directory may not be a finished checkpoint yet, or None when it is.
+
+    Finished: it has its framework's completion sign, or none of its ``files`` (``local_files``)
+    changed within ``settle`` seconds before ``started`` (when the copy began) or since.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "w.bin").write_bytes(b"w")
+        >>> why_unfinished(d, local_files(d), started=time.time() + 60) is None
+        True
+    """
+    from runctl.checkpoints import has_completion_sign
+
+    if not files:
+        return "it is empty"
+    newest = max(st.st_mtime for st in files.values())
+    if newest > started or (newest > started - settle and not has_completion_sign(local_dir)):
+        return (
+            f"a file in it changed {max(0.0, started - newest):.1f} s before the copy or during "
+            "it, and it has no completion sign: it may still be being written (copy it again "
+            "once it is finished)"
+        )
+    return None
+
+
+def dry_run_marks(
+    dirs: Sequence[tuple[Path, S3URL]], changed: Collection[S3URL], *, started: float
+) -> MarkResult:
+    """What ``mark_copied`` would do after a copy that changes ``changed``, as far as the local
+    side can tell (the copy itself is taken to succeed).
+
+    Example:
+        >>> dry_run_marks([], set(), started=time.time()).marked
+        ()
+    """
+    marked: list[S3URL] = []
+    unmarked: dict[S3URL, str] = {}
+    for local_dir, dest in dirs:
+        if dest not in changed:
+            continue
+        unfinished = why_unfinished(local_dir, local_files(local_dir), started=started)
+        if unfinished is None:
+            marked.append(dest)
+        else:
+            unmarked[dest] = unfinished
+    return MarkResult(marked, unmarked)
+
+
 def mark_copied(
     transfer: Transfer,
     dirs: Sequence[tuple[Path, S3URL]],
@@ -245,7 +300,7 @@ def mark_copied(
     """
     if not dirs:
         return MarkResult()
-    from runctl.checkpoints import FileEntry, Manifest, has_completion_sign, parse_step
+    from runctl.checkpoints import FileEntry, Manifest, parse_step
 
     listed = _listing(transfer, [dest for _, dest in dirs])
     marked: list[S3URL] = []
@@ -261,16 +316,9 @@ def mark_copied(
         if dest in untouched:
             continue
         files = local_files(local_dir)
-        if not files:
-            unmarked[dest] = "it is empty"
-            continue
-        newest = max(st.st_mtime for st in files.values())
-        if newest > started or (newest > started - settle and not has_completion_sign(local_dir)):
-            unmarked[dest] = (
-                f"a file in it changed {max(0.0, started - newest):.1f} s before the copy or during "
-                "it, and it has no completion sign: it may still be being written (copy it again "
-                "once it is finished)"
-            )
+        unfinished = why_unfinished(local_dir, files, started=started, settle=settle)
+        if unfinished is not None:
+            unmarked[dest] = unfinished
             continue
         objects = _under(listed, dest)
         problems = [

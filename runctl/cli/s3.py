@@ -205,13 +205,13 @@ def upload_files(
 
     total = _tree_size(local) if s.out.progress_enabled() else None
     started, began = time.monotonic(), time.time()
-    dirs = marking.copied_checkpoint_dirs(local, url) if recursive and not dry_run else []
+    dirs = marking.copied_checkpoint_dirs(local, url) if recursive else []
     dirs = marking.selected_dirs(dirs, _selector(local, include, exclude))
     with s.transfer(use_s5cmd) as transfer, s.out.progress("upload", total) as advance:
         # Only the checkpoints this copy changes lose their marker while it runs: an unchanged
         # one stays complete, also when the copy fails or is interrupted.
         changed = marking.changed_dirs(dirs, marking.listing(transfer, dirs))
-        if changed:
+        if changed and not dry_run:
             marking.clear_markers(transfer, changed)
         pairs, partial = _partly(
             lambda: ops.upload(
@@ -226,7 +226,9 @@ def upload_files(
                 progress=advance,
             )
         )
-        if partial is None:
+        if dry_run:
+            marks = marking.dry_run_marks(dirs, {d for _, d in changed}, started=began)
+        elif partial is None:
             marks = marking.mark_copied(
                 transfer, dirs, started=began, changed={dest for _, dest in changed}
             )
@@ -245,7 +247,7 @@ def upload_files(
         elif not s.out.quiet:
             shown.append(f"{prefix}upload: {path} -> {dest}")
     s.out.lines(shown)
-    _report_marks(s, marks)
+    _report_marks(s, marks, dry_run)
     s.out.record(
         "summary",
         action="upload",
@@ -280,12 +282,12 @@ def _partly(call: Callable[[], T]) -> tuple[T, PartialTransferError | None]:
         return exc.done, exc
 
 
-def _report_marks(s: Session, marks: MarkResult) -> None:
+def _report_marks(s: Session, marks: MarkResult, dry_run: bool = False) -> None:
     """A line per directory checkpoint marked complete; a warning for each one left unmarked."""
     for dest in marks.marked:
-        s.out.record("marker", url=str(dest), complete=True)
+        s.out.record("marker", url=str(dest), complete=True, dry_run=dry_run)
         if not s.out.quiet:
-            s.out.line(f"marked complete: {dest}")
+            s.out.line(f"{'(dry run) would be ' if dry_run else ''}marked complete: {dest}")
     for dest, reason in marks.unmarked.items():
         s.out.record("marker", url=str(dest), complete=False, reason=reason)
         s.out.warn(f"{dest} is not marked complete: {reason}")
@@ -559,7 +561,7 @@ def sync_tree(
 
     started, began = time.monotonic(), time.time()
     up = direction is Direction.up
-    dirs = marking.copied_checkpoint_dirs(local, url) if up and not dry_run else []
+    dirs = marking.copied_checkpoint_dirs(local, url) if up else []
     dirs = marking.selected_dirs(dirs, _selector(local, include, exclude))
     with s.transfer(use_s5cmd) as transfer, s.out.progress(f"sync {direction.value}") as advance:
 
@@ -590,7 +592,11 @@ def sync_tree(
         )
         # A directory that lost files to --delete gets a marker of what it holds now.
         touched.update(d for _, d in dirs if any(t.startswith(str(d)) for t in plan.delete))
-        if partial is None:
+        if dry_run:
+            sent = [dst for _, dst in plan.copy]
+            touched.update(d for _, d in dirs if any(k.startswith(str(d)) for k in sent))
+            marks = marking.dry_run_marks(dirs, touched, started=began)
+        elif partial is None:
             marks = marking.mark_copied(transfer, dirs, started=began, changed=touched)
         else:
             marks = marking.MarkResult(unmarked=dict.fromkeys(touched, FAILED))
@@ -607,7 +613,7 @@ def sync_tree(
     for skipped_url, reason in plan.skipped:
         s.out.record("skipped", url=skipped_url, reason=reason)
         s.out.warn(f"skipped {skipped_url}: {reason}")
-    _report_marks(s, marks)
+    _report_marks(s, marks, dry_run)
     s.out.record(
         "summary",
         action="sync",

@@ -59,6 +59,17 @@ def test_upload_marks_each_finished_directory_and_latest_finds_it(
     s3_server: S3Server, bucket: S3URL, backend: str, trained: Path, tmp_path: Path
 ) -> None:
     prefix = bucket.join("run/")
+    # The dry run names the markers the real run then writes, and the one it withholds.
+    dry = run_s3(
+        s3_server, "s3", "upload", str(trained), str(prefix), "-r", "--dry-run", backend_flag(backend)
+    )
+    assert dry.exit_code == 0, dry.output
+    assert [line for line in dry.stdout.splitlines() if "marked" in line] == [
+        f"(dry run) would be marked complete: {prefix}checkpoint-10/",
+        f"(dry run) would be marked complete: {prefix}checkpoint-5/",
+    ]
+    assert f"{prefix}step-15/ is not marked complete" in dry.stderr
+    assert keys(s3_server, bucket) == {}
     result = run_s3(
         s3_server, "s3", "upload", str(trained), str(prefix), "-r", backend_flag(backend)
     )
@@ -94,7 +105,7 @@ def test_a_rewritten_directory_is_marked_again_and_a_filtered_one_is_not(
     result = run_s3(moto_server, "s3", "upload", str(trained / "checkpoint-5"), str(one), "-r", "--json")
     assert result.exit_code == 0, result.output
     assert of_type(result.stdout, "marker") == [
-        {"type": "marker", "url": str(one), "complete": True}
+        {"type": "marker", "url": str(one), "complete": True, "dry_run": False}
     ]
     # Uploaded again with a file that grew: the old marker goes first, the new one matches.
     write(trained / "checkpoint-5" / "model.bin", b"five" * 200)
@@ -120,6 +131,12 @@ def test_sync_up_marks_and_delete_keeps_the_markers(
     prefix = bucket.join("sync/")
     write(trained / "step-15" / "shard-0.bin", b"s" * 50)  # finished: its mtime in the past
     args = ("s3", "sync", str(trained), str(prefix), "--direction", "up", backend_flag(backend))
+    dry = run_s3(s3_server, *args, "--delete", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert sorted(m["url"] for m in of_type(dry.stdout, "marker")) == [
+        str(prefix.join(f"{name}/")) for name in ("checkpoint-10", "checkpoint-5", "step-15")
+    ]
+    assert keys(s3_server, bucket) == {}
     result = run_s3(s3_server, *args, "--delete")
     assert result.exit_code == 0, result.output
     assert complete(s3_server, prefix, backend)["checkpoint-5"] is True
