@@ -1128,7 +1128,9 @@ class CheckpointUploader:
 
     def _process(self, job: _Job) -> bool:
         """Upload one job (holding the directory's upload turn); True when it landed."""
-        started = self._last_progress = time.monotonic()
+        # A job's start is not progress: with S3 refusing, each pending job would otherwise
+        # restart the failing_timeout clock and spend all its attempts in turn.
+        started = time.monotonic()
         url = self._url_of(job.name, job.is_dir)
         if job.resumed:
             settled = self._settled_elsewhere(job, url)
@@ -1140,7 +1142,6 @@ class CheckpointUploader:
             self._skip(job, str(skip))
             return False
         job.snapshot = snapshot
-        self._last_progress = time.monotonic()  # staged: local work is progress too
         attempt = 0
         rewrites = 0
         while True:

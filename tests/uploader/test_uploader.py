@@ -730,6 +730,27 @@ def test_flush_stops_waiting_once_nothing_has_moved_for_failing_timeout(
     assert [e.name for e in Journal(root).pending()] == ["step_1.pt"]  # the next run resumes it
 
 
+def test_jobs_failing_one_after_another_do_not_restart_the_failing_clock(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # Each job once counted its own start as progress: with S3 refusing connections, every
+    # pending checkpoint spent all its attempts before the next, and a training error was held
+    # 68 s by the README's 30 s rule. Here six jobs of about 1 s each against 2 s.
+    wrapped = Wrapped(boto_transfer)
+    wrapped.before_put = unreachable
+    retry = RetryPolicy(attempts=4, backoff_factor=0.35, backoff_max=0.35, jitter=0.0)
+    up = uploader(root, moto_bucket, wrapped, retry=retry)
+    for i in range(6):
+        up.submit(write(root / f"step_{i}.pt", b"x"))
+    start = time.monotonic()
+    with pytest.raises(FlushTimeout) as info:
+        up.flush(timeout=60, failing_timeout=2.0)
+    assert 2.0 <= time.monotonic() - start < 4.5
+    assert len(info.value.pending) >= 3  # given up on while still queued, left to the journal
+    with pytest.raises(FlushTimeout):
+        up.close(timeout=0.3)
+
+
 def test_an_upload_that_keeps_moving_is_not_cut_short(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
