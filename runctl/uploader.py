@@ -26,6 +26,7 @@ from runctl.checkpoints import (
     group_s3,
     is_alias,
     is_recognised,
+    local_checkpoint,
     parse_step,
 )
 from runctl.config import S3Config, resolve_config, scrub
@@ -1483,7 +1484,8 @@ class CheckpointUploader:
         # "queued" line, and must not end that one (Journal.replay).
         # size= and mtime= name the version, so a restarted uploader can still let it go
         # locally once a newer one is durable (_seed_superseded).
-        size, mtime = job.version() or (None, None)
+        version = job.version() or self._version_on_disk(job)
+        size, mtime = version or (None, None)
         self._journal.record(
             job.name, "skipped", detail=reason, queued=job.queued_at, size=size, mtime=mtime
         )
@@ -1493,6 +1495,23 @@ class CheckpointUploader:
                 job.name, "skipped", str(self._url_of(job.name, job.is_dir)), 0, 0.0, 0, reason
             )
         )
+
+    def _version_on_disk(self, job: _Job) -> tuple[int, float] | None:
+        """A skipped directory's version as local retention will see it, when the job has none.
+
+        A resumed directory (and one of more files than ``tree_inventory`` takes) carries no
+        inventory: without its version it would never count as superseded and covered, and
+        would stay on disk for good. Off the training thread: this walks the directory.
+        """
+        if not job.is_dir or job.source.parent != self.root:
+            return None
+        try:
+            cp = local_checkpoint(job.source, self.root)
+        except OSError:
+            return None
+        with self._cond:
+            self._superseded[job.name] = (cp.size, cp.mtime)
+        return cp.size, cp.mtime
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         text = _cause_text(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,39 @@ def test_atexit_flushes_an_uploader_nobody_closed(
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert boto_transfer.get_bytes(url.join("step_7.pt")) == data  # type: ignore[attr-defined]
+
+
+def test_a_resumed_directory_skipped_as_moot_goes_locally_once_newer_ones_are_durable(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # A crash left checkpoint-1..3 queued. The next run resumes them, but saves 4 and 5 before
+    # 2 and 3 start: keep-last-2 makes those moot, so they are skipped. A resumed directory
+    # carries no inventory, so its "skipped" line once had no size or mtime, and local
+    # retention kept it for good (Hugging Face, after a preemption: a whole checkpoint each).
+    from tests.uploader.conftest import Gate
+
+    for step in (1, 2, 3):
+        write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
+        write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+        Journal(root).record(f"checkpoint-{step}", "queued")
+    url = moto_bucket.join("run/")
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = CheckpointUploader(
+        root, url, transfer=wrapped, keep_last_n=2, local_keep_last_n=2, retry=FAST_RETRY  # type: ignore[arg-type]
+    )
+    try:
+        assert gate.entered.wait(30)  # checkpoint-1 is uploading, 2 and 3 wait in the queue
+        for step in (4, 5):
+            write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
+            write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+            up.submit(root / f"checkpoint-{step}")
+        gate.open()
+        up.flush(timeout=60)
+    finally:
+        up.close(timeout=60)
+    lines = [json.loads(x) for x in (root / ".runctl" / "journal.jsonl").read_text().splitlines()]
+    (skip,) = [x for x in lines if x["name"] == "checkpoint-2" and x["state"] == "skipped"]
+    assert skip["size"] == 102 + 2  # model.bin and trainer_state.json, as scan_local counts
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"
