@@ -24,6 +24,8 @@ log = logging.getLogger("runctl.integrations.loop")
 
 DEFAULT_FILENAME = "step_{step}.pt"
 _TMP_DIR = ".runctl"
+#: ``save()``'s temporary file: the checkpoint's name and the writing process's pid.
+_TMP_NAME = re.compile(r".+\.(\d+)\.tmp")
 
 
 class CheckpointManager:
@@ -96,6 +98,7 @@ class CheckpointManager:
         )
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
         self.filename = filename
         self._uploader: CheckpointUploader | None = None
         if self.options.s3_url is not None:
@@ -150,6 +153,23 @@ class CheckpointManager:
         elif self.options.local_keep_last_n is not None:
             self._apply_local_retention(protect_name=path.name if protect else None)
         return path
+
+    def _remove_stale_temps(self) -> None:
+        """Remove what ``save()``s of killed processes left half-written (``<name>.<pid>.tmp``)."""
+        from runctl.staging import process_alive
+
+        removed = 0
+        for tmp in (self.local_dir / _TMP_DIR).glob("*.tmp"):
+            match = _TMP_NAME.fullmatch(tmp.name)
+            if match is None or (pid := int(match[1])) == os.getpid() or process_alive(pid):
+                continue
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+        if removed:
+            log.info("removed %d half-written save(s) left by a process that was killed", removed)
 
     def _submit(self, path: Path, step: int, protect: bool) -> UploadHandle:
         assert self._uploader is not None

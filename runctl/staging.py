@@ -343,7 +343,7 @@ class StagingArea:
             if token in keep:
                 continue
             pid = _token_pid(token)
-            if pid is not None and pid != os.getpid() and _alive(pid):
+            if pid is not None and pid != os.getpid() and process_alive(pid):
                 continue
             if pid == os.getpid():
                 continue
@@ -426,7 +426,13 @@ def _token_pid(token: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (one of another user's counts too).
+
+    Example:
+        >>> process_alive(os.getpid())
+        True
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

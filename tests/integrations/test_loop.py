@@ -160,3 +160,21 @@ def test_under_runctl_local_watching_the_same_directory_it_claims_it(
     other = tmp_path / "other"
     with CheckpointManager(other, prefix) as manager:
         assert claimed_by(other, [os.getpid()]) is None
+
+
+def test_a_save_cut_short_by_a_kill_leaves_no_temp_file_for_good(tmp_path: Path) -> None:
+    # save() writes .runctl/<name>.<pid>.tmp and renames it; SIGKILL mid-write left it (232 MB
+    # after three kills, once). The next manager removes those of dead processes only.
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    runctl_dir = tmp_path / ".runctl"
+    runctl_dir.mkdir()
+    stale = runctl_dir / f"step_4.pt.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"half")
+    live = runctl_dir / f"step_5.pt.{os.getppid()}.tmp"  # a process that is still writing
+    live.write_bytes(b"going")
+    CheckpointManager(tmp_path, local_keep_last_n=2).close()
+    assert not stale.exists()
+    assert live.exists()
