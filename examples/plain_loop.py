@@ -59,7 +59,7 @@ def main() -> None:
         )
 
         start = 0
-        resume = manager.latest()  # newest local checkpoint, else the newest complete one in S3
+        resume = manager.latest()  # the newest complete checkpoint, local or (downloaded) from S3
         if resume is not None:
             state = torch.load(resume, weights_only=True)
             model.load_state_dict(state["model"])

@@ -208,9 +208,15 @@ class _RunctlCheckpointMixin:
                 "resolve_ckpt_path needs an explicit dirpath on the callback, got dirpath=None"
             )
         opts = self.runctl_options
-        return resolve_ckpt_path(
+        path = resolve_ckpt_path(
             ckpt_path, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd
         )
+        if path is not None:
+            from runctl.uploader import record_restored
+
+            url = S3URL.parse(str(ckpt_path))
+            record_restored(path, url.join(Path(path).name) if url.is_prefix else url)
+        return path
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every handed-over checkpoint is in S3 (raises UploadError / FlushTimeout)."""

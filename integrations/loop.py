@@ -102,7 +102,9 @@ class CheckpointManager:
         self.filename = filename
         self._uploader: CheckpointUploader | None = None
         if self.options.s3_url is not None:
-            self._uploader = self.options.make_uploader(self.local_dir)
+            # Retention waits for latest() (or the first save): the checkpoint this run resumes
+            # from is protected, and it is known only then.
+            self._uploader = self.options.make_uploader(self.local_dir, hold_retention=True)
         self._closed = False
 
     @property
@@ -149,6 +151,7 @@ class CheckpointManager:
         finally:
             tmp.unlink(missing_ok=True)
         if self._uploader is not None:
+            self._uploader.release_retention()
             self._submit(path, step, protect)
         elif self.options.local_keep_last_n is not None:
             self._apply_local_retention(protect_name=path.name if protect else None)
@@ -186,31 +189,60 @@ class CheckpointManager:
         )
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint to resume from: the local one, else downloaded from S3.
+        """The newest complete checkpoint to resume from, local or in S3; downloaded if need be.
 
-        Returns None when there is none anywhere (a fresh start).
+        A local one is used as it is unless S3 holds a newer one (a higher step: another machine
+        went on, or this directory is stale); that one is downloaded. When S3 cannot be asked,
+        the local one is used, with a warning. Returns None when there is none anywhere. The
+        one returned is protected from retention for the rest of the run.
 
         Example:
             >>> path = manager.latest()  # doctest: +SKIP
             >>> state = torch.load(path) if path is not None else None  # doctest: +SKIP
         """
+        path = self._find_latest()
+        if self._uploader is not None:
+            if path is not None:
+                self._uploader.set_resumed_from(path.name)
+            self._uploader.release_retention()
+        return path
+
+    def _find_latest(self) -> Path | None:
         from runctl.checkpoints import scan_local
 
         local = [c for c in scan_local(self.local_dir) if c.complete and not c.is_dir]
         mine = [c for c in local if self._matches_filename(c.name)] or local
-        if mine:
-            newest = max(mine, key=lambda c: c.order_key())
-            return self.local_dir / newest.name
+        newest = max(mine, key=lambda c: c.order_key()) if mine else None
         if self.options.s3_url is None:
-            return None
-        from runctl.uploader import latest_checkpoint
+            return None if newest is None else self.local_dir / newest.name
+        from runctl.exceptions import RunctlError
+        from runctl.uploader import latest_checkpoint, record_restored
 
-        return latest_checkpoint(
-            self.options.s3_url,
-            self.local_dir,
-            config=self.options.resolved_config(),
-            use_s5cmd=self.options.use_s5cmd,
-        )
+        def from_s3(dry_run: bool) -> Path | None:
+            assert self.options.s3_url is not None
+            return latest_checkpoint(
+                self.options.s3_url,
+                self.local_dir,
+                config=self.options.resolved_config(),
+                use_s5cmd=self.options.use_s5cmd,
+                dry_run=dry_run,
+            )
+
+        if newest is not None:
+            try:
+                in_s3 = from_s3(dry_run=True)
+            except (RunctlError, OSError) as exc:
+                log.warning(
+                    "cannot look in S3 for a newer checkpoint (%s): resuming from %s", exc, newest.name
+                )
+                return self.local_dir / newest.name
+            if in_s3 is None or _step_order(in_s3.name) <= _step_order(newest.name):
+                return self.local_dir / newest.name
+            log.info("S3 holds %s, newer than the local %s: downloading it", in_s3.name, newest.name)
+        path = from_s3(dry_run=False)
+        if path is not None:
+            record_restored(path, self.options.s3_url.join(path.name))
+        return path
 
     def _matches_filename(self, name: str) -> bool:
         pattern = re.escape(self.filename).replace(re.escape("{step}"), r"\d+")
@@ -231,6 +263,7 @@ class CheckpointManager:
             return
         self._closed = True
         if self._uploader is not None:
+            self._uploader.release_retention()
             finish_uploads(
                 self._uploader,
                 timeout=self.options.flush_timeout if timeout is None else timeout,
@@ -250,6 +283,7 @@ class CheckpointManager:
             self._closed = True
             return
         self._closed = True
+        self._uploader.release_retention()
         # While another error propagates, an upload problem is reported, never allowed to mask it.
         finish_uploads(
             self._uploader,
@@ -257,3 +291,11 @@ class CheckpointManager:
             on_upload_error=self.options.on_upload_error,
             allow_raise=exc_type is None,
         )
+
+
+def _step_order(name: str) -> tuple[int, int]:
+    """(step, epoch) parsed from a checkpoint's name, -1 for what it lacks: higher is newer."""
+    from runctl.checkpoints import parse_step
+
+    step, epoch = parse_step(name)
+    return (-1 if step is None else step, -1 if epoch is None else epoch)

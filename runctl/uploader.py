@@ -1747,6 +1747,28 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def record_restored(path: str | os.PathLike[str], source: str | S3URL) -> None:
+    """Write a checkpoint just downloaded from S3 into its directory's journal as verified.
+
+    It is whole in S3 (it was read from there), so local keep-last-N lets it go once newer
+    ones are durable, as it does the checkpoints this directory uploaded itself; otherwise the
+    one a run resumed from would be "not durable" on disk for good.
+
+    Example:
+        >>> record_restored("ckpt/step_900.pt", "s3://bucket/run-7/step_900.pt")  # doctest: +SKIP
+    """
+    path = Path(path)
+    cp = local_checkpoint(path, path.parent)
+    Journal(path.parent).record(
+        path.name,
+        "verified",
+        size=cp.size,
+        mtime=cp.mtime,
+        s3_url=str(source),
+        detail="downloaded from S3 to resume from",
+    )
+
+
 def _warn_of_strays(path: Path, downloaded: set[str]) -> None:
     """Say so when a restored checkpoint directory also holds files it did not bring.
 

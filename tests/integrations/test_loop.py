@@ -178,3 +178,31 @@ def test_a_save_cut_short_by_a_kill_leaves_no_temp_file_for_good(tmp_path: Path)
     CheckpointManager(tmp_path, local_keep_last_n=2).close()
     assert not stale.exists()
     assert live.exists()
+
+
+def test_latest_takes_a_newer_s3_checkpoint_protects_it_then_lets_it_go(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    prefix = moto_bucket.join("run/")
+    config = moto_server.config()
+    with CheckpointManager(tmp_path / "a", prefix, keep_last_n=3, config=config) as first:
+        _train(first, range(6))  # S3: step_3..5
+    b = tmp_path / "b"
+    b.mkdir()
+    torch.save({"step": 1}, b / "step_1.pt")  # a stale local copy from long ago
+    # S3 has a newer one: that is where to resume from (once, the stale local one was taken).
+    with CheckpointManager(b, prefix, keep_last_n=3, local_keep_last_n=2, config=config) as second:
+        latest = second.latest()
+        assert latest == b / "step_5.pt"
+        assert torch.load(latest, weights_only=True)["step"] == 5
+        _train(second, range(6, 9))
+    # The one it resumed from stays in S3 for the run (keep-last-3 alone would drop it).
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == [
+        "step_5.pt", "step_6.pt", "step_7.pt", "step_8.pt"
+    ]
+    # The next run resumes from step_8; the restored step_5 counts as durable (it came from
+    # S3), so local keep-last-2 lets it go instead of keeping it for good.
+    with CheckpointManager(b, prefix, keep_last_n=3, local_keep_last_n=2, config=config) as third:
+        assert third.latest() == b / "step_8.pt"
+        _train(third, [9])
+    assert sorted(p.name for p in b.glob("step_*.pt")) == ["step_1.pt", "step_8.pt", "step_9.pt"]
