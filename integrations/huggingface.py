@@ -128,9 +128,9 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             return
         self._resume_checked = True
         if state.global_step > 0:
-            name = f"{CHECKPOINT_PREFIX}-{state.global_step}"
-            if (self._output_dir / name).is_dir():
-                self._uploader.set_resumed_from(name)
+            # Also when it was restored outside output_dir (latest_checkpoint(..., "restore/")):
+            # its name in S3 is the same.
+            self._uploader.set_resumed_from(f"{CHECKPOINT_PREFIX}-{state.global_step}")
         self._uploader.release_retention()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,9 @@ def test_resume_keeps_the_resumed_checkpoint(
         assert_dir_complete(name, files, out / name)
 
 
+@pytest.mark.parametrize("restored", ["in output_dir", "elsewhere"])
 def test_resuming_from_an_older_checkpoint_keeps_it(
-    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, restored: str
 ) -> None:
     """Retention waits for the first step: the uploader starts before the Trainer restores its state."""
     from runctl.integrations.huggingface import RunctlCallback
@@ -156,13 +158,20 @@ def test_resuming_from_an_older_checkpoint_keeps_it(
 
     train(6, keep=3, resume=None)
     assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    # checkpoint-2 is #3 under keep-last-2, but it is what the second run resumed from.
-    train(8, keep=2, resume=str(out / "checkpoint-2"))
+    # checkpoint-2 is #3 under keep-last-2, but it is what the second run resumed from: also
+    # when it was restored outside output_dir (latest_checkpoint(prefix, "restore/")).
+    resume_from = out / "checkpoint-2"
+    if restored == "elsewhere":
+        resume_from = tmp_path / "restore" / "checkpoint-2"
+        shutil.copytree(out / "checkpoint-2", resume_from)
+        shutil.rmtree(out / "checkpoint-2")
+    train(8, keep=2, resume=str(resume_from))
     dirs = dir_checkpoints(s3_objects(moto_server, prefix))
     assert sorted(dirs) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(dirs)
+    local = ["checkpoint-6", "checkpoint-8"] if restored == "elsewhere" else sorted(dirs)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == local
     for name, files in dirs.items():
-        assert_dir_complete(name, files, out / name)
+        assert_dir_complete(name, files, resume_from if name == "checkpoint-2" else out / name)
 
 
 @pytest.mark.parametrize(("limit", "warned"), [(2, True), (3, False), (None, False)])
