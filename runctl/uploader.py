@@ -208,6 +208,9 @@ class _Job:
     copy_token: str | None = None
     #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
     inventory: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False)
+    #: A resumed directory's (size, mtime) as ``scan_local`` saw it when this run resumed it:
+    #: it has no inventory, and a skip must still name the version it let go.
+    resumed_version: tuple[int, float] | None = None
     #: Set once the file opened at submit is staged, or staging it failed (``_stage_open``).
     staging_done: threading.Event | None = field(default=None, repr=False)
     #: Why staging failed, if it did.
@@ -218,7 +221,7 @@ class _Job:
         if not self.is_dir:
             return None if self.stamp is None else (self.stamp.size, self.stamp.mtime)
         if not self.inventory:
-            return None
+            return self.resumed_version
         return (
             sum(size for size, _ in self.inventory.values()),
             max(mtime_ns for _, mtime_ns in self.inventory.values()) / 1e9,
@@ -1033,6 +1036,7 @@ class CheckpointUploader:
                 staged_link,
                 resumed=True,
                 adopted=adopted,
+                resumed_version=self._dir_version(source) if is_dir else None,
             )
             keep.add(token)
             if adopted:
@@ -1048,6 +1052,20 @@ class CheckpointUploader:
         self._run_retention_first = (
             self.keep_last_n is not None or self.local_keep_last_n is not None
         )
+
+    def _dir_version(self, path: Path) -> tuple[int, float] | None:
+        """A resumed directory's version as local retention sees it (None: not one of ours).
+
+        Read when it is resumed, before this run can save the name again: a version read at
+        skip time could be a newer save's, which a skip must never vouch for.
+        """
+        if path.parent != self.root:
+            return None
+        try:
+            cp = local_checkpoint(path, self.root)
+        except OSError:
+            return None
+        return cp.size, cp.mtime
 
     def _seed_superseded(self, snapshot: JournalSnapshot) -> None:
         """What earlier runs skipped, and what they made durable, as if this run had seen it.
@@ -1484,8 +1502,7 @@ class CheckpointUploader:
         # "queued" line, and must not end that one (Journal.replay).
         # size= and mtime= name the version, so a restarted uploader can still let it go
         # locally once a newer one is durable (_seed_superseded).
-        version = job.version() or self._version_on_disk(job)
-        size, mtime = version or (None, None)
+        size, mtime = job.version() or (None, None)
         self._journal.record(
             job.name, "skipped", detail=reason, queued=job.queued_at, size=size, mtime=mtime
         )
@@ -1495,23 +1512,6 @@ class CheckpointUploader:
                 job.name, "skipped", str(self._url_of(job.name, job.is_dir)), 0, 0.0, 0, reason
             )
         )
-
-    def _version_on_disk(self, job: _Job) -> tuple[int, float] | None:
-        """A skipped directory's version as local retention will see it, when the job has none.
-
-        A resumed directory (and one of more files than ``tree_inventory`` takes) carries no
-        inventory: without its version it would never count as superseded and covered, and
-        would stay on disk for good. Off the training thread: this walks the directory.
-        """
-        if not job.is_dir or job.source.parent != self.root:
-            return None
-        try:
-            cp = local_checkpoint(job.source, self.root)
-        except OSError:
-            return None
-        with self._cond:
-            self._superseded[job.name] = (cp.size, cp.mtime)
-        return cp.size, cp.mtime
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         text = _cause_text(exc)

@@ -197,3 +197,45 @@ def test_a_resumed_directory_skipped_as_moot_goes_locally_once_newer_ones_are_du
     assert skip["size"] == 102 + 2  # model.bin and trainer_state.json, as scan_local counts
     assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"
+
+
+def test_a_resumed_directory_saved_again_is_kept_until_its_new_version_is_durable(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # The resumed checkpoint-2 is superseded by a new save of the same name, whose upload then
+    # fails. The skip must name the old version: read from disk at skip time, it named the new
+    # one, and local retention deleted the new checkpoint-2, never in S3 (promise 2).
+    from runctl.exceptions import TransferError, UploadError
+    from tests.uploader.conftest import Gate
+
+    for step in (1, 2):
+        write(root / f"checkpoint-{step}" / "model.bin", b"o" * 100)
+        write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+        Journal(root).record(f"checkpoint-{step}", "queued")
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = CheckpointUploader(
+        root, moto_bucket.join("run/"), transfer=wrapped, retry=FAST_RETRY, local_keep_last_n=2  # type: ignore[arg-type]
+    )
+    try:
+        assert gate.entered.wait(30)  # checkpoint-1 is uploading; the resumed checkpoint-2 waits
+        write(root / "checkpoint-2" / "model.bin", b"N" * 5000)
+        up.submit(root / "checkpoint-2")
+
+        def refuse_checkpoint_2(count: int, pairs: list) -> None:
+            gate._wait(count, pairs)
+            if any("checkpoint-2" in str(p) for p, _ in pairs):
+                raise TransferError("S3 refused checkpoint-2", code="AccessDenied")
+
+        wrapped.before_put = refuse_checkpoint_2
+        gate.open()
+        with pytest.raises(UploadError):
+            up.flush(timeout=60)
+        for step in (3, 4):
+            write(root / f"checkpoint-{step}" / "model.bin", b"m" * 100)
+            write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+            up.submit(root / f"checkpoint-{step}")
+            up.flush(timeout=60)
+    finally:
+        up.close(timeout=60)
+    assert (root / "checkpoint-2" / "model.bin").read_bytes() == b"N" * 5000
