@@ -1072,11 +1072,16 @@ class S5cmdTransfer:
         """
         jobs: list[_Job] = []
         odd: list[tuple[S3URL, Path]] = []
+        in_the_way: dict[str, str] = {}
 
         def each_job() -> Iterator[_Job]:
             for url, path in pairs:
                 if url.is_prefix:
                     odd.append((url, path))
+                    continue
+                if os.path.isdir(path):
+                    # s5cmd would write into it (`cp` to a directory): never the path asked for.
+                    in_the_way[str(url)] = f"cannot write {str(path)!r}: a directory is in the way"
                     continue
                 flags = ("--raw", "--concurrency", str(PART_CONCURRENCY))
                 jobs.append(_Job(str(url), _local(path), str(url), 0, flags))
@@ -1089,19 +1094,21 @@ class S5cmdTransfer:
             else:
                 self._run_jobs("download", each_job(), progress, sizes_known=False)
         except PartialTransferError as exc:
-            if not odd:
+            if not (odd or in_the_way):
                 raise
             problems.update(exc.failures)
         except TransferError as exc:
-            if not odd:
+            if not (odd or in_the_way):
                 raise
             problems.update({j.url: str(exc) for j in jobs})
+        problems.update(in_the_way)
         for url, path in odd:
             problems.update(self._boto_get(url, path, progress))
         if problems:
             raise PartialTransferError(
                 scrub(
-                    f"download failed for {len(problems)} of {len(jobs) + len(odd)} objects: "
+                    f"download failed for {len(problems)} of "
+                    f"{len(jobs) + len(odd) + len(in_the_way)} objects: "
                     + failure_summary(problems)
                 ),
                 problems,
