@@ -251,19 +251,24 @@ def why_unfinished(
 
 
 def dry_run_marks(
-    dirs: Sequence[tuple[Path, S3URL]], changed: Collection[S3URL], *, started: float
+    dirs: Sequence[tuple[Path, S3URL]],
+    changed: Collection[S3URL],
+    listed: Mapping[str, ObjectInfo],
+    *,
+    started: float,
 ) -> MarkResult:
     """What ``mark_copied`` would do after a copy that changes ``changed``, as far as the local
-    side can tell (the copy itself is taken to succeed).
+    side and the listing ``listed`` tell (the copy itself is taken to succeed): it marks those,
+    and the unchanged ones that have no marker yet.
 
     Example:
-        >>> dry_run_marks([], set(), started=time.time()).marked
+        >>> dry_run_marks([], set(), {}, started=time.time()).marked
         ()
     """
     marked: list[S3URL] = []
     unmarked: dict[S3URL, str] = {}
     for local_dir, dest in dirs:
-        if dest not in changed:
+        if dest not in changed and dest.key + MARKER_NAME in listed:
             continue
         unfinished = why_unfinished(local_dir, local_files(local_dir), started=started)
         if unfinished is None:

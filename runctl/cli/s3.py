@@ -210,7 +210,8 @@ def upload_files(
     with s.transfer(use_s5cmd) as transfer, s.out.progress("upload", total) as advance:
         # Only the checkpoints this copy changes lose their marker while it runs: an unchanged
         # one stays complete, also when the copy fails or is interrupted.
-        changed = marking.changed_dirs(dirs, marking.listing(transfer, dirs))
+        listed = marking.listing(transfer, dirs)
+        changed = marking.changed_dirs(dirs, listed)
         if changed and not dry_run:
             marking.clear_markers(transfer, changed)
         pairs, partial = _partly(
@@ -227,7 +228,7 @@ def upload_files(
             )
         )
         if dry_run:
-            marks = marking.dry_run_marks(dirs, {d for _, d in changed}, started=began)
+            marks = marking.dry_run_marks(dirs, {d for _, d in changed}, listed, started=began)
         elif partial is None:
             marks = marking.mark_copied(
                 transfer, dirs, started=began, changed={dest for _, dest in changed}
@@ -595,7 +596,8 @@ def sync_tree(
         if dry_run:
             sent = [dst for _, dst in plan.copy]
             touched.update(d for _, d in dirs if any(k.startswith(str(d)) for k in sent))
-            marks = marking.dry_run_marks(dirs, touched, started=began)
+            listed = marking.listing(transfer, dirs)
+            marks = marking.dry_run_marks(dirs, touched, listed, started=began)
         elif partial is None:
             marks = marking.mark_copied(transfer, dirs, started=began, changed=touched)
         else:

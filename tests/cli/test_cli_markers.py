@@ -87,6 +87,17 @@ def test_upload_marks_each_finished_directory_and_latest_finds_it(
     }
     marker = Manifest.from_bytes(keys(s3_server, bucket)[f"run/checkpoint-5/{MARKER_NAME}"])
     assert marker.step == 5 and set(marker.files) == {"model.bin", "sub/optim.bin"}
+    # Unchanged now; one marker lost: a dry run names the one marker the real run would write.
+    s3_server.client().delete_object(Bucket=bucket.bucket, Key=f"run/checkpoint-5/{MARKER_NAME}")
+    dry = run_s3(
+        s3_server, "s3", "upload", str(trained), str(prefix), "-r", "--dry-run", backend_flag(backend)
+    )
+    assert [line for line in dry.stdout.splitlines() if "marked" in line] == [
+        f"(dry run) would be marked complete: {prefix}checkpoint-5/",
+    ]
+    assert f"marked complete: {prefix}checkpoint-5/" in run_s3(
+        s3_server, "s3", "upload", str(trained), str(prefix), "-r", backend_flag(backend)
+    ).stdout
 
     down = run_s3(
         s3_server, "s3", "download", str(prefix), str(tmp_path / "resume"), "--latest",
