@@ -239,7 +239,15 @@ class CheckpointManager:
             if in_s3 is None or _step_order(in_s3.name) <= _step_order(newest.name):
                 return self.local_dir / newest.name
             log.info("S3 holds %s, newer than the local %s: downloading it", in_s3.name, newest.name)
-        path = from_s3(dry_run=False)
+            try:
+                path = from_s3(dry_run=False)
+            except (RunctlError, OSError) as exc:
+                log.warning(
+                    "cannot download %s (%s): resuming from %s", in_s3.name, exc, newest.name
+                )
+                return self.local_dir / newest.name
+        else:
+            path = from_s3(dry_run=False)
         if path is not None:
             record_restored(path, self.options.s3_url.join(path.name))
         return path

@@ -206,3 +206,19 @@ def test_latest_takes_a_newer_s3_checkpoint_protects_it_then_lets_it_go(
         assert third.latest() == b / "step_8.pt"
         _train(third, [9])
     assert sorted(p.name for p in b.glob("step_*.pt")) == ["step_1.pt", "step_8.pt", "step_9.pt"]
+
+
+def test_latest_resumes_from_the_local_checkpoint_when_s3_cannot_be_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before latest() asked S3 at all when a local checkpoint existed, an unreachable S3 did not
+    # stop a resume; it still must not.
+    from runctl.config import S3Config
+    from tests.servers import free_port
+
+    torch.save({"step": 3}, tmp_path / "step_3.pt")
+    config = S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with CheckpointManager(tmp_path, "s3://bucket/run/", config=config, use_s5cmd=False) as manager:
+        assert manager.latest() == tmp_path / "step_3.pt"
+        manager.close(timeout=1)
+    assert "cannot look in S3 for a newer checkpoint" in caplog.text
