@@ -15,6 +15,18 @@ BACKENDS = ("s5cmd", "boto3")
 
 
 @pytest.fixture(autouse=True)
+def _forget_secrets_registered_by_the_test() -> Iterator[None]:
+    """The scrub list is process-wide: a test's fake secret ("test") must not mask the next one's text."""
+    from runctl import config
+
+    with config._secrets_lock:
+        before = set(config._secrets)
+    yield
+    with config._secrets_lock:
+        config._secrets.intersection_update(before)
+
+
+@pytest.fixture(autouse=True)
 def _clean_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test sees the developer's AWS settings; each gets test credentials and its own lock dir."""
     for var in list(os.environ):
