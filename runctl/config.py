@@ -75,7 +75,7 @@ class S3Config:
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:
-            _refuse_userinfo(self.endpoint_url)
+            _check_endpoint(self.endpoint_url)
 
     @property
     def path_style(self) -> bool:
@@ -180,12 +180,18 @@ class S3Config:
         )
 
 
-def _refuse_userinfo(endpoint_url: str) -> None:
+def _check_endpoint(endpoint_url: str) -> None:
     """An endpoint carrying ``user:password@`` would put the password in s5cmd's argv and in
-    messages; S3 signs requests with access keys, so the URL has no use for it."""
+    messages; S3 signs requests with access keys, so the URL has no use for it. One that cannot
+    be parsed (``http://[::1``, a port that is not a number) is refused here too."""
     from urllib.parse import urlsplit
 
-    scheme, netloc, *_ = urlsplit(endpoint_url)
+    try:
+        parts = urlsplit(endpoint_url)
+        scheme, netloc = parts.scheme, parts.netloc
+        parts.port  # noqa: B018 - parsed on access: a bad port raises here, not in botocore
+    except ValueError as exc:
+        raise ConfigError(f"invalid endpoint URL: {exc}") from None
     if "@" in netloc:
         host = netloc.rpartition("@")[2]
         raise ConfigError(

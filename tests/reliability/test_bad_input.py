@@ -104,6 +104,8 @@ ROWS: list[tuple[str, list[str], int, dict[str, str]]] = [
         {},
     ),
     ("endpoint-bad-scheme", ["--endpoint-url", "ftp://x", "s3", "list", "{url}"], USAGE, {}),
+    ("endpoint-bad-ipv6", ["--endpoint-url", "http://[::1", "s3", "list", "{url}"], USAGE, {}),
+    ("endpoint-bad-port", ["--endpoint-url", "http://127.0.0.1:x", "s3", "list", "{url}"], USAGE, {}),
     (
         "endpoint-with-password",
         ["--endpoint-url", "http://u:pw@127.0.0.1:9", "s3", "upload", "{ckpt}", "{url}", "-r"],
