@@ -208,7 +208,7 @@ class CheckpointManager:
         return path
 
     def _find_latest(self) -> Path | None:
-        from runctl.checkpoints import scan_local
+        from runctl.checkpoints import scan_local, step_order
 
         local = [c for c in scan_local(self.local_dir) if c.complete and not c.is_dir]
         mine = [c for c in local if self._matches_filename(c.name)] or local
@@ -228,26 +228,20 @@ class CheckpointManager:
                 dry_run=dry_run,
             )
 
-        if newest is not None:
+        if newest is None:
+            path = from_s3(dry_run=False)
+        else:
             try:
                 in_s3 = from_s3(dry_run=True)
-            except (RunctlError, OSError) as exc:
+                if in_s3 is None or step_order(in_s3.name) <= newest.order_key()[:2]:
+                    return self.local_dir / newest.name
+                log.info("S3 holds %s, newer than the local %s: downloading it", in_s3.name, newest.name)
+                path = from_s3(dry_run=False)
+            except (RunctlError, OSError) as exc:  # the lookup or the download
                 log.warning(
                     "cannot look in S3 for a newer checkpoint (%s): resuming from %s", exc, newest.name
                 )
                 return self.local_dir / newest.name
-            if in_s3 is None or _step_order(in_s3.name) <= _step_order(newest.name):
-                return self.local_dir / newest.name
-            log.info("S3 holds %s, newer than the local %s: downloading it", in_s3.name, newest.name)
-            try:
-                path = from_s3(dry_run=False)
-            except (RunctlError, OSError) as exc:
-                log.warning(
-                    "cannot download %s (%s): resuming from %s", in_s3.name, exc, newest.name
-                )
-                return self.local_dir / newest.name
-        else:
-            path = from_s3(dry_run=False)
         if path is not None:
             record_restored(path, self.options.s3_url.join(path.name))
         return path
@@ -299,11 +293,3 @@ class CheckpointManager:
             on_upload_error=self.options.on_upload_error,
             allow_raise=exc_type is None,
         )
-
-
-def _step_order(name: str) -> tuple[int, int]:
-    """(step, epoch) parsed from a checkpoint's name, -1 for what it lacks: higher is newer."""
-    from runctl.checkpoints import parse_step
-
-    step, epoch = parse_step(name)
-    return (-1 if step is None else step, -1 if epoch is None else epoch)

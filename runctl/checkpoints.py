@@ -90,6 +90,17 @@ def parse_step(name: str) -> tuple[int | None, int | None]:
     return step, epoch
 
 
+def step_order(name: str) -> tuple[int, int]:
+    """``parse_step`` as retention orders it: higher is newer, -1 for a number the name lacks.
+
+    Example:
+        >>> step_order("epoch=3-step=1200.ckpt"), step_order("last.ckpt")
+        ((1200, 3), (-1, -1))
+    """
+    step, epoch = parse_step(name)
+    return (-1 if step is None else step, -1 if epoch is None else epoch)
+
+
 @lru_cache(maxsize=64)
 def _compile(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
     compiled = []

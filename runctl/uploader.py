@@ -28,6 +28,7 @@ from runctl.checkpoints import (
     is_recognised,
     local_checkpoint,
     parse_step,
+    step_order,
 )
 from runctl.config import S3Config, resolve_config, scrub
 from runctl.exceptions import (
@@ -1082,10 +1083,7 @@ class CheckpointUploader:
             for entry in verified:
                 if entry.mtime is None:
                     continue
-                step, epoch = parse_step(entry.name)
-                self._verified_keys.append(
-                    (-1 if step is None else step, -1 if epoch is None else epoch, entry.mtime)
-                )
+                self._verified_keys.append((*step_order(entry.name), entry.mtime))
 
     # -- worker -------------------------------------------------------------------------------
 
@@ -1625,11 +1623,7 @@ class CheckpointUploader:
             seen = self._superseded.get(cp.name)
             if seen is None or seen[0] != cp.size or abs(seen[1] - cp.mtime) > 1e-6:
                 return False
-            key = (
-                -1 if cp.step is None else cp.step,
-                -1 if cp.epoch is None else cp.epoch,
-                cp.mtime,
-            )
+            key = cp.order_key()[:3]  # (step, epoch, mtime), as _verified_keys holds them
             return any(v > key for v in self._verified_keys)
 
     def _retention_failed(self, where: str, exc: BaseException) -> None:
