@@ -570,8 +570,7 @@ def sync_tree(
 
         def clear_changed(uploads: Sequence[tuple[Path, S3URL]]) -> None:
             # Only the directories that get files: an unchanged one stays complete if this fails.
-            keys = [str(dest) for _, dest in uploads]
-            changed = [d for d in dirs if any(k.startswith(str(d[1])) for k in keys)]
+            changed = _receiving(dirs, [str(dest) for _, dest in uploads])
             touched.update(dest for _, dest in changed)
             marking.clear_markers(transfer, changed)
 
@@ -592,10 +591,9 @@ def sync_tree(
             )
         )
         # A directory that lost files to --delete gets a marker of what it holds now.
-        touched.update(d for _, d in dirs if any(t.startswith(str(d)) for t in plan.delete))
+        touched.update(d for _, d in _receiving(dirs, plan.delete))
         if dry_run:
-            sent = [dst for _, dst in plan.copy]
-            touched.update(d for _, d in dirs if any(k.startswith(str(d)) for k in sent))
+            touched.update(d for _, d in _receiving(dirs, [dst for _, dst in plan.copy]))
             listed = marking.listing(transfer, dirs)
             marks = marking.dry_run_marks(dirs, touched, listed, started=began)
         elif partial is None:
@@ -636,6 +634,13 @@ def sync_tree(
     )
     if partial is not None:
         raise partial
+
+
+def _receiving(
+    dirs: Sequence[tuple[Path, S3URL]], urls: Sequence[str]
+) -> list[tuple[Path, S3URL]]:
+    """The checkpoint directories among ``dirs`` that one of these S3 ``urls`` is below."""
+    return [(local, dest) for local, dest in dirs if any(u.startswith(str(dest)) for u in urls)]
 
 
 def _selector(
