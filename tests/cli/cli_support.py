@@ -74,6 +74,11 @@ def keys(server: S3Server, bucket: S3URL) -> dict[str, bytes]:
     return found
 
 
+def backend_flag(backend: str) -> str:
+    """The CLI flag that picks a transfer backend ("s5cmd" or "boto3")."""
+    return "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+
+
 def put(server: S3Server, bucket: S3URL, key: str, data: bytes = b"x") -> None:
     server.client().put_object(Bucket=bucket.bucket, Key=key, Body=data)
 

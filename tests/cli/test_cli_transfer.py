@@ -11,12 +11,8 @@ import pytest
 
 from runctl.cli.output import Output
 from runctl.s3url import S3URL
-from tests.cli.cli_support import keys, of_type, put, records, run_process, run_s3
+from tests.cli.cli_support import backend_flag, keys, of_type, put, records, run_process, run_s3
 from tests.servers import S3Server
-
-
-def backend_flag(backend: str) -> str:
-    return "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
 
 
 @pytest.fixture

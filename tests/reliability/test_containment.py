@@ -13,7 +13,7 @@ from runctl.checkpoints import MARKER_NAME, FileEntry, Manifest
 from runctl.exceptions import RunctlError
 from runctl.s3url import S3URL
 from runctl.uploader import latest_checkpoint
-from tests.cli.cli_support import of_type, records, run
+from tests.cli.cli_support import backend_flag, of_type, records, run
 from tests.reliability.conftest import tree_snapshot
 from tests.servers import S3Server
 
@@ -118,7 +118,7 @@ def test_hostile_keys_never_escape(
     bucket, tag = S3URL(name), TAG
     dest = tmp_path / "s1" / "s2" / "s3" / "dest"
     dest.parent.mkdir(parents=True)
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    flag = backend_flag(backend)
     where = "latest/" if command.startswith("latest") else "evil/"
     present = {k for k in everything if k.startswith(where)}
     assert any(k.endswith(f"ok-{tag}.txt") for k in present)
@@ -162,7 +162,7 @@ def test_a_key_that_cleans_to_another_keys_path_never_replaces_its_content(
     for key in [*wanted, *twins]:
         client.put_object(Bucket=bucket, Key=key, Body=key.encode())
     dest = tmp_path / "dest"
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    flag = backend_flag(backend)
     result = run(
         "--endpoint-url", moto_server.endpoint_url,
         "s3", "download", f"s3://{bucket}/run/", str(dest), "--recursive", flag,
@@ -183,7 +183,7 @@ def test_a_partial_failure_still_reports_what_landed(
     for key in ("run/a.pt", "run/sub/b.pt", "run/../escape.txt"):
         client.put_object(Bucket=bucket, Key=key, Body=b"x")
     url = f"s3://{bucket}/run/"
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    flag = backend_flag(backend)
     endpoint = ["--endpoint-url", moto_server.endpoint_url]
     dest = tmp_path / "d"
     dest.mkdir()
@@ -230,7 +230,7 @@ def test_a_key_named_like_a_prefix_fails_alone_and_the_same_on_both_backends(
     for key in ("run/a/b", "run/x", "run/x/x", "run/x/y", "run/z"):
         client.put_object(Bucket=bucket, Key=key, Body=key.encode())
     url = f"s3://{bucket}/run/"
-    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    flag = backend_flag(backend)
     dest = tmp_path / "d"
     args = {
         "download": ["s3", "download", url, str(dest), "-r"],
