@@ -261,7 +261,7 @@ def upload_files(
         s.out.info("nothing to upload (no file matched)" + _filter_hint(include, exclude))
     elif dry_run:
         s.out.info(f"dry run: would upload {_plural(len(pairs), 'file')} ({human_size(moved)})")
-    else:
+    elif pairs or partial is None:  # when every file failed, the error line says it all
         s.out.info(
             f"uploaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
         )
@@ -447,7 +447,7 @@ def download_files(
     )
     if dry_run:
         s.out.info(f"dry run: would download {_plural(len(pairs), 'file')}")
-    else:
+    elif pairs or partial is None:  # when every file failed, the error line says it all
         s.out.info(
             f"downloaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"
         )

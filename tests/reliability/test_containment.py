@@ -215,6 +215,13 @@ def test_a_partial_failure_still_reports_what_landed(
     assert summary["files"] == 2
     assert records(result.stdout)[-1]["type"] == "error"
 
+    # Nothing landed: the error line alone, not "downloaded 0 files" before it.
+    client.put_object(Bucket=bucket, Key="solo/../escape.txt", Body=b"x")
+    result = run(*endpoint, "s3", "download", f"s3://{bucket}/solo/", str(tmp_path / "n"), "-r", flag)
+    assert result.exit_code == 1, result.stderr
+    assert result.stdout == ""
+    assert "escape.txt" in result.stderr and "downloaded" not in result.stderr, result.stderr
+
 
 @pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
 @pytest.mark.parametrize("command", ["download", "sync", "dry-run"])
