@@ -159,9 +159,13 @@ class UploadError(RunctlError):
 
     def __init__(self, failures: dict[str, BaseException | str]) -> None:
         self.failures = dict(failures)
-        parts = [f"{name}: {cause}" for name, cause in self.failures.items()]
-        noun = "checkpoint" if len(parts) == 1 else "checkpoints"
-        super().__init__(f"{len(parts)} {noun} failed to upload: " + "; ".join(parts))
+        super().__init__(_failed_to_upload(self.failures))
+
+
+def _failed_to_upload(failures: dict[str, BaseException | str]) -> str:
+    parts = [f"{name}: {cause}" for name, cause in failures.items()]
+    noun = "checkpoint" if len(parts) == 1 else "checkpoints"
+    return f"{len(parts)} {noun} failed to upload: " + "; ".join(parts)
 
 
 class FlushTimeout(UploadError, TimeoutError):
@@ -170,7 +174,10 @@ class FlushTimeout(UploadError, TimeoutError):
     def __init__(self, pending: Sequence[str], failures: dict[str, BaseException | str] | None = None) -> None:
         self.pending = list(pending)
         super().__init__(dict(failures or {}))
-        self.args = (f"flush timed out with {len(self.pending)} pending: " + ", ".join(self.pending),)
+        message = f"flush timed out with {len(self.pending)} pending: " + ", ".join(self.pending)
+        if self.failures:
+            message += "; " + _failed_to_upload(self.failures)
+        self.args = (message,)
 
     def __str__(self) -> str:
         return str(self.args[0])

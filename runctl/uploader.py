@@ -523,6 +523,7 @@ class CheckpointUploader:
         self._best: str | None = None
         self._resumed_from: str | None = None
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
+        self._timed_out_with: list[str] = []  # what the last timed-out flush left pending
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
         #: When a checkpoint last landed, a byte moved or a local step of an upload ended (monotonic).
@@ -743,7 +744,8 @@ class CheckpointUploader:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     pending = self._pending_names()
-                    log.error(
+                    self._log_timeout(
+                        pending,
                         "flush timed out after %g s with %d pending: %s",
                         timeout,
                         len(pending),
@@ -755,7 +757,8 @@ class CheckpointUploader:
                     moved = max(self._last_progress, started, self._transfer_active_at())
                     if now - moved >= failing_timeout:
                         pending = self._pending_names()
-                        log.error(
+                        self._log_timeout(
+                            pending,
                             "stopped waiting: nothing has reached S3 for %.0f s (failing or "
                             "hung); %d pending stay in the journal for the next run: %s",
                             now - moved,
@@ -778,6 +781,13 @@ class CheckpointUploader:
         if failures:
             errors: dict[str, BaseException | str] = dict(failures)
             raise UploadError(errors) from next(reversed(failures.values()))
+
+    def _log_timeout(self, pending: list[str], message: str, *args: object) -> None:
+        """An error line for a flush that ran out of time; a debug line when the one before
+        left the same checkpoints pending (``close`` after a timed-out ``flush``)."""
+        level = logging.DEBUG if pending == self._timed_out_with else logging.ERROR
+        self._timed_out_with = pending
+        log.log(level, message, *args)
 
     def _transfer_active_at(self) -> float:
         """When the transfer last moved a byte, as far as it can tell (0.0: it cannot).

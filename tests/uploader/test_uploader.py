@@ -675,8 +675,9 @@ def test_checkpoint_timeout_abandons_a_stuck_attempt_and_retries(
 
 
 def test_flush_timeout_is_bounded_and_names_pending(
-    root: Path, moto_bucket: S3URL, boto_transfer: object
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="runctl.uploader")
     wrapped = Wrapped(boto_transfer)
     Gate(wrapped)  # never opens
     up = uploader(root, moto_bucket, wrapped)
@@ -691,6 +692,9 @@ def test_flush_timeout_is_bounded_and_names_pending(
     with pytest.raises(FlushTimeout):
         up.close(timeout=0.3)
     assert time.monotonic() - start < 10
+    # The close after a timed-out flush, with the same checkpoints pending, says it once.
+    timed_out = [r for r in caplog.records if "timed out" in r.getMessage()]
+    assert [r.levelname for r in timed_out] == ["ERROR", "DEBUG"], timed_out
     assert not up._worker.is_alive()
     # what close gave up on stays pending (in the journal, for the next process), and says so
     assert up.status().pending == ("step_0.pt", "step_1.pt", "step_2.pt")
@@ -747,6 +751,8 @@ def test_jobs_failing_one_after_another_do_not_restart_the_failing_clock(
         up.flush(timeout=60, failing_timeout=2.0)
     assert 2.0 <= time.monotonic() - start < 4.5
     assert len(info.value.pending) >= 3  # given up on while still queued, left to the journal
+    # ...and the ones that ran out of attempts first are named beside them.
+    assert info.value.failures and "failed to upload: step_0.pt: " in str(info.value), info.value
     with pytest.raises(FlushTimeout):
         up.close(timeout=0.3)
 
