@@ -667,7 +667,14 @@ def _filter_hint(include: Sequence[str] | None, exclude: Sequence[str] | None) -
 @s3_app.command("list")
 def list_objects(
     ctx: typer.Context,
-    s3url: S3UrlArg,
+    s3url: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[S3URL]",
+            help="s3://bucket/key or s3://bucket/prefix/; none (or s3://) lists the buckets.",
+            show_default=False,
+        ),
+    ] = None,
     recursive: RecursiveOpt = False,
     human_readable: Annotated[
         bool, typer.Option("--human-readable", "-H", help="Sizes as KiB, MiB, GiB.")
@@ -686,12 +693,14 @@ def list_objects(
 
     The listing streams page by page, so a prefix with 100,000 keys lists fine.
     A prefix or key that matches nothing exits 1 (as aws s3 ls does); an empty bucket, 0.
+    Without S3URL (or with s3://), it lists your buckets, as aws s3 ls and s5cmd ls do.
 
     \b
     Examples:
       runctl s3 list s3://bucket/run-7/
       runctl s3 list s3://bucket/run-7/ --recursive --human-readable --summarize
       runctl s3 list s3://bucket/ --json | jq -r .key
+      runctl s3 list
     """
     s = session(
         ctx,
@@ -701,6 +710,11 @@ def list_objects(
         json_output=json_output,
         quiet=quiet,
     )
+    if s3url is None or s3url.lower() == "s3://":
+        if recursive:
+            raise UsageError("--recursive lists below a bucket: name one (s3://bucket/)")
+        _list_buckets(s, use_s5cmd, summarize)
+        return
     url = parse_s3url(s3url)
 
     from runctl.transfer.base import ObjectInfo, PrefixInfo
@@ -731,6 +745,21 @@ def list_objects(
         # As `aws s3 ls` and `s5cmd ls`: a prefix or key that matches nothing exits 1, so a
         # script can test for it; an empty bucket lists as nothing, with exit 0.
         raise RunctlError(f"nothing found at {url}")
+
+
+def _list_buckets(s: Session, use_s5cmd: bool, summarize: bool) -> None:
+    """``runctl s3 list`` without a bucket: a line per bucket, its creation time and name."""
+    buckets = 0
+    with s.transfer(use_s5cmd) as transfer:
+        for bucket in transfer.iter_buckets():
+            buckets += 1
+            s.out.record("bucket", **bucket.to_json())
+            s.out.line(f"{bucket.created:%Y-%m-%d %H:%M:%S}  {bucket.name}")
+    if summarize:
+        s.out.record("summary", buckets=buckets)
+        s.out.line("")
+        s.out.line(f"Total Buckets: {buckets}")
+    s.out.flush()
 
 
 @s3_app.command("cleanup")

@@ -89,6 +89,21 @@ class PrefixInfo:
 
 
 @dataclass(frozen=True)
+class BucketInfo:
+    """One bucket in the listing of an account's buckets (``runctl s3 list`` without a bucket)."""
+
+    name: str
+    created: datetime
+
+    @property
+    def url(self) -> S3URL:
+        return S3URL(self.name)
+
+    def to_json(self) -> dict[str, object]:
+        return {"url": str(self.url), "name": self.name, "created": self.created.isoformat()}
+
+
+@dataclass(frozen=True)
 class DeleteResult:
     """What a batched delete did: keys removed, and keys that failed with their reason."""
 
@@ -190,6 +205,10 @@ class Transfer(Protocol):
         With ``recursive=False`` the listing stops at the next ``/`` and yields
         ``PrefixInfo`` for the common prefixes.
         """
+        ...
+
+    def iter_buckets(self) -> Iterator[BucketInfo]:
+        """The buckets the credentials' account owns (ListBuckets), in S3's order (by name)."""
         ...
 
     def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:

@@ -26,6 +26,7 @@ from runctl.s3url import S3URL
 from runctl.transfer.base import (
     DEFAULT_PART_SIZE,
     DELETE_BATCH,
+    BucketInfo,
     DeleteResult,
     ObjectInfo,
     PrefixInfo,
@@ -237,6 +238,25 @@ def upload_stream(client: Any, fd: int, url: S3URL, storage_class: str | None = 
             upload_fileobj(client, source, url.bucket, url.key, ExtraArgs=extra, Config=config)
         except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
             raise map_error(exc, str(url), "upload") from None
+
+
+def list_buckets(client: Any) -> Iterator[BucketInfo]:
+    """The buckets the client's credentials own, page by page where the client can (ListBuckets).
+
+    Example:
+        >>> [b.name for b in list_buckets(client)]  # doctest: +SKIP
+        ['checkpoints', 'datasets']
+    """
+    try:
+        if client.can_paginate("list_buckets"):
+            pages = list(client.get_paginator("list_buckets").paginate())
+        else:
+            pages = [client.list_buckets()]
+    except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+        raise map_error(exc, None, "listing buckets") from None
+    for page in pages:
+        for bucket in page.get("Buckets", ()) or ():
+            yield BucketInfo(name=bucket["Name"], created=_utc(bucket["CreationDate"]))
 
 
 def download_stream(client: Any, url: S3URL, fd: int) -> None:
@@ -519,6 +539,10 @@ class BotoTransfer(Transfer):
             del page
             yield from entries
             entries.clear()  # do not hold this page while the next one is fetched and parsed
+
+    def iter_buckets(self) -> Iterator[BucketInfo]:
+        """The account's buckets, page by page (ListBuckets)."""
+        return list_buckets(self.client)
 
     # -- small operations --------------------------------------------------------------------
 

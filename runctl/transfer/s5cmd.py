@@ -47,6 +47,7 @@ from runctl.s3url import S3URL
 from runctl.transfer.base import (
     DEFAULT_PART_SIZE,
     DELETE_BATCH,
+    BucketInfo,
     DeleteResult,
     MiB,
     ObjectInfo,
@@ -55,7 +56,7 @@ from runctl.transfer.base import (
     failure_summary,
     part_size_for,
 )
-from runctl.transfer.boto import download_stream, map_error, upload_stream
+from runctl.transfer.boto import download_stream, list_buckets, map_error, upload_stream
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -1283,6 +1284,15 @@ class S5cmdTransfer:
             raise error_class(code, message)(
                 f"listing {url} failed: {message}", code=code, url=str(url)
             )
+
+    def iter_buckets(self) -> Iterator[BucketInfo]:
+        """The account's buckets: one ListBuckets request, sent with botocore (s5cmd gains nothing here).
+
+        Example:
+            >>> [b.name for b in t.iter_buckets()]  # doctest: +SKIP
+            ['checkpoints']
+        """
+        return list_buckets(self._client())
 
     @staticmethod
     def _listing_item(

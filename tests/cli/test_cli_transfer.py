@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -439,6 +440,26 @@ def test_list_one_level_recursive_and_summary(
         assert "Total Objects: 0" in none.stdout
         assert none.stderr.strip() == f"runctl: error: nothing found at {missing}"
     assert run_s3(s3_server, "s3", "list", f"{bucket}ru", "-r", flag).exit_code == 0
+
+
+def test_list_without_a_bucket_lists_the_buckets(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    # As `aws s3 ls` and `s5cmd ls`: once, "runctl s3 list s3://" said "the bucket name is empty".
+    flag = backend_flag(backend)
+    for args in ([], ["s3://"]):
+        result = run_s3(s3_server, "s3", "list", *args, flag, "--json")
+        assert result.exit_code == 0, result.output
+        (mine,) = [r for r in of_type(result.stdout, "bucket") if r["name"] == bucket.bucket]
+        assert mine["url"] == str(bucket)
+        created = datetime.fromisoformat(mine["created"])
+        assert abs(time.time() - created.timestamp()) < 3600
+    text = run_s3(s3_server, "s3", "list", flag, "--summarize")
+    assert text.exit_code == 0, text.output
+    assert f"{created:%Y-%m-%d %H:%M:%S}  {bucket.bucket}" in text.stdout.splitlines()
+    assert "Total Buckets: " in text.stdout
+    wrong = run_s3(s3_server, "s3", "list", "-r", flag)
+    assert wrong.exit_code == 2 and "--recursive" in wrong.stderr
 
 
 def test_list_pages_through_many_keys(moto_server: S3Server, backend: str, tmp_path: Path) -> None:
