@@ -208,7 +208,7 @@ class CheckpointManager:
         return path
 
     def _find_latest(self) -> Path | None:
-        from runctl.checkpoints import scan_local, step_order
+        from runctl.checkpoints import scan_local
 
         local = [c for c in scan_local(self.local_dir) if c.complete and not c.is_dir]
         mine = [c for c in local if self._matches_filename(c.name)] or local
@@ -218,30 +218,29 @@ class CheckpointManager:
         from runctl.exceptions import RunctlError
         from runctl.uploader import latest_checkpoint, record_restored
 
-        def from_s3(dry_run: bool) -> Path | None:
+        def from_s3(newer_than: str | None) -> Path | None:
             assert self.options.s3_url is not None
             return latest_checkpoint(
                 self.options.s3_url,
                 self.local_dir,
                 config=self.options.resolved_config(),
                 use_s5cmd=self.options.use_s5cmd,
-                dry_run=dry_run,
+                newer_than=newer_than,
             )
 
         if newest is None:
-            path = from_s3(dry_run=False)
+            path = from_s3(newer_than=None)
         else:
             try:
-                in_s3 = from_s3(dry_run=True)
-                if in_s3 is None or step_order(in_s3.name) <= newest.order_key()[:2]:
-                    return self.local_dir / newest.name
-                log.info("S3 holds %s, newer than the local %s: downloading it", in_s3.name, newest.name)
-                path = from_s3(dry_run=False)
+                path = from_s3(newer_than=newest.name)
             except (RunctlError, OSError) as exc:  # the lookup or the download
                 log.warning(
                     "cannot look in S3 for a newer checkpoint (%s): resuming from %s", exc, newest.name
                 )
                 return self.local_dir / newest.name
+            if path is None:
+                return self.local_dir / newest.name
+            log.info("S3 held %s, newer than the local %s: downloaded it", path.name, newest.name)
         if path is not None:
             record_restored(path, self.options.s3_url.join(path.name))
         return path

@@ -1804,12 +1804,14 @@ def latest_checkpoint(
     treat_unmarked_complete: bool = False,
     transfer: Transfer | None = None,
     dry_run: bool = False,
+    newer_than: str | None = None,
 ) -> Path | None:
     """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
 
     A directory checkpoint counts only with a valid marker (unless ``treat_unmarked_complete``).
     Downloads are atomic and contained in ``dest``. ``dry_run``: find it and return the path it
-    would have, downloading nothing.
+    would have, downloading nothing. ``newer_than``: the name of a checkpoint already at hand;
+    S3's newest is downloaded only if its step (then epoch) is higher, else None.
 
     Example:
         >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
@@ -1838,6 +1840,9 @@ def latest_checkpoint(
             log.info("no complete checkpoint under %s", prefix)
             return None
         newest = complete[-1]
+        if newer_than is not None and step_order(newest.name) <= step_order(newer_than):
+            log.info("S3's newest, %s, is not newer than %s", newest.name, newer_than)
+            return None
         dest_dir = Path(dest)
         if dry_run:
             return dest_dir / newest.name

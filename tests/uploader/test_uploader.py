@@ -448,6 +448,19 @@ def test_latest_checkpoint_ignores_a_directory_without_marker(
     assert got == root / "r1" / "step_5.pt" and got.read_bytes() == b"old"
 
 
+def test_latest_checkpoint_newer_than_downloads_only_a_higher_step(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # CheckpointManager.latest() asks this once, instead of a lookup and then a download.
+    prefix = moto_bucket.join("run/")
+    boto_transfer.put_bytes(b"5", prefix.join("step_5.pt"))  # type: ignore[attr-defined]
+    for at_hand in ("step_5.pt", "step_7.pt"):
+        got = latest_checkpoint(prefix, root / "r", transfer=boto_transfer, newer_than=at_hand)  # type: ignore[arg-type]
+        assert got is None and not (root / "r").exists(), at_hand
+    got = latest_checkpoint(prefix, root / "r", transfer=boto_transfer, newer_than="step_4.pt")  # type: ignore[arg-type]
+    assert got == root / "r" / "step_5.pt" and got.read_bytes() == b"5"
+
+
 # -- retention and protection --------------------------------------------------------------------
 
 
