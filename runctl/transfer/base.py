@@ -92,15 +92,11 @@ class PrefixInfo:
 class BucketInfo:
     """One bucket in the listing of an account's buckets (``runctl s3 list`` without a bucket)."""
 
-    name: str
+    name: str  # as S3 has it: a legacy bucket's name may hold capitals or '_', which S3URL refuses
     created: datetime
 
-    @property
-    def url(self) -> S3URL:
-        return S3URL(self.name)
-
     def to_json(self) -> dict[str, object]:
-        return {"url": str(self.url), "name": self.name, "created": self.created.isoformat()}
+        return {"url": f"s3://{self.name}/", "name": self.name, "created": self.created.isoformat()}
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import os
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from runctl.cli.output import Output
 from runctl.s3url import S3URL
+from runctl.transfer.base import BucketInfo
 from tests.cli.cli_support import backend_flag, keys, of_type, put, records, run_process, run_s3
 from tests.servers import S3Server
 
@@ -460,6 +461,16 @@ def test_list_without_a_bucket_lists_the_buckets(
     assert "Total Buckets: " in text.stdout
     wrong = run_s3(s3_server, "s3", "list", "-r", flag)
     assert wrong.exit_code == 2 and "--recursive" in wrong.stderr
+
+
+def test_a_legacy_bucket_name_lists_as_s3_has_it() -> None:
+    # Buckets made in us-east-1 before 2018 may hold capitals or '_', which S3URL refuses.
+    legacy = BucketInfo("Old_Bucket", datetime(2017, 1, 2, tzinfo=timezone.utc))
+    assert legacy.to_json() == {
+        "url": "s3://Old_Bucket/",
+        "name": "Old_Bucket",
+        "created": "2017-01-02T00:00:00+00:00",
+    }
 
 
 def test_list_pages_through_many_keys(moto_server: S3Server, backend: str, tmp_path: Path) -> None:
