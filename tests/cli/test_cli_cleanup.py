@@ -38,6 +38,8 @@ def test_cleanup_touches_only_checkpoints_inside_the_prefix(
         s3_server, bucket, "ckpt/", "checkpoint-5", {"model.bin": b"m5", "optim.bin": b"o5"}
     )
     put(s3_server, bucket, "ckpt/train.log", b"log")
+    # Not a checkpoint, though a word and a number: once it ranked as step 32,000.
+    put(s3_server, bucket, "ckpt/vocab_32000.bin", b"tokens")
     put(s3_server, bucket, "ckpt-old/step_1.pt", b"old")
     put(s3_server, bucket, "ckpt-old/checkpoint-1/model.bin", b"old")
     before = keys(s3_server, bucket)
@@ -83,6 +85,7 @@ def test_cleanup_touches_only_checkpoints_inside_the_prefix(
         "ckpt/checkpoint-5/optim.bin",
         f"ckpt/checkpoint-5/{MARKER_NAME}",
         "ckpt/train.log",
+        "ckpt/vocab_32000.bin",
         "ckpt-old/step_1.pt",
         "ckpt-old/checkpoint-1/model.bin",
     }

@@ -70,6 +70,10 @@ def test_parse_step(name: str, expected: tuple[int | None, int | None]) -> None:
         "step=7.bin",
         "global_step5.pkl",
         "model-00100.safetensors",
+        "ckpt_5.pt",
+        "iter_0001000.pt",
+        "my_weights_3.pth",
+        "pytorch_model_7.bin",
         "epoch=2.ckpt",
         "last.ckpt",
         "last-v1.ckpt",
@@ -101,6 +105,12 @@ def test_recognised(name: str) -> None:
         "model.safetensors",
         "optimizer.pt",
         "model-00001-of-00003.safetensors",
+        # A word and a number, but not a checkpoint: once vocab_32000.bin ranked as step 32000
+        # and a cleanup kept it as the newest, deleting every real checkpoint.
+        "vocab_32000.bin",
+        "rng_state_0.pth",
+        "optimizer_5.pt",
+        "scheduler_1.pt",
         "step_100.pt.tmp",
         "step_100.pt.partial",
         ".step_100.pt",
