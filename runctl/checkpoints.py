@@ -9,7 +9,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +33,9 @@ RUNCTL_DIR = ".runctl"
 HF_SIGN = "trainer_state.json"
 #: DeepSpeed writes ``latest`` (naming the tag) next to its ``global_stepN`` directories once one is whole.
 DEEPSPEED_SIGN = "latest"
+#: The Hugging Face Trainer writes this right after the model, long before ``HF_SIGN``: a
+#: directory holding it is the Trainer's, and is finished only once ``HF_SIGN`` is there too.
+HF_ARGS = "training_args.bin"
 MANIFEST_FORMAT = "runctl-manifest"
 MANIFEST_VERSION = 1
 
@@ -144,6 +147,24 @@ def has_completion_sign(path: Path) -> bool:
     return tag == path.name
 
 
+def awaits_hf_sign(names: Collection[str]) -> bool:
+    """True when a directory holding these file names (relative to it) is a Hugging Face
+    Trainer checkpoint still being written: ``training_args.bin`` without ``trainer_state.json``.
+
+    The Trainer saves the model and ``training_args.bin`` first, then the optimizer (on a
+    large model, gathering its state can take many seconds with no file open), and
+    ``trainer_state.json`` last. Until then the directory is not a checkpoint to mark complete,
+    to count among the newest, or to hand over, however long it has been quiet.
+
+    Example:
+        >>> awaits_hf_sign({"model.safetensors", "training_args.bin"})
+        True
+        >>> awaits_hf_sign({"model.safetensors", "training_args.bin", "trainer_state.json"})
+        False
+    """
+    return HF_ARGS in names and HF_SIGN not in names
+
+
 def is_temp_name(name: str) -> bool:
     """True for names runctl never treats as checkpoints: hidden, ``*.tmp``, ``*.partial``."""
     base = _base(name)
@@ -251,7 +272,7 @@ def _dir_files(path: Path, root: Path) -> tuple[tuple[str, ...], int, float]:
 
 
 def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
-    """Describe one local file or directory as a ``Checkpoint`` (complete: the framework wrote it).
+    """Describe one local file or directory as a ``Checkpoint`` (complete unless ``awaits_hf_sign``).
 
     Use this wherever a local checkpoint's size and mtime are recorded, so that they compare
     equal to what ``scan_local`` sees later.
@@ -267,7 +288,8 @@ def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
     step, epoch = parse_step(path.name)
     if path.is_dir():
         files, size, mtime = _dir_files(path, root)
-        return Checkpoint(path.name, True, step, epoch, mtime, size, True, files)
+        complete = not awaits_hf_sign({n for n in (HF_ARGS, HF_SIGN) if (path / n).is_file()})
+        return Checkpoint(path.name, True, step, epoch, mtime, size, complete, files)
     st = path.stat()
     rel = path.relative_to(root).as_posix()
     return Checkpoint(path.name, False, step, epoch, st.st_mtime, st.st_size, True, (rel,))
@@ -527,7 +549,8 @@ def _group_dir(
         complete = marker_ok(marker, files, dir_key, read_marker)
         mtime = marker.last_modified.timestamp()
     else:
-        complete = treat_unmarked_complete
+        top = {o.key[len(dir_key) :] for o in files if "/" not in o.key[len(dir_key) :]}
+        complete = treat_unmarked_complete and not awaits_hf_sign(top)
         mtime = max((o.last_modified.timestamp() for o in files), default=0.0)
     step, epoch = parse_step(name)
     return Checkpoint(

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runctl.checkpoints import RUNCTL_DIR, has_completion_sign, is_recognised
+from runctl.checkpoints import HF_ARGS, RUNCTL_DIR, has_completion_sign, is_recognised
 from runctl.exceptions import (
     EXIT_FAILED,
     FlushTimeout,
@@ -158,8 +158,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def open_for_writing(pids: Sequence[int]) -> set[str] | None:
+def open_for_writing(pids: Sequence[int] | None) -> set[str] | None:
     """Real paths the given processes have open for writing; None when /proc cannot tell.
+
+    ``pids=None``: every process whose descriptors this user may read (another user's
+    processes are passed over: they cannot write this user's files unless shared).
 
     Example:
         >>> isinstance(open_for_writing([os.getpid()]), (set, type(None)))
@@ -167,6 +170,9 @@ def open_for_writing(pids: Sequence[int]) -> set[str] | None:
     """
     if not os.path.isdir("/proc/self/fdinfo"):
         return None
+    every = pids is None
+    if pids is None:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     found: set[str] = set()
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
@@ -175,6 +181,8 @@ def open_for_writing(pids: Sequence[int]) -> set[str] | None:
         except FileNotFoundError:
             continue  # exited meanwhile
         except OSError:
+            if every:
+                continue
             return None  # not ours to look at: cannot tell
         for fd in fds:
             try:
@@ -188,6 +196,37 @@ def open_for_writing(pids: Sequence[int]) -> set[str] | None:
             flags = int(flags_line.split()[1], 8)
             if flags & (os.O_WRONLY | os.O_RDWR):
                 found.add(target.removesuffix(" (deleted)"))
+    return found
+
+
+def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, str]:
+    """The checkpoints directly under ``root`` that look unfinished, each with why.
+
+    For a person's ``runctl checkpoint cleanup`` beside a training run: a checkpoint some
+    process has open for writing, or that changed within the last ``settle`` seconds, is still
+    being written, and must not count as the newest (nor be deleted).
+
+    Example:
+        >>> being_written(Path("checkpoints"))  # doctest: +SKIP
+        {'step=6.ckpt': 'a process has it open for writing'}
+    """
+    now = time.time()
+    writers = open_for_writing(None) or set()
+    found: dict[str, str] = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name == RUNCTL_DIR or not is_recognised(entry.name, None):
+            continue
+        sig = _dir_signature(Path(entry.path)) if entry.is_dir() else None
+        try:
+            newest = sig[3] / 1e9 if sig is not None else entry.stat().st_mtime
+        except OSError:
+            continue
+        real = os.path.realpath(entry.path)
+        inside = real.rstrip("/") + "/"
+        if real in writers or (sig is not None and any(w.startswith(inside) for w in writers)):
+            found[entry.name] = "a process has it open for writing"
+        elif now - newest < settle:
+            found[entry.name] = f"it changed {max(0.0, now - newest):.1f} s ago"
     return found
 
 
@@ -229,7 +268,8 @@ class CheckpointWatcher:
     process of the watched tree has it open for writing (checked in /proc where there is one).
     A directory is finished when its framework's completion sign exists (Hugging Face's
     ``trainer_state.json``; DeepSpeed's ``latest`` naming it) and nothing in it changed since
-    the previous poll, or else when it has been quiet for ``settle`` seconds. Checkpoints the
+    the previous poll, or else when it has been quiet for ``settle`` seconds, unless it is the
+    Hugging Face Trainer's (``awaits_hf_sign``: then only its sign will do). Checkpoints the
     journal already knows (verified, or pending or failed and so resumed by the uploader) are not
     re-sent.
 
@@ -396,6 +436,8 @@ class CheckpointWatcher:
                 if signed:
                     if state.polls < 2:
                         continue
+                elif is_dir and (path / HF_ARGS).is_file():
+                    continue  # the Trainer's, still without trainer_state.json: awaits_hf_sign
                 elif quiet_for < self.settle or state.polls < 2:
                     continue
                 if not writers_read:

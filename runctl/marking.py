@@ -228,7 +228,8 @@ def why_unfinished(
     """Why a copied directory may not be a finished checkpoint yet, or None when it is.
 
     Finished: it has its framework's completion sign, or none of its ``files`` (``local_files``)
-    changed within ``settle`` seconds before ``started`` (when the copy began) or since.
+    changed within ``settle`` seconds before ``started`` (when the copy began) or since. A
+    Hugging Face Trainer's directory is finished only with its sign (``awaits_hf_sign``).
 
     Example:
         >>> import tempfile
@@ -236,10 +237,15 @@ def why_unfinished(
         >>> why_unfinished(d, local_files(d), started=time.time() + 60) is None
         True
     """
-    from runctl.checkpoints import has_completion_sign
+    from runctl.checkpoints import awaits_hf_sign, has_completion_sign
 
     if not files:
         return "it is empty"
+    if awaits_hf_sign(files):
+        return (
+            "it holds training_args.bin but no trainer_state.json, which the Hugging Face "
+            "Trainer writes last: it is still being written, or its save was cut short"
+        )
     newest = max(st.st_mtime for st in files.values())
     if newest > started or (newest > started - settle and not has_completion_sign(local_dir)):
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -352,6 +353,10 @@ def durable_in(transfer: Transfer, prefix: S3URL, root: Path) -> Callable[[Check
     return check
 
 
+#: Why a local Hugging Face directory without its trainer_state.json is not counted.
+WITHOUT_HF_SIGN = "no trainer_state.json yet (the Hugging Face Trainer writes it last)"
+
+
 def apply_local_retention(
     root: Path,
     keep_last_n: int | None,
@@ -362,6 +367,7 @@ def apply_local_retention(
     dry_run: bool = False,
     lock_timeout: float = 600.0,
     patterns: Sequence[str] | None = None,
+    writing: Mapping[str, str] | None = None,
 ) -> RetentionPlan:
     """Apply keep-last-N to the checkpoints directly under a local directory; return the plan.
 
@@ -370,7 +376,9 @@ def apply_local_retention(
     (``Journal(root).was_verified`` with the checkpoint's size and mtime), read under the
     lock; ``also_durable`` may vouch for a checkpoint the journal does not (one S3 holds whole
     though no uploader wrote it down). Each deletion is recorded in the journal as
-    ``deleted_local``.
+    ``deleted_local``. ``writing`` maps the names of checkpoints still being written to why
+    (``localrun.being_written``): like a Hugging Face directory still without its
+    ``trainer_state.json``, they are neither counted among the newest nor deleted.
 
     Raises:
         UsageError: ``root`` is not a directory, or ``keep_last_n`` is below 1.
@@ -384,8 +392,13 @@ def apply_local_retention(
     if not root.is_dir():
         raise UsageError(f"checkpoint directory {str(root)!r} does not exist or is not a directory")
     journal = Journal(root)
+    writing = writing or {}
     with local_dir_lock(root, timeout=lock_timeout):
-        plan = plan_retention(scan_local(root, patterns), keep_last_n, protected=protected)
+        found = [
+            dataclasses.replace(cp, complete=False) if cp.name in writing else cp
+            for cp in scan_local(root, patterns)
+        ]
+        plan = plan_retention(found, keep_last_n, protected=protected)
         check = journal.durability_check() if plan.delete and not force else None
 
         def durable(cp: Checkpoint) -> bool:
@@ -394,6 +407,9 @@ def apply_local_retention(
             return also_durable is not None and also_durable(cp)
 
         reasons = dict(plan.reasons)
+        for cp in found:
+            if not cp.complete and reasons[cp.name].startswith("incomplete"):
+                reasons[cp.name] = f"incomplete: {writing.get(cp.name) or WITHOUT_HF_SIGN}"
         keep = list(plan.keep)
         delete: list[Checkpoint] = []
         for cp in plan.delete:

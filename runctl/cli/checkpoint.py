@@ -80,8 +80,10 @@ def cleanup_local(
     other files stay. A checkpoint not yet durable in S3 (per the upload
     journal in DIR/.runctl/) is kept, and the output says so; --force
     deletes it anyway. Checkpoints copied by hand are in no journal:
-    --durable-in S3URL checks S3 for them. Runs under the same lock as the
-    uploader.
+    --durable-in S3URL checks S3 for them. A checkpoint still being written
+    (open for writing, or changed in the last 2 s; a Hugging Face directory
+    without its trainer_state.json) neither counts among the newest nor goes.
+    Runs under the same lock as the uploader.
 
     \b
     Examples:
@@ -99,11 +101,19 @@ def cleanup_local(
     if not directory.is_dir():
         raise UsageError(f"DIR {str(directory)!r} is not a directory")
 
+    from runctl.localrun import being_written
     from runctl.retention import apply_local_retention, durable_in
 
+    # Training may be writing the next checkpoint beside this command: it must not count.
+    writing = being_written(directory)
     if durable_in_s3 is None:
         plan = apply_local_retention(
-            directory, keep_last_n, protected=tuple(protect or ()), force=force, dry_run=dry_run
+            directory,
+            keep_last_n,
+            protected=tuple(protect or ()),
+            force=force,
+            dry_run=dry_run,
+            writing=writing,
         )
     else:
         prefix = parse_s3url(durable_in_s3, "--durable-in")
@@ -115,5 +125,6 @@ def cleanup_local(
                 force=force,
                 dry_run=dry_run,
                 also_durable=durable_in(transfer, prefix, directory),
+                writing=writing,
             )
     render_retention(s.out, plan, location=str(directory), dry_run=dry_run)

@@ -225,6 +225,34 @@ def test_local_cleanup_keeps_what_is_not_durable(tmp_path: Path) -> None:
     ]
 
 
+def test_local_cleanup_does_not_count_what_is_still_being_written(tmp_path: Path) -> None:
+    # Run beside training: step_6.pt being appended to, and a Trainer directory without its
+    # trainer_state.json, once counted as the newest complete, and the finished ones went.
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    hf = root / "checkpoint-60"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"m")
+    (hf / "training_args.bin").write_bytes(b"a")
+    old = time.time() - 500
+    os.utime(hf / "model.safetensors", (old, old))
+    os.utime(hf / "training_args.bin", (old, old))
+    with open(root / "step_6.pt", "wb") as writing:
+        writing.write(b"half")
+        writing.flush()
+        result = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--json")
+    assert result.exit_code == 0, result.output
+    keep = {k["name"]: k["reason"] for k in of_type(result.stdout, "keep")}
+    assert keep == {
+        "checkpoint-60": "incomplete: no trainer_state.json yet (the Hugging Face Trainer writes it last)",
+        "step_4.pt": "newest complete",
+        "step_6.pt": "incomplete: a process has it open for writing",
+    }
+    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == [
+        "checkpoint-3", "step_1.pt", "step_2.pt"
+    ]
+
+
 def test_local_cleanup_counts_what_s3_holds_whole_with_durable_in(
     s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
 ) -> None:
@@ -239,8 +267,9 @@ def test_local_cleanup_counts_what_s3_holds_whole_with_durable_in(
     (root / "step_2.pt").write_bytes(b"w" * 11)  # another size
     (root / "checkpoint-3" / "model.bin").write_bytes(b"n" * 5)  # the same total size, but
     (root / "checkpoint-3" / "optim.bin").write_bytes(b"o" * 5)  # a file S3 does not have
-    later = time.time() + 5
+    later = time.time() + 2
     os.utime(root / "step_1.pt", (later, later))  # the same size, written after the upload
+    time.sleep(4.1)  # and none of it is still being written (changed within 2 s)
     args = ("checkpoint", "cleanup", str(root), "-n", "1", "--json", flag)
     result = run_s3(s3_server, *args, "--durable-in", str(prefix))
     assert result.exit_code == 0, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -574,3 +575,30 @@ def test_marking_names_agree_with_checkpoints() -> None:
         checkpoints.MARKER_NAME,
         checkpoints.RUNCTL_DIR,
     )
+
+
+def test_a_trainer_directory_without_its_sign_is_not_complete(tmp_path: Path) -> None:
+    # training_args.bin comes right after the model, trainer_state.json last: between the two
+    # the directory is the Hugging Face Trainer's, half written, however long it stays quiet.
+    from runctl.checkpoints import awaits_hf_sign
+    from runctl.marking import local_files, why_unfinished
+
+    d = tmp_path / "checkpoint-60"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"m")
+    assert local_checkpoint(d).complete  # not the Trainer's, as far as anyone can tell
+    (d / "training_args.bin").write_bytes(b"a")
+    assert not local_checkpoint(d).complete and awaits_hf_sign({"training_args.bin"})
+    # upload -r and sync up leave it unmarked, however long ago it changed
+    why = why_unfinished(d, local_files(d), started=time.time() + 3600)
+    assert why is not None and "trainer_state.json" in why
+    (d / "trainer_state.json").write_text("{}")
+    assert local_checkpoint(d).complete
+    assert why_unfinished(d, local_files(d), started=time.time() + 3600) is None
+
+    objs = [ObjectInfo("bkt", f"run/checkpoint-{n}/{f}", 1, T0) for n, f in
+            [(5, "model.bin"), (6, "model.bin"), (6, "training_args.bin")]]
+    grouped = group_s3(objs, S3URL("bkt", "run/"), treat_unmarked_complete=True)
+    assert {c.name: c.complete for c in grouped.checkpoints} == {
+        "checkpoint-5": True, "checkpoint-6": False,
+    }

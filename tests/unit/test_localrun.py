@@ -17,6 +17,7 @@ from runctl.localrun import (
     CheckpointWatcher,
     RunRecord,
     UploadRecord,
+    being_written,
     build_command,
     open_for_writing,
     process_tree,
@@ -179,6 +180,45 @@ def test_a_quiet_directory_goes_after_the_settle_time(tmp_path: Path) -> None:
     time.sleep(0.25)
     watcher.poll()
     assert got.names == ["step-3"]
+
+
+def test_a_trainer_directory_waits_for_its_sign_however_quiet(tmp_path: Path) -> None:
+    # The Trainer writes the model and training_args.bin, then may gather the optimizer's state
+    # for many seconds with no file open. Once that quiet spell alone made it "finished": it was
+    # uploaded and marked complete without its optimizer, and retention deleted the last whole one.
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.1)
+    hf = tmp_path / "checkpoint-10"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"m")
+    (hf / "training_args.bin").write_bytes(b"a")
+    for _ in range(3):
+        watcher.poll()
+        time.sleep(0.15)
+    assert got.names == []
+    (hf / "optimizer.pt").write_bytes(b"o")
+    (hf / "trainer_state.json").write_text("{}")
+    watcher.poll()
+    watcher.poll()
+    assert got.names == ["checkpoint-10"]
+
+
+def test_being_written_names_what_is_open_or_just_changed(tmp_path: Path) -> None:
+    old = time.time() - 60
+    for name in ("step_1.pt", "step_2.pt", "step_3.pt", "train.log"):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (old, old))
+    hf = tmp_path / "checkpoint-4"
+    hf.mkdir()
+    (hf / "model.bin").write_bytes(b"m")
+    with open(tmp_path / "step_2.pt", "ab") as fh:
+        fh.write(b"more")
+        fh.flush()
+        os.utime(tmp_path / "step_2.pt", (old, old))  # quiet, but still open
+        found = being_written(tmp_path)
+    if os.path.isdir("/proc/self/fdinfo"):
+        assert found.pop("step_2.pt") == "a process has it open for writing"
+    assert list(found) == ["checkpoint-4"] and found["checkpoint-4"].startswith("it changed")
 
 
 def test_the_final_scan_sends_the_rest_but_not_what_a_failed_script_was_writing(
