@@ -324,16 +324,21 @@ class _RunctlCheckpointMixin:
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Save as ModelCheckpoint does, then flush what is pending; upload failures only warn here."""
         super().on_exception(trainer, pl_module, exception)  # type: ignore[misc]
-        uploader, self._uploader = self._uploader, None
-        if uploader is None:
+        if self._uploader is None:
             return
         timeout = self.runctl_options.flush_timeout
         executor = _async_executor(trainer)
         if executor is not None:
+            # The writes still queued hand their checkpoints over as they finish: wait for
+            # them with the uploader still in place (once, it was let go first and they were
+            # dropped without a word).
             try:
                 executor.submit(lambda: None).result(timeout=timeout)
             except Exception as exc:  # a wait that failed must not hide the training error
                 log.warning("runctl: asynchronous checkpoint writes did not finish: %s", exc)
+        uploader, self._uploader = self._uploader, None
+        if uploader is None:
+            return
         # The training error is the one to see: an upload problem is reported, never raised over it.
         finish_uploads(uploader, timeout=timeout, on_upload_error="warn", allow_raise=False)
 

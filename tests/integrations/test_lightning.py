@@ -349,12 +349,21 @@ def test_model_checkpoint_arguments_still_validate() -> None:
         RunctlCheckpoint(save_top_k=-2, s3_url="s3://bucket/x/")
 
 
+@pytest.mark.parametrize("writes", ["sync", "async"])
 def test_exception_mid_fit_still_lands_what_was_saved(
-    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, writes: str
 ) -> None:
     """on_exception flushes pending uploads (bounded) and lets the training error through."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
     from runctl.integrations.lightning import RunctlCheckpoint
 
+    class SlowIO(TorchCheckpointIO):
+        def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(0.5)  # still writing when the error comes: its hand-over is queued
+            super().save_checkpoint(*args, **kwargs)
+
+    plugins = [AsyncCheckpointIO(SlowIO())] if writes == "async" else []
     module = failing_module(at_step=5)
     prefix = moto_bucket.join("boom/")
     dirpath = tmp_path / "ckpt"
@@ -366,7 +375,9 @@ def test_exception_mid_fit_still_lands_what_was_saved(
         config=moto_server.config(),
     )
     with pytest.raises(Boom):
-        make_trainer("lightning.pytorch", [cb], max_steps=10).fit(module, loader(16))
+        make_trainer("lightning.pytorch", [cb], max_steps=10, plugins=plugins).fit(
+            module, loader(16)
+        )
     assert cb.uploader is None  # closed by on_exception
     in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
     assert set(in_s3) == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
