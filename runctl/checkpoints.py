@@ -194,6 +194,26 @@ def is_alias(name: str) -> bool:
     return _ALIAS_RE.fullmatch(_base(name)) is not None
 
 
+def newest_state(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
+    """The checkpoint to resume from: the highest step, unless an alias was written after it.
+
+    Lightning's ``save_last`` keeps ``last.ckpt`` beside top-k files named by step: once the
+    metric stops improving, the highest step among those is an old best, and ``last.ckpt``,
+    written later, holds the newer state.
+
+    Example:
+        >>> best = Checkpoint("epoch=0-step=8.ckpt", False, 8, 0, 100.0, 1, True, ())
+        >>> last = Checkpoint("last.ckpt", False, None, None, 400.0, 1, True, ())
+        >>> newest_state([best, last]).name
+        'last.ckpt'
+    """
+    if not checkpoints:
+        return None
+    by_step = max(checkpoints, key=Checkpoint.order_key)
+    later = [c for c in checkpoints if is_alias(c.name) and c.mtime > by_step.mtime]
+    return max(later, key=lambda c: c.mtime) if later else by_step
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One checkpoint: a single file or a directory, local or in S3.

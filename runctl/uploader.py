@@ -27,6 +27,7 @@ from runctl.checkpoints import (
     is_alias,
     is_recognised,
     local_checkpoint,
+    newest_state,
     parse_step,
     step_order,
 )
@@ -1808,8 +1809,9 @@ def latest_checkpoint(
 ) -> Path | None:
     """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
 
-    A directory checkpoint counts only with a valid marker (unless ``treat_unmarked_complete``).
-    Downloads are atomic and contained in ``dest``. ``dry_run``: find it and return the path it
+    The newest is the highest step, unless a ``last``-style alias landed after it
+    (``newest_state``). A directory checkpoint counts only with a valid marker (unless
+    ``treat_unmarked_complete``). Downloads are atomic and contained in ``dest``. ``dry_run``: find it and return the path it
     would have, downloading nothing. ``newer_than``: the name of a checkpoint already at hand;
     S3's newest is downloaded only if its step (then epoch) is higher, else None.
 
@@ -1835,11 +1837,10 @@ def latest_checkpoint(
             treat_unmarked_complete=treat_unmarked_complete,
             read_marker=lambda key: transfer.get_bytes(S3URL(prefix.bucket, key)),
         )
-        complete = [c for c in grouped.checkpoints if c.complete]
-        if not complete:
+        newest = newest_state([c for c in grouped.checkpoints if c.complete])
+        if newest is None:
             log.info("no complete checkpoint under %s", prefix)
             return None
-        newest = complete[-1]
         if newer_than is not None and step_order(newest.name) <= step_order(newer_than):
             log.info("S3's newest, %s, is not newer than %s", newest.name, newer_than)
             return None

@@ -448,6 +448,23 @@ def test_latest_checkpoint_ignores_a_directory_without_marker(
     assert got == root / "r1" / "step_5.pt" and got.read_bytes() == b"old"
 
 
+def test_latest_checkpoint_takes_last_ckpt_when_it_landed_after_the_highest_step(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # save_top_k with a monitor, plus save_last: once the metric stopped improving, the highest
+    # step kept is an old best, and resuming "latest" from it lost every epoch since.
+    prefix = moto_bucket.join("run/")
+    boto_transfer.put_bytes(b"last@4", prefix.join("last.ckpt"))  # type: ignore[attr-defined]
+    time.sleep(1.1)  # LastModified counts whole seconds
+    boto_transfer.put_bytes(b"best@8", prefix.join("epoch=0-step=8.ckpt"))  # type: ignore[attr-defined]
+    got = latest_checkpoint(prefix, root / "a", transfer=boto_transfer)  # type: ignore[arg-type]
+    assert got is not None and got.read_bytes() == b"best@8"  # last.ckpt is older: the step wins
+    time.sleep(1.1)
+    boto_transfer.put_bytes(b"last@32", prefix.join("last.ckpt"))  # type: ignore[attr-defined]
+    got = latest_checkpoint(prefix, root / "b", transfer=boto_transfer)  # type: ignore[arg-type]
+    assert got == root / "b" / "last.ckpt" and got.read_bytes() == b"last@32"
+
+
 def test_latest_checkpoint_newer_than_downloads_only_a_higher_step(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
