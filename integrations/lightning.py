@@ -252,11 +252,37 @@ class _RunctlCheckpointMixin:
             raise UsageError(
                 f"RunctlCheckpoint needs a local dirpath to upload from, got dirpath={dirpath!r}"
             )
+        self._check_no_sibling_shares(trainer, dirpath)
         # Lightning restores the checkpoint it resumes from after setup: retention waits for
         # on_train_start, which protects it first.
         self._uploader = self.runctl_options.make_uploader(dirpath, hold_retention=True)
         self._best_told = None
         log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
+
+    def _check_no_sibling_shares(self, trainer: Any, dirpath: str) -> None:
+        """Refuse two callbacks whose retention would delete each other's checkpoints.
+
+        Each protects only its own best; keep-last-N counts every checkpoint under its prefix
+        (and, locally, in its directory). A "best by metric" callback beside a periodic one on
+        the same prefix lost its best to the other's retention.
+        """
+        for other in getattr(trainer, "callbacks", ()):
+            if other is self or not isinstance(other, _RunctlCheckpointMixin):
+                continue
+            if other.s3_url is not None and str(other.s3_url) == str(self.s3_url):
+                raise UsageError(
+                    f"two RunctlCheckpoint callbacks upload to {self.s3_url}: the retention of "
+                    "each would delete the other's checkpoints, its best too. Give each its own "
+                    f"s3_url (e.g. {self.s3_url}best/ and {self.s3_url}periodic/)"
+                )
+            other_dir = str(getattr(other, "dirpath", "") or "")
+            local_n = (self.runctl_options.local_keep_last_n, other.runctl_options.local_keep_last_n)
+            if other_dir and any(n is not None for n in local_n) and _same_directory(dirpath, other_dir):
+                raise UsageError(
+                    f"two RunctlCheckpoint callbacks save to {dirpath} and one keeps the last "
+                    "local_keep_last_n there: it would delete the other's files. Give each its "
+                    "own dirpath"
+                )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Protect the checkpoint this run resumed from (it is known only after restore), then let retention run."""

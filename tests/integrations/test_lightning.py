@@ -349,6 +349,45 @@ def test_model_checkpoint_arguments_still_validate() -> None:
         RunctlCheckpoint(save_top_k=-2, s3_url="s3://bucket/x/")
 
 
+def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # "best by metric" beside "every 2 steps" on one prefix: the periodic one's keep-last-N
+    # deleted the other's best, which each callback protects only for itself.
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    def pair(best: dict[str, Any], periodic: dict[str, Any]) -> list[Any]:
+        common = dict(config=moto_server.config(), keep_last_n=1)
+        return [
+            RunctlCheckpoint(monitor="val_loss", **common, **best),
+            RunctlCheckpoint(every_n_train_steps=2, save_top_k=-1, **common, **periodic),
+        ]
+
+    run = moto_bucket.join("pair/")
+    a, b = tmp_path / "a", tmp_path / "b"
+    for best, periodic, says in [
+        (dict(dirpath=a, s3_url=run), dict(dirpath=b, s3_url=run), "upload to"),
+        (
+            dict(dirpath=a, s3_url=run.join("best/")),
+            dict(dirpath=a, s3_url=run.join("periodic/"), local_keep_last_n=1),
+            "save to",
+        ),
+    ]:
+        trainer = make_trainer("lightning.pytorch", pair(best, periodic), max_steps=2)
+        with pytest.raises(UsageError, match=f"two RunctlCheckpoint callbacks {says}"):
+            trainer.fit(make_module("lightning.pytorch"), loader(4), loader(2))
+    # Apart, both run.
+    callbacks = pair(
+        dict(dirpath=a, s3_url=run.join("best/")), dict(dirpath=b, s3_url=run.join("periodic/"))
+    )
+    make_trainer("lightning.pytorch", callbacks, max_steps=2).fit(
+        make_module("lightning.pytorch"), loader(4), loader(2)
+    )
+    assert sorted(file_checkpoints(s3_objects(moto_server, run.join("periodic/")))) == [
+        "epoch=0-step=2.ckpt"
+    ]
+
+
 @pytest.mark.parametrize("writes", ["sync", "async"])
 def test_exception_mid_fit_still_lands_what_was_saved(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, writes: str
