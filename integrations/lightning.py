@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -120,6 +121,32 @@ def _async_executor(trainer: Any) -> Executor | None:
     return None
 
 
+def _check_flat_filename(template: str | None, auto_insert_metric_name: bool) -> None:
+    """Refuse a ``filename`` that saves below ``dirpath``: the uploader takes only its direct children.
+
+    Once such a name crashed training at its first save.
+
+    Example:
+        >>> _check_flat_filename("{epoch}-{val/loss:.2f}", auto_insert_metric_name=False)
+    """
+    if not template:
+        return
+    if "/" in re.sub(r"\{[^{}]*\}", "", template):
+        raise UsageError(
+            f"filename={template!r} saves into subdirectories of dirpath; RunctlCheckpoint uploads "
+            "the checkpoints saved directly in dirpath: use '-' or '_' where the '/' is"
+        )
+    slashed = [g for g in re.findall(r"\{([^{}:]*)", template) if "/" in g]
+    if slashed and auto_insert_metric_name:
+        name = slashed[0]
+        raise UsageError(
+            f"filename={template!r}: Lightning would write '{name}=' into the file name, and its "
+            "'/' makes a subdirectory of dirpath, which RunctlCheckpoint does not upload. Pass "
+            f"auto_insert_metric_name=False and name it yourself, e.g. "
+            f"'{name.replace('/', '_')}={{{name}:.2f}}'"
+        )
+
+
 def _same_directory(a: str, b: str) -> bool:
     """True when two paths name one directory; equal strings (Lightning's case) need no lookup."""
     return a == b or os.path.realpath(a) == os.path.realpath(b)
@@ -164,6 +191,8 @@ class _RunctlCheckpointMixin:
             on_upload_error=on_upload_error,
             uploader_options=uploader_options,
         )
+        if self.s3_url is not None:
+            _check_flat_filename(getattr(self, "filename", None), self.auto_insert_metric_name)  # type: ignore[attr-defined]
         self.log_stats = log_stats
         self._uploader: CheckpointUploader | None = None
         self._best_told: str | None = None  # the best_model_path last given to the uploader

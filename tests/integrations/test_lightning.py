@@ -349,6 +349,36 @@ def test_model_checkpoint_arguments_still_validate() -> None:
         RunctlCheckpoint(save_top_k=-2, s3_url="s3://bucket/x/")
 
 
+@pytest.mark.parametrize(
+    ("filename", "auto_insert", "says"),
+    [
+        ("{epoch}-{val/loss:.2f}", True, "auto_insert_metric_name=False"),
+        ("epoch{epoch}/model", True, "subdirectories of dirpath"),
+        ("{epoch}-val_loss={val/loss:.2f}", False, None),
+    ],
+)
+def test_a_filename_that_saves_below_dirpath_is_refused_when_built(
+    tmp_path: Path, filename: str, auto_insert: bool, says: str | None
+) -> None:
+    # Valid for ModelCheckpoint, these once crashed training at the first save ("submit path
+    # must be directly inside the uploader's root").
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    def build() -> Any:
+        return RunctlCheckpoint(
+            dirpath=tmp_path,
+            filename=filename,
+            auto_insert_metric_name=auto_insert,
+            s3_url="s3://bucket/run/",
+        )
+
+    if says is None:
+        build()
+    else:
+        with pytest.raises(UsageError, match=says):
+            build()
+
+
 def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
 ) -> None:
