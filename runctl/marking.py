@@ -147,6 +147,17 @@ def is_marker_key(key: str) -> bool:
     return key.endswith("/" + MARKER_NAME)
 
 
+def is_marker_file(rel: str) -> bool:
+    """True for a local file that is a marker (came down with its directory): never sent up,
+    since the marker in S3 is written from what landed, never copied.
+
+    Example:
+        >>> is_marker_file(".runctl-manifest.json"), is_marker_file("checkpoint-5/model.bin")
+        (True, False)
+    """
+    return rel == MARKER_NAME or rel.endswith("/" + MARKER_NAME)
+
+
 def marker_of_a_local_dir(local: Path, url: S3URL) -> Callable[[str], bool]:
     """For ``sync --delete``: true for the marker of a directory that still exists under ``local``.
 

@@ -225,6 +225,7 @@ def upload_files(
                 storage_class=storage,
                 dry_run=dry_run,
                 progress=advance,
+                own_file=marking.is_marker_file,
             )
         )
         if dry_run:
@@ -588,6 +589,7 @@ def sync_tree(
                 progress=advance,
                 before_upload=clear_changed if dirs else None,
                 keep_key=marking.marker_of_a_local_dir(local, url) if up else None,
+                own_file=marking.is_marker_file,
             )
         )
         # A directory that lost files to --delete gets a marker of what it holds now.

@@ -259,7 +259,12 @@ def _collect(exc: TransferError, names: Sequence[str], failures: dict[str, str])
 
 
 def _upload_pairs(
-    local: Path, url: S3URL, recursive: bool, include: Sequence[str], exclude: Sequence[str]
+    local: Path,
+    url: S3URL,
+    recursive: bool,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    own_file: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[Path, S3URL]]:
     if local.is_dir():
         if not recursive:
@@ -268,7 +273,7 @@ def _upload_pairs(
             )
         prefix = url.as_prefix()
         for rel, path in _walk_files(local):
-            if selected(rel, include, exclude):
+            if selected(rel, include, exclude) and not (own_file and own_file(rel)):
                 yield path, prefix.join(rel)
     elif local.is_file():
         yield local, (url.join(local.name) if url.is_prefix else url)
@@ -279,11 +284,15 @@ def _upload_pairs(
 
 
 def _plain_tree(
-    local: Path, url: S3URL, include: Sequence[str], exclude: Sequence[str]
+    local: Path,
+    url: S3URL,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    own_file: Callable[[str], bool] | None = None,
 ) -> list[tuple[Path, S3URL]] | None:
     """Every pair of a directory upload, when the directory holds exactly those files, else None.
 
-    Exactly: no symlink, state directory, special file or filtered-out file, at most
+    Exactly: no symlink, state directory, special file, filtered-out or ``own_file``, at most
     ``TREE_MAX_FILES`` files. Such a tree may go up as one directory copy (``put_tree``).
     """
     if not local.is_dir():
@@ -293,6 +302,8 @@ def _plain_tree(
     pairs: list[tuple[Path, S3URL]] = []
     for rel, path in _walk_files(local, odd):
         if odd or len(pairs) >= TREE_MAX_FILES or not selected(rel, include, exclude):
+            return None
+        if own_file is not None and own_file(rel):
             return None
         pairs.append((path, prefix.join(rel)))
     return None if odd else pairs
@@ -309,8 +320,12 @@ def upload(
     storage_class: str | None = None,
     dry_run: bool = False,
     progress: ProgressCallback | None = None,
+    own_file: Callable[[str], bool] | None = None,
 ) -> list[tuple[Path, S3URL]]:
     """Upload a file (to ``url``, or ``url/<name>`` when ``url`` is a prefix) or a tree (recursive).
+
+    ``own_file(rel)``: a file of the tree that is runctl's own and never sent (a directory's
+    marker, which is written from what landed, never copied).
 
     Raises:
         UsageError: ``local`` is missing, or is a directory without ``recursive``.
@@ -323,7 +338,7 @@ def upload(
     local = Path(local)
     done: list[tuple[Path, S3URL]] = []
     failures: dict[str, str] = {}
-    tree = None if dry_run or not recursive else _plain_tree(local, url, include, exclude)
+    tree = None if dry_run or not recursive else _plain_tree(local, url, include, exclude, own_file)
     chunks: Iterable[list[tuple[Path, S3URL]]]
     if tree:  # the whole tree in one call, which may copy the directory at once
         chunks = [tree]
@@ -332,7 +347,7 @@ def upload(
             transfer.put_tree(local, chunk, storage_class=storage_class, progress=progress)
 
     else:
-        chunks = _chunks(_upload_pairs(local, url, recursive, include, exclude))
+        chunks = _chunks(_upload_pairs(local, url, recursive, include, exclude, own_file))
 
         def send(chunk: list[tuple[Path, S3URL]]) -> None:
             transfer.put_files(chunk, storage_class=storage_class, progress=progress)
@@ -857,6 +872,7 @@ def _plan(
     include: Sequence[str],
     exclude: Sequence[str],
     keep_key: Callable[[str], bool] | None = None,
+    own_file: Callable[[str], bool] | None = None,
 ) -> _SyncWork:
     if direction not in ("up", "down"):
         raise UsageError(f"direction must be 'up' or 'down', got {direction!r}")
@@ -875,6 +891,8 @@ def _plan(
     unchanged = 0
     skipped: list[tuple[str, str]] = []
     if direction == "up":
+        if own_file is not None:
+            local_files = {rel: path for rel, path in local_files.items() if not own_file(rel)}
         uploads: list[tuple[Path, S3URL]] = []
         for rel, path in local_files.items():
             obj = remote.get(rel)
@@ -972,12 +990,14 @@ def sync(
     progress: ProgressCallback | None = None,
     before_upload: Callable[[Sequence[tuple[Path, S3URL]]], None] | None = None,
     keep_key: Callable[[str], bool] | None = None,
+    own_file: Callable[[str], bool] | None = None,
 ) -> SyncPlan:
     """Carry out ``plan_sync`` (copies first, then deletes) and return the plan; dry-run only plans.
 
     ``before_upload`` sees every (file, URL) pair of an upward sync before the first is sent;
     with ``delete``, a key for which ``keep_key`` is true is never deleted (a marker in S3 has
-    no local file).
+    no local file). Going up, a local file for which ``own_file`` is true is never sent (a
+    marker that came down with its directory: the one in S3 is written from what landed).
 
     Raises:
         PartialTransferError: naming every copy or delete that failed and every unsafe key skipped.
@@ -995,6 +1015,7 @@ def sync(
         include=include,
         exclude=exclude,
         keep_key=keep_key,
+        own_file=own_file,
     )
     plan = work.plan
     total = len(plan.copy) + len(plan.delete) + len(plan.skipped)

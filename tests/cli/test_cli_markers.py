@@ -202,3 +202,32 @@ def test_upload_leaves_the_markers_of_unchanged_checkpoints_alone(
     five, ten = (f"run/checkpoint-{n}/{MARKER_NAME}" for n in (5, 10))
     assert again[five] != after[five] and again[ten] == after[ten]
     assert complete(s3_server, prefix, backend)["checkpoint-5"] is True
+
+
+def test_a_round_trip_sends_no_marker_and_a_second_sync_copies_nothing(
+    s3_server: S3Server, bucket: S3URL, backend: str, trained: Path, tmp_path: Path
+) -> None:
+    # Down with its marker, then up to another prefix: the local marker once went up as a file,
+    # was rewritten with a new time, and so differed again at every later sync ("copied 1 file").
+    flag = backend_flag(backend)
+    first, second = bucket.join("a/"), bucket.join("b/")
+    assert run_s3(s3_server, "s3", "upload", str(trained), str(first), "-r", flag).exit_code == 0
+    copy = tmp_path / "copy"
+    down = run_s3(s3_server, "s3", "sync", str(copy), str(first), "-d", "down", flag)
+    assert down.exit_code == 0, down.output
+    assert (copy / "checkpoint-5" / MARKER_NAME).is_file()  # a faithful copy, marker and all
+    then = time.time() - 60  # the files keep S3's times: make them settled, as hours later
+    for path in copy.rglob("*"):
+        os.utime(path, (then, then))
+    up = ("s3", "sync", str(copy), str(second), "-d", "up", "--json", flag)
+    result = run_s3(s3_server, *up)
+    assert result.exit_code == 0, result.output
+    assert not [c for c in of_type(result.stdout, "copy") if c["source"].endswith(MARKER_NAME)]
+    assert complete(s3_server, second, backend)["checkpoint-5"] is True  # its own, written anew
+    again = run_s3(s3_server, *up)
+    (summary,) = of_type(again.stdout, "summary")
+    assert summary["copied"] == 0, again.stdout
+    # upload -r of the copy does not send the markers either
+    upload = run_s3(s3_server, "s3", "upload", str(copy), str(bucket.join("c/")), "-r", "--json", flag)
+    assert upload.exit_code == 0, upload.output
+    assert not [u for u in of_type(upload.stdout, "upload") if u["source"].endswith(MARKER_NAME)]
