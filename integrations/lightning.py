@@ -417,6 +417,24 @@ class _RunctlCheckpointMixin:
         }
         return state
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Take over the state a plain ``ModelCheckpoint`` with the same arguments saved.
+
+        Lightning keys a callback's state by its class name: a run begun with
+        ``ModelCheckpoint`` and resumed with this callback would otherwise start over (its best
+        score forgotten, ``last-v1.ckpt`` beside ``last.ckpt``). Lightning still warns that the
+        ModelCheckpoint is missing; its state is here.
+        """
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)  # type: ignore[misc]
+        states = checkpoint.get("callbacks")
+        key = self.state_key  # type: ignore[attr-defined]
+        if not isinstance(states, dict) or key in states:
+            return
+        plain = "ModelCheckpoint" + key[len(type(self).__qualname__) :]
+        if plain in states and plain not in {cb.state_key for cb in trainer.callbacks}:
+            states[key] = states[plain]
+            log.info("runctl: resuming the state of %s saved by ModelCheckpoint", plain)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ModelCheckpoint's state; note runctl's so retention continues under the same prefix."""
         state = dict(state_dict)

@@ -379,6 +379,33 @@ def test_a_filename_that_saves_below_dirpath_is_refused_when_built(
             build()
 
 
+def test_a_run_begun_with_model_checkpoint_resumes_with_its_state(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # Lightning keys a callback's state by class name: swapping ModelCheckpoint for
+    # RunctlCheckpoint mid-run once forgot the best score (and wrote last-v1.ckpt).
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    args = dict(dirpath=tmp_path / "ckpt", monitor="val_loss", save_last=True)
+    first = ModelCheckpoint(**args)
+    make_trainer("lightning.pytorch", [first], max_epochs=2).fit(
+        make_module("lightning.pytorch", [0.5, 0.1, 0.9]), loader(2), loader(1)
+    )
+    assert float(first.best_model_score) == pytest.approx(0.1)
+    second = RunctlCheckpoint(**args, s3_url=moto_bucket.join("swap/"), config=moto_server.config())
+    make_trainer("lightning.pytorch", [second], max_epochs=3).fit(
+        make_module("lightning.pytorch", [0.5, 0.1, 0.9]),
+        loader(2),
+        loader(1),
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+    )
+    assert float(second.best_model_score) == pytest.approx(0.1)  # epoch 2's 0.9 is no better
+    assert Path(second.best_model_path).name == Path(first.best_model_path).name
+    assert not (tmp_path / "ckpt" / "last-v1.ckpt").exists()
+
+
 def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
 ) -> None:
