@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -237,6 +238,13 @@ def finish_uploads(
         uploader.flush(timeout=timeout, failing_timeout=None if allow_raise else FAILING_TIMEOUT)
     except RunctlError as exc:
         error = exc
+    except KeyboardInterrupt:
+        # Ctrl-C while waiting means stop waiting: close now (what is pending stays in the
+        # journal for the next run), not again for 30 s in the exit hook.
+        if close:
+            with contextlib.suppress(RunctlError):
+                uploader.close(timeout=CLOSE_AFTER_ERROR)
+        raise
     if close:
         try:
             # After a failed or timed-out flush, close must not wait a second full timeout:

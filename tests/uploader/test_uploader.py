@@ -731,6 +731,29 @@ def test_flush_timeout_is_bounded_and_names_pending(
     assert up.status().to_dict()["pending"] == 3
 
 
+def test_ctrl_c_while_the_callbacks_wait_stops_waiting_at_once(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # The end-of-fit flush let Ctrl-C through but left the uploader open: the exit hook then
+    # waited another 30 s. Now Ctrl-C closes it, and what is pending stays in the journal.
+    import signal
+
+    from runctl.integrations._common import finish_uploads
+
+    wrapped = Wrapped(boto_transfer)
+    Gate(wrapped)  # never opens
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_1.pt", b"x"))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        finish_uploads(up, timeout=60, on_upload_error="raise")
+    assert time.monotonic() - start < 10
+    assert not up._worker.is_alive()
+    assert [e.name for e in Journal(root).pending()] == ["step_1.pt"]
+
+
 PATIENT_RETRY = RetryPolicy(attempts=1000, backoff_factor=0.05, backoff_max=0.1, jitter=0.0)
 
 
