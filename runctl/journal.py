@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,9 +28,11 @@ log = logging.getLogger("runctl.journal")
 #: writer stopped inside it (Ctrl-Z) or a lock left by a dead NFS client holds it longer, and
 #: the training thread must not wait on that.
 LOCK_WAIT = 0.05
+#: How long a writer waits for a compaction (``Journal.compact``) to finish.
+COMPACT_WAIT = 2.0
 
 
-def _lock_file(fd: int) -> bool:
+def _lock_file(fd: int, wait: float = LOCK_WAIT) -> bool:
     """Take the journal's lock between processes; False where there is none or it stays taken.
 
     Without the lock (no flock on Windows, ENOLCK on some network filesystems, or a holder
@@ -39,14 +42,14 @@ def _lock_file(fd: int) -> bool:
     """
     if fcntl is None:
         return False
-    deadline = time.monotonic() + LOCK_WAIT
+    deadline = time.monotonic() + wait
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                log.debug("journal line written without the lock: held for over %g s", LOCK_WAIT)
+                log.debug("journal line written without the lock: held for over %g s", wait)
                 return False
             time.sleep(0.0005)
         except OSError as exc:
@@ -70,6 +73,8 @@ PENDING_STATES = ("queued", "uploaded")
 _FIELDS = ("time", "size", "mtime", "s3_url", "detail", "queued")
 #: One encoder for every line: ``json.dumps`` with options builds a new one per call.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+#: ``Journal.compact`` rewrites a journal past this size (about 1,100 checkpoints' history).
+COMPACT_ABOVE = 1 << 20
 #: Two mtimes closer than this are the same (they come from the same stat, through JSON).
 _MTIME_TOLERANCE = 1e-6
 
@@ -152,6 +157,22 @@ class JournalEntry:
         return True
 
 
+def _replaced(fd: int, path: Path) -> bool:
+    """True when ``path`` no longer names the file open on ``fd`` (a compaction replaced it)."""
+    try:
+        return os.fstat(fd).st_ino != os.stat(path).st_ino
+    except FileNotFoundError:
+        return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -207,6 +228,7 @@ class Journal:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.path = self.root / JOURNAL_DIR / JOURNAL_NAME
+        self._compacting = self.path.with_name(JOURNAL_NAME + ".compacting")
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -261,6 +283,15 @@ class Journal:
                     # Another process may be mid-write: the file's size can grow a page at a
                     # time, so without the lock the check below would see a line half there.
                     locked = _lock_file(fd)
+                    if not locked and self._compacting.exists():
+                        # A compaction holds the lock (about 0.1 s per MB, once per uploader
+                        # start): wait for it, as a line written now could land in the file it
+                        # is about to replace.
+                        locked = _lock_file(fd, COMPACT_WAIT)
+                    while locked and _replaced(fd, self.path):  # compacted: append to the new one
+                        os.close(fd)
+                        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                        locked = _lock_file(fd, COMPACT_WAIT)
                     end = os.fstat(fd).st_size
                     # A writer that died mid-line left no newline: start ours on a fresh line so
                     # that only the torn one is lost.
@@ -281,6 +312,69 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
 
+    def compact(self, *, min_bytes: int = COMPACT_ABOVE) -> bool:
+        """Rewrite the journal with only what a replay answers from, once it passes ``min_bytes``.
+
+        Per name: its latest line, and its last ``verified`` line when that is another; a name
+        whose latest line is ``deleted_local`` goes (its file is gone, and no question asks about
+        it). Every question (``snapshot`` and all) gets the same answer from the result. A run
+        that saves thousands of checkpoints otherwise re-reads its whole history at each
+        retention (2,000 checkpoints: 1.8 MB, 50 ms a read). Done under the lock, replaced
+        atomically; returns whether it rewrote the file.
+
+        Example:
+            >>> import tempfile
+            >>> j = Journal(Path(tempfile.mkdtemp()))
+            >>> for state in ("queued", "uploaded", "verified"): j.record("step_1.pt", state)
+            >>> j.compact(min_bytes=0), len(j.path.read_text().splitlines())
+            (True, 1)
+        """
+        try:
+            if os.stat(self.path).st_size < min_bytes:
+                return False
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror or exc}") from None
+        tmp = self.path.with_name(f".{JOURNAL_NAME}.compact")  # one compactor at a time: the lock
+        try:
+            with self._lock:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    if not _lock_file(fd) or _replaced(fd, self.path):
+                        return False  # another writer holds it, or compacted it: next time
+                    # Writers that find the lock taken wait for it while this exists.
+                    self._compacting.touch()
+                    chunks = []
+                    while chunk := os.read(fd, 1 << 20):
+                        chunks.append(chunk)
+                    state = _replay(b"".join(chunks), self.path)
+                    lines = []
+                    for name, latest in state.latest.items():
+                        if latest.state == "deleted_local":
+                            continue
+                        verified = state.verified.get(name)
+                        for entry in (verified, latest) if verified not in (None, latest) else (latest,):
+                            assert entry is not None
+                            lines.append(_ENCODER.encode(entry.to_json()).encode("utf-8") + b"\n")
+                    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    try:
+                        os.write(out, b"".join(lines))
+                        os.fsync(out)
+                    finally:
+                        os.close(out)
+                    os.replace(tmp, self.path)
+                    _fsync_dir(self.path.parent)
+                finally:
+                    with contextlib.suppress(OSError):
+                        self._compacting.unlink()
+                    os.close(fd)  # releases the lock
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise JournalError(f"cannot compact the journal {self.path}: {exc.strerror or exc}") from None
+        return True
+
     def snapshot(self) -> JournalSnapshot:
         """Read and replay the journal once (torn or corrupt lines skipped with a warning)."""
         try:
@@ -289,37 +383,7 @@ class Journal:
             return JournalSnapshot({}, {})
         except OSError as exc:
             raise JournalError(f"cannot read the journal {self.path}: {exc.strerror or exc}") from None
-        latest: dict[str, JournalEntry] = {}
-        verified: dict[str, JournalEntry] = {}
-        lines = data.split(b"\n")
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                entry = JournalEntry.from_json(json.loads(raw.decode("utf-8")))
-            except (UnicodeDecodeError, ValueError) as exc:
-                torn = number == len(lines) and not data.endswith(b"\n")
-                what = "torn last line" if torn else "corrupt line"
-                log.warning("skipping %s %d of %s: %s", what, number, self.path, exc)
-                continue
-            before = latest.get(entry.name)
-            if (
-                before is not None
-                and before.state in PENDING_STATES
-                and entry.state != "queued"
-                and entry.queued is not None
-                and before.version is not None
-                and entry.queued != before.version
-            ):
-                # About an older version, written after a newer one was queued (a rewritten
-                # last.ckpt superseded it, or it was still uploading): the newer one stays pending.
-                if entry.state == "verified":
-                    verified[entry.name] = entry
-                continue
-            latest[entry.name] = entry
-            if entry.state == "verified":
-                verified[entry.name] = entry
-        return JournalSnapshot(latest, verified)
+        return _replay(data, self.path)
 
     def replay(self) -> dict[str, JournalEntry]:
         """The latest entry per name, in file order; torn or corrupt lines are skipped with a warning.
@@ -399,6 +463,41 @@ class Journal:
             (['step_2.pt'], ['step_1.pt', 'step_2.pt'])
         """
         return self.snapshot().pending(failed=failed)
+
+
+def _replay(data: bytes, path: Path) -> JournalSnapshot:
+    """Replay a journal's bytes: the latest line per name, and the last ``verified`` one."""
+    latest: dict[str, JournalEntry] = {}
+    verified: dict[str, JournalEntry] = {}
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            entry = JournalEntry.from_json(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError) as exc:
+            torn = number == len(lines) and not data.endswith(b"\n")
+            what = "torn last line" if torn else "corrupt line"
+            log.warning("skipping %s %d of %s: %s", what, number, path, exc)
+            continue
+        before = latest.get(entry.name)
+        if (
+            before is not None
+            and before.state in PENDING_STATES
+            and entry.state != "queued"
+            and entry.queued is not None
+            and before.version is not None
+            and entry.queued != before.version
+        ):
+            # About an older version, written after a newer one was queued (a rewritten
+            # last.ckpt superseded it, or it was still uploading): the newer one stays pending.
+            if entry.state == "verified":
+                verified[entry.name] = entry
+            continue
+        latest[entry.name] = entry
+        if entry.state == "verified":
+            verified[entry.name] = entry
+    return JournalSnapshot(latest, verified)
 
 
 def _was_verified(state: JournalSnapshot, name: str, size: int | None, mtime: float | None) -> bool:

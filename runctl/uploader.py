@@ -1006,6 +1006,10 @@ class CheckpointUploader:
         # Failed ones too: an upload that used up its retries in an earlier process (an outage
         # during a final flush) still has its local copy, and S3 may be back.
         try:
+            self.journal.compact()  # once past 1 MB: each retention re-reads it
+        except JournalError as exc:
+            log.warning("%s; it stays as it is", exc)
+        try:
             snapshot: JournalSnapshot | None = self.journal.snapshot()
         except JournalError as exc:
             log.error("cannot replay the journal, nothing resumed: %s", exc)

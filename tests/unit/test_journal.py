@@ -230,3 +230,77 @@ def test_another_writers_lock_is_waited_for_but_only_so_long(
     assert 0.05 <= waited < 1.05
     assert "held for over" in caplog.text
     assert list(j.replay()) == ["a", "b", "c"]
+
+
+def _history(j: Journal) -> None:
+    """Every kind of history a name can have, each written as the uploader writes it."""
+    for i in range(40):  # the long run: up, verified, gone from S3 and then from disk
+        name = f"step_{i}.pt"
+        j.record(name, "queued", size=i, mtime=float(i), time=100.0 + i, sync=False)
+        j.record(name, "uploaded", size=i, mtime=float(i), queued=100.0 + i, sync=False)
+        j.record(name, "verified", size=i, mtime=float(i), queued=100.0 + i, sync=False)
+        if i < 30:
+            j.record(name, "deleted_s3", size=i, sync=False)
+        if i < 20:
+            j.record(name, "deleted_local", size=i, mtime=float(i), sync=False)
+    # last.ckpt: verified, then rewritten and queued, then a late line about the old version
+    j.record("last.ckpt", "queued", size=1, mtime=1.0, time=200.0)
+    j.record("last.ckpt", "verified", size=1, mtime=1.0, queued=200.0)
+    j.record("last.ckpt", "queued", size=2, mtime=2.0, time=210.0)
+    j.record("last.ckpt", "uploaded", size=1, mtime=1.0, queued=200.0)
+    j.record("step_90.pt", "queued", size=9, mtime=9.0, time=300.0)
+    j.record("step_91.pt", "failed", size=9, mtime=9.0, queued=301.0)
+    j.record("step_92.pt", "skipped", size=9, mtime=9.0, detail="superseded")
+    j.record("checkpoint-7", "deleting_s3")
+
+
+def test_compaction_keeps_every_answer_and_drops_what_is_gone(tmp_path: Path) -> None:
+    # A run of thousands of checkpoints re-read its whole history at every retention.
+    j = Journal(tmp_path)
+    _history(j)
+    before = j.snapshot()
+    size = j.path.stat().st_size
+    assert j.compact(min_bytes=size + 1) is False  # small enough: left alone
+    assert j.compact(min_bytes=0) is True
+    after = j.snapshot()
+    gone = {n for n, e in before.latest.items() if e.state == "deleted_local"}
+    assert len(gone) == 20 and not gone & set(after.latest)
+    assert after.latest == {n: e for n, e in before.latest.items() if n not in gone}
+    assert after.verified == {n: e for n, e in before.verified.items() if n not in gone}
+    assert after.pending(failed=True) == before.pending(failed=True)
+    assert after.verified_versions() == before.verified_versions()
+    for name in before.latest:
+        for size_, mtime in [(None, None), (1, 1.0), (2, 2.0), (25, 25.0), (35, 35.0)]:
+            if name not in gone:
+                assert after.was_verified(name, size_, mtime) == before.was_verified(name, size_, mtime)
+    assert j.unfinished_deletions() == {"checkpoint-7"}
+    assert j.path.stat().st_size < size / 2
+    assert sorted(p.name for p in j.path.parent.iterdir()) == [JOURNAL_NAME]  # no leftovers
+
+
+def test_lines_written_during_a_compaction_are_never_lost(tmp_path: Path) -> None:
+    # Another process (runctl local's script, a cleanup) may append while one compacts.
+    _history(Journal(tmp_path))
+    stop = threading.Event()
+    written: list[str] = []
+
+    def append() -> None:
+        writer = Journal(tmp_path)  # its own descriptor and lock, as another process has
+        i = 0
+        while not stop.is_set():
+            name = f"w_{i}.pt"
+            writer.record(name, "queued", sync=False)
+            written.append(name)
+            i += 1
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    try:
+        compactor = Journal(tmp_path)
+        for _ in range(20):
+            compactor.compact(min_bytes=0)
+    finally:
+        stop.set()
+        thread.join()
+    latest = Journal(tmp_path).snapshot().latest
+    assert written and all(latest[name].state == "queued" for name in written)

@@ -731,6 +731,21 @@ def test_flush_timeout_is_bounded_and_names_pending(
     assert up.status().to_dict()["pending"] == 3
 
 
+def test_a_new_uploader_compacts_a_long_journal(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    journal = Journal(root)
+    for i in range(4000):  # a long run's history: each checkpoint up, then gone locally
+        for state in ("queued", "verified", "deleted_local"):
+            journal.record(f"step_{i}.pt", state, size=i, mtime=float(i), sync=False)
+    journal.record("step_9999.pt", "verified", size=1, mtime=1.0)
+    assert journal.path.stat().st_size > 1 << 20
+    with uploader(root, moto_bucket, boto_transfer):
+        pass
+    assert journal.path.stat().st_size < 1000
+    assert list(journal.replay()) == ["step_9999.pt"]
+
+
 def test_ctrl_c_while_the_callbacks_wait_stops_waiting_at_once(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
