@@ -322,6 +322,7 @@ class _RunctlCheckpointMixin:
             self._uploader.set_resumed_from(self._resumed_from)
             self._upload_if_never_handed_over(resumed, trainer)
         self._update_best()
+        self._keep_the_best_lightning_forgot()
         if self._uploader is not None:
             self._uploader.release_retention()
 
@@ -483,6 +484,23 @@ class _RunctlCheckpointMixin:
         if best and dirpath and _same_directory(os.path.dirname(best), str(dirpath)):
             self._uploader.set_best(os.path.basename(best))
             self._best_told = best
+
+    def _keep_the_best_lightning_forgot(self) -> None:
+        """Resumed into another dirpath, Lightning forgets the best score and takes the next
+        save for the best: the resumed run's best, still in S3 under this prefix, would then go
+        to retention (once, it did). It stays pinned for this run."""
+        restored = self._restored_runctl or {}
+        best = restored.get("best")
+        if not isinstance(best, str) or not best or self._uploader is None:
+            return
+        if self.s3_url is None or restored.get("s3_url") != str(self.s3_url):
+            return
+        now = getattr(self, "best_model_path", "") or ""
+        dirpath = str(getattr(self, "dirpath", "") or "")
+        if now and dirpath and _same_directory(os.path.dirname(now), dirpath):
+            return  # restored in full: Lightning still knows (and compares against) its best
+        log.info("runctl: keeping %s, the best of the run resumed from, in S3 for this run", best)
+        self._uploader.protect(best)
 
     def _log_stats(
         self, trainer: Any, uploader: CheckpointUploader | None = None, save: bool = False

@@ -406,6 +406,36 @@ def test_a_run_begun_with_model_checkpoint_resumes_with_its_state(
     assert not (tmp_path / "ckpt" / "last-v1.ckpt").exists()
 
 
+def test_the_best_stays_in_s3_when_a_run_resumes_into_another_dirpath(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # Lightning forgets the best score on a new dirpath and takes the next save for the best:
+    # the old best (val_loss 0.1) once went to S3 retention.
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("newdir/")
+    losses = [0.1, 0.5, 0.9, 0.8, 0.7]
+
+    def callback(dirpath: Path) -> Any:
+        return RunctlCheckpoint(
+            dirpath=dirpath, monitor="val_loss", save_top_k=1, save_last=True,
+            s3_url=prefix, keep_last_n=1, config=moto_server.config(),
+        )
+
+    first = callback(tmp_path / "a")
+    make_trainer("lightning.pytorch", [first], max_epochs=3).fit(
+        make_module("lightning.pytorch", losses), loader(2), loader(1)
+    )
+    best = Path(first.best_model_path).name
+    assert best in file_checkpoints(s3_objects(moto_server, prefix))
+    second = callback(tmp_path / "b")
+    make_trainer("lightning.pytorch", [second], max_epochs=5).fit(
+        make_module("lightning.pytorch", losses), loader(2), loader(1),
+        ckpt_path=str(tmp_path / "a" / "last.ckpt"),
+    )
+    assert best in file_checkpoints(s3_objects(moto_server, prefix))
+
+
 def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
 ) -> None:
