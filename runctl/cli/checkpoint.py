@@ -11,8 +11,10 @@ from runctl.cli.options import (
     DryRunOpt,
     EndpointOpt,
     JsonOpt,
+    ProfileOpt,
     ProtectOpt,
     QuietOpt,
+    RegionOpt,
     UseS5cmdOpt,
     parse_s3url,
     session,
@@ -70,6 +72,8 @@ def cleanup_local(
     ] = None,
     dry_run: DryRunOpt = False,
     endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
     use_s5cmd: UseS5cmdOpt = True,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -91,7 +95,14 @@ def cleanup_local(
       runctl checkpoint cleanup ./checkpoints -n 2 --durable-in s3://bucket/run-7/
       runctl checkpoint cleanup ./checkpoints -n 1 --force
     """
-    s = session(ctx, endpoint_url=endpoint_url, json_output=json_output, quiet=quiet)
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
     if keep_last_n < 1:
         raise UsageError(
             f"--keep-last-n must be at least 1 (got {keep_last_n}): the newest complete checkpoint is always kept"

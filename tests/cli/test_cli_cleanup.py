@@ -270,7 +270,8 @@ def test_local_cleanup_counts_what_s3_holds_whole_with_durable_in(
     later = time.time() + 2
     os.utime(root / "step_1.pt", (later, later))  # the same size, written after the upload
     time.sleep(4.1)  # and none of it is still being written (changed within 2 s)
-    args = ("checkpoint", "cleanup", str(root), "-n", "1", "--json", flag)
+    # --region after the command too, as every command takes it
+    args = ("checkpoint", "cleanup", str(root), "-n", "1", "--json", "--region", "us-east-1", flag)
     result = run_s3(s3_server, *args, "--durable-in", str(prefix))
     assert result.exit_code == 0, result.output
     assert of_type(result.stdout, "delete") == []
