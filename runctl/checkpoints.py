@@ -40,8 +40,13 @@ MANIFEST_FORMAT = "runctl-manifest"
 MANIFEST_VERSION = 1
 
 _EXT = r"\.(?:ckpt|pt|pth|bin|safetensors|pkl)"
-#: The words that, before a lone number, name a checkpoint (``_TRAILING_RE``'s pattern).
-_WORDS = r"ckpt|checkpoint|model|weights|iter|iteration|snapshot|save"
+#: Names of a word and a number that are not checkpoints: a tokenizer's vocabulary, and the
+#: pieces Hugging Face and Accelerate save inside a checkpoint (``rng_state_0.pth``,
+#: ``random_states_0.pkl``, ``optimizer_1.bin``, ``scheduler_1.bin``, ``scaler_1.pt``).
+_NOT_CHECKPOINTS = (
+    r"vocab|tokenizer|merges|rng_state|random_states?|optimizer|optim|scheduler|lr_scheduler"
+    r"|scaler|sampler|dataloader|events?"
+)
 
 #: Regexes that must match a checkpoint's whole base name (a file name or a directory name).
 #: Anything they do not match (logs, configs, event files, READMEs, *.json) is never deleted.
@@ -49,10 +54,10 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     # Files whose name carries a step or an epoch: epoch=3-step=1200.ckpt, step_100.pt,
     # global_step5.pt, checkpoint-7.pth, epoch=2.ckpt (also Lightning's DeepSpeed *.ckpt/ dirs).
     rf"(?i)(?!\.).*(?<![a-z])(?:step|epoch|checkpoint)[=_-]?\d+.*{_EXT}",
-    # A checkpoint word, then one trailing number: model-00100.safetensors, ckpt_5.pt,
-    # iter_0001000.pt, my_weights_3.pth. Not any word: vocab_32000.bin (a tokenizer) and
-    # rng_state_0.pth (a piece of a Hugging Face checkpoint) once outranked every real one.
-    rf"(?i)(?:[a-z][a-z_-]*[-_])?(?:{_WORDS})[-_]\d+{_EXT}",
+    # Letters, then one trailing number: model-00100.safetensors, ckpt_5.pt, net_g_5000.pth,
+    # agent_100.pt. Not the files that sit beside checkpoints with a number of their own:
+    # vocab_32000.bin once ranked as step 32,000 and a cleanup kept it as the newest.
+    rf"(?i)(?!(?:{_NOT_CHECKPOINTS})[-_]\d)[a-z][a-z_-]*[-_]\d+{_EXT}",
     # Aliases: last.ckpt, last-v1.ckpt, latest.pt (always protected by retention).
     rf"(?i)(?:last|latest)(?:-v\d+)?{_EXT}",
     # Directories: checkpoint-500 (Hugging Face), global_step500 (DeepSpeed), step-100, iter_0001000.

@@ -75,6 +75,8 @@ def test_parse_step(name: str, expected: tuple[int | None, int | None]) -> None:
         "iter_0001000.pt",
         "my_weights_3.pth",
         "pytorch_model_7.bin",
+        "net_g_5000.pth",  # BasicSR
+        "agent_100.pt",
         "epoch=2.ckpt",
         "last.ckpt",
         "last-v1.ckpt",
@@ -112,6 +114,7 @@ def test_recognised(name: str) -> None:
         "rng_state_0.pth",
         "optimizer_5.pt",
         "scheduler_1.pt",
+        "random_states_0.pkl",  # Accelerate's, inside its checkpoint directory
         "step_100.pt.tmp",
         "step_100.pt.partial",
         ".step_100.pt",
