@@ -147,15 +147,24 @@ def is_marker_key(key: str) -> bool:
     return key.endswith("/" + MARKER_NAME)
 
 
-def is_marker_file(rel: str) -> bool:
-    """True for a local file that is a marker (came down with its directory): never sent up,
-    since the marker in S3 is written from what landed, never copied.
+def marked_anew(local: Path, dirs: Sequence[tuple[Path, S3URL]]) -> Callable[[str], bool]:
+    """For ``upload -r`` and ``sync up``: true for the local marker file (relative to ``local``)
+    of each directory in ``dirs``, which this copy marks itself from what landed. Such a marker
+    came down with its directory; sent up as a file, it would then be rewritten, and differ again
+    at every later sync. Markers of deeper directories, which no copy marks, go up as they are.
 
     Example:
-        >>> is_marker_file(".runctl-manifest.json"), is_marker_file("checkpoint-5/model.bin")
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> own = marked_anew(root, [(root / "checkpoint-5", S3URL.parse("s3://bkt/checkpoint-5/"))])
+        >>> own("checkpoint-5/" + MARKER_NAME), own("runs/checkpoint-5/" + MARKER_NAME)
         (True, False)
     """
-    return rel == MARKER_NAME or rel.endswith("/" + MARKER_NAME)
+    rels = set()
+    for local_dir, _ in dirs:
+        rel = local_dir.relative_to(local).as_posix()
+        rels.add(MARKER_NAME if rel == "." else f"{rel}/{MARKER_NAME}")
+    return rels.__contains__
 
 
 def marker_of_a_local_dir(local: Path, url: S3URL) -> Callable[[str], bool]:

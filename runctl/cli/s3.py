@@ -225,7 +225,7 @@ def upload_files(
                 storage_class=storage,
                 dry_run=dry_run,
                 progress=advance,
-                own_file=marking.is_marker_file,
+                own_file=marking.marked_anew(local, dirs),
             )
         )
         if dry_run:
@@ -589,7 +589,7 @@ def sync_tree(
                 progress=advance,
                 before_upload=clear_changed if dirs else None,
                 keep_key=marking.marker_of_a_local_dir(local, url) if up else None,
-                own_file=marking.is_marker_file,
+                own_file=marking.marked_anew(local, dirs),
             )
         )
         # A directory that lost files to --delete gets a marker of what it holds now.

@@ -231,3 +231,11 @@ def test_a_round_trip_sends_no_marker_and_a_second_sync_copies_nothing(
     upload = run_s3(s3_server, "s3", "upload", str(copy), str(bucket.join("c/")), "-r", "--json", flag)
     assert upload.exit_code == 0, upload.output
     assert not [u for u in of_type(upload.stdout, "upload") if u["source"].endswith(MARKER_NAME)]
+    # One level deeper no copy marks it: there the marker goes up as it is (review of af28d63).
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(copy, runs / "7")
+    deeper = run_s3(s3_server, "s3", "upload", str(runs), str(bucket.join("d/")), "-r", flag)
+    assert deeper.exit_code == 0, deeper.output
+    assert f"d/7/checkpoint-5/{MARKER_NAME}" in keys(s3_server, bucket)
+    assert complete(s3_server, bucket.join("d/7/"), backend)["checkpoint-5"] is True
