@@ -34,8 +34,9 @@ HF_SIGN = "trainer_state.json"
 #: DeepSpeed writes ``latest`` (naming the tag) next to its ``global_stepN`` directories once one is whole.
 DEEPSPEED_SIGN = "latest"
 #: The Hugging Face Trainer writes this right after the model, long before ``HF_SIGN``: a
-#: directory holding it is the Trainer's, and is finished only once ``HF_SIGN`` is there too.
+#: ``checkpoint-N`` directory holding it is the Trainer's, finished only once ``HF_SIGN`` is too.
 HF_ARGS = "training_args.bin"
+_HF_NAME = re.compile(r"checkpoint-\d+")
 MANIFEST_FORMAT = "runctl-manifest"
 MANIFEST_VERSION = 1
 
@@ -152,22 +153,26 @@ def has_completion_sign(path: Path) -> bool:
     return tag == path.name
 
 
-def awaits_hf_sign(names: Collection[str]) -> bool:
-    """True when a directory holding these file names (relative to it) is a Hugging Face
-    Trainer checkpoint still being written: ``training_args.bin`` without ``trainer_state.json``.
+def awaits_hf_sign(name: str, names: Collection[str]) -> bool:
+    """True when the directory ``name``, holding these file names (relative to it), is a Hugging
+    Face Trainer checkpoint still being written: ``checkpoint-N`` with ``training_args.bin`` and
+    without ``trainer_state.json``.
 
     The Trainer saves the model and ``training_args.bin`` first, then the optimizer (on a
     large model, gathering its state can take many seconds with no file open), and
     ``trainer_state.json`` last. Until then the directory is not a checkpoint to mark complete,
-    to count among the newest, or to hand over, however long it has been quiet.
+    to count among the newest, or to hand over, however long it has been quiet. Only the
+    Trainer's own name: ``save_model`` exports (``training_args.bin``, no state) go anywhere.
 
     Example:
-        >>> awaits_hf_sign({"model.safetensors", "training_args.bin"})
+        >>> awaits_hf_sign("checkpoint-5", {"model.safetensors", "training_args.bin"})
         True
-        >>> awaits_hf_sign({"model.safetensors", "training_args.bin", "trainer_state.json"})
+        >>> awaits_hf_sign("checkpoint-5", {"training_args.bin", "trainer_state.json"})
+        False
+        >>> awaits_hf_sign("final", {"model.safetensors", "training_args.bin"})
         False
     """
-    return HF_ARGS in names and HF_SIGN not in names
+    return HF_ARGS in names and HF_SIGN not in names and _HF_NAME.fullmatch(_base(name)) is not None
 
 
 def is_temp_name(name: str) -> bool:
@@ -313,7 +318,8 @@ def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
     step, epoch = parse_step(path.name)
     if path.is_dir():
         files, size, mtime = _dir_files(path, root)
-        complete = not awaits_hf_sign({n for n in (HF_ARGS, HF_SIGN) if (path / n).is_file()})
+        present = {n for n in (HF_ARGS, HF_SIGN) if (path / n).is_file()}
+        complete = not awaits_hf_sign(path.name, present)
         return Checkpoint(path.name, True, step, epoch, mtime, size, complete, files)
     st = path.stat()
     rel = path.relative_to(root).as_posix()
@@ -575,7 +581,7 @@ def _group_dir(
         mtime = marker.last_modified.timestamp()
     else:
         top = {o.key[len(dir_key) :] for o in files if "/" not in o.key[len(dir_key) :]}
-        complete = treat_unmarked_complete and not awaits_hf_sign(top)
+        complete = treat_unmarked_complete and not awaits_hf_sign(name, top)
         mtime = max((o.last_modified.timestamp() for o in files), default=0.0)
     step, epoch = parse_step(name)
     return Checkpoint(

@@ -17,7 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runctl.checkpoints import HF_ARGS, RUNCTL_DIR, has_completion_sign, is_recognised
+from runctl.checkpoints import (
+    HF_ARGS,
+    RUNCTL_DIR,
+    awaits_hf_sign,
+    has_completion_sign,
+    is_recognised,
+)
 from runctl.exceptions import (
     EXIT_FAILED,
     FlushTimeout,
@@ -436,8 +442,8 @@ class CheckpointWatcher:
                 if signed:
                     if state.polls < 2:
                         continue
-                elif is_dir and (path / HF_ARGS).is_file():
-                    continue  # the Trainer's, still without trainer_state.json: awaits_hf_sign
+                elif is_dir and awaits_hf_sign(name, {HF_ARGS} if (path / HF_ARGS).is_file() else ()):
+                    continue  # the Trainer's, still without its trainer_state.json
                 elif quiet_for < self.settle or state.polls < 2:
                     continue
                 if not writers_read:

@@ -261,7 +261,7 @@ def why_unfinished(
 
     if not files:
         return "it is empty"
-    if awaits_hf_sign(files):
+    if awaits_hf_sign(local_dir.name, files):
         return (
             "it holds training_args.bin but no trainer_state.json, which the Hugging Face "
             "Trainer writes last: it is still being written, or its save was cut short"

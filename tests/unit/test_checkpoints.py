@@ -591,7 +591,11 @@ def test_a_trainer_directory_without_its_sign_is_not_complete(tmp_path: Path) ->
     (d / "model.safetensors").write_bytes(b"m")
     assert local_checkpoint(d).complete  # not the Trainer's, as far as anyone can tell
     (d / "training_args.bin").write_bytes(b"a")
-    assert not local_checkpoint(d).complete and awaits_hf_sign({"training_args.bin"})
+    assert not local_checkpoint(d).complete and awaits_hf_sign(d.name, {"training_args.bin"})
+    export = tmp_path / "step-60"  # Trainer.save_model writes no trainer_state.json: finished
+    export.mkdir()
+    (export / "training_args.bin").write_bytes(b"a")
+    assert local_checkpoint(export).complete
     # upload -r and sync up leave it unmarked, however long ago it changed
     why = why_unfinished(d, local_files(d), started=time.time() + 3600)
     assert why is not None and "trainer_state.json" in why
