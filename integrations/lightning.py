@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -298,7 +299,9 @@ class _RunctlCheckpointMixin:
         for other in getattr(trainer, "callbacks", ()):
             if other is self or not isinstance(other, _RunctlCheckpointMixin):
                 continue
-            if other.s3_url is not None and str(other.s3_url) == str(self.s3_url):
+            retention = (self.runctl_options.keep_last_n, other.runctl_options.keep_last_n)
+            same_prefix = other.s3_url is not None and str(other.s3_url) == str(self.s3_url)
+            if same_prefix and any(n is not None for n in retention):
                 raise UsageError(
                     f"two RunctlCheckpoint callbacks upload to {self.s3_url}: the retention of "
                     "each would delete the other's checkpoints, its best too. Give each its own "
@@ -383,6 +386,7 @@ class _RunctlCheckpointMixin:
         if self._uploader is None:
             return
         timeout = self.runctl_options.flush_timeout
+        started = time.monotonic()
         executor = _async_executor(trainer)
         if executor is not None:
             # The writes still queued hand their checkpoints over as they finish: wait for
@@ -395,6 +399,8 @@ class _RunctlCheckpointMixin:
         uploader, self._uploader = self._uploader, None
         if uploader is None:
             return
+        if timeout is not None:  # one flush_timeout in all, the writes' wait included
+            timeout = max(1.0, timeout - (time.monotonic() - started))
         # The training error is the one to see: an upload problem is reported, never raised over it.
         finish_uploads(uploader, timeout=timeout, on_upload_error="warn", allow_raise=False)
 

@@ -193,11 +193,13 @@ def open_for_writing(pids: Sequence[int] | None) -> set[str] | None:
         for fd in fds:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
+                if not target.startswith("/"):  # a socket, a pipe: no file to ask about
+                    continue
                 with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
                     flags_line = next((ln for ln in fh if ln.startswith("flags:")), "")
             except OSError:
                 continue
-            if not target.startswith("/") or not flags_line:
+            if not flags_line:
                 continue
             flags = int(flags_line.split()[1], 8)
             if flags & (os.O_WRONLY | os.O_RDWR):

@@ -779,6 +779,7 @@ class CheckpointUploader:
         self._journal.drain(None if deadline is None else deadline - time.monotonic())
         with self._cond:
             failures, self._failures = self._failures, {}
+            self._timed_out_with = []  # all done: a later timeout is news again
         if failures:
             errors: dict[str, BaseException | str] = dict(failures)
             raise UploadError(errors) from next(reversed(failures.values()))
@@ -1841,12 +1842,15 @@ def latest_checkpoint(
             treat_unmarked_complete=treat_unmarked_complete,
             read_marker=lambda key: transfer.get_bytes(S3URL(prefix.bucket, key)),
         )
-        newest = newest_state([c for c in grouped.checkpoints if c.complete])
+        complete = [c for c in grouped.checkpoints if c.complete]
+        newest = newest_state(complete)
         if newest is None:
             log.info("no complete checkpoint under %s", prefix)
             return None
-        if newer_than is not None and step_order(newest.name) <= step_order(newer_than):
-            log.info("S3's newest, %s, is not newer than %s", newest.name, newer_than)
+        # By step: an alias (last.ckpt) has none, but is newer still when it landed later.
+        highest = max(complete, key=Checkpoint.order_key)
+        if newer_than is not None and step_order(highest.name) <= step_order(newer_than):
+            log.info("S3's newest, %s, is not newer than %s", highest.name, newer_than)
             return None
         dest_dir = Path(dest)
         if dry_run:

@@ -463,7 +463,19 @@ def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(
         trainer = make_trainer("lightning.pytorch", pair(best, periodic), max_steps=2)
         with pytest.raises(UsageError, match=f"two RunctlCheckpoint callbacks {says}"):
             trainer.fit(make_module("lightning.pytorch"), loader(4), loader(2))
-    # Apart, both run.
+    # Apart, both run; so do two on one prefix when neither deletes anything there.
+    shared = moto_bucket.join("shared/")
+    no_retention = [
+        RunctlCheckpoint(
+            dirpath=tmp_path / "c", monitor="val_loss", s3_url=shared, config=moto_server.config()
+        ),
+        RunctlCheckpoint(
+            dirpath=tmp_path / "d", every_n_train_steps=2, s3_url=shared, config=moto_server.config()
+        ),
+    ]
+    make_trainer("lightning.pytorch", no_retention, max_steps=2).fit(
+        make_module("lightning.pytorch"), loader(4), loader(2)
+    )
     callbacks = pair(
         dict(dirpath=a, s3_url=run.join("best/")), dict(dirpath=b, s3_url=run.join("periodic/"))
     )

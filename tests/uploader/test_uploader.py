@@ -476,6 +476,12 @@ def test_latest_checkpoint_newer_than_downloads_only_a_higher_step(
         assert got is None and not (root / "r").exists(), at_hand
     got = latest_checkpoint(prefix, root / "r", transfer=boto_transfer, newer_than="step_4.pt")  # type: ignore[arg-type]
     assert got == root / "r" / "step_5.pt" and got.read_bytes() == b"5"
+    # A last.ckpt that landed later is newer still: it is what comes down (review of 7323b7b).
+    time.sleep(1.1)  # LastModified counts whole seconds
+    boto_transfer.put_bytes(b"last", prefix.join("last.ckpt"))  # type: ignore[attr-defined]
+    got = latest_checkpoint(prefix, root / "s", transfer=boto_transfer, newer_than="step_4.pt")  # type: ignore[arg-type]
+    assert got == root / "s" / "last.ckpt"
+    assert latest_checkpoint(prefix, root / "t", transfer=boto_transfer, newer_than="step_5.pt") is None  # type: ignore[arg-type]
 
 
 # -- retention and protection --------------------------------------------------------------------
@@ -767,6 +773,25 @@ def test_ctrl_c_while_the_callbacks_wait_stops_waiting_at_once(
     assert time.monotonic() - start < 10
     assert not up._worker.is_alive()
     assert [e.name for e in Journal(root).pending()] == ["step_1.pt"]
+
+
+def test_a_timeout_after_a_flush_that_finished_is_news_again(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="runctl.uploader")
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    for data in (b"1", b"22"):  # last.ckpt, rewritten: the same name pending both times
+        gate.opened.clear()
+        up.submit(write(root / "last.ckpt", data))
+        with pytest.raises(FlushTimeout):
+            up.flush(timeout=0.3)
+        gate.open()
+        up.flush(timeout=30)
+    up.close()
+    timed_out = [r.levelname for r in caplog.records if "timed out" in r.getMessage()]
+    assert timed_out == ["ERROR", "ERROR"]
 
 
 PATIENT_RETRY = RetryPolicy(attempts=1000, backoff_factor=0.05, backoff_max=0.1, jitter=0.0)
