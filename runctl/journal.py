@@ -349,20 +349,21 @@ class Journal:
                     while chunk := os.read(fd, 1 << 20):
                         chunks.append(chunk)
                     state = _replay(b"".join(chunks), self.path)
-                    lines = []
+                    kept: list[JournalEntry] = []
                     for name, latest in state.latest.items():
                         if latest.state == "deleted_local":
                             continue
                         verified = state.verified.get(name)
-                        for entry in (verified, latest) if verified not in (None, latest) else (latest,):
-                            assert entry is not None
-                            lines.append(_ENCODER.encode(entry.to_json()).encode("utf-8") + b"\n")
-                    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                    try:
-                        os.write(out, b"".join(lines))
-                        os.fsync(out)
-                    finally:
-                        os.close(out)
+                        if verified is not None and verified != latest:
+                            kept.append(verified)
+                        kept.append(latest)
+                    with open(tmp, "wb") as out:
+                        out.writelines(
+                            _ENCODER.encode(entry.to_json()).encode("utf-8") + b"\n"
+                            for entry in kept
+                        )
+                        out.flush()
+                        os.fsync(out.fileno())
                     os.replace(tmp, self.path)
                     _fsync_dir(self.path.parent)
                 finally:
