@@ -53,6 +53,8 @@ RUNS_DIR = "runs"
 CLAIMS_DIR = "claims"
 
 DEFAULT_SETTLE = 2.0
+#: The journal's word for a checkpoint ``runctl local`` left out as possibly torn.
+TORN = "possibly torn"
 DEFAULT_INTERVAL = 0.5
 DEFAULT_FLUSH_TIMEOUT = 600.0
 
@@ -248,6 +250,10 @@ class _Seen:
     polls: int = 1
     submitted: tuple[int, ...] | None = None
     writing: bool = False
+    #: The signature it had when last seen open for writing, and when it was first seen closed
+    #: since without a change: closed by its writer, or by the death of its writer?
+    open_seen: tuple[int, ...] | None = None
+    closed_at: float | None = None
 
 
 def _file_signature(st: os.stat_result) -> tuple[int, ...]:
@@ -325,7 +331,17 @@ class CheckpointWatcher:
             log.warning("cannot read the journal in %s: %s", self.root, exc)
             return lambda name, size, mtime: False
 
+        # What an earlier run left out as torn: the same version is not sent now either.
+        torn = {
+            name: e
+            for name, e in snapshot.latest.items()
+            if e.state == "skipped" and (e.detail or "").startswith(TORN)
+        }
+
         def known(name: str, size: int | None, mtime: float | None) -> bool:
+            left_out = torn.get(name)
+            if left_out is not None and size is not None and left_out.matches(size, mtime):
+                return True
             return name in pending or verified(name, size, mtime)
 
         return known
@@ -390,7 +406,9 @@ class CheckpointWatcher:
             return any(w.startswith(inside) for w in writers)
         return real in writers
 
-    def poll(self, *, final: bool = False, script_failed: bool = False) -> list[Path]:
+    def poll(
+        self, *, final: bool = False, script_failed: bool = False, killed: bool = False
+    ) -> list[Path]:
         """One look at the directory; returns what was handed over.
 
         ``final`` (the script has exited, nothing writes any more) hands over everything not yet
@@ -398,9 +416,9 @@ class CheckpointWatcher:
         previous poll (it may be torn); those are listed in ``skipped``.
         """
         with self._lock:
-            return self._poll(final, script_failed)
+            return self._poll(final, script_failed, killed)
 
-    def _poll(self, final: bool, script_failed: bool) -> list[Path]:
+    def _poll(self, final: bool, script_failed: bool, killed: bool = False) -> list[Path]:
         now = time.monotonic()
         writers: set[str] | None = None
         writers_read = False
@@ -428,23 +446,31 @@ class CheckpointWatcher:
                 state.polls += 1
             if state.submitted == sig:
                 continue
+            path = Path(entry.path)
+            unsigned_hf = is_dir and awaits_hf_sign(
+                name, {HF_ARGS} if (path / HF_ARGS).is_file() else ()
+            )
             if final:
-                if script_failed and state.writing:
-                    self.skipped[name] = "still being written when the script exited"
-                    log.warning(
-                        "not uploading %s: it was still being written when the script failed",
-                        name,
-                    )
+                why = None
+                if unsigned_hf:
+                    why = "no trainer_state.json, which the Hugging Face Trainer writes last: its save was cut short"
+                elif script_failed and (state.writing or state.open_seen == sig):
+                    why = "still being written when the script failed"
+                elif killed and time.time() - sig[3] / 1e9 < self.settle:
+                    # A script that exits, even with an error, closes its files whole; one
+                    # killed by a signal may be cut off mid-write before anyone saw it open.
+                    why = "changed moments before the script was killed"
+                if why is not None:
+                    self._leave_out(name, sig, why)
                     state.submitted = sig
                     continue
             else:
-                path = Path(entry.path)
                 signed = is_dir and has_completion_sign(path)
                 quiet_for = now - state.since
                 if signed:
                     if state.polls < 2:
                         continue
-                elif is_dir and awaits_hf_sign(name, {HF_ARGS} if (path / HF_ARGS).is_file() else ()):
+                elif unsigned_hf:
                     continue  # the Trainer's, still without its trainer_state.json
                 elif quiet_for < self.settle or state.polls < 2:
                     continue
@@ -452,7 +478,15 @@ class CheckpointWatcher:
                     writers, writers_read = self._writers(), True
                 state.writing = self._is_written(entry.path, is_dir, writers)
                 if state.writing:
+                    state.open_seen, state.closed_at = sig, None
                     continue
+                if state.open_seen == sig:
+                    # Open and quiet, now closed without a change: closed by its writer, or by
+                    # the writer's death? Wait a settle time: a dead script is seen by then,
+                    # and the final scan leaves the file out.
+                    state.closed_at = state.closed_at or now
+                    if now - state.closed_at < self.settle + self.interval:
+                        continue
             try:
                 self.submit(Path(entry.path))
             except UsageError as exc:  # vanished between the look and the hand-over
@@ -466,6 +500,20 @@ class CheckpointWatcher:
                     del self._seen[name]
         return handed
 
+    def _leave_out(self, name: str, sig: tuple[int, ...], why: str) -> None:
+        """Not uploaded, and said so; a file's version is journaled, so a later run leaves it out too."""
+        self.skipped[name] = why
+        log.warning("not uploading %s: %s", name, why)
+        if sig[0] == 0:
+            from runctl.journal import Journal
+
+            try:
+                Journal(self.root).record(
+                    name, "skipped", size=sig[2], mtime=sig[3] / 1e9, detail=f"{TORN}: {why}"
+                )
+            except RunctlError as exc:
+                log.warning("cannot journal that %s was left out: %s", name, exc)
+
     def track_writers(self) -> None:
         """Remember which unsent checkpoints are open for writing now (called as the script ends)."""
         with self._lock:
@@ -478,9 +526,14 @@ class CheckpointWatcher:
                     str(self.root / name), state.signature[0] == 1, writers
                 )
 
-    def final_scan(self, *, script_failed: bool) -> list[Path]:
-        """After the script exited: hand over everything finished that was not sent yet."""
-        return self.poll(final=True, script_failed=script_failed)
+    def final_scan(self, *, script_failed: bool, killed: bool = False) -> list[Path]:
+        """After the script exited: hand over everything finished that was not sent yet.
+
+        Left out (and journaled, so a later run leaves them out too): a Trainer's directory
+        without its ``trainer_state.json``; with ``script_failed``, what it was writing; with
+        ``killed`` (a signal ended it), what changed within ``settle`` seconds before.
+        """
+        return self.poll(final=True, script_failed=script_failed, killed=killed)
 
 
 def _stat_mtime(entry: os.DirEntry[str]) -> float | None:
@@ -955,7 +1008,9 @@ def run_local(
             if watcher is not None:
                 watcher.stop()
                 if claimant is None:
-                    watcher.final_scan(script_failed=script_code != 0)
+                    watcher.final_scan(
+                        script_failed=script_code != 0, killed=proc.returncode < 0
+                    )
             if uploader is not None:
                 try:
                     uploader.close(flush_timeout)

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from runctl.checkpoints import (
+    HF_ARGS,
+    HF_SIGN,
     MARKER_NAME,
     Checkpoint,
+    awaits_hf_sign,
     build_manifest,
     group_s3,
     is_alias,
@@ -604,6 +607,11 @@ class CheckpointUploader:
         except FileNotFoundError:
             raise UsageError(f"cannot submit {str(path)!r}: it does not exist") from None
         is_dir = stat_module.S_ISDIR(st.st_mode)
+        if is_dir and awaits_hf_sign(name, {n for n in (HF_ARGS, HF_SIGN) if (src / n).is_file()}):
+            raise UsageError(
+                f"cannot submit {str(path)!r}: it holds {HF_ARGS} but no {HF_SIGN}, which the "
+                "Hugging Face Trainer writes last (its save is unfinished, or was cut short)"
+            )
         token = f"{os.getpid()}-{next(_ids)}"
         staged = None
         held = None

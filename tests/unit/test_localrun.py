@@ -118,7 +118,9 @@ def test_a_file_is_handed_over_once_after_it_settles(tmp_path: Path) -> None:
 @linux_proc
 def test_a_file_open_for_writing_is_not_finished(tmp_path: Path) -> None:
     got = Collector()
-    watcher = CheckpointWatcher(tmp_path, got, settle=0.0, pids=lambda: process_tree(os.getpid()))
+    watcher = CheckpointWatcher(
+        tmp_path, got, settle=0.0, interval=0.1, pids=lambda: process_tree(os.getpid())
+    )
     path = tmp_path / "step_5.pt"
     with open(path, "wb") as fh:
         fh.write(b"partial")
@@ -127,6 +129,11 @@ def test_a_file_open_for_writing_is_not_finished(tmp_path: Path) -> None:
         for _ in range(3):
             watcher.poll()
         assert got.names == []
+    # Closed without a change: by its writer, or by the writer's death? One interval more, in
+    # which a dead script would be seen and the final scan would leave the file out.
+    watcher.poll()
+    assert got.names == []
+    time.sleep(0.15)
     watcher.poll()
     assert got.names == ["step_5.pt"]
 
@@ -221,12 +228,75 @@ def test_being_written_names_what_is_open_or_just_changed(tmp_path: Path) -> Non
     assert list(found) == ["checkpoint-4"] and found["checkpoint-4"].startswith("it changed")
 
 
+@linux_proc
+def test_a_file_its_dead_writer_left_is_left_out_now_and_in_the_next_run(tmp_path: Path) -> None:
+    # A script SIGKILLed while a checkpoint was open: its descriptors close with it, the file
+    # looks quiet and unused, and a poll before runctl saw the death once uploaded it; keep-last-1
+    # then deleted the last whole one from S3. The next run uploaded it too.
+    got = Collector()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'wb'); f.write(b'half');"
+         " f.flush(); time.sleep(30)", str(tmp_path / "step_4.pt")]
+    )
+    try:
+        watcher = CheckpointWatcher(
+            tmp_path, got, settle=0.1, interval=0.1, pids=lambda: process_tree(writer.pid)
+        )
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "step_4.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for _ in range(4):
+            watcher.poll()
+            time.sleep(0.12)
+    finally:
+        writer.kill()
+        writer.wait()
+    watcher.poll()  # closed by the death: not handed over before runctl notices it
+    assert got.names == []
+    watcher.final_scan(script_failed=True, killed=True)
+    assert got.names == [] and "step_4.pt" in watcher.skipped
+    again = Collector()
+    CheckpointWatcher(tmp_path, again, settle=0.0).final_scan(script_failed=False)
+    assert again.names == []  # the journal says this version was left out
+    (tmp_path / "step_4.pt").write_bytes(b"whole now")
+    CheckpointWatcher(tmp_path, again, settle=0.0).final_scan(script_failed=False)
+    assert again.names == ["step_4.pt"]
+
+
+@pytest.mark.parametrize("killed", [True, False])
+def test_what_changed_just_before_a_kill_is_left_out_but_not_before_an_exit(
+    tmp_path: Path, killed: bool
+) -> None:
+    # A file cut off by SIGKILL before any poll saw it open looks whole; one written just
+    # before sys.exit(3) is whole (the exit closes it).
+    got = Collector()
+    (tmp_path / "step_2.pt").write_bytes(b"just now")
+    watcher = CheckpointWatcher(tmp_path, got, settle=2.0)
+    watcher.final_scan(script_failed=True, killed=killed)
+    assert got.names == ([] if killed else ["step_2.pt"])
+
+
+def test_the_final_scan_leaves_out_a_trainer_directory_cut_short(tmp_path: Path) -> None:
+    # Even when the script exits 0: a checkpoint-N/ with training_args.bin and no
+    # trainer_state.json was uploaded and marked complete, and retention deleted the whole ones.
+    got = Collector()
+    hf = tmp_path / "checkpoint-30"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"m")
+    (hf / "training_args.bin").write_bytes(b"a")
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.0)
+    watcher.final_scan(script_failed=False)
+    assert got.names == [] and "trainer_state.json" in watcher.skipped["checkpoint-30"]
+
+
 def test_the_final_scan_sends_the_rest_but_not_what_a_failed_script_was_writing(
     tmp_path: Path,
 ) -> None:
     got = Collector()
     watcher = CheckpointWatcher(tmp_path, got, settle=60.0)
     (tmp_path / "step_1.pt").write_bytes(b"1")
+    long_ago = time.time() - 120
+    os.utime(tmp_path / "step_1.pt", (long_ago, long_ago))  # finished two minutes before
     (tmp_path / "step_2.pt").write_bytes(b"2")
     watcher.poll()
     watcher._seen["step_2.pt"].writing = True  # seen open for writing just before the script died

@@ -737,6 +737,21 @@ def test_flush_timeout_is_bounded_and_names_pending(
     assert up.status().to_dict()["pending"] == 3
 
 
+def test_a_trainer_directory_without_its_state_is_refused(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # Submitted, it was uploaded and marked complete, and retention deleted the whole ones.
+    torn = root / "checkpoint-30"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"m")
+    (torn / "training_args.bin").write_bytes(b"a")
+    with uploader(root, moto_bucket, boto_transfer) as up:
+        with pytest.raises(UsageError, match="trainer_state.json"):
+            up.submit(torn)
+        (torn / "trainer_state.json").write_text("{}")
+        assert up.submit(torn).result(30).state == "verified"
+
+
 def test_a_new_uploader_compacts_a_long_journal(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
