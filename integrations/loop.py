@@ -28,6 +28,25 @@ _TMP_DIR = ".runctl"
 _TMP_NAME = re.compile(r".+\.(\d+)\.tmp")
 
 
+def _check_step_comes_back(filename: str) -> None:
+    """Refuse a ``filename`` whose files retention and ``latest()`` would not recognise or order.
+
+    Once ``gpt2-{step}.pt`` was accepted: its step could not be read back (the digit before the
+    dash), so keep-last-N never deleted anything and ``latest()`` found nothing to resume from.
+    """
+    from runctl.checkpoints import is_recognised, parse_step
+
+    try:
+        name = filename.format(step=12345)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(f"filename {filename!r} cannot be formatted with step: {exc}") from None
+    if "/" in name or not is_recognised(name) or 12345 not in parse_step(name):
+        raise UsageError(
+            f"filename {filename!r} gives names like {name!r}, whose step runctl cannot read back "
+            "(it orders checkpoints by it): use a name like 'step_{step}.pt' or 'model-{step}.pt'"
+        )
+
+
 class CheckpointManager:
     """Save ``state`` every few steps, upload it to S3 in the background, keep the last N.
 
@@ -83,6 +102,7 @@ class CheckpointManager:
             raise UsageError(
                 f"filename must contain '{{step}}' so the step can be parsed back, got {filename!r}"
             )
+        _check_step_comes_back(filename)
         self.options = UploadOptions.build(
             s3_url,
             keep_last_n=keep_last_n,

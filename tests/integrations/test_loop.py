@@ -124,6 +124,11 @@ def test_runctl_locals_keep_last_n_and_endpoint_are_defaults_too(
         ({"keep_last_n": 0}, "keep_last_n"),
         ({"local_keep_last_n": -1}, "local_keep_last_n"),
         ({"filename": "model.pt"}, "filename"),
+        # Steps runctl cannot read back: keep-last-N kept everything and latest() found nothing.
+        ({"filename": "gpt2-{step}.pt"}, "cannot read back"),
+        ({"filename": "resnet50_{step}.pth"}, "cannot read back"),
+        ({"filename": "{step}.pt"}, "cannot read back"),
+        ({"filename": "sub/step_{step}.pt"}, "cannot read back"),
         ({"on_upload_error": "ignore"}, "on_upload_error"),
         ({"s3_url": "gs://bucket/x"}, "gs://bucket/x"),
     ],
@@ -131,6 +136,16 @@ def test_runctl_locals_keep_last_n_and_endpoint_are_defaults_too(
 def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
         CheckpointManager(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "filename", ["agent_{step}.pt", "model-{step}.pt", "ckpt_{step:08d}.pt", "epoch_{step}.pt"]
+)
+def test_filenames_whose_step_reads_back_are_taken(tmp_path: Path, filename: str) -> None:
+    manager = CheckpointManager(tmp_path, filename=filename)
+    manager.save({"step": 7}, 7)
+    assert manager.latest() == tmp_path / filename.format(step=7)
+    manager.close()
 
 
 def test_missing_dir_is_a_usage_error() -> None:
