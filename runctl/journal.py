@@ -73,6 +73,9 @@ PENDING_STATES = ("queued", "uploaded")
 _FIELDS = ("time", "size", "mtime", "s3_url", "detail", "queued")
 #: One encoder for every line: ``json.dumps`` with options builds a new one per call.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+#: The ``detail`` a ``skipped`` line starts with for a checkpoint left out as possibly torn
+#: (``runctl local``): neither uploaded nor counted among the newest, by any later run either.
+TORN = "possibly torn"
 #: ``Journal.compact`` rewrites a journal past this size (about 1,100 checkpoints' history).
 COMPACT_ABOVE = 1 << 20
 #: Two mtimes closer than this are the same (they come from the same stat, through JSON).
@@ -194,6 +197,17 @@ class JournalSnapshot:
     latest: dict[str, JournalEntry]
     #: The last "verified" entry per name, kept past later "deleted_s3" entries.
     verified: dict[str, JournalEntry]
+
+    def torn(self, name: str, size: int | None, mtime: float | None) -> bool:
+        """True when this version of ``name`` was left out as possibly torn (``TORN``)."""
+        entry = self.latest.get(name)
+        return (
+            entry is not None
+            and entry.state == "skipped"
+            and (entry.detail or "").startswith(TORN)
+            and size is not None
+            and entry.matches(size, mtime)
+        )
 
     def pending(self, *, failed: bool = False) -> list[JournalEntry]:
         """As ``Journal.pending``: queued or uploaded (and failed, with ``failed=True``), oldest first."""

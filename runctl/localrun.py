@@ -53,8 +53,6 @@ RUNS_DIR = "runs"
 CLAIMS_DIR = "claims"
 
 DEFAULT_SETTLE = 2.0
-#: The journal's word for a checkpoint ``runctl local`` left out as possibly torn.
-TORN = "possibly torn"
 DEFAULT_INTERVAL = 0.5
 DEFAULT_FLUSH_TIMEOUT = 600.0
 
@@ -331,16 +329,9 @@ class CheckpointWatcher:
             log.warning("cannot read the journal in %s: %s", self.root, exc)
             return lambda name, size, mtime: False
 
-        # What an earlier run left out as torn: the same version is not sent now either.
-        torn = {
-            name: e
-            for name, e in snapshot.latest.items()
-            if e.state == "skipped" and (e.detail or "").startswith(TORN)
-        }
-
         def known(name: str, size: int | None, mtime: float | None) -> bool:
-            left_out = torn.get(name)
-            if left_out is not None and size is not None and left_out.matches(size, mtime):
+            # What an earlier run left out as torn: the same version is not sent now either.
+            if snapshot.torn(name, size, mtime):
                 return True
             return name in pending or verified(name, size, mtime)
 
@@ -505,7 +496,7 @@ class CheckpointWatcher:
         self.skipped[name] = why
         log.warning("not uploading %s: %s", name, why)
         if sig[0] == 0:
-            from runctl.journal import Journal
+            from runctl.journal import TORN, Journal
 
             try:
                 Journal(self.root).record(

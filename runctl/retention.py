@@ -392,14 +392,16 @@ def apply_local_retention(
     if not root.is_dir():
         raise UsageError(f"checkpoint directory {str(root)!r} does not exist or is not a directory")
     journal = Journal(root)
-    writing = writing or {}
+    writing = dict(writing or {})
     with local_dir_lock(root, timeout=lock_timeout):
-        found = [
-            dataclasses.replace(cp, complete=False) if cp.name in writing else cp
-            for cp in scan_local(root, patterns)
-        ]
+        snapshot = journal.snapshot()
+        found = scan_local(root, patterns)
+        for cp in found:
+            if not cp.is_dir and snapshot.torn(cp.name, cp.size, cp.mtime):
+                writing[cp.name] = "left out of S3 as possibly torn (runctl local)"
+        found = [dataclasses.replace(cp, complete=False) if cp.name in writing else cp for cp in found]
         plan = plan_retention(found, keep_last_n, protected=protected)
-        check = journal.durability_check() if plan.delete and not force else None
+        check = snapshot.was_verified if plan.delete and not force else None
 
         def durable(cp: Checkpoint) -> bool:
             if check is None or check(cp.name, cp.size, cp.mtime):

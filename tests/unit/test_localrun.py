@@ -255,6 +255,16 @@ def test_a_file_its_dead_writer_left_is_left_out_now_and_in_the_next_run(tmp_pat
     assert got.names == []
     watcher.final_scan(script_failed=True, killed=True)
     assert got.names == [] and "step_4.pt" in watcher.skipped
+    # Local keep-last-1 does not take it for the newest: step_3, whole and in S3, stays.
+    from runctl.retention import apply_local_retention
+
+    whole = tmp_path / "step_3.pt"
+    whole.write_bytes(b"whole")
+    os.utime(whole, (time.time() - 60, time.time() - 60))
+    Journal(tmp_path).record("step_3.pt", "verified", size=5, mtime=whole.stat().st_mtime)
+    plan = apply_local_retention(tmp_path, 1, dry_run=True)
+    assert plan.reasons["step_3.pt"] == "newest complete"
+    assert "possibly torn" in plan.reasons["step_4.pt"] and not plan.delete
     again = Collector()
     CheckpointWatcher(tmp_path, again, settle=0.0).final_scan(script_failed=False)
     assert again.names == []  # the journal says this version was left out
