@@ -175,6 +175,18 @@ def awaits_hf_sign(name: str, names: Collection[str]) -> bool:
     return HF_ARGS in names and HF_SIGN not in names and _HF_NAME.fullmatch(_base(name)) is not None
 
 
+def dir_awaits_hf_sign(path: Path) -> bool:
+    """``awaits_hf_sign`` for a local directory: looks for both files in it.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()) / "checkpoint-5"; d.mkdir()
+        >>> _ = (d / HF_ARGS).write_bytes(b"a"); dir_awaits_hf_sign(d)
+        True
+    """
+    return awaits_hf_sign(path.name, {n for n in (HF_ARGS, HF_SIGN) if (path / n).is_file()})
+
+
 def is_temp_name(name: str) -> bool:
     """True for names runctl never treats as checkpoints: hidden, ``*.tmp``, ``*.partial``."""
     base = _base(name)
@@ -318,8 +330,7 @@ def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
     step, epoch = parse_step(path.name)
     if path.is_dir():
         files, size, mtime = _dir_files(path, root)
-        present = {n for n in (HF_ARGS, HF_SIGN) if (path / n).is_file()}
-        complete = not awaits_hf_sign(path.name, present)
+        complete = not dir_awaits_hf_sign(path)
         return Checkpoint(path.name, True, step, epoch, mtime, size, complete, files)
     st = path.stat()
     rel = path.relative_to(root).as_posix()

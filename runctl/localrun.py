@@ -17,13 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runctl.checkpoints import (
-    HF_ARGS,
-    RUNCTL_DIR,
-    awaits_hf_sign,
-    has_completion_sign,
-    is_recognised,
-)
+from runctl.checkpoints import RUNCTL_DIR, dir_awaits_hf_sign, has_completion_sign, is_recognised
 from runctl.exceptions import (
     EXIT_FAILED,
     FlushTimeout,
@@ -438,9 +432,7 @@ class CheckpointWatcher:
             if state.submitted == sig:
                 continue
             path = Path(entry.path)
-            unsigned_hf = is_dir and awaits_hf_sign(
-                name, {HF_ARGS} if (path / HF_ARGS).is_file() else ()
-            )
+            unsigned_hf = is_dir and dir_awaits_hf_sign(path)
             if final:
                 why = None
                 if unsigned_hf:

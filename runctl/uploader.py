@@ -24,8 +24,8 @@ from runctl.checkpoints import (
     HF_SIGN,
     MARKER_NAME,
     Checkpoint,
-    awaits_hf_sign,
     build_manifest,
+    dir_awaits_hf_sign,
     group_s3,
     is_alias,
     is_recognised,
@@ -607,7 +607,7 @@ class CheckpointUploader:
         except FileNotFoundError:
             raise UsageError(f"cannot submit {str(path)!r}: it does not exist") from None
         is_dir = stat_module.S_ISDIR(st.st_mode)
-        if is_dir and awaits_hf_sign(name, {n for n in (HF_ARGS, HF_SIGN) if (src / n).is_file()}):
+        if is_dir and dir_awaits_hf_sign(src):
             raise UsageError(
                 f"cannot submit {str(path)!r}: it holds {HF_ARGS} but no {HF_SIGN}, which the "
                 "Hugging Face Trainer writes last (its save is unfinished, or was cut short)"

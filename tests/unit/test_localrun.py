@@ -294,9 +294,14 @@ def test_the_final_scan_leaves_out_a_trainer_directory_cut_short(tmp_path: Path)
     hf.mkdir()
     (hf / "model.safetensors").write_bytes(b"m")
     (hf / "training_args.bin").write_bytes(b"a")
+    whole = tmp_path / "checkpoint-20"  # finished: it goes, like any other
+    whole.mkdir()
+    for name in ("model.safetensors", "training_args.bin", "trainer_state.json"):
+        (whole / name).write_bytes(b"x")
     watcher = CheckpointWatcher(tmp_path, got, settle=0.0)
     watcher.final_scan(script_failed=False)
-    assert got.names == [] and "trainer_state.json" in watcher.skipped["checkpoint-30"]
+    assert got.names == ["checkpoint-20"]
+    assert "trainer_state.json" in watcher.skipped["checkpoint-30"]
 
 
 def test_the_final_scan_sends_the_rest_but_not_what_a_failed_script_was_writing(
