@@ -201,6 +201,17 @@ def open_for_writing(pids: Sequence[int] | None) -> set[str] | None:
     return found
 
 
+def _is_written(path: str, is_dir: bool, writers: set[str] | None) -> bool:
+    """Whether ``writers`` (``open_for_writing``) holds the file ``path``, or one inside the directory."""
+    if not writers:
+        return False
+    real = os.path.realpath(path)
+    if is_dir:
+        inside = real.rstrip("/") + "/"
+        return any(w.startswith(inside) for w in writers)
+    return real in writers
+
+
 def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, str]:
     """The checkpoints directly under ``root`` that look unfinished, each with why.
 
@@ -213,7 +224,7 @@ def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, st
         {'step=6.ckpt': 'a process has it open for writing'}
     """
     now = time.time()
-    writers = open_for_writing(None) or set()
+    writers = open_for_writing(None)
     found: dict[str, str] = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name == RUNCTL_DIR or not is_recognised(entry.name, None):
@@ -223,9 +234,7 @@ def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, st
             newest = sig[3] / 1e9 if sig is not None else entry.stat().st_mtime
         except OSError:
             continue
-        real = os.path.realpath(entry.path)
-        inside = real.rstrip("/") + "/"
-        if real in writers or (sig is not None and any(w.startswith(inside) for w in writers)):
+        if _is_written(entry.path, sig is not None, writers):
             found[entry.name] = "a process has it open for writing"
         elif now - newest < settle:
             found[entry.name] = f"it changed {max(0.0, now - newest):.1f} s ago"
@@ -381,16 +390,6 @@ class CheckpointWatcher:
         except OSError:
             return None
 
-    @staticmethod
-    def _is_written(path: str, is_dir: bool, writers: set[str] | None) -> bool:
-        if not writers:
-            return False
-        real = os.path.realpath(path)
-        if is_dir:
-            inside = real.rstrip("/") + "/"
-            return any(w.startswith(inside) for w in writers)
-        return real in writers
-
     def poll(
         self, *, final: bool = False, script_failed: bool = False, killed: bool = False
     ) -> list[Path]:
@@ -459,7 +458,7 @@ class CheckpointWatcher:
                     continue
                 if not writers_read:
                     writers, writers_read = self._writers(), True
-                state.writing = self._is_written(entry.path, is_dir, writers)
+                state.writing = _is_written(entry.path, is_dir, writers)
                 if state.writing:
                     state.open_seen, state.closed_at = sig, None
                     continue
@@ -505,7 +504,7 @@ class CheckpointWatcher:
                 return
             writers = self._writers()
             for name, state in unsent:
-                state.writing = self._is_written(
+                state.writing = _is_written(
                     str(self.root / name), state.signature[0] == 1, writers
                 )
 
