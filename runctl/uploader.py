@@ -1824,9 +1824,10 @@ def latest_checkpoint(
 
     The newest is the highest step, unless a ``last``-style alias landed after it
     (``newest_state``). A directory checkpoint counts only with a valid marker (unless
-    ``treat_unmarked_complete``). Downloads are atomic and contained in ``dest``. ``dry_run``: find it and return the path it
-    would have, downloading nothing. ``newer_than``: the name of a checkpoint already at hand;
-    S3's newest is downloaded only if its step (then epoch) is higher, else None.
+    ``treat_unmarked_complete``). Downloads are atomic and contained in ``dest``. ``dry_run``:
+    find it and return the path it would have, downloading nothing. ``newer_than``: the name of
+    a checkpoint already at hand; S3's newest is downloaded only if its step (then epoch) is
+    higher, else None.
 
     Example:
         >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
@@ -1856,7 +1857,7 @@ def latest_checkpoint(
             log.info("no complete checkpoint under %s", prefix)
             return None
         # By step: an alias (last.ckpt) has none, but is newer still when it landed later.
-        highest = max(complete, key=Checkpoint.order_key)
+        highest = complete[-1]  # group_s3 lists checkpoints oldest first
         if newer_than is not None and step_order(highest.name) <= step_order(newer_than):
             log.info("S3's newest, %s, is not newer than %s", highest.name, newer_than)
             return None
