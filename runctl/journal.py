@@ -160,6 +160,11 @@ class JournalEntry:
         return True
 
 
+def _line(entry: JournalEntry) -> bytes:
+    """One journal line, newline included: what ``record`` appends and ``compact`` rewrites."""
+    return _ENCODER.encode(entry.to_json()).encode("utf-8") + b"\n"
+
+
 def _replaced(fd: int, path: Path) -> bool:
     """True when ``path`` no longer names the file open on ``fd`` (a compaction replaced it)."""
     try:
@@ -267,8 +272,7 @@ class Journal:
             raise UsageError(f"unknown journal field(s) {', '.join(unknown)}; expected {', '.join(_FIELDS)}")
         when = fields.pop("time", None)
         entry = JournalEntry(name, state, time.time() if when is None else float(when), **fields)
-        line = _ENCODER.encode(entry.to_json()).encode("utf-8")
-        self._append(line + b"\n", sync)
+        self._append(_line(entry), sync)
 
     def sync(self) -> None:
         """fsync the journal file (after ``record(..., sync=False)``)."""
@@ -372,10 +376,7 @@ class Journal:
                             kept.append(verified)
                         kept.append(latest)
                     with open(tmp, "wb") as out:
-                        out.writelines(
-                            _ENCODER.encode(entry.to_json()).encode("utf-8") + b"\n"
-                            for entry in kept
-                        )
+                        out.writelines(_line(entry) for entry in kept)
                         out.flush()
                         os.fsync(out.fileno())
                     os.replace(tmp, self.path)
