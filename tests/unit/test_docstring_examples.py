@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import pathlib
 import pkgutil
+import tempfile
 
 import pytest
 
@@ -25,7 +27,12 @@ def _modules() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _modules())
-def test_the_docstring_examples_hold(name: str) -> None:
+def test_the_docstring_examples_hold(
+    name: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The examples make their directories with tempfile.mkdtemp(), as a reader would; here they
+    # land under tmp_path, which pytest removes, instead of piling up in /tmp run after run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     try:
         module = importlib.import_module(name)
     except ImportError as exc:  # an integration whose framework is not installed
