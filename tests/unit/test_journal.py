@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from runctl import journal as journal_module
 from runctl.exceptions import UsageError
 from runctl.journal import JOURNAL_DIR, JOURNAL_NAME, Journal, JournalEntry
 
@@ -304,3 +305,46 @@ def test_lines_written_during_a_compaction_are_never_lost(tmp_path: Path) -> Non
         thread.join()
     latest = Journal(tmp_path).snapshot().latest
     assert written and all(latest[name].state == "queued" for name in written)
+
+
+def test_a_compaction_that_finds_the_lock_taken_leaves_the_holders_marker(tmp_path: Path) -> None:
+    # The marker tells writers that a compaction holds the lock, and to wait for it rather than
+    # write without it; a second compactor that gave up must not take the first one's away.
+    import fcntl
+
+    journal = Journal(tmp_path)
+    _history(journal)
+    marker = journal.path.with_name(journal.path.name + ".compacting")
+    holder = os.open(journal.path, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        marker.touch()
+        assert Journal(tmp_path).compact(min_bytes=0) is False
+        assert marker.exists()
+    finally:
+        os.close(holder)
+        marker.unlink()
+
+
+def test_a_compaction_keeps_the_lines_written_after_it_read_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The history is replayed before the lock is taken; what lands in between must still count.
+    journal = Journal(tmp_path)
+    _history(journal)
+    real_replay = journal_module._replay
+    calls = []
+
+    def replay_then_write(data: bytes, path: Path, after: object = None) -> object:
+        calls.append(after)
+        if after is None:  # the unlocked pass: another writer appends meanwhile
+            Journal(tmp_path).record("late.pt", "verified", size=1, mtime=1.0)
+            Journal(tmp_path).record("step_35.pt", "deleted_local")
+        return real_replay(data, path, after)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal_module, "_replay", replay_then_write)
+    assert journal.compact(min_bytes=0)
+    assert len(calls) == 2
+    latest = Journal(tmp_path).replay()
+    assert latest["late.pt"].state == "verified"
+    assert "step_35.pt" not in latest
