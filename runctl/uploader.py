@@ -45,6 +45,7 @@ from runctl.exceptions import (
     UploadError,
     UsageError,
 )
+from runctl import journal as journal_module
 from runctl.journal import Journal, JournalSnapshot
 from runctl.locking import upload_turn
 from runctl.retention import (
@@ -517,6 +518,7 @@ class CheckpointUploader:
         self.transfer = transfer
         self.journal = Journal(root)
         self._journal = _JournalWriter(self.journal)
+        self._journal_compacted_to = 0  # its size after this uploader last compacted it
         self._stager = _Stager()
         self.staging = StagingArea(root)
 
@@ -1014,10 +1016,7 @@ class CheckpointUploader:
     def _resume(self) -> None:
         # Failed ones too: an upload that used up its retries in an earlier process (an outage
         # during a final flush) still has its local copy, and S3 may be back.
-        try:
-            self.journal.compact()  # once past 1 MB: each retention re-reads it
-        except JournalError as exc:
-            log.warning("%s; it stays as it is", exc)
+        self._compact_if_grown()  # once past 1 MB: each retention re-reads it
         try:
             snapshot: JournalSnapshot | None = self.journal.snapshot()
         except JournalError as exc:
@@ -1142,6 +1141,7 @@ class CheckpointUploader:
                     landed = self._process(job)
                 if landed:
                     self._retention(job)  # outside the turn: it takes the retention locks
+                    self._compact_if_grown()
             except (_Aborted, LockTimeout):  # LockTimeout: the turn's wait, given up on abort
                 job.handle._finish(
                     None,
@@ -1559,6 +1559,26 @@ class CheckpointUploader:
     def _retention_released(self) -> bool:
         """Retention came due while on hold, and the hold has ended (call under ``_cond``)."""
         return self._retention_due and not self._retention_held
+
+    def _compact_if_grown(self) -> None:
+        """Compact the journal once it passes 1 MB, and twice its size after the last compaction.
+
+        At start, and after each landed checkpoint: a long run otherwise grows it by about
+        0.5 KB a checkpoint, and every retention re-reads it (10,000 checkpoints: 5 MB). The
+        doubling keeps a journal that stays large (many checkpoints kept) from being rewritten
+        at every checkpoint.
+        """
+        try:
+            size = os.stat(self.journal.path).st_size
+        except OSError:
+            return
+        if size < max(journal_module.COMPACT_ABOVE, 2 * self._journal_compacted_to):
+            return
+        try:
+            if self.journal.compact(min_bytes=0):
+                self._journal_compacted_to = os.stat(self.journal.path).st_size
+        except (JournalError, OSError) as exc:
+            log.warning("%s; it stays as it is", exc)
 
     def _retention(self, job: _Job | None) -> None:
         with self._cond:
