@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runctl import journal as journal_module
 from runctl.checkpoints import (
     HF_ARGS,
     HF_SIGN,
@@ -45,7 +46,6 @@ from runctl.exceptions import (
     UploadError,
     UsageError,
 )
-from runctl import journal as journal_module
 from runctl.journal import Journal, JournalSnapshot
 from runctl.locking import upload_turn
 from runctl.retention import (
