@@ -81,6 +81,11 @@ ATEXIT_TIMEOUT = 600.0
 FAILING_TIMEOUT = 30.0
 #: Clock skew allowed when deciding that an object a retry finds already landed in this upload.
 LANDED_SKEW = 5.0
+#: While another process holds a prefix's retention lock (a ``runctl s3 cleanup``, perhaps one
+#: stopped with Ctrl-Z), the idle worker tries it again this often; uploads never wait for it.
+LOCK_RETRY_EVERY = 5.0
+#: At close, retention still waiting for that lock waits at most this long more.
+FINAL_LOCK_WAIT = 10.0
 #: A file rewritten in place during its upload is re-sent at most this many times.
 MAX_REWRITES = 3
 #: ETags are compared with a local MD5 only up to this size (a cheap check on the worker).
@@ -556,6 +561,8 @@ class CheckpointUploader:
         self._retention_held = hold_retention
         self._retention_due = False
         self._retention_busy = False
+        self._retention_blocked = False  # retention found a lock held by another process
+        self._retention_blocked_on: list[str] = []
         self._outranked_warned = False  # _warn_if_outranked says it once
         self._left_pending: tuple[str, ...] = ()  # after a close that gave up: for the next process
         #: Handles of the uploads resumed from the journal at start-up (left by an earlier process).
@@ -1115,20 +1122,26 @@ class CheckpointUploader:
             self._retention(None)
         while True:
             with self._cond:
+                retry = False
                 while not self._queue and not self._stopping and not self._retention_released():
-                    self._cond.wait()
-                if self._retention_released() and not self._abort.is_set():
+                    if not self._retention_blocked:
+                        self._cond.wait()
+                    elif not self._cond.wait(LOCK_RETRY_EVERY):
+                        retry = True
+                        break
+                if (retry or self._retention_released()) and not self._abort.is_set():
                     self._retention_due = False
                     self._retention_busy = True
                     job = None
                 elif not self._queue or self._abort.is_set():
-                    return
+                    final = self._retention_blocked and not self._abort.is_set()
+                    break
                 else:
                     job = self._queue.popleft()
                     self._in_flight = job
                     self._inflight_bytes = 0
                     self._cond.notify_all()
-            if job is None:  # the retention that came due while on hold
+            if job is None:  # the retention that came due while on hold, or found its lock held
                 try:
                     self._retention(None)
                 finally:
@@ -1157,6 +1170,14 @@ class CheckpointUploader:
                 with self._cond:
                     self._in_flight = None
                     self._cond.notify_all()
+        if final:
+            self._retention(None, lock_wait=FINAL_LOCK_WAIT)
+            if self._retention_blocked:
+                log.warning(
+                    "retention of %s did not run before close: another runctl process held "
+                    "its lock (`runctl s3 cleanup` or `runctl checkpoint cleanup` applies it)",
+                    " and ".join(self._retention_blocked_on),
+                )
 
     def _waiting_for_turn(self) -> bool:
         """``upload_turn``'s poll: True gives up (this uploader is aborting).
@@ -1580,7 +1601,13 @@ class CheckpointUploader:
         except (JournalError, OSError) as exc:
             log.warning("%s; it stays as it is", exc)
 
-    def _retention(self, job: _Job | None) -> None:
+    def _retention(self, job: _Job | None, *, lock_wait: float = 0.0) -> None:
+        """Apply keep-last-N in S3 and locally (on the worker thread).
+
+        Their locks are only tried (``lock_wait``): while another process holds one (a cleanup,
+        perhaps stopped with Ctrl-Z), uploads go on and the worker tries again after the next
+        landed checkpoint, or every ``LOCK_RETRY_EVERY`` seconds while idle.
+        """
         with self._cond:
             if self._retention_held:
                 self._retention_due = True
@@ -1588,6 +1615,7 @@ class CheckpointUploader:
             protected = self._protected()
         if job is not None:
             protected.add(job.name)
+        blocked: list[str] = []
         if self.keep_last_n is not None:
             try:
                 plan = apply_s3_retention(
@@ -1598,6 +1626,7 @@ class CheckpointUploader:
                     patterns=self.patterns,
                     unfinished=self.journal.unfinished_deletions(),
                     before_delete=self._journal_deleting,
+                    lock_timeout=lock_wait,
                 )
                 for cp in plan.delete:
                     self._journal.record(
@@ -1607,6 +1636,8 @@ class CheckpointUploader:
                         s3_url=str(self._url_of(cp.name, cp.is_dir)),
                     )
                 self._warn_if_outranked(plan)
+            except LockTimeout:
+                blocked.append(str(self.prefix))
             except Exception as exc:  # noqa: BLE001 - retention failing must not stop uploads
                 self._retention_failed("S3", exc)
         if self.local_keep_last_n is not None:
@@ -1617,9 +1648,20 @@ class CheckpointUploader:
                     protected=protected,
                     also_durable=self._superseded_and_covered,
                     patterns=self.patterns,
+                    lock_timeout=lock_wait,
                 )
+            except LockTimeout:
+                blocked.append(str(self.root))
             except Exception as exc:  # noqa: BLE001
                 self._retention_failed("local", exc)
+        if blocked and not self._retention_blocked:
+            log.info(
+                "another runctl process holds the retention lock of %s: uploads go on, "
+                "retention runs once it is free",
+                " and ".join(blocked),
+            )
+        self._retention_blocked = bool(blocked)
+        self._retention_blocked_on = blocked
 
     def _warn_if_outranked(self, plan: RetentionPlan) -> None:
         """Once: say so when retention deleted this run's checkpoints for others that rank newer.

@@ -9,7 +9,8 @@ import shutil
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1141,3 +1142,69 @@ def test_directory_being_deleted_while_queued_is_skipped_never_uploaded_partial(
     up.close(timeout=30)
     keys = [o.key for o in boto_transfer.iter_objects(moto_bucket.join("run/"))]  # type: ignore[attr-defined]
     assert not [k for k in keys if "checkpoint-5" in k], keys
+
+
+@contextmanager
+def held_elsewhere(path: Path) -> Iterator[None]:
+    """Hold ``path``'s flock on a descriptor of our own, as another process's cleanup would."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_retention_lock_held_elsewhere_never_holds_up_uploads(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cleanup in another terminal (or one stopped with Ctrl-Z) held the prefix's lock: the
+    # worker waited for it after the first landed checkpoint, and nothing more reached S3 for up
+    # to 600 s, every checkpoint after it.
+    import runctl.uploader as uploader_module
+    from runctl.locking import s3_lock_path
+
+    monkeypatch.setattr(uploader_module, "LOCK_RETRY_EVERY", 0.2, raising=False)
+    prefix = moto_bucket.join("run/")
+    up = uploader(root, moto_bucket, boto_transfer, keep_last_n=1, local_keep_last_n=1)
+    with held_elsewhere(s3_lock_path(prefix, boto_transfer.config.endpoint_url)):
+        with held_elsewhere(root / ".runctl" / "retention.lock"):
+            for step in (1, 2, 3):  # each lands before the next: none is skipped as superseded
+                up.submit(write(root / f"step_{step}.pt", b"w%d" % step))
+                up.flush(timeout=30)
+            assert sorted(keys_under(boto_transfer, prefix)) == ["step_1.pt", "step_2.pt", "step_3.pt"]
+    deadline = time.monotonic() + 20
+    while sorted(keys_under(boto_transfer, prefix)) != ["step_3.pt"]:  # once free, the idle worker
+        assert time.monotonic() < deadline, "retention never ran once the lock was free"
+        time.sleep(0.1)
+    while sorted(p.name for p in root.glob("step_*")) != ["step_3.pt"]:
+        assert time.monotonic() < deadline, "local retention never ran once the lock was free"
+        time.sleep(0.1)
+    up.close()
+
+
+def test_a_retention_lock_held_through_close_is_waited_for_briefly_and_named(
+    root: Path,
+    moto_bucket: S3URL,
+    boto_transfer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import runctl.uploader as uploader_module
+    from runctl.locking import s3_lock_path
+
+    monkeypatch.setattr(uploader_module, "FINAL_LOCK_WAIT", 0.5, raising=False)
+    prefix = moto_bucket.join("run/")
+    with held_elsewhere(s3_lock_path(prefix, boto_transfer.config.endpoint_url)):
+        with uploader(root, moto_bucket, boto_transfer, keep_last_n=1) as up:
+            for step in (1, 2):
+                up.submit(write(root / f"step_{step}.pt", b"w%d" % step))
+                up.flush(timeout=30)
+    assert sorted(keys_under(boto_transfer, prefix)) == ["step_1.pt", "step_2.pt"]
+    assert any(
+        "did not run before close" in r.getMessage() and str(prefix) in r.getMessage()
+        for r in caplog.records
+    )
