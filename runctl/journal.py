@@ -76,6 +76,9 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 #: The ``detail`` a ``skipped`` line starts with for a checkpoint left out as possibly torn
 #: (``runctl local``): neither uploaded nor counted among the newest, by any later run either.
 TORN = "possibly torn"
+#: The ``detail`` a ``skipped`` line starts with for a checkpoint that retention would delete
+#: anyway: files an earlier, interrupted upload of it left in S3 are retention's to delete.
+MOOT = "retention would delete it anyway"
 #: ``Journal.compact`` rewrites a journal past this size (about 1,100 checkpoints' history).
 COMPACT_ABOVE = 1 << 20
 #: Two mtimes closer than this are the same (they come from the same stat, through JSON).
@@ -465,10 +468,12 @@ class Journal:
         return self.snapshot().verified_versions()
 
     def unfinished_deletions(self) -> set[str]:
-        """Names whose S3 deletion by retention began (``deleting_s3``) but never finished.
+        """Names whose marker-less files in S3 retention is to delete.
 
-        A process killed between deleting a directory checkpoint's marker and its files leaves
-        marker-less files behind; retention finishes deleting these names.
+        Those whose deletion by retention began (``deleting_s3``) but never finished: a process
+        killed between deleting a directory checkpoint's marker and its files leaves marker-less
+        files behind. And those skipped as moot (``MOOT``): a run killed mid-upload of a
+        directory leaves part of it, and the next run skips it once newer ones are queued.
 
         Example:
             >>> import tempfile
@@ -477,7 +482,11 @@ class Journal:
             >>> j.unfinished_deletions()
             {'checkpoint-1'}
         """
-        return {e.name for e in self.snapshot().latest.values() if e.state == "deleting_s3"}
+        return {
+            e.name
+            for e in self.snapshot().latest.values()
+            if e.state == "deleting_s3" or (e.state == "skipped" and (e.detail or "").startswith(MOOT))
+        }
 
     def pending(self, *, failed: bool = False) -> list[JournalEntry]:
         """Entries whose latest state is queued or uploaded (not yet verified), oldest first.

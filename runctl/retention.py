@@ -84,7 +84,8 @@ def plan_retention(
     Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count), plus every
     protected one, every alias, and every incomplete one (unless ``incomplete_older_than`` is
     given and its mtime is older than that many seconds before ``now``: an abandoned upload, or
-    it is named in ``unfinished``: a deletion an earlier retention began and did not finish).
+    it is named in ``unfinished``: a deletion an earlier retention began and did not finish, or
+    an upload a killed run began of a checkpoint since skipped as moot).
     Then, with ``max_total_size``, deletes the oldest deletable kept ones until the rest fit.
     Never deletes a protected name, an alias, or the newest complete checkpoint.
     ``keep_last_n=None`` keeps every complete checkpoint.
@@ -123,7 +124,7 @@ def plan_retention(
             age = now - cp.mtime
             if name in unfinished:
                 doomed.add(name)
-                reasons[name] = "incomplete: an earlier retention began deleting it"
+                reasons[name] = "incomplete: left by a deletion or a moot upload that a killed run began"
             elif incomplete_older_than is not None and age > incomplete_older_than:
                 doomed.add(name)
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"

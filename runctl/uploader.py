@@ -46,7 +46,7 @@ from runctl.exceptions import (
     UploadError,
     UsageError,
 )
-from runctl.journal import Journal, JournalSnapshot
+from runctl.journal import MOOT, Journal, JournalSnapshot
 from runctl.locking import upload_turn
 from runctl.retention import (
     RetentionPlan,
@@ -945,7 +945,7 @@ class CheckpointUploader:
                 continue
             self._cancel(
                 job,
-                f"retention would delete it anyway ({self.keep_last_n} newer checkpoints queued)",
+                f"{MOOT} ({self.keep_last_n} newer checkpoints queued)",
             )
 
     def _cancel(self, job: _Job, reason: str) -> None:

@@ -78,7 +78,7 @@ def test_unfinished_deletion_of_an_incomplete_checkpoint_is_finished() -> None:
     fresh = cp("checkpoint-4", 4, complete=False, is_dir=True)
     plan = plan_retention([half, fresh, *steps(2)], keep_last_n=5, unfinished={"checkpoint-1"}, now=NOW)
     assert names(plan.delete) == ["checkpoint-1"]
-    assert "earlier retention" in plan.reasons["checkpoint-1"]
+    assert "killed run" in plan.reasons["checkpoint-1"]
     # Protected still wins: the name may be the one this run resumed from.
     plan = plan_retention([half, *steps(2)], keep_last_n=5, unfinished={"checkpoint-1"},
                           protected={"checkpoint-1"}, now=NOW)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,6 +198,44 @@ def test_a_resumed_directory_skipped_as_moot_goes_locally_once_newer_ones_are_du
     assert skip["size"] == 102 + 2  # model.bin and trainer_state.json, as scan_local counts
     assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"
+
+
+def test_what_a_killed_run_left_of_a_directory_in_s3_goes_once_it_is_skipped_as_moot(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # A run killed mid-upload of checkpoint-2 and -3 left part of each in S3, marker-less. The
+    # next run skipped both as moot (newer ones queued), and nothing ever deleted those files:
+    # with each preemption S3 held one more whole checkpoint that keep-last-N never counted.
+    from tests.uploader.conftest import Gate
+
+    url = moto_bucket.join("run/")
+    for step in (1, 2, 3):
+        write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
+        write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+        Journal(root).record(f"checkpoint-{step}", "queued")
+    for step in (2, 3):  # the files that made it before the kill; no marker
+        boto_transfer.put_files(
+            [(root / f"checkpoint-{step}" / "model.bin", url.join(f"checkpoint-{step}/model.bin"))]
+        )
+        Journal(root).record(f"checkpoint-{step}", "uploaded")
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = CheckpointUploader(
+        root, url, transfer=wrapped, keep_last_n=2, local_keep_last_n=2, retry=FAST_RETRY  # type: ignore[arg-type]
+    )
+    try:
+        assert gate.entered.wait(30)  # checkpoint-1 is uploading, 2 and 3 wait in the queue
+        for step in (4, 5):
+            write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
+            write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+            up.submit(root / f"checkpoint-{step}")
+        gate.open()
+        up.flush(timeout=60)
+    finally:
+        up.close(timeout=60)
+    assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"  # skipped, as before
+    left = sorted({key.split("/")[0] for key in keys_under(boto_transfer, url)})
+    assert left == ["checkpoint-4", "checkpoint-5"]
 
 
 def test_a_resumed_directory_saved_again_is_kept_until_its_new_version_is_durable(
