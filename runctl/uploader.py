@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import hashlib
 import itertools
 import logging
@@ -86,6 +87,9 @@ LANDED_SKEW = 5.0
 LOCK_RETRY_EVERY = 5.0
 #: At close, retention still waiting for that lock waits at most this long more.
 FINAL_LOCK_WAIT = 10.0
+#: A checkpoint whose upload failed (S3 down for longer than its retries) gets at most this many
+#: more rounds of them in the same run, each once a later checkpoint lands (S3 is back).
+FAILED_ROUNDS = 3
 #: A file rewritten in place during its upload is re-sent at most this many times.
 MAX_REWRITES = 3
 #: ETags are compared with a local MD5 only up to this size (a cheap check on the worker).
@@ -226,6 +230,8 @@ class _Job:
     staging_done: threading.Event | None = field(default=None, repr=False)
     #: Why staging failed, if it did.
     staging_error: OSError | None = field(default=None, repr=False)
+    #: Rounds of attempts after the first failed (``FAILED_ROUNDS``).
+    rounds: int = 0
 
     def version(self) -> tuple[int, float] | None:
         """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
@@ -534,6 +540,8 @@ class CheckpointUploader:
         self._best: str | None = None
         self._resumed_from: str | None = None
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
+        #: Failed jobs held (staged copy and all) for another round once a later one lands.
+        self._failed_jobs: list[_Job] = []
         self._timed_out_with: list[str] = []  # what the last timed-out flush left pending
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
@@ -900,6 +908,11 @@ class CheckpointUploader:
         for old in list(self._queue):
             if old.name == job.name:
                 self._cancel(old, f"superseded by a newer submit of {job.name}")
+        for old in [j for j in self._failed_jobs if j.name == job.name]:
+            # The newer version is what counts now: the old one must never land after it.
+            self._failed_jobs.remove(old)
+            self._failures.pop(old.name, None)
+            self._journal.later(functools.partial(self._release, old))
         self._queue.append(job)
         self._prune_queue()
         if len(self._queue) > self.max_queue:
@@ -1526,6 +1539,40 @@ class CheckpointUploader:
                 self.on_uploaded(outcome)
             except Exception as exc:  # noqa: BLE001 - a user callback must not kill the worker
                 log.error("on_uploaded callback failed for %s: %s", job.name, exc)
+        self._revive_failed()
+
+    def _revive_failed(self) -> None:
+        """A checkpoint landed, so S3 is back: each that failed before gets another round.
+
+        Unless keep-last-N newer ones have landed meanwhile: retention would delete it anyway,
+        so it is skipped as moot (a flush no longer reports it, and it may go locally).
+        """
+        moot = []
+        with self._cond:
+            if not self._failed_jobs:
+                return
+            jobs, self._failed_jobs = self._failed_jobs, []
+            protected = set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
+            for job in jobs:
+                self._failures.pop(job.name, None)
+                job.handle = UploadHandle(job.name)  # the first one has its failure
+                if self._landed_since(job) and job.name not in protected:
+                    moot.append(job)
+                    continue
+                job.rounds += 1
+                log.info("retrying the upload of %s, which failed before (S3 is back)", job.name)
+                self._queue.append(job)
+            self._prune_queue()
+            self._cond.notify_all()
+        for job in moot:
+            self._skip(job, f"{MOOT} ({self.keep_last_n} newer checkpoints landed since it failed)")
+
+    def _landed_since(self, job: _Job) -> bool:
+        """True when keep-last-N checkpoints newer than ``job`` are durable (call under ``_cond``)."""
+        if self.keep_last_n is None or is_alias(job.name) or not is_recognised(job.name, self.patterns):
+            return False
+        key = job.order_key()
+        return sum(1 for v in self._verified_keys if v > key) >= self.keep_last_n
 
     def _skip(self, job: _Job, reason: str) -> None:
         self._note_skip(job)
@@ -1567,8 +1614,18 @@ class CheckpointUploader:
             "upload of %s to %s failed: %s", job.name, self._url_of(job.name, job.is_dir), text
         )
         self._journal.record(job.name, "failed", detail=scrub(text)[:500], queued=job.queued_at)
-        self._release(job)
-        job.handle._finish(None, exc)
+        handle = job.handle
+        if (
+            job.rounds < FAILED_ROUNDS
+            and isinstance(exc, Exception)
+            and self.retry.is_retryable(exc)  # S3 down or slow, not a refusal that would recur
+            and not self._abort.is_set()
+        ):
+            with self._cond:
+                self._failed_jobs.append(job)  # staged copy and all: _revive_failed
+        else:
+            self._release(job)
+        handle._finish(None, exc)
         if self.on_error is not None:
             try:
                 self.on_error(job.name, exc)
@@ -1757,6 +1814,9 @@ class CheckpointUploader:
             log.error("the uploader's worker did not stop within 30 s")
         with self._cond:
             left, self._queue = list(self._queue), collections.deque()
+            failed, self._failed_jobs = self._failed_jobs, []
+        for job in failed:  # "failed" in the journal: the next run resumes them
+            self._release(job)
         for job in left:
             job.handle._finish(
                 None,

@@ -217,10 +217,71 @@ def test_local_checkpoints_accumulate_while_s3_is_down(
         server.start()
         write(root / "step_4.pt", b"four")
         up.submit(root / "step_4.pt").result(60)
+        # S3 is back: the failed ones get another round, land, and only then go locally.
         up.close(timeout=60)
-        names = sorted(p.name for p in root.glob("step_*"))
-        # step_0 was durable and is older than the newest: it goes; the failed ones stay.
-        assert names == ["step_1.pt", "step_2.pt", "step_3.pt", "step_4.pt"]
+        # (The last to land, step_3, is protected from the retention pass its own landing runs.)
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_3.pt", "step_4.pt"]
+        in_s3 = sorted(keys_under(transfer, url.join("run/")))
+        assert in_s3 == [f"step_{i}.pt" for i in range(5)]
+        assert transfer.get_bytes(url.join("run/step_2.pt")) == b"xx"  # type: ignore[attr-defined]
+        transfer.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("keep_last_n", [None, 1])
+def test_a_checkpoint_that_failed_in_an_outage_is_retried_once_s3_is_back(
+    tmp_path: Path, root: Path, keep_last_n: int | None
+) -> None:
+    # Default retries span about 15 s: a checkpoint saved early in a longer outage failed for
+    # the rest of the run, and the run ended with UploadError although S3 was back and newer
+    # checkpoints had landed. Now it gets another round once one lands; and when keep-last-N
+    # newer ones have landed, retention would delete it anyway, so it is let go as moot.
+    from runctl.transfer import get_transfer
+
+    server = start_rclone(tmp_path / "rclone")
+    try:
+        url = S3URL(server.new_bucket())
+        transfer = get_transfer(server.config(), use_s5cmd=False)
+        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+        up = uploader(root, url, transfer, keep_last_n=keep_last_n, retry=retry)
+        server.stop()
+        failed = up.submit(write(root / "step_1.pt", b"one"))
+        assert isinstance(failed.exception(60), TransferError)
+        server.start()
+        up.submit(write(root / "step_2.pt", b"two")).result(60)
+        up.close(timeout=60)  # raised UploadError naming step_1.pt
+        in_s3 = sorted(keys_under(transfer, url.join("run/")))
+        latest = Journal(root).replay()["step_1.pt"]
+        if keep_last_n is None:
+            assert in_s3 == ["step_1.pt", "step_2.pt"]
+            assert latest.state == "verified"
+        else:
+            assert in_s3 == ["step_2.pt"]
+            assert latest.state == "skipped" and "anyway" in (latest.detail or "")
+        transfer.close()
+    finally:
+        server.stop()
+
+
+def test_a_failed_checkpoint_saved_again_never_lands_over_the_newer_version(
+    tmp_path: Path, root: Path
+) -> None:
+    from runctl.transfer import get_transfer
+
+    server = start_rclone(tmp_path / "rclone")
+    try:
+        url = S3URL(server.new_bucket())
+        transfer = get_transfer(server.config(), use_s5cmd=False)
+        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+        up = uploader(root, url, transfer, retry=retry)
+        server.stop()
+        assert up.submit(write(root / "last.ckpt", b"old")).exception(60) is not None
+        server.start()
+        up.submit(write(root / "last.ckpt", b"new")).result(60)
+        up.submit(write(root / "step_3.pt", b"3")).result(60)
+        up.close(timeout=60)
+        assert transfer.get_bytes(url.join("run/last.ckpt")) == b"new"  # type: ignore[attr-defined]
         transfer.close()
     finally:
         server.stop()
