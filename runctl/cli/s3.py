@@ -521,6 +521,12 @@ def sync_tree(
     delete: Annotated[
         bool, typer.Option("--delete", help="Delete destination files the source does not have.")
     ] = False,
+    yes_bucket_root: Annotated[
+        bool,
+        typer.Option(
+            "--yes-bucket-root", help="Confirm --delete going up to the root of a bucket."
+        ),
+    ] = False,
     size_only: Annotated[
         bool, typer.Option("--size-only", help="Compare sizes only, not modification times.")
     ] = False,
@@ -537,7 +543,10 @@ def sync_tree(
     """Make S3URL match LOCAL (up) or LOCAL match S3URL (down).
 
     Copies what is missing or differs by size or modification time;
-    --delete also removes what the source lacks (inside the prefix only).
+    --delete also removes what the source lacks (inside the prefix only). It refuses an
+    empty source (a mistyped path), and going up to a bucket root needs --yes-bucket-root.
+    Unreadable directories fail (exit 1); symlinked directories are not followed. Neither
+    loses its copy in S3 to --delete. .runctl/ state directories are left out both ways.
 
     \b
     Examples:
@@ -557,6 +566,11 @@ def sync_tree(
         raise UsageError(f"LOCAL {str(local)!r} is a file: sync needs a directory")
     if direction is Direction.up and not local.is_dir():
         raise UsageError(f"LOCAL {str(local)!r}: no such directory to sync up")
+    if direction is Direction.up and delete and url.is_bucket and not yes_bucket_root and not dry_run:
+        raise UsageError(
+            f"S3URL {url} is a bucket root: --delete there may delete any object in the bucket; "
+            "add --yes-bucket-root to confirm, or give a prefix"
+        )
 
     from runctl import marking
     from runctl.transfer import ops

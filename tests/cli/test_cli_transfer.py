@@ -542,3 +542,102 @@ def test_dot_slash_dash_is_a_file_named_dash_not_stdin(
     result = run_s3(s3_server, "s3", "upload", "./-", f"{bucket}dash", backend_flag(backend))
     assert result.exit_code == 0, result.output
     assert keys(s3_server, bucket)["dash"] == b"a file named dash"
+
+
+def _unreadable(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """Make ``directory`` unreadable to the walk (tests run as root, whom chmod 000 does not stop)."""
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)) == directory:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_what_the_walk_cannot_see_is_never_deleted_by_sync_up(
+    moto_server: S3Server, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unreadable directory was skipped without a word (exit 0), and --delete then deleted
+    # its copy in S3; so did a symlinked directory's, which aws and s5cmd upload through.
+    bucket = S3URL(moto_server.new_bucket())
+    flag = backend_flag(backend)
+    src = tmp_path / "src"
+    for rel in ("ok.txt", "locked/inside.txt", "real/f.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(rel.encode())
+    for key in ("locked/inside.txt", "alias/f.txt", "sub/.runctl/config", "gone.txt"):
+        put(moto_server, bucket, f"run/{key}", b"in s3")
+    (src / "alias").symlink_to(src / "real", target_is_directory=True)
+    _unreadable(monkeypatch, src / "locked")
+    result = run_s3(moto_server, "s3", "sync", str(src), f"{bucket}run/", "-d", "up", "--delete", flag)
+    assert result.exit_code == 1, result.output
+    assert "locked" in result.stderr and "cannot read" in result.stderr
+    assert "alias" in result.stderr and "symlink" in result.stderr
+    in_s3 = set(keys(moto_server, bucket))
+    assert "run/gone.txt" not in in_s3  # what the source lacks still goes
+    assert {"run/locked/inside.txt", "run/alias/f.txt", "run/sub/.runctl/config"} <= in_s3
+    # upload -r fails the same way, after sending the rest
+    result = run_s3(moto_server, "s3", "upload", "-r", str(src), f"{bucket}up/", flag)
+    assert result.exit_code == 1 and "cannot read" in result.stderr, result.output
+    assert "up/ok.txt" in keys(moto_server, bucket)
+
+
+def test_sync_leaves_runctl_state_out_both_ways(
+    moto_server: S3Server, backend: str, tmp_path: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    flag = backend_flag(backend)
+    for key in ("a.txt", "sub/.runctl/config", ".runctl-tmp-x"):
+        put(moto_server, bucket, f"run/{key}", b"x")
+    dest = tmp_path / "dest"
+    for _ in range(2):  # the second time, nothing is copied again
+        result = run_s3(
+            moto_server, "s3", "sync", str(dest), f"{bucket}run/", "-d", "down", flag, "--json"
+        )
+        assert result.exit_code == 0, result.output
+    (summary,) = of_type(result.stdout, "summary")
+    assert (summary["copied"], summary["unchanged"]) == (0, 1)
+    assert sorted(p.name for p in dest.rglob("*")) == ["a.txt"]
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_sync_delete_refuses_an_empty_source(
+    moto_server: S3Server, backend: str, tmp_path: Path, direction: str
+) -> None:
+    # A mistyped prefix (or an empty directory) made --delete wipe the other side, exit 0.
+    bucket = S3URL(moto_server.new_bucket())
+    flag = backend_flag(backend)
+    put(moto_server, bucket, "run/a.txt", b"a")
+    local = tmp_path / "local"
+    local.mkdir()
+    if direction == "down":
+        (local / "mine.txt").write_bytes(b"mine")
+        url = f"{bucket}typo/"
+    else:
+        url = f"{bucket}run/"
+    for dry in ((), ("--dry-run",)):
+        result = run_s3(moto_server, "s3", "sync", str(local), url, "-d", direction, "--delete", *dry, flag)
+        assert result.exit_code == 2, result.output
+        assert "refused" in result.stderr
+    assert (direction == "up") or (local / "mine.txt").exists()
+    assert "run/a.txt" in keys(moto_server, bucket)
+
+
+def test_sync_up_with_delete_to_a_bucket_root_needs_confirming(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    put(moto_server, bucket, "other/x.txt", b"x")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a.txt").write_bytes(b"a")
+    result = run_s3(moto_server, "s3", "sync", str(local), str(bucket), "-d", "up", "--delete")
+    assert result.exit_code == 2 and "--yes-bucket-root" in result.stderr, result.output
+    assert "other/x.txt" in keys(moto_server, bucket)
+    result = run_s3(
+        moto_server, "s3", "sync", str(local), str(bucket), "-d", "up", "--delete", "--yes-bucket-root"
+    )
+    assert result.exit_code == 0, result.output
+    assert set(keys(moto_server, bucket)) == {"a.txt"}
