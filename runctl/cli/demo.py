@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runctl.cli.options import EndpointOpt, JsonOpt, QuietOpt, UseS5cmdOpt, parse_s3url, session
+from runctl.cli.options import (
+    EndpointOpt,
+    JsonOpt,
+    ProfileOpt,
+    QuietOpt,
+    RegionOpt,
+    UseS5cmdOpt,
+    parse_s3url,
+    session,
+)
 from runctl.cli.output import Output, human_size
 from runctl.exceptions import UsageError
 
@@ -64,6 +73,8 @@ def demo(
         ),
     ] = None,
     endpoint_url: EndpointOpt = None,
+    profile: ProfileOpt = None,
+    region: RegionOpt = None,
     use_s5cmd: UseS5cmdOpt = True,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -78,7 +89,14 @@ def demo(
       runctl demo --fast --json
       runctl demo --s3-url s3://my-bucket/runctl-demo/ --dir ./ckpt
     """
-    s = session(ctx, endpoint_url=endpoint_url, json_output=json_output, quiet=quiet)
+    s = session(
+        ctx,
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region,
+        json_output=json_output,
+        quiet=quiet,
+    )
     out = s.out
     try:
         from runctl.integrations.demo import train_demo

@@ -218,3 +218,22 @@ def test_size_and_duration_parsers() -> None:
         and human_size(1536) == "1.5 KiB"
         and human_size(5 * 1024**4) == "5.0 TiB"
     )
+
+
+def test_every_command_takes_the_connection_and_output_options() -> None:
+    # The README says every command takes them; `runctl demo` lacked --profile and --region.
+    from typer.main import get_command
+
+    def leaves(command: object, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+        sub = getattr(command, "commands", None)
+        if not sub:
+            return [(path, command)]
+        return [leaf for name, c in sub.items() for leaf in leaves(c, (*path, name))]
+
+    missing = {}
+    for path, command in leaves(get_command(app)):
+        options = {o for p in command.params for o in p.opts}  # type: ignore[attr-defined]
+        lacks = {"--endpoint-url", "--profile", "--region", "--json", "--quiet"} - options
+        if lacks:
+            missing[" ".join(path)] = sorted(lacks)
+    assert missing == {}
