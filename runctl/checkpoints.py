@@ -187,6 +187,109 @@ def dir_awaits_hf_sign(path: Path) -> bool:
     return awaits_hf_sign(path.name, {n for n in (HF_ARGS, HF_SIGN) if (path / n).is_file()})
 
 
+_DS_NAME = re.compile(r"global_step(\d+)")
+
+
+def dir_awaits_deepspeed_sign(path: Path) -> bool:
+    """True when the local directory ``path`` is a DeepSpeed ``global_stepN`` save in progress.
+
+    DeepSpeed writes ``latest`` (naming the tag) beside its ``global_stepN`` directories once
+    every rank has saved: until it names this one (or a later step), the directory is not
+    known to be whole, however quiet. (With ``save_latest=False`` there is never a sign.)
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); (root / "global_step20").mkdir()
+        >>> _ = (root / "latest").write_text("global_step10"); dir_awaits_deepspeed_sign(root / "global_step20")
+        True
+        >>> _ = (root / "latest").write_text("global_step20"); dir_awaits_deepspeed_sign(root / "global_step20")
+        False
+    """
+    match = _DS_NAME.fullmatch(path.name)
+    if match is None:
+        return False
+    try:
+        tag = (path.parent / DEEPSPEED_SIGN).read_text(errors="replace").strip()
+    except OSError:
+        return True
+    named = _DS_NAME.fullmatch(tag)
+    return tag != path.name and (named is None or int(named.group(1)) < int(match.group(1)))
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def torn_reason(path: Path) -> str | None:
+    """Why the checkpoint file ``path`` is cut short, when its own format tells; else None.
+
+    ``torch.save`` (``.pt``, ``.pth``, Lightning's ``.ckpt``) writes a zip that ends with its
+    central directory and holds ``data.pkl``: a save cut off mid-write lacks the first, and one
+    that failed half-way (an object that cannot be pickled) the second, though its file is
+    closed and quiet. A ``.safetensors`` file is exactly as long as its header says. Other
+    formats cannot be told (``format_check``).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "step_1.pt"; _ = p.write_bytes(b"PK\x03\x04 cut off")
+        >>> torn_reason(p)
+        'a zip file without its end (cut off mid-write)'
+    """
+    return format_check(path)[1]
+
+
+def format_check(path: Path) -> tuple[bool, str | None]:
+    """``(told, reason)``: whether the file's format tells if it is whole, and ``torn_reason``."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:4] == _ZIP_MAGIC:
+                try:
+                    with zipfile.ZipFile(f) as archive:
+                        names = archive.namelist()
+                except (zipfile.BadZipFile, ValueError, EOFError):
+                    return True, "a zip file without its end (cut off mid-write)"
+                # torch's writer puts version and byteorder in every archive it finishes.
+                torch = any(n.rpartition("/")[2] in ("version", "byteorder") for n in names)
+                if torch and not any(n.rpartition("/")[2] == "data.pkl" for n in names):
+                    return True, "a torch.save file without its data.pkl (the save failed half-way)"
+                return True, None
+            if not path.name.endswith(".safetensors"):
+                return False, None
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                return True, "a safetensors file shorter than its header"
+            header = json.loads(f.read(length))
+            end = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+            if 8 + length + end != size:
+                return True, f"a safetensors file of {size} bytes; its header says {8 + length + end}"
+            return True, None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return True, "a safetensors file whose header cannot be read"
+    except OSError:
+        return False, None  # gone or unreadable: whoever reads it next says so
+
+
+def dir_format_check(path: Path) -> tuple[bool, str | None]:
+    """``format_check`` over the files in the directory ``path`` (and below).
+
+    ``told`` only when every file's format tells; the reason is the first torn file's.
+    """
+    told = True
+    for dirpath, _, files in os.walk(path):
+        for name in sorted(files):
+            file_told, reason = format_check(Path(dirpath) / name)
+            if reason is not None:
+                return True, f"{os.path.relpath(os.path.join(dirpath, name), path)}: {reason}"
+            told = told and file_told
+    return told, None
+
+
 def is_temp_name(name: str) -> bool:
     """True for names runctl never treats as checkpoints: hidden, ``*.tmp``, ``*.partial``."""
     base = _base(name)

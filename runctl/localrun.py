@@ -17,7 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runctl.checkpoints import RUNCTL_DIR, dir_awaits_hf_sign, has_completion_sign, is_recognised
+from runctl.checkpoints import (
+    RUNCTL_DIR,
+    dir_awaits_deepspeed_sign,
+    dir_awaits_hf_sign,
+    dir_format_check,
+    format_check,
+    has_completion_sign,
+    is_recognised,
+)
 from runctl.exceptions import (
     EXIT_FAILED,
     FlushTimeout,
@@ -255,6 +263,8 @@ class _Seen:
     #: since without a change: closed by its writer, or by the death of its writer?
     open_seen: tuple[int, ...] | None = None
     closed_at: float | None = None
+    #: ``(signature, (told, reason))`` of the last format check (``format_check``).
+    checked: tuple[tuple[int, ...], tuple[bool, str | None]] | None = None
 
 
 def _file_signature(st: os.stat_result) -> tuple[int, ...]:
@@ -284,7 +294,9 @@ class CheckpointWatcher:
     A directory is finished when its framework's completion sign exists (Hugging Face's
     ``trainer_state.json``; DeepSpeed's ``latest`` naming it) and nothing in it changed since
     the previous poll, or else when it has been quiet for ``settle`` seconds, unless it is the
-    Hugging Face Trainer's (``awaits_hf_sign``: then only its sign will do). Checkpoints the
+    Hugging Face Trainer's or DeepSpeed's (``dir_awaits_hf_sign``, ``dir_awaits_deepspeed_sign``:
+    then only its sign will do). Nothing whose format shows it cut short (``format_check``) is
+    ever handed over. Checkpoints the
     journal already knows (verified, or pending or failed and so resumed by the uploader) are not
     re-sent.
 
@@ -432,16 +444,28 @@ class CheckpointWatcher:
                 continue
             path = Path(entry.path)
             unsigned_hf = is_dir and dir_awaits_hf_sign(path)
+            unsigned_ds = is_dir and dir_awaits_deepspeed_sign(path)
             if final:
                 why = None
+                ended = killed or script_failed
                 if unsigned_hf:
                     why = "no trainer_state.json, which the Hugging Face Trainer writes last: its save was cut short"
                 elif script_failed and (state.writing or state.open_seen == sig):
                     why = "still being written when the script failed"
-                elif killed and time.time() - sig[3] / 1e9 < self.settle:
-                    # A script that exits, even with an error, closes its files whole; one
-                    # killed by a signal may be cut off mid-write before anyone saw it open.
-                    why = "changed moments before the script was killed"
+                elif (reason := self._format(state, path, is_dir, sig))[1] is not None:
+                    why = f"cut short: {reason[1]}"
+                elif ended and unsigned_ds:
+                    why = "DeepSpeed's latest does not name it: its save was cut short"
+                elif (
+                    ended
+                    and not reason[0]
+                    and not (is_dir and has_completion_sign(path))
+                    and time.time() - sig[3] / 1e9 < self.settle
+                ):
+                    # A save that raised half-way leaves a closed file, and one killed by a
+                    # signal may be cut off before anyone saw it open; where the format cannot
+                    # tell whether it is whole, what changed just before is left out.
+                    why = f"changed moments before the script {'was killed' if killed else 'failed'}"
                 if why is not None:
                     self._leave_out(name, sig, why)
                     state.submitted = sig
@@ -452,8 +476,8 @@ class CheckpointWatcher:
                 if signed:
                     if state.polls < 2:
                         continue
-                elif unsigned_hf:
-                    continue  # the Trainer's, still without its trainer_state.json
+                elif unsigned_hf or unsigned_ds:
+                    continue  # the Trainer's or DeepSpeed's, still without its sign
                 elif quiet_for < self.settle or state.polls < 2:
                     continue
                 if not writers_read:
@@ -469,6 +493,11 @@ class CheckpointWatcher:
                     state.closed_at = state.closed_at or now
                     if now - state.closed_at < self.settle + self.interval:
                         continue
+                torn = self._format(state, path, is_dir, sig)[1]
+                if torn is not None:
+                    # Closed, quiet and cut short (a save that raised half-way): never sent;
+                    # a later save of the name is a new version. The final scan says so.
+                    continue
             try:
                 self.submit(Path(entry.path))
             except UsageError as exc:  # vanished between the look and the hand-over
@@ -481,6 +510,15 @@ class CheckpointWatcher:
                 if name not in present:
                     del self._seen[name]
         return handed
+
+    @staticmethod
+    def _format(
+        state: _Seen, path: Path, is_dir: bool, sig: tuple[int, ...]
+    ) -> tuple[bool, str | None]:
+        """``format_check`` of this version (once per version)."""
+        if state.checked is None or state.checked[0] != sig:
+            state.checked = (sig, dir_format_check(path) if is_dir else format_check(path))
+        return state.checked[1]
 
     def _leave_out(self, name: str, sig: tuple[int, ...], why: str) -> None:
         """Not uploaded, and said so; a file's version is journaled, so a later run leaves it out too."""
@@ -512,8 +550,10 @@ class CheckpointWatcher:
         """After the script exited: hand over everything finished that was not sent yet.
 
         Left out (and journaled, so a later run leaves them out too): a Trainer's directory
-        without its ``trainer_state.json``; with ``script_failed``, what it was writing; with
-        ``killed`` (a signal ended it), what changed within ``settle`` seconds before.
+        without its ``trainer_state.json``; what its format shows cut short; with
+        ``script_failed``, what it was writing; and with ``script_failed`` or ``killed``, a
+        DeepSpeed directory ``latest`` does not name, and what changed within ``settle`` seconds
+        before in a format that cannot tell (a save that raised half-way closes its file).
         """
         return self.poll(final=True, script_failed=script_failed, killed=killed)
 
@@ -847,7 +887,8 @@ def run_local(
 
     The script inherits stdin/stdout/stderr (with ``log_file``, its output goes through pipes
     and is copied to the file too). SIGINT/SIGTERM received meanwhile go to the script, which is
-    waited for. Then a final scan, a flush (bounded by ``flush_timeout``) and, with a checkpoint
+    waited for. Then a final scan, a flush (bounded by ``flush_timeout``; after a signal or a
+    failed script, also ended once nothing has reached S3 for 30 s) and, with a checkpoint
     directory, a run record under ``<dir>/.runctl/runs/``.
 
     Raises:
@@ -994,8 +1035,15 @@ def run_local(
                         script_failed=script_code != 0, killed=proc.returncode < 0
                     )
             if uploader is not None:
+                from runctl.uploader import FAILING_TIMEOUT
+
+                # After a signal or a failure, as the callbacks do on a training error: stop
+                # waiting once nothing has reached S3 for 30 s; the journal keeps the rest.
+                ended_badly = forwarder.received is not None or script_code != 0
                 try:
-                    uploader.close(flush_timeout)
+                    uploader.close(
+                        flush_timeout, failing_timeout=FAILING_TIMEOUT if ended_badly else None
+                    )
                 except FlushTimeout as exc:
                     upload_error = str(exc)
                 except UploadError as exc:

@@ -409,8 +409,9 @@ def test_a_failed_upload_fails_a_successful_run_and_says_so(
     moto_server: S3Server, tmp_path: Path, code: int, expected: int
 ) -> None:
     (tmp_path / "save.py").write_text(
-        "import os, sys\n"
+        "import os, sys, time\n"
         "open(os.path.join(os.environ['RUNCTL_CHECKPOINT_DIR'], 'step_1.pt'), 'wb').write(b'w')\n"
+        "time.sleep(0.5)  # well past --settle: a failure right after a save leaves it out\n"
         "sys.exit(int(sys.argv[1]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
@@ -458,9 +459,11 @@ def test_hugging_face_style_directories_upload_whole_with_their_marker(
             for step in (10, 20):
                 d = os.path.join(root, f"checkpoint-{step}")
                 os.makedirs(d)
-                for name in ("model.safetensors", "optimizer.pt"):
+                header = b'{"w":{"dtype":"U8","shape":[50000],"data_offsets":[0,50000]}}'
+                safetensors = len(header).to_bytes(8, "little") + header  # then its 50,000 bytes
+                for name, head in (("model.safetensors", safetensors), ("optimizer.pt", b"")):
                     with open(os.path.join(d, name), "wb") as fh:
-                        fh.write(os.urandom(50_000))
+                        fh.write(head + os.urandom(50_000))
                         time.sleep(0.2)
                 with open(os.path.join(d, "trainer_state.json"), "w") as fh:
                     fh.write('{"global_step": %d}' % step)
@@ -666,3 +669,38 @@ def test_sigterm_while_runctl_local_waits_for_uploads_exits_143(
     assert "interrupted by signal 15 (script exit code 0)" in err
     assert run_record(tmp_path / "ckpt")["exit_code"] == 143
     assert _journal_states(tmp_path / "ckpt", "step_1.pt")[-1] in ("queued", "uploaded")
+
+
+def test_a_torch_save_that_raised_half_way_is_never_uploaded(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The save raised (an object that cannot be pickled), leaving a closed, quiet, broken
+    # step_200.pt; runctl uploaded it, marked it complete, and keep-last-1 deleted step_100.pt
+    # from S3 and from disk: nothing whole was left anywhere.
+    pytest.importorskip("torch")
+    bucket = S3URL(moto_server.new_bucket())
+    (tmp_path / "tornsave.py").write_text(
+        textwrap.dedent(
+            """
+            import os, pathlib, threading, time, torch
+            d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+            torch.save({"w": torch.zeros(1000), "step": 100}, d / "step_100.pt")
+            time.sleep(1.5)
+            torch.save({"w": torch.zeros(1000), "lock": threading.Lock()}, d / "step_200.pt")
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "runctl", "local",
+            "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}ts/",
+            "--keep-last-n", "1", "--local-keep-last-n", "1", "--settle", "0.5",
+            "tornsave.py",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "data.pkl" in proc.stderr
+    assert sorted(keys(moto_server, bucket)) == ["ts/step_100.pt"]
+    assert (tmp_path / "ckpt" / "step_100.pt").exists()

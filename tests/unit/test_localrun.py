@@ -30,6 +30,21 @@ from runctl.s3url import S3URL
 linux_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs Linux /proc")
 
 
+#: The smallest whole safetensors file: an 8-byte length, then an empty header.
+SAFETENSORS = (2).to_bytes(8, "little") + b"{}"
+
+
+def torch_zip(path: Path, *, failed: bool = False) -> None:
+    """A file laid out as torch.save writes it; ``failed``: as a save that raised half-way."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        if not failed:
+            archive.writestr(f"{path.stem}/data.pkl", b"pickle")
+        archive.writestr(f"{path.stem}/version", b"3")
+        archive.writestr(f"{path.stem}/byteorder", b"little")
+
+
 def test_build_command(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text("")
@@ -160,7 +175,7 @@ def test_a_directory_with_its_completion_sign_goes_at_once(tmp_path: Path) -> No
     watcher = CheckpointWatcher(tmp_path, got, settle=60.0)
     hf = tmp_path / "checkpoint-500"
     hf.mkdir()
-    (hf / "model.safetensors").write_bytes(b"m")
+    (hf / "model.safetensors").write_bytes(SAFETENSORS)
     ds = tmp_path / "global_step7"
     ds.mkdir()
     (ds / "mp_rank_00_model_states.pt").write_bytes(b"d")
@@ -197,7 +212,7 @@ def test_a_trainer_directory_waits_for_its_sign_however_quiet(tmp_path: Path) ->
     watcher = CheckpointWatcher(tmp_path, got, settle=0.1)
     hf = tmp_path / "checkpoint-10"
     hf.mkdir()
-    (hf / "model.safetensors").write_bytes(b"m")
+    (hf / "model.safetensors").write_bytes(SAFETENSORS)
     (hf / "training_args.bin").write_bytes(b"a")
     for _ in range(3):
         watcher.poll()
@@ -274,16 +289,53 @@ def test_a_file_its_dead_writer_left_is_left_out_now_and_in_the_next_run(tmp_pat
 
 
 @pytest.mark.parametrize("killed", [True, False])
-def test_what_changed_just_before_a_kill_is_left_out_but_not_before_an_exit(
+def test_what_changed_just_before_a_kill_or_failure_is_left_out_unless_its_format_says_whole(
     tmp_path: Path, killed: bool
 ) -> None:
-    # A file cut off by SIGKILL before any poll saw it open looks whole; one written just
-    # before sys.exit(3) is whole (the exit closes it).
+    # A file cut off by SIGKILL before any poll saw it open looks whole; so does one a save
+    # that raised half-way closed (torch.save of an object that cannot be pickled): runctl
+    # uploaded it, and keep-last-1 deleted the last whole one. A format that tells (torch.save's
+    # zip, safetensors) decides; for others, what changed just before the end is left out.
     got = Collector()
-    (tmp_path / "step_2.pt").write_bytes(b"just now")
+    (tmp_path / "step_2.pt").write_bytes(b"just now")  # a format that cannot tell
+    torch_zip(tmp_path / "step_3.pt")  # whole
+    torch_zip(tmp_path / "step_4.pt", failed=True)  # the save raised half-way
     watcher = CheckpointWatcher(tmp_path, got, settle=2.0)
     watcher.final_scan(script_failed=True, killed=killed)
-    assert got.names == ([] if killed else ["step_2.pt"])
+    assert got.names == ["step_3.pt"]
+    assert "data.pkl" in watcher.skipped["step_4.pt"]
+    assert "moments before" in watcher.skipped["step_2.pt"]
+
+
+def test_a_save_that_failed_half_way_is_never_handed_over_however_quiet(tmp_path: Path) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.1)
+    torch_zip(tmp_path / "step_4.pt", failed=True)
+    (tmp_path / "step_6.safetensors").write_bytes(SAFETENSORS[:-1])
+    torch_zip(tmp_path / "step_5.pt")
+    for _ in range(3):
+        watcher.poll()
+        time.sleep(0.15)
+    assert got.names == ["step_5.pt"]
+    watcher.final_scan(script_failed=False)  # an exit 0 does not make them whole
+    assert got.names == ["step_5.pt"]
+    assert sorted(watcher.skipped) == ["step_4.pt", "step_6.safetensors"]
+
+
+def test_a_deepspeed_directory_waits_for_latest_to_name_it(tmp_path: Path) -> None:
+    got = Collector()
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.1)
+    for step in (200, 300):
+        (tmp_path / f"global_step{step}").mkdir()
+        (tmp_path / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (tmp_path / "latest").write_text("global_step200")
+    for _ in range(3):
+        watcher.poll()
+        time.sleep(0.15)
+    assert got.names == ["global_step200"]  # global_step300 is quiet, but not named yet
+    watcher.final_scan(script_failed=True)
+    assert got.names == ["global_step200"]
+    assert "latest" in watcher.skipped["global_step300"]
 
 
 def test_the_final_scan_leaves_out_a_trainer_directory_cut_short(tmp_path: Path) -> None:
@@ -292,12 +344,13 @@ def test_the_final_scan_leaves_out_a_trainer_directory_cut_short(tmp_path: Path)
     got = Collector()
     hf = tmp_path / "checkpoint-30"
     hf.mkdir()
-    (hf / "model.safetensors").write_bytes(b"m")
+    (hf / "model.safetensors").write_bytes(SAFETENSORS)
     (hf / "training_args.bin").write_bytes(b"a")
     whole = tmp_path / "checkpoint-20"  # finished: it goes, like any other
     whole.mkdir()
-    for name in ("model.safetensors", "training_args.bin", "trainer_state.json"):
+    for name in ("training_args.bin", "trainer_state.json"):
         (whole / name).write_bytes(b"x")
+    (whole / "model.safetensors").write_bytes(SAFETENSORS)
     watcher = CheckpointWatcher(tmp_path, got, settle=0.0)
     watcher.final_scan(script_failed=False)
     assert got.names == ["checkpoint-20"]
@@ -404,3 +457,44 @@ def test_run_local_rejects_bad_arguments_before_running(
     with pytest.raises(UsageError, match=message):
         run_local([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], **kwargs)
     assert not marker.exists()
+
+
+def test_after_a_failed_script_runctl_stops_waiting_for_a_hung_s3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Against an endpoint that accepts and never answers, runctl waited out every attempt of
+    # every upload (5 of 60 s) after the script had failed or been signalled; now it stops
+    # once nothing has reached S3 for FAILING_TIMEOUT, as the callbacks do.
+    import socket
+
+    import runctl.uploader as uploader_module
+    from runctl.config import resolve_config
+
+    monkeypatch.setattr(uploader_module, "FAILING_TIMEOUT", 2.0)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # never accepted: every request waits
+    try:
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        script = tmp_path / "s.py"
+        script.write_text(
+            "import os, sys, time\n"
+            "open(os.environ['RUNCTL_CHECKPOINT_DIR'] + '/step_1.pt', 'wb').write(b'w')\n"
+            "time.sleep(1.0)\n"
+            "sys.exit(3)\n"
+        )
+        started = time.monotonic()
+        record = run_local(
+            build_command(str(script)),
+            checkpoint_dir=tmp_path / "ck",
+            s3_url=S3URL.parse("s3://bkt/run/"),
+            settle=0.2,
+            interval=0.1,
+            config=resolve_config(endpoint),
+        )
+        assert time.monotonic() - started < 45, "waited for the hung S3 as for a healthy one"
+    finally:
+        hung.close()
+    assert record.exit_code == 3
+    assert record.upload_error is not None
+    assert [e.name for e in Journal(tmp_path / "ck").pending()] == ["step_1.pt"]
