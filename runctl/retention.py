@@ -397,9 +397,11 @@ def apply_local_retention(
     with local_dir_lock(root, timeout=lock_timeout):
         snapshot = journal.snapshot()
         found = scan_local(root, patterns)
+        torn = set()
         for cp in found:
             if not cp.is_dir and snapshot.torn(cp.name, cp.size, cp.mtime):
                 writing[cp.name] = "left out of S3 as possibly torn (runctl local)"
+                torn.add(cp.name)
         found = [dataclasses.replace(cp, complete=False) if cp.name in writing else cp for cp in found]
         plan = plan_retention(found, keep_last_n, protected=protected)
         check = snapshot.was_verified if plan.delete and not force else None
@@ -421,6 +423,26 @@ def apply_local_retention(
                 reasons[cp.name] = NOT_DURABLE
             else:
                 delete.append(cp)
+        if torn and keep_last_n is not None:
+            # A file left out as possibly torn never goes to S3: once keep-last-N newer ones are
+            # durable, it is older than anything retention keeps, and goes (each preemption
+            # otherwise left one more on disk for good).
+            whole = [
+                cp.order_key()
+                for cp in found
+                if cp.complete
+                and not is_alias(cp.name)
+                and (snapshot.was_verified(cp.name, cp.size, cp.mtime) or (also_durable is not None and also_durable(cp)))
+            ]
+            protected_names = {name.rstrip("/").rsplit("/", 1)[-1] for name in protected}
+            for cp in list(keep):
+                newer = sum(1 for key in whole if key > cp.order_key())
+                if cp.name in torn and cp.name not in protected_names and newer >= keep_last_n:
+                    keep.remove(cp)
+                    delete.append(cp)
+                    reasons[cp.name] = (
+                        f"possibly torn (left out of S3), and {newer} newer checkpoints are durable"
+                    )
         keep.sort(key=Checkpoint.order_key)
         final = RetentionPlan(tuple(keep), tuple(delete), reasons)
         if dry_run:

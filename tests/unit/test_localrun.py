@@ -498,3 +498,29 @@ def test_after_a_failed_script_runctl_stops_waiting_for_a_hung_s3(
     assert record.exit_code == 3
     assert record.upload_error is not None
     assert [e.name for e in Journal(tmp_path / "ck").pending()] == ["step_1.pt"]
+
+
+def test_a_file_left_out_as_torn_goes_locally_once_keep_last_n_newer_ones_are_durable(
+    tmp_path: Path,
+) -> None:
+    # Each preemption of `runctl local` left one more such file on disk for good.
+    from runctl.journal import TORN
+    from runctl.retention import apply_local_retention
+
+    torn = tmp_path / "step_4.pt"
+    torn.write_bytes(b"half")
+    os.utime(torn, (time.time() - 120, time.time() - 120))
+    Journal(tmp_path).record(
+        "step_4.pt", "skipped", size=4, mtime=torn.stat().st_mtime, detail=f"{TORN}: killed"
+    )
+    for step in (5, 6):
+        path = tmp_path / f"step_{step}.pt"
+        path.write_bytes(b"whole")
+        os.utime(path, (time.time() - 60 + step, time.time() - 60 + step))
+        plan = apply_local_retention(tmp_path, 2, dry_run=True)
+        assert not plan.delete  # not yet: one newer durable only, or none
+        Journal(tmp_path).record(f"step_{step}.pt", "verified", size=5, mtime=path.stat().st_mtime)
+    plan = apply_local_retention(tmp_path, 2)
+    assert [cp.name for cp in plan.delete] == ["step_4.pt"]
+    assert "possibly torn" in plan.reasons["step_4.pt"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_5.pt", "step_6.pt"]
