@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from runctl.exceptions import UsageError
 from runctl.localrun import ENV_CHECKPOINT_DIR
@@ -21,11 +23,29 @@ if TYPE_CHECKING:
     from runctl.uploader import CheckpointUploader, UploaderStatus, UploadHandle
 
 log = logging.getLogger("runctl.integrations.loop")
+T = TypeVar("T")
 
 DEFAULT_FILENAME = "step_{step}.pt"
 _TMP_DIR = ".runctl"
 #: ``save()``'s temporary file: the checkpoint's name and the writing process's pid.
 _TMP_NAME = re.compile(r".+\.(\d+)\.tmp")
+
+
+def global_rank() -> int:
+    """This process's global rank: torch.distributed's once initialized, else $RANK (torchrun), else 0.
+
+    Example:
+        >>> global_rank()
+        0
+    """
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _check_step_comes_back(filename: str) -> None:
@@ -47,11 +67,37 @@ def _check_step_comes_back(filename: str) -> None:
         )
 
 
+def _patiently(look: Callable[[], T]) -> T:
+    """``look()``, retried with backoff while S3 is out of reach (a blip at the start of a resume).
+
+    With no local checkpoint there is nothing to fall back on, and a job restarted after a
+    preemption often meets a network still coming up: giving up at once ended the run.
+    """
+    from runctl.exceptions import RunctlError
+    from runctl.retry import RetryPolicy
+
+    policy = RetryPolicy()
+    attempt = 1
+    while True:
+        try:
+            return look()
+        except (RunctlError, OSError) as exc:
+            if attempt >= policy.attempts or not policy.is_retryable(exc):
+                raise
+            delay = policy.delay(attempt)
+            log.warning("cannot look in S3 for a checkpoint to resume from (%s): retrying in %.0f s", exc, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
 class CheckpointManager:
     """Save ``state`` every few steps, upload it to S3 in the background, keep the last N.
 
     Without ``s3_url`` (and no $RUNCTL_S3_URL) it only saves locally and applies
-    ``local_keep_last_n`` itself. ``local_dir`` defaults to $RUNCTL_CHECKPOINT_DIR. Under
+    ``local_keep_last_n`` itself. Under torch.distributed (or torchrun's $RANK) only global
+    rank 0 saves, uploads and applies retention, as Lightning and the Trainer do: on the other
+    ranks ``save()`` writes nothing and returns the path rank 0 writes (several ranks writing
+    one name to one prefix deleted each other's markers); ``latest()`` works on every rank. ``local_dir`` defaults to $RUNCTL_CHECKPOINT_DIR. Under
     ``runctl local --checkpoint-dir DIR --upload-to S3URL`` with the same directory and prefix,
     it uploads them, and runctl local stands aside (each checkpoint goes up once).
 
@@ -121,7 +167,7 @@ class CheckpointManager:
         self._remove_stale_temps()
         self.filename = filename
         self._uploader: CheckpointUploader | None = None
-        if self.options.s3_url is not None:
+        if self.options.s3_url is not None and global_rank() == 0:
             # Retention waits for latest() (or the first save): the checkpoint this run resumes
             # from is protected, and it is known only then.
             self._uploader = self.options.make_uploader(self.local_dir, hold_retention=True)
@@ -158,6 +204,8 @@ class CheckpointManager:
             raise UsageError(f"step must be a whole number >= 0, got {step!r}")
         torch = require("torch", "lightning")
         path = self.path_for(step)
+        if global_rank() != 0:
+            return path  # rank 0 writes it
         tmp_dir = self.local_dir / _TMP_DIR
         tmp_dir.mkdir(exist_ok=True)
         # The temp file lives under .runctl/ (never scanned as a checkpoint) on the same filesystem.
@@ -249,7 +297,7 @@ class CheckpointManager:
             )
 
         if newest is None:
-            path = from_s3(newer_than=None)
+            path = _patiently(lambda: from_s3(newer_than=None))
         else:
             try:
                 path = from_s3(newer_than=newest.name)
