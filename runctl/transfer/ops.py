@@ -378,6 +378,7 @@ def upload(
         if dry_run:
             done.extend(chunk)
             continue
+        before = [_stamp(path) for path, _ in chunk]
         try:
             send(chunk)
         except TransferError as exc:
@@ -388,10 +389,49 @@ def upload(
             ):
                 raise
             _collect(exc, [str(u) for _, u in chunk], failures)
+        _changed_while_sent(transfer, chunk, before, failures)
         done.extend(pair for pair in chunk if str(pair[1]) not in failures)
     total += _note_holes(local, holes, failures)
     _raise_collected(failures, total, "upload", done)
     return done
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _changed_while_sent(
+    transfer: Transfer,
+    chunk: Sequence[tuple[Path, S3URL]],
+    before: Sequence[tuple[int, int] | None],
+    failures: dict[str, str],
+) -> None:
+    """A file written to while it went up may have reached S3 as a mix of old and new bytes.
+
+    Its object is deleted (a checkpoint that looks whole and is not is worse than none) and it
+    counts as failed: aws-cli and s5cmd leave such an object without a word.
+    """
+    changed = [
+        url
+        for (path, url), stamp in zip(chunk, before, strict=True)
+        if stamp is not None and str(url) not in failures and _stamp(path) != stamp
+    ]
+    if not changed:
+        return
+    try:
+        transfer.delete_keys(changed[0].bucket, [url.key for url in changed])
+        gone = "its object was deleted"
+    except TransferError as exc:
+        gone = f"deleting its object failed too ({exc})"
+    for url in changed:
+        failures[str(url)] = (
+            f"the file changed while it was uploading, so the object could mix old and new "
+            f"bytes: {gone}; upload it again once it is written"
+        )
 
 
 def _note_holes(local: Path, holes: Sequence[tuple[str, str]], failures: dict[str, str]) -> int:

@@ -635,3 +635,28 @@ def test_backends_agree(both: dict[str, Transfer], s3_server: S3Server, bucket: 
     for direction in ("up", "down"):
         plans = {name: ops.plan_sync(t, src, bucket.join("b/"), direction, delete=True) for name, t in both.items()}
         assert plans["s5cmd"] == plans["boto3"], direction
+
+
+def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint rewritten in place during `runctl s3 upload` reached S3 as a mix of old and
+    # new bytes, exit 0: `review` called it complete and `checkpoint cleanup --durable-in`
+    # (sizes equal) would have deleted the only whole copy.
+    src = tmp_path / "src"
+    make_tree(src, {"step_9.pt": b"old" * 1000, "step_8.pt": b"steady"})
+    real = type(transfer).put_files
+
+    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
+        result = real(self, pairs, **kwargs)
+        with open(src / "step_9.pt", "r+b") as fh:  # the writer, mid-upload
+            fh.write(b"new")
+        return result
+
+    monkeypatch.setattr(type(transfer), "put_files", put_files)
+    monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw))
+    with pytest.raises(PartialTransferError) as info:
+        ops.upload(transfer, src, bucket.join("u/"), recursive=True)
+    assert list(info.value.failures) == [str(bucket.join("u/step_9.pt"))]
+    assert "changed while it was uploading" in str(info.value)
+    assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt"]
