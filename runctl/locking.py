@@ -45,7 +45,13 @@ def lock_dir() -> Path:
     """
     override = os.environ.get("RUNCTL_LOCK_DIR")
     path = Path(override).expanduser() if override else _user_cache_dir() / "runctl" / "locks"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        where = "$RUNCTL_LOCK_DIR" if override else "the default lock directory; set $RUNCTL_LOCK_DIR"
+        raise UsageError(
+            f"cannot use {str(path)!r} for retention locks ({where}): {exc.strerror or exc}"
+        ) from None
     return path.resolve()
 
 

@@ -125,3 +125,12 @@ def test_lock_of_a_killed_process_does_not_block() -> None:
 def test_local_dir_lock_path(tmp_path: Path) -> None:
     with local_dir_lock(tmp_path, timeout=1):
         assert (tmp_path / ".runctl" / "retention.lock").exists()
+
+
+def test_an_unusable_lock_directory_is_named_with_its_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("RUNCTL_LOCK_DIR", str(tmp_path / "afile" / "locks"))
+    with pytest.raises(UsageError, match=r"RUNCTL_LOCK_DIR.*Not a directory"):
+        lock_dir()
