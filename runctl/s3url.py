@@ -62,7 +62,11 @@ class S3URL:
         _check_bucket(bucket, text)
         if "\x00" in key:
             raise S3URLError(f"invalid S3 URL {text!r}: key contains a NUL character")
-        if len(key.encode("utf-8")) > 1024:
+        try:
+            encoded = key.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell could not decode: S3 keys are UTF-8
+            raise S3URLError(f"invalid S3 URL {text!r}: the key is not valid UTF-8") from None
+        if len(encoded) > 1024:
             raise S3URLError(f"invalid S3 URL {text!r}: key is longer than 1024 bytes")
         return cls(bucket, key)
 

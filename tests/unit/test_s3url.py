@@ -53,6 +53,7 @@ def test_bucket_prefix_and_key_are_distinct() -> None:
         ("s3://192.168.0.1/k", "bucket name '192.168.0.1'"),
         ("s3://" + "a" * 64 + "/k", "must be 3-63 characters"),
         ("s3://bucket/a\x00b", "NUL"),
+        ("s3://bucket/caf\udce9", "not valid UTF-8"),
         ("s3://bucket/" + "k" * 1025, "longer than 1024 bytes"),
     ],
 )
