@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,23 +28,6 @@ DEFAULT_FILENAME = "step_{step}.pt"
 _TMP_DIR = ".runctl"
 #: ``save()``'s temporary file: the checkpoint's name and the writing process's pid.
 _TMP_NAME = re.compile(r".+\.(\d+)\.tmp")
-
-
-def global_rank() -> int:
-    """This process's global rank: torch.distributed's once initialized, else $RANK (torchrun), else 0.
-
-    Example:
-        >>> global_rank()
-        0
-    """
-    torch = sys.modules.get("torch")
-    dist = getattr(torch, "distributed", None) if torch is not None else None
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def _check_step_comes_back(filename: str) -> None:
@@ -94,10 +76,9 @@ class CheckpointManager:
     """Save ``state`` every few steps, upload it to S3 in the background, keep the last N.
 
     Without ``s3_url`` (and no $RUNCTL_S3_URL) it only saves locally and applies
-    ``local_keep_last_n`` itself. Under torch.distributed (or torchrun's $RANK) only global
-    rank 0 saves, uploads and applies retention, as Lightning and the Trainer do: on the other
-    ranks ``save()`` writes nothing and returns the path rank 0 writes (several ranks writing
-    one name to one prefix deleted each other's markers); ``latest()`` works on every rank. ``local_dir`` defaults to $RUNCTL_CHECKPOINT_DIR. Under
+    ``local_keep_last_n`` itself. Under torchrun every rank runs the loop: call ``save()`` on
+    rank 0 only, or give each rank its own ``s3_url`` (ranks uploading the same names to one
+    prefix undo each other's markers); ``latest()`` works on every rank. ``local_dir`` defaults to $RUNCTL_CHECKPOINT_DIR. Under
     ``runctl local --checkpoint-dir DIR --upload-to S3URL`` with the same directory and prefix,
     it uploads them, and runctl local stands aside (each checkpoint goes up once).
 
@@ -167,7 +148,7 @@ class CheckpointManager:
         self._remove_stale_temps()
         self.filename = filename
         self._uploader: CheckpointUploader | None = None
-        if self.options.s3_url is not None and global_rank() == 0:
+        if self.options.s3_url is not None:
             # Retention waits for latest() (or the first save): the checkpoint this run resumes
             # from is protected, and it is known only then.
             self._uploader = self.options.make_uploader(self.local_dir, hold_retention=True)
@@ -204,8 +185,6 @@ class CheckpointManager:
             raise UsageError(f"step must be a whole number >= 0, got {step!r}")
         torch = require("torch", "lightning")
         path = self.path_for(step)
-        if global_rank() != 0:
-            return path  # rank 0 writes it
         tmp_dir = self.local_dir / _TMP_DIR
         tmp_dir.mkdir(exist_ok=True)
         # The temp file lives under .runctl/ (never scanned as a checkpoint) on the same filesystem.

@@ -239,28 +239,6 @@ def test_latest_resumes_from_the_local_checkpoint_when_s3_cannot_be_asked(
     assert "cannot look in S3 for a newer checkpoint" in caplog.text
 
 
-def test_only_global_rank_zero_saves_and_uploads(
-    moto_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Under torchrun every rank runs the loop: each saved and uploaded the same names to one
-    # prefix, and their re-uploads deleted each other's markers (a durable checkpoint lost its).
-    prefix = S3URL(moto_server.new_bucket()).join("run/")
-    for rank in ("1", "0"):
-        monkeypatch.setenv("RANK", rank)
-        with CheckpointManager(
-            tmp_path / f"ckpt{rank}", prefix, keep_last_n=2, config=moto_server.config()
-        ) as manager:
-            assert (manager.uploader is None) == (rank == "1")
-            saved = _train(manager, range(3))
-        written = sorted(p.name for p in (tmp_path / f"ckpt{rank}").glob("*.pt"))
-        assert written == ([] if rank == "1" else ["step_0.pt", "step_1.pt", "step_2.pt"])
-        assert saved[2] == tmp_path / f"ckpt{rank}" / "step_2.pt"
-    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_1.pt", "step_2.pt"]
-    monkeypatch.setenv("RANK", "1")  # every rank resumes, from S3
-    with CheckpointManager(tmp_path / "ckpt1", prefix, config=moto_server.config()) as manager:
-        assert manager.latest() == tmp_path / "ckpt1" / "step_2.pt"
-
-
 def test_latest_waits_out_a_blip_when_there_is_nothing_local(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
