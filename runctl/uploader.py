@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -542,6 +543,11 @@ class CheckpointUploader:
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
         #: Failed jobs held (staged copy and all) for another round once a later one lands.
         self._failed_jobs: list[_Job] = []
+        #: When each name's newest version was submitted: an older one must never land after it.
+        self._newest_queued: dict[str, float] = {}
+        #: Names skipped as moot in this run: what an interrupted upload left of them in S3 is
+        #: retention's to delete, even once the local copy is gone (the journal then forgets).
+        self._moot_names: set[str] = set()
         self._timed_out_with: list[str] = []  # what the last timed-out flush left pending
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
@@ -908,6 +914,8 @@ class CheckpointUploader:
         for old in list(self._queue):
             if old.name == job.name:
                 self._cancel(old, f"superseded by a newer submit of {job.name}")
+        self._newest_queued[job.name] = max(job.queued_at, self._newest_queued.get(job.name, 0.0))
+        self._failures.pop(job.name, None)  # an older version's failure: this one is the news now
         for old in [j for j in self._failed_jobs if j.name == job.name]:
             # The newer version is what counts now: the old one must never land after it.
             self._failed_jobs.remove(old)
@@ -946,7 +954,7 @@ class CheckpointUploader:
         if self.keep_last_n is None:
             return
         protected = set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
-        active = [j for j in self._queue if not is_alias(j.name)]
+        active = [j for j in (*self._queue, *self._failed_jobs) if not is_alias(j.name)]
         if self._in_flight is not None and not is_alias(self._in_flight.name):
             active.append(self._in_flight)
         ranked = sorted(active, key=_Job.order_key)
@@ -956,10 +964,16 @@ class CheckpointUploader:
                 continue
             if not is_recognised(job.name, self.patterns):
                 continue
-            self._cancel(
-                job,
-                f"{MOOT} ({self.keep_last_n} newer checkpoints queued)",
-            )
+            reason = f"{MOOT} ({self.keep_last_n} newer checkpoints queued)"
+            if job in self._failed_jobs:  # held after a failure: it need not wait for S3
+                self._failed_jobs.remove(job)
+                self._failures.pop(job.name, None)
+                job.handle = UploadHandle(job.name)  # the first one has its failure
+                job.cancelled = reason
+                self._note_skip(job)
+                self._journal.later(functools.partial(self._finish_skip, job, reason))
+            else:
+                self._cancel(job, reason)
 
     def _cancel(self, job: _Job, reason: str) -> None:
         # Called with the lock held (an RLock), for a job still in the queue, often from
@@ -1547,7 +1561,8 @@ class CheckpointUploader:
         Unless keep-last-N newer ones have landed meanwhile: retention would delete it anyway,
         so it is skipped as moot (a flush no longer reports it, and it may go locally).
         """
-        moot = []
+        moot: list[_Job] = []
+        superseded: list[_Job] = []
         with self._cond:
             if not self._failed_jobs:
                 return
@@ -1556,6 +1571,9 @@ class CheckpointUploader:
             for job in jobs:
                 self._failures.pop(job.name, None)
                 job.handle = UploadHandle(job.name)  # the first one has its failure
+                if self._newest_queued.get(job.name, job.queued_at) > job.queued_at:
+                    superseded.append(job)
+                    continue
                 if self._landed_since(job) and job.name not in protected:
                     moot.append(job)
                     continue
@@ -1566,6 +1584,8 @@ class CheckpointUploader:
             self._cond.notify_all()
         for job in moot:
             self._skip(job, f"{MOOT} ({self.keep_last_n} newer checkpoints landed since it failed)")
+        for job in superseded:
+            self._release(job)
 
     def _landed_since(self, job: _Job) -> bool:
         """True when keep-last-N checkpoints newer than ``job`` are durable (call under ``_cond``)."""
@@ -1588,6 +1608,9 @@ class CheckpointUploader:
     def _finish_skip(self, job: _Job, reason: str) -> None:
         # A superseded save is routine (every rewritten last.ckpt): logged and counted, no warning.
         log.info("skipping upload of %s: %s", job.name, reason)
+        if reason.startswith(MOOT):
+            with self._cond:
+                self._moot_names.add(job.name)
         # queued= names this version: a superseded one's line comes after the newer version's
         # "queued" line, and must not end that one (Journal.replay).
         # size= and mtime= name the version, so a restarted uploader can still let it go
@@ -1608,23 +1631,33 @@ class CheckpointUploader:
         with self._cond:
             self._stats["failures"] += 1
             self._consecutive += 1
-            self._failures[job.name] = exc
+            # A newer version submitted meanwhile is what counts: its outcome is the news.
+            if self._newest_queued.get(job.name, job.queued_at) <= job.queued_at:
+                self._failures[job.name] = exc
             self._last_failure = (job.name, exc)
         log.error(
             "upload of %s to %s failed: %s", job.name, self._url_of(job.name, job.is_dir), text
         )
         self._journal.record(job.name, "failed", detail=scrub(text)[:500], queued=job.queued_at)
         handle = job.handle
-        if (
-            job.rounds < FAILED_ROUNDS
-            and isinstance(exc, Exception)
-            and self.retry.is_retryable(exc)  # S3 down or slow, not a refusal that would recur
-            and not self._abort.is_set()
-        ):
-            with self._cond:
+        released: list[_Job] = [job]
+        with self._cond:
+            # Decided under the lock submit() takes: a newer version submitted meanwhile wins.
+            if (
+                job.rounds < FAILED_ROUNDS
+                and isinstance(exc, Exception)
+                and self.retry.is_retryable(exc)  # S3 down or slow, not a refusal that recurs
+                and not self._abort.is_set()
+                and not is_alias(job.name)  # last.ckpt landing after newer steps would win a resume
+                and self._newest_queued.get(job.name, job.queued_at) <= job.queued_at
+            ):
+                released = []
                 self._failed_jobs.append(job)  # staged copy and all: _revive_failed
-        else:
-            self._release(job)
+                self._prune_queue()  # held ones that newer checkpoints make moot go now
+                while len(self._failed_jobs) > self.max_queue:  # a long outage: the oldest
+                    released.append(self._failed_jobs.pop(0))
+        for old in released:
+            self._release(old)
         handle._finish(None, exc)
         if self.on_error is not None:
             try:
@@ -1673,18 +1706,31 @@ class CheckpointUploader:
         if job is not None:
             protected.add(job.name)
         blocked: list[str] = []
+        deadline = time.monotonic() + lock_wait  # one wait for both locks
         if self.keep_last_n is not None:
             try:
-                plan = apply_s3_retention(
-                    self.transfer,
-                    self.prefix,
-                    self.keep_last_n,
-                    protected=protected,
-                    patterns=self.patterns,
-                    unfinished=self.journal.unfinished_deletions(),
-                    before_delete=self._journal_deleting,
-                    lock_timeout=lock_wait,
+                with self._cond:
+                    moot = set(self._moot_names)
+                # Another process's uploader of this directory may be sending a name this one
+                # let go as moot: its unmarked files are not leftovers until its turn is over.
+                turn = (
+                    upload_turn(self.root, give_up=self._waiting_for_turn)
+                    if moot
+                    else contextlib.nullcontext()
                 )
+                with turn:
+                    plan = apply_s3_retention(
+                        self.transfer,
+                        self.prefix,
+                        self.keep_last_n,
+                        protected=protected,
+                        patterns=self.patterns,
+                        unfinished=self.journal.unfinished_deletions() | moot,
+                        before_delete=self._journal_deleting,
+                        lock_timeout=lock_wait,
+                    )
+                with self._cond:  # what is gone from S3, or never reached it, is done with
+                    self._moot_names.intersection_update(cp.name for cp in plan.keep)
                 for cp in plan.delete:
                     self._journal.record(
                         cp.name,
@@ -1705,7 +1751,7 @@ class CheckpointUploader:
                     protected=protected,
                     also_durable=self._superseded_and_covered,
                     patterns=self.patterns,
-                    lock_timeout=lock_wait,
+                    lock_timeout=max(0.0, deadline - time.monotonic()),
                 )
             except LockTimeout:
                 blocked.append(str(self.root))

@@ -1269,3 +1269,95 @@ def test_a_retention_lock_held_through_close_is_waited_for_briefly_and_named(
         "did not run before close" in r.getMessage() and str(prefix) in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_an_old_version_that_fails_in_flight_never_lands_over_a_newer_one(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # step_5.pt v1 was uploading (and failing) when v2 was submitted: held for another round,
+    # v1 was revived once a later checkpoint landed, and landed over v2 (review).
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+
+    def refuse_v1(count: int, pairs: list) -> None:
+        gate._wait(count, pairs)
+        if any(Path(p).read_bytes() == b"v1" for p, _ in pairs):
+            raise TransferError("connection reset", code="RequestError")
+
+    wrapped.before_put = refuse_v1
+    up = uploader(root, moto_bucket, wrapped)
+    first = up.submit(write(root / "step_5.pt", b"v1"))
+    assert gate.entered.wait(30)  # v1 is in flight
+    os.replace(write(root / "v2.tmp", b"v2"), root / "step_5.pt")  # saved again, a new file
+    up.submit(root / "step_5.pt")
+    gate.open()
+    assert first.exception(30) is not None
+    up.submit(write(root / "step_9.pt", b"later")).result(30)  # a landing revives what is held
+    up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/step_5.pt")) == b"v2"
+
+
+def test_failed_checkpoints_held_through_an_outage_go_as_moot_when_newer_ones_come(
+    tmp_path: Path, root: Path
+) -> None:
+    # Held failures pinned their staged copies for the whole outage, and with keep-last-1 each
+    # was uploaded once S3 came back only for retention to delete it (review).
+    from runctl.transfer import get_transfer
+
+    server = start_rclone(tmp_path / "rclone")
+    try:
+        url = S3URL(server.new_bucket())
+        transfer = get_transfer(server.config(), use_s5cmd=False)
+        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+        up = uploader(root, url, transfer, keep_last_n=1, retry=retry)
+        server.stop()
+        for step in (1, 2):
+            assert up.submit(write(root / f"step_{step}.pt", b"w")).exception(60) is not None
+        assert [j.name for j in up._failed_jobs] == ["step_2.pt"]  # step_1 went as moot
+        server.start()
+        up.submit(write(root / "step_3.pt", b"3")).result(60)
+        up.close(timeout=60)  # nothing to report: both failures are moot now
+        assert sorted(keys_under(transfer, url.join("run/"))) == ["step_3.pt"]
+        journal = Journal(root).replay()
+        assert all(journal[f"step_{s}.pt"].state == "skipped" for s in (1, 2))
+        assert not any((root / ".runctl" / "staging").rglob("step_*"))
+        transfer.close()
+    finally:
+        server.stop()
+
+
+def test_moot_leftovers_in_s3_go_even_after_local_retention_took_the_local_copy(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The S3 pass found its lock held while the local one ran: deleted_local then hid the moot
+    # line, and the killed run's unmarked files stayed in S3 for good (review).
+    import runctl.uploader as uploader_module
+    from runctl.locking import s3_lock_path
+
+    monkeypatch.setattr(uploader_module, "LOCK_RETRY_EVERY", 0.2)
+    url = moto_bucket.join("run/")
+    for step in (1, 2):  # a killed run left both queued, and part of checkpoint-2 in S3
+        write(root / f"checkpoint-{step}" / "model.bin", b"m" * 10)
+        write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+        Journal(root).record(f"checkpoint-{step}", "queued")
+    boto_transfer.put_files([(root / "checkpoint-2" / "model.bin", url.join("checkpoint-2/model.bin"))])
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    with held_elsewhere(s3_lock_path(url, boto_transfer.config.endpoint_url)):
+        up = CheckpointUploader(
+            root, url, transfer=wrapped, keep_last_n=1, local_keep_last_n=1, retry=FAST_RETRY  # type: ignore[arg-type]
+        )
+        assert gate.entered.wait(30)  # checkpoint-1 uploads; checkpoint-2 waits, then is moot
+        for step in (3, 4):
+            write(root / f"checkpoint-{step}" / "model.bin", b"m" * step)
+            write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+            up.submit(root / f"checkpoint-{step}")
+        gate.open()
+        up.flush(timeout=60)
+        assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"
+        assert "checkpoint-2/model.bin" in keys_under(boto_transfer, url)
+    deadline = time.monotonic() + 20  # the lock is free: the idle worker's retry cleans up
+    while any(k.startswith("checkpoint-2/") for k in keys_under(boto_transfer, url)):
+        assert time.monotonic() < deadline, sorted(keys_under(boto_transfer, url))
+        time.sleep(0.2)
+    up.close(timeout=30)
