@@ -194,8 +194,9 @@ def dir_awaits_deepspeed_sign(path: Path) -> bool:
     """True when the local directory ``path`` is a DeepSpeed ``global_stepN`` save in progress.
 
     DeepSpeed writes ``latest`` (naming the tag) beside its ``global_stepN`` directories once
-    every rank has saved: until it names this one (or a later step), the directory is not
-    known to be whole, however quiet. (With ``save_latest=False`` there is never a sign.)
+    every rank has saved: while it names an earlier step, this one is not known to be whole,
+    however quiet. Without ``latest`` (``save_latest=False``), or with a tag of another form,
+    there is no sign to wait for: False.
 
     Example:
         >>> import tempfile
@@ -211,9 +212,9 @@ def dir_awaits_deepspeed_sign(path: Path) -> bool:
     try:
         tag = (path.parent / DEEPSPEED_SIGN).read_text(errors="replace").strip()
     except OSError:
-        return True
+        return False
     named = _DS_NAME.fullmatch(tag)
-    return tag != path.name and (named is None or int(named.group(1)) < int(match.group(1)))
+    return named is not None and int(named.group(1)) < int(match.group(1))
 
 
 _ZIP_MAGIC = b"PK\x03\x04"

@@ -457,15 +457,16 @@ class CheckpointWatcher:
                 elif ended and unsigned_ds:
                     why = "DeepSpeed's latest does not name it: its save was cut short"
                 elif (
-                    ended
+                    killed
                     and not reason[0]
                     and not (is_dir and has_completion_sign(path))
                     and time.time() - sig[3] / 1e9 < self.settle
                 ):
-                    # A save that raised half-way leaves a closed file, and one killed by a
-                    # signal may be cut off before anyone saw it open; where the format cannot
-                    # tell whether it is whole, what changed just before is left out.
-                    why = f"changed moments before the script {'was killed' if killed else 'failed'}"
+                    # One killed by a signal may be cut off before anyone saw it open; where
+                    # the format cannot tell whether it is whole, what changed just before the
+                    # kill is left out. (A save that raised half-way closes its file: the
+                    # format check catches torch.save's; a failed exit alone proves nothing.)
+                    why = "changed moments before the script was killed"
                 if why is not None:
                     self._leave_out(name, sig, why)
                     state.submitted = sig
@@ -551,9 +552,9 @@ class CheckpointWatcher:
 
         Left out (and journaled, so a later run leaves them out too): a Trainer's directory
         without its ``trainer_state.json``; what its format shows cut short; with
-        ``script_failed``, what it was writing; and with ``script_failed`` or ``killed``, a
-        DeepSpeed directory ``latest`` does not name, and what changed within ``settle`` seconds
-        before in a format that cannot tell (a save that raised half-way closes its file).
+        ``script_failed``, what it was writing; with ``script_failed`` or ``killed``, a
+        DeepSpeed directory ``latest`` names an earlier step than; and with ``killed``, what
+        changed within ``settle`` seconds before in a format that cannot tell.
         """
         return self.poll(final=True, script_failed=script_failed, killed=killed)
 

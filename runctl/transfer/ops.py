@@ -396,18 +396,18 @@ def upload(
     return done
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _changed_while_sent(
     transfer: Transfer,
     chunk: Sequence[tuple[Path, S3URL]],
-    before: Sequence[tuple[int, int] | None],
+    before: Sequence[tuple[int, int, int] | None],
     failures: dict[str, str],
 ) -> None:
     """A file written to while it went up may have reached S3 as a mix of old and new bytes.
@@ -423,11 +423,15 @@ def _changed_while_sent(
     if not changed:
         return
     try:
-        transfer.delete_keys(changed[0].bucket, [url.key for url in changed])
-        gone = "its object was deleted"
+        errors = transfer.delete_keys(changed[0].bucket, [url.key for url in changed]).errors
     except TransferError as exc:
-        gone = f"deleting its object failed too ({exc})"
+        errors = {url.key: str(exc) for url in changed}
     for url in changed:
+        gone = (
+            f"deleting its object failed too ({errors[url.key]})"
+            if url.key in errors
+            else "its object was deleted"
+        )
         failures[str(url)] = (
             f"the file changed while it was uploading, so the object could mix old and new "
             f"bytes: {gone}; upload it again once it is written"
@@ -1152,10 +1156,12 @@ def sync(
         before_upload(work.uploads)
     failures: dict[str, str] = dict(plan.skipped)
     for chunk in _chunks(work.uploads):
+        before = [_stamp(path) for path, _ in chunk]
         try:
             transfer.put_files(chunk, progress=progress)
         except TransferError as exc:
             _collect(exc, [str(u) for _, u in chunk], failures)
+        _changed_while_sent(transfer, chunk, before, failures)
     if work.downloads:
         Path(local).mkdir(parents=True, exist_ok=True)
     for chunk in _chunks(work.downloads):

@@ -660,3 +660,23 @@ def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
     assert list(info.value.failures) == [str(bucket.join("u/step_9.pt"))]
     assert "changed while it was uploading" in str(info.value)
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt"]
+
+
+def test_a_file_changed_while_sync_sends_it_fails_and_leaves_no_object(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"step_9.pt": b"old" * 1000, "step_8.pt": b"steady"})
+    real = type(transfer).put_files
+
+    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
+        result = real(self, pairs, **kwargs)
+        with open(src / "step_9.pt", "r+b") as fh:
+            fh.write(b"new")
+        return result
+
+    monkeypatch.setattr(type(transfer), "put_files", put_files)
+    with pytest.raises(PartialTransferError) as info:
+        ops.sync(transfer, src, bucket.join("s/"), "up")
+    assert list(info.value.failures) == [str(bucket.join("s/step_9.pt"))]
+    assert [row[1] for row in listing(transfer, bucket.join("s/"))] == ["s/step_8.pt"]
