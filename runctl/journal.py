@@ -341,9 +341,9 @@ class Journal:
         it). Every question (``snapshot`` and all) gets the same answer from the result. A run
         that saves thousands of checkpoints otherwise re-reads its whole history at each
         retention (2,000 checkpoints: 1.8 MB, 50 ms a read). The lines there when it starts are
-        read without the lock; what lands meanwhile, and the rewrite, under it (writers wait a
-        few milliseconds, not the whole replay). Replaced atomically; returns whether it
-        rewrote the file.
+        read, rewritten and fsynced without the lock; under it, what landed meanwhile is
+        appended as it is and the file replaced (writers wait milliseconds, not the rewrite).
+        Returns whether it rewrote the file.
 
         Example:
             >>> import tempfile
@@ -359,21 +359,36 @@ class Journal:
             return False
         except OSError as exc:
             raise JournalError(f"cannot read the journal {self.path}: {exc.strerror or exc}") from None
-        tmp = self.path.with_name(f".{JOURNAL_NAME}.compact")  # one compactor at a time: the lock
+        # Its own name: the rewrite is built before the lock is taken, so two could overlap.
+        tmp = self.path.with_name(f".{JOURNAL_NAME}.compact-{os.getpid()}-{threading.get_ident()}")
         try:
             fd = os.open(self.path, os.O_RDONLY)
             marked = False
             try:
-                # The whole lines there now are replayed before taking the lock, so that writers
-                # (the training thread among them) wait only for what lands meanwhile and the write.
+                # The whole lines there now are replayed, rewritten and fsynced before the lock is
+                # taken: writers (the training thread among them) wait only while what landed
+                # meanwhile is appended as it is and the file is replaced.
                 chunks = []
                 while chunk := os.read(fd, 1 << 20):
                     chunks.append(chunk)
                 data = b"".join(chunks)
                 whole = data.rfind(b"\n") + 1
-                before = _replay(data[:whole], self.path)
+                state = _replay(data[:whole], self.path)
+                kept: list[JournalEntry] = []
+                for name, latest in state.latest.items():
+                    if latest.state == "deleted_local":
+                        continue
+                    verified = state.verified.get(name)
+                    if verified is not None and verified != latest:
+                        kept.append(verified)
+                    kept.append(latest)
+                with open(tmp, "wb") as out:
+                    out.writelines(_line(entry) for entry in kept)
+                    out.flush()
+                    os.fsync(out.fileno())
                 with self._lock:
                     if not _lock_file(fd) or _replaced(fd, self.path):
+                        tmp.unlink()
                         return False  # another writer holds it, or compacted it: next time
                     # Writers that find the lock taken wait for it while this exists.
                     self._compacting.touch()
@@ -381,19 +396,11 @@ class Journal:
                     chunks = []
                     while chunk := os.pread(fd, 1 << 20, whole + sum(map(len, chunks))):
                         chunks.append(chunk)
-                    state = _replay(b"".join(chunks), self.path, after=before)
-                    kept: list[JournalEntry] = []
-                    for name, latest in state.latest.items():
-                        if latest.state == "deleted_local":
-                            continue
-                        verified = state.verified.get(name)
-                        if verified is not None and verified != latest:
-                            kept.append(verified)
-                        kept.append(latest)
-                    with open(tmp, "wb") as out:
-                        out.writelines(_line(entry) for entry in kept)
-                        out.flush()
-                        os.fsync(out.fileno())
+                    if chunks:  # replayed after the kept lines, it answers as after the old ones
+                        with open(tmp, "ab") as out:
+                            out.writelines(chunks)
+                            out.flush()
+                            os.fsync(out.fileno())
                     os.replace(tmp, self.path)
                     _fsync_dir(self.path.parent)
             finally:

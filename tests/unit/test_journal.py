@@ -344,7 +344,7 @@ def test_a_compaction_keeps_the_lines_written_after_it_read_the_file(
 
     monkeypatch.setattr(journal_module, "_replay", replay_then_write)
     assert journal.compact(min_bytes=0)
-    assert len(calls) == 2
+    assert calls == [None]  # one replay, before the lock: the late lines go in as they are
     latest = Journal(tmp_path).replay()
     assert latest["late.pt"].state == "verified"
-    assert "step_35.pt" not in latest
+    assert latest["step_35.pt"].state == "deleted_local"  # (the next compaction drops it)
