@@ -637,12 +637,13 @@ def test_backends_agree(both: dict[str, Transfer], s3_server: S3Server, bucket: 
         assert plans["s5cmd"] == plans["boto3"], direction
 
 
+@pytest.mark.parametrize("command", ["upload", "sync"])
 def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
-    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
-    # A checkpoint rewritten in place during `runctl s3 upload` reached S3 as a mix of old and
-    # new bytes, exit 0: `review` called it complete and `checkpoint cleanup --durable-in`
-    # (sizes equal) would have deleted the only whole copy.
+    # A checkpoint rewritten in place during `runctl s3 upload` (or sync) reached S3 as a mix
+    # of old and new bytes, exit 0: `review` called it complete and `checkpoint cleanup
+    # --durable-in` (sizes equal) would have deleted the only whole copy.
     src = tmp_path / "src"
     make_tree(src, {"step_9.pt": b"old" * 1000, "step_8.pt": b"steady"})
     real = type(transfer).put_files
@@ -656,27 +657,10 @@ def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
     monkeypatch.setattr(type(transfer), "put_files", put_files)
     monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw))
     with pytest.raises(PartialTransferError) as info:
-        ops.upload(transfer, src, bucket.join("u/"), recursive=True)
+        if command == "upload":
+            ops.upload(transfer, src, bucket.join("u/"), recursive=True)
+        else:
+            ops.sync(transfer, src, bucket.join("u/"), "up")
     assert list(info.value.failures) == [str(bucket.join("u/step_9.pt"))]
     assert "changed while it was uploading" in str(info.value)
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt"]
-
-
-def test_a_file_changed_while_sync_sends_it_fails_and_leaves_no_object(
-    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    src = tmp_path / "src"
-    make_tree(src, {"step_9.pt": b"old" * 1000, "step_8.pt": b"steady"})
-    real = type(transfer).put_files
-
-    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
-        result = real(self, pairs, **kwargs)
-        with open(src / "step_9.pt", "r+b") as fh:
-            fh.write(b"new")
-        return result
-
-    monkeypatch.setattr(type(transfer), "put_files", put_files)
-    with pytest.raises(PartialTransferError) as info:
-        ops.sync(transfer, src, bucket.join("s/"), "up")
-    assert list(info.value.failures) == [str(bucket.join("s/step_9.pt"))]
-    assert [row[1] for row in listing(transfer, bucket.join("s/"))] == ["s/step_8.pt"]

@@ -39,6 +39,26 @@ def uploader(root: Path, url: S3URL, transfer: object, **kwargs: object) -> Chec
     return CheckpointUploader(root, url.join("run/"), transfer=transfer, **kwargs)  # type: ignore[arg-type]
 
 
+#: Two quick attempts: an outage fails an upload at once.
+BRIEF_RETRY = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+
+
+@contextmanager
+def stoppable_s3(tmp_path: Path, backend: str = "boto3") -> Iterator[tuple[Any, S3URL, Any]]:
+    """An rclone server that ``stop()`` and ``start()`` take down and bring back, a bucket, a transfer."""
+    from runctl.transfer import get_transfer
+
+    server = start_rclone(tmp_path / "rclone")
+    try:
+        transfer = get_transfer(server.config(), use_s5cmd=backend == "s5cmd")
+        try:
+            yield server, S3URL(server.new_bucket()), transfer
+        finally:
+            transfer.close()
+    finally:
+        server.stop()
+
+
 def upload_one(
     root: Path, url: S3URL, transfer: Any, name: str, data: bytes, then: Callable[[], object] = tuple
 ) -> bytes:
@@ -192,15 +212,9 @@ def test_a_file_that_cannot_be_opened_is_still_staged_at_submit(
 def test_local_checkpoints_accumulate_while_s3_is_down(
     tmp_path: Path, root: Path, backend: str
 ) -> None:
-    from runctl.transfer import get_transfer
-
-    server = start_rclone(tmp_path / "rclone")
-    try:
-        url = S3URL(server.new_bucket())
-        transfer = get_transfer(server.config(), use_s5cmd=backend == "s5cmd")
-        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+    with stoppable_s3(tmp_path, backend) as (server, url, transfer):
         up = uploader(
-            root, url, transfer, keep_last_n=5, local_keep_last_n=1, retry=retry, stall_timeout=5
+            root, url, transfer, keep_last_n=5, local_keep_last_n=1, retry=BRIEF_RETRY, stall_timeout=5
         )
         write(root / "step_0.pt", b"zero")
         up.submit(root / "step_0.pt").result(30)
@@ -223,10 +237,7 @@ def test_local_checkpoints_accumulate_while_s3_is_down(
         assert sorted(p.name for p in root.glob("step_*")) == ["step_3.pt", "step_4.pt"]
         in_s3 = sorted(keys_under(transfer, url.join("run/")))
         assert in_s3 == [f"step_{i}.pt" for i in range(5)]
-        assert transfer.get_bytes(url.join("run/step_2.pt")) == b"xx"  # type: ignore[attr-defined]
-        transfer.close()
-    finally:
-        server.stop()
+        assert transfer.get_bytes(url.join("run/step_2.pt")) == b"xx"
 
 
 @pytest.mark.parametrize("keep_last_n", [None, 1])
@@ -237,14 +248,8 @@ def test_a_checkpoint_that_failed_in_an_outage_is_retried_once_s3_is_back(
     # the rest of the run, and the run ended with UploadError although S3 was back and newer
     # checkpoints had landed. Now it gets another round once one lands; and when keep-last-N
     # newer ones have landed, retention would delete it anyway, so it is let go as moot.
-    from runctl.transfer import get_transfer
-
-    server = start_rclone(tmp_path / "rclone")
-    try:
-        url = S3URL(server.new_bucket())
-        transfer = get_transfer(server.config(), use_s5cmd=False)
-        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
-        up = uploader(root, url, transfer, keep_last_n=keep_last_n, retry=retry)
+    with stoppable_s3(tmp_path) as (server, url, transfer):
+        up = uploader(root, url, transfer, keep_last_n=keep_last_n, retry=BRIEF_RETRY)
         server.stop()
         failed = up.submit(write(root / "step_1.pt", b"one"))
         assert isinstance(failed.exception(60), TransferError)
@@ -259,32 +264,20 @@ def test_a_checkpoint_that_failed_in_an_outage_is_retried_once_s3_is_back(
         else:
             assert in_s3 == ["step_2.pt"]
             assert latest.state == "skipped" and "anyway" in (latest.detail or "")
-        transfer.close()
-    finally:
-        server.stop()
 
 
 def test_a_failed_checkpoint_saved_again_never_lands_over_the_newer_version(
     tmp_path: Path, root: Path
 ) -> None:
-    from runctl.transfer import get_transfer
-
-    server = start_rclone(tmp_path / "rclone")
-    try:
-        url = S3URL(server.new_bucket())
-        transfer = get_transfer(server.config(), use_s5cmd=False)
-        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
-        up = uploader(root, url, transfer, retry=retry)
+    with stoppable_s3(tmp_path) as (server, url, transfer):
+        up = uploader(root, url, transfer, retry=BRIEF_RETRY)
         server.stop()
         assert up.submit(write(root / "last.ckpt", b"old")).exception(60) is not None
         server.start()
         up.submit(write(root / "last.ckpt", b"new")).result(60)
         up.submit(write(root / "step_3.pt", b"3")).result(60)
         up.close(timeout=60)
-        assert transfer.get_bytes(url.join("run/last.ckpt")) == b"new"  # type: ignore[attr-defined]
-        transfer.close()
-    finally:
-        server.stop()
+        assert transfer.get_bytes(url.join("run/last.ckpt")) == b"new"
 
 
 # -- promise 3: no torn objects ------------------------------------------------------------------
@@ -1302,14 +1295,8 @@ def test_failed_checkpoints_held_through_an_outage_go_as_moot_when_newer_ones_co
 ) -> None:
     # Held failures pinned their staged copies for the whole outage, and with keep-last-1 each
     # was uploaded once S3 came back only for retention to delete it (review).
-    from runctl.transfer import get_transfer
-
-    server = start_rclone(tmp_path / "rclone")
-    try:
-        url = S3URL(server.new_bucket())
-        transfer = get_transfer(server.config(), use_s5cmd=False)
-        retry = RetryPolicy(attempts=2, backoff_factor=0.01, backoff_max=0.01, jitter=0)
-        up = uploader(root, url, transfer, keep_last_n=1, retry=retry)
+    with stoppable_s3(tmp_path) as (server, url, transfer):
+        up = uploader(root, url, transfer, keep_last_n=1, retry=BRIEF_RETRY)
         server.stop()
         for step in (1, 2):
             assert up.submit(write(root / f"step_{step}.pt", b"w")).exception(60) is not None
@@ -1321,9 +1308,6 @@ def test_failed_checkpoints_held_through_an_outage_go_as_moot_when_newer_ones_co
         journal = Journal(root).replay()
         assert all(journal[f"step_{s}.pt"].state == "skipped" for s in (1, 2))
         assert not any((root / ".runctl" / "staging").rglob("step_*"))
-        transfer.close()
-    finally:
-        server.stop()
 
 
 def test_moot_leftovers_in_s3_go_even_after_local_retention_took_the_local_copy(
