@@ -575,7 +575,7 @@ class CheckpointUploader:
         self._retention_held = hold_retention
         self._retention_due = False
         self._retention_busy = False
-        self._retention_blocked = False  # retention found a lock held by another process
+        #: What retention found locked by another process on its last pass (S3 prefix, root).
         self._retention_blocked_on: list[str] = []
         self._outranked_warned = False  # _warn_if_outranked says it once
         self._left_pending: tuple[str, ...] = ()  # after a close that gave up: for the next process
@@ -943,17 +943,22 @@ class CheckpointUploader:
         worker = getattr(self, "_worker", None)
         return worker is None or worker.is_alive()
 
+    def _pinned_names(self) -> set[str]:
+        """Pinned, the best, and the one the run resumed from: never let go as moot."""
+        return set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
+
     def _protected(self) -> set[str]:
-        names = set(self._pinned)
-        names.update(n for n in (self._best, self._resumed_from) if n)
-        names.update(self._pending_names())
-        return names
+        return self._pinned_names() | set(self._pending_names())
+
+    def _has_newer_version(self, job: _Job) -> bool:
+        """A newer version of ``job``'s name was submitted since (call under ``_cond``)."""
+        return self._newest_queued.get(job.name, job.queued_at) > job.queued_at
 
     def _prune_queue(self) -> None:
         """Skip queued checkpoints that S3 retention would delete anyway (promise 9)."""
         if self.keep_last_n is None:
             return
-        protected = set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
+        protected = self._pinned_names()
         active = [j for j in (*self._queue, *self._failed_jobs) if not is_alias(j.name)]
         if self._in_flight is not None and not is_alias(self._in_flight.name):
             active.append(self._in_flight)
@@ -964,23 +969,19 @@ class CheckpointUploader:
                 continue
             if not is_recognised(job.name, self.patterns):
                 continue
-            reason = f"{MOOT} ({self.keep_last_n} newer checkpoints queued)"
-            if job in self._failed_jobs:  # held after a failure: it need not wait for S3
-                self._failed_jobs.remove(job)
-                self._failures.pop(job.name, None)
-                job.handle = UploadHandle(job.name)  # the first one has its failure
-                job.cancelled = reason
-                self._note_skip(job)
-                self._journal.later(functools.partial(self._finish_skip, job, reason))
-            else:
-                self._cancel(job, reason)
+            self._cancel(job, f"{MOOT} ({self.keep_last_n} newer checkpoints queued)")
 
     def _cancel(self, job: _Job, reason: str) -> None:
-        # Called with the lock held (an RLock), for a job still in the queue, often from
-        # submit() on the training thread: the counters change now, but the journal line and
-        # the unlink of the staged copy (each up to ~20 ms while the disk is busy) go to the
-        # journal thread. flush() waits for them.
-        self._queue.remove(job)
+        # Called with the lock held (an RLock), for a job still in the queue or held after a
+        # failure, often from submit() on the training thread: the counters change now, but
+        # the journal line and the unlink of the staged copy (each up to ~20 ms while the disk
+        # is busy) go to the journal thread. flush() waits for them.
+        if job in self._failed_jobs:  # it need not wait for S3 any more
+            self._failed_jobs.remove(job)
+            self._failures.pop(job.name, None)
+            job.handle = UploadHandle(job.name)  # the first one has its failure
+        else:
+            self._queue.remove(job)
         job.cancelled = reason
         self._note_skip(job)
         self._journal.later(lambda: self._finish_skip(job, reason))
@@ -1151,7 +1152,7 @@ class CheckpointUploader:
             with self._cond:
                 retry = False
                 while not self._queue and not self._stopping and not self._retention_released():
-                    if not self._retention_blocked:
+                    if not self._retention_blocked_on:
                         self._cond.wait()
                     elif not self._cond.wait(LOCK_RETRY_EVERY):
                         retry = True
@@ -1161,7 +1162,7 @@ class CheckpointUploader:
                     self._retention_busy = True
                     job = None
                 elif not self._queue or self._abort.is_set():
-                    final = self._retention_blocked and not self._abort.is_set()
+                    final = bool(self._retention_blocked_on) and not self._abort.is_set()
                     break
                 else:
                     job = self._queue.popleft()
@@ -1199,7 +1200,7 @@ class CheckpointUploader:
                     self._cond.notify_all()
         if final:
             self._retention(None, lock_wait=FINAL_LOCK_WAIT)
-            if self._retention_blocked:
+            if self._retention_blocked_on:
                 log.warning(
                     "retention of %s did not run before close: another runctl process held "
                     "its lock (`runctl s3 cleanup` or `runctl checkpoint cleanup` applies it)",
@@ -1567,11 +1568,11 @@ class CheckpointUploader:
             if not self._failed_jobs:
                 return
             jobs, self._failed_jobs = self._failed_jobs, []
-            protected = set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
+            protected = self._pinned_names()
             for job in jobs:
                 self._failures.pop(job.name, None)
                 job.handle = UploadHandle(job.name)  # the first one has its failure
-                if self._newest_queued.get(job.name, job.queued_at) > job.queued_at:
+                if self._has_newer_version(job):
                     superseded.append(job)
                     continue
                 if self._landed_since(job) and job.name not in protected:
@@ -1632,7 +1633,7 @@ class CheckpointUploader:
             self._stats["failures"] += 1
             self._consecutive += 1
             # A newer version submitted meanwhile is what counts: its outcome is the news.
-            if self._newest_queued.get(job.name, job.queued_at) <= job.queued_at:
+            if not self._has_newer_version(job):
                 self._failures[job.name] = exc
             self._last_failure = (job.name, exc)
         log.error(
@@ -1649,7 +1650,7 @@ class CheckpointUploader:
                 and self.retry.is_retryable(exc)  # S3 down or slow, not a refusal that recurs
                 and not self._abort.is_set()
                 and not is_alias(job.name)  # last.ckpt landing after newer steps would win a resume
-                and self._newest_queued.get(job.name, job.queued_at) <= job.queued_at
+                and not self._has_newer_version(job)
             ):
                 released = []
                 self._failed_jobs.append(job)  # staged copy and all: _revive_failed
@@ -1679,14 +1680,9 @@ class CheckpointUploader:
         doubling keeps a journal that stays large (many checkpoints kept) from being rewritten
         at every checkpoint.
         """
+        threshold = max(journal_module.COMPACT_ABOVE, 2 * self._journal_compacted_to)
         try:
-            size = os.stat(self.journal.path).st_size
-        except OSError:
-            return
-        if size < max(journal_module.COMPACT_ABOVE, 2 * self._journal_compacted_to):
-            return
-        try:
-            if self.journal.compact(min_bytes=0):
+            if self.journal.compact(min_bytes=threshold):
                 self._journal_compacted_to = os.stat(self.journal.path).st_size
         except (JournalError, OSError) as exc:
             log.warning("%s; it stays as it is", exc)
@@ -1757,13 +1753,12 @@ class CheckpointUploader:
                 blocked.append(str(self.root))
             except Exception as exc:  # noqa: BLE001
                 self._retention_failed("local", exc)
-        if blocked and not self._retention_blocked:
+        if blocked and not self._retention_blocked_on:
             log.info(
                 "another runctl process holds the retention lock of %s: uploads go on, "
                 "retention runs once it is free",
                 " and ".join(blocked),
             )
-        self._retention_blocked = bool(blocked)
         self._retention_blocked_on = blocked
 
     def _warn_if_outranked(self, plan: RetentionPlan) -> None:
