@@ -220,26 +220,22 @@ def dir_awaits_deepspeed_sign(path: Path) -> bool:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def torn_reason(path: Path) -> str | None:
-    """Why the checkpoint file ``path`` is cut short, when its own format tells; else None.
+def format_check(path: Path) -> tuple[bool, str | None]:
+    """``(told, reason)``: whether the file's own format tells if it is whole, and if it is cut
+    short, why (else None).
 
     ``torch.save`` (``.pt``, ``.pth``, Lightning's ``.ckpt``) writes a zip that ends with its
     central directory and holds ``data.pkl``: a save cut off mid-write lacks the first, and one
     that failed half-way (an object that cannot be pickled) the second, though its file is
     closed and quiet. A ``.safetensors`` file is exactly as long as its header says. Other
-    formats cannot be told (``format_check``).
+    formats cannot tell: ``(False, None)``.
 
     Example:
         >>> import tempfile
         >>> p = Path(tempfile.mkdtemp()) / "step_1.pt"; _ = p.write_bytes(b"PK\x03\x04 cut off")
-        >>> torn_reason(p)
-        'a zip file without its end (cut off mid-write)'
+        >>> format_check(p)
+        (True, 'a zip file without its end (cut off mid-write)')
     """
-    return format_check(path)[1]
-
-
-def format_check(path: Path) -> tuple[bool, str | None]:
-    """``(told, reason)``: whether the file's format tells if it is whole, and ``torn_reason``."""
     import zipfile
 
     try:

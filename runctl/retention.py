@@ -69,6 +69,14 @@ def _check_non_negative(value: float | None, argument: str) -> None:
         raise UsageError(f"{argument} must be a number >= 0 or None (got {value!r})")
 
 
+def _protected_names(protected: Collection[str] | str) -> frozenset[str]:
+    """The checkpoint names ``protected`` means: "checkpoint-500/" and "runs/7/step_5.pt" name
+    the checkpoints of their last part."""
+    if isinstance(protected, str):
+        protected = (protected,)
+    return frozenset(name.rstrip("/").rsplit("/", 1)[-1] for name in protected)
+
+
 def plan_retention(
     checkpoints: Sequence[Checkpoint],
     keep_last_n: int | None,
@@ -102,10 +110,7 @@ def plan_retention(
     _check_non_negative(max_total_size, "max_total_size")
     _check_non_negative(incomplete_older_than, "incomplete_older_than")
     now = time.time() if now is None else now
-    if isinstance(protected, str):
-        protected = (protected,)
-    # "checkpoint-500/" and "runs/7/step_5.pt" protect the checkpoints named by their last part.
-    protected = frozenset(name.rstrip("/").rsplit("/", 1)[-1] for name in protected)
+    protected = _protected_names(protected)
 
     ordered = sorted(checkpoints, key=Checkpoint.order_key)
     ranked = [c for c in ordered if c.complete and not is_alias(c.name)]
@@ -404,12 +409,13 @@ def apply_local_retention(
                 torn.add(cp.name)
         found = [dataclasses.replace(cp, complete=False) if cp.name in writing else cp for cp in found]
         plan = plan_retention(found, keep_last_n, protected=protected)
-        check = snapshot.was_verified if plan.delete and not force else None
-
-        def durable(cp: Checkpoint) -> bool:
-            if check is None or check(cp.name, cp.size, cp.mtime):
+        def in_s3(cp: Checkpoint) -> bool:
+            if snapshot.was_verified(cp.name, cp.size, cp.mtime):
                 return True
             return also_durable is not None and also_durable(cp)
+
+        def durable(cp: Checkpoint) -> bool:
+            return force or in_s3(cp)
 
         reasons = dict(plan.reasons)
         for cp in found:
@@ -428,13 +434,9 @@ def apply_local_retention(
             # durable, it is older than anything retention keeps, and goes (each preemption
             # otherwise left one more on disk for good).
             whole = [
-                cp.order_key()
-                for cp in found
-                if cp.complete
-                and not is_alias(cp.name)
-                and (snapshot.was_verified(cp.name, cp.size, cp.mtime) or (also_durable is not None and also_durable(cp)))
+                cp.order_key() for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)
             ]
-            protected_names = {name.rstrip("/").rsplit("/", 1)[-1] for name in protected}
+            protected_names = _protected_names(protected)
             for cp in list(keep):
                 newer = sum(1 for key in whole if key > cp.order_key())
                 if cp.name in torn and cp.name not in protected_names and newer >= keep_last_n:

@@ -44,6 +44,8 @@ _TMP_PREFIX = ".runctl-tmp-"
 _TMP_HEX = 16  # hex digits after the prefix in a temporary file's name
 #: runctl's own state directory inside a checkpoint root (journal, staging, locks).
 STATE_DIR = ".runctl"
+#: How a walk names a directory it could not read (``holes``): a failure, where other holes warn.
+_UNREADABLE = "cannot read the directory"
 _DEFAULT_NAME_MAX = 255
 _DEFAULT_PATH_MAX = 4096
 
@@ -195,7 +197,7 @@ def _walk_files(
             with os.scandir(directory) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
-            why = f"cannot read the directory: {exc.strerror or exc}"
+            why = f"{_UNREADABLE}: {exc.strerror or exc}"
             if holes is not None:
                 holes.append((rel_dir, why))
             else:
@@ -446,7 +448,7 @@ def _note_holes(local: Path, holes: Sequence[tuple[str, str]], failures: dict[st
     added = 0
     for rel, why in holes:
         path = str(local / rel) if rel else str(local)
-        if why.startswith("cannot read"):
+        if why.startswith(_UNREADABLE):
             failures[path] = why
             added += 1
         else:
@@ -480,7 +482,7 @@ def runctl_own(rel: str) -> bool:
         (True, False)
     """
     parts = rel.split("/")
-    return STATE_DIR in parts[:-1] or parts[-1].startswith(_TMP_PREFIX) or parts[-1] == STATE_DIR
+    return STATE_DIR in parts or parts[-1].startswith(_TMP_PREFIX)
 
 
 # -- download ---------------------------------------------------------------------------------
