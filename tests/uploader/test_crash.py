@@ -171,28 +171,8 @@ def test_a_resumed_directory_skipped_as_moot_goes_locally_once_newer_ones_are_du
     # 2 and 3 start: keep-last-2 makes those moot, so they are skipped. A resumed directory
     # carries no inventory, so its "skipped" line once had no size or mtime, and local
     # retention kept it for good (Hugging Face, after a preemption: a whole checkpoint each).
-    from tests.uploader.conftest import Gate
-
-    for step in (1, 2, 3):
-        write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
-        write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
-        Journal(root).record(f"checkpoint-{step}", "queued")
-    url = moto_bucket.join("run/")
-    wrapped = Wrapped(boto_transfer)
-    gate = Gate(wrapped)
-    up = CheckpointUploader(
-        root, url, transfer=wrapped, keep_last_n=2, local_keep_last_n=2, retry=FAST_RETRY  # type: ignore[arg-type]
-    )
-    try:
-        assert gate.entered.wait(30)  # checkpoint-1 is uploading, 2 and 3 wait in the queue
-        for step in (4, 5):
-            write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
-            write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
-            up.submit(root / f"checkpoint-{step}")
-        gate.open()
-        up.flush(timeout=60)
-    finally:
-        up.close(timeout=60)
+    _left_queued_by_a_crash(root)
+    _resume_and_save_4_and_5(root, moto_bucket.join("run/"), boto_transfer)
     lines = [json.loads(x) for x in (root / ".runctl" / "journal.jsonl").read_text().splitlines()]
     (skip,) = [x for x in lines if x["name"] == "checkpoint-2" and x["state"] == "skipped"]
     assert skip["size"] == 102 + 2  # model.bin and trainer_state.json, as scan_local counts
@@ -206,19 +186,37 @@ def test_what_a_killed_run_left_of_a_directory_in_s3_goes_once_it_is_skipped_as_
     # A run killed mid-upload of checkpoint-2 and -3 left part of each in S3, marker-less. The
     # next run skipped both as moot (newer ones queued), and nothing ever deleted those files:
     # with each preemption S3 held one more whole checkpoint that keep-last-N never counted.
-    from tests.uploader.conftest import Gate
-
     url = moto_bucket.join("run/")
-    for step in (1, 2, 3):
-        write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
-        write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
-        Journal(root).record(f"checkpoint-{step}", "queued")
+    _left_queued_by_a_crash(root)
     for step in (2, 3):  # the files that made it before the kill; no marker
         boto_transfer.put_files(
             [(root / f"checkpoint-{step}" / "model.bin", url.join(f"checkpoint-{step}/model.bin"))]
         )
         Journal(root).record(f"checkpoint-{step}", "uploaded")
-    wrapped = Wrapped(boto_transfer)
+    _resume_and_save_4_and_5(root, url, boto_transfer)
+    assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"  # skipped, as before
+    left = sorted({key.split("/")[0] for key in keys_under(boto_transfer, url)})
+    assert left == ["checkpoint-4", "checkpoint-5"]
+
+
+def _save_dir(root: Path, step: int) -> Path:
+    write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
+    write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
+    return root / f"checkpoint-{step}"
+
+
+def _left_queued_by_a_crash(root: Path) -> None:
+    """checkpoint-1..3 saved and queued in the journal, as a crash leaves them."""
+    for step in (1, 2, 3):
+        _save_dir(root, step)
+        Journal(root).record(f"checkpoint-{step}", "queued")
+
+
+def _resume_and_save_4_and_5(root: Path, url: S3URL, transfer: object) -> None:
+    """A keep-last-2 uploader resumes 1..3; 4 and 5 are saved while 1 uploads and 2, 3 wait."""
+    from tests.uploader.conftest import Gate
+
+    wrapped = Wrapped(transfer)
     gate = Gate(wrapped)
     up = CheckpointUploader(
         root, url, transfer=wrapped, keep_last_n=2, local_keep_last_n=2, retry=FAST_RETRY  # type: ignore[arg-type]
@@ -226,16 +224,11 @@ def test_what_a_killed_run_left_of_a_directory_in_s3_goes_once_it_is_skipped_as_
     try:
         assert gate.entered.wait(30)  # checkpoint-1 is uploading, 2 and 3 wait in the queue
         for step in (4, 5):
-            write(root / f"checkpoint-{step}" / "model.bin", b"m" * (100 + step))
-            write(root / f"checkpoint-{step}" / "trainer_state.json", b"{}")
-            up.submit(root / f"checkpoint-{step}")
+            up.submit(_save_dir(root, step))
         gate.open()
         up.flush(timeout=60)
     finally:
         up.close(timeout=60)
-    assert Journal(root).replay()["checkpoint-2"].state == "deleted_local"  # skipped, as before
-    left = sorted({key.split("/")[0] for key in keys_under(boto_transfer, url)})
-    assert left == ["checkpoint-4", "checkpoint-5"]
 
 
 def test_a_resumed_directory_saved_again_is_kept_until_its_new_version_is_durable(
