@@ -70,7 +70,7 @@ def _is_within(path: Path, root: Path) -> bool:
 def safe_local_path(dest_root: Path, rel_key: str) -> Path:
     """The local path for ``rel_key`` under ``dest_root``, or ``UnsafeKeyError`` if it could escape.
 
-    Rejected: empty keys, NUL, backslashes, absolute keys, ``.``/``..``/empty components,
+    Rejected: empty keys, NUL, absolute keys, ``.``/``..``/empty components,
     components or paths too long for the filesystem, and any path whose existing parent
     directories (symlinks included) resolve outside ``dest_root``.
 
@@ -108,8 +108,6 @@ class _Destination:
             raise unsafe("empty relative key")
         if "\x00" in rel_key:
             raise unsafe("contains a NUL character")
-        if "\\" in rel_key:
-            raise unsafe("contains a backslash")
         if rel_key.startswith("/") or os.path.isabs(rel_key):
             raise unsafe("is an absolute path")
         if self._limits is None:
@@ -127,7 +125,7 @@ class _Destination:
                     if part == ".."
                     else f"component {shown!r} is not a file name"
                 )
-            if os.sep != "/" and os.sep in part:
+            if os.sep != "/" and os.sep in part:  # Windows: a backslash would be a separator
                 raise unsafe(f"component {part!r} contains {os.sep!r}")
             if len(os.fsencode(part)) > name_max:
                 raise unsafe(

@@ -641,3 +641,24 @@ def test_sync_up_with_delete_to_a_bucket_root_needs_confirming(
     )
     assert result.exit_code == 0, result.output
     assert set(keys(moto_server, bucket)) == {"a.txt"}
+
+
+def test_keys_with_a_backslash_come_down_and_survive_a_sync_round_trip(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    # On POSIX a backslash is one more character of a file name (aws downloads such keys).
+    # They were refused as unsafe, so 'sync down' then 'sync up --delete' deleted them in S3.
+    flag = backend_flag(backend)
+    for key in ("a\\b.pt", "d\\\\e\\n.pt", "plain.pt"):
+        put(s3_server, bucket, f"run/{key}", key.encode())
+    down = tmp_path / "down"
+    result = run_s3(s3_server, "s3", "download", "-r", f"{bucket}run/", str(down), flag)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in down.iterdir()} == {
+        k: k.encode() for k in ("a\\b.pt", "d\\\\e\\n.pt", "plain.pt")
+    }
+    mirror = tmp_path / "mirror"
+    for direction in ("down", "up"):
+        result = run_s3(s3_server, "s3", "sync", str(mirror), f"{bucket}run/", "-d", direction, "--delete", flag)
+        assert result.exit_code == 0, result.output
+    assert set(keys(s3_server, bucket)) == {"run/a\\b.pt", "run/d\\\\e\\n.pt", "run/plain.pt"}
