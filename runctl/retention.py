@@ -77,6 +77,30 @@ def _protected_names(protected: Collection[str] | str) -> frozenset[str]:
     return frozenset(name.rstrip("/").rsplit("/", 1)[-1] for name in protected)
 
 
+def check_protected(
+    checkpoints: Sequence[Checkpoint], protected: Collection[str], location: str
+) -> None:
+    """Refuse (``UsageError``) a protected name that names no checkpoint at ``location``.
+
+    A mistyped ``--protect checkpoint-50`` (for checkpoint-500) would otherwise protect nothing,
+    and the checkpoint meant could go with the rest.
+
+    Example:
+        >>> check_protected([Checkpoint("step_5.pt", False, 5, None, 0.0, 10, True)], ["step_5.pt"], "ckpt/")
+        >>> check_protected([], ["step_50.pt"], "ckpt/")
+        Traceback (most recent call last):
+        ...
+        runctl.exceptions.UsageError: --protect step_50.pt: no checkpoint of that name in ckpt/; refused, nothing was deleted
+    """
+    names = {cp.name for cp in checkpoints}
+    unknown = sorted(_protected_names(protected) - names)
+    if unknown:
+        raise UsageError(
+            f"--protect {', '.join(unknown)}: no checkpoint of that name in {location}; "
+            "refused, nothing was deleted"
+        )
+
+
 def plan_retention(
     checkpoints: Sequence[Checkpoint],
     keep_last_n: int | None,
@@ -247,6 +271,7 @@ def apply_s3_retention(
     before_delete: Callable[[RetentionPlan], None] | None = None,
     dry_run: bool = False,
     lock_timeout: float = 600.0,
+    protected_must_exist: bool = False,
 ) -> RetentionPlan:
     """Apply keep-last-N to the checkpoints directly under an S3 prefix; return the plan.
 
@@ -258,6 +283,8 @@ def apply_s3_retention(
     ``before_delete(plan)`` runs under the lock before the first key is deleted (the uploader
     journals each doomed name there); ``unfinished`` names checkpoints whose deletion an earlier,
     interrupted run began: an incomplete one of those is deleted rather than kept as in progress.
+    ``protected_must_exist``: refuse (``UsageError``, nothing deleted) a protected name that
+    names no checkpoint there (``check_protected``), as the CLI's ``--protect`` does.
 
     Raises:
         LockTimeout: the lock was held elsewhere for longer than ``lock_timeout``.
@@ -279,6 +306,8 @@ def apply_s3_retention(
             treat_unmarked_complete=treat_unmarked_complete,
             read_markers=lambda keys: read_small_objects(transfer, prefix.bucket, keys),
         )
+        if protected_must_exist:
+            check_protected(grouped.checkpoints, protected, str(prefix))
         plan = plan_retention(
             grouped.checkpoints,
             keep_last_n,
@@ -374,6 +403,7 @@ def apply_local_retention(
     lock_timeout: float = 600.0,
     patterns: Sequence[str] | None = None,
     writing: Mapping[str, str] | None = None,
+    protected_must_exist: bool = False,
 ) -> RetentionPlan:
     """Apply keep-last-N to the checkpoints directly under a local directory; return the plan.
 
@@ -385,6 +415,7 @@ def apply_local_retention(
     ``deleted_local``. ``writing`` maps the names of checkpoints still being written to why
     (``localrun.being_written``): like a Hugging Face directory still without its
     ``trainer_state.json``, they are neither counted among the newest nor deleted.
+    ``protected_must_exist``: as for ``apply_s3_retention``.
 
     Raises:
         UsageError: ``root`` is not a directory, or ``keep_last_n`` is below 1.
@@ -402,6 +433,8 @@ def apply_local_retention(
     with local_dir_lock(root, timeout=lock_timeout):
         snapshot = journal.snapshot()
         found = scan_local(root, patterns)
+        if protected_must_exist:
+            check_protected(found, protected, str(root))
         torn = set()
         for cp in found:
             if not cp.is_dir and snapshot.torn(cp.name, cp.size, cp.mtime):

@@ -102,7 +102,7 @@ ExcludeOpt = Annotated[
 ]
 ProtectOpt = Annotated[
     list[str] | None,
-    typer.Option("--protect", metavar="NAME", help="Never delete this checkpoint (repeatable)."),
+    typer.Option("--protect", metavar="NAME", help="Never delete this checkpoint (repeatable; a name that is not there is refused)."),
 ]
 
 

@@ -870,6 +870,7 @@ def cleanup_s3(
             prefix,
             keep_last_n,
             protected=tuple(protect or ()),
+            protected_must_exist=True,
             max_total_size=size_limit,
             incomplete_older_than=age_limit,
             treat_unmarked_complete=treat_unmarked_complete,

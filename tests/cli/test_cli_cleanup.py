@@ -163,6 +163,31 @@ def test_cleanup_protect(moto_server: S3Server) -> None:
     assert set(keys(moto_server, bucket)) == {"run/step_1.pt", "run/step_3.pt"}
 
 
+def test_a_protect_that_names_no_checkpoint_is_refused(moto_server: S3Server, tmp_path: Path) -> None:
+    # A mistyped --protect (step_10.pt for step_1.pt) protected nothing, and step_1.pt went.
+    bucket = S3URL(moto_server.new_bucket())
+    for step in (1, 2, 3):
+        put(moto_server, bucket, f"run/step_{step}.pt")
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    commands = [
+        ("s3", "cleanup", f"{bucket}run/", "-n", "1"),
+        ("checkpoint", "cleanup", str(root), "-n", "1", "--force"),
+    ]
+    for command in commands:
+        for dry in ((), ("--dry-run",)):
+            result = run_s3(moto_server, *command, "--protect", "step_1.pt", "--protect", "step_10.pt", *dry)
+            assert result.exit_code == 2, result.output
+            assert "--protect step_10.pt: no checkpoint of that name" in result.stderr
+            assert "nothing was deleted" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert set(keys(moto_server, bucket)) == {f"run/step_{step}.pt" for step in (1, 2, 3)}
+    assert len([p for p in root.iterdir() if p.name.startswith(("step_", "checkpoint-"))]) == 4
+    # A directory checkpoint may be named with its trailing '/', as `list` shows it.
+    result = run_s3(moto_server, *commands[1], "--protect", "checkpoint-3/", "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == ["step_1.pt", "step_2.pt"]
+
+
 def make_local(root: Path) -> None:
     base = time.time() - 1000
     for i, name in enumerate(["step_1.pt", "step_2.pt", "checkpoint-3", "step_4.pt"]):
