@@ -471,16 +471,18 @@ def _under_hole(rel: str, holes: Sequence[tuple[str, str]]) -> bool:
 
 
 def runctl_own(rel: str) -> bool:
-    """True for a path inside a ``.runctl/`` state directory, or a ``.runctl-tmp-`` file.
+    """True for a path inside a ``.runctl/`` state directory, or a ``.runctl-tmp-`` file or directory.
 
-    Sync leaves these out both ways, and never deletes them: they are runctl's own.
+    Sync leaves these out both ways, and never deletes them: they are runctl's own, and the walk
+    of a local tree skips them too (so what it skips is never taken for gone).
 
     Example:
-        >>> runctl_own("run/.runctl/journal.jsonl"), runctl_own("run/step_1.pt")
-        (True, False)
+        >>> runctl_own("run/.runctl/journal.jsonl"), runctl_own("run/.runctl-tmp-1a/x.pt")
+        (True, True)
+        >>> runctl_own("run/step_1.pt")
+        False
     """
-    parts = rel.split("/")
-    return STATE_DIR in parts or parts[-1].startswith(_TMP_PREFIX)
+    return any(part == STATE_DIR or part.startswith(_TMP_PREFIX) for part in rel.split("/"))
 
 
 # -- download ---------------------------------------------------------------------------------

@@ -589,7 +589,8 @@ def test_sync_leaves_runctl_state_out_both_ways(
 ) -> None:
     bucket = S3URL(moto_server.new_bucket())
     flag = backend_flag(backend)
-    for key in ("a.txt", "sub/.runctl/config", ".runctl-tmp-x"):
+    own = ("sub/.runctl/config", ".runctl-tmp-x", "sub/.runctl-tmp-y/inner.pt")
+    for key in ("a.txt", *own):
         put(moto_server, bucket, f"run/{key}", b"x")
     dest = tmp_path / "dest"
     for _ in range(2):  # the second time, nothing is copied again
@@ -600,6 +601,17 @@ def test_sync_leaves_runctl_state_out_both_ways(
     (summary,) = of_type(result.stdout, "summary")
     assert (summary["copied"], summary["unchanged"]) == (0, 1)
     assert sorted(p.name for p in dest.rglob("*")) == ["a.txt"]
+    # Going up, the walk skips them locally: what it skips is not taken for gone by --delete.
+    for rel in own:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(b"x")
+    result = run_s3(
+        moto_server, "s3", "sync", str(dest), f"{bucket}run/", "-d", "up", "--delete", flag, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    (summary,) = of_type(result.stdout, "summary")
+    assert (summary["copied"], summary["deleted"]) == (0, 0)
+    assert set(keys(moto_server, bucket)) == {f"run/{key}" for key in ("a.txt", *own)}
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
