@@ -78,6 +78,9 @@ MANY_PAIRS = 64
 #: Idle limits (no output and no bytes moved) when the caller sets no ``stall_timeout``.
 DEFAULT_IDLE_TRANSFER = 900.0
 DEFAULT_IDLE_METADATA = 120.0
+#: A watched child quiet this long is named in a warning (once per quiet spell) when its limit is
+#: far longer: a hung endpoint otherwise left ``runctl s3 upload`` silent for 15 minutes.
+QUIET_NOTE = 60.0
 #: How often the watchdog looks at a quiet child.
 _TICK = 0.25
 #: Bytes read from a child's output at a time.
@@ -401,6 +404,14 @@ def _gatherer(fd: int, seconds: float) -> Callable[[], object]:
     return functools.partial(waiter.poll, seconds * 1000)
 
 
+def _endpoint_of(argv: Sequence[str | bytes]) -> str:
+    """The endpoint an s5cmd command line talks to, for messages."""
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--endpoint-url":
+            return os.fsdecode(value)
+    return "S3"
+
+
 class _Child:
     """One running s5cmd: its output read on threads, a stall watchdog, bounded waits."""
 
@@ -441,6 +452,7 @@ class _Child:
             raise BinaryNotFoundError(f"cannot run s5cmd {self.argv[0]!r}: {exc}") from None
         self._last_activity = time.monotonic()
         self._last_io = _io_bytes(self.proc.pid)
+        self._noted = False  # this quiet spell was named in a warning
         # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
         # commands (which print promptly) are then watched.
         self._watch = (self._last_io is not None or not watch_bytes_only) and (
@@ -535,6 +547,7 @@ class _Child:
                     open_streams -= 1
                     continue
                 self._last_activity = time.monotonic()
+                self._noted = False
                 for line in lines:
                     yield name, line
             self.wait()
@@ -549,13 +562,23 @@ class _Child:
         if current is not None and current != self._last_io:
             self._last_io = current
             self._last_activity = time.monotonic()
+            self._noted = False
         return self._last_activity
 
     def _check_stall(self) -> None:
         now = time.monotonic()
         if self.active_at() >= now:
             return
-        if self._watch and now - self._last_activity > self.idle_limit:
+        quiet = now - self._last_activity
+        if self._watch and not self._noted and quiet > QUIET_NOTE and self.idle_limit > 2 * QUIET_NOTE:
+            self._noted = True
+            log.warning(
+                "nothing has moved for %d s (is %s answering?); still waiting, up to %d s in all",
+                quiet,
+                _endpoint_of(self.argv),
+                self.idle_limit,
+            )
+        if self._watch and quiet > self.idle_limit:
             self.kill()
             raise TransferError(
                 f"s5cmd stalled: no output and no bytes moved for {self.idle_limit:g}s; killed it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -32,6 +33,7 @@ from runctl.s3url import S3URL
 from runctl.transfer import s5cmd as s5cmd_module
 from runctl.transfer.base import MiB, ObjectInfo, PrefixInfo, Transfer, part_size_for
 from runctl.transfer.s5cmd import S5cmdTransfer, error_code, find_s5cmd, parse_time
+from tests.cli.cli_support import run
 from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -545,7 +547,9 @@ def test_stall_watchdog_kills_a_silent_child(
     assert time.monotonic() - started < 15
 
 
-def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def never_answering() -> Iterator[str]:
+    """An endpoint on loopback that accepts connections and never answers; yields its URL."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -563,11 +567,19 @@ def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> N
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        port = listener.getsockname()[1]
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> None:
+    with never_answering() as endpoint:
         config = S3Config(
-            f"http://127.0.0.1:{port}",
-            region=REGION,
-            static_credentials=Credentials(ACCESS_KEY, SECRET_KEY),
+            endpoint, region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY)
         )
         t = S5cmdTransfer(config, retry_count=0, stall_timeout=1.5)
         (src,) = make_files(tmp_path, ["a.pt"])
@@ -575,12 +587,22 @@ def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> N
         with pytest.raises(TransferError, match="stalled"):
             t.put_files([(src, S3URL("b-u-c", "a.pt"))])
         assert time.monotonic() - started < 20
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in accepted:
-            conn.close()
-        listener.close()
+
+
+def test_a_command_waiting_on_a_hung_endpoint_says_so_long_before_it_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `runctl s3 upload` to an endpoint that never answers sat silent for the whole 900 s.
+    monkeypatch.setattr(s5cmd_module, "QUIET_NOTE", 1.0)
+    monkeypatch.setattr(s5cmd_module, "DEFAULT_IDLE_TRANSFER", 4.0)
+    (src,) = make_files(tmp_path, ["a.pt"])
+    with never_answering() as endpoint:
+        result = run("--endpoint-url", endpoint, "s3", "upload", str(src), "s3://b-u-c/a.pt")
+    assert result.exit_code == 1, result.output
+    warning, error = result.stderr.splitlines()
+    assert warning.startswith("runctl: warning: nothing has moved for 1 s")
+    assert f"(is {endpoint} answering?); still waiting, up to 4 s in all" in warning
+    assert "stalled" in error
 
 
 def test_close_kills_running_children(s3_server: S3Server, bucket: S3URL, tmp_path: Path) -> None:
