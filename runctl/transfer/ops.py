@@ -625,7 +625,8 @@ def _fetch_into(
             yield url, tmp
 
     def staging_path(url: S3URL, final: Path) -> Path:
-        parent = str(final).rpartition(os.sep)[0] or os.sep  # a string: cheaper than .parent
+        head, sep, _ = str(final).rpartition(os.sep)  # strings: cheaper than .parent
+        parent = head or (os.sep if sep else ".")  # "/x": "/"; "x" (into "."): "."
         if parent not in contained:
             Path(parent).mkdir(parents=True, exist_ok=True)
             # Re-check after creating directories: nothing may have become a symlink out of the root.

@@ -674,3 +674,32 @@ def test_keys_with_a_backslash_come_down_and_survive_a_sync_round_trip(
         result = run_s3(s3_server, "s3", "sync", str(mirror), f"{bucket}run/", "-d", direction, "--delete", flag)
         assert result.exit_code == 0, result.output
     assert set(keys(s3_server, bucket)) == {"run/a\\b.pt", "run/d\\\\e\\n.pt", "run/plain.pt"}
+
+
+def test_downloads_into_the_current_directory_as_dot(
+    moto_server: S3Server, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `download -r s3://b/p/ .` failed every object directly under the prefix ("its directory
+    # resolves outside"): the parent of "a.txt" was taken for "/".
+    bucket = S3URL(moto_server.new_bucket())
+    flag = backend_flag(backend)
+    put(moto_server, bucket, "run/a.txt", b"a")
+    put(moto_server, bucket, "run/sub/b.txt", b"b")
+    put(moto_server, bucket, "ckpt/step_7.pt", b"seven")
+    for i, command in enumerate(
+        [
+            ("download", "-r", f"{bucket}run/", "."),
+            ("sync", ".", f"{bucket}run/", "-d", "down"),
+            ("download", f"{bucket}run/a.txt", "."),
+            ("download", f"{bucket}ckpt/", ".", "--latest"),
+        ]
+    ):
+        here = tmp_path / f"cwd{i}"
+        here.mkdir()
+        monkeypatch.chdir(here)
+        result = run_s3(moto_server, "s3", *command, flag)
+        assert result.exit_code == 0, (command, result.output)
+        expected = {"step_7.pt": b"seven"} if "--latest" in command else {"a.txt": b"a"}
+        if "-r" in command or "sync" in command:
+            expected["sub/b.txt"] = b"b"
+        assert {p.relative_to(here).as_posix(): p.read_bytes() for p in here.rglob("*") if p.is_file()} == expected
