@@ -96,8 +96,11 @@ class EndpointError(TransferError, ConnectionError):
     """The endpoint could not be reached."""
 
 
-class StreamClosedError(TransferError):
-    """The reader of a download streamed to stdout closed it first (a broken pipe)."""
+class StreamClosedError(TransferError, BrokenPipeError):
+    """The reader of a download streamed to stdout closed it first (a broken pipe).
+
+    A ``BrokenPipeError`` too: the CLI stops quietly, exit 1, as for ``runctl s3 list | head``.
+    """
 
 
 class UnsafeKeyError(TransferError):

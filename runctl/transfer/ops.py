@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -762,6 +763,7 @@ def download(
     goes to ``dest/<key relative to the prefix>``. Files appear atomically: written under a
     temporary name inside ``dest`` (a prefix: one temporary directory, which the backend may
     fill with one command), then renamed. Unsafe keys are skipped; the rest is downloaded first.
+    One object onto a device or a FIFO (``/dev/null``, ``/dev/stdout``) is written into it.
 
     Raises:
         UsageError: a prefix without ``recursive``.
@@ -802,6 +804,15 @@ def download(
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
+    if _is_special(final):
+        # A device or a FIFO, or a symlink to one (/dev/null, /dev/stdout): written into, as
+        # aws does. A rename would put a regular file in its place (as root, in /dev).
+        fd = os.open(final, os.O_WRONLY)
+        try:
+            transfer.get_stream(url, fd)
+        finally:
+            os.close(fd)
+        return [(url, final)]
     tmp = _tmp_name(final)
     placed = False
     try:
@@ -813,6 +824,15 @@ def download(
         if not placed:
             _discard([tmp])
     return [(url, final)]
+
+
+def _is_special(path: Path) -> bool:
+    """True for a character or block device or a FIFO, or a symlink to one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)
 
 
 def _existing(transfer: Transfer, url: S3URL) -> ObjectInfo:
