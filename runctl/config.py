@@ -159,6 +159,9 @@ class S3Config:
 
         creds = self.credentials
         session = botocore.session.Session(profile=None if creds else self.profile)
+        # The endpoint is runctl's to resolve (resolve_config, which s5cmd follows too): botocore
+        # would otherwise take one from the config file where this one is None (AWS itself).
+        session.set_config_variable("ignore_configured_endpoint_urls", True)
         if creds is not None:
             session.set_credentials(creds.access_key, creds.secret_key, creds.token)
         boto_config = BotoConfig(
@@ -201,6 +204,50 @@ def _check_endpoint(endpoint_url: str) -> None:
         )
 
 
+def profile_settings(profile: str | None, env: Mapping[str, str]) -> dict[str, str]:
+    """The AWS config file's settings for ``profile`` (else ``default``) that runctl uses.
+
+    ``region``, ``endpoint_url`` (the profile's own, overridden by its ``services`` section's
+    ``s3`` one, as the AWS SDKs have it) and ``ignore_configured_endpoint_urls``. The file is
+    ``$AWS_CONFIG_FILE`` or ``~/.aws/config``; one that is missing or unreadable gives nothing
+    (botocore names a broken one when it looks for credentials).
+
+    Example:
+        >>> profile_settings("nope", {"AWS_CONFIG_FILE": "/nonexistent"})
+        {}
+    """
+    path = os.path.expanduser(env.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    import configparser  # only with a file to parse: 2 ms of start-up otherwise
+
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read_string(text, path)
+    except configparser.Error:
+        return {}
+    name = profile or "default"
+    section = name if name == "default" and parser.has_section("default") else f"profile {name}"
+    if not parser.has_section(section):
+        return {}
+    found = {
+        key: parser.get(section, key).strip()
+        for key in ("region", "endpoint_url", "ignore_configured_endpoint_urls")
+        if parser.has_option(section, key)
+    }
+    services = f"services {parser.get(section, 'services').strip()}" if parser.has_option(section, "services") else ""
+    if services and parser.has_option(services, "s3"):
+        # A nested block: "s3 =" then indented "endpoint_url = ..." lines.
+        for line in parser.get(services, "s3").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "endpoint_url" and value.strip():
+                found["endpoint_url"] = value.strip()
+    return {key: value for key, value in found.items() if value}
+
+
 def resolve_config(
     endpoint_url: str | None = None,
     profile: str | None = None,
@@ -208,19 +255,41 @@ def resolve_config(
     *,
     env: Mapping[str, str] | None = None,
 ) -> S3Config:
-    """Resolve flags first, then the standard variables, into one ``S3Config``.
+    """Resolve flags first, then the standard variables, then the AWS config file's profile.
+
+    As the AWS CLI does: the endpoint from ``--endpoint-url``, ``AWS_ENDPOINT_URL_S3``,
+    ``AWS_ENDPOINT_URL`` (and runctl's ``S3_ENDPOINT_URL``), then the profile's ``services``
+    and ``endpoint_url``, all but the flag ignored under ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS``
+    (or the profile's ``ignore_configured_endpoint_urls``); the region from ``--region``,
+    ``AWS_REGION``, ``AWS_DEFAULT_REGION``, then the profile's ``region``, else us-east-1.
 
     Example:
         >>> resolve_config(env={"S3_ENDPOINT_URL": "http://127.0.0.1:9000"}).endpoint_url
         'http://127.0.0.1:9000'
     """
     env = os.environ if env is None else env
+    profile = profile or env.get("AWS_PROFILE") or None
+    settings: dict[str, str] | None = None
+
+    def setting(key: str) -> str | None:
+        nonlocal settings
+        if settings is None:  # the file is read only when a flag or variable leaves a gap
+            settings = profile_settings(profile, env)
+        return settings.get(key)
+
     if endpoint_url is None:
-        endpoint_url = next((env[v] for v in ENDPOINT_VARS if env.get(v)), None)
+        ignore = env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or setting("ignore_configured_endpoint_urls")
+        if (ignore or "").strip().lower() != "true":
+            endpoint_url = next((env[v] for v in ENDPOINT_VARS if env.get(v)), None)
+            endpoint_url = endpoint_url or setting("endpoint_url")
     if endpoint_url is not None:
         endpoint_url = endpoint_url.strip().rstrip("/")
         if not endpoint_url.startswith(("http://", "https://")):
             raise ConfigError(f"invalid endpoint URL {endpoint_url!r}: must start with http:// or https://")
-    profile = profile or env.get("AWS_PROFILE") or None
-    region = region or next((env[v] for v in REGION_VARS if env.get(v)), None) or DEFAULT_REGION
+    region = (
+        region
+        or next((env[v] for v in REGION_VARS if env.get(v)), None)
+        or setting("region")
+        or DEFAULT_REGION
+    )
     return S3Config(endpoint_url=endpoint_url, profile=profile, region=region)

@@ -13,8 +13,17 @@ import pytest
 from runctl.cli.output import Output
 from runctl.s3url import S3URL
 from runctl.transfer.base import BucketInfo
-from tests.cli.cli_support import backend_flag, keys, of_type, put, records, run_process, run_s3
-from tests.servers import S3Server
+from tests.cli.cli_support import (
+    backend_flag,
+    keys,
+    of_type,
+    put,
+    records,
+    run,
+    run_process,
+    run_s3,
+)
+from tests.servers import ACCESS_KEY, SECRET_KEY, S3Server
 
 
 @pytest.fixture
@@ -703,3 +712,20 @@ def test_downloads_into_the_current_directory_as_dot(
         if "-r" in command or "sync" in command:
             expected["sub/b.txt"] = b"b"
         assert {p.relative_to(here).as_posix(): p.read_bytes() for p in here.rglob("*") if p.is_file()} == expected
+
+
+def test_a_profile_with_its_endpoint_in_the_config_file_reaches_it(
+    moto_server: S3Server, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `aws s3 ls --profile p` found the endpoint_url in ~/.aws/config; runctl went to AWS.
+    bucket = S3URL(moto_server.new_bucket())
+    put(moto_server, bucket, "run/a.txt", b"a")
+    config = tmp_path / "config"
+    keys_of = f"aws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    config.write_text(f"[profile local]\nendpoint_url = {moto_server.endpoint_url}\n{keys_of}")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    result = run("s3", "list", f"{bucket}run/", "--profile", "local", backend_flag(backend), "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["key"] for r in of_type(result.stdout, "object")] == ["run/a.txt"]

@@ -222,3 +222,41 @@ def test_boto_client_signs_with_the_profile_and_needs_no_boto3(tmp_path: Path) -
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == '["AKIDPROFILE", "eu-west-1", false]'
+
+
+def test_the_config_files_profile_gives_the_endpoint_and_region_as_aws_has_them(tmp_path: Path) -> None:
+    # `endpoint_url` in ~/.aws/config (MinIO users' usual setup) was ignored by both backends.
+    config = tmp_path / "config"
+    config.write_text(
+        "[default]\nregion = eu-west-1\nendpoint_url = http://default.example:1\n"
+        "[profile minio]\nendpoint_url = http://minio.example:9000\nregion = eu-central-1\n"
+        "[profile svc]\nendpoint_url = http://global.example:1\nservices = mine\n"
+        "[services mine]\ns3 =\n  endpoint_url = http://s3-only.example:2\n"
+        "[profile bare]\n"
+        "[profile ignoring]\nendpoint_url = http://ignored.example:1\nignore_configured_endpoint_urls = true\n"
+    )
+    base = {"AWS_CONFIG_FILE": str(config)}
+
+    def resolved(env: dict[str, str], **flags: str) -> tuple[str | None, str]:
+        cfg = resolve_config(env=base | env, **flags)
+        return cfg.endpoint_url, cfg.region
+
+    assert resolved({}) == ("http://default.example:1", "eu-west-1")
+    assert resolved({"AWS_PROFILE": "minio"}) == ("http://minio.example:9000", "eu-central-1")
+    assert resolved({}, profile="minio") == ("http://minio.example:9000", "eu-central-1")
+    assert resolved({}, profile="svc") == ("http://s3-only.example:2", DEFAULT_REGION)
+    assert resolved({}, profile="bare") == (None, DEFAULT_REGION)
+    assert resolved({}, profile="ignoring") == (None, DEFAULT_REGION)
+    # Flags and variables win over the file; AWS_IGNORE_CONFIGURED_ENDPOINT_URLS drops both.
+    assert resolved({"AWS_ENDPOINT_URL": GENERIC, "AWS_REGION": "ap-south-1"}, profile="minio") == (
+        GENERIC,
+        "ap-south-1",
+    )
+    assert resolved({}, profile="minio", endpoint_url=FLAG, region="us-west-2") == (FLAG, "us-west-2")
+    ignore = {"AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true", "AWS_ENDPOINT_URL": GENERIC}
+    assert resolved(ignore, profile="minio") == (None, "eu-central-1")
+    assert resolved(ignore, profile="minio", endpoint_url=FLAG)[0] == FLAG
+    # A profile the file lacks, or a file that cannot be parsed, gives nothing from it.
+    assert resolved({}, profile="nope") == (None, DEFAULT_REGION)
+    config.write_text("not an ini file [\n")
+    assert resolved({}) == (None, DEFAULT_REGION)
