@@ -383,9 +383,11 @@ def upload(
         try:
             send(chunk)
         except TransferError as exc:
+            # The first batch failing as a whole for one typed cause (no such bucket, access
+            # denied, no endpoint) is that error, as for one file: not the same cause once per file.
             if (
                 total == len(chunk)
-                and len(chunk) == 1
+                and (len(chunk) == 1 or type(exc) is not TransferError)
                 and not isinstance(exc, PartialTransferError)
             ):
                 raise
