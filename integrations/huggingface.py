@@ -34,7 +34,9 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
     once the marker is there, so a directory the Trainer rotates away (``save_total_limit``)
     mid-upload never appears complete and torn. Only the main process
     (``state.is_world_process_zero``) uploads. The Trainer's best checkpoint
-    (``state.best_model_checkpoint``) is protected from ``keep_last_n``.
+    (``state.best_model_checkpoint``) is protected from ``keep_last_n``, also after a resume on
+    a node without its directory (where the Trainer keeps only ``state.best_global_step``), and
+    so is the checkpoint training resumed from, also in a second ``train()`` after one that raised.
 
     Args:
         s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL).
@@ -99,8 +101,17 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the uploader on the main process, rooted at ``args.output_dir``."""
-        if not state.is_world_process_zero or self._uploader is not None:
+        if not state.is_world_process_zero:
             return
+        if self._uploader is not None:
+            # An earlier train() raised (the Trainer calls no callback then): its uploader goes
+            # on, and this run's resumed-from checkpoint is protected again before retention.
+            if self._output_dir is not None and Path(args.output_dir).resolve() == self._output_dir.resolve():
+                self._uploader.hold_retention()
+                self._uploader.set_resumed_from(None)
+                self._resume_checked = False
+                return
+            self.close()  # another output_dir: the earlier run's uploads are finished first
         self._output_dir = Path(args.output_dir)
         limit, keep = getattr(args, "save_total_limit", None), self.options.keep_last_n
         if limit and keep and limit < keep:
@@ -131,6 +142,7 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             # Also when it was restored outside output_dir (latest_checkpoint(..., "restore/")):
             # its name in S3 is the same.
             self._uploader.set_resumed_from(f"{CHECKPOINT_PREFIX}-{state.global_step}")
+        self._protect_best(state)
         self._uploader.release_retention()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -186,7 +198,15 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             )
 
     def _protect_best(self, state: Any) -> None:
+        if self._uploader is None or self._output_dir is None:
+            return
         best = getattr(state, "best_model_checkpoint", None)
-        if self._uploader is not None and best and self._output_dir is not None:
+        if best:
             if Path(best).parent.resolve() == self._output_dir.resolve():
                 self._uploader.set_best(os.path.basename(os.path.normpath(best)))
+            return
+        step = getattr(state, "best_global_step", None)
+        if step:
+            # Resumed on a node without the best checkpoint's directory, the Trainer forgets its
+            # path ("does not exist anymore") but keeps its step: S3 may well hold it.
+            self._uploader.set_best(f"{CHECKPOINT_PREFIX}-{step}")

@@ -724,6 +724,16 @@ class CheckpointUploader:
         with self._cond:
             self._resumed_from = _base(name) if name else None
 
+    def hold_retention(self) -> None:
+        """Apply no retention until ``release_retention()``, as ``hold_retention=True`` does at start.
+
+        For a framework that starts training again on a running uploader (a second ``train()``
+        after one that raised) and learns what it resumed from only later. A retention pass
+        already under way finishes.
+        """
+        with self._cond:
+            self._retention_held = True
+
     def release_retention(self) -> None:
         """End ``hold_retention``: retention due meanwhile runs now, on the worker thread.
 

@@ -212,3 +212,82 @@ def test_under_runctl_local_watching_its_output_dir_it_claims_it(
         assert callback.uploader is not None
         assert (claimed_by(out, [os.getpid()]) is not None) == claims, url
         callback.close()
+
+
+def hf_trainer(out: Path, callback: Any, max_steps: int, scores: list[float] | None = None, **extra: Any) -> Any:
+    """A tiny GPT-2 Trainer saving every 2 steps (evaluating then too, with scripted ``scores``)."""
+    evaluating: dict[str, Any] = {}
+    if scores is not None:
+        it = iter(scores)
+        evaluating = dict(
+            eval_strategy="steps", eval_steps=2, metric_for_best_model="score", greater_is_better=False
+        )
+        extra["compute_metrics"] = lambda _: {"score": next(it)}
+        extra["eval_dataset"] = RandomTokens(4, seed=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
+        per_device_eval_batch_size=4, save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        seed=0, **evaluating,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.Trainer(
+            model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=[callback], **extra
+        )
+
+
+def test_the_best_checkpoint_survives_a_resume_on_a_node_without_it(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # The Trainer forgets a best_model_checkpoint that is not on this disk ("does not exist
+    # anymore"), and retention then deleted the best in S3 on the first resume on a fresh node.
+    from runctl.integrations.huggingface import RunctlCallback
+    from runctl.uploader import latest_checkpoint
+
+    prefix = moto_bucket.join("hf-best-fresh/")
+    out = tmp_path / "out"
+    first = hf_trainer(out, RunctlCallback(prefix, keep_last_n=1, config=moto_server.config()), 6, [0.1, 0.5, 0.9])
+    first.train()
+    assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-2", "checkpoint-6"]
+    shutil.rmtree(out)  # a fresh node
+    resume = latest_checkpoint(prefix, out, config=moto_server.config())
+    assert resume is not None and resume.name == "checkpoint-6"
+    second = hf_trainer(out, RunctlCallback(prefix, keep_last_n=1, config=moto_server.config()), 10, [0.9, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second.train(resume_from_checkpoint=str(resume))
+    assert second.state.best_model_checkpoint is None and second.state.best_global_step == 2
+    # checkpoint-2 (the best) and checkpoint-6 (resumed from) stay; checkpoint-8 goes.
+    assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-10", "checkpoint-2", "checkpoint-6"]
+
+
+class FailAt(transformers.TrainerCallback):  # type: ignore[misc]
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise RuntimeError("boom")
+
+
+def test_a_second_train_after_one_that_raised_protects_what_it_resumes_from(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # The Trainer calls no callback when train() raises: the callback's uploader went on, and
+    # a second train() in the same process (a notebook) skipped protecting its resumed-from.
+    from runctl.integrations.huggingface import RunctlCallback
+
+    prefix = moto_bucket.join("hf-second-train/")
+    out = tmp_path / "out"
+    callback = RunctlCallback(prefix, keep_last_n=1, config=moto_server.config())
+    trainer = hf_trainer(out, callback, 8)
+    fail = FailAt(5)
+    trainer.add_callback(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    trainer.remove_callback(fail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    # keep_last_n=1 keeps checkpoint-8; checkpoint-2 is what the second train() resumed from.
+    assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-2", "checkpoint-8"]
