@@ -174,7 +174,10 @@ class CheckpointManager:
         Args:
             state: anything ``torch.save`` accepts.
             step: the training step; orders checkpoints for retention.
-            protect: keep this checkpoint whatever ``keep_last_n`` says.
+            protect: keep this checkpoint whatever ``keep_last_n`` and ``local_keep_last_n``
+                say, in later runs too, on any node: it is pinned in S3 and locally
+                (``<prefix>.runctl/pinned/<name>``, ``local_dir/.runctl/pinned/<name>``;
+                delete both to unpin, or ``manager.uploader.unprotect(name)``).
 
         Returns:
             The path written.
@@ -200,8 +203,13 @@ class CheckpointManager:
         if self._uploader is not None:
             self._uploader.release_retention()
             self._submit(path, step, protect)
-        elif self.options.local_keep_last_n is not None:
-            self._apply_local_retention(protect_name=path.name if protect else None)
+        else:
+            if protect:  # (the uploader pins in S3 and here; without one, here)
+                from runctl.checkpoints import pin_locally
+
+                pin_locally(self.local_dir, path.name)
+            if self.options.local_keep_last_n is not None:
+                self._apply_local_retention()
         return path
 
     def _remove_stale_temps(self) -> None:
@@ -225,15 +233,13 @@ class CheckpointManager:
         assert self._uploader is not None
         return self._uploader.submit(path, step=step, protect=protect)
 
-    def _apply_local_retention(self, protect_name: str | None) -> None:
+    def _apply_local_retention(self) -> None:
         from runctl.retention import apply_local_retention
 
         assert self.options.local_keep_last_n is not None
-        protected = [protect_name] if protect_name else []
-        # Without S3 nothing is ever durable: keep-last-N applies to the local copies as they are.
-        apply_local_retention(
-            self.local_dir, self.options.local_keep_last_n, protected=protected, force=True
-        )
+        # Without S3 nothing is ever durable: keep-last-N applies to the local copies as they
+        # are, and pinned ones stay (local_pins).
+        apply_local_retention(self.local_dir, self.options.local_keep_last_n, force=True)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint to resume from, local or in S3; downloaded if need be.

@@ -388,10 +388,49 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class S3Checkpoints:
-    """A prefix's listing split into checkpoints (oldest first) and everything else."""
+    """A prefix's listing split into checkpoints (oldest first), pinned names and everything else."""
 
     checkpoints: tuple[Checkpoint, ...]
     others: tuple[ObjectInfo, ...] = ()
+    #: Names pinned with an object ``<prefix>.runctl/pinned/<name>`` (``pin_url``).
+    pinned: frozenset[str] = frozenset()
+
+
+#: Where a pinned checkpoint's pin lives, under its prefix or directory: an empty object or
+#: file named like the checkpoint. Retention keeps what it names, in any run and on any node
+#: (``runctl s3 cleanup`` and ``runctl checkpoint cleanup`` too); deleting it unpins.
+PIN_DIR = f"{RUNCTL_DIR}/pinned"
+
+
+def pin_url(prefix: S3URL, name: str) -> S3URL:
+    """The S3 object that pins checkpoint ``name`` under ``prefix``.
+
+    Example:
+        >>> pin_url(S3URL("bkt", "run/"), "step_0.pt")
+        S3URL(bucket='bkt', key='run/.runctl/pinned/step_0.pt')
+    """
+    return prefix.as_prefix().join(f"{PIN_DIR}/{name}")
+
+
+def pin_locally(root: Path, name: str) -> None:
+    """Pin checkpoint ``name`` in a local checkpoint directory (``local_pins``).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); pin_locally(root, "step_0.pt"); local_pins(root)
+        {'step_0.pt'}
+    """
+    pins = Path(root) / PIN_DIR
+    pins.mkdir(parents=True, exist_ok=True)
+    (pins / name).touch()
+
+
+def local_pins(root: Path) -> set[str]:
+    """The names pinned in a local checkpoint directory (``root/.runctl/pinned/<name>``)."""
+    try:
+        return {entry.name for entry in os.scandir(Path(root) / PIN_DIR)}
+    except OSError:
+        return set()
 
 
 def _dir_files(path: Path, root: Path) -> tuple[tuple[str, ...], int, float]:
@@ -507,6 +546,8 @@ def group_s3(
     singles: list[Checkpoint] = []
     dirs: dict[str, list[ObjectInfo]] = {}
     others: list[ObjectInfo] = []
+    pinned: set[str] = set()
+    pins = base + PIN_DIR + "/"
     known: dict[str, bool] = {}
     # Markers are read as the listing shows them, while the rest of it arrives: one at a time
     # on threads, or with read_markers in one batch that takes each as it comes.
@@ -518,6 +559,9 @@ def group_s3(
                 continue
             if obj.bucket != prefix.bucket or not obj.key.startswith(base) or obj.key == base:
                 others.append(obj)
+                continue
+            if obj.key.startswith(pins) and obj.key != pins and "/" not in obj.key[len(pins) :]:
+                pinned.add(obj.key[len(pins) :])
                 continue
             rel = obj.key[len(base) :]
             top, sep, rest = rel.partition("/")
@@ -561,7 +605,7 @@ def group_s3(
         if batch is not None:
             batch.end()
     checkpoints.sort(key=Checkpoint.order_key)
-    return S3Checkpoints(tuple(checkpoints), tuple(others))
+    return S3Checkpoints(tuple(checkpoints), tuple(others), frozenset(pinned))
 
 
 def batch_reader(found: Mapping[str, bytes | TransferError]) -> Callable[[str], bytes]:

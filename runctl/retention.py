@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runctl.checkpoints import Checkpoint, group_s3, is_alias, scan_local
+from runctl.checkpoints import Checkpoint, group_s3, is_alias, local_pins, scan_local
 from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
@@ -284,7 +284,8 @@ def apply_s3_retention(
     journals each doomed name there); ``unfinished`` names checkpoints whose deletion an earlier,
     interrupted run began: an incomplete one of those is deleted rather than kept as in progress.
     ``protected_must_exist``: refuse (``UsageError``, nothing deleted) a protected name that
-    names no checkpoint there (``check_protected``), as the CLI's ``--protect`` does.
+    names no checkpoint there (``check_protected``), as the CLI's ``--protect`` does. Names
+    pinned under the prefix (``checkpoints.PIN_DIR``) are protected too.
 
     Raises:
         LockTimeout: the lock was held elsewhere for longer than ``lock_timeout``.
@@ -311,7 +312,7 @@ def apply_s3_retention(
         plan = plan_retention(
             grouped.checkpoints,
             keep_last_n,
-            protected=protected,
+            protected=(*_protected_names(protected), *grouped.pinned),
             max_total_size=max_total_size,
             incomplete_older_than=incomplete_older_than,
             unfinished=unfinished,
@@ -415,7 +416,7 @@ def apply_local_retention(
     ``deleted_local``. ``writing`` maps the names of checkpoints still being written to why
     (``localrun.being_written``): like a Hugging Face directory still without its
     ``trainer_state.json``, they are neither counted among the newest nor deleted.
-    ``protected_must_exist``: as for ``apply_s3_retention``.
+    ``protected_must_exist`` and pins (``root/.runctl/pinned/<name>``): as for ``apply_s3_retention``.
 
     Raises:
         UsageError: ``root`` is not a directory, or ``keep_last_n`` is below 1.
@@ -435,6 +436,7 @@ def apply_local_retention(
         found = scan_local(root, patterns)
         if protected_must_exist:
             check_protected(found, protected, str(root))
+        protected = (*_protected_names(protected), *local_pins(root))
         torn = set()
         for cp in found:
             if not cp.is_dir and snapshot.torn(cp.name, cp.size, cp.mtime):

@@ -26,6 +26,7 @@ from runctl.checkpoints import (
     HF_ARGS,
     HF_SIGN,
     MARKER_NAME,
+    PIN_DIR,
     Checkpoint,
     build_manifest,
     dir_awaits_hf_sign,
@@ -35,6 +36,8 @@ from runctl.checkpoints import (
     local_checkpoint,
     newest_state,
     parse_step,
+    pin_locally,
+    pin_url,
     step_order,
 )
 from runctl.config import S3Config, resolve_config, scrub
@@ -538,6 +541,9 @@ class CheckpointUploader:
         self._queue: collections.deque[_Job] = collections.deque()
         self._in_flight: _Job | None = None
         self._pinned: set[str] = set()
+        # Pins (and unpins) still to be written to S3 (``_send_pins``): they outlive this run.
+        self._pins_unsent: set[str] = set()
+        self._unpins_unsent: set[str] = set()
         self._best: str | None = None
         self._resumed_from: str | None = None
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
@@ -686,7 +692,7 @@ class CheckpointUploader:
                         "(its journal line stays pending for the next run)"
                     )
                 if protect:
-                    self._pinned.add(name)
+                    self._pin(name)
                 try:
                     self._enqueue(job, wake=held is None)
                 except BaseException:
@@ -706,13 +712,36 @@ class CheckpointUploader:
         return job.handle
 
     def protect(self, name: str) -> None:
-        """Pin a checkpoint name: retention keeps it in S3 and locally."""
+        """Pin a checkpoint name: retention keeps it in S3 and locally, in later runs too.
+
+        The pin is an empty object ``<prefix>.runctl/pinned/<name>`` (``checkpoints.pin_url``),
+        written by the worker after the next upload (or at close): every later retention, on
+        any node, and ``runctl s3 cleanup`` keep what it names.
+
+        Example:
+            >>> up.protect("step_0.pt")  # doctest: +SKIP
+        """
         with self._cond:
-            self._pinned.add(_base(name))
+            self._pin(_base(name))
 
     def unprotect(self, name: str) -> None:
+        """Unpin a checkpoint name (``protect``): its pin in S3 goes too.
+
+        Example:
+            >>> up.unprotect("step_0.pt")  # doctest: +SKIP
+        """
+        name = _base(name)
         with self._cond:
-            self._pinned.discard(_base(name))
+            self._pinned.discard(name)
+            self._pins_unsent.discard(name)
+            self._unpins_unsent.add(name)
+
+    def _pin(self, name: str) -> None:
+        """Pin ``name`` (under ``_cond``); its pin in S3 is the worker's to write."""
+        if name not in self._pinned:
+            self._pinned.add(name)
+            self._pins_unsent.add(name)
+        self._unpins_unsent.discard(name)
 
     def set_best(self, name: str | None) -> None:
         """The framework's best checkpoint (protected from retention); None clears it."""
@@ -1191,6 +1220,7 @@ class CheckpointUploader:
                 with upload_turn(self.root, give_up=self._waiting_for_turn):
                     landed = self._process(job)
                 if landed:
+                    self._send_pins()
                     self._retention(job)  # outside the turn: it takes the retention locks
                     self._compact_if_grown()
             except (_Aborted, LockTimeout):  # LockTimeout: the turn's wait, given up on abort
@@ -1208,6 +1238,8 @@ class CheckpointUploader:
                 with self._cond:
                     self._in_flight = None
                     self._cond.notify_all()
+        if not self._abort.is_set():
+            self._send_pins()
         if final:
             self._retention(None, lock_wait=FINAL_LOCK_WAIT)
             if self._retention_blocked_on:
@@ -1216,6 +1248,43 @@ class CheckpointUploader:
                     "its lock (`runctl s3 cleanup` or `runctl checkpoint cleanup` applies it)",
                     " and ".join(self._retention_blocked_on),
                 )
+
+    def _send_pins(self) -> None:
+        """Write the pins (``protect``) and delete the unpins not yet in S3 (on the worker).
+
+        Locally too (``root/.runctl/pinned/<name>``), for local retention in later runs and
+        ``runctl checkpoint cleanup``.
+
+        One that fails is tried again after the next upload; this run keeps the name either way.
+        """
+        with self._cond:
+            pins, unpins = sorted(self._pins_unsent), sorted(self._unpins_unsent)
+        for name in unpins:
+            with contextlib.suppress(OSError):
+                (self.root / PIN_DIR / name).unlink()
+        for name in pins:
+            try:
+                pin_locally(self.root, name)
+                self.transfer.put_bytes(b"", pin_url(self.prefix, name))
+            except Exception as exc:  # noqa: BLE001 - a pin failing must not stop uploads
+                log.warning("could not pin %s in S3 (tried again after the next upload): %s", name, exc)
+                continue
+            with self._cond:
+                self._pins_unsent.discard(name)
+        if unpins:
+            keys = {pin_url(self.prefix, name).key: name for name in unpins}
+            try:
+                errors = self.transfer.delete_keys(self.prefix.bucket, list(keys)).errors
+            except Exception as exc:  # noqa: BLE001
+                errors = {key: str(exc) for key in keys}
+            if errors:
+                log.warning(
+                    "could not unpin %s in S3 (tried again after the next upload): %s",
+                    ", ".join(keys[k] for k in errors if k in keys),
+                    next(iter(errors.values())),
+                )
+            with self._cond:
+                self._unpins_unsent.difference_update(n for k, n in keys.items() if k not in errors)
 
     def _waiting_for_turn(self) -> bool:
         """``upload_turn``'s poll: True gives up (this uploader is aborting).

@@ -263,3 +263,49 @@ def test_latest_waits_out_a_blip_when_there_is_nothing_local(
         restart.join()
     finally:
         server.stop()
+
+
+def _train_pinning(manager: CheckpointManager, steps: range, pinned: int) -> None:
+    model = torch.nn.Linear(4, 2)
+    for step in steps:
+        manager.save({"model": model.state_dict(), "step": step}, step, protect=step == pinned)
+
+
+def test_a_pinned_checkpoint_stays_in_later_runs_on_any_node(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # save(protect=True) pinned it in this process only: the first retention of the next run
+    # (after a preemption, on a fresh node) deleted it.
+    prefix, config = moto_bucket.join("pins/"), moto_server.config()
+    with CheckpointManager(tmp_path / "a", prefix, keep_last_n=2, config=config) as manager:
+        _train_pinning(manager, range(0, 600, 100), pinned=0)
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_0.pt", "step_400.pt", "step_500.pt"]
+    assert s3_objects(moto_server, prefix)[".runctl/pinned/step_0.pt"] == b""
+    with CheckpointManager(tmp_path / "b", prefix, keep_last_n=2, local_keep_last_n=1, config=config) as fresh:
+        latest = fresh.latest()
+        assert latest is not None and latest.name == "step_500.pt"
+        _train_pinning(fresh, range(600, 1000, 100), pinned=-1)
+    # step_500.pt is what that run resumed from (protected for the run).
+    in_s3 = sorted(file_checkpoints(s3_objects(moto_server, prefix)))
+    assert in_s3 == ["step_0.pt", "step_500.pt", "step_800.pt", "step_900.pt"]
+    # `runctl s3 cleanup` keeps it too; unprotect() lets it go.
+    from tests.cli.cli_support import run_s3
+
+    assert run_s3(moto_server, "s3", "cleanup", str(prefix), "-n", "1").exit_code == 0
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_0.pt", "step_900.pt"]
+    with CheckpointManager(tmp_path / "a", prefix, keep_last_n=1, config=config) as again:
+        assert again.uploader is not None
+        again.uploader.unprotect("step_0.pt")
+        _train_pinning(again, range(1000, 1100, 100), pinned=-1)
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_1000.pt"]
+    assert not (tmp_path / "a" / ".runctl" / "pinned" / "step_0.pt").exists()
+
+
+def test_a_pinned_checkpoint_stays_locally_without_s3(tmp_path: Path) -> None:
+    # Local only, the pin lasted for the save() that made it: the next save's retention took it.
+    with CheckpointManager(tmp_path, local_keep_last_n=1) as manager:
+        _train_pinning(manager, range(4), pinned=0)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_0.pt", "step_3.pt"]
+    with CheckpointManager(tmp_path, local_keep_last_n=1) as later:
+        _train_pinning(later, range(4, 6), pinned=-1)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_0.pt", "step_5.pt"]
