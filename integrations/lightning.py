@@ -144,7 +144,7 @@ def _check_flat_filename(template: str | None, auto_insert_metric_name: bool) ->
             f"filename={template!r}: Lightning would write '{name}=' into the file name, and its "
             "'/' makes a subdirectory of dirpath, which RunctlCheckpoint does not upload. Pass "
             f"auto_insert_metric_name=False and name it yourself, e.g. "
-            f"'{name.replace('/', '_')}={{{name}:.2f}}'"
+            f"'epoch={{epoch}}-step={{step}}-{name.replace('/', '_')}={{{name}:.2f}}'"
         )
 
 
@@ -194,6 +194,7 @@ class _RunctlCheckpointMixin:
         )
         if self.s3_url is not None:
             _check_flat_filename(getattr(self, "filename", None), self.auto_insert_metric_name)  # type: ignore[attr-defined]
+            self._check_names_order()
         self.log_stats = log_stats
         self._uploader: CheckpointUploader | None = None
         self._best_told: str | None = None  # the best_model_path last given to the uploader
@@ -201,6 +202,38 @@ class _RunctlCheckpointMixin:
         self._restored_runctl: dict[str, Any] | None = None
         #: The uploader's ``runctl/...`` counters when fit ended (rank zero).
         self.final_stats: dict[str, float] = {}
+
+    def _check_names_order(self) -> None:
+        """Refuse (with retention) or warn about a ``filename`` whose names runctl cannot order.
+
+        ``filename="{val_loss:.4f}"`` or ``"best"`` uploaded, but neither keep-last-N nor
+        ``resolve_ckpt_path("latest")`` saw a checkpoint in them (no step or epoch to order by):
+        S3 kept everything, and a resume started from scratch.
+        """
+        from runctl.checkpoints import is_recognised, parse_step
+
+        torch = require("torch", "lightning")
+        template = getattr(self, "filename", None)
+        sample = os.path.basename(
+            self.format_checkpoint_name({"epoch": torch.tensor(3), "step": torch.tensor(12345)})  # type: ignore[attr-defined]
+        )
+        step, epoch = parse_step(sample)
+        if is_recognised(sample) and (step == 12345 or (step is None and epoch == 3)):
+            return
+        why = (
+            f"filename={template!r} gives names like {sample!r}, in which runctl finds no step or "
+            "epoch to order checkpoints by"
+        )
+        fix = (
+            "runctl reads a step from step=N, step_N, step-N or a name ending in one number, "
+            "an epoch from epoch=E: e.g. '{epoch}-{step}-{val_loss:.2f}', or 'step_{step}' "
+            "with auto_insert_metric_name=False"
+        )
+        options = self.runctl_options
+        if options.keep_last_n is not None or options.local_keep_last_n is not None:
+            raise UsageError(f"{why}: keep-last-N could never delete one; {fix}")
+        log.warning("runctl: %s: they are uploaded, but resolve_ckpt_path('latest') and "
+                    "runctl's retention do not see them; %s", why, fix)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -218,13 +251,17 @@ class _RunctlCheckpointMixin:
         """Download an ``s3://`` checkpoint (or ``"latest"`` under ``s3_url``) into ``dirpath``.
 
         Call it on every rank before ``trainer.fit`` (each rank needs the file), and pass the
-        result as ``ckpt_path``. Local paths and None pass through.
+        result as ``ckpt_path``. Local paths and None pass through. With ``"latest"``, as
+        ``CheckpointManager.latest()``: the newest complete checkpoint in ``dirpath`` is used as
+        it is unless S3 holds a newer one (then downloaded), and also when S3 cannot be asked
+        (with a warning); with nothing local, S3 is asked for about 15 s before giving up.
 
         Example:
             >>> cb = RunctlCheckpoint(dirpath="ckpt", s3_url="s3://b/run/")  # doctest: +SKIP
             >>> trainer.fit(model, ckpt_path=cb.resolve_ckpt_path("latest"))  # doctest: +SKIP
         """
-        if ckpt_path == "latest":
+        latest = ckpt_path == "latest"
+        if latest:
             if self.s3_url is None:
                 raise UsageError(
                     "resolve_ckpt_path('latest') needs s3_url on the callback, got None"
@@ -238,6 +275,8 @@ class _RunctlCheckpointMixin:
                 "resolve_ckpt_path needs an explicit dirpath on the callback, got dirpath=None"
             )
         opts = self.runctl_options
+        if latest:
+            return self._latest(dirpath)
         path = resolve_ckpt_path(
             ckpt_path, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd
         )
@@ -247,6 +286,55 @@ class _RunctlCheckpointMixin:
             url = S3URL.parse(str(ckpt_path))
             record_restored(path, url.join(Path(path).name) if url.is_prefix else url)
         return path
+
+    def _latest(self, dirpath: str) -> str | None:
+        """``resolve_ckpt_path("latest")``: the newest complete checkpoint, local or in S3.
+
+        A rerun in the same directory after an outage once resumed from S3's older newest,
+        rolling training back past checkpoints that were only on this disk.
+        """
+        from runctl.checkpoints import format_check, is_alias, scan_local
+        from runctl.uploader import latest_checkpoint, record_restored
+
+        from .loop import _patiently
+
+        assert self.s3_url is not None
+        opts = self.runctl_options
+        local = []
+        if os.path.isdir(dirpath):
+            local = [c for c in scan_local(Path(dirpath)) if c.complete and not c.is_dir and not is_alias(c.name)]
+        newest = None
+        for candidate in sorted(local, key=lambda c: c.order_key(), reverse=True):
+            # Lightning writes in place: a save cut short by a kill is skipped, not resumed from.
+            torn = format_check(Path(dirpath, candidate.name))[1]
+            if torn is None:
+                newest = candidate
+                break
+            log.warning("not resuming from %s: %s", candidate.name, torn)
+
+        def from_s3(newer_than: str | None) -> Path | None:
+            assert self.s3_url is not None
+            return latest_checkpoint(
+                self.s3_url, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd,
+                newer_than=newer_than,
+            )
+
+        if newest is None:
+            path = _patiently(lambda: from_s3(None))
+        else:
+            try:
+                path = from_s3(newest.name)
+            except (RunctlError, OSError) as exc:  # the lookup or the download
+                log.warning("cannot look in S3 for a newer checkpoint (%s): resuming from %s", exc, newest.name)
+                return os.path.join(dirpath, newest.name)
+            if path is None:
+                log.info("resuming from %s (S3 holds nothing newer)", newest.name)
+                return os.path.join(dirpath, newest.name)
+        log.info("resuming from %s", path if path is not None else "scratch (no complete checkpoint)")
+        if path is None:
+            return None
+        record_restored(path, self.s3_url.join(path.name))
+        return str(path)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every handed-over checkpoint is in S3 (raises UploadError / FlushTimeout)."""

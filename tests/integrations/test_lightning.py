@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -285,6 +286,45 @@ def test_resolve_latest_from_an_empty_prefix_starts_fresh(
     assert cb.resolve_ckpt_path("local/path.ckpt") == "local/path.ckpt"
 
 
+def test_resolve_latest_takes_a_newer_local_checkpoint_over_s3s(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A rerun in the same directory after an outage resumed from S3's newest (step 4), rolling
+    # training back past steps 6 and 8 that had reached this disk only.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from runctl.config import S3Config
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix, dirpath = moto_bucket.join("local-newer/"), tmp_path / "ckpt"
+
+    def callback(config: S3Config) -> Any:
+        return RunctlCheckpoint(
+            dirpath=dirpath, every_n_train_steps=2, save_top_k=-1, s3_url=prefix, config=config
+        )
+
+    make_trainer("lightning.pytorch", [callback(moto_server.config())], max_steps=4).fit(
+        make_module("lightning.pytorch"), loader(16)
+    )
+    plain = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=2, save_top_k=-1)  # S3 was down
+    make_trainer("lightning.pytorch", [plain], max_steps=8).fit(
+        make_module("lightning.pytorch"), loader(16), ckpt_path=str(dirpath / "epoch=0-step=4.ckpt")
+    )
+    (dirpath / "epoch=0-step=10.ckpt").write_bytes(b"PK\x03\x04 cut off by a kill")
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        assert callback(moto_server.config()).resolve_ckpt_path("latest") == str(dirpath / "epoch=0-step=8.ckpt")
+    assert any("not resuming from epoch=0-step=10.ckpt" in r.getMessage() for r in caplog.records)
+    # S3 unreachable: the local one, with a warning.
+    dead = S3Config(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        assert callback(dead).resolve_ckpt_path("latest") == str(dirpath / "epoch=0-step=8.ckpt")
+    assert any("cannot look in S3" in r.getMessage() for r in caplog.records)
+    # A fresh node still gets S3's newest.
+    fresh = RunctlCheckpoint(dirpath=tmp_path / "fresh", s3_url=prefix, config=moto_server.config())
+    assert fresh.resolve_ckpt_path("latest") == str(tmp_path / "fresh" / "epoch=0-step=4.ckpt")
+
+
 def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     from runctl.integrations.lightning import RunctlCheckpoint
 
@@ -377,6 +417,42 @@ def test_a_filename_that_saves_below_dirpath_is_refused_when_built(
     else:
         with pytest.raises(UsageError, match=says):
             build()
+
+
+@pytest.mark.parametrize(
+    ("filename", "auto_insert", "keep_last_n", "outcome"),
+    [
+        (None, True, 2, "ok"),
+        ("{epoch}-{val_loss:.2f}", True, 2, "ok"),
+        ("step_{step}", False, 2, "ok"),
+        ("epoch={epoch}-step={step}-val_loss={val/loss:.2f}", False, 2, "ok"),  # as the slash refusal suggests
+        ("{val_loss:.4f}", True, 2, "refused"),
+        ("{epoch}-{step}", False, 2, "refused"),  # '3-1200.ckpt'
+        ("best", True, None, "warned"),
+    ],
+)
+def test_a_filename_runctl_cannot_order_is_refused_with_retention_and_warned_about_without(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, filename: str | None, auto_insert: bool,
+    keep_last_n: int | None, outcome: str,
+) -> None:
+    # filename="{val_loss:.4f}" uploaded, but keep-last-N never deleted one and
+    # resolve_ckpt_path("latest") resumed from scratch: runctl saw no checkpoint in those names.
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    def build() -> Any:
+        return RunctlCheckpoint(
+            dirpath=tmp_path, filename=filename, auto_insert_metric_name=auto_insert,
+            s3_url="s3://bucket/run/", keep_last_n=keep_last_n,
+        )
+
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        if outcome == "refused":
+            with pytest.raises(UsageError, match="no step or epoch to order checkpoints by"):
+                build()
+        else:
+            build()
+    warned = [r for r in caplog.records if "no step or epoch" in r.getMessage()]
+    assert bool(warned) == (outcome == "warned")
 
 
 def test_a_run_begun_with_model_checkpoint_resumes_with_its_state(
