@@ -251,10 +251,9 @@ class _RunctlCheckpointMixin:
         """Download an ``s3://`` checkpoint (or ``"latest"`` under ``s3_url``) into ``dirpath``.
 
         Call it on every rank before ``trainer.fit`` (each rank needs the file), and pass the
-        result as ``ckpt_path``. Local paths and None pass through. With ``"latest"``, as
-        ``CheckpointManager.latest()``: the newest complete checkpoint in ``dirpath`` is used as
-        it is unless S3 holds a newer one (then downloaded), and also when S3 cannot be asked
-        (with a warning); with nothing local, S3 is asked for about 15 s before giving up.
+        result as ``ckpt_path``. Local paths and None pass through. With ``"latest"``, the
+        newest complete checkpoint in S3 (every rank gets the same one), S3 asked for about
+        15 s before giving up.
 
         Example:
             >>> cb = RunctlCheckpoint(dirpath="ckpt", s3_url="s3://b/run/")  # doctest: +SKIP
@@ -288,52 +287,26 @@ class _RunctlCheckpointMixin:
         return path
 
     def _latest(self, dirpath: str) -> str | None:
-        """``resolve_ckpt_path("latest")``: the newest complete checkpoint, local or in S3.
+        """``resolve_ckpt_path("latest")``: S3's newest complete checkpoint, S3 asked patiently.
 
-        A rerun in the same directory after an outage once resumed from S3's older newest,
-        rolling training back past checkpoints that were only on this disk.
+        Every rank asks S3 and gets the same answer (a node's own disk would differ between
+        nodes: Lightning saves on global rank zero only). A refused connection at start (a job
+        restarted after a preemption) once ended the run at once; it is retried for about 15 s.
         """
-        from runctl.checkpoints import format_check, is_alias, scan_local
         from runctl.uploader import latest_checkpoint, record_restored
 
         from .loop import _patiently
 
         assert self.s3_url is not None
         opts = self.runctl_options
-        local = []
-        if os.path.isdir(dirpath):
-            local = [c for c in scan_local(Path(dirpath)) if c.complete and not c.is_dir and not is_alias(c.name)]
-        newest = None
-        for candidate in sorted(local, key=lambda c: c.order_key(), reverse=True):
-            # Lightning writes in place: a save cut short by a kill is skipped, not resumed from.
-            torn = format_check(Path(dirpath, candidate.name))[1]
-            if torn is None:
-                newest = candidate
-                break
-            log.warning("not resuming from %s: %s", candidate.name, torn)
-
-        def from_s3(newer_than: str | None) -> Path | None:
-            assert self.s3_url is not None
-            return latest_checkpoint(
-                self.s3_url, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd,
-                newer_than=newer_than,
-            )
-
-        if newest is None:
-            path = _patiently(lambda: from_s3(None))
-        else:
-            try:
-                path = from_s3(newest.name)
-            except (RunctlError, OSError) as exc:  # the lookup or the download
-                log.warning("cannot look in S3 for a newer checkpoint (%s): resuming from %s", exc, newest.name)
-                return os.path.join(dirpath, newest.name)
-            if path is None:
-                log.info("resuming from %s (S3 holds nothing newer)", newest.name)
-                return os.path.join(dirpath, newest.name)
+        url = self.s3_url
+        path = _patiently(
+            lambda: latest_checkpoint(url, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd)
+        )
         log.info("resuming from %s", path if path is not None else "scratch (no complete checkpoint)")
         if path is None:
             return None
-        record_restored(path, self.s3_url.join(path.name))
+        record_restored(path, url.join(path.name))
         return str(path)
 
     def flush(self, timeout: float | None = None) -> None:
