@@ -567,7 +567,7 @@ class _RunctlCheckpointMixin:
         if now and dirpath and _same_directory(os.path.dirname(now), dirpath):
             return  # restored in full: Lightning still knows (and compares against) its best
         log.info("runctl: keeping %s, the best of the run resumed from, in S3 for this run", best)
-        self._uploader.protect(best)
+        self._uploader.protect(best, persist=False)
 
     def _log_stats(
         self, trainer: Any, uploader: CheckpointUploader | None = None, save: bool = False

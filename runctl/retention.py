@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runctl.checkpoints import Checkpoint, group_s3, is_alias, local_pins, scan_local
+from runctl.checkpoints import PIN_DIR, Checkpoint, group_s3, is_alias, local_pins, scan_local
 from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
@@ -75,6 +75,16 @@ def _protected_names(protected: Collection[str] | str) -> frozenset[str]:
     if isinstance(protected, str):
         protected = (protected,)
     return frozenset(name.rstrip("/").rsplit("/", 1)[-1] for name in protected)
+
+
+def _say_pinned(plan: RetentionPlan, pins: Collection[str], location: str) -> RetentionPlan:
+    """The plan, with "pinned (its pin's path)" for "protected" where a pin is why."""
+    pinned = {
+        name: f"pinned ({location.rstrip('/')}/{PIN_DIR}/{name})"
+        for name, reason in plan.reasons.items()
+        if name in pins and reason == "protected"
+    }
+    return dataclasses.replace(plan, reasons={**plan.reasons, **pinned}) if pinned else plan
 
 
 def check_protected(
@@ -309,13 +319,17 @@ def apply_s3_retention(
         )
         if protected_must_exist:
             check_protected(grouped.checkpoints, protected, str(prefix))
-        plan = plan_retention(
-            grouped.checkpoints,
-            keep_last_n,
-            protected=(*_protected_names(protected), *grouped.pinned),
-            max_total_size=max_total_size,
-            incomplete_older_than=incomplete_older_than,
-            unfinished=unfinished,
+        plan = _say_pinned(
+            plan_retention(
+                grouped.checkpoints,
+                keep_last_n,
+                protected=(*_protected_names(protected), *grouped.pinned),
+                max_total_size=max_total_size,
+                incomplete_older_than=incomplete_older_than,
+                unfinished=unfinished,
+            ),
+            grouped.pinned,
+            str(prefix),
         )
         if dry_run or not plan.delete:
             return plan
@@ -436,14 +450,15 @@ def apply_local_retention(
         found = scan_local(root, patterns)
         if protected_must_exist:
             check_protected(found, protected, str(root))
-        protected = (*_protected_names(protected), *local_pins(root))
+        pins = local_pins(root)
+        protected = (*_protected_names(protected), *pins)
         torn = set()
         for cp in found:
             if not cp.is_dir and snapshot.torn(cp.name, cp.size, cp.mtime):
                 writing[cp.name] = "left out of S3 as possibly torn (runctl local)"
                 torn.add(cp.name)
         found = [dataclasses.replace(cp, complete=False) if cp.name in writing else cp for cp in found]
-        plan = plan_retention(found, keep_last_n, protected=protected)
+        plan = _say_pinned(plan_retention(found, keep_last_n, protected=protected), pins, str(root))
         def in_s3(cp: Checkpoint) -> bool:
             if snapshot.was_verified(cp.name, cp.size, cp.mtime):
                 return True

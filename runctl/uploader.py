@@ -34,6 +34,7 @@ from runctl.checkpoints import (
     is_alias,
     is_recognised,
     local_checkpoint,
+    local_pins,
     newest_state,
     parse_step,
     pin_locally,
@@ -540,10 +541,14 @@ class CheckpointUploader:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._in_flight: _Job | None = None
-        self._pinned: set[str] = set()
-        # Pins (and unpins) still to be written to S3 (``_send_pins``): they outlive this run.
-        self._pins_unsent: set[str] = set()
+        # Pins outlive the run: a file root/.runctl/pinned/<name>, written when pinned, and an
+        # object <prefix>.runctl/pinned/<name>, written by the worker (``_send_pins``). Those a
+        # killed run left unsent go now.
+        self._pinned: set[str] = local_pins(root)
+        self._pins_unsent: set[str] = set(self._pinned)
         self._unpins_unsent: set[str] = set()
+        #: Kept by retention for this run only (``protect(name, persist=False)``).
+        self._kept_for_run: set[str] = set()
         self._best: str | None = None
         self._resumed_from: str | None = None
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
@@ -676,6 +681,8 @@ class CheckpointUploader:
         # only wait for it anyway). A thread woken while this one still has system calls to
         # make takes the GIL, or this one's core, for milliseconds on a busy machine.
         try:
+            if protect:  # before the journal line: a kill after it still finds the pin
+                _pin_file(self.root, name)
             self._journal.record(
                 name,
                 "queued",
@@ -692,7 +699,9 @@ class CheckpointUploader:
                         "(its journal line stays pending for the next run)"
                     )
                 if protect:
-                    self._pin(name)
+                    self._pinned.add(name)
+                    self._pins_unsent.add(name)
+                    self._unpins_unsent.discard(name)
                 try:
                     self._enqueue(job, wake=held is None)
                 except BaseException:
@@ -711,21 +720,31 @@ class CheckpointUploader:
                 os.close(held)
         return job.handle
 
-    def protect(self, name: str) -> None:
+    def protect(self, name: str, *, persist: bool = True) -> None:
         """Pin a checkpoint name: retention keeps it in S3 and locally, in later runs too.
 
-        The pin is an empty object ``<prefix>.runctl/pinned/<name>`` (``checkpoints.pin_url``),
-        written by the worker after the next upload (or at close): every later retention, on
-        any node, and ``runctl s3 cleanup`` keep what it names.
+        The pin is a file ``root/.runctl/pinned/<name>``, written now, and an empty object
+        ``<prefix>.runctl/pinned/<name>`` (``checkpoints.pin_url``), written by the worker after
+        the next upload (or at close, or by the next run): every later retention, on any node,
+        and both cleanups keep what it names. ``persist=False`` keeps it for this run only.
 
         Example:
             >>> up.protect("step_0.pt")  # doctest: +SKIP
         """
+        name = _base(name)
+        if not persist:
+            with self._cond:
+                self._kept_for_run.add(name)
+            return
+        _pin_file(self.root, name)
         with self._cond:
-            self._pin(_base(name))
+            self._pinned.add(name)
+            self._pins_unsent.add(name)
+            self._unpins_unsent.discard(name)
 
     def unprotect(self, name: str) -> None:
-        """Unpin a checkpoint name (``protect``): its pin in S3 goes too.
+        """Unpin a checkpoint name (``protect``): its pin file goes now, its pin in S3 after
+        the next upload (or at close).
 
         Example:
             >>> up.unprotect("step_0.pt")  # doctest: +SKIP
@@ -733,15 +752,11 @@ class CheckpointUploader:
         name = _base(name)
         with self._cond:
             self._pinned.discard(name)
+            self._kept_for_run.discard(name)
             self._pins_unsent.discard(name)
             self._unpins_unsent.add(name)
-
-    def _pin(self, name: str) -> None:
-        """Pin ``name`` (under ``_cond``); its pin in S3 is the worker's to write."""
-        if name not in self._pinned:
-            self._pinned.add(name)
-            self._pins_unsent.add(name)
-        self._unpins_unsent.discard(name)
+        with contextlib.suppress(OSError):
+            (self.root / PIN_DIR / name).unlink()
 
     def set_best(self, name: str | None) -> None:
         """The framework's best checkpoint (protected from retention); None clears it."""
@@ -984,7 +999,7 @@ class CheckpointUploader:
 
     def _pinned_names(self) -> set[str]:
         """Pinned, the best, and the one the run resumed from: never let go as moot."""
-        return set(self._pinned) | {n for n in (self._best, self._resumed_from) if n}
+        return self._pinned | self._kept_for_run | {n for n in (self._best, self._resumed_from) if n}
 
     def _protected(self) -> set[str]:
         return self._pinned_names() | set(self._pending_names())
@@ -1252,19 +1267,12 @@ class CheckpointUploader:
     def _send_pins(self) -> None:
         """Write the pins (``protect``) and delete the unpins not yet in S3 (on the worker).
 
-        Locally too (``root/.runctl/pinned/<name>``), for local retention in later runs and
-        ``runctl checkpoint cleanup``.
-
         One that fails is tried again after the next upload; this run keeps the name either way.
         """
         with self._cond:
             pins, unpins = sorted(self._pins_unsent), sorted(self._unpins_unsent)
-        for name in unpins:
-            with contextlib.suppress(OSError):
-                (self.root / PIN_DIR / name).unlink()
         for name in pins:
             try:
-                pin_locally(self.root, name)
                 self.transfer.put_bytes(b"", pin_url(self.prefix, name))
             except Exception as exc:  # noqa: BLE001 - a pin failing must not stop uploads
                 log.warning("could not pin %s in S3 (tried again after the next upload): %s", name, exc)
@@ -2049,6 +2057,14 @@ def _warn_of_strays(path: Path, downloaded: set[str]) -> None:
             len(strays),
             shown,
         )
+
+
+def _pin_file(root: Path, name: str) -> None:
+    """``pin_locally``, a failure only logged: the run keeps the name, and S3 gets its pin."""
+    try:
+        pin_locally(root, name)
+    except OSError as exc:
+        log.warning("could not write the pin of %s in %s: %s", name, root / PIN_DIR, exc)
 
 
 def latest_checkpoint(

@@ -289,9 +289,12 @@ def test_a_pinned_checkpoint_stays_in_later_runs_on_any_node(
     in_s3 = sorted(file_checkpoints(s3_objects(moto_server, prefix)))
     assert in_s3 == ["step_0.pt", "step_500.pt", "step_800.pt", "step_900.pt"]
     # `runctl s3 cleanup` keeps it too; unprotect() lets it go.
-    from tests.cli.cli_support import run_s3
+    from tests.cli.cli_support import of_type, run_s3
 
-    assert run_s3(moto_server, "s3", "cleanup", str(prefix), "-n", "1").exit_code == 0
+    done = run_s3(moto_server, "s3", "cleanup", str(prefix), "-n", "1", "--json")
+    assert done.exit_code == 0, done.output
+    (kept,) = [r for r in of_type(done.stdout, "keep") if r["name"] == "step_0.pt"]
+    assert kept["reason"] == f"pinned ({prefix}.runctl/pinned/step_0.pt)"  # where to unpin it
     assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_0.pt", "step_900.pt"]
     with CheckpointManager(tmp_path / "a", prefix, keep_last_n=1, config=config) as again:
         assert again.uploader is not None

@@ -1345,3 +1345,42 @@ def test_moot_leftovers_in_s3_go_even_after_local_retention_took_the_local_copy(
         assert time.monotonic() < deadline, sorted(keys_under(boto_transfer, url))
         time.sleep(0.2)
     up.close(timeout=30)
+
+
+def test_a_pin_outlives_a_run_that_never_reached_s3(tmp_path: Path, root: Path) -> None:
+    # The pin was written only after the pinned checkpoint's upload landed: a run killed while
+    # S3 was down left no pin anywhere, and the next run's retention deleted the checkpoint.
+    with stoppable_s3(tmp_path) as (server, url, transfer):
+        server.stop()
+        first = uploader(root, url, transfer, keep_last_n=2, retry=BRIEF_RETRY)
+        first.submit(write(root / "step_0.pt", b"zero"), protect=True)
+        assert (root / ".runctl" / "pinned" / "step_0.pt").exists()  # at once, on submit
+        for step in (100, 200, 300):
+            first.submit(write(root / f"step_{step}.pt", b"x"))
+        first._abort.set()  # as killed: nothing more is tried
+        with pytest.raises(UploadError):
+            first.close(timeout=10)
+        server.start()
+        second = uploader(root, url, transfer, keep_last_n=2)
+        second.submit(write(root / "step_400.pt", b"four")).result(60)
+        second.close(timeout=60)
+        in_s3 = keys_under(transfer, url.join("run/"))
+        assert sorted(k for k in in_s3 if k.startswith("step_")) == ["step_0.pt", "step_300.pt", "step_400.pt"]
+        assert ".runctl/pinned/step_0.pt" in in_s3  # sent by the next run
+
+
+def test_a_protection_for_this_run_only_leaves_no_pin(tmp_path: Path, root: Path, s3_server: Any, bucket: S3URL) -> None:
+    # Lightning's "keep the best of the run resumed from" is for that run: it must not pin for good.
+    from runctl.transfer import get_transfer
+
+    transfer = get_transfer(s3_server.config(), use_s5cmd=False)
+    try:
+        up = uploader(root, bucket, transfer, keep_last_n=1)
+        up.protect("step_1.pt", persist=False)
+        for step in (1, 2, 3):
+            up.submit(write(root / f"step_{step}.pt", b"x")).result(30)
+        up.close(timeout=30)
+        assert sorted(keys_under(transfer, bucket.join("run/"))) == ["step_1.pt", "step_3.pt"]
+        assert not (root / ".runctl" / "pinned").exists()
+    finally:
+        transfer.close()
