@@ -268,13 +268,14 @@ def resolve_config(
         'http://127.0.0.1:9000'
     """
     env = os.environ if env is None else env
-    profile = profile or env.get("AWS_PROFILE") or None
+    # AWS_PROFILE is left to botocore and s5cmd to read, as the AWS CLI has it: named there, a
+    # profile does not outrank the key pair in the environment; named with --profile, it does.
     settings: dict[str, str] | None = None
 
     def setting(key: str) -> str | None:
         nonlocal settings
         if settings is None:  # the file is read only when a flag or variable leaves a gap
-            settings = profile_settings(profile, env)
+            settings = profile_settings(profile or env.get("AWS_PROFILE") or None, env)
         return settings.get(key)
 
     if endpoint_url is None:

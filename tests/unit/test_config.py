@@ -76,8 +76,34 @@ def test_region_resolution(flag: str | None, env: dict[str, str], expected: str)
 
 def test_profile_resolution() -> None:
     assert resolve_config(profile="flag", env={"AWS_PROFILE": "env"}).profile == "flag"
-    assert resolve_config(env={"AWS_PROFILE": "env"}).profile == "env"
+    # AWS_PROFILE is botocore's and s5cmd's to read: named there, a profile does not outrank
+    # the environment's key pair (as for aws); an explicit one does.
+    assert resolve_config(env={"AWS_PROFILE": "env"}).profile is None
     assert resolve_config(env={}).profile is None
+
+
+def test_aws_profile_in_the_environment_leaves_the_environments_keys_first(tmp_path: Path) -> None:
+    # `AWS_PROFILE=p aws s3 ls` with the keys in the environment and none in profile p works;
+    # runctl passed p to botocore as if named with --profile, which skips the environment's
+    # keys: NoCredentials on boto3, and for every directory marker on s5cmd.
+    config = tmp_path / "config"
+    config.write_text("[profile p]\nregion = eu-west-1\n")
+    env = {
+        "AWS_PROFILE": "p",
+        "AWS_CONFIG_FILE": str(config),
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_ACCESS_KEY_ID": "AKIDFROMENV",
+        "AWS_SECRET_ACCESS_KEY": "secret-from-env",
+    }
+    probe = (
+        "from runctl.config import resolve_config\n"
+        "cfg = resolve_config()\n"
+        "print(cfg.region, cfg.credentials.access_key, cfg.boto_client()._request_signer._credentials.access_key)\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["eu-west-1", "AKIDFROMENV", "AKIDFROMENV"]
 
 
 def test_path_style_only_for_custom_endpoints() -> None:
