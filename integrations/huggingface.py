@@ -202,8 +202,9 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             return
         best = getattr(state, "best_model_checkpoint", None)
         if best:
-            if Path(best).parent.resolve() == self._output_dir.resolve():
-                self._uploader.set_best(os.path.basename(os.path.normpath(best)))
+            # Also when it is in another output_dir (this run resumed from there): S3 holds it
+            # under the same name.
+            self._uploader.set_best(os.path.basename(os.path.normpath(best)))
             return
         step = getattr(state, "best_global_step", None)
         if step:

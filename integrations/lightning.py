@@ -217,8 +217,7 @@ class _RunctlCheckpointMixin:
         sample = os.path.basename(
             self.format_checkpoint_name({"epoch": torch.tensor(3), "step": torch.tensor(12345)})  # type: ignore[attr-defined]
         )
-        step, epoch = parse_step(sample)
-        if is_recognised(sample) and (step == 12345 or (step is None and epoch == 3)):
+        if is_recognised(sample) and parse_step(sample) != (None, None):
             return
         why = (
             f"filename={template!r} gives names like {sample!r}, in which runctl finds no step or "

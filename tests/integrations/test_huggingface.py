@@ -261,6 +261,24 @@ def test_the_best_checkpoint_survives_a_resume_on_a_node_without_it(
     assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-10", "checkpoint-2", "checkpoint-6"]
 
 
+def test_the_best_checkpoint_survives_a_resume_into_another_output_dir(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # The Trainer keeps best_model_checkpoint (old_dir/checkpoint-2, still there); the callback
+    # protected it only when it sat in this run's output_dir, and retention deleted it in S3.
+    from runctl.integrations.huggingface import RunctlCallback
+
+    prefix = moto_bucket.join("hf-best-moved/")
+    first = hf_trainer(tmp_path / "a", RunctlCallback(prefix, keep_last_n=1, config=moto_server.config()), 6, [0.1, 0.5, 0.9])
+    first.train()
+    second = hf_trainer(tmp_path / "b", RunctlCallback(prefix, keep_last_n=1, config=moto_server.config()), 10, [0.9, 0.9])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert Path(second.state.best_model_checkpoint) == tmp_path / "a" / "checkpoint-2"
+    assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-10", "checkpoint-2", "checkpoint-6"]
+
+
 class FailAt(transformers.TrainerCallback):  # type: ignore[misc]
     def __init__(self, step: int) -> None:
         self.step = step
