@@ -373,6 +373,11 @@ def download_files(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
+    if local_arg != STDIO and not (recursive or latest):
+        from runctl.transfer.ops import own_descriptor
+
+        if own_descriptor(local_arg) == 1:  # /dev/stdout: the object alone on stdout, as for '-'
+            local_arg = STDIO
     if local_arg == STDIO:
         if recursive or latest or treat_unmarked_complete:
             raise UsageError("LOCAL '-' (stdout) takes one object: --recursive and --latest do not apply")

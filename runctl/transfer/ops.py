@@ -8,6 +8,7 @@ import fnmatch
 import itertools
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -806,9 +807,15 @@ def download(
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
+    own = own_descriptor(final)
+    if own is not None:
+        # /dev/stdout, /dev/fd/N, /proc/self/fd/N: this process's own descriptor, written to as
+        # it is (a file stdout was redirected to included); a rename would replace the link.
+        transfer.get_stream(url, own)
+        return [(url, final)]
     if _is_special(final):
-        # A device or a FIFO, or a symlink to one (/dev/null, /dev/stdout): written into, as
-        # aws does. A rename would put a regular file in its place (as root, in /dev).
+        # A device or a FIFO, or a symlink to one (/dev/null): written into, as aws does. A
+        # rename would put a regular file in its place (as root, in /dev).
         fd = os.open(final, os.O_WRONLY)
         try:
             transfer.get_stream(url, fd)
@@ -826,6 +833,32 @@ def download(
         if not placed:
             _discard([tmp])
     return [(url, final)]
+
+
+_FD_LINK = re.compile(r"/dev/fd/(\d+)|/proc/self/fd/(\d+)|/proc/(\d+)/fd/(\d+)")
+
+
+def own_descriptor(path: str | os.PathLike[str]) -> int | None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/1``,
+    ``/proc/self/fd/1``, or a symlink to one), else None.
+
+    Example:
+        >>> own_descriptor("/dev/stdout"), own_descriptor("/tmp/x")
+        (1, None)
+    """
+    current = os.path.abspath(path)
+    for _ in range(40):  # symlink hops, as the kernel allows
+        match = _FD_LINK.fullmatch(current)
+        if match:
+            if match[3] is not None and int(match[3]) != os.getpid():
+                return None
+            return int(match[1] or match[2] or match[4])
+        try:
+            target = os.readlink(current)
+        except OSError:
+            return None
+        current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+    return None
 
 
 def _is_special(path: Path) -> bool:

@@ -319,11 +319,22 @@ def test_a_download_onto_a_device_or_a_fifo_writes_into_it(
     null = tmp_path / "null"
     null.symlink_to(os.devnull)
     done = subprocess.run(
-        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}f.txt", str(out), "-q", flag],
+        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}f.txt", str(out), flag],
         capture_output=True, env=env, timeout=60, cwd=tempfile.gettempdir(),
     )
+    # The object alone on stdout, as for '-' (no "download: ..." line mixed into it).
     assert (done.returncode, done.stdout, done.stderr) == (0, b"payload", b"")
     assert out.is_symlink()
+    # stdout redirected to a file: /proc/self/fd/1 names a regular file, still written through
+    # (a rename replaced the link, and as root the real /dev/stdout).
+    redirected = tmp_path / "redirected.txt"
+    with open(redirected, "wb") as sink:
+        done = subprocess.run(
+            [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}f.txt", str(out), flag],
+            stdout=sink, stderr=subprocess.PIPE, env=env, timeout=60, cwd=tempfile.gettempdir(),
+        )
+    assert done.returncode == 0, done.stderr
+    assert out.is_symlink() and redirected.read_bytes() == b"payload"
     done = subprocess.run(
         [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}f.txt", str(null), "-q", flag],
         capture_output=True, env=env, timeout=60, cwd=tempfile.gettempdir(),
