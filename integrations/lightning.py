@@ -217,7 +217,8 @@ class _RunctlCheckpointMixin:
         sample = os.path.basename(
             self.format_checkpoint_name({"epoch": torch.tensor(3), "step": torch.tensor(12345)})  # type: ignore[attr-defined]
         )
-        if is_recognised(sample) and parse_step(sample) != (None, None):
+        step, epoch = parse_step(sample)
+        if is_recognised(sample) and (step in (12345, 3) or epoch == 3):  # a step, or the epoch
             return
         why = (
             f"filename={template!r} gives names like {sample!r}, in which runctl finds no step or "

@@ -836,11 +836,15 @@ def download(
 
 
 _FD_LINK = re.compile(r"/dev/fd/(\d+)|/proc/self/fd/(\d+)|/proc/(\d+)/fd/(\d+)")
+_STD_NAMES = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}  # devices, not links, on macOS
 
 
 def own_descriptor(path: str | os.PathLike[str]) -> int | None:
-    """The descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/1``,
-    ``/proc/self/fd/1``, or a symlink to one), else None.
+    """The standard stream of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/1``,
+    ``/proc/self/fd/1``, or a symlink to one) while it is open, else None.
+
+    Only 0-2: another number may be any descriptor of this process by now (a socket, the
+    journal), or one about to be a child's pipe.
 
     Example:
         >>> own_descriptor("/dev/stdout"), own_descriptor("/tmp/x")
@@ -848,16 +852,24 @@ def own_descriptor(path: str | os.PathLike[str]) -> int | None:
     """
     current = os.path.abspath(path)
     for _ in range(40):  # symlink hops, as the kernel allows
+        fd = _STD_NAMES.get(current)
         match = _FD_LINK.fullmatch(current)
-        if match:
-            if match[3] is not None and int(match[3]) != os.getpid():
+        if match and (match[3] is None or int(match[3]) == os.getpid()):
+            fd = int(match[1] or match[2] or match[4])
+        if fd is not None or match:
+            if fd is None or fd > 2:
                 return None
-            return int(match[1] or match[2] or match[4])
+            try:
+                os.fstat(fd)
+            except OSError:  # closed (`>&-`)
+                return None
+            return fd
         try:
             target = os.readlink(current)
         except OSError:
             return None
-        current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+        # The directory part as the kernel resolves it (it may be reached through a symlink).
+        current = os.path.normpath(os.path.join(os.path.realpath(os.path.dirname(current)), target))
     return None
 
 

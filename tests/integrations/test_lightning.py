@@ -413,6 +413,7 @@ def test_a_filename_that_saves_below_dirpath_is_refused_when_built(
         ("model-{epoch:02d}", False, 2, "ok"),  # one trailing number orders them
         ("epoch={epoch}-step={step}-val_loss={val/loss:.2f}", False, 2, "ok"),  # as the slash refusal suggests
         ("{val_loss:.4f}", True, 2, "refused"),
+        ("model-{val_acc:.0f}", False, 2, "refused"),  # one number, but a metric's
         ("{epoch}-{step}", False, 2, "refused"),  # '3-1200.ckpt'
         ("best", True, None, "warned"),
     ],

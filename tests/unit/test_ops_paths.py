@@ -147,3 +147,19 @@ def test_a_file_moves_into_place_across_filesystems(
     monkeypatch.setattr(ops.os, "replace", refuse)  # any other error is the caller's to report
     with pytest.raises(PermissionError):
         ops._move_into_place(staged, final)
+
+
+def test_own_descriptor_names_only_an_open_standard_stream(tmp_path: Path) -> None:
+    from runctl.transfer.ops import own_descriptor
+
+    assert own_descriptor("/dev/stdout") == 1 and own_descriptor("/proc/self/fd/2") == 2
+    # Another number may be any descriptor by now (a socket, the journal): the object once went
+    # into a child's pipe, exit 0. And a path is resolved as the kernel does, directories first.
+    assert own_descriptor("/dev/fd/7") is None
+    assert own_descriptor(f"/proc/{os.getpid() + 1}/fd/1") is None
+    (tmp_path / "r1" / "r2").mkdir(parents=True)
+    (tmp_path / "x").symlink_to("/dev/stdout")
+    (tmp_path / "al").symlink_to("r1/r2")
+    (tmp_path / "r1" / "r2" / "l").symlink_to("../../x")
+    assert own_descriptor(tmp_path / "al" / "l") == 1
+    assert own_descriptor(tmp_path / "x") == 1 and own_descriptor(tmp_path / "r1") is None
