@@ -37,6 +37,8 @@ class RetentionPlan:
     keep: tuple[Checkpoint, ...]
     delete: tuple[Checkpoint, ...]
     reasons: Mapping[str, str] = field(default_factory=dict)
+    #: The names pinned where it looked (``checkpoints.PIN_DIR``), checkpoints or not.
+    pinned: frozenset[str] = frozenset()
 
     @property
     def bytes_freed(self) -> int:
@@ -78,13 +80,13 @@ def _protected_names(protected: Collection[str] | str) -> frozenset[str]:
 
 
 def _say_pinned(plan: RetentionPlan, pins: Collection[str], location: str) -> RetentionPlan:
-    """The plan, with "pinned (its pin's path)" for "protected" where a pin is why."""
+    """The plan, knowing the pins, with "pinned (its pin's path)" for "protected" where a pin is why."""
     pinned = {
         name: f"pinned ({location.rstrip('/')}/{PIN_DIR}/{name})"
         for name, reason in plan.reasons.items()
         if name in pins and reason == "protected"
     }
-    return dataclasses.replace(plan, reasons={**plan.reasons, **pinned}) if pinned else plan
+    return dataclasses.replace(plan, reasons={**plan.reasons, **pinned}, pinned=frozenset(pins))
 
 
 def check_protected(
@@ -496,7 +498,7 @@ def apply_local_retention(
                         f"possibly torn (left out of S3), and {newer} newer checkpoints are durable"
                     )
         keep.sort(key=Checkpoint.order_key)
-        final = RetentionPlan(tuple(keep), tuple(delete), reasons)
+        final = RetentionPlan(tuple(keep), tuple(delete), reasons, plan.pinned)
         if dry_run:
             return final
         for cp in delete:

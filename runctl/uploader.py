@@ -27,6 +27,7 @@ from runctl.checkpoints import (
     HF_SIGN,
     MARKER_NAME,
     PIN_DIR,
+    UNPIN_DIR,
     Checkpoint,
     build_manifest,
     dir_awaits_hf_sign,
@@ -34,11 +35,11 @@ from runctl.checkpoints import (
     is_alias,
     is_recognised,
     local_checkpoint,
-    local_pins,
     newest_state,
     parse_step,
     pin_locally,
     pin_url,
+    read_pins,
     step_order,
 )
 from runctl.config import S3Config, resolve_config, scrub
@@ -541,12 +542,20 @@ class CheckpointUploader:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._in_flight: _Job | None = None
-        # Pins outlive the run: a file root/.runctl/pinned/<name>, written when pinned, and an
-        # object <prefix>.runctl/pinned/<name>, written by the worker (``_send_pins``). Those a
-        # killed run left unsent go now.
-        self._pinned: set[str] = local_pins(root)
-        self._pins_unsent: set[str] = set(self._pinned)
-        self._unpins_unsent: set[str] = set()
+        # Pins outlive the run: a file root/.runctl/pinned/<name> (holding the prefix), written
+        # when pinned, and an object <prefix>.runctl/pinned/<name>, written by the worker
+        # (``_send_pins``), after which the file says "sent". What a killed run left unsent
+        # (pins, and unpins in .runctl/unpinned/) goes now; pins for another prefix stay out.
+        self._pinned: set[str] = set()
+        self._pins_unsent: set[str] = set()
+        self._sent_pins: set[str] = set()
+        for name, (pin_prefix, sent) in read_pins(root).items():
+            if pin_prefix in ("", str(self.prefix)):
+                self._pinned.add(name)
+                (self._sent_pins if sent and pin_prefix else self._pins_unsent).add(name)
+        self._unpins_unsent: set[str] = {
+            name for name, (pin_prefix, _) in read_pins(root, UNPIN_DIR).items() if pin_prefix == str(self.prefix)
+        }
         #: Kept by retention for this run only (``protect(name, persist=False)``).
         self._kept_for_run: set[str] = set()
         self._best: str | None = None
@@ -682,7 +691,7 @@ class CheckpointUploader:
         # make takes the GIL, or this one's core, for milliseconds on a busy machine.
         try:
             if protect:  # before the journal line: a kill after it still finds the pin
-                _pin_file(self.root, name)
+                self._pin_file(name)
             self._journal.record(
                 name,
                 "queued",
@@ -736,7 +745,7 @@ class CheckpointUploader:
             with self._cond:
                 self._kept_for_run.add(name)
             return
-        _pin_file(self.root, name)
+        self._pin_file(name)
         with self._cond:
             self._pinned.add(name)
             self._pins_unsent.add(name)
@@ -750,13 +759,26 @@ class CheckpointUploader:
             >>> up.unprotect("step_0.pt")  # doctest: +SKIP
         """
         name = _base(name)
+        self._pin_file(name, kind=UNPIN_DIR)  # carried out by a later run if this one is killed
+        with contextlib.suppress(OSError):
+            (self.root / PIN_DIR / name).unlink()
         with self._cond:
             self._pinned.discard(name)
             self._kept_for_run.discard(name)
             self._pins_unsent.discard(name)
+            self._sent_pins.discard(name)
             self._unpins_unsent.add(name)
-        with contextlib.suppress(OSError):
-            (self.root / PIN_DIR / name).unlink()
+
+    def _pin_file(self, name: str, *, sent: bool = False, kind: str = PIN_DIR) -> None:
+        """Write ``name``'s pin file (or unpin file), a failure only logged: the run keeps the
+        name either way, and S3 gets its pin."""
+        try:
+            pin_locally(self.root, name, str(self.prefix), sent=sent, kind=kind)
+            if kind == PIN_DIR:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / UNPIN_DIR / name).unlink()
+        except OSError as exc:
+            log.warning("could not write the %s of %s in %s: %s", "pin" if kind == PIN_DIR else "unpin", name, self.root / kind, exc)
 
     def set_best(self, name: str | None) -> None:
         """The framework's best checkpoint (protected from retention); None clears it."""
@@ -1264,6 +1286,16 @@ class CheckpointUploader:
                     " and ".join(self._retention_blocked_on),
                 )
 
+    def _forget_pins_gone_from_s3(self, in_s3: frozenset[str]) -> None:
+        """Pins sent that S3 no longer holds were unpinned elsewhere (another node's
+        ``unprotect``, or by hand): this run lets them go too, and their files (call under ``_cond``)."""
+        for name in self._sent_pins - in_s3 - self._pins_unsent:
+            log.info("the pin of %s is gone from %s: no longer kept", name, self.prefix)
+            self._sent_pins.discard(name)
+            self._pinned.discard(name)
+            with contextlib.suppress(OSError):
+                (self.root / PIN_DIR / name).unlink()
+
     def _send_pins(self) -> None:
         """Write the pins (``protect``) and delete the unpins not yet in S3 (on the worker).
 
@@ -1278,7 +1310,11 @@ class CheckpointUploader:
                 log.warning("could not pin %s in S3 (tried again after the next upload): %s", name, exc)
                 continue
             with self._cond:
+                if name not in self._pins_unsent:  # unpinned meanwhile: its unpin follows
+                    continue
                 self._pins_unsent.discard(name)
+                self._sent_pins.add(name)
+                self._pin_file(name, sent=True)
         if unpins:
             keys = {pin_url(self.prefix, name).key: name for name in unpins}
             try:
@@ -1292,7 +1328,11 @@ class CheckpointUploader:
                     next(iter(errors.values())),
                 )
             with self._cond:
-                self._unpins_unsent.difference_update(n for k, n in keys.items() if k not in errors)
+                for key, name in keys.items():
+                    if key not in errors and name in self._unpins_unsent:
+                        self._unpins_unsent.discard(name)
+                        with contextlib.suppress(OSError):
+                            (self.root / UNPIN_DIR / name).unlink()
 
     def _waiting_for_turn(self) -> bool:
         """``upload_turn``'s poll: True gives up (this uploader is aborting).
@@ -1814,6 +1854,7 @@ class CheckpointUploader:
                     )
                 with self._cond:  # what is gone from S3, or never reached it, is done with
                     self._moot_names.intersection_update(cp.name for cp in plan.keep)
+                    self._forget_pins_gone_from_s3(plan.pinned)
                 for cp in plan.delete:
                     self._journal.record(
                         cp.name,
@@ -2057,14 +2098,6 @@ def _warn_of_strays(path: Path, downloaded: set[str]) -> None:
             len(strays),
             shown,
         )
-
-
-def _pin_file(root: Path, name: str) -> None:
-    """``pin_locally``, a failure only logged: the run keeps the name, and S3 gets its pin."""
-    try:
-        pin_locally(root, name)
-    except OSError as exc:
-        log.warning("could not write the pin of %s in %s: %s", name, root / PIN_DIR, exc)
 
 
 def latest_checkpoint(

@@ -497,6 +497,9 @@ def test_the_best_stays_in_s3_when_a_run_resumes_into_another_dirpath(
         ckpt_path=str(tmp_path / "a" / "last.ckpt"),
     )
     assert best in file_checkpoints(s3_objects(moto_server, prefix))
+    # Kept for that run only: no pin, here or in S3, keeps it from later retention.
+    assert not (tmp_path / "b" / ".runctl" / "pinned").exists()
+    assert not [k for k in s3_objects(moto_server, prefix) if "pinned" in k]
 
 
 def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(

@@ -1384,3 +1384,59 @@ def test_a_protection_for_this_run_only_leaves_no_pin(tmp_path: Path, root: Path
         assert not (root / ".runctl" / "pinned").exists()
     finally:
         transfer.close()
+
+
+def test_pins_stay_with_their_prefix_and_an_unpin_anywhere_holds(tmp_path: Path, s3_server: Any, bucket: S3URL) -> None:
+    # Every run re-sent every local pin: an unpin on another node came back with this node's
+    # next run, and a directory reused for another prefix pinned the same names there too.
+    from runctl.transfer import get_transfer
+
+    transfer = get_transfer(s3_server.config(), use_s5cmd=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        node1 = uploader(a, bucket, transfer, keep_last_n=1)
+        node1.submit(write(a / "step_0.pt", b"0"), protect=True).result(30)
+        node1.close(timeout=30)
+        assert ".runctl/pinned/step_0.pt" in keys_under(transfer, bucket.join("run/"))
+        node2 = uploader(b, bucket, transfer, keep_last_n=1)
+        node2.unprotect("step_0.pt")
+        node2.submit(write(b / "step_1.pt", b"1")).result(30)
+        node2.close(timeout=30)
+        assert sorted(keys_under(transfer, bucket.join("run/"))) == ["step_1.pt"]
+        again = uploader(a, bucket, transfer, keep_last_n=1)  # node 1's next run
+        again.submit(write(a / "step_2.pt", b"2")).result(30)
+        again.close(timeout=30)
+        assert sorted(keys_under(transfer, bucket.join("run/"))) == ["step_2.pt"]
+        assert not (a / ".runctl" / "pinned" / "step_0.pt").exists()
+        # A pin of directory a for run/ is no pin for other/.
+        (a / ".runctl" / "pinned").mkdir(exist_ok=True)
+        node1_pin = uploader(a, bucket, transfer, keep_last_n=1)
+        node1_pin.protect("step_2.pt")
+        node1_pin.close(timeout=30)
+        other = CheckpointUploader(a, bucket.join("other/"), transfer=transfer, keep_last_n=1, retry=FAST_RETRY)
+        for step in (2, 3):
+            other.submit(write(a / f"step_{step}.pt", b"x")).result(30)
+        other.close(timeout=30)
+        assert sorted(keys_under(transfer, bucket.join("other/"))) == ["step_3.pt"]
+    finally:
+        transfer.close()
+
+
+def test_an_unpin_outlives_a_run_that_never_reached_s3(tmp_path: Path, root: Path) -> None:
+    with stoppable_s3(tmp_path) as (server, url, transfer):
+        first = uploader(root, url, transfer, keep_last_n=1)
+        first.submit(write(root / "step_0.pt", b"0"), protect=True).result(30)
+        first.close(timeout=30)
+        server.stop()
+        second = uploader(root, url, transfer, keep_last_n=1, retry=BRIEF_RETRY)
+        second.unprotect("step_0.pt")
+        second._abort.set()  # as killed before its unpin reached S3
+        second.close(timeout=10)
+        server.start()
+        assert ".runctl/pinned/step_0.pt" in keys_under(transfer, url.join("run/"))
+        third = uploader(root, url, transfer, keep_last_n=1)
+        third.submit(write(root / "step_1.pt", b"1")).result(60)
+        third.close(timeout=60)
+        assert sorted(keys_under(transfer, url.join("run/"))) == ["step_1.pt"]
