@@ -205,7 +205,7 @@ class CheckpointManager:
             self._submit(path, step, protect)
         else:
             if protect:  # (the uploader pins in S3 and here; without one, here)
-                from runctl.checkpoints import pin_locally
+                from runctl.pins import pin_locally
 
                 pin_locally(self.local_dir, path.name)
             if self.options.local_keep_last_n is not None:

@@ -397,12 +397,11 @@ class S3Checkpoints:
 
 
 #: Where a pinned checkpoint's pin lives, under its prefix or directory: an empty object, or a
-#: file named like the checkpoint. Retention keeps what it names, in any run and on any node
-#: (``runctl s3 cleanup`` and ``runctl checkpoint cleanup`` too); deleting it unpins.
+#: file named like the checkpoint (``runctl.pins``). Retention keeps what it names, in any run
+#: and on any node (``runctl s3 cleanup`` and ``runctl checkpoint cleanup`` too).
 PIN_DIR = f"{RUNCTL_DIR}/pinned"
 #: An unpin not yet carried out in S3 (``CheckpointUploader.unprotect``): a file per name.
 UNPIN_DIR = f"{RUNCTL_DIR}/unpinned"
-_SENT = "sent"
 
 
 def pin_url(prefix: S3URL, name: str) -> S3URL:
@@ -413,54 +412,6 @@ def pin_url(prefix: S3URL, name: str) -> S3URL:
         S3URL(bucket='bkt', key='run/.runctl/pinned/step_0.pt')
     """
     return prefix.as_prefix().join(f"{PIN_DIR}/{name}")
-
-
-def pin_locally(root: Path, name: str, prefix: str = "", *, sent: bool = False, kind: str = PIN_DIR) -> None:
-    """Pin checkpoint ``name`` in a local checkpoint directory (``local_pins``).
-
-    The file holds the S3 prefix the pin is for ("" for the directory alone) and, once its
-    object is in S3, a second line ``sent``; ``kind=UNPIN_DIR`` writes an unpin instead.
-
-    Example:
-        >>> import tempfile
-        >>> root = Path(tempfile.mkdtemp()); pin_locally(root, "step_0.pt"); local_pins(root)
-        {'step_0.pt'}
-    """
-    pins = Path(root) / kind
-    pins.mkdir(parents=True, exist_ok=True)
-    tmp = pins / f".{name}.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_text(f"{prefix}\n{_SENT}\n" if sent else f"{prefix}\n", encoding="utf-8")
-    os.replace(tmp, pins / name)
-
-
-def read_pins(root: Path, kind: str = PIN_DIR) -> dict[str, tuple[str, bool]]:
-    """Each local pin (or unpin): its name -> (the prefix it is for, whether it was sent).
-
-    Example:
-        >>> import tempfile
-        >>> root = Path(tempfile.mkdtemp()); pin_locally(root, "step_0.pt", "s3://b/run/", sent=True)
-        >>> read_pins(root)
-        {'step_0.pt': ('s3://b/run/', True)}
-    """
-    found: dict[str, tuple[str, bool]] = {}
-    try:
-        entries = list(os.scandir(Path(root) / kind))
-    except OSError:
-        return found
-    for entry in entries:
-        if entry.name.startswith("."):  # one being written
-            continue
-        try:
-            lines = Path(entry.path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = []
-        found[entry.name] = (lines[0].strip() if lines else "", _SENT in lines[1:])
-    return found
-
-
-def local_pins(root: Path) -> set[str]:
-    """The names pinned in a local checkpoint directory (``root/.runctl/pinned/<name>``)."""
-    return set(read_pins(root))
 
 
 def _dir_files(path: Path, root: Path) -> tuple[tuple[str, ...], int, float]:

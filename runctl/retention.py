@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runctl.checkpoints import PIN_DIR, Checkpoint, group_s3, is_alias, local_pins, scan_local
+from runctl.checkpoints import PIN_DIR, Checkpoint, group_s3, is_alias, scan_local
 from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
+from runctl.pins import local_pins
 from runctl.s3url import S3URL
 from runctl.transfer.base import ObjectInfo, PrefixInfo, Transfer
 

@@ -26,8 +26,6 @@ from runctl.checkpoints import (
     HF_ARGS,
     HF_SIGN,
     MARKER_NAME,
-    PIN_DIR,
-    UNPIN_DIR,
     Checkpoint,
     build_manifest,
     dir_awaits_hf_sign,
@@ -37,9 +35,7 @@ from runctl.checkpoints import (
     local_checkpoint,
     newest_state,
     parse_step,
-    pin_locally,
     pin_url,
-    read_pins,
     step_order,
 )
 from runctl.config import S3Config, resolve_config, scrub
@@ -55,6 +51,7 @@ from runctl.exceptions import (
 )
 from runctl.journal import MOOT, Journal, JournalSnapshot
 from runctl.locking import upload_turn
+from runctl.pins import LocalPins
 from runctl.retention import (
     RetentionPlan,
     apply_local_retention,
@@ -542,20 +539,13 @@ class CheckpointUploader:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._in_flight: _Job | None = None
-        # Pins outlive the run: a file root/.runctl/pinned/<name> (holding the prefix), written
-        # when pinned, and an object <prefix>.runctl/pinned/<name>, written by the worker
-        # (``_send_pins``), after which the file says "sent". What a killed run left unsent
-        # (pins, and unpins in .runctl/unpinned/) goes now; pins for another prefix stay out.
-        self._pinned: set[str] = set()
-        self._pins_unsent: set[str] = set()
-        self._sent_pins: set[str] = set()
-        for name, (pin_prefix, sent) in read_pins(root).items():
-            if pin_prefix in ("", str(self.prefix)):
-                self._pinned.add(name)
-                (self._sent_pins if sent and pin_prefix else self._pins_unsent).add(name)
-        self._unpins_unsent: set[str] = {
-            name for name, (pin_prefix, _) in read_pins(root, UNPIN_DIR).items() if pin_prefix == str(self.prefix)
-        }
+        # Pins outlive the run: files under root/.runctl/ (runctl.pins), the truth for every
+        # process on the directory, and objects <prefix>.runctl/pinned/<name> that the worker
+        # writes (``_send_pins``). ``_pinned`` is what the files said when last read.
+        endpoint = getattr(getattr(transfer, "config", None), "endpoint_url", None)
+        self._pins = LocalPins(root, f"{self.prefix}" + (f" at {endpoint}" if endpoint else ""))
+        self._pinned: set[str] = self._pins.names()
+        self._pins_due = bool(self._pins.unsent() or self._pins.unpins())  # a killed run's
         #: Kept by retention for this run only (``protect(name, persist=False)``).
         self._kept_for_run: set[str] = set()
         self._best: str | None = None
@@ -709,8 +699,7 @@ class CheckpointUploader:
                     )
                 if protect:
                     self._pinned.add(name)
-                    self._pins_unsent.add(name)
-                    self._unpins_unsent.discard(name)
+                    self._pins_due = True
                 try:
                     self._enqueue(job, wake=held is None)
                 except BaseException:
@@ -733,9 +722,10 @@ class CheckpointUploader:
         """Pin a checkpoint name: retention keeps it in S3 and locally, in later runs too.
 
         The pin is a file ``root/.runctl/pinned/<name>``, written now, and an empty object
-        ``<prefix>.runctl/pinned/<name>`` (``checkpoints.pin_url``), written by the worker after
-        the next upload (or at close, or by the next run): every later retention, on any node,
-        and both cleanups keep what it names. ``persist=False`` keeps it for this run only.
+        ``<prefix>.runctl/pinned/<name>`` (``checkpoints.pin_url``), written by the worker at
+        once when idle (else after the upload under way): from then on every later retention,
+        on any node, and both cleanups keep what it names. ``persist=False`` keeps it for this
+        run only.
 
         Example:
             >>> up.protect("step_0.pt")  # doctest: +SKIP
@@ -748,37 +738,33 @@ class CheckpointUploader:
         self._pin_file(name)
         with self._cond:
             self._pinned.add(name)
-            self._pins_unsent.add(name)
-            self._unpins_unsent.discard(name)
+            self._pins_due = True
+            self._cond.notify_all()
 
     def unprotect(self, name: str) -> None:
-        """Unpin a checkpoint name (``protect``): its pin file goes now, its pin in S3 after
-        the next upload (or at close).
+        """Unpin a checkpoint name (``protect``): its pin file goes now, its object in S3 as the
+        worker gets to it (a later run does, if this one is killed first).
 
         Example:
             >>> up.unprotect("step_0.pt")  # doctest: +SKIP
         """
         name = _base(name)
-        self._pin_file(name, kind=UNPIN_DIR)  # carried out by a later run if this one is killed
-        with contextlib.suppress(OSError):
-            (self.root / PIN_DIR / name).unlink()
+        try:
+            self._pins.unpin(name)
+        except OSError as exc:
+            log.warning("could not write the unpin of %s in %s: %s", name, self.root, exc)
         with self._cond:
             self._pinned.discard(name)
             self._kept_for_run.discard(name)
-            self._pins_unsent.discard(name)
-            self._sent_pins.discard(name)
-            self._unpins_unsent.add(name)
+            self._pins_due = True
+            self._cond.notify_all()
 
-    def _pin_file(self, name: str, *, sent: bool = False, kind: str = PIN_DIR) -> None:
-        """Write ``name``'s pin file (or unpin file), a failure only logged: the run keeps the
-        name either way, and S3 gets its pin."""
+    def _pin_file(self, name: str) -> None:
+        """Write ``name``'s pin file, a failure only logged: the run keeps the name either way."""
         try:
-            pin_locally(self.root, name, str(self.prefix), sent=sent, kind=kind)
-            if kind == PIN_DIR:
-                with contextlib.suppress(FileNotFoundError):
-                    (self.root / UNPIN_DIR / name).unlink()
+            self._pins.pin(name)
         except OSError as exc:
-            log.warning("could not write the %s of %s in %s: %s", "pin" if kind == PIN_DIR else "unpin", name, self.root / kind, exc)
+            log.warning("could not write the pin of %s in %s: %s", name, self.root, exc)
 
     def set_best(self, name: str | None) -> None:
         """The framework's best checkpoint (protected from retention); None clears it."""
@@ -1226,8 +1212,13 @@ class CheckpointUploader:
             self._retention(None)
         while True:
             with self._cond:
-                retry = False
-                while not self._queue and not self._stopping and not self._retention_released():
+                retry = pins_only = False
+                while (
+                    not self._queue
+                    and not self._stopping
+                    and not self._retention_released()
+                    and not self._pins_due
+                ):
                     if not self._retention_blocked_on:
                         self._cond.wait()
                     elif not self._cond.wait(LOCK_RETRY_EVERY):
@@ -1237,6 +1228,10 @@ class CheckpointUploader:
                     self._retention_due = False
                     self._retention_busy = True
                     job = None
+                elif self._pins_due and not self._queue and not self._stopping and not self._abort.is_set():
+                    self._retention_busy = True  # (protect() or unprotect() while idle)
+                    job = None
+                    pins_only = True
                 elif not self._queue or self._abort.is_set():
                     final = bool(self._retention_blocked_on) and not self._abort.is_set()
                     break
@@ -1247,7 +1242,10 @@ class CheckpointUploader:
                     self._cond.notify_all()
             if job is None:  # the retention that came due while on hold, or found its lock held
                 try:
-                    self._retention(None)
+                    if pins_only:
+                        self._send_pins()
+                    else:
+                        self._retention(None)
                 finally:
                     with self._cond:
                         self._retention_busy = False
@@ -1286,35 +1284,28 @@ class CheckpointUploader:
                     " and ".join(self._retention_blocked_on),
                 )
 
-    def _forget_pins_gone_from_s3(self, in_s3: frozenset[str]) -> None:
-        """Pins sent that S3 no longer holds were unpinned elsewhere (another node's
-        ``unprotect``, or by hand): this run lets them go too, and their files (call under ``_cond``)."""
-        for name in self._sent_pins - in_s3 - self._pins_unsent:
-            log.info("the pin of %s is gone from %s: no longer kept", name, self.prefix)
-            self._sent_pins.discard(name)
-            self._pinned.discard(name)
-            with contextlib.suppress(OSError):
-                (self.root / PIN_DIR / name).unlink()
-
     def _send_pins(self) -> None:
-        """Write the pins (``protect``) and delete the unpins not yet in S3 (on the worker).
+        """Carry the directory's pins and unpins for this prefix to S3 (on the worker).
 
-        One that fails is tried again after the next upload; this run keeps the name either way.
+        Read afresh from the files, which every process on the directory changes under one
+        lock: what another process unpinned meanwhile is not sent again. One that fails is
+        tried again after the next upload; the run keeps the name either way.
         """
         with self._cond:
-            pins, unpins = sorted(self._pins_unsent), sorted(self._unpins_unsent)
+            self._pins_due = False
+        try:
+            pins, unpins = self._pins.unsent(), self._pins.unpins()
+        except OSError as exc:
+            log.warning("could not read the pins of %s: %s", self.root, exc)
+            return
         for name in pins:
+            url = pin_url(self.prefix, name)
             try:
-                self.transfer.put_bytes(b"", pin_url(self.prefix, name))
+                self.transfer.put_bytes(b"", url)
+                if not self._pins.mark_sent(name):  # unpinned meanwhile: take it back
+                    self.transfer.delete_keys(self.prefix.bucket, [url.key])
             except Exception as exc:  # noqa: BLE001 - a pin failing must not stop uploads
                 log.warning("could not pin %s in S3 (tried again after the next upload): %s", name, exc)
-                continue
-            with self._cond:
-                if name not in self._pins_unsent:  # unpinned meanwhile: its unpin follows
-                    continue
-                self._pins_unsent.discard(name)
-                self._sent_pins.add(name)
-                self._pin_file(name, sent=True)
         if unpins:
             keys = {pin_url(self.prefix, name).key: name for name in unpins}
             try:
@@ -1327,12 +1318,22 @@ class CheckpointUploader:
                     ", ".join(keys[k] for k in errors if k in keys),
                     next(iter(errors.values())),
                 )
+            for key, name in keys.items():
+                if key not in errors:
+                    with contextlib.suppress(OSError):
+                        self._pins.unpin_done(name)
+        self._refresh_pins()
+
+    def _refresh_pins(self) -> set[str]:
+        """Read the pin files again (outside the lock); the names, also kept in ``_pinned``."""
+        try:
+            names = self._pins.names()
+        except OSError:
             with self._cond:
-                for key, name in keys.items():
-                    if key not in errors and name in self._unpins_unsent:
-                        self._unpins_unsent.discard(name)
-                        with contextlib.suppress(OSError):
-                            (self.root / UNPIN_DIR / name).unlink()
+                return set(self._pinned)
+        with self._cond:
+            self._pinned = names
+        return names
 
     def _waiting_for_turn(self) -> bool:
         """``upload_turn``'s poll: True gives up (this uploader is aborting).
@@ -1825,6 +1826,8 @@ class CheckpointUploader:
             if self._retention_held:
                 self._retention_due = True
                 return
+        self._refresh_pins()  # another process on the directory may have pinned or unpinned
+        with self._cond:
             protected = self._protected()
         if job is not None:
             protected.add(job.name)
@@ -1854,7 +1857,8 @@ class CheckpointUploader:
                     )
                 with self._cond:  # what is gone from S3, or never reached it, is done with
                     self._moot_names.intersection_update(cp.name for cp in plan.keep)
-                    self._forget_pins_gone_from_s3(plan.pinned)
+                for name in self._pins.forget_gone(plan.pinned):  # unpinned elsewhere
+                    log.info("the pin of %s is gone from %s: no longer kept", name, self.prefix)
                 for cp in plan.delete:
                     self._journal.record(
                         cp.name,

@@ -1440,3 +1440,54 @@ def test_an_unpin_outlives_a_run_that_never_reached_s3(tmp_path: Path, root: Pat
         third.submit(write(root / "step_1.pt", b"1")).result(60)
         third.close(timeout=60)
         assert sorted(keys_under(transfer, url.join("run/"))) == ["step_1.pt"]
+
+
+def test_two_uploaders_on_one_directory_never_bring_back_an_unpin(tmp_path: Path, root: Path, s3_server: Any, bucket: S3URL) -> None:
+    # Each uploader kept the pins it read at start and sent them at close: `runctl local`'s
+    # watcher beside a script's uploader put back in S3 a pin the script had just unpinned.
+    from runctl.pins import pin_locally
+    from runctl.transfer import get_transfer
+
+    transfer = get_transfer(s3_server.config(), use_s5cmd=False)
+    try:
+        pin_locally(root, "step_0.pt")  # left unsent (a CheckpointManager without S3, a kill)
+        write(root / "step_0.pt", b"0")
+        watcher = uploader(root, bucket, transfer, keep_last_n=1)
+        script = uploader(root, bucket, transfer, keep_last_n=1)
+        script.submit(root / "step_0.pt").result(30)
+        assert wait_for(lambda: ".runctl/pinned/step_0.pt" in keys_under(transfer, bucket.join("run/")))
+        script.unprotect("step_0.pt")
+        script.submit(write(root / "step_1.pt", b"1")).result(30)
+        script.close(timeout=30)
+        watcher.close(timeout=30)
+        assert sorted(keys_under(transfer, bucket.join("run/"))) == ["step_1.pt"]
+        assert not (root / ".runctl" / "pinned").exists() or not list((root / ".runctl" / "pinned").iterdir())
+    finally:
+        transfer.close()
+
+
+def test_a_pin_made_while_idle_reaches_s3_at_once(root: Path, s3_server: Any, bucket: S3URL) -> None:
+    # It waited for the next upload (an hour away, perhaps), while other nodes' retention and
+    # `runctl s3 cleanup` could not see it.
+    from runctl.transfer import get_transfer
+
+    transfer = get_transfer(s3_server.config(), use_s5cmd=False)
+    try:
+        up = uploader(root, bucket, transfer, keep_last_n=1)
+        up.submit(write(root / "step_1.pt", b"1")).result(30)
+        up.protect("step_1.pt")
+        assert wait_for(lambda: ".runctl/pinned/step_1.pt" in keys_under(transfer, bucket.join("run/")))
+        up.unprotect("step_1.pt")
+        assert wait_for(lambda: ".runctl/pinned/step_1.pt" not in keys_under(transfer, bucket.join("run/")))
+        up.close(timeout=30)
+    finally:
+        transfer.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,185 @@
+"""Pins on disk: which checkpoints of a directory retention must keep, in any run, and for whom.
+
+A pin is a file ``<root>/.runctl/pinned/<name>`` holding who it is for (an uploader's S3 prefix
+and endpoint, or nothing for the directory alone) and, once its object
+``<prefix>.runctl/pinned/<name>`` is in S3, a second line ``sent``. An unpin not yet carried
+out in S3 is a file ``<root>/.runctl/unpinned/<name>``. The files are the truth: every process
+on the directory reads them afresh, under one lock, so no process's memory brings back what
+another unpinned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from runctl.checkpoints import PIN_DIR, UNPIN_DIR
+
+try:
+    import fcntl
+except ImportError:  # Windows: the in-process lock alone
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("runctl.pins")
+
+_SENT = "sent"
+_LOCK_NAME = "pins.lock"
+#: A holder takes the lock for a few file operations: one held longer is stopped (Ctrl-Z).
+_LOCK_WAIT = 2.0
+_thread_lock = threading.Lock()
+
+
+def pin_locally(root: Path, name: str, owner: str = "", *, sent: bool = False, kind: str = PIN_DIR) -> None:
+    """Write the pin (``kind=UNPIN_DIR``: the unpin) of ``name`` for ``owner``, atomically.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); pin_locally(root, "step_0.pt"); local_pins(root)
+        {'step_0.pt'}
+    """
+    directory = Path(root) / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp-{os.getpid()}-{threading.get_ident()}"  # short: any name fits
+    tmp.write_text(f"{owner}\n{_SENT}\n" if sent else f"{owner}\n", encoding="utf-8")
+    os.replace(tmp, directory / name)
+
+
+def read_pins(root: Path, kind: str = PIN_DIR) -> dict[str, tuple[str | None, bool]]:
+    """Each pin (or unpin) of a directory: name -> (who it is for, whether it was sent).
+
+    Who is None when the file cannot be read (it still protects, but no uploader takes it up);
+    a file gone since the listing is left out.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); pin_locally(root, "step_0.pt", "s3://b/run/", sent=True)
+        >>> read_pins(root)
+        {'step_0.pt': ('s3://b/run/', True)}
+    """
+    found: dict[str, tuple[str | None, bool]] = {}
+    try:
+        names = os.listdir(Path(root) / kind)
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith("."):  # one being written
+            continue
+        try:
+            lines = (Path(root) / kind / name).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError):
+            found[name] = (None, False)
+            continue
+        found[name] = (lines[0].strip() if lines else "", _SENT in lines[1:])
+    return found
+
+
+def local_pins(root: Path) -> set[str]:
+    """The names pinned in a local checkpoint directory, for whomever (what local retention keeps)."""
+    return set(read_pins(root))
+
+
+@contextlib.contextmanager
+def pins_lock(root: Path) -> Iterator[None]:
+    """Hold the pins of a directory still while reading and changing them (threads and processes)."""
+    with _thread_lock:
+        lock_dir = Path(root) / ".runctl"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.debug("pins of %s changed without the lock: %s", root, exc)
+            yield
+            return
+        try:
+            deadline = time.monotonic() + _LOCK_WAIT
+            while fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        log.warning("pins of %s changed without the lock: held elsewhere for %g s", root, _LOCK_WAIT)
+                        break
+                    time.sleep(0.005)
+                except OSError:  # no flock on this filesystem
+                    break
+            yield
+        finally:
+            os.close(fd)
+
+
+class LocalPins:
+    """The pins of one directory as one uploader (``owner``: its prefix and endpoint) sees them.
+
+    Example:
+        >>> import tempfile
+        >>> pins = LocalPins(Path(tempfile.mkdtemp()), "s3://b/run/")
+        >>> pins.pin("step_0.pt"); sorted(pins.names()), pins.unsent()
+        (['step_0.pt'], ['step_0.pt'])
+    """
+
+    def __init__(self, root: Path, owner: str) -> None:
+        self.root = Path(root)
+        self.owner = owner
+
+    def _mine(self, owner: str | None) -> bool:
+        return owner in ("", self.owner)
+
+    def names(self) -> set[str]:
+        """The names pinned for this owner (or for the directory alone)."""
+        return {name for name, (owner, _) in read_pins(self.root).items() if self._mine(owner)}
+
+    def unsent(self) -> list[str]:
+        """Pins for this owner whose object is not (known to be) in S3 yet."""
+        return sorted(n for n, (owner, sent) in read_pins(self.root).items() if self._mine(owner) and not (sent and owner))
+
+    def unpins(self) -> list[str]:
+        """Unpins for this owner not yet carried out in S3."""
+        return sorted(n for n, (owner, _) in read_pins(self.root, UNPIN_DIR).items() if owner == self.owner)
+
+    def pin(self, name: str) -> None:
+        with pins_lock(self.root):
+            pin_locally(self.root, name, self.owner)
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / UNPIN_DIR / name).unlink()
+
+    def unpin(self, name: str) -> None:
+        with pins_lock(self.root):
+            pin_locally(self.root, name, self.owner, kind=UNPIN_DIR)
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / PIN_DIR / name).unlink()
+
+    def mark_sent(self, name: str) -> bool:
+        """Record that ``name``'s object is in S3; False when it was unpinned meanwhile."""
+        with pins_lock(self.root):
+            owner, _ = read_pins(self.root).get(name, (None, False))
+            if owner is None or not self._mine(owner):
+                return False
+            pin_locally(self.root, name, self.owner, sent=True)
+            return True
+
+    def unpin_done(self, name: str) -> None:
+        """Its object is gone from S3: the unpin is carried out (unless pinned again meanwhile)."""
+        with pins_lock(self.root):
+            owner, _ = read_pins(self.root, UNPIN_DIR).get(name, (None, False))
+            if owner == self.owner:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / UNPIN_DIR / name).unlink()
+
+    def forget_gone(self, in_s3: frozenset[str] | set[str]) -> list[str]:
+        """Sent pins for this owner that S3 no longer lists were unpinned elsewhere: remove them."""
+        gone = []
+        with pins_lock(self.root):
+            for name, (owner, sent) in read_pins(self.root).items():
+                if sent and owner == self.owner and name not in in_s3:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.root / PIN_DIR / name).unlink()
+                    gone.append(name)
+        return gone
