@@ -205,9 +205,9 @@ class CheckpointManager:
             self._submit(path, step, protect)
         else:
             if protect:  # (the uploader pins in S3 and here; without one, here)
-                from runctl.pins import pin_locally
+                from runctl.pins import LocalPins
 
-                pin_locally(self.local_dir, path.name)
+                LocalPins(self.local_dir, "").pin(path.name)
             if self.options.local_keep_last_n is not None:
                 self._apply_local_retention()
         return path

@@ -1,7 +1,7 @@
 """Pins on disk: which checkpoints of a directory retention must keep, in any run, and for whom.
 
-A pin is a file ``<root>/.runctl/pinned/<name>`` holding who it is for (an uploader's S3 prefix
-and endpoint, or nothing for the directory alone) and, once its object
+A pin is a file ``<root>/.runctl/pinned/<name>`` holding who it is for (an uploader's S3
+prefix, or nothing for the directory alone) and, once its object
 ``<prefix>.runctl/pinned/<name>`` is in S3, a second line ``sent``. An unpin not yet carried
 out in S3 is a file ``<root>/.runctl/unpinned/<name>``. The files are the truth: every process
 on the directory reads them afresh, under one lock, so no process's memory brings back what
@@ -116,7 +116,7 @@ def pins_lock(root: Path) -> Iterator[None]:
 
 
 class LocalPins:
-    """The pins of one directory as one uploader (``owner``: its prefix and endpoint) sees them.
+    """The pins of one directory as one uploader (``owner``: its S3 prefix) sees them.
 
     Example:
         >>> import tempfile
@@ -132,9 +132,20 @@ class LocalPins:
     def _mine(self, owner: str | None) -> bool:
         return owner in ("", self.owner)
 
+    def _read_one(self, name: str, kind: str = PIN_DIR) -> tuple[str | None, bool] | None:
+        """One pin (or unpin) file as ``read_pins`` reads it; None when there is none."""
+        try:
+            lines = (self.root / kind / name).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
+            return (None, False)
+        return (lines[0].strip() if lines else "", _SENT in lines[1:])
+
     def names(self) -> set[str]:
-        """The names pinned for this owner (or for the directory alone)."""
-        return {name for name, (owner, _) in read_pins(self.root).items() if self._mine(owner)}
+        """The names pinned for this owner, for the directory alone, or in a file that cannot
+        be read (kept, to be safe)."""
+        return {name for name, (owner, _) in read_pins(self.root).items() if owner is None or self._mine(owner)}
 
     def unsent(self) -> list[str]:
         """Pins for this owner whose object is not (known to be) in S3 yet."""
@@ -157,29 +168,40 @@ class LocalPins:
                 (self.root / PIN_DIR / name).unlink()
 
     def mark_sent(self, name: str) -> bool:
-        """Record that ``name``'s object is in S3; False when it was unpinned meanwhile."""
+        """Record that ``name``'s object is in S3; False when it was unpinned meanwhile, and
+        then its unpin is due again (the object just put must go, by the usual path)."""
         with pins_lock(self.root):
-            owner, _ = read_pins(self.root).get(name, (None, False))
-            if owner is None or not self._mine(owner):
-                return False
-            pin_locally(self.root, name, self.owner, sent=True)
-            return True
+            found = self._read_one(name)
+            if found is not None and found[0] is not None and self._mine(found[0]):
+                pin_locally(self.root, name, self.owner, sent=True)
+                return True
+            if found is None:
+                pin_locally(self.root, name, self.owner, kind=UNPIN_DIR)
+            return False
 
     def unpin_done(self, name: str) -> None:
         """Its object is gone from S3: the unpin is carried out (unless pinned again meanwhile)."""
         with pins_lock(self.root):
-            owner, _ = read_pins(self.root, UNPIN_DIR).get(name, (None, False))
-            if owner == self.owner:
+            found = self._read_one(name, UNPIN_DIR)
+            if found is not None and found[0] == self.owner:
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / UNPIN_DIR / name).unlink()
 
-    def forget_gone(self, in_s3: frozenset[str] | set[str]) -> list[str]:
-        """Sent pins for this owner that S3 no longer lists were unpinned elsewhere: remove them."""
+    def forget_gone(self, in_s3: frozenset[str] | set[str], listed_at: float) -> list[str]:
+        """Sent pins for this owner that a listing begun at ``listed_at`` (``time.time()``) did
+        not show were unpinned elsewhere: remove them. One marked sent since may have been put
+        after the listing passed it (another process's), so it stays."""
         gone = []
         with pins_lock(self.root):
             for name, (owner, sent) in read_pins(self.root).items():
-                if sent and owner == self.owner and name not in in_s3:
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.root / PIN_DIR / name).unlink()
-                    gone.append(name)
+                if not (sent and owner == self.owner and name not in in_s3):
+                    continue
+                path = self.root / PIN_DIR / name
+                try:
+                    if path.stat().st_mtime >= listed_at - 1.0:  # (a coarse clock's second)
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                gone.append(name)
         return gone

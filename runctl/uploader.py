@@ -542,9 +542,10 @@ class CheckpointUploader:
         # Pins outlive the run: files under root/.runctl/ (runctl.pins), the truth for every
         # process on the directory, and objects <prefix>.runctl/pinned/<name> that the worker
         # writes (``_send_pins``). ``_pinned`` is what the files said when last read.
-        endpoint = getattr(getattr(transfer, "config", None), "endpoint_url", None)
-        self._pins = LocalPins(root, f"{self.prefix}" + (f" at {endpoint}" if endpoint else ""))
+        # A pin is the prefix's: the same prefix however the endpoint is spelled (see "Left").
+        self._pins = LocalPins(root, str(self.prefix))
         self._pinned: set[str] = self._pins.names()
+        self._pins_changed = 0  # counts protect()/unprotect() calls: a re-read never undoes one
         self._pins_due = bool(self._pins.unsent() or self._pins.unpins())  # a killed run's
         #: Kept by retention for this run only (``protect(name, persist=False)``).
         self._kept_for_run: set[str] = set()
@@ -699,6 +700,7 @@ class CheckpointUploader:
                     )
                 if protect:
                     self._pinned.add(name)
+                    self._pins_changed += 1
                     self._pins_due = True
                 try:
                     self._enqueue(job, wake=held is None)
@@ -738,6 +740,7 @@ class CheckpointUploader:
         self._pin_file(name)
         with self._cond:
             self._pinned.add(name)
+            self._pins_changed += 1
             self._pins_due = True
             self._cond.notify_all()
 
@@ -756,6 +759,7 @@ class CheckpointUploader:
         with self._cond:
             self._pinned.discard(name)
             self._kept_for_run.discard(name)
+            self._pins_changed += 1
             self._pins_due = True
             self._cond.notify_all()
 
@@ -1302,10 +1306,12 @@ class CheckpointUploader:
             url = pin_url(self.prefix, name)
             try:
                 self.transfer.put_bytes(b"", url)
-                if not self._pins.mark_sent(name):  # unpinned meanwhile: take it back
-                    self.transfer.delete_keys(self.prefix.bucket, [url.key])
             except Exception as exc:  # noqa: BLE001 - a pin failing must not stop uploads
                 log.warning("could not pin %s in S3 (tried again after the next upload): %s", name, exc)
+                continue
+            if not self._pins.mark_sent(name):  # unpinned meanwhile: its unpin takes the object back
+                with self._cond:
+                    self._pins_due = True
         if unpins:
             keys = {pin_url(self.prefix, name).key: name for name in unpins}
             try:
@@ -1325,15 +1331,24 @@ class CheckpointUploader:
         self._refresh_pins()
 
     def _refresh_pins(self) -> set[str]:
-        """Read the pin files again (outside the lock); the names, also kept in ``_pinned``."""
-        try:
-            names = self._pins.names()
-        except OSError:
+        """Read the pin files again (outside the lock); the names, also kept in ``_pinned``.
+
+        A ``protect()`` or ``unprotect()`` of this process while the files were read wins: the
+        read is made again (its files then show it).
+        """
+        for _ in range(3):
             with self._cond:
-                return set(self._pinned)
+                seen = self._pins_changed
+            try:
+                names = self._pins.names()
+            except OSError:
+                break
+            with self._cond:
+                if self._pins_changed == seen:
+                    self._pinned = names
+                    return set(names)
         with self._cond:
-            self._pinned = names
-        return names
+            return set(self._pinned)
 
     def _waiting_for_turn(self) -> bool:
         """``upload_turn``'s poll: True gives up (this uploader is aborting).
@@ -1845,6 +1860,7 @@ class CheckpointUploader:
                     else contextlib.nullcontext()
                 )
                 with turn:
+                    listed_at = time.time()
                     plan = apply_s3_retention(
                         self.transfer,
                         self.prefix,
@@ -1857,7 +1873,7 @@ class CheckpointUploader:
                     )
                 with self._cond:  # what is gone from S3, or never reached it, is done with
                     self._moot_names.intersection_update(cp.name for cp in plan.keep)
-                for name in self._pins.forget_gone(plan.pinned):  # unpinned elsewhere
+                for name in self._pins.forget_gone(plan.pinned, listed_at):  # unpinned elsewhere
                     log.info("the pin of %s is gone from %s: no longer kept", name, self.prefix)
                 for cp in plan.delete:
                     self._journal.record(

@@ -1405,13 +1405,14 @@ def test_pins_stay_with_their_prefix_and_an_unpin_anywhere_holds(tmp_path: Path,
         node2.submit(write(b / "step_1.pt", b"1")).result(30)
         node2.close(timeout=30)
         assert sorted(keys_under(transfer, bucket.join("run/"))) == ["step_1.pt"]
+        old = time.time() - 60  # node 1's pin was sent a while before its next run lists
+        os.utime(a / ".runctl" / "pinned" / "step_0.pt", (old, old))
         again = uploader(a, bucket, transfer, keep_last_n=1)  # node 1's next run
         again.submit(write(a / "step_2.pt", b"2")).result(30)
         again.close(timeout=30)
         assert sorted(keys_under(transfer, bucket.join("run/"))) == ["step_2.pt"]
         assert not (a / ".runctl" / "pinned" / "step_0.pt").exists()
         # A pin of directory a for run/ is no pin for other/.
-        (a / ".runctl" / "pinned").mkdir(exist_ok=True)
         node1_pin = uploader(a, bucket, transfer, keep_last_n=1)
         node1_pin.protect("step_2.pt")
         node1_pin.close(timeout=30)
