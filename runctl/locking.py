@@ -95,6 +95,35 @@ def _hold(path: Path, timeout: float, what: str) -> Iterator[None]:
         lock.release()
 
 
+@contextmanager
+def brief_lock(path: Path, wait: float, what: str) -> Iterator[None]:
+    """Hold a lock file for a few file operations (threads and processes, as ``local_dir_lock``).
+
+    Past ``wait`` seconds, or where the filesystem refuses locks, go on without it: a holder
+    stopped with Ctrl-Z must not stop this one (said in a warning).
+
+    Example:
+        >>> import tempfile
+        >>> with brief_lock(Path(tempfile.mkdtemp()) / "x.lock", 1.0, "x"):
+        ...     pass
+    """
+    lock = _file_lock(path)
+    try:
+        lock.acquire(timeout=wait, poll_interval=0.005)
+    except Timeout:
+        log.warning("%s changed without the lock %s: held elsewhere for %g s", what, path, wait)
+        yield
+        return
+    except OSError as exc:  # no locks on this filesystem
+        log.debug("%s changed without the lock %s: %s", what, path, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def s3_lock_path(prefix: S3URL, endpoint_url: str | None = None) -> Path:
     """The lock file for one S3 prefix at one endpoint (the same path in every process).
 

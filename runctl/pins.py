@@ -11,27 +11,18 @@ another unpinned.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from runctl.checkpoints import PIN_DIR, UNPIN_DIR
-
-try:
-    import fcntl
-except ImportError:  # Windows: the in-process lock alone
-    fcntl = None  # type: ignore[assignment]
-
-log = logging.getLogger("runctl.pins")
+from runctl.locking import brief_lock
 
 _SENT = "sent"
 _LOCK_NAME = "pins.lock"
 #: A holder takes the lock for a few file operations: one held longer is stopped (Ctrl-Z).
 _LOCK_WAIT = 2.0
-_thread_lock = threading.Lock()
 
 
 def pin_locally(root: Path, name: str, owner: str = "", *, sent: bool = False, kind: str = PIN_DIR) -> None:
@@ -88,31 +79,10 @@ def local_pins(root: Path) -> set[str]:
 @contextlib.contextmanager
 def pins_lock(root: Path) -> Iterator[None]:
     """Hold the pins of a directory still while reading and changing them (threads and processes)."""
-    with _thread_lock:
-        lock_dir = Path(root) / ".runctl"
-        try:
-            lock_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            log.debug("pins of %s changed without the lock: %s", root, exc)
-            yield
-            return
-        try:
-            deadline = time.monotonic() + _LOCK_WAIT
-            while fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        log.warning("pins of %s changed without the lock: held elsewhere for %g s", root, _LOCK_WAIT)
-                        break
-                    time.sleep(0.005)
-                except OSError:  # no flock on this filesystem
-                    break
-            yield
-        finally:
-            os.close(fd)
+    lock_dir = Path(root) / ".runctl"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with brief_lock(lock_dir / _LOCK_NAME, _LOCK_WAIT, f"the pins of {root}"):
+        yield
 
 
 class LocalPins:
