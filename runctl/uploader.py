@@ -1328,10 +1328,9 @@ class CheckpointUploader:
                 if key not in errors:
                     with contextlib.suppress(OSError):
                         self._pins.unpin_done(name)
-        self._refresh_pins()
 
-    def _refresh_pins(self) -> set[str]:
-        """Read the pin files again (outside the lock); the names, also kept in ``_pinned``.
+    def _refresh_pins(self) -> None:
+        """Read the pin files again (outside the lock) into ``_pinned``, before retention.
 
         A ``protect()`` or ``unprotect()`` of this process while the files were read wins: the
         read is made again (its files then show it).
@@ -1342,13 +1341,11 @@ class CheckpointUploader:
             try:
                 names = self._pins.names()
             except OSError:
-                break
+                return
             with self._cond:
                 if self._pins_changed == seen:
                     self._pinned = names
-                    return set(names)
-        with self._cond:
-            return set(self._pinned)
+                    return
 
     def _waiting_for_turn(self) -> bool:
         """``upload_turn``'s poll: True gives up (this uploader is aborting).
