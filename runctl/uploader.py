@@ -1309,7 +1309,12 @@ class CheckpointUploader:
             except Exception as exc:  # noqa: BLE001 - a pin failing must not stop uploads
                 log.warning("could not pin %s in S3 (tried again after the next upload): %s", name, exc)
                 continue
-            if not self._pins.mark_sent(name):  # unpinned meanwhile: its unpin takes the object back
+            try:
+                sent = self._pins.mark_sent(name)
+            except OSError as exc:  # the object is in S3; the file says so next time
+                log.warning("could not record the pin of %s as sent: %s", name, exc)
+                continue
+            if not sent:  # unpinned meanwhile: its unpin takes the object back
                 with self._cond:
                     self._pins_due = True
         if unpins:

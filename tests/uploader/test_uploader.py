@@ -1492,3 +1492,26 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_pin_file_that_cannot_be_rewritten_never_fails_the_upload(
+    root: Path, s3_server: Any, bucket: S3URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An OSError recording a pin as sent (a full or read-only disk) escaped the worker's pin
+    # pass: the checkpoint that had just landed was reported failed.
+    from runctl.pins import LocalPins
+    from runctl.transfer import get_transfer
+
+    def refused(self: LocalPins, name: str) -> bool:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LocalPins, "mark_sent", refused)
+    transfer = get_transfer(s3_server.config(), use_s5cmd=False)
+    try:
+        up = uploader(root, bucket, transfer, keep_last_n=1)
+        assert up.submit(write(root / "step_0.pt", b"0"), protect=True).result(30).state == "verified"
+        assert up.submit(write(root / "step_1.pt", b"1")).result(30).state == "verified"
+        up.close(timeout=30)
+        assert sorted(keys_under(transfer, bucket.join("run/"))) == [".runctl/pinned/step_0.pt", "step_0.pt", "step_1.pt"]
+    finally:
+        transfer.close()
