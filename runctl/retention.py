@@ -326,7 +326,7 @@ def apply_s3_retention(
             plan_retention(
                 grouped.checkpoints,
                 keep_last_n,
-                protected=(*_protected_names(protected), *grouped.pinned),
+                protected=(*protected, *grouped.pinned),
                 max_total_size=max_total_size,
                 incomplete_older_than=incomplete_older_than,
                 unfinished=unfinished,
@@ -454,7 +454,7 @@ def apply_local_retention(
         if protected_must_exist:
             check_protected(found, protected, str(root))
         pins = local_pins(root)
-        protected = (*_protected_names(protected), *pins)
+        protected = _protected_names(protected) | pins
         torn = set()
         for cp in found:
             if not cp.is_dir and snapshot.torn(cp.name, cp.size, cp.mtime):
@@ -462,6 +462,7 @@ def apply_local_retention(
                 torn.add(cp.name)
         found = [dataclasses.replace(cp, complete=False) if cp.name in writing else cp for cp in found]
         plan = _say_pinned(plan_retention(found, keep_last_n, protected=protected), pins, str(root))
+
         def in_s3(cp: Checkpoint) -> bool:
             if snapshot.was_verified(cp.name, cp.size, cp.mtime):
                 return True
@@ -489,10 +490,9 @@ def apply_local_retention(
             whole = [
                 cp.order_key() for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)
             ]
-            protected_names = _protected_names(protected)
             for cp in list(keep):
                 newer = sum(1 for key in whole if key > cp.order_key())
-                if cp.name in torn and cp.name not in protected_names and newer >= keep_last_n:
+                if cp.name in torn and cp.name not in protected and newer >= keep_last_n:
                     keep.remove(cp)
                     delete.append(cp)
                     reasons[cp.name] = (
