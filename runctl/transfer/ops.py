@@ -807,20 +807,18 @@ def download(
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
+    # /dev/stdout, /dev/fd/N, /proc/self/fd/N name this process's own descriptor, written to as
+    # it is (a file stdout was redirected to included); a device or a FIFO, or a symlink to one
+    # (/dev/null), is written into, as aws does. A rename would replace the link, or put a
+    # regular file in the device's place (as root, in /dev).
     own = own_descriptor(final)
-    if own is not None:
-        # /dev/stdout, /dev/fd/N, /proc/self/fd/N: this process's own descriptor, written to as
-        # it is (a file stdout was redirected to included); a rename would replace the link.
-        transfer.get_stream(url, own)
-        return [(url, final)]
-    if _is_special(final):
-        # A device or a FIFO, or a symlink to one (/dev/null): written into, as aws does. A
-        # rename would put a regular file in its place (as root, in /dev).
-        fd = os.open(final, os.O_WRONLY)
+    if own is not None or _is_special(final):
+        fd = own if own is not None else os.open(final, os.O_WRONLY)
         try:
             transfer.get_stream(url, fd)
         finally:
-            os.close(fd)
+            if own is None:
+                os.close(fd)
         return [(url, final)]
     tmp = _tmp_name(final)
     placed = False

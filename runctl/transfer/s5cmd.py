@@ -452,7 +452,7 @@ class _Child:
             raise BinaryNotFoundError(f"cannot run s5cmd {self.argv[0]!r}: {exc}") from None
         self._last_activity = time.monotonic()
         self._last_io = _io_bytes(self.proc.pid)
-        self._noted = False  # this quiet spell was named in a warning
+        self._noted_since: float | None = None  # the quiet spell named in a warning (its start)
         # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
         # commands (which print promptly) are then watched.
         self._watch = (self._last_io is not None or not watch_bytes_only) and (
@@ -547,7 +547,6 @@ class _Child:
                     open_streams -= 1
                     continue
                 self._last_activity = time.monotonic()
-                self._noted = False
                 for line in lines:
                     yield name, line
             self.wait()
@@ -562,7 +561,6 @@ class _Child:
         if current is not None and current != self._last_io:
             self._last_io = current
             self._last_activity = time.monotonic()
-            self._noted = False
         return self._last_activity
 
     def _check_stall(self) -> None:
@@ -570,8 +568,9 @@ class _Child:
         if self.active_at() >= now:
             return
         quiet = now - self._last_activity
-        if self._watch and not self._noted and quiet > QUIET_NOTE and self.idle_limit > 2 * QUIET_NOTE:
-            self._noted = True
+        noted = self._noted_since == self._last_activity
+        if self._watch and not noted and quiet > QUIET_NOTE and self.idle_limit > 2 * QUIET_NOTE:
+            self._noted_since = self._last_activity
             log.warning(
                 "nothing has moved for %d s (is %s answering?); still waiting, up to %d s in all",
                 quiet,
