@@ -66,7 +66,9 @@ def resolve_ckpt_path(
     """Turn an ``s3://`` checkpoint into a local file downloaded by runctl; other paths pass through.
 
     An object URL downloads that object to ``dest_dir/<name>``; a prefix URL (ending in ``/``)
-    downloads the newest complete checkpoint under it, or returns None when there is none.
+    downloads the newest complete checkpoint under it, or returns None when there is none. The
+    prefix is asked for about 15 s before a refused connection ends it (a job restarted after a
+    preemption may start before S3 answers).
 
     Raises:
         NoSuchKeyError: the object URL names nothing.
@@ -86,7 +88,9 @@ def resolve_ckpt_path(
     if url.is_prefix:
         from runctl.uploader import latest_checkpoint
 
-        found = latest_checkpoint(url, dest, config=cfg, use_s5cmd=use_s5cmd)
+        from .loop import _patiently
+
+        found = _patiently(lambda: latest_checkpoint(url, dest, config=cfg, use_s5cmd=use_s5cmd))
         log.info(
             "resuming from %s", found if found is not None else "scratch (no complete checkpoint)"
         )
@@ -259,8 +263,7 @@ class _RunctlCheckpointMixin:
             >>> cb = RunctlCheckpoint(dirpath="ckpt", s3_url="s3://b/run/")  # doctest: +SKIP
             >>> trainer.fit(model, ckpt_path=cb.resolve_ckpt_path("latest"))  # doctest: +SKIP
         """
-        latest = ckpt_path == "latest"
-        if latest:
+        if ckpt_path == "latest":
             if self.s3_url is None:
                 raise UsageError(
                     "resolve_ckpt_path('latest') needs s3_url on the callback, got None"
@@ -274,8 +277,6 @@ class _RunctlCheckpointMixin:
                 "resolve_ckpt_path needs an explicit dirpath on the callback, got dirpath=None"
             )
         opts = self.runctl_options
-        if latest:
-            return self._latest(dirpath)
         path = resolve_ckpt_path(
             ckpt_path, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd
         )
@@ -285,29 +286,6 @@ class _RunctlCheckpointMixin:
             url = S3URL.parse(str(ckpt_path))
             record_restored(path, url.join(Path(path).name) if url.is_prefix else url)
         return path
-
-    def _latest(self, dirpath: str) -> str | None:
-        """``resolve_ckpt_path("latest")``: S3's newest complete checkpoint, S3 asked patiently.
-
-        Every rank asks S3 and gets the same answer (a node's own disk would differ between
-        nodes: Lightning saves on global rank zero only). A refused connection at start (a job
-        restarted after a preemption) once ended the run at once; it is retried for about 15 s.
-        """
-        from runctl.uploader import latest_checkpoint, record_restored
-
-        from .loop import _patiently
-
-        assert self.s3_url is not None
-        opts = self.runctl_options
-        url = self.s3_url
-        path = _patiently(
-            lambda: latest_checkpoint(url, dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd)
-        )
-        log.info("resuming from %s", path if path is not None else "scratch (no complete checkpoint)")
-        if path is None:
-            return None
-        record_restored(path, url.join(path.name))
-        return str(path)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every handed-over checkpoint is in S3 (raises UploadError / FlushTimeout)."""
