@@ -548,7 +548,8 @@ def sync_tree(
     """Make S3URL match LOCAL (up) or LOCAL match S3URL (down).
 
     Copies what is missing, differs in size, or is newer on the source side
-    (whole seconds; --size-only: size alone), as s5cmd sync does; --delete also removes what the source lacks (inside the prefix only). It refuses an
+    (whole seconds; --size-only: size alone), as s5cmd sync does; --delete also
+    removes what the source lacks (inside the prefix only). It refuses an
     empty source (a mistyped path), and going up to a bucket root needs --yes-bucket-root.
     Unreadable directories fail (exit 1); symlinked directories are not followed. Neither
     loses its copy in S3 to --delete. .runctl/ state directories are left out both ways.
