@@ -122,6 +122,8 @@ class CheckpointRow:
     complete: bool
     storage_class: str | None
     file_list: tuple[FileRow, ...] = ()
+    #: A pin object ``<prefix>.runctl/pinned/<name>`` names it: every cleanup keeps it.
+    pinned: bool = False
 
     def to_json(self) -> dict[str, object]:
         data: dict[str, object] = {
@@ -136,6 +138,7 @@ class CheckpointRow:
             "age_seconds": self.age,
             "complete": self.complete,
             "storage_class": self.storage_class,
+            "pinned": self.pinned,
         }
         if self.file_list:
             data["file_list"] = [f.to_json() for f in self.file_list]
@@ -228,12 +231,20 @@ class Review:
     warnings: tuple[str, ...]
     #: Each marker was read and checked against the listed files (else: a marker exists).
     markers_verified: bool = False
+    #: Every name pinned under the prefix (``<prefix>.runctl/pinned/<name>``), checkpoint or not.
+    pinned: tuple[str, ...] = ()
 
     @property
     def incomplete(self) -> tuple[CheckpointRow, ...]:
         """Directory checkpoints without a marker (uploads in progress, or abandoned), or, when
         ``markers_verified``, with one that does not match their files."""
         return tuple(c for c in self.checkpoints if not c.complete)
+
+    @property
+    def stray_pins(self) -> tuple[str, ...]:
+        """Pinned names with no checkpoint under the prefix (deleted by hand or by a sync)."""
+        present = {c.name for c in self.checkpoints}
+        return tuple(name for name in self.pinned if name not in present)
 
     @property
     def abandoned(self) -> tuple[MultipartRow, ...]:
@@ -251,6 +262,8 @@ class Review:
             "others": [o.to_json() for o in self.others],
             "incomplete": [c.name for c in self.incomplete],
             "markers_verified": self.markers_verified,
+            "pinned": list(self.pinned),
+            "stray_pins": list(self.stray_pins),
             "totals": {
                 "objects": self.objects,
                 "size": self.size,
@@ -467,6 +480,7 @@ def review(
                 complete=ckpt.complete,
                 storage_class=ckpt.storage_class,
                 file_list=file_list,
+                pinned=ckpt.name in grouped.pinned,
             )
         )
     others = tuple(
@@ -525,4 +539,5 @@ def review(
         currency=CURRENCY,
         warnings=tuple(warnings),
         markers_verified=verify_markers,
+        pinned=tuple(sorted(grouped.pinned)),
     )

@@ -44,7 +44,7 @@ Examples:
 
 REVIEW_HELP = """Audit an S3 prefix: checkpoints, other artifacts, unfinished multipart uploads, monthly cost.
 
-Lists each checkpoint (step, files, size, age, complete or not, storage class; a directory checkpoint is complete when it has a marker, and with --verify only when its marker also matches its listed files, as cleanup checks), other objects, totals, directory checkpoints without a marker, in-progress and abandoned multipart uploads (their parts are billed), and an estimated monthly storage cost per storage class from a price table (USD per GB-month, AWS us-east-1 list prices; override with --prices FILE or RUNCTL_PRICES, a JSON object such as {"STANDARD": 0.021}).
+Lists each checkpoint (step, files, size, age, complete or not, pinned or not, storage class; a directory checkpoint is complete when it has a marker, and with --verify only when its marker also matches its listed files, as cleanup checks), other objects, totals, directory checkpoints without a marker, pinned names (and pins whose checkpoint is gone), in-progress and abandoned multipart uploads (their parts are billed), and an estimated monthly storage cost per storage class from a price table (USD per GB-month, AWS us-east-1 list prices; override with --prices FILE or RUNCTL_PRICES, a JSON object such as {"STANDARD": 0.021}).
 
 
 Examples:
@@ -191,7 +191,7 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
     out.line("")
     if result.checkpoints:
         out.table(
-            ("step", "name", "files", "size", "age", "complete", "storage class"),
+            ("step", "name", "files", "size", "age", "complete", "pinned", "storage class"),
             [
                 (
                     "-" if row.step is None else row.step,
@@ -200,6 +200,7 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
                     human_size(row.size),
                     human_age(row.age),
                     "yes" if row.complete else "NO",
+                    "yes" if row.pinned else "-",
                     row.storage_class or "-",
                 )
                 for row in result.checkpoints
@@ -242,6 +243,17 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
     if result.incomplete:
         why = "no marker, or one that does not match" if result.markers_verified else "no marker"
         out.line(f"Incomplete directory checkpoints ({why}): " + ", ".join(c.name for c in result.incomplete))
+    pinned = [c.name for c in result.checkpoints if c.pinned]
+    if pinned:
+        out.line("Pinned (every cleanup and retention keeps them): " + ", ".join(pinned))
+    if result.stray_pins:
+        from runctl.checkpoints import pin_url
+        from runctl.s3url import S3URL
+
+        out.line(
+            "Pins naming no checkpoint here (deleting the pin object unpins): "
+            + ", ".join(str(pin_url(S3URL.parse(result.url), name)) for name in result.stray_pins)
+        )
 
     out.line("")
     if result.multipart_error:

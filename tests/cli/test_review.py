@@ -188,3 +188,33 @@ def test_review_subprocess_json(s3_server: S3Server, bucket: S3URL) -> None:
     doc = json.loads(proc.stdout)
     assert doc["type"] == "review" and doc["url"] == str(prefix)
     assert doc["totals"]["checkpoints"] == 3 and doc["totals"]["multipart_uploads"] == 1
+
+
+@pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
+def test_review_marks_pinned_checkpoints_and_names_pins_left_without_one(
+    s3_server: S3Server, bucket: S3URL, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    from runctl.checkpoints import pin_url
+
+    prefix = bucket.join("run/")
+    client = s3_server.client()
+    for name in ("step_1.pt", "step_2.pt"):
+        client.put_object(Bucket=bucket.bucket, Key=prefix.key + name, Body=b"c")
+    for name in ("step_1.pt", "step_0.pt"):  # step_0.pt was deleted by hand; its pin stayed
+        client.put_object(Bucket=bucket.bucket, Key=pin_url(prefix, name).key, Body=b"")
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    result = runner.invoke(monitor_app(), ["s3", "review", str(prefix), "--json", backend])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {c["name"]: c["pinned"] for c in doc["checkpoints"]} == {"step_1.pt": True, "step_2.pt": False}
+    assert doc["pinned"] == ["step_0.pt", "step_1.pt"] and doc["stray_pins"] == ["step_0.pt"]
+    assert doc["others"] == []  # the pin objects are runctl's own, not artifacts
+
+    human = runner.invoke(monitor_app(), ["s3", "review", str(prefix), backend])
+    assert human.exit_code == 0, human.output
+    assert "Pinned (every cleanup and retention keeps them): step_1.pt\n" in human.stdout
+    assert f"Pins naming no checkpoint here (deleting the pin object unpins): {pin_url(prefix, 'step_0.pt')}" in human.stdout
+    table = {line.split()[1]: line.split()[-2] for line in human.stdout.splitlines() if line.lstrip()[:1].isdigit()}
+    assert table == {"step_1.pt": "yes", "step_2.pt": "-"}  # the "pinned" column
