@@ -552,7 +552,8 @@ def sync_tree(
     removes what the source lacks (inside the prefix only). It refuses an
     empty source (a mistyped path), and going up to a bucket root needs --yes-bucket-root.
     Unreadable directories fail (exit 1); symlinked directories are not followed. Neither
-    loses its copy in S3 to --delete. .runctl/ state directories are left out both ways.
+    loses its copy in S3 to --delete, nor does a pinned checkpoint (a warning names the pin).
+    .runctl/ state directories are left out both ways.
 
     \b
     Examples:
@@ -635,6 +636,7 @@ def sync_tree(
     for skipped_url, reason in plan.skipped:
         s.out.record("skipped", url=skipped_url, reason=reason)
         s.out.warn(f"skipped {skipped_url}: {reason}")
+    _report_kept(s, plan.kept, dry_run)
     _report_marks(s, marks, dry_run)
     s.out.record(
         "summary",
@@ -644,6 +646,7 @@ def sync_tree(
         deleted=len(plan.delete),
         unchanged=plan.unchanged,
         skipped=len(plan.skipped),
+        kept=len(plan.kept),
         seconds=round(seconds, 3),
         dry_run=dry_run,
     )
@@ -656,6 +659,17 @@ def sync_tree(
     )
     if partial is not None:
         raise partial
+
+
+def _report_kept(s: Session, kept: Sequence[tuple[str, str]], dry_run: bool) -> None:
+    """A warning per pin whose checkpoint --delete left in place (and a record per object in --json)."""
+    by_pin: dict[str, int] = {}
+    for target, pin in kept:
+        s.out.record("kept", target=target, pin=pin, dry_run=dry_run)
+        by_pin[pin] = by_pin.get(pin, 0) + 1
+    for pin, count in by_pin.items():
+        verb = "would keep" if dry_run else "kept"
+        s.out.warn(f"--delete {verb} {_plural(count, 'object')} of a pinned checkpoint; delete {pin} to unpin it")
 
 
 def _receiving(

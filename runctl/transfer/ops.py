@@ -969,7 +969,8 @@ class SyncPlan:
     """What a sync copies and deletes; ``copy`` holds ``(source, destination)`` strings.
 
     ``skipped`` names remote keys a download cannot write safely, or local directories an
-    upload cannot read (with the reason).
+    upload cannot read (with the reason). ``kept`` names objects an upward ``--delete`` left
+    because a pin names their checkpoint (with the pin's URL).
 
     Example:
         >>> SyncPlan("up", (("a.pt", "s3://bkt/run/a.pt"),), (), 3).to_json()["copy"]
@@ -981,6 +982,7 @@ class SyncPlan:
     delete: tuple[str, ...]
     unchanged: int
     skipped: tuple[tuple[str, str], ...] = field(default=())
+    kept: tuple[tuple[str, str], ...] = field(default=())
 
     def to_json(self) -> dict:
         return {
@@ -989,13 +991,19 @@ class SyncPlan:
             "delete": list(self.delete),
             "unchanged": self.unchanged,
             "skipped": [{"url": url, "reason": reason} for url, reason in self.skipped],
+            "kept": [{"url": url, "pin": pin} for url, pin in self.kept],
         }
 
 
 def _remote_index(
     transfer: Transfer, prefix: S3URL, include: Sequence[str], exclude: Sequence[str]
-) -> dict[str, ObjectInfo]:
+) -> tuple[dict[str, ObjectInfo], dict[str, str]]:
+    """The objects a sync compares, by relative key, and the pinned checkpoints' relative paths
+    (``run/step_1.pt`` for a pin ``run/.runctl/pinned/step_1.pt``) with each pin's URL."""
+    from runctl.checkpoints import PIN_DIR
+
     index: dict[str, ObjectInfo] = {}
+    pinned: dict[str, str] = {}
     for obj in transfer.iter_objects(prefix, recursive=True):
         if not isinstance(obj, ObjectInfo) or not obj.key.startswith(prefix.key):
             continue
@@ -1003,10 +1011,21 @@ def _remote_index(
         if not rel or (rel.endswith("/") and obj.size == 0):
             continue  # folder markers
         if runctl_own(rel):
+            head, sep, name = rel.rpartition(f"{PIN_DIR}/")
+            if sep and name and "/" not in name and (not head or head.endswith("/")):
+                pinned[head + name] = str(obj.url)
             continue  # never sent up, so never taken down, nor deleted
         if selected(rel, include, exclude):
             index[rel] = obj
-    return index
+    return index, pinned
+
+
+def _pin_of(rel: str, pinned: dict[str, str]) -> str | None:
+    """The pin's URL when ``rel`` is a pinned checkpoint, or a file inside one."""
+    for path, pin in pinned.items():
+        if rel == path or rel.startswith(path + "/"):
+            return pin
+    return None
 
 
 def _newer(a: float, b: float) -> bool:
@@ -1063,7 +1082,7 @@ def _plan(
         raise UsageError(f"sync needs a local directory, got the file {str(local)!r}")
     if direction == "up" and not local.is_dir():
         raise UsageError(f"cannot sync up {str(local)!r}: no such directory")
-    remote = _remote_index(transfer, prefix, include, exclude)
+    remote, pinned = _remote_index(transfer, prefix, include, exclude)
     holes: list[tuple[str, str]] = []
     local_files = (
         {rel: path for rel, path in _walk_files(local, holes=holes) if selected(rel, include, exclude)}
@@ -1092,6 +1111,11 @@ def _plan(
             and not _under_hole(rel, holes)
             and not (keep_key and keep_key(remote[rel].key))
         ]
+        # A pin keeps its checkpoint through every deletion runctl makes; deleting it unpins.
+        kept = [(str(obj.url), pin) for obj in doomed if (pin := _pin_of(obj.key[len(prefix.key) :], pinned))]
+        if kept:
+            spared = {url for url, _ in kept}
+            doomed = [obj for obj in doomed if str(obj.url) not in spared]
         if doomed and not local_files:
             _refuse_emptying(f"{str(local)!r} has no files", f"every object under {prefix}", include, exclude)
         unreadable: dict[str, str] = {}
@@ -1102,6 +1126,7 @@ def _plan(
             tuple(str(o.url) for o in doomed),
             unchanged,
             tuple(unreadable.items()),
+            tuple(kept),
         )
         return _SyncWork(plan, uploads=tuple(uploads), delete_keys=tuple(o.key for o in doomed))
     downloads: list[tuple[ObjectInfo, S3URL, Path]] = []
@@ -1154,7 +1179,8 @@ def plan_sync(
     select; it refuses (``UsageError``) when the source has nothing, which a mistyped path
     would otherwise turn into deleting everything. Keys that cannot be written safely, and
     local directories that cannot be read, are listed in ``skipped``; what such a directory,
-    or one reached by a symlink, holds in S3 is never deleted. ``.runctl/`` state
+    or one reached by a symlink, holds in S3 is never deleted, nor is a checkpoint that a pin
+    (``<prefix>.runctl/pinned/<name>``) names: it is listed in ``kept``. ``.runctl/`` state
     directories and ``.runctl-tmp-`` files are left out both ways.
 
     Example:

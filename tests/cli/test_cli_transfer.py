@@ -623,6 +623,39 @@ def test_sync_leaves_runctl_state_out_both_ways(
     assert set(keys(moto_server, bucket)) == {f"run/{key}" for key in ("a.txt", *own)}
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["at-the-prefix", "below-it"])
+def test_sync_delete_keeps_pinned_checkpoints_and_says_so(
+    moto_server: S3Server, backend: str, tmp_path: Path, nested: bool
+) -> None:
+    # A pin keeps its checkpoint through every cleanup; sync --delete deleted it, exit 0.
+    from runctl.checkpoints import pin_url
+
+    bucket = S3URL(moto_server.new_bucket())
+    flag = backend_flag(backend)
+    run = bucket.join("top/run/")
+    for key in ("step_1.pt", "step_2.pt", "checkpoint-3/a.bin", "checkpoint-3/b.bin", "step_10.pt"):
+        put(moto_server, run, run.key + key, b"x")
+    for name in ("step_1.pt", "checkpoint-3"):
+        put(moto_server, run, pin_url(run, name).key, b"")
+    local = tmp_path / "local"
+    (local / "run" if nested else local).mkdir(parents=True)
+    (local / ("run/step_4.pt" if nested else "step_4.pt")).write_bytes(b"y")
+    target = f"{bucket}top/" if nested else str(run)
+    dry = run_s3(moto_server, "s3", "sync", str(local), target, "-d", "up", "--delete", "--dry-run", flag)
+    assert dry.exit_code == 0, dry.output
+    assert "would keep 2 objects of a pinned checkpoint" in dry.stderr
+    result = run_s3(moto_server, "s3", "sync", str(local), target, "-d", "up", "--delete", flag, "--json")
+    assert result.exit_code == 0, result.output
+    (summary,) = of_type(result.stdout, "summary")
+    assert (summary["deleted"], summary["kept"]) == (2, 3)
+    assert {r["pin"] for r in of_type(result.stdout, "kept")} == {
+        str(pin_url(run, "step_1.pt")), str(pin_url(run, "checkpoint-3"))
+    }
+    assert f"delete {pin_url(run, 'checkpoint-3')} to unpin it" in result.stderr
+    left = {k for k in keys(moto_server, bucket) if ".runctl/" not in k}
+    assert left == {f"top/run/{k}" for k in ("step_1.pt", "checkpoint-3/a.bin", "checkpoint-3/b.bin", "step_4.pt")}
+
+
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_sync_delete_refuses_an_empty_source(
     moto_server: S3Server, backend: str, tmp_path: Path, direction: str
