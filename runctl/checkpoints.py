@@ -321,7 +321,9 @@ def newest_state(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
 
     Lightning's ``save_last`` keeps ``last.ckpt`` beside top-k files named by step: once the
     metric stops improving, the highest step among those is an old best, and ``last.ckpt``,
-    written later, holds the newer state.
+    written later, holds the newer state. A tie goes to the alias: S3 stamps objects to the
+    whole second, and Lightning saves ``last.ckpt`` right after each top-k file, so a backlog
+    after an outage lands both in one second.
 
     Example:
         >>> best = Checkpoint("epoch=0-step=8.ckpt", False, 8, 0, 100.0, 1, True, ())
@@ -332,7 +334,7 @@ def newest_state(checkpoints: Sequence[Checkpoint]) -> Checkpoint | None:
     if not checkpoints:
         return None
     by_step = max(checkpoints, key=Checkpoint.order_key)
-    later = [c for c in checkpoints if is_alias(c.name) and c.mtime > by_step.mtime]
+    later = [c for c in checkpoints if is_alias(c.name) and c.mtime >= by_step.mtime]
     return max(later, key=lambda c: c.mtime) if later else by_step
 
 
@@ -434,7 +436,8 @@ def _dir_files(path: Path, root: Path) -> tuple[tuple[str, ...], int, float]:
 
 
 def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
-    """Describe one local file or directory as a ``Checkpoint`` (complete unless ``awaits_hf_sign``).
+    """Describe one local file or directory as a ``Checkpoint`` (complete unless ``awaits_hf_sign``,
+    or a DeepSpeed ``global_stepN`` newer than the step its ``latest`` names).
 
     Use this wherever a local checkpoint's size and mtime are recorded, so that they compare
     equal to what ``scan_local`` sees later.
@@ -450,7 +453,7 @@ def local_checkpoint(path: Path, root: Path | None = None) -> Checkpoint:
     step, epoch = parse_step(path.name)
     if path.is_dir():
         files, size, mtime = _dir_files(path, root)
-        complete = not dir_awaits_hf_sign(path)
+        complete = not dir_awaits_hf_sign(path) and not dir_awaits_deepspeed_sign(path)
         return Checkpoint(path.name, True, step, epoch, mtime, size, complete, files)
     st = path.stat()
     rel = path.relative_to(root).as_posix()

@@ -249,7 +249,10 @@ def why_unfinished(
 
     Finished: it has its framework's completion sign, or none of its ``files`` (``local_files``)
     changed within ``settle`` seconds before ``started`` (when the copy began) or since. A
-    Hugging Face Trainer's directory is finished only with its sign (``awaits_hf_sign``).
+    Hugging Face Trainer's directory is finished only with its sign (``awaits_hf_sign``); a
+    DeepSpeed ``global_stepN`` only once ``latest`` names it or a later step. A directory that
+    came down from S3 with a marker is finished only if it still holds every file its marker
+    names, at its size: one that was incomplete (or damaged) in S3 stays so through a round trip.
 
     Example:
         >>> import tempfile
@@ -257,7 +260,7 @@ def why_unfinished(
         >>> why_unfinished(d, local_files(d), started=time.time() + 60) is None
         True
     """
-    from runctl.checkpoints import awaits_hf_sign, has_completion_sign
+    from runctl.checkpoints import awaits_hf_sign, dir_awaits_deepspeed_sign, has_completion_sign
 
     if not files:
         return "it is empty"
@@ -265,6 +268,17 @@ def why_unfinished(
         return (
             "it holds training_args.bin but no trainer_state.json, which the Hugging Face "
             "Trainer writes last: it is still being written, or its save was cut short"
+        )
+    if dir_awaits_deepspeed_sign(local_dir):
+        return (
+            "DeepSpeed's 'latest' beside it names an earlier step: its save is still under way, "
+            "or was cut short"
+        )
+    lacking = _unlike_its_marker(local_dir, files)
+    if lacking:
+        return (
+            f"its marker (come down from S3) names files it lacks or holds at another size: {lacking} "
+            "(it was not whole where it came from; delete the marker to copy it as it is)"
         )
     newest = max(st.st_mtime for st in files.values())
     if newest > started or (newest > started - settle and not has_completion_sign(local_dir)):
@@ -274,6 +288,30 @@ def why_unfinished(
             "once it is finished)"
         )
     return None
+
+
+def _unlike_its_marker(local_dir: Path, files: Mapping[str, os.stat_result]) -> str | None:
+    """What a marker inside ``local_dir`` (one that came down with its files) names that the
+    directory lacks, or holds at another size; None without a marker, or when all is there."""
+    from runctl.checkpoints import Manifest
+    from runctl.exceptions import MarkerError
+
+    try:
+        data = (local_dir / MARKER_NAME).read_bytes()
+    except OSError:
+        return None
+    try:
+        manifest = Manifest.from_bytes(data)
+    except MarkerError as exc:
+        return f"(the marker cannot be read: {exc})"
+    problems = [
+        rel if rel not in files else f"{rel} ({files[rel].st_size} bytes, not {entry.size})"
+        for rel, entry in sorted(manifest.files.items())
+        if rel not in files or files[rel].st_size != entry.size
+    ]
+    if not problems:
+        return None
+    return ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
 
 
 def dry_run_marks(

@@ -239,3 +239,46 @@ def test_a_round_trip_sends_no_marker_and_a_second_sync_copies_nothing(
     assert deeper.exit_code == 0, deeper.output
     assert f"d/7/checkpoint-5/{MARKER_NAME}" in keys(s3_server, bucket)
     assert complete(s3_server, bucket.join("d/7/"), backend)["checkpoint-5"] is True
+
+
+def test_a_checkpoint_incomplete_in_s3_stays_so_through_a_round_trip(
+    s3_server: S3Server, bucket: S3URL, backend: str, trained: Path, tmp_path: Path
+) -> None:
+    # checkpoint-5 lost a file in S3 after it was marked; sync down brought its marker and the
+    # rest, and sync up to another prefix marked it complete: --latest then restored a
+    # checkpoint without its optimizer.
+    flag = backend_flag(backend)
+    first, second = bucket.join("a/"), bucket.join("b/")
+    assert run_s3(s3_server, "s3", "upload", str(trained), str(first), "-r", flag).exit_code == 0
+    s3_server.client().delete_object(Bucket=bucket.bucket, Key=f"{first.key}checkpoint-5/sub/optim.bin")
+    copy = tmp_path / "copy"
+    assert run_s3(s3_server, "s3", "sync", str(copy), str(first), "-d", "down", flag).exit_code == 0
+    then = time.time() - 60
+    for path in copy.rglob("*"):
+        os.utime(path, (then, then))
+    result = run_s3(s3_server, "s3", "sync", str(copy), str(second), "-d", "up", flag)
+    assert result.exit_code == 0, result.output
+    assert "names files it lacks or holds at another size: sub/optim.bin" in result.stderr
+    assert complete(s3_server, second, backend)["checkpoint-5"] is False
+    assert complete(s3_server, second, backend)["checkpoint-10"] is True
+
+
+def test_a_deepspeed_step_newer_than_its_latest_is_neither_marked_nor_counted(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    # DeepSpeed writes 'latest' once every rank has saved: global_step300 beside a latest that
+    # names global_step200 is a save under way. upload -r marked it, and checkpoint cleanup -n 1
+    # kept it as the newest complete and deleted global_step200, all DeepSpeed could resume from.
+    flag = backend_flag(backend)
+    ds = tmp_path / "ds"
+    for step in (100, 200, 300):
+        write(ds / f"global_step{step}" / "mp_rank_00_model_states.pt", b"z" * step)
+    write(ds / "latest", b"global_step200")
+    result = run_s3(s3_server, "s3", "upload", str(ds), str(bucket.join("ds/")), "-r", flag)
+    assert result.exit_code == 0, result.output
+    assert complete(s3_server, bucket.join("ds/"), backend) == {
+        "global_step100": True, "global_step200": True, "global_step300": False
+    }
+    result = run_s3(s3_server, "checkpoint", "cleanup", str(ds), "--keep-last-n", "1", "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in ds.iterdir() if p.name != ".runctl") == ["global_step200", "global_step300", "latest"]

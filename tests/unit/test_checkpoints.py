@@ -609,3 +609,14 @@ def test_a_trainer_directory_without_its_sign_is_not_complete(tmp_path: Path) ->
     assert {c.name: c.complete for c in grouped.checkpoints} == {
         "checkpoint-5": True, "checkpoint-6": False,
     }
+
+
+def test_an_alias_that_landed_in_the_same_second_as_the_highest_step_is_the_newest() -> None:
+    # S3 stamps objects to the whole second: after an outage the backlog landed
+    # epoch=0-step=4.ckpt and last.ckpt (step 16) in one second, and a resume took step 4.
+    from runctl.checkpoints import newest_state
+
+    best = Checkpoint("epoch=0-step=4.ckpt", False, 4, 0, 100.0, 1, True, ())
+    last = Checkpoint("last.ckpt", False, None, None, 100.0, 1, True, ())
+    assert newest_state([best, last]) is last
+    assert newest_state([best, Checkpoint("last.ckpt", False, None, None, 99.0, 1, True, ())]) is best
