@@ -369,6 +369,33 @@ def test_sigint_to_runctl_reaches_the_script_exactly_once(tmp_path: Path) -> Non
     assert out.strip() == "count 1"
 
 
+def test_a_script_started_from_a_background_job_still_takes_sigint(tmp_path: Path) -> None:
+    # A shell starts background jobs with SIGINT ignored, and the script inherited that: runctl
+    # forwarded `kill -INT`, the script ignored it and trained on to its end.
+    (tmp_path / "sleepy.py").write_text(
+        "import signal, time\n"
+        "print('ready', signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "local", "sleepy.py"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `train &` in a script
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready True"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc, out, err = finish(proc, timeout=60)
+    assert rc == 130, err
+    assert "KeyboardInterrupt" in err and time.monotonic() - started < 30
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pty")
 def test_ctrl_c_at_a_terminal_is_not_delivered_twice(tmp_path: Path) -> None:
     import pty
