@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -114,6 +115,20 @@ def check_protected(
         )
 
 
+def position(checkpoint: Checkpoint) -> tuple[object, ...]:
+    """Where a checkpoint stands in a run: its ``(step, epoch)``, shared by every file saved at
+    that step; a name with neither number stands alone.
+
+    Example:
+        >>> position(Checkpoint("net_g_5000.pth", False, 5000, None, 0.0, 1, True)) == position(
+        ...     Checkpoint("net_d_5000.pth", False, 5000, None, 9.0, 1, True))
+        True
+    """
+    if checkpoint.step is None and checkpoint.epoch is None:
+        return checkpoint.order_key()
+    return checkpoint.order_key()[:2]
+
+
 def plan_retention(
     checkpoints: Sequence[Checkpoint],
     keep_last_n: int | None,
@@ -126,13 +141,15 @@ def plan_retention(
 ) -> RetentionPlan:
     """Decide which checkpoints to keep and which to delete. Pure: touches nothing.
 
-    Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count), plus every
+    Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count; checkpoints
+    saved at one step, such as ``net_g_5000.pth`` and ``net_d_5000.pth``, count once, as one
+    ``position``, and stay or go together), plus every
     protected one, every alias, and every incomplete one (unless ``incomplete_older_than`` is
     given and its mtime is older than that many seconds before ``now``: an abandoned upload, or
     it is named in ``unfinished``: a deletion an earlier retention began and did not finish, or
     an upload a killed run began of a checkpoint since skipped as moot).
     Then, with ``max_total_size``, deletes the oldest deletable kept ones until the rest fit.
-    Never deletes a protected name, an alias, or the newest complete checkpoint.
+    Never deletes a protected name, an alias, or a complete checkpoint of the newest position.
     ``keep_last_n=None`` keeps every complete checkpoint.
 
     Raises:
@@ -151,8 +168,11 @@ def plan_retention(
 
     ordered = sorted(checkpoints, key=Checkpoint.order_key)
     ranked = [c for c in ordered if c.complete and not is_alias(c.name)]
-    newest = ranked[-1] if ranked else None
-    rank = {c.name: len(ranked) - i for i, c in enumerate(ranked)}  # 1 = newest
+    # Files saved at one step (net_g_5000.pth and net_d_5000.pth; model_ and optim_step_N.pt)
+    # are one checkpoint to keep or delete: they rank together, newest position first.
+    positions = sorted({position(c) for c in ranked}, reverse=True)
+    places = {p: i + 1 for i, p in enumerate(positions)}  # 1 = newest
+    rank = {c.name: places[position(c)] for c in ranked}
 
     reasons: dict[str, str] = {}
     doomed: set[str] = set()
@@ -172,7 +192,7 @@ def plan_retention(
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
             else:
                 reasons[name] = "incomplete (upload in progress or abandoned)"
-        elif newest is not None and name == newest.name:
+        elif rank[name] == 1:
             reasons[name] = "newest complete"
         elif keep_last_n is None:
             reasons[name] = "kept (no keep-last-N limit)"
@@ -184,14 +204,15 @@ def plan_retention(
 
     if max_total_size is not None:
         total = sum(c.size for c in ordered if c.name not in doomed)
-        for cp in ranked:  # oldest first
+        for at in reversed(positions[1:]):  # oldest first, a whole position at a time
             if total <= max_total_size:
                 break
-            if cp.name in doomed or cp.name in protected or cp is newest:
-                continue
-            doomed.add(cp.name)
-            total -= cp.size
-            reasons[cp.name] = f"over max_total_size={max_total_size} bytes"
+            for cp in ranked:
+                if position(cp) != at or cp.name in doomed or cp.name in protected:
+                    continue
+                doomed.add(cp.name)
+                total -= cp.size
+                reasons[cp.name] = f"over max_total_size={max_total_size} bytes"
 
     keep = tuple(c for c in ordered if c.name not in doomed)
     delete = tuple(c for c in ordered if c.name in doomed)
@@ -448,7 +469,9 @@ def apply_local_retention(
         raise UsageError(f"checkpoint directory {str(root)!r} does not exist or is not a directory")
     journal = Journal(root)
     writing = dict(writing or {})
-    with local_dir_lock(root, timeout=lock_timeout):
+    # A dry run changes nothing, so it takes no lock: it writes nothing into the directory,
+    # which may be read-only (a mounted copy).
+    with contextlib.nullcontext() if dry_run else local_dir_lock(root, timeout=lock_timeout):
         snapshot = journal.snapshot()
         found = scan_local(root, patterns)
         if protected_must_exist:
@@ -487,11 +510,11 @@ def apply_local_retention(
             # A file left out as possibly torn never goes to S3: once keep-last-N newer ones are
             # durable, it is older than anything retention keeps, and goes (each preemption
             # otherwise left one more on disk for good).
-            whole = [
-                cp.order_key() for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)
-            ]
+            whole = {
+                position(cp) for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)
+            }
             for cp in list(keep):
-                newer = sum(1 for key in whole if key > cp.order_key())
+                newer = sum(1 for at in whole if at > position(cp))
                 if cp.name in torn and cp.name not in protected and newer >= keep_last_n:
                     keep.remove(cp)
                     delete.append(cp)

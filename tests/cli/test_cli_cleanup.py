@@ -250,6 +250,18 @@ def test_local_cleanup_keeps_what_is_not_durable(tmp_path: Path) -> None:
     ]
 
 
+def test_a_local_dry_run_writes_nothing_into_the_directory(tmp_path: Path) -> None:
+    # The dry run took the retention lock, creating DIR/.runctl/retention.lock: on a read-only
+    # directory (a mounted copy) it failed, exit 1, "Read-only file system".
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    before = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    result = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in of_type(result.stdout, "delete")]
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == before
+
+
 def test_local_cleanup_does_not_count_what_is_still_being_written(tmp_path: Path) -> None:
     # Run beside training: step_6.pt being appended to, and a Trainer directory without its
     # trainer_state.json, once counted as the newest complete, and the finished ones went.

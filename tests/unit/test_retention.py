@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from runctl.checkpoints import Checkpoint, is_alias, local_checkpoint
 from runctl.exceptions import UsageError
 from runctl.journal import Journal
-from runctl.retention import NOT_DURABLE, RetentionPlan, apply_local_retention, plan_retention
+from runctl.retention import (
+    NOT_DURABLE,
+    RetentionPlan,
+    apply_local_retention,
+    plan_retention,
+    position,
+)
 
 NOW = 1_000_000.0
 
@@ -36,6 +42,18 @@ def test_keeps_newest_n_complete() -> None:
     assert names(plan.keep) == ["step_4.pt", "step_5.pt"]
     assert plan.reasons["step_5.pt"] == "newest complete"
     assert "newest 2" in plan.reasons["step_1.pt"]
+
+
+@pytest.mark.parametrize(("keep_last_n", "max_total_size"), [(1, None), (2, None), (2, 3)])
+def test_files_saved_at_one_step_count_once_and_go_together(keep_last_n: int, max_total_size: int | None) -> None:
+    # BasicSR saves net_g_N.pth and net_d_N.pth: keep-last-1 kept net_g_5000.pth alone and
+    # deleted the newest step's discriminator as "older than the newest 1 complete (#2)".
+    items = [cp(f"net_{part}_{step}.pth", step, mtime=NOW - 100 + step / 100 + (part == "g"))
+             for step in (3000, 4000, 5000) for part in ("g", "d")]
+    plan = plan_retention(items, keep_last_n=keep_last_n, max_total_size=max_total_size, now=NOW)
+    kept = 1 if max_total_size else keep_last_n  # 3 bytes hold one step's two files, not two steps'
+    assert names(plan.keep) == [f"net_{part}_{step}.pth" for step in (4000, 5000)[2 - kept:] for part in ("d", "g")]
+    assert plan.reasons["net_d_5000.pth"] == plan.reasons["net_g_5000.pth"] == "newest complete"
 
 
 def test_none_keeps_everything() -> None:
@@ -179,7 +197,12 @@ def test_plan_properties(
 
     if keep_last_n is not None:
         extra = [c for c in plan.keep if c.name in protected or is_alias(c.name) or not c.complete]
-        assert len(plan.keep) <= keep_last_n + len(extra)
+        assert len({position(c) for c in plan.keep if c not in extra}) <= keep_last_n
+
+    # Complete checkpoints saved at one step stay or go together (what protection keeps aside).
+    for c in (c for c in plan.delete if c.complete):
+        assert not [k for k in plan.keep if position(k) == position(c) and k.complete
+                    and k.name not in protected and not is_alias(k.name)]
 
     # Deterministic, and independent of input order.
     assert plan_retention(list(reversed(items)), keep_last_n, **kwargs) == plan
