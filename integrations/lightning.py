@@ -68,7 +68,9 @@ def resolve_ckpt_path(
     An object URL downloads that object to ``dest_dir/<name>``; a prefix URL (ending in ``/``)
     downloads the newest complete checkpoint under it, or returns None when there is none. The
     prefix is asked for about 15 s before a refused connection ends it (a job restarted after a
-    preemption may start before S3 answers).
+    preemption may start before S3 answers). A local file of that name which is not S3's copy
+    (a ``last.ckpt`` saved while S3 was out of reach) is never replaced: it stays, with a
+    warning, and S3's copy goes to ``dest_dir/.runctl/restored/`` (``restore_path``).
 
     Raises:
         NoSuchKeyError: the object URL names nothing.
@@ -90,19 +92,24 @@ def resolve_ckpt_path(
 
         from .loop import _patiently
 
-        found = _patiently(lambda: latest_checkpoint(url, dest, config=cfg, use_s5cmd=use_s5cmd))
+        found = _patiently(
+            lambda: latest_checkpoint(url, dest, config=cfg, use_s5cmd=use_s5cmd, keep_newer_local=True)
+        )
         log.info(
             "resuming from %s", found if found is not None else "scratch (no complete checkpoint)"
         )
         return None if found is None else str(found)
     from runctl.transfer import get_transfer
     from runctl.transfer.ops import download
+    from runctl.uploader import restore_path
 
     transfer = get_transfer(cfg, use_s5cmd=use_s5cmd)
     try:
-        if transfer.stat(url) is None:
+        obj = transfer.stat(url)
+        if obj is None:
             raise NoSuchKeyError(f"checkpoint {url} does not exist", code="NoSuchKey", url=str(url))
-        target = dest / url.name
+        target = restore_path(dest, obj)  # never over a newer local file of that name
+        target.parent.mkdir(parents=True, exist_ok=True)
         download(transfer, url, target)
     finally:
         transfer.close()

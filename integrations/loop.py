@@ -279,6 +279,7 @@ class CheckpointManager:
                 config=self.options.resolved_config(),
                 use_s5cmd=self.options.use_s5cmd,
                 newer_than=newer_than,
+                keep_newer_local=True,
             )
 
         if newest is None:

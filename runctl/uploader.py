@@ -26,6 +26,7 @@ from runctl.checkpoints import (
     HF_ARGS,
     HF_SIGN,
     MARKER_NAME,
+    RUNCTL_DIR,
     Checkpoint,
     build_manifest,
     dir_awaits_hf_sign,
@@ -235,6 +236,9 @@ class _Job:
     staging_error: OSError | None = field(default=None, repr=False)
     #: Rounds of attempts after the first failed (``FAILED_ROUNDS``).
     rounds: int = 0
+    #: A directory's files as they were when a put of them began (rel -> stamp): a retry may
+    #: skip one that landed only while it is still that version.
+    tried: dict[str, FileStamp] = field(default_factory=dict, repr=False)
 
     def version(self) -> tuple[int, float] | None:
         """(size, mtime) as ``scan_local`` reports this checkpoint at submit; None if unknown."""
@@ -254,6 +258,17 @@ class _Job:
             -1 if self.epoch is None else self.epoch,
             mtime,
         )
+
+
+def _position(key: tuple[int, int, float]) -> tuple[float, ...]:
+    """An order key's place in the run, as retention ranks it (``retention.position``): its
+    (step, epoch), shared by every checkpoint saved at that step; the whole key without either."""
+    return key if key[:2] == (-1, -1) else key[:2]
+
+
+def _ahead(key: tuple[int, int, float], of: tuple[int, int, float]) -> bool:
+    """``key`` stands at a later position than ``of`` (never at the same step)."""
+    return _position(key) > _position(of) if of[:2] == (-1, -1) else key[:2] > of[:2]
 
 
 class _Skip(Exception):
@@ -370,6 +385,14 @@ class _Stager:
 
     def later(self, fn: Callable[[], None]) -> None:
         self._queue.put(fn)
+
+    def drain(self, timeout: float | None) -> None:
+        """Wait (up to ``timeout`` seconds) until everything asked for so far is done."""
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return
+        done = threading.Event()
+        self._queue.put(done.set)
+        done.wait(None if timeout is None else max(0.01, timeout))
 
     def _run(self) -> None:
         while (fn := self._queue.get()) is not None:
@@ -547,8 +570,10 @@ class CheckpointUploader:
         self._pinned: set[str] = self._pins.names()
         self._pins_changed = 0  # counts protect()/unprotect() calls: a re-read never undoes one
         self._pins_due = bool(self._pins.unsent() or self._pins.unpins())  # a killed run's
-        #: Kept by retention for this run only (``protect(name, persist=False)``).
+        #: Kept by retention for this run only (``protect(name, persist=False)``), and pins
+        #: whose file could not be written (a full disk): a re-read of the files would drop them.
         self._kept_for_run: set[str] = set()
+        self._unwritten_pins: set[str] = set()
         self._best: str | None = None
         self._resumed_from: str | None = None
         self._failures: dict[str, BaseException] = {}  # not yet raised from flush/close
@@ -706,9 +731,12 @@ class CheckpointUploader:
                     self._enqueue(job, wake=held is None)
                 except BaseException:
                     # Interrupted while the queue was full (Ctrl-C in the wait): take the job
-                    # back, or the worker would wait for a staging no one asked for.
+                    # back, or the worker would wait for a staging no one asked for; so would
+                    # the journal thread, had the wait's pruning cancelled it meanwhile.
                     if job in self._queue:
                         self._queue.remove(job)
+                    if job.staging_done is not None:
+                        job.staging_done.set()
                     raise
                 if held is not None:
                     # Under the lock: a close() after this stops the staging thread only once
@@ -759,6 +787,7 @@ class CheckpointUploader:
         with self._cond:
             self._pinned.discard(name)
             self._kept_for_run.discard(name)
+            self._unwritten_pins.discard(name)
             self._pins_changed += 1
             self._pins_due = True
             self._cond.notify_all()
@@ -768,7 +797,14 @@ class CheckpointUploader:
         try:
             self._pins.pin(name)
         except OSError as exc:
-            log.warning("could not write the pin of %s in %s: %s", name, self.root, exc)
+            log.warning(
+                "could not write the pin of %s in %s (%s): kept for this run only", name, self.root, exc
+            )
+            with self._cond:
+                self._unwritten_pins.add(name)
+        else:
+            with self._cond:
+                self._unwritten_pins.discard(name)
 
     def set_best(self, name: str | None) -> None:
         """The framework's best checkpoint (protected from retention); None clears it."""
@@ -872,7 +908,9 @@ class CheckpointUploader:
                     # Woken at least every second: s5cmd's progress is only seen by asking.
                     wait = min(wait, moved + failing_timeout - now, 1.0)
                 self._cond.wait(max(0.01, wait))
-        # Skipped saves are finished on the journal thread (see _cancel): wait for them too.
+        # Skipped saves are finished on the journal thread, some after their staging (see
+        # _cancel): wait for them too.
+        self._stager.drain(None if deadline is None else deadline - time.monotonic())
         self._journal.drain(None if deadline is None else deadline - time.monotonic())
         with self._cond:
             failures, self._failures = self._failures, {}
@@ -1011,7 +1049,12 @@ class CheckpointUploader:
 
     def _pinned_names(self) -> set[str]:
         """Pinned, the best, and the one the run resumed from: never let go as moot."""
-        return self._pinned | self._kept_for_run | {n for n in (self._best, self._resumed_from) if n}
+        return (
+            self._pinned
+            | self._kept_for_run
+            | self._unwritten_pins
+            | {n for n in (self._best, self._resumed_from) if n}
+        )
 
     def _protected(self) -> set[str]:
         return self._pinned_names() | set(self._pending_names())
@@ -1028,8 +1071,10 @@ class CheckpointUploader:
         active = [j for j in (*self._queue, *self._failed_jobs) if not is_alias(j.name)]
         if self._in_flight is not None and not is_alias(self._in_flight.name):
             active.append(self._in_flight)
-        ranked = sorted(active, key=_Job.order_key)
-        doomed = ranked[: max(0, len(ranked) - self.keep_last_n)]
+        # Checkpoints saved at one step (net_g_5000.pth, net_d_5000.pth) count once, as in retention.
+        positions = sorted({_position(j.order_key()) for j in active}, reverse=True)
+        kept = set(positions[: self.keep_last_n])
+        doomed = [j for j in active if _position(j.order_key()) not in kept]
         for job in doomed:
             if job is self._in_flight or job.name in protected:
                 continue
@@ -1050,7 +1095,13 @@ class CheckpointUploader:
             self._queue.remove(job)
         job.cancelled = reason
         self._note_skip(job)
-        self._journal.later(lambda: self._finish_skip(job, reason))
+        finish = lambda: self._journal.later(lambda: self._finish_skip(job, reason))  # noqa: E731
+        if job.staging_done is not None and not job.staging_done.is_set():
+            # Its staging is queued: the journal thread must not wait for it (behind another
+            # job's copy), so the finish is handed over once the stager has done it.
+            self._stager.later(finish)
+        else:
+            finish()
         self._cond.notify_all()
 
     def _stage_open(self, job: _Job, fd: int) -> None:
@@ -1436,9 +1487,9 @@ class CheckpointUploader:
         """
         try:
             entry = self.journal.snapshot().latest.get(job.name)
-        except JournalError as exc:
-            log.warning("cannot re-read the journal before resuming %s: %s", job.name, exc)
-            return False
+        except JournalError as exc:  # upload it: at worst it goes up twice, never not at all
+            log.warning("cannot re-read the journal before resuming %s (uploading it): %s", job.name, exc)
+            return None
         if entry is None or entry.version is None:
             return None
         if entry.version != job.queued_at:
@@ -1597,16 +1648,22 @@ class CheckpointUploader:
                 )
                 self.transfer.delete_keys(marker.bucket, [marker.key])
         todo = dict(snapshot.files)
+        if attempt == 1:
+            job.tried.clear()
         if attempt > 1 or job.resumed:
-            # Re-send only what is missing: same size and written since this version was queued.
+            # Re-send only what is missing: same size, written since this version was queued,
+            # and (what this run sent) not rewritten since its put began: a file rewritten in
+            # place to the same size would otherwise keep its old content under a new marker.
             landed = self._list_dir(url)
             since = job.queued_at - LANDED_SKEW
             for rel, st in list(todo.items()):
                 obj = landed.get(rel)
+                tried = job.tried.get(rel)
                 if (
                     obj is not None
                     and obj.size == st.size
                     and obj.last_modified.timestamp() >= since
+                    and (st.same_content(tried) if tried is not None else job.resumed)
                 ):
                     del todo[rel]
             if len(todo) < len(snapshot.files):
@@ -1622,6 +1679,7 @@ class CheckpointUploader:
         # 2b's overhead); started here, it is built while they upload.
         self.transfer.warm_up()
         if todo:
+            job.tried.update(todo)
             self.transfer.put_files(
                 [(snapshot.local(rel), url.join(rel)) for rel in sorted(todo)],
                 progress=self._progress,
@@ -1738,7 +1796,7 @@ class CheckpointUploader:
         if self.keep_last_n is None or is_alias(job.name) or not is_recognised(job.name, self.patterns):
             return False
         key = job.order_key()
-        return sum(1 for v in self._verified_keys if v > key) >= self.keep_last_n
+        return len({_position(v) for v in self._verified_keys if _ahead(v, key)}) >= self.keep_last_n
 
     def _skip(self, job: _Job, reason: str) -> None:
         self._note_skip(job)
@@ -1958,7 +2016,7 @@ class CheckpointUploader:
             if seen is None or seen[0] != cp.size or abs(seen[1] - cp.mtime) > 1e-6:
                 return False
             key = cp.order_key()[:3]  # (step, epoch, mtime), as _verified_keys holds them
-            return any(v > key for v in self._verified_keys)
+            return any(_ahead(v, key) for v in self._verified_keys)
 
     def _retention_failed(self, where: str, exc: BaseException) -> None:
         with self._cond:
@@ -2100,6 +2158,40 @@ def record_restored(path: str | os.PathLike[str], source: str | S3URL) -> None:
     )
 
 
+def restore_path(dest_dir: Path, obj: ObjectInfo) -> Path:
+    """Where a restore of ``obj`` may write: ``dest_dir/<name>``, unless a file there is not
+    S3's copy (another size, or written a second or more after it landed), such as a
+    ``last.ckpt`` saved during an outage: that one stays, with a warning, and the restore goes
+    to ``dest_dir/.runctl/restored/<name>``.
+
+    Example:
+        >>> restore_path(Path("ckpt"), obj).name  # doctest: +SKIP
+        'last.ckpt'
+    """
+    name = obj.key.rpartition("/")[2]
+    target = dest_dir / name
+    try:
+        st = target.stat()
+    except OSError:
+        return target
+    landed = obj.last_modified.timestamp()
+    if st.st_size == obj.size and st.st_mtime < landed + 1:
+        return target
+    aside = dest_dir / RUNCTL_DIR / "restored" / name
+    log.warning(
+        "%s is not the copy in S3 (%d bytes written %s; S3's %d bytes landed %s): it is left as it "
+        "is, perhaps saved while S3 was out of reach; resuming from S3's copy, downloaded to %s. "
+        "To resume from the local file, pass its path instead",
+        target,
+        st.st_size,
+        time.strftime("%H:%M:%S", time.localtime(st.st_mtime)),
+        obj.size,
+        time.strftime("%H:%M:%S", time.localtime(landed)),
+        aside,
+    )
+    return aside
+
+
 def _warn_of_strays(path: Path, downloaded: set[str]) -> None:
     """Say so when a restored checkpoint directory also holds files it did not bring.
 
@@ -2132,6 +2224,7 @@ def latest_checkpoint(
     transfer: Transfer | None = None,
     dry_run: bool = False,
     newer_than: str | None = None,
+    keep_newer_local: bool = False,
 ) -> Path | None:
     """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
 
@@ -2140,13 +2233,55 @@ def latest_checkpoint(
     ``treat_unmarked_complete``). Downloads are atomic and contained in ``dest``. ``dry_run``:
     find it and return the path it would have, downloading nothing. ``newer_than``: the name of
     a checkpoint already at hand; S3's newest is downloaded only if its step (then epoch) is
-    higher, else None.
+    higher, else None. ``keep_newer_local``: a file of the same name in ``dest`` that S3 does
+    not hold (another size, or written after S3's copy landed: a ``last.ckpt`` saved during an
+    outage) is left as it is, with a warning; S3's copy goes to ``dest/.runctl/restored/``.
 
     Example:
         >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
         >>> path.name  # doctest: +SKIP
         'step_900.pt'
     """
+    paths = latest_checkpoints(
+        s3_url,
+        dest,
+        config=config,
+        use_s5cmd=use_s5cmd,
+        treat_unmarked_complete=treat_unmarked_complete,
+        transfer=transfer,
+        dry_run=dry_run,
+        newer_than=newer_than,
+        same_step=False,
+        keep_newer_local=keep_newer_local,
+    )
+    return paths[0] if paths else None
+
+
+def latest_checkpoints(
+    s3_url: str | S3URL,
+    dest: str | os.PathLike[str],
+    *,
+    config: S3Config | None = None,
+    use_s5cmd: bool = True,
+    treat_unmarked_complete: bool = False,
+    transfer: Transfer | None = None,
+    dry_run: bool = False,
+    newer_than: str | None = None,
+    same_step: bool = True,
+    keep_newer_local: bool = False,
+) -> list[Path]:
+    """``latest_checkpoint``, with every complete checkpoint saved at the same step (``same_step``).
+
+    A GAN's ``net_g_5000.pth`` and ``net_d_5000.pth``, or ``model_step_N.pt`` beside
+    ``optim_step_N.pt``, are one checkpoint to resume from, as retention keeps them. The newest
+    comes first; an empty list when there is none (or none newer than ``newer_than``).
+
+    Example:
+        >>> [p.name for p in latest_checkpoints("s3://bucket/gan/", "restore/")]  # doctest: +SKIP
+        ['net_g_5000.pth', 'net_d_5000.pth']
+    """
+    from runctl.retention import position
+
     url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
     prefix = url.as_prefix()
     owns = transfer is None
@@ -2168,25 +2303,42 @@ def latest_checkpoint(
         newest = newest_state(complete)
         if newest is None:
             log.info("no complete checkpoint under %s", prefix)
-            return None
+            return []
         # By step: an alias (last.ckpt) has none, but is newer still when it landed later.
         highest = complete[-1]  # group_s3 lists checkpoints oldest first
         if newer_than is not None and step_order(highest.name) <= step_order(newer_than):
             log.info("S3's newest, %s, is not newer than %s", highest.name, newer_than)
-            return None
+            return []
+        chosen_checkpoints = [newest]
+        if same_step and not is_alias(newest.name):
+            at = position(newest)
+            chosen_checkpoints += [
+                c for c in reversed(complete) if c is not newest and not is_alias(c.name) and position(c) == at
+            ]
         dest_dir = Path(dest)
+        by_key = {o.key: o for o in objects}
+        paths = [
+            restore_path(dest_dir, by_key[c.files[0]]) if keep_newer_local and not c.is_dir else dest_dir / c.name
+            for c in chosen_checkpoints
+        ]
         if dry_run:
-            return dest_dir / newest.name
-        wanted = set(newest.files)
+            return paths
+        aside = [(by_key[c.files[0]], path) for c, path in zip(chosen_checkpoints, paths, strict=True) if path.parent != dest_dir]
+        wanted = {key for c in chosen_checkpoints for key in c.files} - {o.key for o, _ in aside}
         chosen = [o for o in objects if o.key in wanted]
         dest_dir.mkdir(parents=True, exist_ok=True)
-        download_objects(transfer, chosen, prefix, dest_dir)
+        if chosen:
+            download_objects(transfer, chosen, prefix, dest_dir)
+        for obj, path in aside:
+            download_objects(transfer, [obj], S3URL(obj.bucket, obj.key.rpartition("/")[0] + "/"), path.parent)
         log.info(
-            "downloaded %s (%d file(s)) from %s to %s", newest.name, len(chosen), prefix, dest_dir
+            "downloaded %s (%d file(s)) from %s to %s",
+            ", ".join(c.name for c in chosen_checkpoints), len(chosen), prefix, dest_dir,
         )
-        if newest.is_dir:
-            _warn_of_strays(dest_dir / newest.name, {k[len(prefix.key) :] for k in wanted})
-        return dest_dir / newest.name
+        for c in chosen_checkpoints:
+            if c.is_dir:
+                _warn_of_strays(dest_dir / c.name, {k[len(prefix.key) :] for k in c.files})
+        return paths
     finally:
         if owns:
             transfer.close()

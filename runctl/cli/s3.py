@@ -470,11 +470,11 @@ def _download_latest(
     treat_unmarked_complete: bool,
     dry_run: bool,
 ) -> None:
-    from runctl.uploader import latest_checkpoint
+    from runctl.uploader import latest_checkpoints
 
     prefix = url.as_prefix()
     started = time.monotonic()
-    path = latest_checkpoint(
+    paths = latest_checkpoints(
         prefix,
         local,
         config=s.config(),
@@ -482,15 +482,18 @@ def _download_latest(
         treat_unmarked_complete=treat_unmarked_complete,
         dry_run=dry_run,
     )
-    if path is None:
+    if not paths:
         raise RunctlError(f"no complete checkpoint under {prefix}")
-    path = Path(path)
+    path, *same_step = paths
     source = str(prefix.join(path.name)) + ("/" if path.is_dir() else "")
+    also = f" (and {', '.join(p.name for p in same_step)}, saved at the same step)" if same_step else ""
+    extra = {"also": [p.name for p in same_step]} if same_step else {}
+    where = path.parent if same_step else path
     if dry_run:
-        s.out.record("latest", source=source, destination=str(path), name=path.name, dry_run=True)
-        s.out.info(f"dry run: would download the latest complete checkpoint {path.name} to {path}")
+        s.out.record("latest", source=source, destination=str(path), name=path.name, dry_run=True, **extra)
+        s.out.info(f"dry run: would download the latest complete checkpoint {path.name}{also} to {where}")
         return
-    size = _tree_size(path)
+    size = sum(_tree_size(p) for p in paths)
     seconds = time.monotonic() - started
     s.out.record(
         "latest",
@@ -499,12 +502,13 @@ def _download_latest(
         name=path.name,
         size=size,
         seconds=round(seconds, 3),
+        **extra,
     )
     s.out.info(
-        f"downloaded the latest complete checkpoint {path.name} ({human_size(size)}) to {path}"
+        f"downloaded the latest complete checkpoint {path.name}{also} ({human_size(size)}) to {where}"
     )
     if s.out.quiet and s.out.human:
-        s.out.line(str(path))
+        s.out.lines(str(p) for p in paths)
 
 
 @s3_app.command("sync")

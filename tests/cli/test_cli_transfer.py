@@ -203,6 +203,29 @@ def test_download_object_prefix_and_dry_run(
     assert "downloaded 2 files" in result.stdout
 
 
+def test_files_saved_at_one_step_are_one_checkpoint_to_cleanup_and_to_latest(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    # BasicSR's net_g_N.pth beside net_d_N.pth: cleanup -n 1 deleted net_d_5000.pth, and
+    # --latest brought net_g_5000.pth alone.
+    for step in (4000, 5000):
+        for part in ("d", "g"):
+            put(s3_server, bucket, f"gan/net_{part}_{step}.pth", f"{part}{step}".encode())
+    flag = backend_flag(backend)
+    result = run_s3(s3_server, "s3", "cleanup", f"{bucket}gan/", "--keep-last-n", "1", flag)
+    assert result.exit_code == 0, result.output
+    assert sorted(keys(s3_server, bucket)) == ["gan/net_d_5000.pth", "gan/net_g_5000.pth"]
+    result = run_s3(s3_server, "s3", "download", f"{bucket}gan/", str(tmp_path / "r"), "--latest", flag, "--json")
+    assert result.exit_code == 0, result.output
+    (latest,) = of_type(result.stdout, "latest")
+    assert sorted([latest["name"], *latest["also"]]) == ["net_d_5000.pth", "net_g_5000.pth"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["net_d_5000.pth", "net_g_5000.pth"]
+    assert (tmp_path / "r" / "net_d_5000.pth").read_bytes() == b"d5000"
+    human = run_s3(s3_server, "s3", "download", f"{bucket}gan/", str(tmp_path / "h"), "--latest", flag)
+    assert human.exit_code == 0, human.output
+    assert ", saved at the same step) (10 B) to " in human.stdout
+
+
 def test_download_latest_complete_checkpoint(
     s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
 ) -> None:

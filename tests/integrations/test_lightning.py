@@ -310,6 +310,37 @@ def test_resolve_latest_waits_out_a_blip(tmp_path: Path, monkeypatch: pytest.Mon
         server.stop()
 
 
+@pytest.mark.parametrize("how", ["latest", "object"])
+def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, tmp_path: Path, how: str) -> None:
+    # S3 went down at step 4; last.ckpt at step 10 stayed local. The documented restart,
+    # resolve_ckpt_path("latest"), downloaded S3's step-4 last.ckpt over it: step 10 was gone.
+    import os
+    import time
+
+    from runctl.integrations.lightning import resolve_ckpt_path
+
+    prefix = S3URL(moto_server.new_bucket()).join("run/")
+    client = moto_server.client()
+    client.put_object(Bucket=prefix.bucket, Key=prefix.key + "epoch=0-step=4.ckpt", Body=b"step 4")
+    client.put_object(Bucket=prefix.bucket, Key=prefix.key + "last.ckpt", Body=b"step 4")
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    local = dirpath / "last.ckpt"
+    local.write_bytes(b"step 10")
+    later = time.time() + 5  # written after S3's copy landed
+    os.utime(local, (later, later))
+    url = prefix if how == "latest" else prefix.join("last.ckpt")
+    found = resolve_ckpt_path(str(url), dirpath, config=moto_server.config())
+    assert local.read_bytes() == b"step 10"
+    assert found == str(dirpath / ".runctl" / "restored" / "last.ckpt")
+    assert Path(found).read_bytes() == b"step 4"
+    # S3's own copy, untouched since, is restored in place as before.
+    os.utime(local, (later - 3600, later - 3600))
+    local.write_bytes(b"step 4")
+    os.utime(local, (later - 3600, later - 3600))
+    assert resolve_ckpt_path(str(url), dirpath, config=moto_server.config()) == str(local)
+
+
 def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     from runctl.integrations.lightning import RunctlCheckpoint
 

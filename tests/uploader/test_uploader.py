@@ -1310,6 +1310,64 @@ def test_failed_checkpoints_held_through_an_outage_go_as_moot_when_newer_ones_co
         assert not any((root / ".runctl" / "staging").rglob("step_*"))
 
 
+def test_a_directory_rewritten_in_place_between_attempts_lands_whole_in_its_new_version(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # Attempt 1 sent a.bin, then the trainer rewrote both files in place (same sizes) and the
+    # put failed. Attempt 2 took a.bin's old copy in S3 for sent: S3 held a.bin v1 beside b.bin
+    # v2 under a valid marker.
+    from runctl.exceptions import TransferError
+
+    src = root / "step_100"
+    for name in ("a.bin", "b.bin"):
+        write(src / name, b"1" * 1000)
+    wrapped = Wrapped(boto_transfer)
+
+    def first_put_fails_half_way(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if count == 1:
+            boto_transfer.put_files(pairs[:1])
+            for name in ("a.bin", "b.bin"):
+                with open(src / name, "r+b") as fh:  # in place, as torch.save into an open file
+                    fh.write(b"2" * 1000)
+            raise TransferError("connection reset", code="RequestTimeout")
+
+    wrapped.before_put = first_put_fails_half_way
+    url = moto_bucket.join("run/")
+    up = CheckpointUploader(root, url, transfer=wrapped, retry=FAST_RETRY)  # type: ignore[arg-type]
+    try:
+        assert up.submit(src).result(timeout=60).state == "verified"
+    finally:
+        up.close(timeout=60)
+    for name in ("a.bin", "b.bin"):
+        assert boto_transfer.get_bytes(url.join(f"step_100/{name}")) == b"2" * 1000, name
+
+
+def test_files_saved_at_one_step_are_never_skipped_as_moot_nor_split_by_retention(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # A GAN saves net_g_N.pth and net_d_N.pth: with keep_last_n=1 the older-by-mtime file of
+    # the newest step was skipped as moot in the queue, and S3 retention deleted it.
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    url = moto_bucket.join("run/")
+    up = CheckpointUploader(
+        root, url, transfer=wrapped, keep_last_n=1, local_keep_last_n=1, retry=FAST_RETRY  # type: ignore[arg-type]
+    )
+    try:
+        up.submit(write(root / "net_g_100.pth", b"g1"))
+        assert gate.entered.wait(30)  # net_g_100 is in flight; the rest queue behind it
+        for name in ("net_d_100.pth", "net_g_200.pth", "net_d_200.pth"):
+            time.sleep(0.01)  # distinct mtimes: the older file of a step ranked below the newer
+            up.submit(write(root / name, name.encode()))
+        gate.open()
+        up.flush(timeout=60)
+    finally:
+        up.close(timeout=60)
+    assert sorted(keys_under(boto_transfer, url)) == ["net_d_200.pth", "net_g_200.pth"]
+    assert sorted(p.name for p in root.glob("*.pth")) == ["net_d_200.pth", "net_g_200.pth"]
+    assert (up.status().uploaded, up.status().skipped) == (3, 1)  # net_d_100.pth was moot
+
+
 def test_moot_leftovers_in_s3_go_even_after_local_retention_took_the_local_copy(
     root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1515,3 +1573,124 @@ def test_a_pin_file_that_cannot_be_rewritten_never_fails_the_upload(
         assert sorted(keys_under(transfer, bucket.join("run/"))) == [".runctl/pinned/step_0.pt", "step_0.pt", "step_1.pt"]
     finally:
         transfer.close()
+
+
+@pytest.mark.parametrize("how", ["submit", "protect"])
+def test_a_pin_whose_file_cannot_be_written_still_holds_for_the_run(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # "The run keeps the name either way", said the log; the next retention re-read the pin
+    # files, found none, and deleted the pinned checkpoint in S3 and locally.
+    from runctl.pins import LocalPins
+
+    def full(self: LocalPins, name: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as disk:
+        disk.setattr(LocalPins, "pin", full)
+        up = uploader(root, moto_bucket, boto_transfer, keep_last_n=1, local_keep_last_n=1)
+        first = write(root / "step_1.pt", b"1")
+        if how == "protect":
+            up.protect("step_1.pt")
+        handle = up.submit(first, protect=how == "submit")
+    try:
+        assert handle.result(30).state == "verified"
+        for step in (2, 3):
+            assert up.submit(write(root / f"step_{step}.pt", b"x")).result(30).state == "verified"
+        up.flush(timeout=30)
+    finally:
+        up.close(timeout=30)
+    assert {"step_1.pt", "step_3.pt"} <= set(keys_under(boto_transfer, moto_bucket.join("run/")))
+    assert sorted(p.name for p in root.glob("*.pt")) == ["step_1.pt", "step_3.pt"]
+
+
+def test_a_resumed_upload_goes_up_when_the_journal_cannot_be_read_again(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker re-reads the journal before a resumed upload (another process may have sent
+    # it). A failed read (EMFILE) dropped the job: flush() and close() passed, its handle never
+    # finished, and the checkpoint never reached S3.
+    import threading
+
+    from runctl.exceptions import JournalError
+
+    step = write(root / "step_1.pt", b"x" * 100)
+    st = step.stat()
+    Journal(root).record("step_1.pt", "queued", size=st.st_size, mtime=st.st_mtime)  # a killed run's
+    readable = Journal.snapshot
+
+    def unreadable_to_the_worker(self: Journal) -> Any:
+        if threading.current_thread().name == "runctl-uploader":
+            raise JournalError("cannot read the journal: [Errno 24] Too many open files")
+        return readable(self)
+
+    monkeypatch.setattr(Journal, "snapshot", unreadable_to_the_worker)
+    up = uploader(root, moto_bucket, boto_transfer)
+    try:
+        (resumed,) = up.resumed
+        assert resumed.result(timeout=30).state == "verified"
+    finally:
+        up.close(timeout=30)
+    assert "step_1.pt" in keys_under(boto_transfer, moto_bucket.join("run/"))
+
+
+def test_the_journal_thread_never_waits_for_another_jobs_staging(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A queued last.ckpt superseded while step_1.pt's staging (a copy of GBs) still ran: the
+    # journal thread waited for that staging before it could release the slot, and every
+    # journal fsync (which each landed upload waits for, 60 s at most) waited behind it.
+    import threading
+
+    from runctl.staging import StagingArea
+
+    staging_may_go = threading.Event()
+    link = StagingArea.link_open_file
+
+    def slow(self: StagingArea, fd: int, source: Path, token: str) -> Any:
+        if source.name == "step_1.pt":
+            staging_may_go.wait(30)
+        return link(self, fd, source, token)
+
+    monkeypatch.setattr(StagingArea, "link_open_file", slow)
+    up = uploader(root, moto_bucket, boto_transfer)
+    try:
+        up.submit(write(root / "step_1.pt", b"1"))
+        up.submit(write(root / "last.ckpt", b"a"))
+        up.submit(write(root / "last.ckpt", b"b"))  # supersedes the queued one
+        journal_free = threading.Event()
+        up._journal.later(journal_free.set)
+        assert journal_free.wait(10), "the journal thread waits for step_1.pt's staging"
+        staging_may_go.set()
+        up.flush(timeout=30)
+    finally:
+        staging_may_go.set()
+        up.close(timeout=30)
+    assert boto_transfer.get_bytes(moto_bucket.join("run/last.ckpt")) == b"b"
+
+
+def test_a_submit_interrupted_after_its_job_was_let_go_leaves_the_journal_thread_free(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # Ctrl-C in submit()'s wait for queue space, after that wait's pruning had let the job go
+    # as moot: its staging was never asked for, and the journal thread waited for it for good.
+    import threading
+
+    up = uploader(root, moto_bucket, boto_transfer)
+    enqueue = up._enqueue
+
+    def let_go_then_interrupted(job: Any, wake: bool = True) -> None:
+        enqueue(job, wake=False)
+        up._cancel(job, "moot (newer checkpoints queued)")
+        raise KeyboardInterrupt
+
+    up._enqueue = let_go_then_interrupted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            up.submit(write(root / "step_1.pt", b"1"))
+        journal_free = threading.Event()
+        up._journal.later(journal_free.set)
+        assert journal_free.wait(10), "the journal thread waits for a staging no one asked for"
+    finally:
+        up._enqueue = enqueue  # type: ignore[method-assign]
+        up.close(timeout=30)
