@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -115,18 +116,26 @@ def check_protected(
         )
 
 
+#: Lightning's suffix for a save whose name was taken: ``epoch=0-step=8-v1.ckpt``.
+_VERSION_RE = re.compile(r"-v(\d+)(?:\.[^./]*)?$")
+
+
 def position(checkpoint: Checkpoint) -> tuple[object, ...]:
     """Where a checkpoint stands in a run: its ``(step, epoch)``, shared by every file saved at
-    that step; a name with neither number stands alone.
+    that step; a name with neither number stands alone. A ``-vN`` save (Lightning's, when the
+    name was taken: a resumed run saving that step again) stands just after the one it follows.
 
     Example:
         >>> position(Checkpoint("net_g_5000.pth", False, 5000, None, 0.0, 1, True)) == position(
         ...     Checkpoint("net_d_5000.pth", False, 5000, None, 9.0, 1, True))
         True
+        >>> position(Checkpoint("epoch=0-step=8-v1.ckpt", False, 8, 0, 0.0, 1, True))
+        (8, 0, 1)
     """
     if checkpoint.step is None and checkpoint.epoch is None:
         return checkpoint.order_key()
-    return checkpoint.order_key()[:2]
+    version = _VERSION_RE.search(checkpoint.name)
+    return checkpoint.order_key()[:2] + ((int(version.group(1)),) if version else ())
 
 
 def plan_retention(
