@@ -970,9 +970,10 @@ class CheckpointUploader:
         if exc_type is None:
             self.close()
             return
-        # The block already failed: stop without hiding its error behind ours.
+        # The block already failed: stop without hiding its error behind ours, and without
+        # waiting out every retry of an S3 that is failing or hung (the rest stays journaled).
         try:
-            self.close()
+            self.close(failing_timeout=FAILING_TIMEOUT)
         except RunctlError as err:
             log.error("while handling another error, uploads failed: %s", err)
 

@@ -1694,3 +1694,23 @@ def test_a_submit_interrupted_after_its_job_was_let_go_leaves_the_journal_thread
     finally:
         up._enqueue = enqueue  # type: ignore[method-assign]
         up.close(timeout=30)
+
+
+def test_a_with_block_that_raises_does_not_wait_out_every_retry_of_a_down_s3(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # __exit__ closed with no failing_timeout: a training error inside `with CheckpointUploader`
+    # waited for every retry of every pending upload before it could surface.
+    import runctl.uploader as uploader_module
+
+    monkeypatch.setattr(uploader_module, "FAILING_TIMEOUT", 1.0)
+    patient = RetryPolicy(attempts=100, backoff_factor=0.2, backoff_max=0.2, jitter=0)
+    with stoppable_s3(tmp_path) as (server, url, transfer):
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="training failed"):
+            with uploader(root, url, transfer, retry=patient) as up:
+                up.submit(write(root / "step_1.pt", b"1"))
+                raise RuntimeError("training failed")
+        assert time.monotonic() - started < 15  # 100 tries at 0.2 s would take 20 s and more
+    assert Journal(root).replay()["step_1.pt"].state == "queued"  # left for the next run
