@@ -123,6 +123,13 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
                 keep,
                 keep,
             )
+        if limit == 1 and getattr(args, "load_best_model_at_end", False):
+            log.warning(
+                "runctl: with save_total_limit=1 and load_best_model_at_end the Trainer deletes its "
+                "last checkpoint at the end of training when it is not the best: it reaches S3 only "
+                "if its upload began before, and a resume elsewhere starts from an earlier one "
+                "(save_total_limit=2 keeps it)"
+            )
         # The Trainer restores the checkpoint it resumes from after on_train_begin: retention
         # waits until the first step has protected it.
         self._uploader = self.options.make_uploader(self._output_dir, hold_retention=True)

@@ -194,6 +194,27 @@ def test_a_save_total_limit_below_keep_last_n_is_warned_about(
         assert "save_total_limit=2 is below keep_last_n=3" in said[0]
 
 
+@pytest.mark.parametrize(("limit", "warned"), [(1, True), (2, False)])
+def test_a_save_total_limit_of_one_with_the_best_loaded_at_the_end_is_warned_about(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    limit: int, warned: bool,
+) -> None:
+    # The Trainer deletes its last checkpoint at the end of train() when it is not the best
+    # (save_total_limit=1): runctl skipped it, logged at INFO only, and S3 kept an older one.
+    from runctl.integrations.huggingface import RunctlCallback
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), save_total_limit=limit, load_best_model_at_end=True,
+        eval_strategy="steps", save_strategy="steps", report_to=[], use_cpu=True,
+    )
+    callback = RunctlCallback(moto_bucket.join("hf-limit-1/"), config=moto_server.config())
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl())
+        callback.close()
+    said = [r.getMessage() for r in caplog.records if "load_best_model_at_end" in r.getMessage()]
+    assert bool(said) == warned, said
+
+
 def test_under_runctl_local_watching_its_output_dir_it_claims_it(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
