@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runctl.checkpoints import PIN_DIR, Checkpoint, group_s3, is_alias, scan_local
+from runctl.checkpoints import PIN_DIR, Checkpoint, group_s3, is_alias, scan_local, step_order
 from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
@@ -117,25 +117,42 @@ def check_protected(
 
 
 #: Lightning's suffix for a save whose name was taken: ``epoch=0-step=8-v1.ckpt``.
-_VERSION_RE = re.compile(r"-v(\d+)(?:\.[^./]*)?$")
+_VERSION_RE = re.compile(r"-v\d+(?=(?:\.[^./]*)?$)")
 
 
-def position(checkpoint: Checkpoint) -> tuple[object, ...]:
-    """Where a checkpoint stands in a run: its ``(step, epoch)``, shared by every file saved at
-    that step; a name with neither number stands alone. A ``-vN`` save (Lightning's, when the
-    name was taken: a resumed run saving that step again) stands just after the one it follows.
+def positions(checkpoints: Iterable[Checkpoint]) -> dict[str, tuple[object, ...]]:
+    """Where each checkpoint stands in its run (name -> a key, higher is newer).
+
+    Checkpoints saved at one step (``net_g_5000.pth`` and ``net_d_5000.pth``; ``model_`` and
+    ``optim_step_N.pt``; ``step_N.pt`` beside ``checkpoint-N/``) share their ``(step, epoch)``.
+    Versions of one name at one step (Lightning's ``epoch=0-step=8.ckpt`` and ``-v1``, saved
+    again by a resumed run) do not: the newest written shares it, the others stand just before
+    it. A name with neither number stands alone, by its time.
 
     Example:
-        >>> position(Checkpoint("net_g_5000.pth", False, 5000, None, 0.0, 1, True)) == position(
-        ...     Checkpoint("net_d_5000.pth", False, 5000, None, 9.0, 1, True))
+        >>> at = positions([Checkpoint("net_g_5000.pth", False, 5000, None, 0.0, 1, True),
+        ...                 Checkpoint("net_d_5000.pth", False, 5000, None, 9.0, 1, True)])
+        >>> at["net_g_5000.pth"] == at["net_d_5000.pth"]
         True
-        >>> position(Checkpoint("epoch=0-step=8-v1.ckpt", False, 8, 0, 0.0, 1, True))
-        (8, 0, 1)
     """
-    if checkpoint.step is None and checkpoint.epoch is None:
-        return checkpoint.order_key()
-    version = _VERSION_RE.search(checkpoint.name)
-    return checkpoint.order_key()[:2] + ((int(version.group(1)),) if version else ())
+    items = list(checkpoints)
+    newest: dict[tuple[object, ...], Checkpoint] = {}
+    for cp in items:
+        if cp.step is not None or cp.epoch is not None:
+            version_of = (cp.step, cp.epoch, _VERSION_RE.sub("", cp.name))
+            seen = newest.get(version_of)
+            if seen is None or (cp.mtime, cp.name) > (seen.mtime, seen.name):
+                newest[version_of] = cp
+    found: dict[str, tuple[object, ...]] = {}
+    for cp in items:
+        key = cp.order_key()
+        if cp.step is None and cp.epoch is None:
+            found[cp.name] = key
+        elif newest[(cp.step, cp.epoch, _VERSION_RE.sub("", cp.name))] is cp:
+            found[cp.name] = (*key[:2], 1)
+        else:
+            found[cp.name] = (*key[:2], 0, cp.mtime, cp.name)
+    return found
 
 
 def plan_retention(
@@ -146,19 +163,21 @@ def plan_retention(
     max_total_size: int | None = None,
     incomplete_older_than: float | None = None,
     unfinished: Collection[str] = (),
+    unsettled: Collection[str] = (),
     now: float | None = None,
 ) -> RetentionPlan:
     """Decide which checkpoints to keep and which to delete. Pure: touches nothing.
 
     Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count; checkpoints
-    saved at one step, such as ``net_g_5000.pth`` and ``net_d_5000.pth``, count once, as one
-    ``position``, and stay or go together), plus every
-    protected one, every alias, and every incomplete one (unless ``incomplete_older_than`` is
-    given and its mtime is older than that many seconds before ``now``: an abandoned upload, or
-    it is named in ``unfinished``: a deletion an earlier retention began and did not finish, or
-    an upload a killed run began of a checkpoint since skipped as moot).
-    Then, with ``max_total_size``, deletes the oldest deletable kept ones until the rest fit.
-    Never deletes a protected name, an alias, or a complete checkpoint of the newest position.
+    saved at one step count once, as one of ``positions``, and stay or go together), plus every
+    protected one (with what was saved at its step), every alias, and every incomplete one
+    (unless ``incomplete_older_than`` is given and its mtime is older than that many seconds
+    before ``now``: an abandoned upload, or it is named in ``unfinished``: a deletion an earlier
+    retention began and did not finish, or an upload a killed run began of a checkpoint since
+    skipped as moot). ``unsettled`` names checkpoints still on their way (queued or uploading):
+    what is already there of their step is kept and not counted, since the step is not whole.
+    Then, with ``max_total_size``, deletes the oldest deletable kept ones, a step at a time,
+    until the rest fit. Never deletes a protected name, an alias, or the newest complete step.
     ``keep_last_n=None`` keeps every complete checkpoint.
 
     Raises:
@@ -176,12 +195,26 @@ def plan_retention(
     protected = _protected_names(protected)
 
     ordered = sorted(checkpoints, key=Checkpoint.order_key)
-    ranked = [c for c in ordered if c.complete and not is_alias(c.name)]
-    # Files saved at one step (net_g_5000.pth and net_d_5000.pth; model_ and optim_step_N.pt)
-    # are one checkpoint to keep or delete: they rank together, newest position first.
-    positions = sorted({position(c) for c in ranked}, reverse=True)
-    places = {p: i + 1 for i, p in enumerate(positions)}  # 1 = newest
-    rank = {c.name: places[position(c)] for c in ranked}
+    at = positions(ordered)
+    # A step with a file still on its way is not whole: what is there of it neither counts
+    # among the newest nor goes (keep-last-1 deleted the step before once net_g_5000 landed,
+    # with net_d_5000 still queued).
+    on_the_way = _protected_names(unsettled)
+    arriving: dict[tuple[int, int], str] = {}
+    for name in sorted(on_the_way):
+        if step_order(name) != (-1, -1):
+            arriving.setdefault(step_order(name), name)
+    waiting_for = {
+        cp.name: arriving[cp.order_key()[:2]]
+        for cp in ordered
+        if cp.complete and not is_alias(cp.name) and cp.name not in on_the_way and cp.order_key()[:2] in arriving
+    }
+    ranked = [c for c in ordered if c.complete and not is_alias(c.name) and c.name not in waiting_for]
+    places = {p: i + 1 for i, p in enumerate(sorted({at[c.name] for c in ranked}, reverse=True))}
+    rank = {c.name: places[at[c.name]] for c in ranked}  # 1 = newest; one rank per step
+    # What was saved at a protected checkpoint's step stays with it (a pinned net_g_4000.pth
+    # keeps net_d_4000.pth).
+    held_by = {at[c.name]: c.name for c in ordered if c.name in protected}
 
     reasons: dict[str, str] = {}
     doomed: set[str] = set()
@@ -201,6 +234,10 @@ def plan_retention(
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
             else:
                 reasons[name] = "incomplete (upload in progress or abandoned)"
+        elif name in waiting_for:
+            reasons[name] = f"its step is not whole yet ({waiting_for[name]} is on its way)"
+        elif at[name] in held_by:
+            reasons[name] = f"saved at the step of {held_by[at[name]]} (protected)"
         elif rank[name] == 1:
             reasons[name] = "newest complete"
         elif keep_last_n is None:
@@ -213,15 +250,19 @@ def plan_retention(
 
     if max_total_size is not None:
         total = sum(c.size for c in ordered if c.name not in doomed)
-        for at in reversed(positions[1:]):  # oldest first, a whole position at a time
+        steps: dict[tuple[object, ...], list[Checkpoint]] = {}
+        for cp in ranked:
+            steps.setdefault(at[cp.name], []).append(cp)
+        for position in sorted(steps)[:-1]:  # oldest first, a whole step at a time, never the newest
             if total <= max_total_size:
                 break
-            for cp in ranked:
-                if position(cp) != at or cp.name in doomed or cp.name in protected:
-                    continue
-                doomed.add(cp.name)
-                total -= cp.size
-                reasons[cp.name] = f"over max_total_size={max_total_size} bytes"
+            if position in held_by:
+                continue
+            for cp in steps[position]:
+                if cp.name not in doomed:
+                    doomed.add(cp.name)
+                    total -= cp.size
+                    reasons[cp.name] = f"over max_total_size={max_total_size} bytes"
 
     keep = tuple(c for c in ordered if c.name not in doomed)
     delete = tuple(c for c in ordered if c.name in doomed)
@@ -311,6 +352,7 @@ def apply_s3_retention(
     patterns: Sequence[str] | None = None,
     treat_unmarked_complete: bool = False,
     unfinished: Collection[str] = (),
+    unsettled: Collection[str] = (),
     before_delete: Callable[[RetentionPlan], None] | None = None,
     dry_run: bool = False,
     lock_timeout: float = 600.0,
@@ -326,6 +368,8 @@ def apply_s3_retention(
     ``before_delete(plan)`` runs under the lock before the first key is deleted (the uploader
     journals each doomed name there); ``unfinished`` names checkpoints whose deletion an earlier,
     interrupted run began: an incomplete one of those is deleted rather than kept as in progress.
+    ``unsettled`` names checkpoints still on their way (``plan_retention``). ``protected`` and
+    ``unsettled`` are read once the listing is in: a live view sees what changed meanwhile.
     ``protected_must_exist``: refuse (``UsageError``, nothing deleted) a protected name that
     names no checkpoint there (``check_protected``), as the CLI's ``--protect`` does. Names
     pinned under the prefix (``checkpoints.PIN_DIR``) are protected too.
@@ -360,6 +404,7 @@ def apply_s3_retention(
                 max_total_size=max_total_size,
                 incomplete_older_than=incomplete_older_than,
                 unfinished=unfinished,
+                unsettled=unsettled,
             ),
             grouped.pinned,
             str(prefix),
@@ -519,11 +564,10 @@ def apply_local_retention(
             # A file left out as possibly torn never goes to S3: once keep-last-N newer ones are
             # durable, it is older than anything retention keeps, and goes (each preemption
             # otherwise left one more on disk for good).
-            whole = {
-                position(cp) for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)
-            }
+            at = positions(found)
+            whole = {at[cp.name] for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)}
             for cp in list(keep):
-                newer = sum(1 for at in whole if at > position(cp))
+                newer = sum(1 for place in whole if place > at[cp.name])
                 if cp.name in torn and cp.name not in protected and newer >= keep_last_n:
                     keep.remove(cp)
                     delete.append(cp)

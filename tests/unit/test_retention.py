@@ -17,7 +17,7 @@ from runctl.retention import (
     RetentionPlan,
     apply_local_retention,
     plan_retention,
-    position,
+    positions,
 )
 
 NOW = 1_000_000.0
@@ -54,6 +54,37 @@ def test_files_saved_at_one_step_count_once_and_go_together(keep_last_n: int, ma
     kept = 1 if max_total_size else keep_last_n  # 3 bytes hold one step's two files, not two steps'
     assert names(plan.keep) == [f"net_{part}_{step}.pth" for step in (4000, 5000)[2 - kept:] for part in ("d", "g")]
     assert plan.reasons["net_d_5000.pth"] == plan.reasons["net_g_5000.pth"] == "newest complete"
+
+
+def test_a_step_with_a_file_on_its_way_neither_counts_nor_lets_the_one_before_go() -> None:
+    # keep-last-1 deleted the 4000 pair once net_g_5000 landed, net_d_5000 still queued: a
+    # preemption then left S3 without a whole step.
+    items = [cp("net_g_4000.pth", 4000), cp("net_d_4000.pth", 4000), cp("net_g_5000.pth", 5000)]
+    plan = plan_retention(items, keep_last_n=1, unsettled={"net_d_5000.pth"}, now=NOW)
+    assert plan.delete == ()
+    assert "net_d_5000.pth is on its way" in plan.reasons["net_g_5000.pth"]
+    assert plan.reasons["net_g_4000.pth"] == "newest complete"
+    landed = plan_retention([*items, cp("net_d_5000.pth", 5000)], keep_last_n=1, now=NOW)
+    assert names(landed.delete) == ["net_d_4000.pth", "net_g_4000.pth"]
+
+
+def test_protecting_one_file_keeps_what_was_saved_at_its_step() -> None:
+    items = [cp(f"net_{part}_{step}.pth", step) for step in (4000, 5000) for part in ("g", "d")]
+    plan = plan_retention(items, keep_last_n=1, protected={"net_g_4000.pth"}, now=NOW)
+    assert plan.delete == ()
+    assert plan.reasons["net_d_4000.pth"] == "saved at the step of net_g_4000.pth (protected)"
+
+
+def test_the_newest_version_of_a_name_at_a_step_is_the_newest_whatever_its_suffix() -> None:
+    # filename="{epoch}" with several saves an epoch: Lightning reuses epoch=0.ckpt once top-k
+    # dropped it, so the plain name can be newer than epoch=0-v1.ckpt.
+    older, newer = cp("epoch=0-v1.ckpt", None, mtime=NOW - 200), cp("epoch=0.ckpt", None, mtime=NOW - 100)
+    older, newer = (Checkpoint(c.name, False, None, 0, c.mtime, 1, True, (c.name,)) for c in (older, newer))
+    plan = plan_retention([older, newer], keep_last_n=1, now=NOW)
+    assert names(plan.delete) == ["epoch=0-v1.ckpt"]
+    resaved = Checkpoint("epoch=0-step=8-v1.ckpt", False, 8, 0, NOW - 50, 1, True, ())
+    first = Checkpoint("epoch=0-step=8.ckpt", False, 8, 0, NOW - 500, 1, True, ())
+    assert names(plan_retention([first, resaved], keep_last_n=1, now=NOW).delete) == ["epoch=0-step=8.ckpt"]
 
 
 def test_none_keeps_everything() -> None:
@@ -145,9 +176,14 @@ def checkpoint_sets(draw: st.DrawFn) -> tuple[list[Checkpoint], set[str]]:
     count = draw(st.integers(0, 12))
     items: list[Checkpoint] = []
     for i in range(count):
-        kind = draw(st.sampled_from(["step", "step", "step", "mtime", "alias"]))
-        step = draw(st.integers(0, 50)) if kind == "step" else None
-        name = {"step": f"step_{step}-{i}.pt", "mtime": f"ckpt{i}.pt", "alias": f"last-v{i}.ckpt"}[kind]
+        kind = draw(st.sampled_from(["step", "step", "step", "version", "mtime", "alias"]))
+        step = draw(st.integers(0, 50)) if kind in ("step", "version") else None
+        name = {
+            "step": f"step_{step}-{i}.pt",
+            "version": f"step_{step}-v{i}.pt",  # versions of step_{step}.pt, as Lightning names them
+            "mtime": f"ckpt{i}.pt",
+            "alias": f"last-v{i}.ckpt",
+        }[kind]
         items.append(
             cp(
                 name,
@@ -195,14 +231,16 @@ def test_plan_properties(
     if ranked:
         assert ranked[-1] in plan.keep  # the newest complete
 
+    at = positions(items)
+    held = {at[name] for name in protected}
     if keep_last_n is not None:
-        extra = [c for c in plan.keep if c.name in protected or is_alias(c.name) or not c.complete]
-        assert len({position(c) for c in plan.keep if c not in extra}) <= keep_last_n
+        extra = [c for c in plan.keep if at[c.name] in held or is_alias(c.name) or not c.complete]
+        assert len({at[c.name] for c in plan.keep if c not in extra}) <= keep_last_n
 
-    # Complete checkpoints saved at one step stay or go together (what protection keeps aside).
+    # Complete checkpoints saved at one step stay or go together, protected or not.
     for c in (c for c in plan.delete if c.complete):
-        assert not [k for k in plan.keep if position(k) == position(c) and k.complete
-                    and k.name not in protected and not is_alias(k.name)]
+        assert at[c.name] not in held
+        assert not [k for k in plan.keep if at[k.name] == at[c.name] and k.complete and not is_alias(k.name)]
 
     # Deterministic, and independent of input order.
     assert plan_retention(list(reversed(items)), keep_last_n, **kwargs) == plan
