@@ -15,7 +15,7 @@ import stat as stat_module
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +260,23 @@ class _Job:
         )
 
 
+class _LiveNames(Collection[str]):
+    """A set of names read anew each time it is used (``get()``): retention reads it after its
+    listing, so what changed while S3 was listed counts."""
+
+    def __init__(self, get: Callable[[], set[str]]) -> None:
+        self._get = get
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._get()
+
+
 def _position(key: tuple[int, int, float]) -> tuple[float, ...]:
     """An order key's place in the run, as retention ranks it (``retention.position``): its
     (step, epoch), shared by every checkpoint saved at that step; the whole key without either."""
@@ -387,12 +404,16 @@ class _Stager:
         self._queue.put(fn)
 
     def drain(self, timeout: float | None) -> None:
-        """Wait (up to ``timeout`` seconds) until everything asked for so far is done."""
+        """Wait (up to ``timeout`` seconds) until everything asked for so far is done, or the
+        thread has stopped (a ``close()`` meanwhile may stop it before it gets to the marker)."""
         if not self._thread.is_alive() or threading.current_thread() is self._thread:
             return
         done = threading.Event()
         self._queue.put(done.set)
-        done.wait(None if timeout is None else max(0.01, timeout))
+        deadline = None if timeout is None else time.monotonic() + max(0.01, timeout)
+        while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
+            if not self._thread.is_alive() or (deadline is not None and time.monotonic() >= deadline):
+                return
 
     def _run(self) -> None:
         while (fn := self._queue.get()) is not None:
@@ -1903,10 +1924,20 @@ class CheckpointUploader:
                 self._retention_due = True
                 return
         self._refresh_pins()  # another process on the directory may have pinned or unpinned
-        with self._cond:
-            protected = self._protected()
-        if job is not None:
-            protected.add(job.name)
+        landed = {job.name} if job is not None else set()
+
+        def protected_now() -> set[str]:
+            with self._cond:
+                return self._protected() | landed
+
+        def on_the_way() -> set[str]:
+            # Queued, or held after a failure: their steps are not whole in S3 yet.
+            with self._cond:
+                return {j.name for j in (*self._queue, *self._failed_jobs)}
+
+        # Read once S3's listing is in (not before it): a protect() that returns while it is
+        # listed still keeps its checkpoint.
+        protected = _LiveNames(protected_now)
         blocked: list[str] = []
         deadline = time.monotonic() + lock_wait  # one wait for both locks
         if self.keep_last_n is not None:
@@ -1927,6 +1958,7 @@ class CheckpointUploader:
                         self.prefix,
                         self.keep_last_n,
                         protected=protected,
+                        unsettled=_LiveNames(on_the_way),
                         patterns=self.patterns,
                         unfinished=self.journal.unfinished_deletions() | moot,
                         before_delete=self._journal_deleting,
@@ -2148,6 +2180,8 @@ def record_restored(path: str | os.PathLike[str], source: str | S3URL) -> None:
         >>> record_restored("ckpt/step_900.pt", "s3://bucket/run-7/step_900.pt")  # doctest: +SKIP
     """
     path = Path(path)
+    if RUNCTL_DIR in path.parent.parts:
+        return  # set aside by restore_path: not one of the directory's checkpoints
     cp = local_checkpoint(path, path.parent)
     Journal(path.parent).record(
         path.name,
@@ -2159,11 +2193,12 @@ def record_restored(path: str | os.PathLike[str], source: str | S3URL) -> None:
     )
 
 
-def restore_path(dest_dir: Path, obj: ObjectInfo) -> Path:
+def restore_path(dest_dir: Path, obj: ObjectInfo, *, warn: bool = True) -> Path:
     """Where a restore of ``obj`` may write: ``dest_dir/<name>``, unless a file there is not
     S3's copy (another size, or written a second or more after it landed), such as a
     ``last.ckpt`` saved during an outage: that one stays, with a warning, and the restore goes
-    to ``dest_dir/.runctl/restored/<name>``.
+    to ``dest_dir/.runctl/restored/<name>``. Local files are told apart by size and time, not
+    content: a same-size file written within a second of S3's copy landing counts as that copy.
 
     Example:
         >>> restore_path(Path("ckpt"), obj).name  # doctest: +SKIP
@@ -2179,6 +2214,8 @@ def restore_path(dest_dir: Path, obj: ObjectInfo) -> Path:
     if st.st_size == obj.size and st.st_mtime < landed + 1:
         return target
     aside = dest_dir / RUNCTL_DIR / "restored" / name
+    if not warn:
+        return aside
     log.warning(
         "%s is not the copy in S3 (%d bytes written %s; S3's %d bytes landed %s): it is left as it "
         "is, perhaps saved while S3 was out of reach; resuming from S3's copy, downloaded to %s. "
@@ -2281,7 +2318,7 @@ def latest_checkpoints(
         >>> [p.name for p in latest_checkpoints("s3://bucket/gan/", "restore/")]  # doctest: +SKIP
         ['net_g_5000.pth', 'net_d_5000.pth']
     """
-    from runctl.retention import position
+    from runctl.retention import positions
 
     url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
     prefix = url.as_prefix()
@@ -2312,14 +2349,18 @@ def latest_checkpoints(
             return []
         chosen_checkpoints = [newest]
         if same_step and not is_alias(newest.name):
-            at = position(newest)
+            at = positions(complete)
             chosen_checkpoints += [
-                c for c in reversed(complete) if c is not newest and not is_alias(c.name) and position(c) == at
+                c
+                for c in reversed(complete)
+                if c is not newest and not is_alias(c.name) and at[c.name] == at[newest.name]
             ]
         dest_dir = Path(dest)
         by_key = {o.key: o for o in objects}
         paths = [
-            restore_path(dest_dir, by_key[c.files[0]]) if keep_newer_local and not c.is_dir else dest_dir / c.name
+            restore_path(dest_dir, by_key[c.files[0]], warn=not dry_run)
+            if keep_newer_local and not c.is_dir
+            else dest_dir / c.name
             for c in chosen_checkpoints
         ]
         if dry_run:

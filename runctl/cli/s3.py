@@ -339,7 +339,10 @@ def download_files(
         bool,
         typer.Option(
             "--latest",
-            help="The newest complete checkpoint under the S3URL prefix, into the LOCAL directory.",
+            help=(
+                "The newest complete checkpoint under the S3URL prefix, into the LOCAL directory "
+                "(with every file saved at its step: net_g_N.pth and net_d_N.pth)."
+            ),
         ),
     ] = False,
     treat_unmarked_complete: UnmarkedOpt = False,
@@ -508,7 +511,7 @@ def _download_latest(
         f"downloaded the latest complete checkpoint {path.name}{also} ({human_size(size)}) to {where}"
     )
     if s.out.quiet and s.out.human:
-        s.out.lines(str(p) for p in paths)
+        s.out.line(str(path))  # one line, for path=$(...): the others lie beside it
 
 
 @s3_app.command("sync")

@@ -334,6 +334,10 @@ def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, t
     assert local.read_bytes() == b"step 10"
     assert found == str(dirpath / ".runctl" / "restored" / "last.ckpt")
     assert Path(found).read_bytes() == b"step 4"
+    from runctl.uploader import record_restored
+
+    record_restored(found, prefix.join("last.ckpt"))  # as the callback does with what it resumes
+    assert not (dirpath / ".runctl" / "restored" / ".runctl").exists()  # set aside: no journal of its own
     # S3's own copy, untouched since, is restored in place as before.
     os.utime(local, (later - 3600, later - 3600))
     local.write_bytes(b"step 4")

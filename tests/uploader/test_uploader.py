@@ -1714,3 +1714,37 @@ def test_a_with_block_that_raises_does_not_wait_out_every_retry_of_a_down_s3(
                 raise RuntimeError("training failed")
         assert time.monotonic() - started < 15  # 100 tries at 0.2 s would take 20 s and more
     assert Journal(root).replay()["step_1.pt"].state == "queued"  # left for the next run
+
+
+def test_the_step_before_stays_in_s3_until_every_file_of_the_next_has_landed(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # keep_last_n=1: once net_g_5000.pth landed, retention deleted the 4000 pair while
+    # net_d_5000.pth still waited its turn; a preemption then left S3 without a whole step.
+    import threading
+
+    wrapped = Wrapped(boto_transfer)
+    d_may_go = threading.Event()
+
+    def hold_net_d_5000(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if any(u.key.endswith("net_d_5000.pth") for _, u in pairs):
+            assert d_may_go.wait(30)
+
+    wrapped.before_put = hold_net_d_5000
+    url = moto_bucket.join("run/")
+    up = CheckpointUploader(root, url, transfer=wrapped, keep_last_n=1, retry=FAST_RETRY)  # type: ignore[arg-type]
+    try:
+        for name in ("net_g_4000.pth", "net_d_4000.pth"):
+            assert up.submit(write(root / name, b"4")).result(30).state == "verified"
+        g = up.submit(write(root / "net_g_5000.pth", b"5"))
+        d = up.submit(write(root / "net_d_5000.pth", b"5"))
+        assert g.result(30).state == "verified"
+        assert wait_for(lambda: up.status().in_flight == "net_d_5000.pth")  # g5000's retention is over
+        assert sorted(keys_under(boto_transfer, url)) == ["net_d_4000.pth", "net_g_4000.pth", "net_g_5000.pth"]
+        d_may_go.set()
+        assert d.result(30).state == "verified"
+        up.flush(timeout=30)
+    finally:
+        d_may_go.set()
+        up.close(timeout=30)
+    assert sorted(keys_under(boto_transfer, url)) == ["net_d_5000.pth", "net_g_5000.pth"]
