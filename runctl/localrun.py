@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -735,25 +734,6 @@ def terminal_delivers_to(child_pid: int) -> bool:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _sigint_at_default_in_the_child() -> Iterator[None]:
-    """Start the script with SIGINT at its default even when runctl inherited it ignored.
-
-    A shell starts background jobs (``train &`` in a script) with SIGINT ignored, and an ignored
-    signal stays ignored across exec: the script would then ignore the SIGINT runctl forwards.
-    A caught one is reset to the default by exec, so a no-op handler is set for the spawn (a
-    SIGINT meanwhile is dropped, as it would have been ignored).
-    """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGINT, lambda signum, frame: None)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class _SignalForwarder:
     """While the script runs: SIGINT/SIGTERM go to it (once), runctl waits for it to end."""
 
@@ -768,6 +748,10 @@ class _SignalForwarder:
     def __enter__(self) -> _SignalForwarder:
         if self.installed:
             for sig in self.SIGNALS:
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    # Started with it ignored (a shell's `train &` ignores SIGINT): so is the
+                    # script, which inherited that, and runctl honours it too.
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -997,8 +981,7 @@ def run_local(
                 ) from None
         pipe = subprocess.PIPE if log_fh is not None else None
         try:
-            with _sigint_at_default_in_the_child():
-                proc = subprocess.Popen(list(command), env=child_env, stdout=pipe, stderr=pipe)
+            proc = subprocess.Popen(list(command), env=child_env, stdout=pipe, stderr=pipe)
         except OSError as exc:
             if uploader is not None:  # what it resumed stays journaled for the next run
                 try:
