@@ -217,6 +217,29 @@ class JournalSnapshot:
             and entry.matches(size, mtime)
         )
 
+    def unfinished_deletions(self) -> set[str]:
+        """As ``Journal.unfinished_deletions``, from this snapshot."""
+        return {
+            e.name
+            for e in self.latest.values()
+            if e.state == "deleting_s3" or (e.state == "skipped" and (e.detail or "").startswith(MOOT))
+        }
+
+    def left_out(self) -> set[str]:
+        """Names whose latest version was left out of S3 as possibly torn (``TORN``): their step
+        is not whole in S3, and does not count there as one.
+
+        Example:
+            >>> import tempfile
+            >>> j = Journal(Path(tempfile.mkdtemp()))
+            >>> j.record("optim_step_3.pt", "skipped", detail=f"{TORN}: cut short")
+            >>> j.snapshot().left_out()
+            {'optim_step_3.pt'}
+        """
+        return {
+            e.name for e in self.latest.values() if e.state == "skipped" and (e.detail or "").startswith(TORN)
+        }
+
     def pending(self, *, failed: bool = False) -> list[JournalEntry]:
         """As ``Journal.pending``: queued or uploaded (and failed, with ``failed=True``), oldest first."""
         states = (*PENDING_STATES, "failed") if failed else PENDING_STATES
@@ -489,11 +512,7 @@ class Journal:
             >>> j.unfinished_deletions()
             {'checkpoint-1'}
         """
-        return {
-            e.name
-            for e in self.snapshot().latest.values()
-            if e.state == "deleting_s3" or (e.state == "skipped" and (e.detail or "").startswith(MOOT))
-        }
+        return self.snapshot().unfinished_deletions()
 
     def pending(self, *, failed: bool = False) -> list[JournalEntry]:
         """Entries whose latest state is queued or uploaded (not yet verified), oldest first.

@@ -174,10 +174,12 @@ def plan_retention(
     (unless ``incomplete_older_than`` is given and its mtime is older than that many seconds
     before ``now``: an abandoned upload, or it is named in ``unfinished``: a deletion an earlier
     retention began and did not finish, or an upload a killed run began of a checkpoint since
-    skipped as moot). ``unsettled`` names checkpoints still on their way (queued or uploading):
-    what is already there of their step is kept and not counted, since the step is not whole.
+    skipped as moot). A step is whole only when none of its files is incomplete, named in
+    ``unfinished``, or named in ``unsettled`` (still on its way, or left out as torn): only whole
+    steps count among the newest N. What there is of a step that is not whole is kept while it
+    is newer than the N-th newest whole step (it may yet become whole), and goes after.
     Then, with ``max_total_size``, deletes the oldest deletable kept ones, a step at a time,
-    until the rest fit. Never deletes a protected name, an alias, or the newest complete step.
+    until the rest fit. Never deletes a protected name, an alias, or the newest whole step.
     ``keep_last_n=None`` keeps every complete checkpoint.
 
     Raises:
@@ -196,21 +198,30 @@ def plan_retention(
 
     ordered = sorted(checkpoints, key=Checkpoint.order_key)
     at = positions(ordered)
-    # A step with a file still on its way is not whole: what is there of it neither counts
-    # among the newest nor goes (keep-last-1 deleted the step before once net_g_5000 landed,
-    # with net_d_5000 still queued).
-    on_the_way = _protected_names(unsettled)
-    arriving: dict[tuple[int, int], str] = {}
-    for name in sorted(on_the_way):
-        if step_order(name) != (-1, -1):
-            arriving.setdefault(step_order(name), name)
-    waiting_for = {
-        cp.name: arriving[cp.order_key()[:2]]
+    # A step is not whole while a file of it is incomplete, unfinished, on its way or left out:
+    # what is there of it does not count among the newest (keep-last-1 deleted the 4000 pair
+    # once net_g_5000 landed with net_d_5000 still queued, or cut short and never sent).
+    def abandoned(cp: Checkpoint) -> bool:  # an incomplete one that goes in this plan
+        return cp.name in unfinished or (
+            incomplete_older_than is not None and now - cp.mtime > incomplete_older_than
+        )
+
+    not_whole: dict[tuple[int, int], str] = {}
+    for cp in ordered:
+        if not cp.complete and not is_alias(cp.name) and not abandoned(cp):
+            not_whole.setdefault(cp.order_key()[:2], f"{cp.name} is incomplete")
+    for names, why in ((unsettled, "is on its way, or was left out"), (unfinished, "was left unfinished")):
+        for name in sorted(_protected_names(names)):
+            not_whole.setdefault(step_order(name), f"{name} {why}")
+    not_whole.pop((-1, -1), None)  # a name without numbers is a step of its own
+    partial = {
+        cp.name: not_whole[cp.order_key()[:2]]
         for cp in ordered
-        if cp.complete and not is_alias(cp.name) and cp.name not in on_the_way and cp.order_key()[:2] in arriving
+        if cp.complete and not is_alias(cp.name) and cp.order_key()[:2] in not_whole
     }
-    ranked = [c for c in ordered if c.complete and not is_alias(c.name) and c.name not in waiting_for]
-    places = {p: i + 1 for i, p in enumerate(sorted({at[c.name] for c in ranked}, reverse=True))}
+    ranked = [c for c in ordered if c.complete and not is_alias(c.name) and c.name not in partial]
+    whole = sorted({at[c.name] for c in ranked}, reverse=True)
+    places = {p: i + 1 for i, p in enumerate(whole)}
     rank = {c.name: places[at[c.name]] for c in ranked}  # 1 = newest; one rank per step
     # What was saved at a protected checkpoint's step stays with it (a pinned net_g_4000.pth
     # keeps net_d_4000.pth).
@@ -229,15 +240,20 @@ def plan_retention(
             if name in unfinished:
                 doomed.add(name)
                 reasons[name] = "incomplete: left by a deletion or a moot upload that a killed run began"
-            elif incomplete_older_than is not None and age > incomplete_older_than:
+            elif abandoned(cp):
                 doomed.add(name)
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
             else:
                 reasons[name] = "incomplete (upload in progress or abandoned)"
-        elif name in waiting_for:
-            reasons[name] = f"its step is not whole yet ({waiting_for[name]} is on its way)"
         elif at[name] in held_by:
             reasons[name] = f"saved at the step of {held_by[at[name]]} (protected)"
+        elif name in partial:
+            newer = sum(1 for place in whole if place > at[name])
+            if keep_last_n is not None and newer >= keep_last_n:
+                doomed.add(name)
+                reasons[name] = f"its step is not whole ({partial[name]}), and the newest {keep_last_n} whole are newer"
+            else:
+                reasons[name] = f"its step is not whole yet ({partial[name]})"
         elif rank[name] == 1:
             reasons[name] = "newest complete"
         elif keep_last_n is None:
@@ -554,17 +570,23 @@ def apply_local_retention(
                 reasons[cp.name] = f"incomplete: {writing.get(cp.name) or WITHOUT_HF_SIGN}"
         keep = list(plan.keep)
         delete: list[Checkpoint] = []
+        at = positions(found)
+        # A step goes whole or not at all: model_step_3.pt durable beside an optim_step_3.pt
+        # that is not stays too.
+        held_back = {at[cp.name]: cp.name for cp in plan.delete if not durable(cp)}
         for cp in plan.delete:
             if not durable(cp):
                 keep.append(cp)
                 reasons[cp.name] = NOT_DURABLE
+            elif at[cp.name] in held_back:
+                keep.append(cp)
+                reasons[cp.name] = f"saved at the step of {held_back[at[cp.name]]}, which is {NOT_DURABLE}"
             else:
                 delete.append(cp)
         if torn and keep_last_n is not None:
             # A file left out as possibly torn never goes to S3: once keep-last-N newer ones are
             # durable, it is older than anything retention keeps, and goes (each preemption
             # otherwise left one more on disk for good).
-            at = positions(found)
             whole = {at[cp.name] for cp in found if cp.complete and not is_alias(cp.name) and in_s3(cp)}
             for cp in list(keep):
                 newer = sum(1 for place in whole if place > at[cp.name])

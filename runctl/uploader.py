@@ -260,6 +260,10 @@ class _Job:
         )
 
 
+def _newer(n: int | None) -> str:
+    return f"{n} newer checkpoint{'' if n == 1 else 's'}"
+
+
 class _LiveNames(Collection[str]):
     """A set of names read anew each time it is used (``get()``): retention reads it after its
     listing, so what changed while S3 was listed counts."""
@@ -1102,7 +1106,7 @@ class CheckpointUploader:
                 continue
             if not is_recognised(job.name, self.patterns):
                 continue
-            self._cancel(job, f"{MOOT} ({self.keep_last_n} newer checkpoints queued)")
+            self._cancel(job, f"{MOOT} ({_newer(self.keep_last_n)} queued)")
 
     def _cancel(self, job: _Job, reason: str) -> None:
         # Called with the lock held (an RLock), for a job still in the queue or held after a
@@ -1809,7 +1813,7 @@ class CheckpointUploader:
             self._prune_queue()
             self._cond.notify_all()
         for job in moot:
-            self._skip(job, f"{MOOT} ({self.keep_last_n} newer checkpoints landed since it failed)")
+            self._skip(job, f"{MOOT} ({_newer(self.keep_last_n)} landed since it failed)")
         for job in superseded:
             self._release(job)
 
@@ -1953,14 +1957,16 @@ class CheckpointUploader:
                 )
                 with turn:
                     listed_at = time.time()
+                    journal = self.journal.snapshot()
+                    left_out = journal.left_out()  # cut short, never sent (runctl local)
                     plan = apply_s3_retention(
                         self.transfer,
                         self.prefix,
                         self.keep_last_n,
                         protected=protected,
-                        unsettled=_LiveNames(on_the_way),
+                        unsettled=_LiveNames(lambda: on_the_way() | left_out),
                         patterns=self.patterns,
-                        unfinished=self.journal.unfinished_deletions() | moot,
+                        unfinished=journal.unfinished_deletions() | moot,
                         before_delete=self._journal_deleting,
                         lock_timeout=lock_wait,
                     )
@@ -2263,8 +2269,13 @@ def latest_checkpoint(
     dry_run: bool = False,
     newer_than: str | None = None,
     keep_newer_local: bool = False,
+    same_step: bool = True,
 ) -> Path | None:
     """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
+
+    With ``same_step`` (the default), every other complete checkpoint saved at its step comes
+    too, beside it (a GAN's ``net_d_5000.pth`` with ``net_g_5000.pth``; ``latest_checkpoints``
+    returns all their paths).
 
     The newest is the highest step, unless a ``last``-style alias landed after it
     (``newest_state``). A directory checkpoint counts only with a valid marker (unless
@@ -2289,7 +2300,7 @@ def latest_checkpoint(
         transfer=transfer,
         dry_run=dry_run,
         newer_than=newer_than,
-        same_step=False,
+        same_step=same_step,
         keep_newer_local=keep_newer_local,
     )
     return paths[0] if paths else None
@@ -2308,7 +2319,7 @@ def latest_checkpoints(
     same_step: bool = True,
     keep_newer_local: bool = False,
 ) -> list[Path]:
-    """``latest_checkpoint``, with every complete checkpoint saved at the same step (``same_step``).
+    """``latest_checkpoint``, returning the path of every checkpoint it brought (newest first).
 
     A GAN's ``net_g_5000.pth`` and ``net_d_5000.pth``, or ``model_step_N.pt`` beside
     ``optim_step_N.pt``, are one checkpoint to resume from, as retention keeps them. The newest

@@ -68,6 +68,23 @@ def test_a_step_with_a_file_on_its_way_neither_counts_nor_lets_the_one_before_go
     assert names(landed.delete) == ["net_d_4000.pth", "net_g_4000.pth"]
 
 
+def test_a_step_with_an_incomplete_or_missing_file_does_not_count() -> None:
+    # step_3.pt beside an unmarked checkpoint-3/ (its upload in progress): keep-last-1 kept
+    # step_3.pt as the newest complete and deleted step 2, the last whole step anywhere.
+    items = [*(cp(f"step_{n}.pt", n) for n in (1, 2, 3)),
+             *(cp(f"checkpoint-{n}", n, is_dir=True) for n in (1, 2)),
+             cp("checkpoint-3", 3, is_dir=True, complete=False)]
+    plan = plan_retention(items, keep_last_n=1, now=NOW)
+    assert names(plan.delete) == ["checkpoint-1", "step_1.pt"]
+    assert plan.reasons["step_2.pt"] == "newest complete"
+    assert plan.reasons["step_3.pt"] == "its step is not whole yet (checkpoint-3 is incomplete)"
+    # A partner skipped as moot never comes: that old step goes once N whole ones are newer.
+    pairs = [cp(f"net_{part}_{n}.pth", n) for n in (4, 5) for part in ("g", "d")]
+    plan = plan_retention([cp("net_g_2.pth", 2), *pairs], keep_last_n=1, unfinished={"net_d_2.pth"}, now=NOW)
+    assert names(plan.delete) == ["net_g_2.pth", "net_d_4.pth", "net_g_4.pth"]
+    assert "not whole (net_d_2.pth was left unfinished)" in plan.reasons["net_g_2.pth"]
+
+
 def test_protecting_one_file_keeps_what_was_saved_at_its_step() -> None:
     items = [cp(f"net_{part}_{step}.pth", step) for step in (4000, 5000) for part in ("g", "d")]
     plan = plan_retention(items, keep_last_n=1, protected={"net_g_4000.pth"}, now=NOW)
@@ -233,8 +250,10 @@ def test_plan_properties(
 
     at = positions(items)
     held = {at[name] for name in protected}
+    not_whole = {c.order_key()[:2] for c in plan.keep if not c.complete and not is_alias(c.name)}
     if keep_last_n is not None:
-        extra = [c for c in plan.keep if at[c.name] in held or is_alias(c.name) or not c.complete]
+        extra = [c for c in plan.keep
+                 if at[c.name] in held or is_alias(c.name) or not c.complete or c.order_key()[:2] in not_whole]
         assert len({at[c.name] for c in plan.keep if c not in extra}) <= keep_last_n
 
     # Complete checkpoints saved at one step stay or go together, protected or not.
@@ -306,6 +325,26 @@ def test_local_deleted_in_s3_after_verify_may_go(tmp_path: Path) -> None:
     Journal(tmp_path).record("step_1.pt", "deleted_s3")
     plan = apply_local_retention(tmp_path, 1)
     assert names(plan.delete) == ["step_1.pt"]
+
+
+def test_local_keeps_a_step_whole_when_one_of_its_files_is_not_durable(tmp_path: Path) -> None:
+    # Only model_step_1..3.pt were in S3: keep-last-1 deleted them and kept optim_step_1..3.pt
+    # as "not durable": every older step was split.
+    for n in (1, 2, 3, 4):
+        for part in ("model", "optim"):
+            path = tmp_path / f"{part}_step_{n}.pt"
+            path.write_bytes(b"x" * n)
+            os.utime(path, (1000 + n, 1000 + n))
+    journal = Journal(tmp_path)
+    for n in (1, 2, 3):
+        c = local_checkpoint(tmp_path / f"model_step_{n}.pt", tmp_path)
+        journal.record(c.name, "verified", size=c.size, mtime=c.mtime)
+    plan = apply_local_retention(tmp_path, 1)
+    assert plan.delete == ()
+    assert plan.reasons["model_step_2.pt"] == "saved at the step of optim_step_2.pt, which is not durable in S3"
+    c = local_checkpoint(tmp_path / "optim_step_1.pt", tmp_path)
+    journal.record(c.name, "verified", size=c.size, mtime=c.mtime)
+    assert names(apply_local_retention(tmp_path, 1).delete) == ["model_step_1.pt", "optim_step_1.pt"]
 
 
 def test_local_force_and_custom_predicate(tmp_path: Path) -> None:

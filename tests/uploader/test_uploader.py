@@ -183,7 +183,8 @@ def test_submit_wakes_one_thread_last_and_the_upload_still_starts(
     up.close(timeout=30)
     assert boto_transfer.get_bytes(moto_bucket.join("run/step_1.pt")) == data  # type: ignore[attr-defined]
     assert from_submit == [("line queued", "MainThread"), ("wake stager", "MainThread")]
-    assert queued == [True]  # the job was in the queue before the staging thread could run
+    assert queued[0] is True  # the job was in the queue before the staging thread could run
+    # (later puts: close()'s flush waits for the stager by queueing a marker)
     after = events[len(from_submit) :]
     assert after[:2] == [("journal", "runctl-stage"), ("wake worker", "runctl-stage")]
 
@@ -1748,3 +1749,39 @@ def test_the_step_before_stays_in_s3_until_every_file_of_the_next_has_landed(
         d_may_go.set()
         up.close(timeout=30)
     assert sorted(keys_under(boto_transfer, url)) == ["net_d_5000.pth", "net_g_5000.pth"]
+
+
+def test_latest_checkpoint_brings_every_file_saved_at_the_newest_step(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # It brought net_g_5.pth alone: a GAN resumed without its discriminator.
+    url = moto_bucket.join("run/")
+    for step in (4, 5):
+        for part in ("g", "d"):
+            boto_transfer.put_files([(write(root / f"net_{part}_{step}.pth", b"%d" % step), url.join(f"net_{part}_{step}.pth"))])
+    restore = root.parent / "restore"
+    got = latest_checkpoint(url, restore, transfer=boto_transfer)
+    assert got is not None and got.name in ("net_g_5.pth", "net_d_5.pth")
+    assert sorted(p.name for p in restore.iterdir()) == ["net_d_5.pth", "net_g_5.pth"]
+
+
+def test_a_step_with_a_file_left_out_as_torn_does_not_count_in_s3(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # runctl local left optim_step_3.pt out as cut short; model_step_3.pt landed alone, and
+    # keep-last-1 deleted step 2, the last whole step: no whole step was left anywhere.
+    from runctl.journal import TORN
+
+    url = moto_bucket.join("run/")
+    up = CheckpointUploader(root, url, transfer=boto_transfer, keep_last_n=1, retry=FAST_RETRY)  # type: ignore[arg-type]
+    try:
+        for step in (1, 2):
+            for part in ("model", "optim"):
+                assert up.submit(write(root / f"{part}_step_{step}.pt", b"x")).result(30).state == "verified"
+        torn = write(root / "optim_step_3.pt", b"cut")
+        Journal(root).record(torn.name, "skipped", detail=f"{TORN}: cut short", size=3, mtime=torn.stat().st_mtime)
+        assert up.submit(write(root / "model_step_3.pt", b"x")).result(30).state == "verified"
+        up.flush(timeout=30)
+    finally:
+        up.close(timeout=30)
+    assert sorted(keys_under(boto_transfer, url)) == ["model_step_2.pt", "model_step_3.pt", "optim_step_2.pt"]
