@@ -93,7 +93,9 @@ def resolve_ckpt_path(
         from .loop import _patiently
 
         found = _patiently(
-            lambda: latest_checkpoint(url, dest, config=cfg, use_s5cmd=use_s5cmd, keep_newer_local=True)
+            lambda: latest_checkpoint(
+                url, dest, config=cfg, use_s5cmd=use_s5cmd, keep_newer_local=True, same_step=False
+            )  # Lightning resumes from one file
         )
         log.info(
             "resuming from %s", found if found is not None else "scratch (no complete checkpoint)"

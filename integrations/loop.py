@@ -280,6 +280,7 @@ class CheckpointManager:
                 use_s5cmd=self.options.use_s5cmd,
                 newer_than=newer_than,
                 keep_newer_local=True,
+                same_step=False,  # this manager's own file: it resumes from that
             )
 
         if newest is None:

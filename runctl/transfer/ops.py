@@ -1003,7 +1003,7 @@ def _remote_index(
     from runctl.checkpoints import PIN_DIR
 
     index: dict[str, ObjectInfo] = {}
-    pinned: dict[str, str] = {}
+    pinned: dict[str, str] = {}  # "run/step_1.pt" -> its pin's URL
     for obj in transfer.iter_objects(prefix, recursive=True):
         if not isinstance(obj, ObjectInfo) or not obj.key.startswith(prefix.key):
             continue
@@ -1021,10 +1021,19 @@ def _remote_index(
 
 
 def _pin_of(rel: str, pinned: dict[str, str]) -> str | None:
-    """The pin's URL when ``rel`` is a pinned checkpoint, or a file inside one."""
+    """The pin's URL when ``rel`` is a pinned checkpoint, a file inside one, or a checkpoint
+    saved beside it at its step (a pin keeps its step: net_d_2.pth with a pinned net_g_2.pth)."""
+    from runctl.checkpoints import is_recognised, step_order
+
     for path, pin in pinned.items():
         if rel == path or rel.startswith(path + "/"):
             return pin
+        head, _, name = path.rpartition("/")
+        base = f"{head}/" if head else ""
+        if rel.startswith(base) and step_order(name) != (-1, -1):
+            top = rel[len(base) :].split("/", 1)[0]
+            if step_order(top) == step_order(name) and is_recognised(top):
+                return pin
     return None
 
 

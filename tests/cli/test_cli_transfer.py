@@ -656,9 +656,10 @@ def test_sync_delete_keeps_pinned_checkpoints_and_says_so(
     bucket = S3URL(moto_server.new_bucket())
     flag = backend_flag(backend)
     run = bucket.join("top/run/")
-    for key in ("step_1.pt", "step_2.pt", "checkpoint-3/a.bin", "checkpoint-3/b.bin", "step_10.pt"):
+    for key in ("step_1.pt", "step_2.pt", "checkpoint-3/a.bin", "checkpoint-3/b.bin", "step_10.pt",
+                "net_g_7.pth", "net_d_7.pth"):
         put(moto_server, run, run.key + key, b"x")
-    for name in ("step_1.pt", "checkpoint-3"):
+    for name in ("step_1.pt", "checkpoint-3", "net_g_7.pth"):  # a pin keeps its step: net_d_7.pth too
         put(moto_server, run, pin_url(run, name).key, b"")
     local = tmp_path / "local"
     (local / "run" if nested else local).mkdir(parents=True)
@@ -670,13 +671,14 @@ def test_sync_delete_keeps_pinned_checkpoints_and_says_so(
     result = run_s3(moto_server, "s3", "sync", str(local), target, "-d", "up", "--delete", flag, "--json")
     assert result.exit_code == 0, result.output
     (summary,) = of_type(result.stdout, "summary")
-    assert (summary["deleted"], summary["kept"]) == (2, 3)
+    assert (summary["deleted"], summary["kept"]) == (2, 5)
     assert {r["pin"] for r in of_type(result.stdout, "kept")} == {
-        str(pin_url(run, "step_1.pt")), str(pin_url(run, "checkpoint-3"))
+        str(pin_url(run, "step_1.pt")), str(pin_url(run, "checkpoint-3")), str(pin_url(run, "net_g_7.pth"))
     }
     assert f"delete {pin_url(run, 'checkpoint-3')} to unpin it" in result.stderr
     left = {k for k in keys(moto_server, bucket) if ".runctl/" not in k}
-    assert left == {f"top/run/{k}" for k in ("step_1.pt", "checkpoint-3/a.bin", "checkpoint-3/b.bin", "step_4.pt")}
+    assert left == {f"top/run/{k}" for k in ("step_1.pt", "checkpoint-3/a.bin", "checkpoint-3/b.bin", "step_4.pt",
+                                              "net_g_7.pth", "net_d_7.pth")}
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
