@@ -887,11 +887,13 @@ def run_local(
     stdout: IO[bytes] | None = None,
     stderr: IO[bytes] | None = None,
     uploader_factory: Callable[..., CheckpointUploader] | None = None,
+    script_stdout_to_stderr: bool = False,
 ) -> RunRecord:
     """Run ``command`` to the end; with ``checkpoint_dir`` and ``s3_url``, upload what it saves.
 
     The script inherits stdin/stdout/stderr (with ``log_file``, its output goes through pipes
-    and is copied to the file too). SIGINT/SIGTERM received meanwhile go to the script, which is
+    and is copied to the file too); ``script_stdout_to_stderr`` sends its stdout to stderr (the
+    CLI's ``--json`` keeps stdout for its own records). SIGINT/SIGTERM received meanwhile go to the script, which is
     waited for. Then a final scan, a flush (bounded by ``flush_timeout``; after a signal or a
     failed script, also ended once nothing has reached S3 for 30 s) and, with a checkpoint
     directory, a run record under ``<dir>/.runctl/runs/``.
@@ -980,8 +982,11 @@ def run_local(
                     f"--log {str(log_file)!r}: cannot open it: {exc.strerror}"
                 ) from None
         pipe = subprocess.PIPE if log_fh is not None else None
+        out_to: int | None = pipe
+        if script_stdout_to_stderr and log_fh is None:
+            out_to = stderr.fileno() if stderr is not None else sys.stderr.fileno()
         try:
-            proc = subprocess.Popen(list(command), env=child_env, stdout=pipe, stderr=pipe)
+            proc = subprocess.Popen(list(command), env=child_env, stdout=out_to, stderr=pipe)
         except OSError as exc:
             if uploader is not None:  # what it resumed stays journaled for the next run
                 try:
@@ -992,7 +997,8 @@ def run_local(
         if log_fh is not None:
             lock = threading.Lock()
             assert proc.stdout is not None and proc.stderr is not None
-            tees.append(_Tee(proc.stdout, stdout or sys.stdout.buffer, log_fh, lock))
+            script_out = (stderr or sys.stderr.buffer) if script_stdout_to_stderr else (stdout or sys.stdout.buffer)
+            tees.append(_Tee(proc.stdout, script_out, log_fh, lock))
             tees.append(_Tee(proc.stderr, stderr or sys.stderr.buffer, log_fh, lock))
         running = proc
         if uploader is not None and root is not None:

@@ -22,7 +22,7 @@ from runctl.exceptions import UsageError
 
 LOCAL_HELP = """Run a training script; with --checkpoint-dir and --upload-to, upload every checkpoint it saves.
 
-SCRIPT is run as `python SCRIPT ARGS` when it ends in .py (with runctl's interpreter), else as an executable. Put runctl's options before SCRIPT: everything after SCRIPT (or after `--`) goes to the script. stdin, stdout and stderr are passed through; runctl exits with the script's own exit code. Ctrl-C, SIGINT or SIGTERM is forwarded to the script, runctl waits for it, uploads what is finished (but stops waiting once nothing has reached S3 for 30 s: the rest goes up in the next run) and exits 130 (143 for SIGTERM). Started with SIGINT ignored (a shell's background job), runctl ignores it too, as the script does: use SIGTERM.
+SCRIPT is run as `python SCRIPT ARGS` when it ends in .py (with runctl's interpreter), else as an executable. Put runctl's options before SCRIPT: everything after SCRIPT (or after `--`) goes to the script. stdin, stdout and stderr are passed through (with --json, the script's stdout goes to stderr, so stdout holds runctl's JSON lines alone); runctl exits with the script's own exit code. Ctrl-C, SIGINT or SIGTERM is forwarded to the script, runctl waits for it, uploads what is finished (but stops waiting once nothing has reached S3 for 30 s: the rest goes up in the next run) and exits 130 (143 for SIGTERM). Started with SIGINT ignored (a shell's background job), runctl ignores it too, as the script does: use SIGTERM.
 
 With --checkpoint-dir DIR --upload-to S3URL, DIR is watched while the script runs and each finished checkpoint (a recognised name: step_100.pt, epoch=3-step=1200.ckpt, checkpoint-500/, global_step500/ ...) goes to the background uploader: a file once its size and mtime have not changed for --settle seconds and the script no longer has it open for writing; a directory once its framework's completion sign exists (Hugging Face trainer_state.json, DeepSpeed `latest` naming it: until then a checkpoint-N/ with training_args.bin, or a global_stepN/ newer than the one `latest` names, waits however quiet) or it has been quiet for --settle seconds. A torch.save file (.pt, .ckpt) or .safetensors file that its format shows cut short (a save that raised half-way, or was killed) is never uploaded. When the script is killed by a signal, a checkpoint that changed in the last --settle seconds before and whose format cannot tell is left out too. When the script exits: a final scan, a flush, and a summary of what was uploaded. A failed upload makes the exit code 1 when the script itself succeeded. A run record (command, start, end, exit code, uploads) is written to DIR/.runctl/runs/<UTC time>.json.
 
@@ -160,6 +160,7 @@ def local_command(
         config=config,
         use_s5cmd=use_s5cmd,
         flush_timeout=flush_timeout,
+        script_stdout_to_stderr=out.json,  # stdout holds runctl's JSON lines alone
     )
 
     out.record("run", **record.to_json(), record_path=record.record_path)

@@ -732,3 +732,21 @@ def test_a_torch_save_that_raised_half_way_is_never_uploaded(
     assert "data.pkl" in proc.stderr
     assert sorted(keys(moto_server, bucket)) == ["ts/step_100.pt"]
     assert (tmp_path / "ckpt" / "step_100.pt").exists()
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_with_json_stdout_holds_runctl_s_records_alone(tmp_path: Path, log: bool) -> None:
+    # `runctl --json local` mixed the script's prints ("saved 100") with its JSON lines: jq failed.
+    (tmp_path / "chatty.py").write_text("print('saved 100', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    extra = ["--log", str(tmp_path / "run.log")] if log else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "runctl", "--json", "local", *extra, "chatty.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["type"] for r in records] == ["run"]
+    assert "saved 100" in proc.stderr
+    if log:
+        assert "saved 100" in (tmp_path / "run.log").read_text()
