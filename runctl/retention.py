@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -120,6 +121,13 @@ def check_protected(
 _VERSION_RE = re.compile(r"-v\d+(?=(?:\.[^./]*)?$)")
 
 
+def _written(cp: Checkpoint) -> tuple[float, int, str]:
+    """Which of two versions of one name was written last: by time, then (S3 stamps whole
+    seconds) by Lightning's ``-vN`` number, a later save's being higher."""
+    version = _VERSION_RE.search(cp.name)
+    return (cp.mtime, int(version.group(0)[2:]) if version else 0, cp.name)
+
+
 def positions(checkpoints: Iterable[Checkpoint]) -> dict[str, tuple[object, ...]]:
     """Where each checkpoint stands in its run (name -> a key, higher is newer).
 
@@ -141,7 +149,7 @@ def positions(checkpoints: Iterable[Checkpoint]) -> dict[str, tuple[object, ...]
         if cp.step is not None or cp.epoch is not None:
             version_of = (cp.step, cp.epoch, _VERSION_RE.sub("", cp.name))
             seen = newest.get(version_of)
-            if seen is None or (cp.mtime, cp.name) > (seen.mtime, seen.name):
+            if seen is None or _written(cp) > _written(seen):
                 newest[version_of] = cp
     found: dict[str, tuple[object, ...]] = {}
     for cp in items:
@@ -151,7 +159,7 @@ def positions(checkpoints: Iterable[Checkpoint]) -> dict[str, tuple[object, ...]
         elif newest[(cp.step, cp.epoch, _VERSION_RE.sub("", cp.name))] is cp:
             found[cp.name] = (*key[:2], 1)
         else:
-            found[cp.name] = (*key[:2], 0, cp.mtime, cp.name)
+            found[cp.name] = (*key[:2], 0, *_written(cp))
     return found
 
 
@@ -195,6 +203,8 @@ def plan_retention(
     _check_non_negative(incomplete_older_than, "incomplete_older_than")
     now = time.time() if now is None else now
     protected = _protected_names(protected)
+    unfinished = frozenset(unfinished)  # read once (a live view reads what is true now)
+    unsettled = _protected_names(unsettled)
 
     ordered = sorted(checkpoints, key=Checkpoint.order_key)
     at = positions(ordered)
@@ -220,12 +230,16 @@ def plan_retention(
         if cp.complete and not is_alias(cp.name) and cp.order_key()[:2] in not_whole
     }
     ranked = [c for c in ordered if c.complete and not is_alias(c.name) and c.name not in partial]
-    whole = sorted({at[c.name] for c in ranked}, reverse=True)
-    places = {p: i + 1 for i, p in enumerate(whole)}
+    whole = sorted({at[c.name] for c in ranked})  # oldest first
+    places = {p: len(whole) - i for i, p in enumerate(whole)}
     rank = {c.name: places[at[c.name]] for c in ranked}  # 1 = newest; one rank per step
     # What was saved at a protected checkpoint's step stays with it (a pinned net_g_4000.pth
     # keeps net_d_4000.pth).
-    held_by = {at[c.name]: c.name for c in ordered if c.name in protected}
+    held_by = {c.order_key()[:2]: c.name for c in ordered if c.name in protected}
+    held_by.pop((-1, -1), None)  # a name without numbers holds only itself
+
+    def held(cp: Checkpoint) -> str | None:
+        return held_by.get(cp.order_key()[:2])
 
     reasons: dict[str, str] = {}
     doomed: set[str] = set()
@@ -245,10 +259,10 @@ def plan_retention(
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
             else:
                 reasons[name] = "incomplete (upload in progress or abandoned)"
-        elif at[name] in held_by:
-            reasons[name] = f"saved at the step of {held_by[at[name]]} (protected)"
+        elif held(cp):
+            reasons[name] = f"saved at the step of {held(cp)} (protected)"
         elif name in partial:
-            newer = sum(1 for place in whole if place > at[name])
+            newer = len(whole) - bisect.bisect_right(whole, at[name])  # whole steps newer than it
             if keep_last_n is not None and newer >= keep_last_n:
                 doomed.add(name)
                 reasons[name] = f"its step is not whole ({partial[name]}), and the newest {keep_last_n} whole are newer"
@@ -272,10 +286,8 @@ def plan_retention(
         for position in sorted(steps)[:-1]:  # oldest first, a whole step at a time, never the newest
             if total <= max_total_size:
                 break
-            if position in held_by:
-                continue
             for cp in steps[position]:
-                if cp.name not in doomed:
+                if cp.name not in doomed and cp.name not in protected and not held(cp):
                     doomed.add(cp.name)
                     total -= cp.size
                     reasons[cp.name] = f"over max_total_size={max_total_size} bytes"

@@ -282,8 +282,9 @@ class _LiveNames(Collection[str]):
 
 
 def _position(key: tuple[int, int, float]) -> tuple[float, ...]:
-    """An order key's place in the run, as retention ranks it (``retention.position``): its
-    (step, epoch), shared by every checkpoint saved at that step; the whole key without either."""
+    """An order key's place in the run: its (step, epoch), shared by every checkpoint saved at
+    that step; the whole key without either. Coarser than ``retention.positions``, which also
+    tells Lightning's ``-vN`` versions apart: here they share a step, so fewer go as moot."""
     return key if key[:2] == (-1, -1) else key[:2]
 
 
@@ -1120,6 +1121,8 @@ class CheckpointUploader:
         else:
             self._queue.remove(job)
         job.cancelled = reason
+        if reason.startswith(MOOT):  # now, not once the journal thread writes it: a retention
+            self._moot_names.add(job.name)  # under way must not count its step as whole
         self._note_skip(job)
         finish = lambda: self._journal.later(lambda: self._finish_skip(job, reason))  # noqa: E731
         if job.staging_done is not None and not job.staging_done.is_set():
@@ -1958,15 +1961,18 @@ class CheckpointUploader:
                 with turn:
                     listed_at = time.time()
                     journal = self.journal.snapshot()
-                    left_out = journal.left_out()  # cut short, never sent (runctl local)
+                    # Cut short and never sent (runctl local), or on this disk and never in S3:
+                    # still being written, not yet handed over, or let go (their steps are not
+                    # whole in S3, and do not count there).
+                    not_sent = journal.left_out() | self._never_sent(journal)
                     plan = apply_s3_retention(
                         self.transfer,
                         self.prefix,
                         self.keep_last_n,
                         protected=protected,
-                        unsettled=_LiveNames(lambda: on_the_way() | left_out),
+                        unsettled=_LiveNames(lambda: on_the_way() | not_sent),
                         patterns=self.patterns,
-                        unfinished=journal.unfinished_deletions() | moot,
+                        unfinished=_LiveNames(lambda: journal.unfinished_deletions() | self._moot()),
                         before_delete=self._journal_deleting,
                         lock_timeout=lock_wait,
                     )
@@ -2007,6 +2013,37 @@ class CheckpointUploader:
                 " and ".join(blocked),
             )
         self._retention_blocked_on = blocked
+
+    def _moot(self) -> set[str]:
+        with self._cond:
+            return set(self._moot_names)
+
+    def _never_sent(self, journal: JournalSnapshot) -> set[str]:
+        """Checkpoints in this directory written since the newest one that landed from it, and
+        not in S3 from it (no verified upload in the journal): a file of that step still being
+        written, or not yet handed over (``runctl local`` submits each file once it settles).
+        Older ones (a file the user never uploads) are left out, or no step would stay whole."""
+        landed = [e.mtime for e in journal.verified.values() if e.mtime is not None]
+        if not landed:
+            return set()
+        since = max(landed) - 1.0  # a second of slack: a step's files are written in turn
+        found: set[str] = set()
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(".") or name in journal.verified or is_alias(name):
+                        continue
+                    if not is_recognised(name, self.patterns):
+                        continue
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime >= since:
+                            found.add(name)
+                    except OSError:
+                        continue
+        except OSError:
+            return set()
+        return found
 
     def _warn_if_outranked(self, plan: RetentionPlan) -> None:
         """Once: say so when retention deleted this run's checkpoints for others that rank newer.

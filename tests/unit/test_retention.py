@@ -104,6 +104,18 @@ def test_the_newest_version_of_a_name_at_a_step_is_the_newest_whatever_its_suffi
     assert names(plan_retention([first, resaved], keep_last_n=1, now=NOW).delete) == ["epoch=0-step=8.ckpt"]
 
 
+def test_versions_landing_in_one_second_go_by_their_number_and_a_protected_one_holds_its_step() -> None:
+    # S3 stamps whole seconds: "x.ckpt" sorted after "x-v1.ckpt" by name, and S3 kept the older.
+    first = Checkpoint("epoch=0-step=8.ckpt", False, 8, 0, NOW - 50, 1, True, ())
+    again = Checkpoint("epoch=0-step=8-v1.ckpt", False, 8, 0, NOW - 50, 1, True, ())
+    assert names(plan_retention([first, again], keep_last_n=1, now=NOW).delete) == ["epoch=0-step=8.ckpt"]
+    # Protecting the older version keeps everything saved at step 8.
+    partner = Checkpoint("ema-epoch=0-step=8.ckpt", False, 8, 0, NOW - 49, 1, True, ())
+    newer = Checkpoint("epoch=0-step=9.ckpt", False, 9, 0, NOW - 10, 1, True, ())
+    plan = plan_retention([first, again, partner, newer], keep_last_n=1, protected={"epoch=0-step=8.ckpt"}, now=NOW)
+    assert plan.delete == ()
+
+
 def test_none_keeps_everything() -> None:
     plan = plan_retention(steps(1, 2, 3), keep_last_n=None, now=NOW)
     assert plan.delete == ()
