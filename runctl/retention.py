@@ -123,7 +123,8 @@ _VERSION_RE = re.compile(r"-v\d+(?=(?:\.[^./]*)?$)")
 
 def _written(cp: Checkpoint) -> tuple[float, int, str]:
     """Which of two versions of one name was written last: by time, then (S3 stamps whole
-    seconds) by Lightning's ``-vN`` number, a later save's being higher."""
+    seconds) by Lightning's ``-vN`` number, usually higher for a later save (Lightning takes the
+    lowest free name, so not always; it decides only ties within one second)."""
     version = _VERSION_RE.search(cp.name)
     return (cp.mtime, int(version.group(0)[2:]) if version else 0, cp.name)
 

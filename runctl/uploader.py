@@ -1961,18 +1961,17 @@ class CheckpointUploader:
                 with turn:
                     listed_at = time.time()
                     journal = self.journal.snapshot()
-                    # Cut short and never sent (runctl local), or on this disk and never in S3:
-                    # still being written, not yet handed over, or let go (their steps are not
-                    # whole in S3, and do not count there).
-                    not_sent = journal.left_out() | self._never_sent(journal)
+                    left_out = journal.left_out()  # cut short, never sent (runctl local)
                     plan = apply_s3_retention(
                         self.transfer,
                         self.prefix,
                         self.keep_last_n,
                         protected=protected,
-                        unsettled=_LiveNames(lambda: on_the_way() | not_sent),
+                        # Read after the listing: queued, left out, and on this disk at the
+                        # step that landed last and not in S3 (their steps are not whole).
+                        unsettled=_LiveNames(lambda: on_the_way() | left_out | self._never_sent(journal)),
                         patterns=self.patterns,
-                        unfinished=_LiveNames(lambda: journal.unfinished_deletions() | self._moot()),
+                        unfinished=journal.unfinished_deletions() | moot,
                         before_delete=self._journal_deleting,
                         lock_timeout=lock_wait,
                     )
@@ -2014,35 +2013,34 @@ class CheckpointUploader:
             )
         self._retention_blocked_on = blocked
 
-    def _moot(self) -> set[str]:
-        with self._cond:
-            return set(self._moot_names)
-
     def _never_sent(self, journal: JournalSnapshot) -> set[str]:
-        """Checkpoints in this directory written since the newest one that landed from it, and
-        not in S3 from it (no verified upload in the journal): a file of that step still being
-        written, or not yet handed over (``runctl local`` submits each file once it settles).
-        Older ones (a file the user never uploads) are left out, or no step would stay whole."""
-        landed = [e.mtime for e in journal.verified.values() if e.mtime is not None]
+        """Checkpoints in this directory saved at the step that landed last from it, or a later
+        one, whose version never reached S3 from it: a partner still being written, not yet
+        handed over (``runctl local`` submits each file once it settles), or let go. Files of
+        older steps are left out, or one the user never uploads would keep every step from
+        being whole."""
+        landed = [e for e in journal.verified.values() if not is_alias(e.name)]
         if not landed:
             return set()
-        since = max(landed) - 1.0  # a second of slack: a step's files are written in turn
+        last = step_order(max(landed, key=lambda e: e.time).name)
+        if last == (-1, -1):
+            return set()
         found: set[str] = set()
         try:
-            with os.scandir(self.root) as entries:
-                for entry in entries:
-                    name = entry.name
-                    if name.startswith(".") or name in journal.verified or is_alias(name):
-                        continue
-                    if not is_recognised(name, self.patterns):
-                        continue
-                    try:
-                        if entry.stat(follow_symlinks=False).st_mtime >= since:
-                            found.add(name)
-                    except OSError:
-                        continue
+            names = os.listdir(self.root)
         except OSError:
             return set()
+        for name in names:
+            if name.startswith(".") or is_alias(name) or step_order(name) < last:
+                continue
+            if not is_recognised(name, self.patterns):
+                continue
+            try:
+                cp = local_checkpoint(self.root / name, self.root)
+            except OSError:
+                continue
+            if not journal.was_verified(name, cp.size, cp.mtime):
+                found.add(name)
         return found
 
     def _warn_if_outranked(self, plan: RetentionPlan) -> None:

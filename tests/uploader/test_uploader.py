@@ -1787,22 +1787,30 @@ def test_a_step_with_a_file_left_out_as_torn_does_not_count_in_s3(
     assert sorted(keys_under(boto_transfer, url)) == ["model_step_2.pt", "model_step_3.pt", "optim_step_2.pt"]
 
 
-def test_a_step_whose_other_file_is_still_being_written_does_not_count_in_s3(
-    root: Path, moto_bucket: S3URL, boto_transfer: Any
+@pytest.mark.parametrize("partner", ["being written", "written earlier", "saved again"])
+def test_a_step_whose_other_file_is_not_in_s3_yet_does_not_count_there(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, partner: str
 ) -> None:
     # runctl local submits each file once it settles: net_g_5000.pth landed while
-    # net_d_5000.pth was still being written, and keep-last-1 deleted the 4000 pair.
+    # net_d_5000.pth was still being written (or written first but not yet handed over, or a
+    # resumed run's new version of a name that landed before), and keep-last-1 deleted the
+    # 4000 pair.
     url = moto_bucket.join("run/")
+    earlier = ("net_g_4000.pth", "net_d_4000.pth")
+    if partner == "saved again":  # an earlier run's pair of step 5000 landed too
+        earlier += ("net_g_5000.pth", "net_d_5000.pth")
+    with CheckpointUploader(root, url, transfer=boto_transfer, retry=FAST_RETRY) as first:  # type: ignore[arg-type]
+        for name in earlier:
+            assert first.submit(write(root / name, b"old")).result(30).state == "verified"
     up = CheckpointUploader(root, url, transfer=boto_transfer, keep_last_n=1, retry=FAST_RETRY)  # type: ignore[arg-type]
     try:
-        for name in ("net_g_4000.pth", "net_d_4000.pth", "net_g_5000.pth"):
-            path = write(root / name, b"x")
-            if name == "net_g_5000.pth":
-                write(root / "net_d_5000.pth", b"half")  # being written, not yet handed over
-                os.utime(root / "net_d_5000.pth")
-            assert up.submit(path).result(30).state == "verified"
+        write(root / "net_d_5000.pth", b"half")  # not handed over yet
+        if partner == "written earlier":
+            then = time.time() - 60
+            os.utime(root / "net_d_5000.pth", (then, then))
+        assert up.submit(write(root / "net_g_5000.pth", b"new")).result(30).state == "verified"
         up.flush(timeout=30)
-        assert sorted(keys_under(boto_transfer, url)) == ["net_d_4000.pth", "net_g_4000.pth", "net_g_5000.pth"]
+        assert {"net_d_4000.pth", "net_g_4000.pth"} <= set(keys_under(boto_transfer, url)), partner
         assert up.submit(write(root / "net_d_5000.pth", b"whole")).result(30).state == "verified"
         up.flush(timeout=30)
     finally:
