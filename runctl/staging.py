@@ -17,6 +17,8 @@ log = logging.getLogger("runctl.uploader")
 STAGING_DIR = ".runctl/staging"
 #: errno values that mean "this filesystem will not hard-link here": copy instead.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES, errno.ENOSYS}
+#: Beside a directory staged whole, in its slot: ``.whole-<name>`` (``StagingArea.find``).
+_WHOLE_PREFIX = ".whole-"
 _COPY_TRIES = 3
 #: Linux names every open file ``/proc/self/fd/N``: linking that path stages the very inode
 #: opened in ``submit()``, so the link itself (a journaled write that can wait tens of ms while
@@ -318,17 +320,30 @@ class StagingArea:
                 raise SnapshotError(f"{source.name} changed since it was submitted")
         if copied:
             log.info("hard links are not possible for %s: copied it for upload instead", source)
+        # Written last: a tree staged link by link is whole only once this exists (``find``).
+        self._whole_mark(token, source.name).touch()
         return Snapshot(dest, True, files, copied)
+
+    def _whole_mark(self, token: str, name: str) -> Path:
+        return self.dir / token / f"{_WHOLE_PREFIX}{name}"
 
     def release(self, token: str) -> None:
         """Remove one job's staged files (a missing slot is fine)."""
         shutil.rmtree(self.dir / token, ignore_errors=True)
 
     def find(self, name: str) -> Path | None:
-        """The newest staged copy of ``name`` (resume after a crash), or None."""
+        """The newest staged copy of ``name`` (resume after a crash), or None.
+
+        A directory counts only once it was staged whole (``snapshot_dir`` marks it last): a
+        run killed while linking its files leaves a partial tree, which is never taken for it.
+        """
         if not self.dir.is_dir():
             return None
-        found = [p for p in self.dir.glob(f"*/{_glob_escape(name)}") if p.exists()]
+        found = [
+            p
+            for p in self.dir.glob(f"*/{_glob_escape(name)}")
+            if p.exists() and (not p.is_dir() or self._whole_mark(p.parent.name, name).exists())
+        ]
         return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
     def tokens(self) -> list[str]:

@@ -68,3 +68,20 @@ def test_a_copy_of_an_open_file_is_the_version_opened_with_its_mtime(tmp_path: P
     assert snapshot.path.read_bytes() == data
     assert os.stat(snapshot.path).st_mtime_ns == 1_700_000_000_123_456_789
     assert snapshot.size == len(data)
+
+
+def test_a_directory_staged_in_part_is_never_found_for_a_resume(tmp_path: Path) -> None:
+    # A run killed while linking a directory's files (the trainer's rotation deleting the
+    # source meanwhile) left a partial tree; the next run uploaded it and marked it complete.
+    source = tmp_path / "checkpoint-500"
+    source.mkdir()
+    for name in ("a.bin", "b.bin", "trainer_state.json"):
+        (source / name).write_bytes(b"x")
+    area = StagingArea(tmp_path)
+    partial = area.slot("1-1", source.name)
+    partial.mkdir(parents=True)
+    os.link(source / "a.bin", partial / "a.bin")  # killed here
+    assert area.find("checkpoint-500") is None
+    whole = area.snapshot_dir(source, "1-2")
+    assert area.find("checkpoint-500") == whole.path
+    assert sorted(whole.files) == ["a.bin", "b.bin", "trainer_state.json"]
