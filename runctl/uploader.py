@@ -2411,17 +2411,17 @@ def latest_checkpoints(
         ]
         if dry_run:
             return paths
-        aside = [(by_key[c.files[0]], path) for c, path in zip(chosen_checkpoints, paths, strict=True) if path.parent != dest_dir]
-        wanted = {key for c in chosen_checkpoints for key in c.files} - {o.key for o, _ in aside}
-        chosen = [o for o in objects if o.key in wanted]
+        # Each is a direct child of the prefix, so it lands in its path's directory (dest, or
+        # .runctl/restored/ for one set aside) under its own name.
+        into: dict[Path, list[ObjectInfo]] = {}
+        for c, path in zip(chosen_checkpoints, paths, strict=True):
+            into.setdefault(path.parent, []).extend(by_key[key] for key in c.files)
         dest_dir.mkdir(parents=True, exist_ok=True)
-        if chosen:
-            download_objects(transfer, chosen, prefix, dest_dir)
-        for obj, path in aside:
-            download_objects(transfer, [obj], S3URL(obj.bucket, obj.key.rpartition("/")[0] + "/"), path.parent)
+        for where, chosen in into.items():
+            download_objects(transfer, chosen, prefix, where)
         log.info(
             "downloaded %s (%d file(s)) from %s to %s",
-            ", ".join(c.name for c in chosen_checkpoints), len(chosen), prefix, dest_dir,
+            ", ".join(c.name for c in chosen_checkpoints), sum(map(len, into.values())), prefix, dest_dir,
         )
         for c in chosen_checkpoints:
             if c.is_dir:

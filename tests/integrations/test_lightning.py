@@ -310,7 +310,7 @@ def test_resolve_latest_waits_out_a_blip(tmp_path: Path, monkeypatch: pytest.Mon
         server.stop()
 
 
-@pytest.mark.parametrize("how", ["latest", "object"])
+@pytest.mark.parametrize("how", ["latest", "object", "latest at a bucket root"])
 def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, tmp_path: Path, how: str) -> None:
     # S3 went down at step 4; last.ckpt at step 10 stayed local. The documented restart,
     # resolve_ckpt_path("latest"), downloaded S3's step-4 last.ckpt over it: step 10 was gone.
@@ -319,7 +319,7 @@ def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, t
 
     from runctl.integrations.lightning import resolve_ckpt_path
 
-    prefix = S3URL(moto_server.new_bucket()).join("run/")
+    prefix = S3URL(moto_server.new_bucket()).join("" if how.endswith("root") else "run/")
     client = moto_server.client()
     client.put_object(Bucket=prefix.bucket, Key=prefix.key + "epoch=0-step=4.ckpt", Body=b"step 4")
     client.put_object(Bucket=prefix.bucket, Key=prefix.key + "last.ckpt", Body=b"step 4")
@@ -329,7 +329,7 @@ def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, t
     local.write_bytes(b"step 10")
     later = time.time() + 5  # written after S3's copy landed
     os.utime(local, (later, later))
-    url = prefix if how == "latest" else prefix.join("last.ckpt")
+    url = prefix.join("last.ckpt") if how == "object" else prefix
     found = resolve_ckpt_path(str(url), dirpath, config=moto_server.config())
     assert local.read_bytes() == b"step 10"
     assert found == str(dirpath / ".runctl" / "restored" / "last.ckpt")
