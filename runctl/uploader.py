@@ -305,6 +305,25 @@ class _Rewritten(Exception):
     """The staged file changed during the upload: upload again (not a failure)."""
 
 
+def _drained(thread: threading.Thread, ask: Callable[[threading.Event], None], timeout: float | None) -> bool:
+    """Queue a marker on ``thread``'s work (``ask(done)``) and wait up to ``timeout`` seconds for
+    it; False when it was not reached in time. A thread that is not running, or stops meanwhile
+    (a ``close()`` may stop it before it gets to the marker), or is the caller, is waited no
+    longer: what it was asked before is done, or never will be.
+    """
+    if not thread.is_alive() or threading.current_thread() is thread:
+        return True
+    done = threading.Event()
+    ask(done)
+    deadline = None if timeout is None else time.monotonic() + max(0.01, timeout)
+    while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
+        if not thread.is_alive():
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+    return True
+
+
 class _JournalWriter:
     """Writes each journal line at once (it survives SIGKILL) and leaves the fsync to a thread.
 
@@ -349,11 +368,7 @@ class _JournalWriter:
 
     def drain(self, timeout: float | None) -> None:
         """Wait (up to ``timeout`` seconds) until everything asked for so far is done."""
-        if not self._thread.is_alive() or threading.current_thread() is self._thread:
-            return  # closed (it finished everything first), or asked from its own work
-        done = threading.Event()
-        self._queue.put(("sync", done))
-        if not done.wait(None if timeout is None else max(0.01, timeout)):
+        if not _drained(self._thread, lambda done: self._queue.put(("sync", done)), timeout):
             log.error("journal thread still busy after %s s", timeout)
 
     def _run(self) -> None:
@@ -409,16 +424,8 @@ class _Stager:
         self._queue.put(fn)
 
     def drain(self, timeout: float | None) -> None:
-        """Wait (up to ``timeout`` seconds) until everything asked for so far is done, or the
-        thread has stopped (a ``close()`` meanwhile may stop it before it gets to the marker)."""
-        if not self._thread.is_alive() or threading.current_thread() is self._thread:
-            return
-        done = threading.Event()
-        self._queue.put(done.set)
-        deadline = None if timeout is None else time.monotonic() + max(0.01, timeout)
-        while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
-            if not self._thread.is_alive() or (deadline is not None and time.monotonic() >= deadline):
-                return
+        """Wait (up to ``timeout`` seconds) until everything asked for so far is done."""
+        _drained(self._thread, lambda done: self._queue.put(done.set), timeout)
 
     def _run(self) -> None:
         while (fn := self._queue.get()) is not None:
