@@ -104,6 +104,10 @@ class JournalEntry:
     #: On a line after ``queued``: the ``time`` of the ``queued`` line of the version it is about.
     queued: float | None = None
 
+    def skipped_as(self, why: str) -> bool:
+        """A ``skipped`` line whose detail begins with ``why`` (``MOOT``, ``TORN``)."""
+        return self.state == "skipped" and (self.detail or "").startswith(why)
+
     def to_json(self) -> dict[str, Any]:
         # Not dataclasses.asdict, which deep-copies each field: submit() writes a line on the
         # training thread, where every call counts (benchmark row 1b).
@@ -211,8 +215,7 @@ class JournalSnapshot:
         entry = self.latest.get(name)
         return (
             entry is not None
-            and entry.state == "skipped"
-            and (entry.detail or "").startswith(TORN)
+            and entry.skipped_as(TORN)
             and size is not None
             and entry.matches(size, mtime)
         )
@@ -222,7 +225,7 @@ class JournalSnapshot:
         return {
             e.name
             for e in self.latest.values()
-            if e.state == "deleting_s3" or (e.state == "skipped" and (e.detail or "").startswith(MOOT))
+            if e.state == "deleting_s3" or e.skipped_as(MOOT)
         }
 
     def left_out(self) -> set[str]:
@@ -236,9 +239,7 @@ class JournalSnapshot:
             >>> j.snapshot().left_out()
             {'optim_step_3.pt'}
         """
-        return {
-            e.name for e in self.latest.values() if e.state == "skipped" and (e.detail or "").startswith(TORN)
-        }
+        return {e.name for e in self.latest.values() if e.skipped_as(TORN)}
 
     def pending(self, *, failed: bool = False) -> list[JournalEntry]:
         """As ``Journal.pending``: queued or uploaded (and failed, with ``failed=True``), oldest first."""
