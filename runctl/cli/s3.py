@@ -511,7 +511,8 @@ def _download_latest(
         f"downloaded the latest complete checkpoint {path.name}{also} ({human_size(size)}) to {where}"
     )
     if s.out.quiet and s.out.human:
-        s.out.line(str(path))  # one line, for path=$(...): the others lie beside it
+        # A line per file of the step, by name: path=$(...) when a step is one file.
+        s.out.lines(sorted(str(p) for p in paths))
 
 
 @s3_app.command("sync")

@@ -224,6 +224,10 @@ def test_files_saved_at_one_step_are_one_checkpoint_to_cleanup_and_to_latest(
     human = run_s3(s3_server, "s3", "download", f"{bucket}gan/", str(tmp_path / "h"), "--latest", flag)
     assert human.exit_code == 0, human.output
     assert ", saved at the same step) (10 B) to " in human.stdout
+    # -q: a line per file of the step, not whichever one landed last
+    quiet = run_s3(s3_server, "s3", "download", f"{bucket}gan/", str(tmp_path / "q"), "--latest", "-q", flag)
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout.splitlines() == [str(tmp_path / "q" / f"net_{p}_5000.pth") for p in "dg"]
 
 
 def test_download_latest_complete_checkpoint(
