@@ -43,6 +43,16 @@ class RetentionPlan:
     reasons: Mapping[str, str] = field(default_factory=dict)
     #: The names pinned where it looked (``checkpoints.PIN_DIR``), checkpoints or not.
     pinned: frozenset[str] = frozenset()
+    #: The size cap it was asked for; what it keeps can be over it (``over_size``).
+    max_total_size: int | None = None
+
+    @property
+    def over_size(self) -> int:
+        """Bytes kept beyond ``max_total_size``: what it never deletes for size (the newest
+        whole step, protected ones, aliases, steps not yet whole) did not fit. 0 when it fits."""
+        if self.max_total_size is None:
+            return 0
+        return max(0, sum(c.size for c in self.keep) - self.max_total_size)
 
     @property
     def bytes_freed(self) -> int:
@@ -295,7 +305,7 @@ def plan_retention(
 
     keep = tuple(c for c in ordered if c.name not in doomed)
     delete = tuple(c for c in ordered if c.name in doomed)
-    return RetentionPlan(keep, delete, reasons)
+    return RetentionPlan(keep, delete, reasons, max_total_size=max_total_size)
 
 
 def _delete_s3(transfer: Transfer, bucket: str, plan: RetentionPlan) -> None:
@@ -610,7 +620,7 @@ def apply_local_retention(
                         f"possibly torn (left out of S3), and {newer} newer checkpoints are durable"
                     )
         keep.sort(key=Checkpoint.order_key)
-        final = RetentionPlan(tuple(keep), tuple(delete), reasons, plan.pinned)
+        final = dataclasses.replace(plan, keep=tuple(keep), delete=tuple(delete), reasons=reasons)
         if dry_run:
             return final
         for cp in delete:

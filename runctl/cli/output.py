@@ -285,9 +285,19 @@ def render_retention(out: Output, plan: Any, *, location: str, dry_run: bool) ->
         deleted=len(plan.delete),
         kept=len(plan.keep),
         bytes_freed=freed,
+        over_max_total_size=plan.over_size,
         not_durable=not_durable,
         dry_run=dry_run,
     )
+    over = plan.over_size
+    if over:
+        kept = sum(c.size for c in plan.keep)
+        out.warn(
+            f"{'would keep' if dry_run else 'kept'} {human_size(kept)} in {location}, "
+            f"{human_size(over)} over --max-total-size {human_size(plan.max_total_size)}: the "
+            "newest whole step, protected checkpoints, aliases and steps not yet whole are "
+            "never deleted for size"
+        )
     if not out.human or out.quiet:
         return
     if not items:

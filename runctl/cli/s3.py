@@ -824,7 +824,7 @@ def cleanup_s3(
         typer.Option(
             "--max-total-size",
             metavar="SIZE",
-            help="Then delete the oldest until the rest fit, e.g. 10GB, 512MiB.",
+            help="Then delete the oldest steps until the rest fit, e.g. 10GB, 512MiB (a warning says what could not go: the newest step, protected ones).",
         ),
     ] = None,
     incomplete_older_than: Annotated[

@@ -135,6 +135,24 @@ def test_cleanup_size_limit_and_abandoned_uploads(
     assert set(keys(s3_server, bucket)) == {"run/step_2.pt", "run/step_3.pt"}
 
 
+def test_a_size_limit_that_cannot_be_met_is_said(
+    s3_server: S3Server, bucket: S3URL, backend: str
+) -> None:
+    # The newest step alone is over the cap: it stays, and the cleanup says so (it exited 0
+    # without a word, and the bucket stayed over the limit the user asked for).
+    for step in (1, 2):
+        put(s3_server, bucket, f"run/step_{step}.pt", b"x" * 100)
+    result = run_s3(
+        s3_server, "s3", "cleanup", f"{bucket}run/", "--max-total-size", "50B", "--json", backend_flag(backend)
+    )
+    assert result.exit_code == 0, result.output
+    assert [d["name"] for d in of_type(result.stdout, "delete")] == ["step_1.pt"]
+    (summary,) = of_type(result.stdout, "summary")
+    assert summary["over_max_total_size"] == 50
+    assert "kept 100 B in" in result.stderr and "50 B over --max-total-size 50 B" in result.stderr
+    assert set(keys(s3_server, bucket)) == {"run/step_2.pt"}
+
+
 def test_bucket_root_needs_confirmation(moto_server: S3Server) -> None:
     bucket = S3URL(moto_server.new_bucket())
     for step in (1, 2):
