@@ -17,6 +17,7 @@ from runctl.cli.options import (
     RegionOpt,
     UseS5cmdOpt,
     parse_s3url,
+    protected_names,
     session,
 )
 from runctl.cli.output import render_retention
@@ -121,7 +122,7 @@ def cleanup_local(
         plan = apply_local_retention(
             directory,
             keep_last_n,
-            protected=tuple(protect or ()),
+            protected=protected_names(protect),
             protected_must_exist=True,
             force=force,
             dry_run=dry_run,
@@ -133,7 +134,7 @@ def cleanup_local(
             plan = apply_local_retention(
                 directory,
                 keep_last_n,
-                protected=tuple(protect or ()),
+                protected=protected_names(protect),
                 protected_must_exist=True,
                 force=force,
                 dry_run=dry_run,

@@ -106,6 +106,30 @@ ProtectOpt = Annotated[
 ]
 
 
+def protected_names(protect: list[str] | None, prefix: S3URL | None = None) -> tuple[str, ...]:
+    """``--protect`` values, refusing an S3 URL that is not a checkpoint directly under ``prefix``.
+
+    A name protects the checkpoint of its last part; an URL of another bucket or prefix would
+    protect the same name here, which is not what it says. Without ``prefix`` (a local
+    cleanup) an URL is refused.
+
+    Example:
+        >>> protected_names(["step_5.pt", "s3://bkt/run/step_6.pt"], S3URL.parse("s3://bkt/run/"))
+        ('step_5.pt', 's3://bkt/run/step_6.pt')
+    """
+    values = tuple(protect or ())
+    for value in values:
+        if not value.startswith("s3://"):
+            continue
+        if prefix is None:
+            raise UsageError(f"--protect {value!r}: give the name of a checkpoint in DIR, not an S3 URL")
+        url = parse_s3url(value, "--protect")
+        parent = url.key.rstrip("/").rpartition("/")[0]
+        if url.bucket != prefix.bucket or (parent + "/" if parent else "") != prefix.as_prefix().key:
+            raise UsageError(f"--protect {value!r} is not a checkpoint directly under {prefix.as_prefix()}")
+    return values
+
+
 @dataclass(frozen=True)
 class GlobalOptions:
     """Connection and output options; the root callback's values, overridden per command."""

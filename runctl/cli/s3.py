@@ -28,6 +28,7 @@ from runctl.cli.options import (
     parse_duration,
     parse_s3url,
     parse_size,
+    protected_names,
     session,
 )
 from runctl.cli.output import human_size, render_retention
@@ -897,7 +898,7 @@ def cleanup_s3(
             transfer,
             prefix,
             keep_last_n,
-            protected=tuple(protect or ()),
+            protected=protected_names(protect, prefix),
             protected_must_exist=True,
             max_total_size=size_limit,
             incomplete_older_than=age_limit,

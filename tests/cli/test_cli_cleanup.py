@@ -206,6 +206,31 @@ def test_a_protect_that_names_no_checkpoint_is_refused(moto_server: S3Server, tm
     assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == ["step_1.pt", "step_2.pt"]
 
 
+def test_a_protect_url_must_name_a_checkpoint_of_the_cleaned_prefix(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # --protect s3://other/x/step_1.pt protected step_1.pt here, a checkpoint it never named.
+    bucket = S3URL(moto_server.new_bucket())
+    for step in (1, 2, 3):
+        put(moto_server, bucket, f"run/step_{step}.pt")
+    cleanup = ("s3", "cleanup", f"{bucket}run/", "-n", "1")
+    for elsewhere in ("s3://other-bucket/run/step_1.pt", f"{bucket}other/step_1.pt", f"{bucket}run/sub/step_1.pt"):
+        result = run_s3(moto_server, *cleanup, "--protect", elsewhere)
+        assert result.exit_code == 2, result.output
+        assert "is not a checkpoint directly under" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert len(keys(moto_server, bucket)) == 3
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    local = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--protect", f"{bucket}run/step_1.pt")
+    assert local.exit_code == 2, local.output
+    assert "not an S3 URL" in local.stderr
+    # An URL of a checkpoint that is there protects it.
+    result = run_s3(moto_server, *cleanup, "--protect", f"{bucket}run/step_1.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert set(keys(moto_server, bucket)) == {"run/step_1.pt", "run/step_3.pt"}
+
+
 def make_local(root: Path) -> None:
     base = time.time() - 1000
     for i, name in enumerate(["step_1.pt", "step_2.pt", "checkpoint-3", "step_4.pt"]):
