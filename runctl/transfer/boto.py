@@ -107,6 +107,7 @@ def map_error(
         ('TransferError', True)
     """
     from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, TransferError):
         return exc
@@ -139,7 +140,9 @@ def map_error(
         return AccessDeniedError(
             f"{prefix}: no AWS credentials found", code="NoCredentials", url=url_text
         )
-    if isinstance(cause, HTTPClientError):
+    # Refused, unresolvable, timed out connecting (EndpointConnectionError, ConnectTimeoutError)
+    # are not HTTPClientErrors: a connection reset or read timeout is.
+    if isinstance(cause, (HTTPClientError, BotoConnectionError)):
         return EndpointError(
             f"{prefix}: {scrub(str(cause))}", code="EndpointConnectionError", url=url_text
         )

