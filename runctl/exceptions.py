@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: Exit codes the CLI maps errors to (documented in the README).
@@ -64,13 +64,23 @@ class TransferError(RunctlError):
         message: what failed, already scrubbed of credentials.
         code: the S3 error code when known (``NoSuchBucket``, ``AccessDenied``, ...).
         url: the object or prefix concerned, when there is one.
+        failures: for a batch that failed whole for one cause, each item's own reason (a
+            caller naming the items does not repeat ``message``, which sums them up, per item).
     """
 
-    def __init__(self, message: str, *, code: str | None = None, url: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        url: str | None = None,
+        failures: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.url = url
+        self.failures = dict(failures or {})
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code})" if self.code and self.code not in self.message else self.message
@@ -122,8 +132,7 @@ class PartialTransferError(TransferError):
         code: str | None = None,
         done: Any = None,
     ) -> None:
-        super().__init__(message, code=code)
-        self.failures = dict(failures)
+        super().__init__(message, code=code, failures=failures)
         self.done = done
 
 

@@ -169,6 +169,7 @@ def raise_batch(errors: dict[str, TransferError], total: int, action: str) -> No
                     f"{action} failed for all {total} items: {first.message}",
                     code=code,
                     url=first.url,
+                    failures={name: str(err) for name, err in errors.items()},
                 )
             if kind is not TransferError:
                 raise first

@@ -269,9 +269,9 @@ def _collect(exc: TransferError, names: Sequence[str], failures: dict[str, str])
     """Record a backend's batch error: per item when it says, else the same cause for every item."""
     if isinstance(exc, PartialTransferError):
         failures.update(exc.failures)
-    else:
+    else:  # each item failed: by its own reason when the error has one (not the whole summary)
         for name in names:
-            failures[name] = str(exc)
+            failures[name] = exc.failures.get(name, str(exc))
 
 
 # -- upload -----------------------------------------------------------------------------------

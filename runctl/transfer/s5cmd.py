@@ -944,7 +944,7 @@ class S5cmdTransfer:
         message = scrub(f"{op} failed for {len(failed)} of {len(every)} {noun}: {summary}")
         cls = error_class(common, " ".join(failures.values()))
         if len(failed) == len(every) and cls is not TransferError:
-            raise cls(message, code=common, url=failed[0].url)
+            raise cls(message, code=common, url=failed[0].url, failures=failures)
         raise PartialTransferError(message, failures, code=common)
 
     # -- Transfer ---------------------------------------------------------------------------
@@ -1244,7 +1244,7 @@ class S5cmdTransfer:
             if len(retry) == total:
                 raise
             # Every pair asked for again failed, the others did not: name these, as get_files would.
-            failures = {str(url): str(exc) for url, _ in retry}
+            failures = {str(url): exc.failures.get(str(url), str(exc)) for url, _ in retry}
             raise PartialTransferError(
                 f"download failed for {len(retry)} of {total} objects: {failure_summary(failures)}",
                 failures,

@@ -204,6 +204,16 @@ def test_an_unreachable_endpoint_is_an_endpoint_error(backend: str, tmp_path: Pa
             with pytest.raises(EndpointError) as caught:
                 call()
             assert isinstance(caught.value, ConnectionError)
+        # A batch that failed whole names each item with its own reason, so a caller listing
+        # the items does not repeat the batch's summary under each (sync down did: N² text).
+        pairs = [(src, where.join(f"f{i}")) for i in range(3)]
+        with pytest.raises(EndpointError) as caught:
+            transfer.put_files(pairs)
+        assert sorted(caught.value.failures) == sorted(str(url) for _, url in pairs)
+        assert not any("failed for" in reason for reason in caught.value.failures.values())
+        failures: dict[str, str] = {}
+        ops._collect(caught.value, [str(url) for _, url in pairs], failures)
+        assert failures == caught.value.failures
     finally:
         transfer.close()
 
