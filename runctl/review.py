@@ -40,6 +40,8 @@ DEFAULT_PRICES: Mapping[str, float] = {
     "REDUCED_REDUNDANCY": 0.024,
 }
 CURRENCY = "USD"
+#: ``Review.multipart_error`` when the review was asked not to list multipart uploads.
+MULTIPART_NOT_CHECKED = "not checked"
 #: A multipart upload initiated longer ago than this (seconds) is reported as abandoned.
 DEFAULT_ABANDONED_AFTER = 24 * 3600.0
 
@@ -396,7 +398,8 @@ def review(
     """Audit ``prefix``: checkpoints, other artifacts, unfinished multipart uploads and monthly cost.
 
     ``prices`` overrides ``DEFAULT_PRICES`` per storage class (USD per GB-month). A server that
-    cannot list multipart uploads leaves ``multipart_error`` set instead of failing the review.
+    cannot list multipart uploads leaves ``multipart_error`` set instead of failing the review;
+    without ``include_multipart`` it is ``MULTIPART_NOT_CHECKED``.
     A directory checkpoint is complete when it has a non-empty marker; ``verify_markers`` also
     reads each marker (one batch, beside the listing) and checks it against the listed files, as
     retention does: 1,000 checkpoints cost about a second more.
@@ -489,7 +492,7 @@ def review(
     )
 
     uploads: list[MultipartRow] = []
-    multipart_error = None
+    multipart_error = None if include_multipart else MULTIPART_NOT_CHECKED
     if pending is not None:
         try:
             uploads = pending.result()

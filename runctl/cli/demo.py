@@ -137,7 +137,7 @@ def demo(
             progress=not fast and out.progress_enabled(),
             use_s5cmd=use_s5cmd,
         )
-        report = _review(url, config, use_s5cmd)
+        report = _review(url, config, use_s5cmd, multipart=s3_url is not None)
         local = _local_rows(dirpath)
         out.record(
             "demo",
@@ -171,14 +171,15 @@ def demo(
             )
 
 
-def _review(url: S3URL, config: S3Config, use_s5cmd: bool) -> Any:
-    """What landed in S3, audited by ``runctl.review`` (the same report as ``runctl s3 review``)."""
+def _review(url: S3URL, config: S3Config, use_s5cmd: bool, *, multipart: bool) -> Any:
+    """What landed in S3, audited by ``runctl.review`` (the same report as ``runctl s3 review``;
+    ``multipart``: also list unfinished multipart uploads, which a fresh embedded server has none of)."""
     from runctl.review import review
     from runctl.transfer import get_transfer
 
     transfer = get_transfer(config, use_s5cmd=use_s5cmd)
     try:
-        return review(transfer, url, include_multipart=False)
+        return review(transfer, url, include_multipart=multipart)
     finally:
         transfer.close()
 

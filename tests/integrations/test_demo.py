@@ -15,6 +15,7 @@ import typer
 from typer.testing import CliRunner
 
 from runctl.cli.demo import register
+from tests.servers import S3Server
 
 
 def _app() -> typer.Typer:
@@ -53,6 +54,28 @@ def test_demo_human_output_names_what_landed(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Trained 10 steps" in result.stdout
     assert "epoch=0-step=10.ckpt" in result.stdout
+    # The embedded server's multipart uploads are not listed: the report must not say "none".
+    assert "Multipart uploads: not checked" in result.stdout
+    assert "none unfinished" not in result.stdout
+
+
+def test_demo_on_a_given_prefix_lists_its_unfinished_multipart_uploads(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # With --s3-url the demo said "none unfinished" without looking (a real bucket may hold
+    # abandoned, billed parts).
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    client.create_multipart_upload(Bucket=bucket, Key="demo/old.bin")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in moto_server.env().items():
+            mp.setenv(key, value)
+        result = CliRunner().invoke(
+            _app(),
+            ["demo", "--fast", "--steps", "5", "--dir", str(tmp_path), "--s3-url", f"s3://{bucket}/demo/"],
+        )
+    assert result.exit_code == 0, result.output
+    assert "Unfinished multipart uploads" in result.stdout and "demo/old.bin" in result.stdout
 
 
 @pytest.mark.parametrize(
