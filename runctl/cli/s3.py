@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,11 +33,12 @@ from runctl.cli.options import (
     session,
 )
 from runctl.cli.output import human_size, render_retention
-from runctl.exceptions import PartialTransferError, RunctlError, UsageError
+from runctl.exceptions import PartialTransferError, RunctlError, TransferError, UsageError
 from runctl.s3url import S3URL
 
 if TYPE_CHECKING:
     from runctl.marking import MarkResult
+    from runctl.transfer.base import Transfer
 
 s3_app = typer.Typer(
     name="s3",
@@ -112,6 +114,21 @@ def _size_of(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _streamed_sizes(transfer: Transfer, pairs: Sequence[tuple[S3URL, Path]]) -> dict[Path, int]:
+    """The object's size for each destination that is not a regular file (a device, a FIFO)."""
+    sizes: dict[Path, int] = {}
+    for src, path in pairs:
+        try:
+            if stat.S_ISREG(path.stat().st_mode):
+                continue
+            info = transfer.stat(src)
+        except (OSError, TransferError):
+            continue
+        if info is not None:
+            sizes[path] = info.size
+    return sizes
 
 
 def _plural(n: int, noun: str) -> str:
@@ -435,12 +452,14 @@ def download_files(
                 transfer, url, target, recursive=recursive, dry_run=dry_run, progress=advance
             )
         )
-    seconds = time.monotonic() - started
+        seconds = time.monotonic() - started
+        # A device or FIFO (/dev/null, a named pipe) keeps no size: the object says it.
+        streamed = {} if dry_run else _streamed_sizes(transfer, pairs)
     moved = 0
     prefix = "(dry run) " if dry_run else ""
     shown: list[str] = []
     for src, path in pairs:
-        size = 0 if dry_run else _size_of(path)
+        size = 0 if dry_run else streamed.get(path, _size_of(path))
         moved += size
         if s.out.json:
             s.out.record("download", source=str(src), destination=str(path), size=size, dry_run=dry_run)

@@ -7,6 +7,7 @@ servers on both transfer backends.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -336,11 +337,14 @@ def test_a_download_onto_a_device_or_a_fifo_writes_into_it(
     assert done.returncode == 0, done.stderr
     assert out.is_symlink() and redirected.read_bytes() == b"payload"
     done = subprocess.run(
-        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}f.txt", str(null), "-q", flag],
+        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}f.txt", str(null), "--json", flag],
         capture_output=True, env=env, timeout=60, cwd=tempfile.gettempdir(),
     )
     assert done.returncode == 0, done.stderr
     assert null.is_symlink() and Path(os.devnull).is_char_device()
+    # What went through is the object's size (a device keeps none: it said 0 B).
+    records = {r["type"]: r for r in map(json.loads, done.stdout.decode().splitlines())}
+    assert (records["download"]["size"], records["summary"]["bytes"]) == (7, 7)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     proc = subprocess.Popen(
