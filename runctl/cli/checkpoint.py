@@ -141,4 +141,10 @@ def cleanup_local(
                 also_durable=durable_in(transfer, prefix, directory),
                 writing=writing,
             )
-    render_retention(s.out, plan, location=str(directory), dry_run=dry_run)
+    render_retention(
+        s.out,
+        plan,
+        location=str(directory),
+        dry_run=dry_run,
+        durable_in=None if durable_in_s3 is None else str(parse_s3url(durable_in_s3, "--durable-in")),
+    )

@@ -257,7 +257,8 @@ def _report(out: Output, change: Any, prefix: S3URL, dry_run: bool, what: str) -
     else:
         out.info(f"done: {what}")
     if not out.quiet:
-        _rules_table(out, change.after, prefix, title=f"Lifecycle rules of s3://{prefix.bucket}/")
+        title = f"Lifecycle rules of s3://{prefix.bucket}/"
+        _rules_table(out, change.after, prefix, title=f"{title} once written (dry run)" if dry_run else title)
 
 
 def register(s3_app: typer.Typer) -> None:

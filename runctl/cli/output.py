@@ -263,7 +263,9 @@ class Output:
         self.stderr.flush()
 
 
-def render_retention(out: Output, plan: Any, *, location: str, dry_run: bool) -> None:
+def render_retention(
+    out: Output, plan: Any, *, location: str, dry_run: bool, durable_in: str | None = None
+) -> None:
     """Show a RetentionPlan: a keep/delete table with reasons (human) or one record per checkpoint (JSON).
 
     Every checkpoint appears once, oldest first, as ``keep`` or ``delete``, with the reason.
@@ -329,7 +331,9 @@ def render_retention(out: Output, plan: Any, *, location: str, dry_run: bool) ->
     out.info(f"{head} ({human_size(freed)}) in {location}; kept {len(plan.keep)}")
     if not_durable:
         out.info(
-            f"kept {len(not_durable)} not yet durable in S3 (no verified upload in the journal): "
+            f"kept {len(not_durable)} not yet durable in S3 (no verified upload in the journal"
+            + (f", nor a matching copy in {durable_in}" if durable_in else "")
+            + "): "
             + ", ".join(not_durable)
             + "; --force deletes them anyway"
         )

@@ -138,6 +138,8 @@ def test_dry_run_shows_the_resulting_configuration_and_writes_nothing(
         and '"runctl-ckpt/"' in human.stdout
         and '"logs-expire"' in human.stdout
     )
+    # The table is of what would be written, not of what the bucket holds.
+    assert f"Lifecycle rules of s3://{lc_bucket}/ once written (dry run)" in human.stdout
     js = run_s3(
         moto_server,
         "s3",
