@@ -49,17 +49,18 @@ def demo(
     steps: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Training steps (default 60; 20 with --fast).", show_default=False
+            min=1, metavar="N", help="Training steps (default 60; 20 with --fast).", show_default=False
         ),
     ] = None,
-    every: Annotated[int, typer.Option(min=1, help="Save a checkpoint every N steps.")] = 5,
+    every: Annotated[int, typer.Option(min=1, metavar="N", help="Save a checkpoint every N steps.")] = 5,
     keep_last_n: Annotated[
-        int, typer.Option("--keep-last-n", min=1, help="Checkpoints kept in S3 and locally.")
+        int, typer.Option("--keep-last-n", min=1, metavar="N", help="Checkpoints kept in S3 and locally.")
     ] = 3,
     directory: Annotated[
         Path | None,
         typer.Option(
             "--dir",
+            metavar="DIR",
             help="Local checkpoint directory (default: a temporary one).",
             show_default=False,
         ),
@@ -68,6 +69,7 @@ def demo(
         str | None,
         typer.Option(
             "--s3-url",
+            metavar="S3URL",
             help="Upload to this prefix instead of an embedded server.",
             show_default=False,
         ),

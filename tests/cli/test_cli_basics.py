@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -72,6 +73,8 @@ def test_every_command_and_group_help_has_examples_of_real_commands() -> None:
         result = run(*path, "--help")
         assert result.exit_code == 0, (path, result.output)
         assert "Examples:" in result.stdout, path
+        # Each value is named as the docs name it (N, DIR, S3URL), not by its type.
+        assert not re.search(r"<(int|float|str|path|text)\b[^>]*>|\b(INTEGER|TEXT|FLOAT)\b", result.stdout), path
         examples = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("runctl ")]
         assert examples, path
         for words in examples:
