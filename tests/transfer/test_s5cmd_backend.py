@@ -33,7 +33,7 @@ from runctl.s3url import S3URL
 from runctl.transfer import s5cmd as s5cmd_module
 from runctl.transfer.base import MiB, ObjectInfo, PrefixInfo, Transfer, part_size_for
 from runctl.transfer.s5cmd import S5cmdTransfer, error_code, find_s5cmd, parse_time
-from tests.cli.cli_support import run
+from tests.cli.cli_support import ROOT, run
 from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -1002,3 +1002,52 @@ def test_an_error_from_the_pairs_stops_the_prefix_copy(
         t.get_tree(bucket.join("run/"), root, listing())
     assert time.monotonic() - began < 20  # the sleeping copy was killed, not waited for
     assert started.exists() and not t._children
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie no init has reaped yet is dead too
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_s5cmd_dies_with_a_killed_runctl(tmp_path: Path, where: str) -> None:
+    # s5cmd runs in its own session: a SIGKILLed trainer's s5cmd went on uploading, and an old
+    # last.ckpt landed over the newer one its restart had sent.
+    import shutil
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is not installed here")
+    pidfile = tmp_path / "s5cmd.pid"
+    fake = tmp_path / "s5cmd"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    script = (
+        "import sys, threading\n"
+        "from runctl.config import S3Config\n"
+        "from runctl.s3url import S3URL\n"
+        "from runctl.transfer.s5cmd import S5cmdTransfer\n"
+        "t = S5cmdTransfer(S3Config(endpoint_url='http://127.0.0.1:1'), binary=sys.argv[1])\n"
+        "listing = lambda: list(t.iter_objects(S3URL('bkt', 'run/')))\n"
+        f"threading.Thread(target=listing).start() if {where == 'worker thread'!r} else listing()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(fake)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.is_file() or not pidfile.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "s5cmd never started"
+            time.sleep(0.02)
+        child = int(pidfile.read_text())
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(child):
+            assert time.monotonic() < deadline, "s5cmd outlived the runctl that started it"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError, ValueError, NameError):
+            os.kill(int(pidfile.read_text()), 9)
