@@ -372,6 +372,36 @@ def list_multipart_uploads(
     return rows
 
 
+def uploads_under_way(
+    transfer: Transfer, prefix: S3URL, *, within: float = DEFAULT_ABANDONED_AFTER, now: float | None = None
+) -> list[str]:
+    """Keys under ``prefix`` with a multipart upload begun within the last ``within`` seconds.
+
+    A large file on its way, as S3 alone shows it (one ListMultipartUploads a page; no part
+    listing). Older ones are abandoned, and say nothing of what is under way.
+
+    Example:
+        >>> uploads_under_way(transfer, S3URL.parse("s3://b/run/"))   # doctest: +SKIP
+        ['run/optim_step_2.pt']
+
+    Raises:
+        TransferError: the server refused or does not support the listing.
+    """
+    now = time.time() if now is None else now
+    keys: list[str] = []
+    try:
+        for upload in _iter_multipart(transfer.config.boto_client(), prefix):
+            initiated = upload.get("Initiated")
+            if not isinstance(initiated, datetime) or now - initiated.timestamp() < within:
+                keys.append(upload["Key"])
+    except TransferError:
+        raise
+    except Exception as exc:
+        code, message = _client_error(exc)
+        raise TransferError(f"listing multipart uploads under {prefix} failed: {message}", code=code, url=str(prefix)) from None
+    return sorted(set(keys))
+
+
 def _has_abort_rule(transfer: Transfer, prefix: S3URL) -> bool | None:
     """True if an enabled lifecycle rule aborts incomplete multipart uploads covering ``prefix``; None if unknown."""
     from runctl.lifecycle import has_abort_multipart_rule

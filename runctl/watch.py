@@ -202,7 +202,13 @@ class PrefixWatcher:
     marker as complete, and names as latest the newest whose marker matches. Only
     ``key -> (etag, size)`` is remembered between polls.
     With ``keep_last_n``, S3 retention (same lock and rules as ``runctl s3 cleanup``) runs
-    after each poll that completed a checkpoint.
+    after each poll that completed a checkpoint (``events()``: once that poll's events are
+    handled, so an ``--exec`` hook gets its checkpoint before retention may delete it). Files
+    of a step that are on their way do not let it count as whole: names with an object new or
+    changed in that poll (and retention runs again at the next), and names with a multipart
+    upload begun in the last ``abandoned_after`` seconds (a day). What S3 cannot show (a file
+    queued, not yet begun) it cannot know. A retention lock held elsewhere is waited on for
+    ``retention_lock_timeout`` seconds, then retention stays due and the polls go on.
 
     Example:
         >>> watcher = PrefixWatcher(transfer, S3URL.parse("s3://bucket/run/"))   # doctest: +SKIP
@@ -218,7 +224,8 @@ class PrefixWatcher:
         patterns: Sequence[str] | None = None,
         treat_unmarked_complete: bool = False,
         keep_last_n: int | None = None,
-        retention_lock_timeout: float = 600.0,
+        retention_lock_timeout: float = 2.0,
+        abandoned_after: float | None = None,
         clock: Any = time.time,
     ) -> None:
         if keep_last_n is not None and keep_last_n < 1:
@@ -229,6 +236,8 @@ class PrefixWatcher:
         self.treat_unmarked_complete = treat_unmarked_complete
         self.keep_last_n = keep_last_n
         self.retention_lock_timeout = retention_lock_timeout
+        # A multipart upload begun longer ago is abandoned, not on its way (None: review's default).
+        self.abandoned_after = abandoned_after
         self._clock = clock
         self._state: ObjectState | None = None
         # name -> identity of its completing object (marker or the single file), for completion edges.
@@ -238,6 +247,9 @@ class PrefixWatcher:
         self._mismatched: dict[str, tuple[object, ...]] = {}
         self._stop = threading.Event()
         self._retention_due = False
+        self._lock_busy_said = False
+        # Checkpoint names with an object new or changed in the last poll: on their way.
+        self._arriving: frozenset[str] = frozenset()
 
     @property
     def has_baseline(self) -> bool:
@@ -317,8 +329,11 @@ class PrefixWatcher:
         url = self.prefix.join(ckpt.name)
         return str(url.as_prefix() if ckpt.is_dir else url)
 
-    def poll(self) -> list[WatchEvent]:
+    def poll(self, *, retain: bool = True) -> list[WatchEvent]:
         """List the prefix once and return what changed since the last poll.
+
+        ``retain``: then run retention when due (``retain()``), its event last; ``events()``
+        asks for it only after the poll's events are handled.
 
         Raises:
             TransferError: the listing failed (``events()`` retries; a direct caller decides).
@@ -341,6 +356,7 @@ class PrefixWatcher:
             return [BaselineEvent(str(self.prefix), len(new_state), len(checkpoints), len(done), latest, now)]
 
         events: list[WatchEvent] = []
+        arriving: set[str] = set()
         for key in sorted(new_state.keys() | old_state.keys()):
             url = str(S3URL(self.prefix.bucket, key))
             before, after = old_state.get(key), new_state.get(key)
@@ -350,6 +366,9 @@ class PrefixWatcher:
                 events.append(ObjectEvent("deleted", url, before[1], before[0], now))
             elif before != after and after is not None:
                 events.append(ObjectEvent("changed", url, after[1], after[0], now))
+            if after is not None and before != after:
+                arriving.add(self._name_of(key))
+        self._arriving = frozenset(arriving)
 
         completed = [
             c for c in checkpoints if c.name in complete_now and self._complete.get(c.name) != complete_now[c.name]
@@ -376,19 +395,58 @@ class PrefixWatcher:
             )
         if completed and self.keep_last_n is not None:
             self._retention_due = True
-        if self._retention_due:
-            try:
-                events.append(self.apply_retention())
-                self._retention_due = False
-            except (TransferError, LockTimeout, OSError) as exc:
-                # Retried after the next poll: the completion itself was already reported.
-                message = f"retention failed, will retry: {scrub(str(exc))}"
-                log.warning("watch %s: %s", self.prefix, message)
-                events.append(ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock()))
+        if retain:
+            events.extend(self.retain())
         return events
 
-    def apply_retention(self) -> RetentionEvent:
+    def _name_of(self, key: str) -> str:
+        """The checkpoint name a key below the prefix belongs to (its first path part)."""
+        return key[len(self.prefix.key) :].split("/", 1)[0]
+
+    def retain(self) -> list[WatchEvent]:
+        """Run retention if a completion made it due: its event, or one error event; [] if not due.
+
+        Retention stays due while a name it saw arriving may still be joined by the rest of its
+        step (it runs again after the next poll), after it failed, and while another process
+        holds the lock (said once per spell, not once per poll).
+        """
+        if not self._retention_due or self.keep_last_n is None:
+            return []
+        arriving = self._arriving
+        try:
+            event = self.apply_retention(unsettled=arriving | self._multipart_names())
+        except LockTimeout:
+            if self._lock_busy_said:
+                return []
+            self._lock_busy_said = True
+            message = "retention waits: another process holds this prefix's retention lock; it runs at a later poll"
+            log.info("watch %s: %s", self.prefix, message)
+            return [ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock())]
+        except (TransferError, OSError) as exc:
+            # Retried after the next poll: the completion itself was already reported.
+            message = f"retention failed, will retry: {scrub(str(exc))}"
+            log.warning("watch %s: %s", self.prefix, message)
+            return [ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock())]
+        self._lock_busy_said = False
+        self._retention_due = bool(arriving)
+        return [event]
+
+    def _multipart_names(self) -> frozenset[str]:
+        """Names with a multipart upload under way (a large file landing); none if S3 will not say."""
+        from runctl.review import DEFAULT_ABANDONED_AFTER, uploads_under_way
+
+        within = DEFAULT_ABANDONED_AFTER if self.abandoned_after is None else self.abandoned_after
+        try:
+            keys = uploads_under_way(self.transfer, self.prefix, within=within, now=self._clock())
+        except TransferError as exc:
+            log.debug("watch %s: multipart uploads not listed: %s", self.prefix, exc)
+            return frozenset()
+        return frozenset(self._name_of(key) for key in keys)
+
+    def apply_retention(self, *, unsettled: Iterable[str] = ()) -> RetentionEvent:
         """Run S3 retention on the prefix now (under the shared prefix lock).
+
+        ``unsettled`` names checkpoints still on their way: their step does not count as whole.
 
         Raises:
             TransferError, LockTimeout: retention could not run.
@@ -403,6 +461,7 @@ class PrefixWatcher:
             patterns=self.patterns,
             treat_unmarked_complete=self.treat_unmarked_complete,
             lock_timeout=self.retention_lock_timeout,
+            unsettled=tuple(unsettled),
         )
         deleted = tuple(c.name for c in plan.delete)
         if deleted:
@@ -446,7 +505,7 @@ class PrefixWatcher:
             if self._stop.wait(wait) or (deadline is not None and time.monotonic() >= deadline):
                 return
             try:
-                batch = self.poll()
+                batch = self.poll(retain=False)
             except (TransferError, LockTimeout, OSError) as exc:
                 failures += 1
                 retry_in = backoff_delay(failures, interval, max_backoff)
@@ -456,6 +515,7 @@ class PrefixWatcher:
                 continue
             failures = 0
             yield from batch
+            yield from self.retain()  # once the batch is handled: a hook has run on what completed
             if once:
                 return
 

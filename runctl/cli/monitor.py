@@ -135,7 +135,7 @@ def watch_command(
     ] = None,
     keep_last_n: Annotated[
         int | None,
-        typer.Option("--keep-last-n", metavar="N", help="Apply S3 retention (keep the last N) after each completion.", show_default=False),
+        typer.Option("--keep-last-n", metavar="N", help="Apply S3 retention (keep the last N) after each completion seen while watching (not with --once).", show_default=False),
     ] = None,
     treat_unmarked_complete: UnmarkedOpt = False,
     json_output: JsonOpt = False,
@@ -163,6 +163,12 @@ def watch_command(
                 raise UsageError(f"--exec cannot run {argv[0]!r}: not found, or not an executable file")
         if keep_last_n is not None and keep_last_n < 1:
             raise UsageError(f"--keep-last-n must be at least 1, got {keep_last_n}")
+        if keep_last_n is not None and once:
+            # It would do nothing: retention runs after a completion, and --once sees none.
+            raise UsageError(
+                f"--keep-last-n applies after each checkpoint that completes while watching, and "
+                f"--once only takes the baseline: run 'runctl s3 cleanup {url} --keep-last-n {keep_last_n}'"
+            )
         if timeout is not None and timeout <= 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {timeout}")
         try:

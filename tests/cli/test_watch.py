@@ -238,11 +238,17 @@ def test_keep_last_n_applies_retention_when_a_checkpoint_completes(moto_server: 
     assert [e.kind for e in events] == ["new", "checkpoint_complete", "retention"]
     retention = events[-1]
     assert isinstance(retention, RetentionEvent)
-    assert retention.deleted == ("step_1.pt", "step_2.pt")
+    # checkpoint-4 landed in this very poll: its step may not be whole yet (a partner file on
+    # its way), so it does not count until the next poll; steps 3 and 2 are the newest whole.
+    assert retention.deleted == ("step_1.pt",)
+    events = watcher.poll()
+    assert kinds(events)[:1] == [("deleted", str(prefix) + "step_1.pt")]
+    assert isinstance(events[-1], RetentionEvent) and events[-1].deleted == ("step_2.pt",)
     left = {o["Key"] for o in moto_server.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]}
     assert left == {prefix.key + k for k in ("step_3.pt", "train.log", "checkpoint-4/model.bin", f"checkpoint-4/{MARKER_NAME}")}
     # the deletions show up as events on the next poll, and trigger nothing more
-    assert kinds(watcher.poll()) == [("deleted", str(prefix) + "step_1.pt"), ("deleted", str(prefix) + "step_2.pt")]
+    assert kinds(watcher.poll()) == [("deleted", str(prefix) + "step_2.pt")]
+    assert watcher.poll() == []
 
 
 def monitor_app() -> typer.Typer:
@@ -287,9 +293,9 @@ def test_cli_watch_exec_and_keep_last_n(
     put(server_env, prefix, "train.log")
     original = PrefixWatcher.poll
 
-    def poll_then_write(self: PrefixWatcher) -> list[Any]:
+    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
         """Land two checkpoints right after the baseline, so the next poll must report them."""
-        events = original(self)
+        events = original(self, **kwargs)
         if events and events[0].kind == "baseline":
             put(server_env, prefix, "step_2.pt", b"22")
             put(server_env, prefix, "checkpoint-3/model.bin", b"333")
@@ -309,8 +315,9 @@ def test_cli_watch_exec_and_keep_last_n(
     done = [e for e in events if e["type"] == "checkpoint_complete"]
     assert [e["url"] for e in done] == [str(prefix) + "step_2.pt", str(prefix) + "checkpoint-3/"]
     assert seen.read_text().splitlines() == [f"{prefix}step_2.pt 2", f"{prefix}checkpoint-3/ 3"]
-    (retention,) = [e for e in events if e["type"] == "retention"]
-    assert retention["deleted"] == ["step_1.pt", "step_2.pt"]
+    # The poll that saw them land counts neither as whole yet; the next one does.
+    retentions = [e for e in events if e["type"] == "retention"]
+    assert [r["deleted"] for r in retentions] == [[], ["step_1.pt", "step_2.pt"]]
     left = {o["Key"] for o in server_env.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]}
     assert left == {"run/train.log", "run/checkpoint-3/model.bin", f"run/checkpoint-3/{MARKER_NAME}"}
     # retention's own deletions are reported once, as deletions, and complete nothing
@@ -322,8 +329,8 @@ def test_cli_watch_reports_a_failing_exec_once(server_env: S3Server, monkeypatch
     prefix = S3URL(server_env.new_bucket()).join("run/")
     original = PrefixWatcher.poll
 
-    def poll_then_write(self: PrefixWatcher) -> list[Any]:
-        events = original(self)
+    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
+        events = original(self, **kwargs)
         if events and events[0].kind == "baseline":
             put(server_env, prefix, "step_2.pt", b"22")
         return events
@@ -438,3 +445,116 @@ def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
     assert proc.returncode == code, err
     assert (tmp_path / "hook.sh.done").read_text().strip() == "cleaned-up"
     assert time.monotonic() - sent < 5  # not the 10 s a hook that never heard gets
+
+
+def _keys(server: S3Server, bucket: S3URL) -> set[str]:
+    return {o["Key"] for o in server.client().list_objects_v2(Bucket=bucket.bucket).get("Contents", [])}
+
+
+def test_a_hook_gets_its_checkpoint_before_retention_may_delete_it(moto_server: S3Server) -> None:
+    # Two checkpoints landing in one interval with keep-last-1: retention ran inside the poll,
+    # and step_2.pt was reported complete (and --exec ran on it) after it had been deleted.
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    put(moto_server, prefix, "step_1.pt")
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1)
+    events = watcher.events(interval=0.05, timeout=20)
+    assert isinstance(next(events), BaselineEvent)
+    put(moto_server, prefix, "step_2.pt")
+    put(moto_server, prefix, "step_3.pt")
+    handed: list[str] = []
+    for event in events:
+        if isinstance(event, CheckpointEvent):
+            assert prefix.key + event.name in _keys(moto_server, bucket), f"{event.name} was gone when handed over"
+            handed.append(event.name)
+        if isinstance(event, RetentionEvent) and event.deleted:
+            break
+    assert handed == ["step_2.pt", "step_3.pt"]
+    assert _keys(moto_server, bucket) == {"run/step_3.pt"}
+
+
+def test_a_step_whose_large_file_is_still_landing_does_not_count_as_whole(moto_server: S3Server) -> None:
+    # A GAN-like pair beside a live uploader: model_step_2 landed while optim_step_2 was still a
+    # multipart upload, and keep-last-1 deleted the step 1 pair: S3 held no whole step.
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    client = moto_server.client()
+    for part in ("model", "optim"):
+        put(moto_server, prefix, f"{part}_step_1.pt")
+    # moto dates every multipart upload in 2010: "abandoned" only after a century here.
+    century = 100 * 365 * 86400.0
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1, abandoned_after=century)
+    watcher.poll()
+    upload = client.create_multipart_upload(Bucket=bucket.bucket, Key="run/optim_step_2.pt")
+    put(moto_server, prefix, "model_step_2.pt")
+    for _ in range(3):  # the poll that saw it land, then polls with the large file still landing
+        retention = [e for e in watcher.poll() if isinstance(e, RetentionEvent)]
+        assert all(not r.deleted for r in retention)
+        assert {"run/model_step_1.pt", "run/optim_step_1.pt"} <= _keys(moto_server, bucket)
+    etag = client.upload_part(
+        Bucket=bucket.bucket, Key="run/optim_step_2.pt", UploadId=upload["UploadId"], PartNumber=1, Body=b"o"
+    )["ETag"]
+    client.complete_multipart_upload(
+        Bucket=bucket.bucket, Key="run/optim_step_2.pt", UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"ETag": etag, "PartNumber": 1}]},
+    )
+    watcher.poll()  # it lands: not whole until the next poll
+    assert {"run/model_step_1.pt", "run/optim_step_1.pt"} <= _keys(moto_server, bucket)
+    (retention,) = [e for e in watcher.poll() if isinstance(e, RetentionEvent)]
+    assert sorted(retention.deleted) == ["model_step_1.pt", "optim_step_1.pt"]
+    assert _keys(moto_server, bucket) == {"run/model_step_2.pt", "run/optim_step_2.pt"}
+
+
+def test_a_retention_lock_held_elsewhere_does_not_stop_the_watch(moto_server: S3Server) -> None:
+    # A stopped `s3 cleanup` holding the prefix's lock left `watch --keep-last-n` waiting up to
+    # 600 s inside one poll: no event, no --exec, and the checkpoints of that spell never reported.
+    from runctl.locking import s3_prefix_lock
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    put(moto_server, prefix, "step_1.pt")
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1, retention_lock_timeout=0.2)
+    watcher.poll()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with s3_prefix_lock(prefix, moto_server.endpoint_url, timeout=5):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        said = []
+        for step in (2, 3, 4):
+            put(moto_server, prefix, f"step_{step}.pt")
+            started = time.monotonic()
+            events = watcher.poll()
+            assert time.monotonic() - started < 5
+            assert ("checkpoint_complete", f"{prefix}step_{step}.pt") in kinds(events)
+            said += [e for e in events if e.kind == "poll_error"]
+        assert len(said) == 1 and "retention waits" in said[0].message  # once per spell
+    finally:
+        release.set()
+        holder.join()
+    watcher.poll()
+    assert _keys(moto_server, bucket) == {"run/step_4.pt"}
+
+
+def test_cli_watch_once_with_keep_last_n_is_refused(server_env: S3Server) -> None:
+    # It applied nothing and said nothing: retention runs after a completion, --once sees none.
+    bucket = S3URL(server_env.new_bucket())
+    for step in (1, 2):
+        put(server_env, bucket, f"run/step_{step}.pt")
+    result = CliRunner().invoke(
+        monitor_app(), ["s3", "watch", str(bucket.join("run/")), "--once", "--keep-last-n", "1", "--no-use-s5cmd"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "runctl s3 cleanup" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _keys(server_env, bucket) == {"run/step_1.pt", "run/step_2.pt"}
