@@ -242,8 +242,9 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
     complete = len(result.checkpoints) - len(result.incomplete)
     out.line("")
     out.line(
-        f"Totals: {result.objects} objects, {human_size(result.size)}; "
-        f"{len(result.checkpoints)} checkpoints, {human_size(result.checkpoint_size)} ({complete} complete); "
+        f"Totals: {result.objects} {'object' if result.objects == 1 else 'objects'}, {human_size(result.size)}; "
+        f"{len(result.checkpoints)} {'checkpoint' if len(result.checkpoints) == 1 else 'checkpoints'}, "
+        f"{human_size(result.checkpoint_size)} ({complete} complete); "
         f"{len(result.others)} other {'object' if len(result.others) == 1 else 'objects'}"
     )
     if result.incomplete:

@@ -331,7 +331,7 @@ def render_retention(
     out.info(f"{head} ({human_size(freed)}) in {location}; kept {len(plan.keep)}")
     if not_durable:
         out.info(
-            f"kept {len(not_durable)} not yet durable in S3 (no verified upload in the journal"
+            f"kept {len(not_durable)} not yet durable in S3 (no verified upload of this version in the journal"
             + (f", nor a matching copy in {durable_in}" if durable_in else "")
             + "): "
             + ", ".join(not_durable)

@@ -375,7 +375,7 @@ def test_local_cleanup_counts_what_s3_holds_whole_with_durable_in(
     assert of_type(other.stdout, "delete") == []
     # Said so: S3 was asked, not only the journal.
     human = run_s3(s3_server, *args[:5], flag, "--durable-in", str(bucket.join("elsewhere/")))
-    assert f"no verified upload in the journal, nor a matching copy in {bucket}elsewhere/" in human.stdout
+    assert f"no verified upload of this version in the journal, nor a matching copy in {bucket}elsewhere/" in human.stdout
 
 
 @pytest.mark.parametrize("bad", [["-n", "0"], ["-n", "x"], []])

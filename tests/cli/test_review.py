@@ -218,3 +218,13 @@ def test_review_marks_pinned_checkpoints_and_names_pins_left_without_one(
     assert f"Pins naming no checkpoint here (deleting the pin object unpins): {pin_url(prefix, 'step_0.pt')}" in human.stdout
     table = {line.split()[1]: line.split()[-2] for line in human.stdout.splitlines() if line.lstrip()[:1].isdigit()}
     assert table == {"step_1.pt": "yes", "step_2.pt": "-"}  # the "pinned" column
+
+
+def test_review_totals_say_one_checkpoint_in_the_singular(moto_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket = S3URL(moto_server.new_bucket())
+    moto_server.client().put_object(Bucket=bucket.bucket, Key="run/step_1.pt", Body=b"c")
+    for name, value in moto_server.env().items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(monitor_app(), ["s3", "review", str(bucket.join("run/")), "--no-use-s5cmd"])
+    assert result.exit_code == 0, result.output
+    assert "Totals: 1 object, 1 B; 1 checkpoint, 1 B (1 complete); 0 other objects" in result.stdout
