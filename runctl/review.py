@@ -373,12 +373,18 @@ def list_multipart_uploads(
 
 
 def uploads_under_way(
-    transfer: Transfer, prefix: S3URL, *, within: float = DEFAULT_ABANDONED_AFTER, now: float | None = None
+    transfer: Transfer,
+    prefix: S3URL,
+    *,
+    within: float = DEFAULT_ABANDONED_AFTER,
+    now: float | None = None,
+    client: Any = None,
 ) -> list[str]:
     """Keys under ``prefix`` with a multipart upload begun within the last ``within`` seconds.
 
     A large file on its way, as S3 alone shows it (one ListMultipartUploads a page; no part
-    listing). Older ones are abandoned, and say nothing of what is under way.
+    listing). Older ones are abandoned, and say nothing of what is under way. ``client``: a
+    boto3 client to reuse (one is built otherwise).
 
     Example:
         >>> uploads_under_way(transfer, S3URL.parse("s3://b/run/"))   # doctest: +SKIP
@@ -390,7 +396,7 @@ def uploads_under_way(
     now = time.time() if now is None else now
     keys: list[str] = []
     try:
-        for upload in _iter_multipart(transfer.config.boto_client(), prefix):
+        for upload in _iter_multipart(client or transfer.config.boto_client(), prefix):
             initiated = upload.get("Initiated")
             if not isinstance(initiated, datetime) or now - initiated.timestamp() < within:
                 keys.append(upload["Key"])

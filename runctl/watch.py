@@ -202,13 +202,13 @@ class PrefixWatcher:
     marker as complete, and names as latest the newest whose marker matches. Only
     ``key -> (etag, size)`` is remembered between polls.
     With ``keep_last_n``, S3 retention (same lock and rules as ``runctl s3 cleanup``) runs
-    after each poll that completed a checkpoint (``events()``: once that poll's events are
-    handled, so an ``--exec`` hook gets its checkpoint before retention may delete it). Files
-    of a step that are on their way do not let it count as whole: names with an object new or
-    changed in that poll (and retention runs again at the next), and names with a multipart
-    upload begun in the last ``abandoned_after`` seconds (a day). What S3 cannot show (a file
-    queued, not yet begun) it cannot know. A retention lock held elsewhere is waited on for
-    ``retention_lock_timeout`` seconds, then retention stays due and the polls go on.
+    after each poll that completed a checkpoint. A checkpoint with an object new or changed in
+    that poll is kept by it (its ``--exec`` hook gets it whole) and does not let its step count
+    as whole (a partner file may be on its way), nor does one with a multipart upload begun in
+    the last ``abandoned_after`` seconds (a day): retention runs again after the next poll while
+    either holds something back. What S3 cannot show (a file queued, not yet begun) it cannot
+    know. A retention lock held elsewhere is waited on for ``retention_lock_timeout`` seconds,
+    then retention stays due, a warning says so once, and the polls go on.
 
     Example:
         >>> watcher = PrefixWatcher(transfer, S3URL.parse("s3://bucket/run/"))   # doctest: +SKIP
@@ -248,8 +248,9 @@ class PrefixWatcher:
         self._stop = threading.Event()
         self._retention_due = False
         self._lock_busy_said = False
-        # Checkpoint names with an object new or changed in the last poll: on their way.
+        # Checkpoints with an object new or changed in the last poll: on their way.
         self._arriving: frozenset[str] = frozenset()
+        self._boto: Any = None  # for the multipart listing, built once
 
     @property
     def has_baseline(self) -> bool:
@@ -329,11 +330,8 @@ class PrefixWatcher:
         url = self.prefix.join(ckpt.name)
         return str(url.as_prefix() if ckpt.is_dir else url)
 
-    def poll(self, *, retain: bool = True) -> list[WatchEvent]:
-        """List the prefix once and return what changed since the last poll.
-
-        ``retain``: then run retention when due (``retain()``), its event last; ``events()``
-        asks for it only after the poll's events are handled.
+    def poll(self) -> list[WatchEvent]:
+        """List the prefix once and return what changed since the last poll (retention's event last).
 
         Raises:
             TransferError: the listing failed (``events()`` retries; a direct caller decides).
@@ -368,7 +366,7 @@ class PrefixWatcher:
                 events.append(ObjectEvent("changed", url, after[1], after[0], now))
             if after is not None and before != after:
                 arriving.add(self._name_of(key))
-        self._arriving = frozenset(arriving)
+        self._arriving = frozenset(arriving & {c.name for c in checkpoints})
 
         completed = [
             c for c in checkpoints if c.name in complete_now and self._complete.get(c.name) != complete_now[c.name]
@@ -395,8 +393,7 @@ class PrefixWatcher:
             )
         if completed and self.keep_last_n is not None:
             self._retention_due = True
-        if retain:
-            events.extend(self.retain())
+        events.extend(self.retain())
         return events
 
     def _name_of(self, key: str) -> str:
@@ -404,49 +401,59 @@ class PrefixWatcher:
         return key[len(self.prefix.key) :].split("/", 1)[0]
 
     def retain(self) -> list[WatchEvent]:
-        """Run retention if a completion made it due: its event, or one error event; [] if not due.
+        """Run retention if a completion made it due: its event, or an error event; [] if not due.
 
-        Retention stays due while a name it saw arriving may still be joined by the rest of its
-        step (it runs again after the next poll), after it failed, and while another process
-        holds the lock (said once per spell, not once per poll).
+        Retention stays due while a checkpoint that just landed, or a multipart upload under
+        way, held a step back (it runs again after the next poll), after it failed, and while
+        another process holds the lock (a warning says so once per spell, not once per poll).
         """
         if not self._retention_due or self.keep_last_n is None:
             return []
         arriving = self._arriving
+        landing = self._multipart_names()
         try:
-            event = self.apply_retention(unsettled=arriving | self._multipart_names())
+            event = self.apply_retention(unsettled=arriving | landing, protected=arriving)
         except LockTimeout:
-            if self._lock_busy_said:
-                return []
-            self._lock_busy_said = True
-            message = "retention waits: another process holds this prefix's retention lock; it runs at a later poll"
-            log.info("watch %s: %s", self.prefix, message)
-            return [ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock())]
+            if not self._lock_busy_said:
+                self._lock_busy_said = True
+                log.warning(
+                    "watch %s: retention waits: another process holds this prefix's retention "
+                    "lock; it runs at a later poll",
+                    self.prefix,
+                )
+            return []
         except (TransferError, OSError) as exc:
             # Retried after the next poll: the completion itself was already reported.
             message = f"retention failed, will retry: {scrub(str(exc))}"
             log.warning("watch %s: %s", self.prefix, message)
             return [ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock())]
         self._lock_busy_said = False
-        self._retention_due = bool(arriving)
+        self._retention_due = bool(arriving or landing)
         return [event]
 
     def _multipart_names(self) -> frozenset[str]:
-        """Names with a multipart upload under way (a large file landing); none if S3 will not say."""
+        """Checkpoint names with a multipart upload under way (a large file landing); none if S3 will not say."""
+        from runctl.checkpoints import step_order
         from runctl.review import DEFAULT_ABANDONED_AFTER, uploads_under_way
 
         within = DEFAULT_ABANDONED_AFTER if self.abandoned_after is None else self.abandoned_after
         try:
-            keys = uploads_under_way(self.transfer, self.prefix, within=within, now=self._clock())
-        except TransferError as exc:
+            if self._boto is None:
+                self._boto = self.transfer.config.boto_client()
+            keys = uploads_under_way(self.transfer, self.prefix, within=within, now=self._clock(), client=self._boto)
+        except Exception as exc:  # noqa: BLE001 - a hint: a server that cannot say holds nothing back
             log.debug("watch %s: multipart uploads not listed: %s", self.prefix, exc)
             return frozenset()
-        return frozenset(self._name_of(key) for key in keys)
+        names = {self._name_of(key) for key in keys}
+        return frozenset(name for name in names if step_order(name) != (-1, -1))  # a log's upload is not a step's
 
-    def apply_retention(self, *, unsettled: Iterable[str] = ()) -> RetentionEvent:
+    def apply_retention(
+        self, *, unsettled: Iterable[str] = (), protected: Iterable[str] = ()
+    ) -> RetentionEvent:
         """Run S3 retention on the prefix now (under the shared prefix lock).
 
         ``unsettled`` names checkpoints still on their way: their step does not count as whole.
+        ``protected`` ones are kept, with what was saved at their step.
 
         Raises:
             TransferError, LockTimeout: retention could not run.
@@ -462,6 +469,7 @@ class PrefixWatcher:
             treat_unmarked_complete=self.treat_unmarked_complete,
             lock_timeout=self.retention_lock_timeout,
             unsettled=tuple(unsettled),
+            protected=tuple(protected),
         )
         deleted = tuple(c.name for c in plan.delete)
         if deleted:
@@ -505,7 +513,7 @@ class PrefixWatcher:
             if self._stop.wait(wait) or (deadline is not None and time.monotonic() >= deadline):
                 return
             try:
-                batch = self.poll(retain=False)
+                batch = self.poll()
             except (TransferError, LockTimeout, OSError) as exc:
                 failures += 1
                 retry_in = backoff_delay(failures, interval, max_backoff)
@@ -515,7 +523,6 @@ class PrefixWatcher:
                 continue
             failures = 0
             yield from batch
-            yield from self.retain()  # once the batch is handled: a hook has run on what completed
             if once:
                 return
 
