@@ -1076,7 +1076,7 @@ class S5cmdTransfer:
         except TransferError as exc:
             if not odd:
                 raise
-            problems.update({j.url: str(exc) for j in jobs})
+            problems.update({j.url: exc.failures.get(j.url, str(exc)) for j in jobs})
         for path, url in odd:
             problems.update(self._boto_put(path, url, storage_class, progress))
         if problems:
@@ -1200,7 +1200,7 @@ class S5cmdTransfer:
         except TransferError as exc:
             if not (odd or in_the_way):
                 raise
-            problems.update({j.url: str(exc) for j in jobs})
+            problems.update({j.url: exc.failures.get(j.url, str(exc)) for j in jobs})
         problems.update(in_the_way)
         for url, path in odd:
             problems.update(self._boto_get(url, path, progress))

@@ -1072,3 +1072,18 @@ def test_an_s5cmd_that_cannot_run_here_is_said_so_through_the_launcher(tmp_path:
     gone.unlink()
     with pytest.raises(BinaryNotFoundError, match="cannot run s5cmd"):
         list(transfer.iter_objects(S3URL("bkt", "run/")))
+
+
+def test_a_batch_beside_an_odd_pair_names_each_failure_once(tmp_path: Path) -> None:
+    # A pair s5cmd cannot carry (a key ending in '/') goes through boto3; the batch's whole
+    # failure was then repeated, summary and all, under each of its files.
+    config = S3Config(
+        f"http://127.0.0.1:{free_port()}", region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY)
+    )
+    files = make_files(tmp_path, ["a.pt", "b.pt", "c.pt"])
+    where = S3URL("nowhere", "run/")
+    pairs = [(files[0], where.join("a.pt")), (files[1], where.join("b.pt")), (files[2], where.join("dir/"))]
+    with pytest.raises(PartialTransferError) as caught:
+        S5cmdTransfer(config, retry_count=0).put_files(pairs)
+    assert len(caught.value.failures) == 3
+    assert not any("failed for" in reason for reason in caught.value.failures.values())
