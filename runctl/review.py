@@ -40,8 +40,6 @@ DEFAULT_PRICES: Mapping[str, float] = {
     "REDUCED_REDUNDANCY": 0.024,
 }
 CURRENCY = "USD"
-#: ``Review.multipart_error`` when the review was asked not to list multipart uploads.
-MULTIPART_NOT_CHECKED = "not checked"
 #: A multipart upload initiated longer ago than this (seconds) is reported as abandoned.
 DEFAULT_ABANDONED_AFTER = 24 * 3600.0
 
@@ -235,6 +233,8 @@ class Review:
     markers_verified: bool = False
     #: Every name pinned under the prefix (``<prefix>.runctl/pinned/<name>``), checkpoint or not.
     pinned: tuple[str, ...] = ()
+    #: Unfinished multipart uploads were asked for (``include_multipart``): none listed means none.
+    multipart_listed: bool = True
 
     @property
     def incomplete(self) -> tuple[CheckpointRow, ...]:
@@ -280,6 +280,7 @@ class Review:
             },
             "multipart_uploads": [m.to_json() for m in self.multipart_uploads],
             "multipart_error": self.multipart_error,
+            "multipart_listed": self.multipart_listed,
             "abandoned_after_seconds": self.abandoned_after,
             "cost": {
                 "currency": self.currency,
@@ -435,7 +436,7 @@ def review(
 
     ``prices`` overrides ``DEFAULT_PRICES`` per storage class (USD per GB-month). A server that
     cannot list multipart uploads leaves ``multipart_error`` set instead of failing the review;
-    without ``include_multipart`` it is ``MULTIPART_NOT_CHECKED``.
+    without ``include_multipart``, ``multipart_listed`` is False.
     A directory checkpoint is complete when it has a non-empty marker; ``verify_markers`` also
     reads each marker (one batch, beside the listing) and checks it against the listed files, as
     retention does: 1,000 checkpoints cost about a second more.
@@ -528,7 +529,7 @@ def review(
     )
 
     uploads: list[MultipartRow] = []
-    multipart_error = None if include_multipart else MULTIPART_NOT_CHECKED
+    multipart_error = None
     if pending is not None:
         try:
             uploads = pending.result()
@@ -572,6 +573,7 @@ def review(
         multipart_uploads=tuple(uploads),
         multipart_size=sum(u.size for u in uploads),
         multipart_error=multipart_error,
+        multipart_listed=include_multipart,
         abandoned_after=abandoned_after,
         costs=tuple(costs),
         total_monthly_cost=sum(c.monthly_cost for c in costs if c.monthly_cost is not None),

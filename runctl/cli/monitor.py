@@ -263,10 +263,8 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
         )
 
     out.line("")
-    from runctl.review import MULTIPART_NOT_CHECKED  # loaded: it made ``result``
-
-    if result.multipart_error == MULTIPART_NOT_CHECKED:
-        out.line(f"Multipart uploads: not checked (runctl s3 review {result.url} lists them)")
+    if not result.multipart_listed:
+        out.line("Multipart uploads: not listed")
     elif result.multipart_error:
         out.line(f"Multipart uploads: could not list them ({result.multipart_error})")
     elif result.multipart_uploads:

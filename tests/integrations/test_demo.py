@@ -55,7 +55,7 @@ def test_demo_human_output_names_what_landed(tmp_path: Path) -> None:
     assert "Trained 10 steps" in result.stdout
     assert "epoch=0-step=10.ckpt" in result.stdout
     # The embedded server's multipart uploads are not listed: the report must not say "none".
-    assert "Multipart uploads: not checked" in result.stdout
+    assert "Multipart uploads: not listed" in result.stdout
     assert "none unfinished" not in result.stdout
 
 
