@@ -118,23 +118,24 @@ def cleanup_local(
 
     # Training may be writing the next checkpoint beside this command: it must not count.
     writing = being_written(directory)
-    if durable_in_s3 is None:
+    prefix = None if durable_in_s3 is None else parse_s3url(durable_in_s3, "--durable-in")
+    protected = protected_names(protect, prefix, directory)
+    if prefix is None:
         plan = apply_local_retention(
             directory,
             keep_last_n,
-            protected=protected_names(protect),
+            protected=protected,
             protected_must_exist=True,
             force=force,
             dry_run=dry_run,
             writing=writing,
         )
     else:
-        prefix = parse_s3url(durable_in_s3, "--durable-in")
         with s.transfer(use_s5cmd) as transfer:
             plan = apply_local_retention(
                 directory,
                 keep_last_n,
-                protected=protected_names(protect),
+                protected=protected,
                 protected_must_exist=True,
                 force=force,
                 dry_run=dry_run,
@@ -146,5 +147,5 @@ def cleanup_local(
         plan,
         location=str(directory),
         dry_run=dry_run,
-        durable_in=None if durable_in_s3 is None else str(parse_s3url(durable_in_s3, "--durable-in")),
+        durable_in=None if prefix is None else str(prefix),
     )

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -106,12 +107,15 @@ ProtectOpt = Annotated[
 ]
 
 
-def protected_names(protect: list[str] | None, prefix: S3URL | None = None) -> tuple[str, ...]:
-    """``--protect`` values, refusing an S3 URL that is not a checkpoint directly under ``prefix``.
+def protected_names(
+    protect: list[str] | None, prefix: S3URL | None = None, directory: Path | None = None
+) -> tuple[str, ...]:
+    """``--protect`` values, refusing one that names a checkpoint somewhere else.
 
-    A name protects the checkpoint of its last part; an URL of another bucket or prefix would
-    protect the same name here, which is not what it says. Without ``prefix`` (a local
-    cleanup) an URL is refused.
+    A value protects the checkpoint of its last part. So an S3 URL must be of a checkpoint
+    directly under ``prefix``, a path with directories one directly in ``directory`` (a local
+    cleanup), or a key directly under ``prefix`` (an S3 cleanup): another bucket's, prefix's or
+    directory's would protect its namesake here, which is not what it says.
 
     Example:
         >>> protected_names(["step_5.pt", "s3://bkt/run/step_6.pt"], S3URL.parse("s3://bkt/run/"))
@@ -119,13 +123,21 @@ def protected_names(protect: list[str] | None, prefix: S3URL | None = None) -> t
     """
     values = tuple(protect or ())
     for value in values:
-        if not value.startswith("s3://"):
+        if value.startswith("s3://"):
+            if prefix is None:
+                raise UsageError(f"--protect {value!r}: give the name of a checkpoint in DIR, not an S3 URL")
+            url = parse_s3url(value, "--protect")
+            parent = url.key.rstrip("/").rpartition("/")[0]
+            if url.bucket != prefix.bucket or (parent + "/" if parent else "") != prefix.as_prefix().key:
+                raise UsageError(f"--protect {value!r} is not a checkpoint directly under {prefix.as_prefix()}")
             continue
-        if prefix is None:
-            raise UsageError(f"--protect {value!r}: give the name of a checkpoint in DIR, not an S3 URL")
-        url = parse_s3url(value, "--protect")
-        parent = url.key.rstrip("/").rpartition("/")[0]
-        if url.bucket != prefix.bucket or (parent + "/" if parent else "") != prefix.as_prefix().key:
+        parent = value.rstrip("/").rpartition("/")[0]
+        if not parent:
+            continue
+        if directory is not None:
+            if Path(parent).resolve() != directory.resolve():
+                raise UsageError(f"--protect {value!r} is not a checkpoint directly in {str(directory)!r}")
+        elif prefix is not None and parent + "/" != prefix.as_prefix().key:
             raise UsageError(f"--protect {value!r} is not a checkpoint directly under {prefix.as_prefix()}")
     return values
 

@@ -214,7 +214,9 @@ def test_a_protect_url_must_name_a_checkpoint_of_the_cleaned_prefix(
     for step in (1, 2, 3):
         put(moto_server, bucket, f"run/step_{step}.pt")
     cleanup = ("s3", "cleanup", f"{bucket}run/", "-n", "1")
-    for elsewhere in ("s3://other-bucket/run/step_1.pt", f"{bucket}other/step_1.pt", f"{bucket}run/sub/step_1.pt"):
+    for elsewhere in (
+        "s3://other-bucket/run/step_1.pt", f"{bucket}other/step_1.pt", f"{bucket}run/sub/step_1.pt", "other/step_1.pt"
+    ):
         result = run_s3(moto_server, *cleanup, "--protect", elsewhere)
         assert result.exit_code == 2, result.output
         assert "is not a checkpoint directly under" in result.stderr, result.stderr
@@ -222,9 +224,19 @@ def test_a_protect_url_must_name_a_checkpoint_of_the_cleaned_prefix(
     assert len(keys(moto_server, bucket)) == 3
     root = tmp_path / "checkpoints"
     make_local(root)
-    local = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--protect", f"{bucket}run/step_1.pt")
-    assert local.exit_code == 2, local.output
-    assert "not an S3 URL" in local.stderr
+    local = ("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--dry-run")
+    refused = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--protect", f"{bucket}run/step_1.pt")
+    assert refused.exit_code == 2, refused.output
+    assert "not an S3 URL" in refused.stderr
+    other = tmp_path / "other-run"
+    other.mkdir()
+    refused = run(*local, "--protect", str(other / "step_1.pt"))
+    assert refused.exit_code == 2 and "is not a checkpoint directly in" in refused.stderr, refused.output
+    # Named in DIR, or (with --durable-in) as the checkpoint's URL there: protected.
+    assert run(*local, "--protect", str(root / "step_1.pt")).exit_code == 0
+    durable = run_s3(moto_server, *local, "--durable-in", f"{bucket}run/", "--protect", f"{bucket}run/step_1.pt", "--json")
+    assert durable.exit_code == 0, durable.output
+    assert "step_1.pt" in [k["name"] for k in of_type(durable.stdout, "keep")]
     # An URL of a checkpoint that is there protects it.
     result = run_s3(moto_server, *cleanup, "--protect", f"{bucket}run/step_1.pt", "--json")
     assert result.exit_code == 0, result.output
