@@ -565,3 +565,32 @@ def test_cli_watch_once_with_keep_last_n_is_refused(server_env: S3Server) -> Non
     assert result.exit_code == 2, result.output
     assert "runctl s3 cleanup" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert _keys(server_env, bucket) == {"run/step_1.pt", "run/step_2.pt"}
+
+
+def test_a_file_landing_while_a_hook_runs_never_leaves_s3_without_a_whole_step(moto_server: S3Server) -> None:
+    # Retention ran after the hooks with its own, later listing: net_g_5000 landing during the
+    # hook (net_d_5000 still queued) counted as a whole step, and both older pairs went.
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    for part in ("g", "d"):
+        put(moto_server, prefix, f"net_{part}_3000.pth")
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1)
+    events = watcher.events(interval=0.05, timeout=20)
+    assert isinstance(next(events), BaselineEvent)
+    for part in ("g", "d"):
+        put(moto_server, prefix, f"net_{part}_4000.pth")
+    deleted: list[str] = []
+    for event in events:
+        if isinstance(event, CheckpointEvent) and event.name == "net_d_4000.pth":
+            put(moto_server, prefix, "net_g_5000.pth")  # lands while the hook runs
+        if isinstance(event, RetentionEvent):
+            deleted += event.deleted
+            if deleted:
+                break
+        steps = {key.rsplit("_", 1)[1] for key in _keys(moto_server, bucket)}
+        pairs = [s for s in steps if {f"run/net_g_{s}", f"run/net_d_{s}"} <= _keys(moto_server, bucket)]
+        assert pairs, f"no whole step left in S3: {sorted(_keys(moto_server, bucket))}"
+    assert sorted(deleted) == ["net_d_3000.pth", "net_g_3000.pth"]
+    assert _keys(moto_server, bucket) == {"run/net_g_4000.pth", "run/net_d_4000.pth", "run/net_g_5000.pth"}
