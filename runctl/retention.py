@@ -174,6 +174,41 @@ def positions(checkpoints: Iterable[Checkpoint]) -> dict[str, tuple[object, ...]
     return found
 
 
+def _shape(name: str) -> str:
+    """A name with its numbers (and Lightning's ``-vN``) blanked: ``net_g_#.pth``."""
+    return re.sub(r"\d+", "#", _VERSION_RE.sub("", name))
+
+
+def missing_partners(checkpoints: Iterable[Checkpoint]) -> dict[tuple[int, int], str]:
+    """The newest step, when it lacks a kind of file the step before it was saved with.
+
+    ``{(step, epoch): why}``, or ``{}``. S3 shows no file set per step, but a run saves the same
+    kinds of file at each: a newest step with ``net_g_#.pth`` and without the ``net_d_#.pth``
+    of the step before is likely still arriving (its partner queued in the writer, not begun),
+    or torn by a crash. Only complete checkpoints count, and only the newest step is judged (a
+    run that stops saving a kind of file holds back one step, and an older step's neighbours
+    change as retention deletes: the plan would not be the same twice).
+
+    Example:
+        >>> cps = [Checkpoint(f"net_{p}_{s}.pth", False, s, None, 0.0, 1, True) for s in (1, 2) for p in "gd"]
+        >>> missing_partners([*cps, Checkpoint("net_g_3.pth", False, 3, None, 0.0, 1, True)])
+        {(3, -1): 'net_d_#.pth is missing, saved at step 2'}
+    """
+    shapes: dict[tuple[int, int], set[str]] = {}
+    for cp in checkpoints:
+        at = cp.order_key()[:2]
+        if cp.complete and at != (-1, -1) and not is_alias(cp.name):
+            shapes.setdefault(at, set()).add(_shape(cp.name))
+    if len(shapes) < 2:
+        return {}
+    before, newest = sorted(shapes)[-2:]
+    lacking = shapes[before] - shapes[newest]
+    if not lacking:
+        return {}
+    where = f"step {before[0]}" if before[0] >= 0 else f"epoch {before[1]}"
+    return {newest: f"{', '.join(sorted(lacking))} is missing, saved at {where}"}
+
+
 def plan_retention(
     checkpoints: Sequence[Checkpoint],
     keep_last_n: int | None,
@@ -194,8 +229,9 @@ def plan_retention(
     before ``now``: an abandoned upload, or it is named in ``unfinished``: a deletion an earlier
     retention began and did not finish, or an upload a killed run began of a checkpoint since
     skipped as moot). A step is whole only when none of its files is incomplete, named in
-    ``unfinished``, or named in ``unsettled`` (still on its way, or left out as torn): only whole
-    steps count among the newest N. What there is of a step that is not whole is kept while it
+    ``unfinished``, or named in ``unsettled`` (still on its way, or left out as torn), and, for
+    the newest step, when it lacks no kind of file the step before it has (``missing_partners``):
+    only whole steps count among the newest N. What there is of a step that is not whole is kept while it
     is newer than the N-th newest whole step (it may yet become whole), and goes after.
     Then, with ``max_total_size``, deletes the oldest deletable kept ones, a step at a time,
     until the rest fit. Never deletes a protected name, an alias, or the newest whole step.
@@ -234,6 +270,8 @@ def plan_retention(
     for names, why in ((unsettled, "is on its way, or was left out"), (unfinished, "was left unfinished")):
         for name in sorted(_protected_names(names)):
             not_whole.setdefault(step_order(name), f"{name} {why}")
+    for at_step, why in missing_partners(ordered).items():
+        not_whole.setdefault(at_step, why)
     not_whole.pop((-1, -1), None)  # a name without numbers is a step of its own
     partial = {
         cp.name: not_whole[cp.order_key()[:2]]

@@ -617,6 +617,9 @@ class CheckpointUploader:
         #: Names skipped as moot in this run: what an interrupted upload left of them in S3 is
         #: retention's to delete, even once the local copy is gone (the journal then forgets).
         self._moot_names: set[str] = set()
+        # Steps with a file sent (or being sent) in this run: their other files are never let go
+        # as moot, or S3 would show the step torn (a crash before the newer steps land).
+        self._started_positions: set[tuple[float, ...]] = set()
         self._timed_out_with: list[str] = []  # what the last timed-out flush left pending
         self._last_failure: tuple[str, BaseException] | None = None
         self._consecutive = 0
@@ -1109,9 +1112,14 @@ class CheckpointUploader:
         positions = sorted({_position(j.order_key()) for j in active}, reverse=True)
         kept = set(positions[: self.keep_last_n])
         doomed = [j for j in active if _position(j.order_key()) not in kept]
+        started = set(self._started_positions)
+        if self._in_flight is not None:
+            started.add(_position(self._in_flight.order_key()))
         for job in doomed:
             if job is self._in_flight or job.name in protected:
                 continue
+            if _position(job.order_key()) in started:
+                continue  # a partner of a file on its way or landed: the step goes up whole
             if not is_recognised(job.name, self.patterns):
                 continue
             self._cancel(job, f"{MOOT} ({_newer(self.keep_last_n)} queued)")
@@ -1346,6 +1354,8 @@ class CheckpointUploader:
                 with upload_turn(self.root, give_up=self._waiting_for_turn):
                     landed = self._process(job)
                 if landed:
+                    with self._cond:
+                        self._started_positions.add(_position(job.order_key()))
                     self._send_pins()
                     self._retention(job)  # outside the turn: it takes the retention locks
                     self._compact_if_grown()
@@ -2371,7 +2381,7 @@ def latest_checkpoints(
         >>> [p.name for p in latest_checkpoints("s3://bucket/gan/", "restore/")]  # doctest: +SKIP
         ['net_g_5000.pth', 'net_d_5000.pth']
     """
-    from runctl.retention import positions
+    from runctl.retention import missing_partners, positions
 
     url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
     prefix = url.as_prefix()
@@ -2400,6 +2410,18 @@ def latest_checkpoints(
         if newer_than is not None and step_order(highest.name) <= step_order(newer_than):
             log.info("S3's newest, %s, is not newer than %s", highest.name, newer_than)
             return []
+        if same_step and not is_alias(newest.name):
+            # A newest step without a kind of file the step before has is likely still on its
+            # way (or torn by a crash): the step before is the newest to resume from whole.
+            torn = missing_partners(complete)
+            if newest.order_key()[:2] in torn:
+                whole = newest_state([c for c in complete if c.order_key()[:2] not in torn])
+                if whole is not None:
+                    log.warning(
+                        "the newest step under %s is not whole (%s): taking %s",
+                        prefix, torn[newest.order_key()[:2]], whole.name,
+                    )
+                    newest = whole
         chosen_checkpoints = [newest]
         if same_step and not is_alias(newest.name):
             at = positions(complete)

@@ -428,7 +428,9 @@ class PrefixWatcher:
             log.warning("watch %s: %s", self.prefix, message)
             return [ErrorEvent(str(self.prefix), message, 1, 0.0, self._clock())]
         self._lock_busy_said = False
-        self._retention_due = bool(arriving or landing)
+        # Again after the next poll, once what landed in this one has had a poll to settle (not
+        # for a multipart upload: one abandoned would have retention run at every poll).
+        self._retention_due = bool(arriving)
         return [event]
 
     def _multipart_names(self) -> frozenset[str]:

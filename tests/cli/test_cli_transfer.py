@@ -230,6 +230,28 @@ def test_files_saved_at_one_step_are_one_checkpoint_to_cleanup_and_to_latest(
     assert quiet.stdout.splitlines() == [str(tmp_path / "q" / f"net_{p}_5000.pth") for p in "dg"]
 
 
+def test_a_newest_step_without_its_partner_is_not_whole_to_cleanup_nor_to_latest(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
+) -> None:
+    # A run killed after model_step_5.pt landed and before optim_step_5.pt did: `cleanup -n 1`
+    # deleted the step 3 pair, and `download --latest` brought model_step_5.pt alone.
+    for name in ("model_step_3.pt", "optim_step_3.pt", "model_step_5.pt"):
+        put(s3_server, bucket, f"run/{name}", name.encode())
+    flag = backend_flag(backend)
+    result = run_s3(s3_server, "s3", "cleanup", f"{bucket}run/", "-n", "1", flag)
+    assert result.exit_code == 0, result.output
+    assert sorted(keys(s3_server, bucket)) == ["run/model_step_3.pt", "run/model_step_5.pt", "run/optim_step_3.pt"]
+    result = run_s3(s3_server, "s3", "download", f"{bucket}run/", str(tmp_path / "r"), "--latest", flag)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["model_step_3.pt", "optim_step_3.pt"]
+    assert "optim_step_#.pt is missing" in result.stderr
+    # Once the partner lands, the step is whole: cleanup keeps it alone.
+    put(s3_server, bucket, "run/optim_step_5.pt", b"o5")
+    result = run_s3(s3_server, "s3", "cleanup", f"{bucket}run/", "-n", "1", flag)
+    assert result.exit_code == 0, result.output
+    assert sorted(keys(s3_server, bucket)) == ["run/model_step_5.pt", "run/optim_step_5.pt"]
+
+
 def test_download_latest_complete_checkpoint(
     s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path
 ) -> None:

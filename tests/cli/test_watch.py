@@ -594,3 +594,24 @@ def test_a_file_landing_while_a_hook_runs_never_leaves_s3_without_a_whole_step(m
         assert pairs, f"no whole step left in S3: {sorted(_keys(moto_server, bucket))}"
     assert sorted(deleted) == ["net_d_3000.pth", "net_g_3000.pth"]
     assert _keys(moto_server, bucket) == {"run/net_g_4000.pth", "run/net_d_4000.pth", "run/net_g_5000.pth"}
+
+
+def test_a_newest_step_without_its_partner_never_counts_as_whole(moto_server: S3Server) -> None:
+    # model_step_2.pt landed, optim_step_2.pt still queued in the writer (nothing S3 shows):
+    # one poll later keep-last-1 deleted the step 1 pair, and S3 held no whole step.
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    for part in ("model", "optim"):
+        put(moto_server, prefix, f"{part}_step_1.pt")
+    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1)
+    watcher.poll()
+    put(moto_server, prefix, "model_step_2.pt")
+    for _ in range(4):
+        watcher.poll()
+        assert _keys(moto_server, bucket) == {"run/model_step_1.pt", "run/optim_step_1.pt", "run/model_step_2.pt"}
+    put(moto_server, prefix, "optim_step_2.pt")
+    watcher.poll()
+    watcher.poll()
+    assert _keys(moto_server, bucket) == {"run/model_step_2.pt", "run/optim_step_2.pt"}

@@ -16,6 +16,7 @@ from runctl.retention import (
     NOT_DURABLE,
     RetentionPlan,
     apply_local_retention,
+    missing_partners,
     plan_retention,
     positions,
 )
@@ -263,6 +264,7 @@ def test_plan_properties(
     at = positions(items)
     held = {at[name] for name in protected}
     not_whole = {c.order_key()[:2] for c in plan.keep if not c.complete and not is_alias(c.name)}
+    not_whole |= set(missing_partners(items))  # a step lacking a kind of file its neighbours have
     if keep_last_n is not None:
         extra = [c for c in plan.keep
                  if at[c.name] in held or is_alias(c.name) or not c.complete or c.order_key()[:2] in not_whole]
@@ -388,3 +390,20 @@ def test_local_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         apply_local_retention(tmp_path / "missing", 1)
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_newest_step_lacking_a_kind_of_file_the_step_before_has_is_not_whole() -> None:
+    # What S3 cannot show (a partner queued in the writer, or lost with a crash) its shape can.
+    def cp(name: str, step: int) -> Checkpoint:
+        return Checkpoint(name, False, step, None, float(step), 1, True)
+
+    pairs = [cp(f"{part}_step_{s}.pt", s) for s in (1, 2) for part in ("model", "optim")]
+    plan = plan_retention([*pairs, cp("model_step_3.pt", 3)], keep_last_n=1)
+    assert names(plan.delete) == ["model_step_1.pt", "optim_step_1.pt"]  # step 2 is the newest whole
+    assert "optim_step_#.pt is missing, saved at step 2" in plan.reasons["model_step_3.pt"]
+    # A kind of file that appears only now (an EMA copy) does not hold anything back.
+    plan = plan_retention([*pairs, cp("model_step_3.pt", 3), cp("optim_step_3.pt", 3), cp("ema_step_3.pt", 3)], keep_last_n=1)
+    assert sorted(names(plan.keep)) == ["ema_step_3.pt", "model_step_3.pt", "optim_step_3.pt"]
+    # Only the newest step is judged: a run that stops saving its optimizer holds back one step.
+    plan = plan_retention([*pairs, cp("model_step_3.pt", 3), cp("model_step_4.pt", 4)], keep_last_n=1)
+    assert sorted(names(plan.keep)) == ["model_step_4.pt"]
