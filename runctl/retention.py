@@ -185,7 +185,9 @@ def missing_partners(checkpoints: Iterable[Checkpoint]) -> dict[tuple[int, int],
     ``{(step, epoch): why}``, or ``{}``. S3 shows no file set per step, but a run saves the same
     kinds of file at each: a newest step with ``net_g_#.pth`` and without the ``net_d_#.pth``
     of the step before is likely still arriving (its partner queued in the writer, not begun),
-    or torn by a crash. Only complete checkpoints count, and only the newest step is judged (a
+    or torn by a crash. A newest step that shares no kind with the one before (``step_3.pt``
+    after ``checkpoint-2/``) is another kind of checkpoint, not a part of one. Only complete
+    checkpoints count, and only the newest step is judged (a
     run that stops saving a kind of file holds back one step, and an older step's neighbours
     change as retention deletes: the plan would not be the same twice).
 
@@ -203,8 +205,8 @@ def missing_partners(checkpoints: Iterable[Checkpoint]) -> dict[tuple[int, int],
         return {}
     before, newest = sorted(shapes)[-2:]
     lacking = shapes[before] - shapes[newest]
-    if not lacking:
-        return {}
+    if not lacking or not shapes[before] & shapes[newest]:
+        return {}  # whole, or another kind of checkpoint altogether (a file after a directory)
     where = f"step {before[0]}" if before[0] >= 0 else f"epoch {before[1]}"
     return {newest: f"{', '.join(sorted(lacking))} is missing, saved at {where}"}
 
