@@ -85,6 +85,15 @@ class TransferError(RunctlError):
     def __str__(self) -> str:
         return f"{self.message} ({self.code})" if self.code and self.code not in self.message else self.message
 
+    def reason_for(self, item: str) -> str:
+        """Why ``item`` of the batch failed: its own reason when the error has one, else the whole.
+
+        Example:
+            >>> TransferError("2 failed: ...", failures={"s3://b/k": "refused"}).reason_for("s3://b/k")
+            'refused'
+        """
+        return self.failures.get(item, str(self))
+
 
 class NoSuchBucketError(TransferError, LookupError):
     """The bucket does not exist."""

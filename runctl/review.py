@@ -367,10 +367,14 @@ def list_multipart_uploads(
     except TransferError:
         raise
     except Exception as exc:
-        code, message = _client_error(exc)
-        raise TransferError(f"listing multipart uploads under {prefix} failed: {message}", code=code, url=str(prefix)) from None
+        raise _multipart_listing_failed(prefix, exc) from None
     rows.sort(key=lambda m: (m.key, m.initiated))
     return rows
+
+
+def _multipart_listing_failed(prefix: S3URL, exc: BaseException) -> TransferError:
+    code, message = _client_error(exc)
+    return TransferError(f"listing multipart uploads under {prefix} failed: {message}", code=code, url=str(prefix))
 
 
 def uploads_under_way(
@@ -404,8 +408,7 @@ def uploads_under_way(
     except TransferError:
         raise
     except Exception as exc:
-        code, message = _client_error(exc)
-        raise TransferError(f"listing multipart uploads under {prefix} failed: {message}", code=code, url=str(prefix)) from None
+        raise _multipart_listing_failed(prefix, exc) from None
     return sorted(set(keys))
 
 

@@ -1112,13 +1112,12 @@ class CheckpointUploader:
         positions = sorted({_position(j.order_key()) for j in active}, reverse=True)
         kept = set(positions[: self.keep_last_n])
         doomed = [j for j in active if _position(j.order_key()) not in kept]
-        started = set(self._started_positions)
-        if self._in_flight is not None:
-            started.add(_position(self._in_flight.order_key()))
+        in_flight_at = None if self._in_flight is None else _position(self._in_flight.order_key())
         for job in doomed:
             if job is self._in_flight or job.name in protected:
                 continue
-            if _position(job.order_key()) in started:
+            at = _position(job.order_key())
+            if at == in_flight_at or at in self._started_positions:
                 continue  # a partner of a file on its way or landed: the step goes up whole
             if not is_recognised(job.name, self.patterns):
                 continue

@@ -205,9 +205,10 @@ class PrefixWatcher:
     after each poll that completed a checkpoint. A checkpoint with an object new or changed in
     that poll is kept by it (its ``--exec`` hook gets it whole) and does not let its step count
     as whole (a partner file may be on its way), nor does one with a multipart upload begun in
-    the last ``abandoned_after`` seconds (a day): retention runs again after the next poll while
-    either holds something back. What S3 cannot show (a file queued, not yet begun) it cannot
-    know. A retention lock held elsewhere is waited on for ``retention_lock_timeout`` seconds,
+    the last ``abandoned_after`` seconds (a day), nor a newest step without a kind of file the
+    step before has (``retention.missing_partners``); retention runs again after the poll that
+    follows an arrival. What S3 cannot show (a file queued, not yet begun) only that last rule
+    can guess. A retention lock held elsewhere is waited on for ``retention_lock_timeout`` seconds,
     then retention stays due, a warning says so once, and the polls go on.
 
     Example:
@@ -403,9 +404,9 @@ class PrefixWatcher:
     def retain(self) -> list[WatchEvent]:
         """Run retention if a completion made it due: its event, or an error event; [] if not due.
 
-        Retention stays due while a checkpoint that just landed, or a multipart upload under
-        way, held a step back (it runs again after the next poll), after it failed, and while
-        another process holds the lock (a warning says so once per spell, not once per poll).
+        Retention stays due after a poll in which a checkpoint landed (it runs again after the
+        next), after it failed, and while another process holds the lock (a warning says so once
+        per spell, not once per poll).
         """
         if not self._retention_due or self.keep_last_n is None:
             return []
@@ -434,8 +435,7 @@ class PrefixWatcher:
         return [event]
 
     def _multipart_names(self) -> frozenset[str]:
-        """Checkpoint names with a multipart upload under way (a large file landing); none if S3 will not say."""
-        from runctl.checkpoints import step_order
+        """Names with a multipart upload under way (a large file landing); none if S3 will not say."""
         from runctl.review import DEFAULT_ABANDONED_AFTER, uploads_under_way
 
         within = DEFAULT_ABANDONED_AFTER if self.abandoned_after is None else self.abandoned_after
@@ -446,8 +446,7 @@ class PrefixWatcher:
         except Exception as exc:  # noqa: BLE001 - a hint: a server that cannot say holds nothing back
             log.debug("watch %s: multipart uploads not listed: %s", self.prefix, exc)
             return frozenset()
-        names = {self._name_of(key) for key in keys}
-        return frozenset(name for name in names if step_order(name) != (-1, -1))  # a log's upload is not a step's
+        return frozenset(self._name_of(key) for key in keys)  # a log's (no step) holds nothing back
 
     def apply_retention(
         self, *, unsettled: Iterable[str] = (), protected: Iterable[str] = ()

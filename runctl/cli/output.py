@@ -293,7 +293,7 @@ def render_retention(
     )
     over = plan.over_size
     if over:
-        kept = sum(c.size for c in plan.keep)
+        kept = plan.max_total_size + over
         out.warn(
             f"{'would keep' if dry_run else 'kept'} {human_size(kept)} in {location}, "
             f"{human_size(over)} over --max-total-size {human_size(plan.max_total_size)}: the "

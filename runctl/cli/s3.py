@@ -116,18 +116,20 @@ def _size_of(path: Path) -> int:
         return 0
 
 
-def _streamed_sizes(transfer: Transfer, pairs: Sequence[tuple[S3URL, Path]]) -> dict[Path, int]:
-    """The object's size for each destination that is not a regular file (a device, a FIFO)."""
+def _landed_sizes(transfer: Transfer, pairs: Sequence[tuple[S3URL, Path]]) -> dict[Path, int]:
+    """Each destination's size; for one that keeps none (a device, a FIFO), the object's."""
     sizes: dict[Path, int] = {}
     for src, path in pairs:
         try:
-            if stat.S_ISREG(path.stat().st_mode):
+            st = path.stat()
+            if stat.S_ISREG(st.st_mode):
+                sizes[path] = st.st_size
                 continue
             info = transfer.stat(src)
         except (OSError, TransferError):
+            sizes[path] = 0
             continue
-        if info is not None:
-            sizes[path] = info.size
+        sizes[path] = 0 if info is None else info.size
     return sizes
 
 
@@ -453,13 +455,12 @@ def download_files(
             )
         )
         seconds = time.monotonic() - started
-        # A device or FIFO (/dev/null, a named pipe) keeps no size: the object says it.
-        streamed = {} if dry_run else _streamed_sizes(transfer, pairs)
+        sizes = {} if dry_run else _landed_sizes(transfer, pairs)
     moved = 0
     prefix = "(dry run) " if dry_run else ""
     shown: list[str] = []
     for src, path in pairs:
-        size = 0 if dry_run else streamed.get(path, _size_of(path))
+        size = sizes.get(path, 0)
         moved += size
         if s.out.json:
             s.out.record("download", source=str(src), destination=str(path), size=size, dry_run=dry_run)

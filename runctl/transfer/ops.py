@@ -271,7 +271,7 @@ def _collect(exc: TransferError, names: Sequence[str], failures: dict[str, str])
         failures.update(exc.failures)
     else:  # each item failed: by its own reason when the error has one (not the whole summary)
         for name in names:
-            failures[name] = exc.failures.get(name, str(exc))
+            failures[name] = exc.reason_for(name)
 
 
 # -- upload -----------------------------------------------------------------------------------

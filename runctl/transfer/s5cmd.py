@@ -1076,7 +1076,7 @@ class S5cmdTransfer:
         except TransferError as exc:
             if not odd:
                 raise
-            problems.update({j.url: exc.failures.get(j.url, str(exc)) for j in jobs})
+            problems.update({j.url: exc.reason_for(j.url) for j in jobs})
         for path, url in odd:
             problems.update(self._boto_put(path, url, storage_class, progress))
         if problems:
@@ -1200,7 +1200,7 @@ class S5cmdTransfer:
         except TransferError as exc:
             if not (odd or in_the_way):
                 raise
-            problems.update({j.url: exc.failures.get(j.url, str(exc)) for j in jobs})
+            problems.update({j.url: exc.reason_for(j.url) for j in jobs})
         problems.update(in_the_way)
         for url, path in odd:
             problems.update(self._boto_get(url, path, progress))
@@ -1320,7 +1320,7 @@ class S5cmdTransfer:
             if len(retry) == total:
                 raise
             # Every pair asked for again failed, the others did not: name these, as get_files would.
-            failures = {str(url): exc.failures.get(str(url), str(exc)) for url, _ in retry}
+            failures = {str(url): exc.reason_for(str(url)) for url, _ in retry}
             raise PartialTransferError(
                 f"download failed for {len(retry)} of {total} objects: {failure_summary(failures)}",
                 failures,
