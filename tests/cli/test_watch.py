@@ -455,15 +455,21 @@ def _keys(server: S3Server, bucket: S3URL) -> set[str]:
     return {o["Key"] for o in server.client().list_objects_v2(Bucket=bucket.bucket).get("Contents", [])}
 
 
+def _watching(server: S3Server, *names: str, **options: Any) -> tuple[S3URL, S3URL, PrefixWatcher]:
+    """A new bucket's ``run/`` holding ``names``, and a keep-last-1 watcher of it (boto3)."""
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(server.new_bucket())
+    prefix = bucket.join("run/")
+    for name in names:
+        put(server, prefix, name)
+    return bucket, prefix, PrefixWatcher(BotoTransfer(server.config()), prefix, **{"keep_last_n": 1, **options})
+
+
 def test_a_hook_gets_its_checkpoint_before_retention_may_delete_it(moto_server: S3Server) -> None:
     # Two checkpoints landing in one interval with keep-last-1: retention ran inside the poll,
     # and step_2.pt was reported complete (and --exec ran on it) after it had been deleted.
-    from runctl.transfer.boto import BotoTransfer
-
-    bucket = S3URL(moto_server.new_bucket())
-    prefix = bucket.join("run/")
-    put(moto_server, prefix, "step_1.pt")
-    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1)
+    bucket, prefix, watcher = _watching(moto_server, "step_1.pt")
     events = watcher.events(interval=0.05, timeout=20)
     assert isinstance(next(events), BaselineEvent)
     put(moto_server, prefix, "step_2.pt")
@@ -482,16 +488,10 @@ def test_a_hook_gets_its_checkpoint_before_retention_may_delete_it(moto_server: 
 def test_a_step_whose_large_file_is_still_landing_does_not_count_as_whole(moto_server: S3Server) -> None:
     # A GAN-like pair beside a live uploader: model_step_2 landed while optim_step_2 was still a
     # multipart upload, and keep-last-1 deleted the step 1 pair: S3 held no whole step.
-    from runctl.transfer.boto import BotoTransfer
-
-    bucket = S3URL(moto_server.new_bucket())
-    prefix = bucket.join("run/")
     client = moto_server.client()
-    for part in ("model", "optim"):
-        put(moto_server, prefix, f"{part}_step_1.pt")
     # moto dates every multipart upload in 2010: "abandoned" only after a century here.
     century = 100 * 365 * 86400.0
-    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1, abandoned_after=century)
+    bucket, prefix, watcher = _watching(moto_server, "model_step_1.pt", "optim_step_1.pt", abandoned_after=century)
     watcher.poll()
     upload = client.create_multipart_upload(Bucket=bucket.bucket, Key="run/optim_step_2.pt")
     put(moto_server, prefix, "model_step_2.pt")
@@ -519,12 +519,8 @@ def test_a_retention_lock_held_elsewhere_does_not_stop_the_watch(
     # A stopped `s3 cleanup` holding the prefix's lock left `watch --keep-last-n` waiting up to
     # 600 s inside one poll: no event, no --exec, and the checkpoints of that spell never reported.
     from runctl.locking import s3_prefix_lock
-    from runctl.transfer.boto import BotoTransfer
 
-    bucket = S3URL(moto_server.new_bucket())
-    prefix = bucket.join("run/")
-    put(moto_server, prefix, "step_1.pt")
-    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1, retention_lock_timeout=0.2)
+    bucket, prefix, watcher = _watching(moto_server, "step_1.pt", retention_lock_timeout=0.2)
     watcher.poll()
     held, release = threading.Event(), threading.Event()
 
@@ -570,13 +566,7 @@ def test_cli_watch_once_with_keep_last_n_is_refused(server_env: S3Server) -> Non
 def test_a_file_landing_while_a_hook_runs_never_leaves_s3_without_a_whole_step(moto_server: S3Server) -> None:
     # Retention ran after the hooks with its own, later listing: net_g_5000 landing during the
     # hook (net_d_5000 still queued) counted as a whole step, and both older pairs went.
-    from runctl.transfer.boto import BotoTransfer
-
-    bucket = S3URL(moto_server.new_bucket())
-    prefix = bucket.join("run/")
-    for part in ("g", "d"):
-        put(moto_server, prefix, f"net_{part}_3000.pth")
-    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1)
+    bucket, prefix, watcher = _watching(moto_server, "net_g_3000.pth", "net_d_3000.pth")
     events = watcher.events(interval=0.05, timeout=20)
     assert isinstance(next(events), BaselineEvent)
     for part in ("g", "d"):
@@ -599,13 +589,7 @@ def test_a_file_landing_while_a_hook_runs_never_leaves_s3_without_a_whole_step(m
 def test_a_newest_step_without_its_partner_never_counts_as_whole(moto_server: S3Server) -> None:
     # model_step_2.pt landed, optim_step_2.pt still queued in the writer (nothing S3 shows):
     # one poll later keep-last-1 deleted the step 1 pair, and S3 held no whole step.
-    from runctl.transfer.boto import BotoTransfer
-
-    bucket = S3URL(moto_server.new_bucket())
-    prefix = bucket.join("run/")
-    for part in ("model", "optim"):
-        put(moto_server, prefix, f"{part}_step_1.pt")
-    watcher = PrefixWatcher(BotoTransfer(moto_server.config()), prefix, keep_last_n=1)
+    bucket, prefix, watcher = _watching(moto_server, "model_step_1.pt", "optim_step_1.pt")
     watcher.poll()
     put(moto_server, prefix, "model_step_2.pt")
     for _ in range(4):
