@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -11,15 +12,24 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 _IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 
 
-def _check_bucket(bucket: str, raw: str) -> None:
+@functools.lru_cache(maxsize=64)
+def _bucket_problem(bucket: str) -> str | None:
+    """What is wrong with a bucket name, or None (cached: a tree's URLs share one bucket)."""
     if not bucket:
-        raise S3URLError(f"invalid S3 URL {raw!r}: the bucket name is empty")
+        return "the bucket name is empty"
     # Underscores are not allowed by AWS but GCS and several S3-compatible stores accept them.
     if not _BUCKET_RE.match(bucket) or ".." in bucket or _IP_RE.match(bucket):
-        raise S3URLError(
-            f"invalid S3 URL {raw!r}: bucket name {bucket!r} must be 3-63 characters of "
+        return (
+            f"bucket name {bucket!r} must be 3-63 characters of "
             "lowercase letters, digits, '.', '-' (starting and ending with a letter or digit)"
         )
+    return None
+
+
+def _check_bucket(bucket: str, raw: str) -> None:
+    problem = _bucket_problem(bucket)
+    if problem is not None:
+        raise S3URLError(f"invalid S3 URL {raw!r}: {problem}")
 
 
 @dataclass(frozen=True, order=True)
@@ -39,7 +49,8 @@ class S3URL:
     key: str = ""
 
     def __post_init__(self) -> None:
-        _check_bucket(self.bucket, f"s3://{self.bucket}/{self.key}")
+        if _bucket_problem(self.bucket) is not None:
+            _check_bucket(self.bucket, f"s3://{self.bucket}/{self.key}")
 
     @classmethod
     def parse(cls, text: str) -> S3URL:

@@ -1012,6 +1012,20 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie no init has reaped yet is dead too
 
 
+def test_the_launcher_probe_waits_for_its_child_and_no_longer() -> None:
+    """The setpriv probe runs before each command's first s5cmd: woken at the exit, bounded."""
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert s5cmd_module._ends_within(quick, 10.0) and quick.returncode == 0
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    began = time.monotonic()
+    try:
+        assert not s5cmd_module._ends_within(stuck, 0.3)
+        assert time.monotonic() - began < 5
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
 @pytest.mark.parametrize("where", ["main thread", "worker thread"])
 def test_s5cmd_dies_with_a_killed_runctl(tmp_path: Path, where: str) -> None:
