@@ -400,18 +400,23 @@ def upload(
     return done
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """A file's size and mtime, which a write changes.
+
+    Not its ctime: a hard link or a chmod moves that, and the uploader hard-links each
+    checkpoint it stages (a `runctl s3 upload -r` beside it deleted good objects as changed).
+    """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _changed_while_sent(
     transfer: Transfer,
     chunk: Sequence[tuple[Path, S3URL]],
-    before: Sequence[tuple[int, int, int] | None],
+    before: Sequence[tuple[int, int] | None],
     failures: dict[str, str],
 ) -> None:
     """A file written to while it went up may have reached S3 as a mix of old and new bytes.

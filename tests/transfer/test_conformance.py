@@ -708,3 +708,29 @@ def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
     assert list(info.value.failures) == [str(bucket.join("u/step_9.pt"))]
     assert "changed while it was uploading" in str(info.value)
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt"]
+
+
+@pytest.mark.parametrize("command", ["upload", "sync"])
+def test_a_file_linked_or_chmoded_while_it_uploads_is_not_changed(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # The uploader hard-links each checkpoint into its staging area: a `runctl s3 upload -r`
+    # of the same directory called that a change (the inode's ctime moved), deleted the good
+    # object and exited 1. Only the bytes (size, mtime) say a file changed.
+    src = tmp_path / "src"
+    make_tree(src, {"step_9.pt": b"steady" * 1000, "step_8.pt": b"steady"})
+    real = type(transfer).put_files
+
+    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
+        result = real(self, pairs, **kwargs)
+        os.link(src / "step_9.pt", tmp_path / "staged-link")  # the uploader staging it, mid-upload
+        os.chmod(src / "step_8.pt", 0o600)
+        return result
+
+    monkeypatch.setattr(type(transfer), "put_files", put_files)
+    monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw))
+    if command == "upload":
+        ops.upload(transfer, src, bucket.join("u/"), recursive=True)
+    else:
+        ops.sync(transfer, src, bucket.join("u/"), "up")
+    assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt", "u/step_9.pt"]
