@@ -974,7 +974,7 @@ class SyncPlan:
     """What a sync copies and deletes; ``copy`` holds ``(source, destination)`` strings.
 
     ``skipped`` names remote keys a download cannot write safely, or local directories an
-    upload cannot read (with the reason). ``kept`` names objects an upward ``--delete`` left
+    upload cannot read and files gone since they were listed (with the reason). ``kept`` names objects an upward ``--delete`` left
     because a pin names their checkpoint (with the pin's URL).
 
     Example:
@@ -1109,9 +1109,14 @@ def _plan(
         if own_file is not None:
             local_files = {rel: path for rel, path in local_files.items() if not own_file(rel)}
         uploads: list[tuple[Path, S3URL]] = []
+        unreadable: dict[str, str] = {}
         for rel, path in local_files.items():
             obj = remote.get(rel)
-            st = path.stat()
+            try:
+                st = path.stat()
+            except OSError as exc:  # gone since the walk (local retention): skipped, as aws does
+                unreadable[str(path)] = f"{exc.strerror or exc} since it was listed"
+                continue
             if not held_in_s3(obj, st, size_only=size_only):
                 uploads.append((path, prefix.join(rel)))
             else:
@@ -1132,7 +1137,6 @@ def _plan(
             doomed = [obj for obj in doomed if str(obj.url) not in spared]
         if doomed and not local_files:
             _refuse_emptying(f"{str(local)!r} has no files", f"every object under {prefix}", include, exclude)
-        unreadable: dict[str, str] = {}
         _note_holes(local, holes, unreadable)
         plan = SyncPlan(
             "up",
@@ -1152,7 +1156,11 @@ def _plan(
             skipped.append((str(obj.url), str(exc)))
             continue
         if rel in local_files:
-            st = local_files[rel].stat()
+            try:
+                st = local_files[rel].stat()
+            except OSError:  # gone since the walk: fetched as a file not here
+                downloads.append((obj, obj.url, path))
+                continue
             if obj.size == st.st_size and (
                 size_only or not _newer(obj.last_modified.timestamp(), st.st_mtime)
             ):

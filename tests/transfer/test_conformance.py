@@ -593,6 +593,36 @@ def test_sync_up(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
     assert (after.copy, after.delete, after.unchanged) == ((), (), 3)
 
 
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_a_file_gone_between_the_walk_and_the_plan_does_not_stop_the_sync(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    # Local keep-last-N deleting a checkpoint while `sync` planned aborted the whole sync with
+    # a bare "[Errno 2] No such file or directory" and sent nothing. aws skips such a file.
+    src, url = tmp_path / "src", bucket.join("run/")
+    make_tree(src, {"step_1.pt": b"one", "step_2.pt": b"two"})
+    transfer.put_bytes(b"one", url.join("step_1.pt"))
+    transfer.put_bytes(b"three", url.join("step_3.pt"))
+    walk = ops._walk_files
+
+    def walk_then_retention(*args: Any, **kwargs: Any) -> Any:
+        yield from walk(*args, **kwargs)
+        (src / "step_1.pt").unlink()
+
+    monkeypatch.setattr(ops, "_walk_files", walk_then_retention)
+    if direction == "up":
+        with pytest.raises(PartialTransferError) as info:
+            ops.sync(transfer, src, url, "up", delete=True)
+        assert list(info.value.failures) == [str(src / "step_1.pt")]
+        assert "since it was listed" in str(info.value)
+        # The rest went up, and the object of the file seen in the walk stays.
+        assert [row[1] for row in listing(transfer, url)] == ["run/step_1.pt", "run/step_2.pt"]
+    else:
+        plan = ops.sync(transfer, src, url, "down")
+        assert sorted(Path(dst).name for _, dst in plan.copy) == ["step_1.pt", "step_3.pt"]
+        assert (src / "step_1.pt").read_bytes() == b"one"
+
+
 def test_sync_down(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
     url = bucket.join("run/")
     for key, data in {"a.pt": b"aaa", "sub/b.pt": b"bbbb", "[x].pt": b"x"}.items():
