@@ -390,6 +390,7 @@ def mark_copied(
             unmarked[dest] = unfinished
             continue
         objects = _under(listed, dest)
+        objects.update(transfer.unlisted(dest, [rel for rel in files if rel not in objects]))
         problems = [
             rel
             for rel, st in files.items()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from runctl.checkpoints import PIN_DIR, UNPIN_DIR
@@ -157,10 +157,25 @@ class LocalPins:
                 with contextlib.suppress(FileNotFoundError):
                     (self.root / UNPIN_DIR / name).unlink()
 
-    def forget_gone(self, in_s3: frozenset[str] | set[str], listed_at: float) -> list[str]:
+    def forget_gone(
+        self,
+        in_s3: frozenset[str] | set[str],
+        listed_at: float,
+        still_there: Callable[[list[str]], Iterable[str]] | None = None,
+    ) -> list[str]:
         """Sent pins for this owner that a listing begun at ``listed_at`` (``time.time()``) did
         not show were unpinned elsewhere: remove them. One marked sent since may have been put
-        after the listing passed it (another process's), so it stays."""
+        after the listing passed it (another process's), so it stays; so does one that
+        ``still_there(names)`` finds in S3 after all (s5cmd's listing leaves out an object dated
+        after it began: ``Transfer.unlisted``)."""
+        if still_there is not None:
+            unseen = [
+                name
+                for name, (owner, sent) in read_pins(self.root).items()
+                if sent and owner == self.owner and name not in in_s3
+            ]
+            if unseen:
+                in_s3 = set(in_s3) | set(still_there(unseen))
         gone = []
         with pins_lock(self.root):
             for name, (owner, sent) in read_pins(self.root).items():

@@ -26,6 +26,7 @@ from runctl.checkpoints import (
     HF_ARGS,
     HF_SIGN,
     MARKER_NAME,
+    PIN_DIR,
     RUNCTL_DIR,
     Checkpoint,
     build_manifest,
@@ -1674,6 +1675,11 @@ class CheckpointUploader:
             job.name, state, wait=wait, size=size, mtime=mtime, s3_url=str(url), queued=job.queued_at
         )
 
+    def _pins_in_s3(self, names: list[str]) -> list[str]:
+        """Of these pins, which S3's listing did not show, those whose object is there."""
+        rels = {f"{PIN_DIR}/{name}": name for name in names}
+        return [rels[rel] for rel in self.transfer.unlisted(self.prefix, list(rels))]
+
     def _list_dir(self, url: S3URL) -> dict[str, ObjectInfo]:
         found: dict[str, ObjectInfo] = {}
         for obj in self.transfer.iter_objects(url, recursive=True):
@@ -1731,6 +1737,7 @@ class CheckpointUploader:
             )
         self._last_progress = time.monotonic()  # sent; the checks follow
         objects = self._list_dir(url)
+        objects.update(self.transfer.unlisted(url, [rel for rel in snapshot.files if rel not in objects]))
         problems = []
         for rel, st in sorted(snapshot.files.items()):
             obj = objects.get(rel)
@@ -1993,7 +2000,7 @@ class CheckpointUploader:
                     )
                 with self._cond:  # what is gone from S3, or never reached it, is done with
                     self._moot_names.intersection_update(cp.name for cp in plan.keep)
-                for name in self._pins.forget_gone(plan.pinned, listed_at):  # unpinned elsewhere
+                for name in self._pins.forget_gone(plan.pinned, listed_at, self._pins_in_s3):  # unpinned elsewhere
                     log.info("the pin of %s is gone from %s: no longer kept", name, self.prefix)
                 for cp in plan.delete:
                     self._journal.record(

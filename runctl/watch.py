@@ -277,6 +277,14 @@ class PrefixWatcher:
                     state[item.key] = (item.etag, item.size)
                     objects[item.key] = item
                     yield item
+            # What the last poll saw and this listing did not: gone, or left out by s5cmd as
+            # dated after the listing began (overwritten while it ran: Transfer.unlisted).
+            base = self.prefix.key
+            gone = [key[len(base) :] for key in self._state or () if key not in objects]
+            for info in self.transfer.unlisted(self.prefix, gone).values():
+                state[info.key] = (info.etag, info.size)
+                objects[info.key] = info
+                yield info
 
         grouped = group_s3(
             recorded(self.transfer.iter_objects(self.prefix, recursive=True)),

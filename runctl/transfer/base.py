@@ -215,6 +215,22 @@ class Transfer(Protocol):
         """The object's metadata, or None if it does not exist."""
         ...
 
+    def unlisted(self, prefix: S3URL, rels: Sequence[str]) -> dict[str, ObjectInfo]:
+        """Of these keys (``prefix``'s key + each of ``rels``), which a listing just made did not
+        show, those in S3, by ``rels``.
+
+        s5cmd's listing leaves out every object dated later than the moment its first page
+        arrived (peak/s5cmd#531): on AWS one written a moment ago (dated up to a second
+        ahead), on a server whose clock runs ahead of this machine's everything that recent.
+        Where a listing says that something is missing, a caller asks here before acting on
+        it; a backend whose listing shows everything answers ``{}`` without a request.
+
+        Example:
+            >>> transfer.unlisted(S3URL.parse("s3://b/run/step_4/"), ["shard_0.bin"])  # doctest: +SKIP
+            {'shard_0.bin': ObjectInfo(bucket='b', key='run/step_4/shard_0.bin', ...)}
+        """
+        ...
+
     def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
         """Upload everything read from the file descriptor ``fd``, to its end, as one object."""
         ...

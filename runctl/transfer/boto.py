@@ -597,6 +597,10 @@ class BotoTransfer(Transfer):
             storage_class=head.get("StorageClass") or "STANDARD",
         )
 
+    def unlisted(self, prefix: S3URL, rels: Sequence[str]) -> dict[str, ObjectInfo]:
+        """``{}``: boto3's listing shows every object (``Transfer.unlisted``)."""
+        return {}
+
     def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
         """Upload everything read from the file descriptor ``fd`` to ``url`` (multipart as it is read)."""
         upload_stream(self.client, fd, url, storage_class)

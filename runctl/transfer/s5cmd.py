@@ -219,6 +219,9 @@ def _ends_within(child: subprocess.Popen, seconds: float) -> bool:
     return True
 
 
+#: HEADs in flight when looking up what a listing left out (``S5cmdTransfer.unlisted``).
+UNLISTED_LOOKUPS = 8
+
 #: What setpriv prints when it cannot exec the program it was given.
 _LAUNCH_FAILED = b"setpriv: failed to execute"
 
@@ -1682,6 +1685,32 @@ class S5cmdTransfer:
             raise error_class(code, message)(
                 f"listing {url} failed: {message}", code=code, url=str(url)
             ) from None
+
+    def unlisted(self, prefix: S3URL, rels: Sequence[str]) -> dict[str, ObjectInfo]:
+        """Of these paths that s5cmd's listing did not show, those in S3 (one HEAD each).
+
+        s5cmd leaves out of a listing every object dated later than the moment its first page
+        arrived (``Transfer.unlisted``): the uploader's check of a directory it had just
+        sent found every file "missing" on a server whose clock ran ahead, and failed it.
+
+        Example:
+            >>> t.unlisted(S3URL.parse("s3://b/run/step_4/"), ["shard_0.bin"])  # doctest: +SKIP
+            {'shard_0.bin': ObjectInfo(bucket='b', key='run/step_4/shard_0.bin', ...)}
+        """
+        if not rels:
+            return {}
+
+        def look(rel: str) -> tuple[str, ObjectInfo | None]:
+            return rel, self._boto_stat(S3URL(prefix.bucket, prefix.key + rel))
+
+        if len(rels) == 1:
+            found = [look(rels[0])]
+        else:
+            from concurrent.futures import ThreadPoolExecutor  # not on every command's start
+
+            with ThreadPoolExecutor(min(len(rels), UNLISTED_LOOKUPS)) as pool:
+                found = list(pool.map(look, rels))
+        return {rel: info for rel, info in found if info is not None}
 
     def _boto_stat(self, url: S3URL) -> ObjectInfo | None:
         try:

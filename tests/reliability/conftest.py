@@ -82,8 +82,8 @@ def make_proxy() -> Iterator[Callable[..., FaultProxy]]:
     """Start fault proxies in front of a server; all are closed after the test."""
     proxies: list[FaultProxy] = []
 
-    def make(server: S3Server, plan: FaultPlan | None = None) -> FaultProxy:
-        proxy = FaultProxy(server.endpoint_url, plan)
+    def make(server: S3Server, plan: FaultPlan | None = None, **options: float) -> FaultProxy:
+        proxy = FaultProxy(server.endpoint_url, plan, **options)
         proxies.append(proxy)
         return proxy
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
@@ -117,8 +120,13 @@ class FaultProxy:
         ...     client = boto3.client("s3", endpoint_url=proxy.url)
     """
 
-    def __init__(self, upstream: str, plan: FaultPlan | None = None) -> None:
+    def __init__(
+        self, upstream: str, plan: FaultPlan | None = None, *, clock_ahead: float = 0.0
+    ) -> None:
         parts = urlsplit(upstream)
+        #: Seconds added to every LastModified and Last-Modified the server answers: a server
+        #: whose clock runs ahead of this machine's (or S3 rounding up to the next second).
+        self.clock_ahead = clock_ahead
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self.plan = plan or FaultPlan()
@@ -207,6 +215,8 @@ class FaultProxy:
             h.close_connection = True
             return
         self._note(method, path, "forwarded")
+        if self.clock_ahead:
+            headers, data = _ahead(headers, data, self.clock_ahead)
         h.send_response(status, reason)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() not in (
@@ -242,6 +252,28 @@ class FaultProxy:
             return resp.status, resp.reason, headers, data
         finally:
             conn.close()
+
+
+_LAST_MODIFIED = re.compile(rb"<LastModified>([^<]+)</LastModified>")
+
+
+def _ahead(
+    headers: list[tuple[str, str]], data: bytes, seconds: float
+) -> tuple[list[tuple[str, str]], bytes]:
+    """The response as a server ``seconds`` ahead would date it (listings and HEAD/GET)."""
+    shift = datetime.timedelta(seconds=seconds)
+
+    def later(match: re.Match[bytes]) -> bytes:
+        when = datetime.datetime.fromisoformat(match.group(1).decode().replace("Z", "+00:00"))
+        stamp = (when + shift).astimezone(datetime.timezone.utc)
+        return b"<LastModified>" + stamp.strftime("%Y-%m-%dT%H:%M:%S.000Z").encode() + b"</LastModified>"
+
+    out = []
+    for name, value in headers:
+        if name.lower() == "last-modified":
+            value = email.utils.format_datetime(email.utils.parsedate_to_datetime(value) + shift, usegmt=True)
+        out.append((name, value))
+    return out, _LAST_MODIFIED.sub(later, data)
 
 
 def _read_chunked(h: BaseHTTPRequestHandler) -> bytes:

@@ -66,6 +66,9 @@ class Wrapped:
     def stat(self, url):  # noqa: ANN001, ANN201
         return self.inner.stat(url)
 
+    def unlisted(self, prefix, rels):  # noqa: ANN001, ANN201
+        return self.inner.unlisted(prefix, rels)
+
     def get_bytes(self, url):  # noqa: ANN001, ANN201
         return self.inner.get_bytes(url)
 
