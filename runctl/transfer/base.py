@@ -143,16 +143,19 @@ class Transfer(Protocol):
         *,
         storage_class: str | None = None,
         progress: ProgressCallback | None = None,
-    ) -> None:
+    ) -> list[tuple[Path, S3URL, int | None]]:
         """``put_files`` for a whole directory: ``pairs`` are every file below ``root``, nothing else.
 
-        The caller promises that ``root`` holds exactly these regular files (no symlinks, no
-        other entries) and that each goes to one prefix plus its path relative to ``root``;
-        a backend may then copy the directory in one command rather than pair by pair.
-        Same objects, same errors as ``put_files``.
+        The caller promises that ``root`` held exactly these regular files (no symlinks, no
+        other entries) when it listed them, and that each goes to one prefix plus its path
+        relative to ``root``; a backend may then copy the directory in one command rather than
+        pair by pair. Same objects, same errors as ``put_files``, plus any file that appeared
+        in ``root`` since (a directory copy walks it again): returned as ``(path, url, size of
+        its object)``, ``[]`` when none did.
 
         Example:
             >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP
+            []
         """
         ...
 

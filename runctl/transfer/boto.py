@@ -369,13 +369,15 @@ class BotoTransfer(Transfer):
         *,
         storage_class: str | None = None,
         progress: ProgressCallback | None = None,
-    ) -> None:
+    ) -> list[tuple[Path, S3URL, int | None]]:
         """``put_files`` of the pairs: boto3 has no directory copy, so a tree is its files.
 
         Example:
             >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP
+            []
         """
         self.put_files(pairs, storage_class=storage_class, progress=progress)
+        return []
 
     def get_tree(
         self,

@@ -362,11 +362,12 @@ def upload(
     holes: list[tuple[str, str]] = []
     tree = None if dry_run or not recursive else _plain_tree(local, url, include, exclude, own_file)
     chunks: Iterable[list[tuple[Path, S3URL]]]
+    appeared: list[tuple[Path, S3URL, int | None]] = []
     if tree:  # the whole tree in one call, which may copy the directory at once
         chunks = [tree]
 
         def send(chunk: list[tuple[Path, S3URL]]) -> None:
-            transfer.put_tree(local, chunk, storage_class=storage_class, progress=progress)
+            appeared.extend(transfer.put_tree(local, chunk, storage_class=storage_class, progress=progress))
 
     else:
         chunks = _chunks(_upload_pairs(local, url, recursive, include, exclude, own_file, holes))
@@ -395,6 +396,8 @@ def upload(
             _collect(exc, [str(u) for _, u in chunk], failures)
         _changed_while_sent(transfer, chunk, before, failures)
         done.extend(pair for pair in chunk if str(pair[1]) not in failures)
+    total += len(appeared)
+    done.extend(_appeared_while_sent(local, appeared, failures))
     total += _note_holes(local, holes, failures)
     _raise_collected(failures, total, "upload", done)
     return done
@@ -445,6 +448,37 @@ def _changed_while_sent(
             f"the file changed while it was uploading, so the object could mix old and new "
             f"bytes: {gone}; upload it again once it is written"
         )
+
+
+def _appeared_while_sent(
+    local: Path, appeared: Sequence[tuple[Path, S3URL, int | None]], failures: dict[str, str]
+) -> list[tuple[Path, S3URL]]:
+    """Files that appeared in ``local`` after the walk and went up with a directory copy.
+
+    Reported as sent, with a warning (aws and s5cmd also send what their walk finds), unless
+    the file now has another size than its object: then it was still being written, and it
+    fails (its object is left as it is: another process, an uploader, may have sent it whole).
+    """
+    sent: list[tuple[Path, S3URL]] = []
+    for path, url, size in appeared:
+        try:
+            now = os.stat(path).st_size
+        except OSError:
+            now = None
+        if size is not None and now is not None and now != size:
+            failures[str(url)] = (
+                f"it appeared in {str(local)!r} during the upload and went up while it was "
+                f"written ({size} of {now} bytes): upload it again once it is written"
+            )
+        else:
+            sent.append((path, url))
+    if sent:
+        log.warning(
+            "%d file(s) appeared in %s during the upload and went up as found (e.g. %s): "
+            "upload again any that was still being written",
+            len(sent), local, sent[0][0],
+        )
+    return sent
 
 
 def _note_holes(local: Path, holes: Sequence[tuple[str, str]], failures: dict[str, str]) -> int:

@@ -892,11 +892,13 @@ class S5cmdTransfer:
         *,
         sizes_known: bool = True,
         command: Sequence[str] | None = None,
+        unexpected: list[tuple[str, str, int | None]] | None = None,
     ) -> None:
         """Run cp jobs: one ``s5cmd run`` for every expressible line, direct argv for the rest.
 
         With ``command`` (one s5cmd command that covers every job: a directory copy), that
-        command runs instead. A batch succeeds only if s5cmd exits 0, prints no error line,
+        command runs instead; ``unexpected`` collects ``(source, destination, size)`` of each
+        copy it reports beyond the jobs (a file that appeared in the directory since). A batch succeeds only if s5cmd exits 0, prints no error line,
         and reports every expected pair done (it can exit 0 after a failure). ``--numworkers``
         follows ``batch_numworkers`` (job sizes count only when ``sizes_known``).
 
@@ -956,10 +958,13 @@ class S5cmdTransfer:
                 job = known.get((str(record.get("source")), str(record.get("destination"))))
                 if job is None and len(candidates) == 1 and record.get("operation") == "cp":
                     job = candidates[0]  # one pair per invocation: echoes of odd bytes still count
+                size = (record.get("object") or {}).get("size")
+                if job is None and unexpected is not None and record.get("operation") == "cp":
+                    source, destination = record.get("source"), record.get("destination")
+                    unexpected.append((str(source), str(destination), size if isinstance(size, int) else None))
                 if job is None or job in done:
                     return
                 done.add(job)
-                size = (record.get("object") or {}).get("size")
                 if progress is not None:
                     progress(size if isinstance(size, int) else job.size)
 
@@ -1157,7 +1162,7 @@ class S5cmdTransfer:
         *,
         storage_class: str | None = None,
         progress: ProgressCallback | None = None,
-    ) -> None:
+    ) -> list[tuple[Path, S3URL, int | None]]:
         """Upload a whole directory of many small files with one ``s5cmd cp DIR/ PREFIX/``.
 
         ``s5cmd run`` spends about 0.3 ms of CPU parsing each ``cp`` line (2,000 files: 1.2 s
@@ -1167,23 +1172,28 @@ class S5cmdTransfer:
         each at one prefix plus its path relative to ``root``, and no name (nor ``root``)
         that s5cmd could read as a wildcard or that a run line could not carry. The caller
         vouches that ``root`` holds these files and nothing else (``Transfer.put_tree``);
-        otherwise, or when these do not hold, it is ``put_files``.
+        otherwise, or when these do not hold, it is ``put_files``. s5cmd walks the directory
+        again: what appeared in it since the caller's walk goes up too, and is returned as
+        ``(path, url, size of the object)``.
 
         Raises:
             PartialTransferError: naming every pair that failed.
 
         Example:
             >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP
+            []
         """
         plan = _tree_copy(root, pairs)
         if plan is None:
             self.put_files(pairs, storage_class=storage_class, progress=progress)
-            return
+            return []
         source, prefix, jobs = plan
         flags = ["--part-size", str(DEFAULT_PART_SIZE // MiB), "--concurrency", str(PART_CONCURRENCY)]
         if storage_class:
             flags += ["--storage-class", storage_class]
-        self._run_jobs("upload", jobs, progress, command=("cp", *flags, source, prefix))
+        extra: list[tuple[str, str, int | None]] = []
+        self._run_jobs("upload", jobs, progress, command=("cp", *flags, source, prefix), unexpected=extra)
+        return [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
 
     def get_files(
         self,
