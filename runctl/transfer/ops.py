@@ -690,8 +690,11 @@ def _fetch_into(
             raise UnsafeKeyError(f"unsafe key {url.key!r}: it names runctl's temporary directory")
         parent_rel = rel.rpartition("/")[0]
         if parent_rel not in stage_dirs:
-            (stage / parent_rel).mkdir(parents=True, exist_ok=True)
-            stage_dirs.add(parent_rel)
+            try:
+                (stage / parent_rel).mkdir(parents=True, exist_ok=True)
+                stage_dirs.add(parent_rel)
+            except (FileExistsError, NotADirectoryError):
+                pass  # the copy wrote a key named like this directory: fetched again after it
         return stage / rel
 
     batch_failures: dict[str, str] = {}
@@ -713,6 +716,8 @@ def _fetch_into(
         raise
     done: list[tuple[S3URL, Path]] = []
     shadowed = _shadowed(final for _, _, final, _ in staged)
+    if shadowed and stage is not None:
+        staged = _deeper_keys_again(transfer, staged, shadowed, batch_failures)
     for info, url, final, tmp in staged:
         if str(final) in shadowed:
             batch_failures[str(url)] = SHARED_NAME
@@ -730,6 +735,41 @@ def _fetch_into(
         done.append((url, final))
     failures.update(batch_failures)
     return done
+
+
+def _deeper_keys_again(
+    transfer: Transfer,
+    staged: list[tuple[ObjectInfo | None, S3URL, Path, Path]],
+    shadowed: set[str],
+    batch_failures: dict[str, str],
+) -> list[tuple[ObjectInfo | None, S3URL, Path, Path]]:
+    """Fetch again, one by one, the keys below a shadowed name that a directory copy failed.
+
+    A directory copy writes ``x`` and ``x/y`` in its own order, racing the stage's directories:
+    whichever came first failed the other. The deeper keys win (``_shadowed``), so they are
+    fetched again beside their final paths, whose directories exist by now.
+    """
+    again = [
+        item
+        for item in staged
+        if str(item[1]) in batch_failures
+        and any(str(item[2]).startswith(name + os.sep) for name in shadowed)
+    ]
+    if not again:
+        return staged
+    retry = {str(url): (info, url, final, _tmp_name(final)) for info, url, final, _ in again}
+    failed: dict[str, str] = {}
+    try:
+        transfer.get_files([(url, tmp) for _, url, _, tmp in retry.values()])
+    except TransferError as exc:
+        _collect(exc, list(retry), failed)
+    for name, reason in failed.items():
+        batch_failures[name] = reason
+        retry[name][3].unlink(missing_ok=True)
+    for name in retry:
+        if name not in failed:
+            del batch_failures[name]
+    return [retry.get(str(item[1]), item) for item in staged]
 
 
 def _download_tree(

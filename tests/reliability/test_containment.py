@@ -224,6 +224,31 @@ def test_a_partial_failure_still_reports_what_landed(
 
 
 @pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_key_named_like_a_prefix_fails_alone_in_a_directory_copy_too(
+    moto_server: S3Server, backend: str, tmp_path: Path
+) -> None:
+    # With many keys s5cmd copies the prefix whole, in its own order: when it wrote "x" before
+    # runctl made the directory "x/", "x/y" failed as well (7 runs in 10), and an empty x/ stayed.
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    keys = ["run/x", *(f"run/x-{i:03d}" for i in range(300)), "run/x/y"]  # '-' sorts before '/'
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    url = f"s3://{bucket}/run/"
+    for attempt in range(3):
+        dest = tmp_path / f"d{attempt}"
+        result = run(
+            "--endpoint-url", moto_server.endpoint_url, "--json",
+            "s3", "download", url, str(dest), "-r", backend_flag(backend),
+        )
+        assert result.exit_code == 1, result.stderr
+        (error,) = of_type(result.stdout, "error")
+        assert list(error["failures"]) == [f"{url}x"], error
+        assert (dest / "x" / "y").read_bytes() == b"run/x/y"
+        assert len(list(dest.iterdir())) == 301
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
 @pytest.mark.parametrize("command", ["download", "sync", "dry-run"])
 def test_a_key_named_like_a_prefix_fails_alone_and_the_same_on_both_backends(
     moto_server: S3Server, backend: str, command: str, tmp_path: Path
