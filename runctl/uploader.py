@@ -2198,10 +2198,13 @@ def _register_exit_hook(uploader: CheckpointUploader) -> None:
     import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
 
     ref = weakref.ref(uploader)
+    # A fork (a DataLoader's workers) inherits the hook, and multiprocessing runs it when the
+    # worker ends: it flushed, waited and reported "failed to upload" for the parent's uploads.
+    pid = os.getpid()
 
     def hook() -> None:
         alive = ref()
-        if alive is not None:
+        if alive is not None and os.getpid() == pid:
             alive._atexit()
 
     register = getattr(threading, "_register_atexit", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -175,12 +177,13 @@ def _tied_to_its_parent() -> tuple[str, ...]:
         return ()
     launcher = (setpriv, "--pdeathsig", "KILL", "--")
     try:
-        tried = subprocess.Popen(
-            [*launcher, true],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with _STARTING:
+            tried = subprocess.Popen(
+                [*launcher, true],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
     except OSError:
         return ()
     if not _ends_within(tried, 10.0):
@@ -191,6 +194,43 @@ def _tied_to_its_parent() -> tuple[str, ...]:
         log.debug("setpriv --pdeathsig does not work here: s5cmd outlives a killed runctl")
         return ()
     return launcher
+
+
+#: Held while runctl starts a process, and by a fork() of this process (``_fork_safely``).
+_STARTING = threading.Lock()
+#: Every running s5cmd, for a forked child to let go of the pipes it inherits.
+_RUNNING: weakref.WeakSet[_Child] = weakref.WeakSet()
+
+
+def _fork_safely() -> None:
+    """Keep a fork() of the training process (a DataLoader's workers) off runctl's children.
+
+    A fork while the uploader's thread was inside ``Popen`` gave the new process the write end
+    of Popen's exec-status pipe; Popen reads it to its end, so with persistent workers it never
+    returned: no upload for the whole run, then a flush that timed out (2 runs in 2, with the
+    README's loop). A fork waits for a start under way, and the forked process lets go of the
+    pipes of every running s5cmd (an inherited copy of s5cmd's stdin kept it from ever seeing
+    the end of its work list).
+    """
+    if not hasattr(os, "register_at_fork"):
+        return
+
+    def in_child() -> None:
+        _STARTING.release()
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:
+            return
+        try:
+            for child in list(_RUNNING):
+                child.let_go_of_pipes(null)
+        finally:
+            os.close(null)
+
+    os.register_at_fork(before=_STARTING.acquire, after_in_parent=_STARTING.release, after_in_child=in_child)
+
+
+_fork_safely()
 
 
 def _ends_within(child: subprocess.Popen, seconds: float) -> bool:
@@ -541,14 +581,16 @@ class _Child:
         self._launcher = _launcher_for(os.fsdecode(self.argv[0]))
         self._launch_failure: bytes | None = None
         try:
-            self.proc = subprocess.Popen(
-                [*self._launcher, *self.argv],
-                stdin=stdin,
-                stdout=subprocess.PIPE if stdout_fd is None else stdout_fd,
-                stderr=subprocess.PIPE,
-                env=env,
-                start_new_session=True,  # its own process group, so a kill takes everything
-            )
+            with _STARTING:  # not while the training process forks (_fork_safely)
+                self.proc = subprocess.Popen(
+                    [*self._launcher, *self.argv],
+                    stdin=stdin,
+                    stdout=subprocess.PIPE if stdout_fd is None else stdout_fd,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    start_new_session=True,  # its own process group, so a kill takes everything
+                )
+                _RUNNING.add(self)
         except OSError as exc:
             raise BinaryNotFoundError(f"cannot run s5cmd {self.argv[0]!r}: {exc}") from None
         self._last_activity = time.monotonic()
@@ -572,6 +614,17 @@ class _Child:
             )
         for thread in self._threads:
             thread.start()
+
+    def let_go_of_pipes(self, null: int) -> None:
+        """In a forked process: point this s5cmd's pipes at ``null`` (``_fork_safely``).
+
+        The descriptors stay open (on /dev/null), so the objects that own them close them as
+        usual; s5cmd's stdin no longer has a writer here.
+        """
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(null, stream.fileno())
 
     def _feed(self, lines: Iterable[str]) -> None:
         # A list is written through the pipe's buffer; lines that are still coming (an
