@@ -390,7 +390,9 @@ def mark_copied(
             unmarked[dest] = unfinished
             continue
         objects = _under(listed, dest)
-        objects.update(transfer.unlisted(dest, [rel for rel in files if rel not in objects]))
+        unseen = [rel for rel in files if rel not in objects]
+        if unseen:
+            objects.update(transfer.unlisted(dest, unseen))
         problems = [
             rel
             for rel, st in files.items()

@@ -1737,7 +1737,9 @@ class CheckpointUploader:
             )
         self._last_progress = time.monotonic()  # sent; the checks follow
         objects = self._list_dir(url)
-        objects.update(self.transfer.unlisted(url, [rel for rel in snapshot.files if rel not in objects]))
+        unseen = [rel for rel in snapshot.files if rel not in objects]
+        if unseen:
+            objects.update(self.transfer.unlisted(url, unseen))
         problems = []
         for rel, st in sorted(snapshot.files.items()):
             obj = objects.get(rel)

@@ -281,7 +281,7 @@ class PrefixWatcher:
             # dated after the listing began (overwritten while it ran: Transfer.unlisted).
             base = self.prefix.key
             gone = [key[len(base) :] for key in self._state or () if key not in objects]
-            for info in self.transfer.unlisted(self.prefix, gone).values():
+            for info in (self.transfer.unlisted(self.prefix, gone) if gone else {}).values():
                 state[info.key] = (info.etag, info.size)
                 objects[info.key] = info
                 yield info

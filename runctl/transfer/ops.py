@@ -1223,7 +1223,8 @@ def _plan(
         return _SyncWork(plan, uploads=tuple(uploads), delete_keys=tuple(o.key for o in doomed))
     if delete:  # a file is deleted for want of its object only once S3 is asked about it
         unseen = [rel for rel in local_files if rel not in remote and not runctl_own(rel)]
-        remote.update(transfer.unlisted(prefix, unseen))
+        if unseen:
+            remote.update(transfer.unlisted(prefix, unseen))
     downloads: list[tuple[ObjectInfo, S3URL, Path]] = []
     destination = _Destination(local)
     for rel, obj in sorted(remote.items()):
