@@ -284,7 +284,8 @@ class StagingArea:
                 rel = (rel_dir / fname).as_posix()
                 target = dest / rel
                 try:
-                    os.link(src, target)
+                    # link() takes a symlink itself, and a relative one names nothing from here.
+                    os.link(os.path.realpath(src) if os.path.islink(src) else src, target)
                     files[rel] = FileStamp.of(target)
                     continue
                 except FileNotFoundError:

@@ -1178,6 +1178,26 @@ def test_threads_are_not_left_behind(root: Path, moto_bucket: S3URL, boto_transf
     assert not {n for n in after if n.startswith("runctl-")}
 
 
+def test_a_directory_checkpoint_with_a_relative_symlink_uploads_what_it_points_to(
+    root: Path, bucket: S3URL, transfer: object, tmp_path: Path
+) -> None:
+    # Staging hard-linked the symlink itself (link() does not follow it on Linux): from the
+    # staging area "../../shared/tok.json" named nothing, and the checkpoint was skipped as
+    # "kept changing while it was staged", with S3 empty and a run that ended without error.
+    shared = tmp_path / "shared"
+    write(shared / "tok.json", b'{"vocab": 3}')
+    ckpt = root / "checkpoint-10"
+    write(ckpt / "model.bin", os.urandom(5_000))
+    (ckpt / "tok.json").symlink_to(os.path.relpath(shared / "tok.json", ckpt))
+    up = uploader(root, bucket, transfer)
+    up.submit(ckpt, step=10).result(60)
+    up.close(timeout=60)
+    assert up.status().uploaded == 1
+    assert transfer.get_bytes(bucket.join("run/checkpoint-10/tok.json")) == b'{"vocab": 3}'  # type: ignore[attr-defined]
+    manifest = Manifest.from_bytes(transfer.get_bytes(bucket.join(f"run/checkpoint-10/{MARKER_NAME}")))  # type: ignore[attr-defined]
+    assert sorted(manifest.files) == ["model.bin", "tok.json"]
+
+
 def test_directory_being_deleted_while_queued_is_skipped_never_uploaded_partial(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
