@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -94,6 +95,46 @@ def _find_cause(exc: BaseException) -> BaseException:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return exc
+
+
+class FileShrankError(Exception):
+    """A file got shorter while it was read for an upload (not an OSError: nothing retries it)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _whole_reads() -> Any:
+    """s3transfer's file access, but a read that ends before the size it set out with fails.
+
+    A file truncated while it went up sent fewer bytes than its request's Content-Length: the
+    server waited for the rest until the read timeout, once per retry (362 s for a 300 MB
+    checkpoint, and 53 s for Ctrl-C to take effect; s5cmd fails it in a second).
+    """
+    from s3transfer.utils import OSUtils, ReadFileChunk
+
+    class WholeChunk(ReadFileChunk):  # type: ignore[misc]
+        def read(self, amount: int | None = None) -> bytes:
+            data = super().read(amount)
+            if not data and amount != 0 and self._amount_read < self._size:
+                raise FileShrankError(
+                    f"the file got shorter while it was uploading ({self._amount_read} of "
+                    f"{self._size} bytes read): upload it again once it is written"
+                )
+            return data
+
+    class WholeReads(OSUtils):  # type: ignore[misc]
+        def open_file_chunk_reader_from_fileobj(  # noqa: ANN001, ANN201
+            self, fileobj, chunk_size, full_file_size, callbacks, close_callbacks=None
+        ):
+            return WholeChunk(
+                fileobj,
+                chunk_size,
+                full_file_size,
+                callbacks=callbacks,
+                enable_callbacks=False,
+                close_callbacks=close_callbacks,
+            )
+
+    return WholeReads()
 
 
 def map_error(
@@ -323,7 +364,7 @@ class BotoTransfer(Transfer):
             multipart_chunksize=part_size,
             max_request_concurrency=BATCH_CONCURRENCY,
         )
-        return TransferManager(self.client, config)
+        return TransferManager(self.client, config, osutil=_whole_reads())
 
     def put_files(
         self,

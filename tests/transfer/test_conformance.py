@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -803,3 +804,39 @@ def test_a_file_linked_or_chmoded_while_it_uploads_is_not_changed(
     else:
         ops.sync(transfer, src, bucket.join("u/"), "up")
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt", "u/step_9.pt"]
+
+
+def test_a_file_cut_short_while_boto3_uploads_it_fails_at_once(rclone_server: S3Server, tmp_path: Path) -> None:
+    # A checkpoint truncated while it went up sent fewer bytes than its Content-Length: the
+    # server waited for the rest until the read timeout, once per retry (362 s for 300 MB;
+    # Ctrl-C took 53 s). s5cmd fails it in a second.
+    from runctl.transfer.boto import BotoTransfer
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(os.urandom(20 * MiB))
+    url = S3URL(rclone_server.new_bucket(), "run/last.ckpt")
+    transfer = BotoTransfer(rclone_server.config())
+
+    def cut_short(_: int) -> None:
+        os.truncate(path, 1 * MiB)  # the trainer starts writing it again
+
+    outcome: dict[str, BaseException] = {}
+
+    def upload() -> None:
+        try:
+            transfer.put_files([(path, url)], progress=cut_short)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    began = time.monotonic()
+    worker = threading.Thread(target=upload, daemon=True)
+    worker.start()
+    worker.join(30)
+    try:
+        assert not worker.is_alive(), "the upload of a file cut short hung"
+        assert time.monotonic() - began < 20
+        assert isinstance(outcome.get("error"), PartialTransferError), outcome
+        assert "got shorter while it was uploading" in str(outcome["error"])
+        assert transfer.stat(url) is None
+    finally:
+        transfer.close()
