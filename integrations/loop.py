@@ -189,7 +189,7 @@ class CheckpointManager:
         torch = require("torch", "lightning")
         path = self.path_for(step)
         tmp_dir = self.local_dir / _TMP_DIR
-        tmp_dir.mkdir(exist_ok=True)
+        tmp_dir.mkdir(parents=True, exist_ok=True)  # the directory may have been removed
         # The temp file lives under .runctl/ (never scanned as a checkpoint) on the same filesystem.
         tmp = tmp_dir / f"{path.name}.{os.getpid()}.tmp"
         try:

@@ -130,6 +130,8 @@ _CODE_CLASSES: dict[str, type[TransferError]] = {
 _CODE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9]+): ")
 _STATUS_RE = re.compile(r"status code: (\d{3})")
 _NOT_FOUND_RE = re.compile(r"given object (s3://\S.*) not found")
+#: A local source s5cmd could not find: as boto3's, never retried (the file is gone).
+_LOCAL_NOT_FOUND_RE = re.compile(r"^given object (?!s3://)\S.* not found$")
 _REQUEST_ID_RE = re.compile(r",? ?request id: .*$")
 _TIME_RE = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?$"
@@ -364,6 +366,8 @@ def error_code(message: str) -> str | None:
     Example:
         >>> error_code("NoSuchKey: The specified key does not exist. status code: 404")
         'NoSuchKey'
+        >>> error_code("given object /ckpt/.runctl/staging/step_4.pt not found")
+        'LocalFileNotFound'
     """
     match = _CODE_RE.match(message)
     code = match.group(1) if match else None
@@ -376,6 +380,8 @@ def error_code(message: str) -> str | None:
         return code
     if _NOT_FOUND_RE.search(message):
         return "NoSuchKey"
+    if _LOCAL_NOT_FOUND_RE.match(message):
+        return "LocalFileNotFound"
     status = _STATUS_RE.search(message)
     if status and status.group(1) == "404":
         return "NoSuchKey"

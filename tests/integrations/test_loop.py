@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,17 @@ def test_local_only_applies_local_keep_last_n(tmp_path: Path) -> None:
         assert manager.uploader is None
         assert manager.latest() == tmp_path / "step_3.pt"
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_2.pt", "step_3.pt"]
+
+
+def test_a_checkpoint_directory_removed_mid_run_is_made_again(tmp_path: Path) -> None:
+    # save() made its temporary directory without its parents: once the directory was removed
+    # (by hand, or a cleanup script), every later save raised FileNotFoundError.
+    local = tmp_path / "ckpt"
+    with CheckpointManager(local, local_keep_last_n=2) as manager:
+        manager.save({"w": 1}, step=1)
+        shutil.rmtree(local)
+        path = manager.save({"w": 2}, step=2)
+    assert path.exists() and path.parent == local
 
 
 def test_defaults_come_from_the_environment(

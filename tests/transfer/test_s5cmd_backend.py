@@ -667,7 +667,7 @@ def test_error_codes_and_times_parse() -> None:
     )
     assert error_code("NoSuchKey:  status code: 404, request id: x") == "NoSuchKey"
     assert error_code("given object s3://b/k not found") == "NoSuchKey"
-    assert error_code("given object /tmp/k not found") is None
+    assert error_code("given object /tmp/k not found") == "LocalFileNotFound"  # as boto3 says it
     assert (
         error_code(
             'RequestError: send request failed caused by: Put "http://h/b": dial tcp: connection refused'
