@@ -126,9 +126,15 @@ def test_torn_and_corrupt_lines_are_skipped(tmp_path: Path, caplog: pytest.LogCa
         f.write(b"\xff\xfe\n")
         f.write(b"[1, 2]\n")
         f.write(b'{"name": "d", "state": "queued", "ti')  # torn by a crash
+    with caplog.at_level(logging.DEBUG, logger="runctl"):
+        assert set(j.replay()) == {"a"}
+    assert "unfinished last line" in caplog.text and "corrupt line 2" in caplog.text
+    # A corrupt line is said once, not at every read (each start read it 5-7 times); a last
+    # line being appended while it is read is no news (the soak pass saw 3 in 2,500 saves).
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="runctl"):
         assert set(j.replay()) == {"a"}
-    assert "torn last line" in caplog.text and "corrupt line 2" in caplog.text
+    assert caplog.text == ""
     # The next record starts on a fresh line, so only the torn one is lost.
     j.record("e", "queued", time=2)
     assert set(j.replay()) == {"a", "e"}
@@ -259,17 +265,25 @@ def test_compaction_keeps_every_answer_and_drops_what_is_gone(tmp_path: Path) ->
     # A run of thousands of checkpoints re-read its whole history at every retention.
     j = Journal(tmp_path)
     _history(j)
+    for i in range(20, 25):  # deleted from S3, still on this disk (no local retention)
+        (tmp_path / f"step_{i}.pt").write_bytes(b"x")
     before = j.snapshot()
     size = j.path.stat().st_size
     assert j.compact(min_bytes=size + 1) is False  # small enough: left alone
     assert j.compact(min_bytes=0) is True
     after = j.snapshot()
-    gone = {n for n, e in before.latest.items() if e.state == "deleted_local"}
-    assert len(gone) == 20 and not gone & set(after.latest)
+    # Gone from this disk, or from S3 with no file here (local retention went first): the run
+    # of the soak pass kept two lines for every checkpoint it ever saved.
+    gone = {
+        n
+        for n, e in before.latest.items()
+        if e.state == "deleted_local" or (e.state == "deleted_s3" and not (tmp_path / n).exists())
+    }
+    assert len(gone) == 25 and not gone & set(after.latest)
     assert after.latest == {n: e for n, e in before.latest.items() if n not in gone}
     assert after.verified == {n: e for n, e in before.verified.items() if n not in gone}
     assert after.pending(failed=True) == before.pending(failed=True)
-    assert after.verified_versions() == before.verified_versions()
+    assert after.verified_versions() == [e for e in before.verified_versions() if e.name not in gone]
     for name in before.latest:
         for size_, mtime in [(None, None), (1, 1.0), (2, 2.0), (25, 25.0), (35, 35.0)]:
             if name not in gone:
