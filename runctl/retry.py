@@ -29,6 +29,7 @@ PERMANENT_CODES: frozenset[str] = frozenset(
         "NoSuchBucket",
         "InvalidBucketName",
         "LocalFileNotFound",
+        "LocalAccessDenied",  # this machine refused runctl a file: no retry fixes that
     }
 )
 

@@ -193,6 +193,8 @@ def map_error(
             code="LocalFileNotFound",
             url=url_text,
         )
+    if isinstance(cause, PermissionError):  # this machine's, not S3's (AccessDenied above)
+        return TransferError(f"{prefix}: {scrub(str(cause))}", code="LocalAccessDenied", url=url_text)
     return TransferError(f"{prefix}: {scrub(str(cause))}", url=url_text)
 
 

@@ -132,6 +132,8 @@ _STATUS_RE = re.compile(r"status code: (\d{3})")
 _NOT_FOUND_RE = re.compile(r"given object (s3://\S.*) not found")
 #: A local source s5cmd could not find: as boto3's, never retried (the file is gone).
 _LOCAL_NOT_FOUND_RE = re.compile(r"^given object (?!s3://)\S.* not found$")
+#: A local file or directory this machine refused s5cmd ("open /ckpt/x.pt: permission denied").
+_LOCAL_DENIED_RE = re.compile(r"^[a-z]+ (?!s3://)\S.*: permission denied$")
 _REQUEST_ID_RE = re.compile(r",? ?request id: .*$")
 _TIME_RE = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?$"
@@ -382,6 +384,8 @@ def error_code(message: str) -> str | None:
         return "NoSuchKey"
     if _LOCAL_NOT_FOUND_RE.match(message):
         return "LocalFileNotFound"
+    if _LOCAL_DENIED_RE.match(message):
+        return "LocalAccessDenied"
     status = _STATUS_RE.search(message)
     if status and status.group(1) == "404":
         return "NoSuchKey"

@@ -668,6 +668,9 @@ def test_error_codes_and_times_parse() -> None:
     assert error_code("NoSuchKey:  status code: 404, request id: x") == "NoSuchKey"
     assert error_code("given object s3://b/k not found") == "NoSuchKey"
     assert error_code("given object /tmp/k not found") == "LocalFileNotFound"  # as boto3 says it
+    # A file this machine refuses is not S3 being down: no 5 retries, then 5 more.
+    assert error_code("open /ckpt/step_2.pt: permission denied") == "LocalAccessDenied"
+    assert error_code("AccessDenied: Access Denied status code: 403") == "AccessDenied"
     assert (
         error_code(
             'RequestError: send request failed caused by: Put "http://h/b": dial tcp: connection refused'

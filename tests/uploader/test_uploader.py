@@ -1183,6 +1183,32 @@ def test_threads_are_not_left_behind(root: Path, moto_bucket: S3URL, boto_transf
     assert not {n for n in after if n.startswith("runctl-")}
 
 
+def test_a_file_this_machine_refuses_fails_at_once_without_retries(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EACCES on the checkpoint (saved by another user, chmod 000) counted as S3 being down:
+    # 5 attempts, then "retrying ... (S3 is back)" and 5 more, holding the flush for 30 s.
+    from runctl.transfer import boto
+
+    osutil = type(boto._whole_reads())
+    real_open = osutil.open
+
+    def refuse(self: Any, filename: str, mode: str) -> Any:
+        if filename.endswith("step_2.pt"):
+            raise PermissionError(13, "Permission denied", filename)
+        return real_open(self, filename, mode)
+
+    monkeypatch.setattr(osutil, "open", refuse)
+    up = uploader(root, moto_bucket, boto_transfer)
+    up.submit(write(root / "step_1.pt", b"one"))
+    handle = up.submit(write(root / "step_2.pt", b"two"))
+    assert isinstance(handle.exception(60), TransferError)
+    assert handle.exception(0).code == "LocalAccessDenied"  # type: ignore[union-attr]
+    with pytest.raises(UploadError, match="Permission denied"):
+        up.close(timeout=30)
+    assert (up.status().retries, up.status().failures, up.status().uploaded) == (0, 1, 1)
+
+
 def test_a_directory_checkpoint_with_a_relative_symlink_uploads_what_it_points_to(
     root: Path, bucket: S3URL, transfer: object, tmp_path: Path
 ) -> None:
