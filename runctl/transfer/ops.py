@@ -1124,8 +1124,10 @@ def _newer(a: float, b: float) -> bool:
 def held_in_s3(obj: ObjectInfo | None, st: os.stat_result, *, size_only: bool = False) -> bool:
     """True when ``obj`` is this local file as uploaded: the same size, the file no newer.
 
-    Sync's rule for "unchanged" (as ``aws s3 sync`` decides): whole seconds, since listings
-    differ below a second; ``size_only`` drops the time.
+    Sync's rule for "unchanged": size and time, as ``aws s3 sync``, but in whole seconds
+    (listings differ below a second between servers and backends), so a file rewritten to the
+    same size within the second its object was written reads as unchanged, where aws would
+    send it; ``size_only`` drops the time.
 
     Example:
         >>> held_in_s3(None, os.stat(__file__))
