@@ -1676,9 +1676,16 @@ class CheckpointUploader:
         )
 
     def _pins_in_s3(self, names: list[str]) -> list[str]:
-        """Of these pins, which S3's listing did not show, those whose object is there."""
+        """Of these pins, which S3's listing did not show, those whose object is there.
+
+        When S3 cannot be asked, all of them: a pin is kept, never forgotten, on a doubt.
+        """
         rels = {f"{PIN_DIR}/{name}": name for name in names}
-        return [rels[rel] for rel in self.transfer.unlisted(self.prefix, list(rels))]
+        try:
+            return [rels[rel] for rel in self.transfer.unlisted(self.prefix, list(rels))]
+        except TransferError as exc:
+            log.debug("could not look up %d pin(s) the listing did not show: %s", len(names), exc)
+            return names
 
     def _list_dir(self, url: S3URL) -> dict[str, ObjectInfo]:
         found: dict[str, ObjectInfo] = {}
