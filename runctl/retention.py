@@ -475,19 +475,30 @@ def apply_s3_retention(
         )
         if protected_must_exist:
             check_protected(grouped.checkpoints, protected, str(prefix))
-        plan = _say_pinned(
-            plan_retention(
-                grouped.checkpoints,
-                keep_last_n,
-                protected=(*protected, *grouped.pinned),
-                max_total_size=max_total_size,
-                incomplete_older_than=incomplete_older_than,
-                unfinished=unfinished,
-                unsettled=unsettled,
-            ),
-            grouped.pinned,
-            str(prefix),
-        )
+
+        def planned(pinned: Collection[str]) -> RetentionPlan:
+            return _say_pinned(
+                plan_retention(
+                    grouped.checkpoints,
+                    keep_last_n,
+                    protected=(*protected, *pinned),
+                    max_total_size=max_total_size,
+                    incomplete_older_than=incomplete_older_than,
+                    unfinished=unfinished,
+                    unsettled=unsettled,
+                ),
+                pinned,
+                str(prefix),
+            )
+
+        plan = planned(grouped.pinned)
+        # s5cmd's listing leaves out a pin dated after it began (a pin another node put just
+        # before, on a server whose clock runs ahead): S3 is asked about the pins of what the
+        # plan deletes, and only of those (Transfer.unlisted; boto3's listing: no request).
+        unseen = {f"{PIN_DIR}/{c.name}": c.name for c in plan.delete if c.name not in grouped.pinned}
+        found = [unseen[rel] for rel in transfer.unlisted(prefix, list(unseen))] if unseen else []
+        if found:
+            plan = planned({*grouped.pinned, *found})
         if dry_run or not plan.delete:
             return plan
         if before_delete is not None:

@@ -127,6 +127,8 @@ class FaultProxy:
         #: Seconds added to every LastModified and Last-Modified the server answers: a server
         #: whose clock runs ahead of this machine's (or S3 rounding up to the next second).
         self.clock_ahead = clock_ahead
+        #: Which keys (or request paths) ``clock_ahead`` dates ahead; None: all of them.
+        self.dated_ahead: Callable[[str], bool] | None = None
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self.plan = plan or FaultPlan()
@@ -216,7 +218,7 @@ class FaultProxy:
             return
         self._note(method, path, "forwarded")
         if self.clock_ahead:
-            headers, data = _ahead(headers, data, self.clock_ahead)
+            headers, data = _ahead(headers, data, self.clock_ahead, path, self.dated_ahead)
         h.send_response(status, reason)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() not in (
@@ -257,10 +259,21 @@ class FaultProxy:
 _LAST_MODIFIED = re.compile(rb"<LastModified>([^<]+)</LastModified>")
 
 
+_CONTENTS = re.compile(rb"<Contents>.*?</Contents>", re.DOTALL)
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
+
+
 def _ahead(
-    headers: list[tuple[str, str]], data: bytes, seconds: float
+    headers: list[tuple[str, str]],
+    data: bytes,
+    seconds: float,
+    path: str,
+    which: Callable[[str], bool] | None,
 ) -> tuple[list[tuple[str, str]], bytes]:
-    """The response as a server ``seconds`` ahead would date it (listings and HEAD/GET)."""
+    """The response as a server ``seconds`` ahead would date it (listings and HEAD/GET).
+
+    ``which(key)`` picks the objects so dated (a HEAD or GET by its request path); None: all.
+    """
     shift = datetime.timedelta(seconds=seconds)
 
     def later(match: re.Match[bytes]) -> bytes:
@@ -268,12 +281,19 @@ def _ahead(
         stamp = (when + shift).astimezone(datetime.timezone.utc)
         return b"<LastModified>" + stamp.strftime("%Y-%m-%dT%H:%M:%S.000Z").encode() + b"</LastModified>"
 
+    def entry(match: re.Match[bytes]) -> bytes:
+        block = match.group(0)
+        key = _KEY.search(block)
+        if which is None or (key is not None and which(key.group(1).decode())):
+            return _LAST_MODIFIED.sub(later, block)
+        return block
+
     out = []
     for name, value in headers:
-        if name.lower() == "last-modified":
+        if name.lower() == "last-modified" and (which is None or which(path)):
             value = email.utils.format_datetime(email.utils.parsedate_to_datetime(value) + shift, usegmt=True)
         out.append((name, value))
-    return out, _LAST_MODIFIED.sub(later, data)
+    return out, _CONTENTS.sub(entry, data)
 
 
 def _read_chunked(h: BaseHTTPRequestHandler) -> bytes:

@@ -149,3 +149,25 @@ def test_the_uploader_keeps_a_pin_its_listing_cannot_see(
         up.flush(timeout=60)
     assert (root / PIN_DIR / "step_1.pt").exists()
     assert get_object(rclone_server, bucket, f"run/{PIN_DIR}/step_1.pt") == b""
+
+
+def test_retention_keeps_what_a_pin_its_listing_cannot_see_names(rclone_server: S3Server, make_proxy) -> None:
+    # Another node pinned step_1 just before this cleanup; on a server dated ahead, s5cmd's
+    # listing showed the checkpoints (older) but not the pin: step_1 was deleted.
+    proxy = make_proxy(rclone_server)
+    bucket = S3URL(rclone_server.new_bucket())
+    for step in (1, 2, 3):
+        put_object(rclone_server, bucket, f"run/step_{step}.pt", b"x")
+    env = rclone_server.env()
+    first = run("--endpoint-url", proxy.url, "s3", "list", f"s3://{bucket.bucket}/run/", env=env)
+    assert first.exit_code == 0 and "step_1.pt" in first.stdout
+    put_object(rclone_server, bucket, "run/.runctl/pinned/step_1.pt", b"")
+    proxy.clock_ahead = AHEAD
+    proxy.dated_ahead = lambda key: "/.runctl/pinned/" in key  # the pin alone is dated ahead
+    result = run(
+        "--endpoint-url", proxy.url, "s3", "cleanup", f"s3://{bucket.bucket}/run/", "--keep-last-n", "1",
+        env=env,
+    )
+    assert result.exit_code == 0, result.stderr
+    keys = {o["Key"] for o in rclone_server.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]}
+    assert keys == {"run/.runctl/pinned/step_1.pt", "run/step_1.pt", "run/step_3.pt"}
