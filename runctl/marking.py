@@ -420,6 +420,45 @@ def mark_copied(
     return MarkResult(marked, unmarked)
 
 
+#: Why a directory a failed copy touched is not marked.
+FAILED = "some of the copy failed, so it is not known to be whole"
+
+
+def mark_beside_failures(
+    transfer: Transfer,
+    dirs: Sequence[tuple[Path, S3URL]],
+    failures: Mapping[str, str],
+    *,
+    started: float,
+    changed: Collection[S3URL],
+) -> MarkResult:
+    """``mark_copied`` after a copy that partly failed: only the directories no failure is in.
+
+    A failure (keyed by URL, or by local path for a file or directory the copy could not
+    read) may have left an older object of its size, so its directory stays unmarked; the
+    others' files all landed. A half-written file that appeared during a periodic `upload -r`
+    left every directory of it unmarked, finished ones too.
+
+    Example:
+        >>> mark_beside_failures(t, dirs, {"s3://b/run/checkpoint-6/x.bin": "..."}, started=0.0, changed=[])  # doctest: +SKIP
+    """
+
+    def spoiled(local_dir: Path, dest: S3URL) -> bool:
+        here, there = str(local_dir), str(dest)
+        return any(k.startswith(there) or k == here or k.startswith(here + os.sep) for k in failures)
+
+    bad = [d for d in dirs if spoiled(*d)]
+    good = [d for d in dirs if d not in bad]
+    unmarked = dict.fromkeys((dest for _, dest in bad if dest in changed), FAILED)
+    if not good:
+        return MarkResult(unmarked=unmarked)
+    try:
+        done = mark_copied(transfer, good, started=started, changed=changed)
+    except TransferError:  # S3 gone meanwhile: the copy's own error says it
+        return MarkResult(unmarked={**unmarked, **dict.fromkeys((d for _, d in good if d in changed), FAILED)})
+    return MarkResult(done.marked, {**done.unmarked, **unmarked})
+
+
 def _markers_that_still_hold(
     transfer: Transfer, dests: Sequence[S3URL], listed: Mapping[str, ObjectInfo]
 ) -> set[S3URL]:

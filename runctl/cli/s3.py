@@ -56,7 +56,6 @@ s3_app = typer.Typer(
 #: LOCAL for a stream: stdin for upload, stdout for download (as aws s3 cp has it).
 STDIO = "-"
 #: Why a directory checkpoint stays unmarked after a copy that partly failed.
-FAILED = "some of the copy failed, so it is not known to be whole"
 
 T = TypeVar("T")
 
@@ -255,8 +254,10 @@ def upload_files(
                 transfer, dirs, started=began, changed={dest for _, dest in changed}
             )
         else:
-            # A failed file may have left an older object of its size: marking must not trust it.
-            marks = marking.MarkResult(unmarked=dict.fromkeys([d for _, d in changed], FAILED))
+            # A failed file may have left an older object of its size: its directory stays unmarked.
+            marks = marking.mark_beside_failures(
+                transfer, dirs, partial.failures, started=began, changed={d for _, d in changed}
+            )
     seconds = time.monotonic() - started
     moved = 0
     prefix = "(dry run) " if dry_run else ""
@@ -651,7 +652,9 @@ def sync_tree(
         elif partial is None:
             marks = marking.mark_copied(transfer, dirs, started=began, changed=touched)
         else:
-            marks = marking.MarkResult(unmarked=dict.fromkeys(touched, FAILED))
+            marks = marking.mark_beside_failures(
+                transfer, dirs, partial.failures, started=began, changed=touched
+            )
     seconds = time.monotonic() - started
     prefix = "(dry run) " if dry_run else ""
     if s.out.json:

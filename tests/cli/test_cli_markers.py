@@ -282,3 +282,39 @@ def test_a_deepspeed_step_newer_than_its_latest_is_neither_marked_nor_counted(
     result = run_s3(s3_server, "checkpoint", "cleanup", str(ds), "--keep-last-n", "1", "--force")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in ds.iterdir() if p.name != ".runctl") == ["global_step200", "global_step300", "latest"]
+
+
+@pytest.mark.parametrize("command", ["upload", "sync"])
+def test_a_failed_file_leaves_only_its_own_directory_unmarked(
+    s3_server: S3Server, bucket: S3URL, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    # A half-written file in checkpoint-600 (a periodic `upload -r` beside a Trainer) failed the
+    # copy, and no directory was marked: checkpoint-500, whole in S3, read as incomplete.
+    from runctl.transfer.boto import BotoTransfer
+    from runctl.transfer.s5cmd import S5cmdTransfer
+
+    root = tmp_path / "out"
+    for name in ("checkpoint-500", "checkpoint-600"):
+        write(root / name / "model.bin", b"m" * 100)
+        write(root / name / "trainer_state.json", b"{}")
+    backend_class = S5cmdTransfer if backend == "s5cmd" else BotoTransfer
+    real = backend_class.put_files
+
+    def put_while_written(self: object, pairs: object, **kwargs: object) -> object:
+        result = real(self, pairs, **kwargs)  # type: ignore[arg-type]
+        with open(root / "checkpoint-600" / "model.bin", "ab") as fh:
+            fh.write(b"still being written")
+        return result
+
+    monkeypatch.setattr(backend_class, "put_files", put_while_written)
+    prefix = bucket.join("run/")
+    args = ["upload", str(root), str(prefix), "-r"] if command == "upload" else ["sync", str(root), str(prefix), "-d", "up"]
+    result = run_s3(s3_server, "s3", *args, "--json", backend_flag(backend))
+    assert result.exit_code == 1, result.output
+    landed = keys(s3_server, bucket)
+    assert f"run/checkpoint-500/{MARKER_NAME}" in landed
+    assert f"run/checkpoint-600/{MARKER_NAME}" not in landed
+    unmarked = {r["url"]: r["reason"] for r in of_type(result.stdout, "marker") if not r["complete"]}
+    assert list(unmarked) == [str(prefix.join("checkpoint-600/"))]
+    assert complete(s3_server, prefix, backend) == {"checkpoint-500": True, "checkpoint-600": False}
