@@ -363,10 +363,11 @@ class Journal:
 
         Per name: its latest line, and its last ``verified`` line when that is another; a name
         whose latest line is ``deleted_local``, or ``deleted_s3`` with its file gone from this
-        disk, goes (no question asks about it: with S3 retention the S3 deletion comes last, and
-        a long run kept two lines per checkpoint it ever saved, re-read at every retention). Every question (``snapshot`` and all) gets the same answer from the result. A run
-        that saves thousands of checkpoints otherwise re-reads its whole history at each
-        retention (2,000 checkpoints: 1.8 MB, 50 ms a read). The lines there when it starts are
+        disk, goes (with S3 retention the S3 deletion comes last: a long run kept two lines per
+        checkpoint it ever saved). Every question about a name that stays (``snapshot`` and all)
+        gets the same answer from the result; a name that goes is one no question asks about (no
+        file here, none in S3). A run that saves thousands of checkpoints otherwise re-reads its
+        whole history at each retention (2,000 checkpoints: 1.8 MB, 50 ms a read). The lines there when it starts are
         read, rewritten and fsynced without the lock; under it, what landed meanwhile is
         appended as it is and the file replaced (writers wait milliseconds, not the rewrite).
         Returns whether it rewrote the file.

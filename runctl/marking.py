@@ -376,6 +376,16 @@ def mark_copied(
     unmarked: dict[S3URL, str] = {}
     untouched: set[S3URL] = set()
     if changed is not None:
+        # An unchanged directory's marker the listing did not show may be one dated after it
+        # began (Transfer.unlisted): rewriting it would tell `watch` an old checkpoint is new.
+        for bucket in {d.bucket for _, d in dirs}:
+            unseen = [
+                d.key + MARKER_NAME
+                for _, d in dirs
+                if d.bucket == bucket and d not in changed and d.key + MARKER_NAME not in listed
+            ]
+            if unseen:
+                listed.update((info.key, info) for info in transfer.unlisted(S3URL(bucket), unseen).values())
         untouched = _markers_that_still_hold(
             transfer,
             [d for _, d in dirs if d not in changed and d.key + MARKER_NAME in listed],

@@ -1212,7 +1212,7 @@ class CheckpointUploader:
     def _resume(self) -> None:
         # Failed ones too: an upload that used up its retries in an earlier process (an outage
         # during a final flush) still has its local copy, and S3 may be back.
-        self._compact_if_grown()  # once past 1 MB: each retention re-reads it
+        self._compact_if_grown()  # once past COMPACT_ABOVE: each retention re-reads it
         try:
             snapshot: JournalSnapshot | None = self.journal.snapshot()
         except JournalError as exc:
@@ -1937,7 +1937,7 @@ class CheckpointUploader:
         return self._retention_due and not self._retention_held
 
     def _compact_if_grown(self) -> None:
-        """Compact the journal once it passes 1 MB, and twice its size after the last compaction.
+        """Compact the journal once it passes ``COMPACT_ABOVE`` (256 KB), and twice its size after the last compaction.
 
         At start, and after each landed checkpoint: a long run otherwise grows it by about
         0.5 KB a checkpoint, and every retention re-reads it (10,000 checkpoints: 5 MB). The

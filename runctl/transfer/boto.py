@@ -98,7 +98,8 @@ def _find_cause(exc: BaseException) -> BaseException:
 
 
 class FileShrankError(Exception):
-    """A file got shorter while it was read for an upload (not an OSError: nothing retries it)."""
+    """A file got shorter while it was read for an upload (not an OSError: botocore does not
+    retry it; the uploader's next attempt stages the file as it is then)."""
 
 
 @functools.lru_cache(maxsize=1)

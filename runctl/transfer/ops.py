@@ -717,7 +717,11 @@ def _fetch_into(
     done: list[tuple[S3URL, Path]] = []
     shadowed = _shadowed(final for _, _, final, _ in staged)
     if shadowed and stage is not None:
-        staged = _deeper_keys_again(transfer, staged, shadowed, batch_failures)
+        try:
+            staged = _deeper_keys_again(transfer, staged, shadowed, batch_failures, progress)
+        except BaseException:
+            _discard([tmp for *_, tmp in staged])
+            raise
     for info, url, final, tmp in staged:
         if str(final) in shadowed:
             batch_failures[str(url)] = SHARED_NAME
@@ -742,8 +746,9 @@ def _deeper_keys_again(
     staged: list[tuple[ObjectInfo | None, S3URL, Path, Path]],
     shadowed: set[str],
     batch_failures: dict[str, str],
+    progress: ProgressCallback | None,
 ) -> list[tuple[ObjectInfo | None, S3URL, Path, Path]]:
-    """Fetch again, one by one, the keys below a shadowed name that a directory copy failed.
+    """Fetch again, in one batch, the keys below a shadowed name that a directory copy failed.
 
     A directory copy writes ``x`` and ``x/y`` in its own order, racing the stage's directories:
     whichever came first failed the other. The deeper keys win (``_shadowed``), so they are
@@ -760,9 +765,12 @@ def _deeper_keys_again(
     retry = {str(url): (info, url, final, _tmp_name(final)) for info, url, final, _ in again}
     failed: dict[str, str] = {}
     try:
-        transfer.get_files([(url, tmp) for _, url, _, tmp in retry.values()])
+        transfer.get_files([(url, tmp) for _, url, _, tmp in retry.values()], progress=progress)
     except TransferError as exc:
         _collect(exc, list(retry), failed)
+    except BaseException:  # Ctrl-C: beside the final paths, out of the stage that goes
+        _discard([tmp for *_, tmp in retry.values()])
+        raise
     for name, reason in failed.items():
         batch_failures[name] = reason
         retry[name][3].unlink(missing_ok=True)

@@ -634,7 +634,7 @@ class _Child:
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None and not stream.closed:
                 with contextlib.suppress(OSError, ValueError):
-                    os.dup2(null, stream.fileno())
+                    os.dup2(null, stream.fileno(), inheritable=False)
 
     def _feed(self, lines: Iterable[str]) -> None:
         # A list is written through the pipe's buffer; lines that are still coming (an

@@ -171,3 +171,25 @@ def test_retention_keeps_what_a_pin_its_listing_cannot_see_names(rclone_server: 
     assert result.exit_code == 0, result.stderr
     keys = {o["Key"] for o in rclone_server.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]}
     assert keys == {"run/.runctl/pinned/step_1.pt", "run/step_1.pt", "run/step_3.pt"}
+
+
+def test_upload_leaves_alone_a_marker_its_listing_cannot_see(
+    rclone_server: S3Server, make_proxy, tmp_path: Path
+) -> None:
+    # An unchanged directory whose marker the listing did not show had its marker written
+    # again: `watch` then reported an old checkpoint as completed anew.
+    proxy = make_proxy(rclone_server)
+    bucket = S3URL(rclone_server.new_bucket())
+    src = tmp_path / "ckpts" / "checkpoint-4"
+    src.mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(b"m" * 1000)
+    (src / "trainer_state.json").write_text('{"global_step": 4}')
+    args = ("--endpoint-url", proxy.url, "s3", "upload", str(tmp_path / "ckpts"), f"s3://{bucket.bucket}/run/", "-r")
+    assert run(*args, env=rclone_server.env()).exit_code == 0
+    marker = f"run/checkpoint-4/{MARKER_NAME}"
+    first = get_object(rclone_server, bucket, marker)
+    proxy.clock_ahead = AHEAD
+    proxy.dated_ahead = lambda key: MARKER_NAME in key
+    again = run(*args, env=rclone_server.env())
+    assert again.exit_code == 0, again.stderr
+    assert get_object(rclone_server, bucket, marker) == first
