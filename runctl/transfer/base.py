@@ -151,7 +151,8 @@ class Transfer(Protocol):
         relative to ``root``; a backend may then copy the directory in one command rather than
         pair by pair. Same objects, same errors as ``put_files``, plus any file that appeared
         in ``root`` since (a directory copy walks it again): returned as ``(path, url, size of
-        its object)``, ``[]`` when none did.
+        its object)``, ``[]`` when none did (a ``PartialTransferError``'s ``done`` when some of
+        the pairs failed).
 
         Example:
             >>> t.put_tree(Path("ckpt"), [(Path("ckpt/a.pt"), S3URL.parse("s3://b/run/a.pt"))])  # doctest: +SKIP

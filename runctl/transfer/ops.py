@@ -385,6 +385,8 @@ def upload(
         try:
             send(chunk)
         except TransferError as exc:
+            if tree and isinstance(exc, PartialTransferError) and isinstance(exc.done, list):
+                appeared.extend(exc.done)  # what the directory copy sent beyond the pairs
             # The first batch failing as a whole for one typed cause (no such bucket, access
             # denied, no endpoint) is that error, as for one file: not the same cause once per file.
             if (

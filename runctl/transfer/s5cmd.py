@@ -1255,7 +1255,11 @@ class S5cmdTransfer:
         if storage_class:
             flags += ["--storage-class", storage_class]
         extra: list[tuple[str, str, int | None]] = []
-        self._run_jobs("upload", jobs, progress, command=("cp", *flags, source, prefix), unexpected=extra)
+        try:
+            self._run_jobs("upload", jobs, progress, command=("cp", *flags, source, prefix), unexpected=extra)
+        except PartialTransferError as exc:
+            exc.done = [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
+            raise
         return [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
 
     def get_files(

@@ -373,6 +373,39 @@ def test_files_that_appear_during_a_tree_upload_are_reported_as_what_s3_got(
         assert "while it was written" in failures[str(url.join("growing.pt"))]
 
 
+def test_files_that_appear_during_a_tree_upload_that_partly_fails_are_reported_too(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory copy's list of what it sent beyond the pairs was lost when a pair failed.
+    from runctl.transfer import s5cmd as s5cmd_module
+
+    src = tmp_path / "src"
+    make_tree(src, {f"f{i:03d}.bin": b"x" * 10 for i in range(100)})
+    plain_tree, tree_copy = ops._plain_tree, s5cmd_module._tree_copy
+
+    def walk_then_save(*args: Any, **kwargs: Any) -> Any:
+        pairs = plain_tree(*args, **kwargs)
+        (src / "late.pt").write_bytes(b"saved after the walk")
+        if transfer.name != "s5cmd":
+            (src / "f000.bin").unlink()  # local retention, after the walk
+        return pairs
+
+    def plan_then_delete(*args: Any, **kwargs: Any) -> Any:
+        plan = tree_copy(*args, **kwargs)
+        (src / "f000.bin").unlink()  # after the plan's stat, before s5cmd's own walk
+        return plan
+
+    monkeypatch.setattr(ops, "_plain_tree", walk_then_save)
+    monkeypatch.setattr(s5cmd_module, "_tree_copy", plan_then_delete)
+    url = bucket.join("tree/")
+    with pytest.raises(PartialTransferError) as info:
+        ops.upload(transfer, src, url, recursive=True)
+    assert list(info.value.failures) == [str(url.join("f000.bin"))]
+    in_s3 = {row[1] for row in listing(transfer, url)}
+    assert {u.key for _, u in info.value.done} == in_s3
+    assert ("tree/late.pt" in in_s3) == (transfer.name == "s5cmd")
+
+
 #: A tree big enough for a directory copy (s5cmd ``put_tree``), with names a walk could get wrong.
 TREE_NAMES = [
     ".hidden",
