@@ -435,6 +435,24 @@ def _fits_run_line(arg: str) -> bool:
     return True
 
 
+def _appeared(extra: Sequence[tuple[str, str, int | None]]) -> list[tuple[Path, S3URL, int | None]]:
+    """``put_tree``'s extra copies, as s5cmd echoed them, in the shape it returns."""
+    return [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
+
+
+def _head_info(bucket: str, key: str, record: dict[str, Any]) -> ObjectInfo:
+    """The object an ``s5cmd head --raw`` record describes."""
+    etag = record.get("etag")
+    return ObjectInfo(
+        bucket=bucket,
+        key=key,
+        size=int(record.get("size") or 0),
+        last_modified=parse_time(str(record["last_modified"])),
+        etag=str(etag).strip('"') if etag else None,
+        storage_class=record.get("storage_class") or None,
+    )
+
+
 def _local(path: Path | str) -> str:
     # s5cmd echoes local paths as filepath.Abs (cleaned); abspath cleans the same way.
     return os.path.abspath(os.fspath(path))
@@ -961,9 +979,10 @@ class S5cmdTransfer:
 
         With ``command`` (one s5cmd command that covers every job: a directory copy), that
         command runs instead; ``unexpected`` collects ``(source, destination, size)`` of each
-        copy it reports beyond the jobs (a file that appeared in the directory since). A batch succeeds only if s5cmd exits 0, prints no error line,
-        and reports every expected pair done (it can exit 0 after a failure). ``--numworkers``
-        follows ``batch_numworkers`` (job sizes count only when ``sizes_known``).
+        copy it reports beyond the jobs (a file that appeared in the directory since). A batch
+        succeeds only if s5cmd exits 0, prints no error line, and reports every expected pair
+        done (it can exit 0 after a failure). ``--numworkers`` follows ``batch_numworkers``
+        (job sizes count only when ``sizes_known``).
 
         ``jobs`` that are not a sequence are still coming: s5cmd starts on the first, each
         line goes to it as its job arrives (with ``DEFAULT_NUMWORKERS``: their sizes and number
@@ -1258,9 +1277,9 @@ class S5cmdTransfer:
         try:
             self._run_jobs("upload", jobs, progress, command=("cp", *flags, source, prefix), unexpected=extra)
         except PartialTransferError as exc:
-            exc.done = [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
+            exc.done = _appeared(extra)  # what went up beyond the pairs, beside what failed
             raise
-        return [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
+        return _appeared(extra)
 
     def get_files(
         self,
@@ -1596,15 +1615,7 @@ class S5cmdTransfer:
         outcome = self._collect(argv, transfer=False)
         for record in outcome.successes:
             if "last_modified" in record:
-                etag = record.get("etag")
-                return ObjectInfo(
-                    bucket=url.bucket,
-                    key=url.key,
-                    size=int(record.get("size") or 0),
-                    last_modified=parse_time(str(record["last_modified"])),
-                    etag=str(etag).strip('"') if etag else None,
-                    storage_class=record.get("storage_class") or None,
-                )
+                return _head_info(url.bucket, url.key, record)
         message = outcome.message
         code = error_code(message)
         if code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
@@ -1791,15 +1802,7 @@ class S5cmdTransfer:
             for record in outcome.successes:
                 rel = urls.get(str(record.get("key")))
                 if rel is not None and "last_modified" in record:
-                    etag = record.get("etag")
-                    found[rel] = ObjectInfo(
-                        bucket=prefix.bucket,
-                        key=prefix.key + rel,
-                        size=int(record.get("size") or 0),
-                        last_modified=parse_time(str(record["last_modified"])),
-                        etag=str(etag).strip('"') if etag else None,
-                        storage_class=record.get("storage_class") or None,
-                    )
+                    found[rel] = _head_info(prefix.bucket, prefix.key + rel, record)
             for record in outcome.errors:
                 message = _tidy(record.get("error", ""))
                 code = error_code(message)
