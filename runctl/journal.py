@@ -367,9 +367,10 @@ class Journal:
         checkpoint it ever saved). Every question about a name that stays (``snapshot`` and all)
         gets the same answer from the result; a name that goes is one no question asks about (no
         file here, none in S3). A run that saves thousands of checkpoints otherwise re-reads its
-        whole history at each retention (2,000 checkpoints: 1.8 MB, 50 ms a read). The lines there when it starts are
-        read, rewritten and fsynced without the lock; under it, what landed meanwhile is
-        appended as it is and the file replaced (writers wait milliseconds, not the rewrite).
+        whole history at each retention (2,000 checkpoints: 1.8 MB, 50 ms a read). The lines
+        there when it starts are read, rewritten and fsynced without the lock; under it, what
+        landed meanwhile is appended as it is and the file replaced (writers wait milliseconds,
+        not the rewrite).
         Returns whether it rewrote the file.
 
         Example:

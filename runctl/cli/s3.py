@@ -55,7 +55,6 @@ s3_app = typer.Typer(
 
 #: LOCAL for a stream: stdin for upload, stdout for download (as aws s3 cp has it).
 STDIO = "-"
-#: Why a directory checkpoint stays unmarked after a copy that partly failed.
 
 T = TypeVar("T")
 

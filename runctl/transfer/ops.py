@@ -1058,8 +1058,9 @@ class SyncPlan:
     """What a sync copies and deletes; ``copy`` holds ``(source, destination)`` strings.
 
     ``skipped`` names remote keys a download cannot write safely, or local directories an
-    upload cannot read and files gone since they were listed (with the reason). ``kept`` names objects an upward ``--delete`` left
-    because a pin names their checkpoint (with the pin's URL).
+    upload cannot read and files gone since they were listed (with the reason). ``kept`` names
+    objects an upward ``--delete`` left because a pin names their checkpoint (with the pin's
+    URL).
 
     Example:
         >>> SyncPlan("up", (("a.pt", "s3://bkt/run/a.pt"),), (), 3).to_json()["copy"]
