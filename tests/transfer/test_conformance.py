@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -786,6 +787,31 @@ def test_backends_agree(both: dict[str, Transfer], s3_server: S3Server, bucket: 
         assert plans["s5cmd"] == plans["boto3"], direction
 
 
+def _send_while(
+    transfer: Transfer,
+    src: Path,
+    url: S3URL,
+    command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: Callable[[], None],
+) -> None:
+    """``upload -r`` (or ``sync`` up) of ``src`` to ``url``, with ``meanwhile`` run once each
+    batch has gone up and before the copy checks what it sent."""
+    real = type(transfer).put_files
+
+    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
+        result = real(self, pairs, **kwargs)
+        meanwhile()
+        return result
+
+    monkeypatch.setattr(type(transfer), "put_files", put_files)
+    monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw) or [])
+    if command == "upload":
+        ops.upload(transfer, src, url, recursive=True)
+    else:
+        ops.sync(transfer, src, url, "up")
+
+
 @pytest.mark.parametrize("command", ["upload", "sync"])
 def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
     transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
@@ -795,21 +821,13 @@ def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
     # --durable-in` (sizes equal) would have deleted the only whole copy.
     src = tmp_path / "src"
     make_tree(src, {"step_9.pt": b"old" * 1000, "step_8.pt": b"steady"})
-    real = type(transfer).put_files
 
-    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
-        result = real(self, pairs, **kwargs)
+    def rewrite() -> None:
         with open(src / "step_9.pt", "r+b") as fh:  # the writer, mid-upload
             fh.write(b"new")
-        return result
 
-    monkeypatch.setattr(type(transfer), "put_files", put_files)
-    monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw) or [])
     with pytest.raises(PartialTransferError) as info:
-        if command == "upload":
-            ops.upload(transfer, src, bucket.join("u/"), recursive=True)
-        else:
-            ops.sync(transfer, src, bucket.join("u/"), "up")
+        _send_while(transfer, src, bucket.join("u/"), command, monkeypatch, rewrite)
     assert list(info.value.failures) == [str(bucket.join("u/step_9.pt"))]
     assert "changed while it was uploading" in str(info.value)
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt"]
@@ -824,20 +842,12 @@ def test_a_file_linked_or_chmoded_while_it_uploads_is_not_changed(
     # object and exited 1. Only the bytes (size, mtime) say a file changed.
     src = tmp_path / "src"
     make_tree(src, {"step_9.pt": b"steady" * 1000, "step_8.pt": b"steady"})
-    real = type(transfer).put_files
 
-    def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
-        result = real(self, pairs, **kwargs)
+    def link_and_chmod() -> None:
         os.link(src / "step_9.pt", tmp_path / "staged-link")  # the uploader staging it, mid-upload
         os.chmod(src / "step_8.pt", 0o600)
-        return result
 
-    monkeypatch.setattr(type(transfer), "put_files", put_files)
-    monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw) or [])
-    if command == "upload":
-        ops.upload(transfer, src, bucket.join("u/"), recursive=True)
-    else:
-        ops.sync(transfer, src, bucket.join("u/"), "up")
+    _send_while(transfer, src, bucket.join("u/"), command, monkeypatch, link_and_chmod)
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt", "u/step_9.pt"]
 
 
