@@ -440,8 +440,8 @@ def _appeared(extra: Sequence[tuple[str, str, int | None]]) -> list[tuple[Path, 
     return [(Path(src), S3URL.parse(dst), size) for src, dst, size in extra]
 
 
-def _head_info(bucket: str, key: str, record: dict[str, Any]) -> ObjectInfo:
-    """The object an ``s5cmd head --raw`` record describes."""
+def _object_info(bucket: str, key: str, record: dict[str, Any]) -> ObjectInfo:
+    """The object an ``s5cmd ls`` or ``head --raw`` record describes (the same fields)."""
     etag = record.get("etag")
     return ObjectInfo(
         bucket=bucket,
@@ -1529,15 +1529,7 @@ class S5cmdTransfer:
         if "last_modified" not in record:
             # A common prefix. Wildcard (recursive) listings report only objects.
             return None if recursive else PrefixInfo(bucket, key)
-        etag = record.get("etag")
-        return ObjectInfo(
-            bucket=bucket,
-            key=key,
-            size=int(record.get("size") or 0),
-            last_modified=parse_time(str(record["last_modified"])),
-            etag=str(etag).strip('"') if etag else None,
-            storage_class=record.get("storage_class") or None,
-        )
+        return _object_info(bucket, key, record)
 
     def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:
         """Delete keys in ``rm`` lines of at most 1,000 keys (one DeleteObjects each); a missing key is fine.
@@ -1615,7 +1607,7 @@ class S5cmdTransfer:
         outcome = self._collect(argv, transfer=False)
         for record in outcome.successes:
             if "last_modified" in record:
-                return _head_info(url.bucket, url.key, record)
+                return _object_info(url.bucket, url.key, record)
         message = outcome.message
         code = error_code(message)
         if code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
@@ -1802,7 +1794,7 @@ class S5cmdTransfer:
             for record in outcome.successes:
                 rel = urls.get(str(record.get("key")))
                 if rel is not None and "last_modified" in record:
-                    found[rel] = _head_info(prefix.bucket, prefix.key + rel, record)
+                    found[rel] = _object_info(prefix.bucket, prefix.key + rel, record)
             for record in outcome.errors:
                 message = _tidy(record.get("error", ""))
                 code = error_code(message)
