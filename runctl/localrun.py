@@ -25,6 +25,7 @@ from runctl.checkpoints import (
     format_check,
     has_completion_sign,
     is_recognised,
+    local_checkpoint,
 )
 from runctl.exceptions import (
     EXIT_FAILED,
@@ -430,8 +431,10 @@ class CheckpointWatcher:
             state = self._seen.get(name)
             if state is None:
                 state = self._seen[name] = _Seen(sig, now)
-                size = None if is_dir else sig[2]
-                mtime = None if is_dir else sig[3] / 1e9
+                if is_dir:  # as the uploader recorded it: the sum of its files, the newest mtime
+                    size, mtime = _dir_version(Path(entry.path))
+                else:
+                    size, mtime = sig[2], sig[3] / 1e9
                 if self._known(name, size, mtime) or (
                     not is_dir and self._known(name, size, _stat_mtime(entry))
                 ):
@@ -557,6 +560,15 @@ class CheckpointWatcher:
         changed within ``settle`` seconds before in a format that cannot tell.
         """
         return self.poll(final=True, script_failed=script_failed, killed=killed)
+
+
+def _dir_version(path: Path) -> tuple[int | None, float | None]:
+    """A directory's size and mtime as the journal holds them (``local_checkpoint``'s)."""
+    try:
+        cp = local_checkpoint(path)
+    except OSError:
+        return None, None
+    return cp.size, cp.mtime
 
 
 def _stat_mtime(entry: os.DirEntry[str]) -> float | None:

@@ -750,3 +750,44 @@ def test_with_json_stdout_holds_runctl_s_records_alone(tmp_path: Path, log: bool
     assert "saved 100" in proc.stderr
     if log:
         assert "saved 100" in (tmp_path / "run.log").read_text()
+
+
+def test_a_directory_saved_again_under_a_verified_name_is_uploaded_again(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The Trainer's rotation deletes checkpoint-100/, a later run saves a new one under the same
+    # name: the watcher took every verified version of a directory for this one (it asked the
+    # journal without size or time), so S3 kept the first run's weights and the run said 0.
+    (tmp_path / "hf.py").write_text(
+        "import os, sys\n"
+        "d = os.path.join(os.environ['RUNCTL_CHECKPOINT_DIR'], 'checkpoint-100')\n"
+        "os.makedirs(d, exist_ok=True)\n"
+        "open(os.path.join(d, 'model.bin'), 'wb').write(sys.argv[1].encode() * 1000)\n"
+        "open(os.path.join(d, 'trainer_state.json'), 'w').write('{}')\n"
+    )
+    bucket = S3URL(moto_server.new_bucket(), "")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+
+    def local(weights: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt"]
+            + ["--upload-to", f"s3://{bucket.bucket}/run/", "--settle", "0.2", "hf.py", weights],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    first = local("a")
+    assert first.returncode == 0 and "uploaded 1 checkpoint " in first.stderr, first.stderr
+    import shutil
+
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-100")
+    second = local("bb")
+    assert second.returncode == 0 and "uploaded 1 checkpoint " in second.stderr, second.stderr
+    assert keys(moto_server, bucket)["run/checkpoint-100/model.bin"] == b"bb" * 1000
+    # The same version again is still known: a third run with nothing new sends nothing.
+    (tmp_path / "same.py").write_text("")
+    third = subprocess.run(
+        [sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt"]
+        + ["--upload-to", f"s3://{bucket.bucket}/run/", "--settle", "0.2", "same.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert third.returncode == 0 and "uploaded 0 checkpoints" in third.stderr, third.stderr
