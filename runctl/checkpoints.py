@@ -67,8 +67,14 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     r"(?i)epoch[=_-]?\d+(?:[-_]step[=_-]?\d+)?(?:-v\d+)?",
 )
 
-_STEP_RE = re.compile(r"(?<![a-z])(?:step|checkpoint)[=_-]?(\d+)", re.IGNORECASE)
-_EPOCH_RE = re.compile(r"(?<![a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
+#: A number followed by a decimal point and a digit is a metric's value, not a step: Lightning
+#: names a metric logged on_step ``train_loss_step``, and ``{train_loss_step:.2f}`` in a
+#: filename gave ``epoch=2-train_loss_step=0.31.ckpt`` step 0, so a cleanup kept an older one.
+_NOT_A_FRACTION = r"(?!\d|\.\d)"
+_STEP_RE = re.compile(
+    rf"(?<![a-z])(?:step|checkpoint|iter)[=_-]?(\d+){_NOT_A_FRACTION}", re.IGNORECASE
+)
+_EPOCH_RE = re.compile(rf"(?<![a-z])epoch[=_-]?(\d+){_NOT_A_FRACTION}", re.IGNORECASE)
 _TRAILING_RE = re.compile(r"[a-z][a-z_-]*[-_](\d+)", re.IGNORECASE)
 _EXT_RE = re.compile(rf"{_EXT}$", re.IGNORECASE)
 _ALIAS_RE = re.compile(rf"(?:last|latest)(?:-v\d+)?(?:{_EXT})?", re.IGNORECASE)
@@ -82,8 +88,8 @@ def _base(name: str) -> str:
 def parse_step(name: str) -> tuple[int | None, int | None]:
     """The ``(step, epoch)`` a checkpoint name carries; either may be None.
 
-    ``step=N``, ``step_N``, ``step-N``, ``checkpoint-N`` and ``global_stepN`` give the step;
-    ``epoch=E`` the epoch; a name of letters plus one trailing number
+    ``step=N``, ``step_N``, ``step-N``, ``checkpoint-N``, ``global_stepN`` and ``iterN`` give
+    the step (not ``step=0.31``: a metric's value); ``epoch=E`` the epoch; a name of letters plus one trailing number
     (``model-00100.safetensors``) gives that number as the step.
 
     Example:

@@ -51,6 +51,12 @@ def obj(key: str, size: int = 10, age: float = 0.0, etag: str | None = None) -> 
         ("epoch=3-step=1200-v1.ckpt", (1200, 3)),
         ("model-00100.safetensors", (100, None)),
         ("iter_0001000", (1000, None)),
+        ("iter100", (100, None)),  # Megatron-style: recognised, but it had no step (name order)
+        ("filter_5.pt", (5, None)),
+        # A metric logged on_step is named train_loss_step by Lightning: its value is no step.
+        ("epoch=2-train_loss_step=0.31.ckpt", (None, 2)),
+        ("epoch=2-train_loss_step=0.31-step=500.ckpt", (500, 2)),
+        ("step=10.5.ckpt", (None, None)),
         ("model-00001-of-00003.safetensors", (None, None)),
         ("resnet50-00100.pt", (None, None)),
         ("last.ckpt", (None, None)),
