@@ -45,6 +45,9 @@ class RetentionPlan:
     pinned: frozenset[str] = frozenset()
     #: The size cap it was asked for; what it keeps can be over it (``over_size``).
     max_total_size: int | None = None
+    #: What it set out to delete and could not, each with why (local retention: these are in
+    #: ``keep``, as they are still there).
+    failed: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def over_size(self) -> int:
@@ -63,6 +66,7 @@ class RetentionPlan:
             "keep": [dict(c.to_json(), reason=self.reasons.get(c.name, "")) for c in self.keep],
             "delete": [dict(c.to_json(), reason=self.reasons.get(c.name, "")) for c in self.delete],
             "bytes_freed": self.bytes_freed,
+            "failed": dict(self.failed),
         }
 
 
@@ -599,6 +603,8 @@ def apply_local_retention(
     (``localrun.being_written``): like a Hugging Face directory still without its
     ``trainer_state.json``, they are neither counted among the newest nor deleted.
     ``protected_must_exist`` and pins (``root/.runctl/pinned/<name>``): as for ``apply_s3_retention``.
+    A checkpoint it could not delete (permissions, an immutable file) is in the plan's ``keep``
+    and its ``failed``, and the rest go on.
 
     Raises:
         UsageError: ``root`` is not a directory, or ``keep_last_n`` is below 1.
@@ -674,12 +680,25 @@ def apply_local_retention(
         final = dataclasses.replace(plan, keep=tuple(keep), delete=tuple(delete), reasons=reasons)
         if dry_run:
             return final
+        failed: dict[str, str] = {}
         for cp in delete:
             try:
                 _remove_local(root / cp.name)
             except OSError as exc:
                 log.warning("retention could not delete %s: %s", root / cp.name, exc)
+                failed[cp.name] = str(exc)
                 continue
             log.info("retention deleted local checkpoint %s (%s)", cp.name, reasons[cp.name])
             journal.record(cp.name, "deleted_local", size=cp.size, mtime=cp.mtime)
-    return final
+    if not failed:
+        return final
+    # Still there: reported as kept, with why, not as freed.
+    for name, why in failed.items():
+        reasons[name] = f"could not delete: {why}"
+    return dataclasses.replace(
+        final,
+        keep=tuple(sorted(final.keep + tuple(c for c in delete if c.name in failed), key=Checkpoint.order_key)),
+        delete=tuple(c for c in delete if c.name not in failed),
+        reasons=reasons,
+        failed=failed,
+    )

@@ -21,7 +21,7 @@ from runctl.cli.options import (
     session,
 )
 from runctl.cli.output import render_retention
-from runctl.exceptions import UsageError
+from runctl.exceptions import RunctlError, UsageError
 
 checkpoint_app = typer.Typer(
     name="checkpoint",
@@ -149,3 +149,8 @@ def cleanup_local(
         dry_run=dry_run,
         durable_in=None if prefix is None else str(prefix),
     )
+    if plan.failed:  # as `s3 cleanup` for a key it could not delete: named, exit 1
+        raise RunctlError(
+            f"could not delete {len(plan.failed)} checkpoint(s) in {str(directory)!r}: "
+            + "; ".join(f"{name}: {why}" for name, why in sorted(plan.failed.items())[:10])
+        )

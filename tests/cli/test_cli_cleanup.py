@@ -305,6 +305,40 @@ def test_local_cleanup_keeps_what_is_not_durable(tmp_path: Path) -> None:
     ]
 
 
+def test_a_local_checkpoint_that_cannot_be_deleted_is_named_and_fails_the_cleanup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint whose deletion failed (chattr +i, a read-only mount) was counted as deleted:
+    # "deleted 1 checkpoint", exit 0, the JSON summary too, and it was still there.
+    import runctl.retention
+
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    remove = runctl.retention._remove_local
+
+    def refuse_one(path: Path) -> None:
+        if path.name == "step_1.pt":
+            raise PermissionError(1, "Operation not permitted", str(path))
+        remove(path)
+
+    monkeypatch.setattr(runctl.retention, "_remove_local", refuse_one)
+    result = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--json")
+    assert result.exit_code == 1, result.output
+    error = result.stderr.strip().splitlines()[-1]  # after the warning as it happened
+    assert error.startswith("runctl: error: could not delete 1 checkpoint(s)"), result.stderr
+    assert "step_1.pt: [Errno 1] Operation not permitted" in error
+    assert "Traceback" not in result.stderr
+    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == [
+        "checkpoint-3",
+        "step_2.pt",
+    ]
+    kept = {d["name"]: d["reason"] for d in of_type(result.stdout, "keep")}
+    assert kept["step_1.pt"].startswith("could not delete: ")
+    (summary,) = of_type(result.stdout, "summary")
+    assert summary["deleted"] == 2 and summary["bytes_freed"] == 20
+    assert (root / "step_1.pt").exists() and not (root / "step_2.pt").exists()
+
+
 def test_a_local_dry_run_writes_nothing_into_the_directory(tmp_path: Path) -> None:
     # The dry run took the retention lock, creating DIR/.runctl/retention.lock: on a read-only
     # directory (a mounted copy) it failed, exit 1, "Read-only file system".
