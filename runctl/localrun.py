@@ -226,7 +226,9 @@ def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, st
 
     For a person's ``runctl checkpoint cleanup`` beside a training run: a checkpoint some
     process has open for writing, or that changed within the last ``settle`` seconds, is still
-    being written, and must not count as the newest (nor be deleted).
+    being written, and must not count as the newest (nor be deleted). So is one whose format
+    says it was cut short (``format_check``: a save a crash or a full disk stopped), though
+    nothing writes it any more: counted, it made the whole one before it go.
 
     Example:
         >>> being_written(Path("checkpoints"))  # doctest: +SKIP
@@ -247,6 +249,11 @@ def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, st
             found[entry.name] = "a process has it open for writing"
         elif now - newest < settle:
             found[entry.name] = f"it changed {max(0.0, now - newest):.1f} s ago"
+        elif sig is None or not dir_awaits_hf_sign(path := Path(entry.path)):  # (said so)
+            path = Path(entry.path)
+            _, torn = dir_format_check(path) if sig is not None else format_check(path)
+            if torn is not None:
+                found[entry.name] = f"cut short: {torn}"
     return found
 
 

@@ -87,7 +87,9 @@ def cleanup_local(
     deletes it anyway. Checkpoints copied by hand are in no journal:
     --durable-in S3URL checks S3 for them. A checkpoint still being written
     (open for writing, or changed in the last 2 s; a Hugging Face directory
-    without its trainer_state.json) neither counts among the newest nor goes.
+    without its trainer_state.json) neither counts among the newest nor goes;
+    nor does a save cut short (a torch.save zip without its end, a safetensors
+    file shorter than its header says).
     Runs under the same lock as the uploader.
 
     \b

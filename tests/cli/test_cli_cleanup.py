@@ -339,6 +339,31 @@ def test_a_local_checkpoint_that_cannot_be_deleted_is_named_and_fails_the_cleanu
     assert (root / "step_1.pt").exists() and not (root / "step_2.pt").exists()
 
 
+def test_local_cleanup_does_not_count_a_checkpoint_cut_short(tmp_path: Path) -> None:
+    # A save a crash or a full disk cut off, long quiet: a torch.save zip without its end, and a
+    # Trainer directory holding only the start of its weights (the save died before it wrote
+    # training_args.bin). Each was counted as the newest complete, and step_4.pt, the only
+    # whole one, was deleted.
+    root = tmp_path / "checkpoints"
+    make_local(root)
+    torch_zip = b"PK\x03\x04" + b"\0" * 200  # the first bytes of a zip, no central directory
+    (root / "step_5.pt").write_bytes(torch_zip)
+    hf = root / "checkpoint-70"
+    hf.mkdir()
+    header = b'{"w":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}'
+    (hf / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 10)
+    old = time.time() - 500
+    for path in (root / "step_5.pt", hf / "model.safetensors", hf):
+        os.utime(path, (old, old))
+    result = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--json")
+    assert result.exit_code == 0, result.output
+    keep = {k["name"]: k["reason"] for k in of_type(result.stdout, "keep")}
+    assert keep["step_4.pt"] == "newest complete"
+    assert keep["step_5.pt"].startswith("incomplete: cut short: a zip file without its end")
+    assert keep["checkpoint-70"].startswith("incomplete: cut short: model.safetensors: ")
+    assert (root / "step_4.pt").exists()
+
+
 def test_a_local_dry_run_writes_nothing_into_the_directory(tmp_path: Path) -> None:
     # The dry run took the retention lock, creating DIR/.runctl/retention.lock: on a read-only
     # directory (a mounted copy) it failed, exit 1, "Read-only file system".
