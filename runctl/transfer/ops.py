@@ -405,6 +405,10 @@ def upload(
     return done
 
 
+#: How many times a copy sends again a file that changed while it went up (``_changed_while_sent``).
+RESENDS = 2
+
+
 def _stamp(path: Path) -> tuple[int, int] | None:
     """A file's size and mtime, which a write changes.
 
@@ -426,14 +430,38 @@ def _changed_while_sent(
 ) -> None:
     """A file written to while it went up may have reached S3 as a mix of old and new bytes.
 
-    Its object is deleted (a checkpoint that looks whole and is not is worse than none) and it
-    counts as failed: aws-cli and s5cmd leave such an object without a word.
+    It is sent again, as it is now (``RESENDS`` times at most): S3 then holds what the file
+    holds, whole. A training run's uploader may have sent that newer version already, and the
+    copy's object must not take its place nor leave it deleted (``last.ckpt`` beside a
+    `runctl s3 sync` was gone). One still changing after that has its object deleted (a
+    checkpoint that looks whole and is not is worse than none) and counts as failed: aws-cli and
+    s5cmd leave such an object without a word.
     """
-    changed = [
-        url
+    pending = [
+        (path, url)
         for (path, url), stamp in zip(chunk, before, strict=True)
         if stamp is not None and str(url) not in failures and _stamp(path) != stamp
     ]
+    for _ in range(RESENDS):
+        if not pending:
+            return
+        log.info(
+            "%d file(s) changed while they were uploading: sending them again (%s)",
+            len(pending),
+            ", ".join(str(path) for path, _ in pending[:3]),
+        )
+        stamps = [_stamp(path) for path, _ in pending]
+        refused: dict[str, str] = {}
+        try:
+            transfer.put_files(pending)
+        except TransferError as exc:
+            _collect(exc, [str(url) for _, url in pending], refused)
+        pending = [
+            (path, url)
+            for (path, url), stamp in zip(pending, stamps, strict=True)
+            if stamp is None or str(url) in refused or _stamp(path) != stamp
+        ]
+    changed = [url for _, url in pending]
     if not changed:
         return
     try:
@@ -447,8 +475,8 @@ def _changed_while_sent(
             else "its object was deleted"
         )
         failures[str(url)] = (
-            f"the file changed while it was uploading, so the object could mix old and new "
-            f"bytes: {gone}; upload it again once it is written"
+            f"the file changed while it was uploading, {RESENDS + 1} times, so the object could "
+            f"mix old and new bytes: {gone}; upload it again once it is written"
         )
 
 

@@ -833,6 +833,40 @@ def test_a_file_changed_while_it_uploads_fails_and_leaves_no_object(
     assert [row[1] for row in listing(transfer, bucket.join("u/"))] == ["u/step_8.pt"]
 
 
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+@pytest.mark.parametrize("command", ["upload", "sync"])
+def test_a_file_changed_once_while_it_uploads_is_sent_again_as_it_is_now(
+    transfer: Transfer,
+    bucket: S3URL,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    how: str,
+) -> None:
+    # Training saved last.ckpt again while `runctl s3 sync` sent it, and its uploader put that
+    # newer version and said so; sync then deleted the object as "changed while it was
+    # uploading": S3 held no last.ckpt at all, and the uploader's journal said it did.
+    src = tmp_path / "src"
+    make_tree(src, {"last.ckpt": b"old" * 1000, "step_8.pt": b"steady"})
+    url = bucket.join("u/")
+    saves = []
+
+    def save_once() -> None:
+        if saves:
+            return
+        saves.append(1)
+        if how == "in place":
+            (src / "last.ckpt").write_bytes(b"new" * 2000)
+        else:  # a temporary file renamed over it, as fsspec and HF do
+            (src / "last.tmp").write_bytes(b"new" * 2000)
+            os.replace(src / "last.tmp", src / "last.ckpt")
+        transfer.put_files([(src / "last.ckpt", url.join("last.ckpt"))])  # the uploader's
+
+    _send_while(transfer, src, url, command, monkeypatch, save_once)
+    assert [row[1] for row in listing(transfer, url)] == ["u/last.ckpt", "u/step_8.pt"]
+    assert transfer.get_bytes(url.join("last.ckpt")) == b"new" * 2000
+
+
 @pytest.mark.parametrize("command", ["upload", "sync"])
 def test_a_file_linked_or_chmoded_while_it_uploads_is_not_changed(
     transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
