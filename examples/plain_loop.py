@@ -67,6 +67,9 @@ def main() -> None:
             start = state["step"] + 1
             log.info("resumed from %s at step %d", resume.name, start)
 
+        if start >= args.steps:
+            log.info("nothing left to train: %s is the last step (%d)", resume, args.steps - 1)
+            return
         gen = torch.Generator().manual_seed(start)
         loss = torch.tensor(float("nan"))
         for step in range(start, args.steps):

@@ -1,7 +1,8 @@
 """Lightning: ``RunctlCheckpoint``, a ModelCheckpoint that also uploads each checkpoint to S3.
 
 Two classes come from one implementation, one per Lightning namespace (a callback of one
-namespace is rejected by the other's Trainer):
+namespace is accepted by the other's Trainer, but not as its checkpoint callback: Lightning
+then adds a ``ModelCheckpoint`` of its own, and "best" and "last" are that one's):
 
 - ``RunctlCheckpoint`` subclasses ``lightning.pytorch.callbacks.ModelCheckpoint``;
 - ``RunctlCheckpointPL`` subclasses ``pytorch_lightning.callbacks.ModelCheckpoint``.

@@ -23,6 +23,7 @@ _LAZY = {
     "get_transfer": "runctl.transfer",
     "CheckpointUploader": "runctl.uploader",
     "latest_checkpoint": "runctl.uploader",
+    "RetryPolicy": "runctl.retry",
     "RunctlError": "runctl.exceptions",
     "UploadError": "runctl.exceptions",
     "S3URLError": "runctl.exceptions",
@@ -31,6 +32,7 @@ _LAZY = {
 
 __all__ = [
     "CheckpointUploader",
+    "RetryPolicy",
     "RunctlError",
     "S3Config",
     "S3URL",
@@ -46,6 +48,7 @@ __all__ = [
 if TYPE_CHECKING:
     from runctl.config import S3Config, resolve_config
     from runctl.exceptions import RunctlError, S3URLError, TransferError, UploadError
+    from runctl.retry import RetryPolicy
     from runctl.s3url import S3URL
     from runctl.transfer import get_transfer
     from runctl.uploader import CheckpointUploader, latest_checkpoint
