@@ -921,7 +921,13 @@ def download(
         final = dest
     if dry_run:
         return [(url, final)]
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # as aws: a file where a directory must be
+        blocker = next(p for p in (final.parent, *final.parent.parents) if p.exists())
+        raise UsageError(
+            f"cannot download {url} to {str(final)!r}: {str(blocker)!r} is not a directory"
+        ) from None
     if final.is_dir():
         raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
     # /dev/stdout, /dev/fd/N, /proc/self/fd/N name this process's own descriptor, written to as

@@ -150,6 +150,8 @@ ROWS: list[tuple[str, list[str], int, dict[str, str]]] = [
         {},
     ),
     ("download-prefix-without-recursive", ["s3", "download", "{url}", "{tmp}/new"], USAGE, {}),
+    # "[Errno 17] File exists: '.../afile.txt'", exit 1: the file is where a directory must be.
+    ("download-below-a-file", ["s3", "download", "{url}step_1.pt", "{file}/x/y"], USAGE, {}),
     (
         "download-unmarked-without-latest",
         ["s3", "download", "{url}step_1.pt", "{tmp}/new/", "--treat-unmarked-complete"],
