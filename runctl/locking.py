@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import sys
@@ -201,3 +203,130 @@ def upload_turn(root: Path, *, give_up: Callable[[], bool]) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+#: ``<root>/.runctl/uploaders/<pid>``: held (a shared flock) by each process that uploads ``root``.
+UPLOADERS_DIR = "uploaders"
+
+
+def _ancestors(pid: int) -> list[int] | None:
+    """``pid``'s parent, its parent, and so on (Linux ``/proc``); None where it cannot be read."""
+    chain: list[int] = []
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            return None if not chain else chain
+        # The command name is in parentheses and may hold spaces: the fields follow its last ')'.
+        pid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        chain.append(pid)
+    return chain
+
+
+_marks = itertools.count()
+
+
+class UploaderMark:
+    """An uploader's mark in ``<root>/.runctl/uploaders/`` (``mark_uploader``); ``remove()`` it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def remove(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = -1
+
+
+def mark_uploader(root: Path) -> UploaderMark | None:
+    """Say that this process uploads checkpoints from ``root`` until the mark is removed.
+
+    None where the mark cannot be made (the check is then skipped). The mark is a file
+    ``<pid>-<n>`` holding a shared flock, which the system releases when the process dies,
+    SIGKILL included: an unlocked mark is a stale one.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); mark = mark_uploader(root)
+        >>> other_uploaders(root), mark.remove()
+        ([], None)
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    folder = Path(root) / ".runctl" / UPLOADERS_DIR
+    name = f"{os.getpid()}-{next(_marks)}"  # one per uploader: each holds and removes its own
+    temp = folder / f".{name}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.debug("cannot mark %s as uploaded by this process: %s", root, exc)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # before its name appears: never seen unlocked
+        os.replace(temp, folder / name)
+    except OSError as exc:
+        log.debug("cannot mark %s as uploaded by this process: %s", root, exc)
+        os.close(fd)
+        return None
+    return UploaderMark(folder / name, fd)
+
+
+def other_uploaders(root: Path) -> list[int]:
+    """The live processes, other than this one and its own ancestors and descendants, that
+    marked ``root`` (``mark_uploader``); stale marks are removed.
+
+    ``runctl local`` and its script's own uploader share a directory by design; two training
+    runs started on one directory do not: each overwrites the other's checkpoints, locally and
+    in S3. Linux only (it reads ``/proc``); elsewhere, an empty list.
+
+    Example:
+        >>> import tempfile
+        >>> other_uploaders(Path(tempfile.mkdtemp()))
+        []
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    own = os.getpid()
+    related = _ancestors(own)
+    if related is None:
+        return []
+    folder = Path(root) / ".runctl" / UPLOADERS_DIR
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    live: list[int] = []
+    for name in sorted(names):
+        pid_text = name.partition("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == own:
+            continue
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: its process is alive
+                pid = int(pid_text)
+                # Not an ancestor of ours (runctl local, for its script), nor a descendant.
+                if pid not in related and own not in (_ancestors(pid) or ()) and pid not in live:
+                    live.append(pid)
+                continue
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()  # its process is gone
+        finally:
+            os.close(fd)
+    return live

@@ -52,7 +52,7 @@ from runctl.exceptions import (
     UsageError,
 )
 from runctl.journal import MOOT, Journal, JournalSnapshot
-from runctl.locking import upload_turn
+from runctl.locking import mark_uploader, other_uploaders, upload_turn
 from runctl.pins import LocalPins
 from runctl.retention import (
     RetentionPlan,
@@ -655,6 +655,16 @@ class CheckpointUploader:
         #: Handles of the uploads resumed from the journal at start-up (left by an earlier process).
         self.resumed: tuple[UploadHandle, ...] = ()
 
+        self._mark = mark_uploader(self.root)
+        others = other_uploaders(self.root) if self._mark is not None else []
+        if others:  # as Lightning's "checkpoint directory exists and is not empty"
+            log.warning(
+                "another process (pid %s) is uploading checkpoints from %s too: two runs saving "
+                "into one directory overwrite each other's checkpoints, here and in S3; give "
+                "each run a directory (and an S3 prefix) of its own",
+                ", ".join(map(str, others)),
+                self.root,
+            )
         if resume:
             self._resume()
         self._worker = threading.Thread(target=self._work, name="runctl-uploader", daemon=True)
@@ -2178,6 +2188,8 @@ class CheckpointUploader:
                 UploadError({job.name: "not uploaded before close (still pending in the journal)"}),
             )
         self._stager.close()  # links what is still queued (a resume starts from them), no copies
+        if self._mark is not None:
+            self._mark.remove()
         self._journal.close()
         if self._owns_transfer:
             try:

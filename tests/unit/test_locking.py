@@ -134,3 +134,64 @@ def test_an_unusable_lock_directory_is_named_with_its_variable(
     monkeypatch.setenv("RUNCTL_LOCK_DIR", str(tmp_path / "afile" / "locks"))
     with pytest.raises(UsageError, match=r"RUNCTL_LOCK_DIR.*Not a directory"):
         lock_dir()
+
+
+MARKER = """
+import sys, time
+from pathlib import Path
+from runctl.locking import mark_uploader
+mark = mark_uploader(Path(sys.argv[1]))
+print("marked", flush=True)
+time.sleep(60)
+"""
+
+
+def _marking(root: Path, *, unrelated: bool, tmp_path: Path) -> int:
+    """A process that marks ``root`` as uploaded by it; unrelated: not our descendant (its
+    parent, a shell, exits at once). Returns its pid once the mark is made."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    script = tmp_path / "marker.py"
+    script.write_text(MARKER)
+    out = tmp_path / f"marker-{time.monotonic_ns()}.out"
+    if unrelated:
+        subprocess.run(
+            ["sh", "-c", f'"{sys.executable}" "{script}" "{root}" > "{out}" 2>&1 & echo $! > "{out}.pid"'],
+            env=env, check=True, timeout=30,
+        )  # fmt: skip
+        pid = int(Path(f"{out}.pid").read_text())
+    else:
+        pid = subprocess.Popen(
+            [sys.executable, str(script), str(root)], env=env, stdout=out.open("w")
+        ).pid
+    deadline = time.monotonic() + 30
+    while "marked" not in (out.read_text() if out.exists() else ""):
+        assert time.monotonic() < deadline, "the marking process did not start"
+        time.sleep(0.05)
+    return pid
+
+
+def test_another_live_uploader_of_a_directory_is_seen_and_a_dead_one_forgotten(
+    tmp_path: Path,
+) -> None:
+    # Two training runs started on one directory overwrite each other's checkpoints, locally
+    # and in S3, with nothing said but INFO lines.
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    own = locking.mark_uploader(root)
+    assert own is not None and locking.other_uploaders(root) == []  # this process is not another
+    child = _marking(root, unrelated=False, tmp_path=tmp_path)  # as runctl local's script
+    assert locking.other_uploaders(root) == []
+    stranger = _marking(root, unrelated=True, tmp_path=tmp_path)
+    try:
+        assert locking.other_uploaders(root) == [stranger]
+    finally:
+        os.kill(stranger, signal.SIGKILL)
+        os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while locking.other_uploaders(root):  # the system drops a dead process's flock
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    marks = [p.name for p in (root / ".runctl" / locking.UPLOADERS_DIR).iterdir()]
+    assert own.path.name in marks and not [m for m in marks if m.startswith(f"{stranger}-")]
+    own.remove()
+    assert not own.path.exists()

@@ -585,6 +585,30 @@ def test_held_retention_waits_for_release_then_runs_once_before_flush_returns(
     up.close(timeout=60)
 
 
+def test_a_second_run_uploading_from_the_same_directory_is_warned_about(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # Two training runs started on one directory (and prefix) by mistake: each overwrote the
+    # other's step_N.pt in S3, with nothing said but INFO lines; the second "resumed" the
+    # first's pending uploads as left by an earlier run.
+    import signal
+
+    from tests.unit.test_locking import _marking
+
+    caplog.set_level(logging.WARNING, logger="runctl")
+    first = uploader(root, moto_bucket, boto_transfer)  # this process: not another run
+    first.close(timeout=30)
+    assert not [r for r in caplog.records if "another process" in r.getMessage()]
+    other = _marking(root, unrelated=True, tmp_path=tmp_path)  # the other run's uploader
+    try:
+        up = uploader(root, moto_bucket, boto_transfer)
+        up.close(timeout=30)
+    finally:
+        os.kill(other, signal.SIGKILL)
+    (said,) = [r.getMessage() for r in caplog.records if "another process" in r.getMessage()]
+    assert f"(pid {other}) is uploading checkpoints from {root} too" in said
+
+
 def test_a_run_whose_checkpoints_are_outranked_by_another_runs_is_warned_once(
     root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
 ) -> None:
