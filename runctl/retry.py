@@ -30,6 +30,7 @@ PERMANENT_CODES: frozenset[str] = frozenset(
         "InvalidBucketName",
         "LocalFileNotFound",
         "LocalAccessDenied",  # this machine refused runctl a file: no retry fixes that
+        "LocalNameNotUTF8",  # a local name no S3 key can spell
     }
 )
 

@@ -32,6 +32,28 @@ def _check_bucket(bucket: str, raw: str) -> None:
         raise S3URLError(f"invalid S3 URL {raw!r}: {problem}")
 
 
+#: Why a local name with bytes that are not UTF-8 is not sent: aws and the s5cmd binary refuse it
+#: as well (runctl's s5cmd runs sent three such files to one key, "\ufffd" for each, exit 0).
+NOT_UTF8 = "its name is not valid UTF-8, which every S3 key is (rename it)"
+
+
+def not_utf8(name: str) -> bool:
+    """True for a local name (``os.fsdecode``: surrogate escapes) that no S3 key can spell.
+
+    Example:
+        >>> import os
+        >>> not_utf8("step_1.pt"), not_utf8("caf\u00e9.pt"), not_utf8(os.fsdecode(b"x\xe9"))
+        (False, False, True)
+    """
+    if name.isascii():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 @dataclass(frozen=True, order=True)
 class S3URL:
     """An S3 location: a bucket plus a key, which may be empty (the bucket root).

@@ -61,7 +61,7 @@ from runctl.retention import (
     check_keep_last_n,
 )
 from runctl.retry import RetryPolicy
-from runctl.s3url import S3URL
+from runctl.s3url import NOT_UTF8, S3URL, not_utf8
 from runctl.staging import (
     FD_LINKS,
     FileStamp,
@@ -706,6 +706,8 @@ class CheckpointUploader:
             )
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise UsageError(f"step must be an integer or None (got {step!r})")
+        if not_utf8(name):
+            raise UsageError(f"cannot submit {str(path)!r}: {NOT_UTF8}")
         src = Path(absolute)
         self._check_failure_policy()
         try:
@@ -1707,6 +1709,14 @@ class CheckpointUploader:
     def _upload_dir(self, job: _Job, snapshot: Snapshot, attempt: int) -> None:
         url = self._url_of(job.name, True)
         marker = url.join(MARKER_NAME)
+        unnamable = sorted(rel for rel in snapshot.files if not_utf8(rel))
+        if unnamable:  # no retry can send them: said at once, as a file refused here is
+            raise TransferError(
+                f"{len(unnamable)} file(s) of {job.name} cannot be uploaded: {NOT_UTF8}: "
+                + ", ".join(repr(rel) for rel in unnamable[:3]),
+                code="LocalNameNotUTF8",
+                url=str(url),
+            )
         if attempt == 1 and not job.resumed:
             # An older version under the same name must stop reading as complete before we mix in new files.
             if self.transfer.stat(marker) is not None:

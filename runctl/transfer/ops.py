@@ -25,7 +25,7 @@ from runctl.exceptions import (
     UnsafeKeyError,
     UsageError,
 )
-from runctl.s3url import S3URL
+from runctl.s3url import NOT_UTF8, S3URL, not_utf8
 from runctl.transfer.base import (
     ObjectInfo,
     PrefixInfo,
@@ -294,8 +294,17 @@ def _upload_pairs(
         prefix = url.as_prefix()
         for rel, path in _walk_files(local, holes=holes):
             if selected(rel, include, exclude) and not (own_file and own_file(rel)):
+                if not_utf8(rel):
+                    if holes is None:
+                        raise UsageError(f"cannot upload {str(path)!r}: {NOT_UTF8}")
+                    holes.append((rel, NOT_UTF8))
+                    continue
                 yield path, prefix.join(rel)
     elif local.is_file():
+        if url.is_prefix and not_utf8(local.name):
+            raise UsageError(
+                f"cannot upload {str(local)!r} to {url}: {NOT_UTF8}, or give the key in the URL"
+            )
         yield local, (url.join(local.name) if url.is_prefix else url)
     elif local.exists():
         raise UsageError(f"cannot upload {str(local)!r}: not a regular file or directory")
@@ -324,7 +333,7 @@ def _plain_tree(
     for rel, path in _walk_files(local, odd, holes):
         if odd or holes or len(pairs) >= TREE_MAX_FILES or not selected(rel, include, exclude):
             return None
-        if own_file is not None and own_file(rel):
+        if (own_file is not None and own_file(rel)) or not_utf8(rel):
             return None
         pairs.append((path, prefix.join(rel)))
     return None if odd or holes else pairs
@@ -519,7 +528,7 @@ def _note_holes(local: Path, holes: Sequence[tuple[str, str]], failures: dict[st
     added = 0
     for rel, why in holes:
         path = str(local / rel) if rel else str(local)
-        if why.startswith(_UNREADABLE):
+        if why.startswith(_UNREADABLE) or why == NOT_UTF8:
             failures[path] = why
             added += 1
         else:
@@ -1232,6 +1241,9 @@ def _plan(
         uploads: list[tuple[Path, S3URL]] = []
         unreadable: dict[str, str] = {}
         for rel, path in local_files.items():
+            if not_utf8(rel):
+                unreadable[str(path)] = NOT_UTF8
+                continue
             obj = remote.get(rel)
             try:
                 st = path.stat()
@@ -1269,7 +1281,11 @@ def _plan(
         )
         return _SyncWork(plan, uploads=tuple(uploads), delete_keys=tuple(o.key for o in doomed))
     if delete:  # a file is deleted for want of its object only once S3 is asked about it
-        unseen = [rel for rel in local_files if rel not in remote and not runctl_own(rel)]
+        unseen = [
+            rel
+            for rel in local_files
+            if rel not in remote and not runctl_own(rel) and not not_utf8(rel)  # (no key spells it)
+        ]
         if unseen:
             remote.update(transfer.unlisted(prefix, unseen))
     downloads: list[tuple[ObjectInfo, S3URL, Path]] = []

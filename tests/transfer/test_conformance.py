@@ -919,3 +919,36 @@ def test_a_file_cut_short_while_boto3_uploads_it_fails_at_once(rclone_server: S3
         assert transfer.stat(url) is None
     finally:
         transfer.close()
+
+
+def test_local_names_that_are_not_utf8_are_refused_each_and_never_share_a_key(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path
+) -> None:
+    # On s5cmd, three files named x\xe9, x\xe8 and x\ufffd went up to the one key "x\ufffd"
+    # (the last one's content), "uploaded 3 files", exit 0; a second sync sent two again.
+    src = tmp_path / "src"
+    src.mkdir()
+    for raw, data in ((b"x\xe9", b"AAA"), (b"x\xe8", b"BBB")):
+        (src / os.fsdecode(raw)).write_bytes(data)
+    (src / "x\ufffd").write_bytes(b"CCC")
+    (src / "ok.pt").write_bytes(b"ok")
+    bad = {str(src / os.fsdecode(raw)) for raw in (b"x\xe9", b"x\xe8")}
+    for command in ("upload", "sync"):
+        url = bucket.join(f"{command}/")
+        with pytest.raises(PartialTransferError) as info:
+            if command == "upload":
+                ops.upload(transfer, src, url, recursive=True)
+            else:
+                ops.sync(transfer, src, url, "up")
+        assert set(info.value.failures) == bad, info.value.failures
+        assert all("not valid UTF-8" in why for why in info.value.failures.values())
+        keys = {row[1]: row[2] for row in listing(transfer, url)}
+        assert keys == {f"{command}/ok.pt": 2, f"{command}/x\ufffd": 3}
+        assert transfer.get_bytes(url.join("x\ufffd")) == b"CCC"
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        ops.upload(transfer, src / os.fsdecode(b"x\xe9"), bucket.join("one/"))
+    assert not listing(transfer, bucket.join("one/"))
+    # Going down, such a local file is one S3 cannot hold: --delete deletes it, as aws does.
+    plan = ops.sync(transfer, src, bucket.join("upload/"), "down", delete=True)
+    assert sorted(map(os.path.basename, plan.delete)) == sorted(map(os.path.basename, bad))
+    assert sorted(p.name for p in src.iterdir()) == ["ok.pt", "x\ufffd"]

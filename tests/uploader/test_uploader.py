@@ -1267,6 +1267,28 @@ def test_a_file_this_machine_refuses_fails_at_once_without_retries(
     assert (up.status().retries, up.status().failures, up.status().uploaded) == (0, 1, 1)
 
 
+def test_names_that_are_not_utf8_are_refused_at_once(
+    root: Path, bucket: S3URL, transfer: object
+) -> None:
+    # A directory checkpoint holding a file named b"tok\xe9.json" failed only after five
+    # attempts of an error no retry could fix (on rclone, "SignatureDoesNotMatch").
+    up = uploader(root, bucket, transfer)
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        up.submit(write(root / os.fsdecode(b"step_1\xe9.pt"), b"one"))
+    ckpt = root / "checkpoint-2"
+    ckpt.mkdir()
+    write(ckpt / "model.bin", b"m")
+    write(ckpt / os.fsdecode(b"tok\xe9.json"), b"t")
+    handle = up.submit(ckpt)
+    exc = handle.exception(60)
+    assert isinstance(exc, TransferError) and exc.code == "LocalNameNotUTF8", exc
+    assert "tok\\udce9.json" in str(exc)
+    with pytest.raises(UploadError, match="not valid UTF-8"):
+        up.close(timeout=30)
+    assert (up.status().retries, up.status().failures) == (0, 1)
+    assert not keys_under(transfer, bucket.join("run/"))
+
+
 def test_a_directory_checkpoint_with_a_relative_symlink_uploads_what_it_points_to(
     root: Path, bucket: S3URL, transfer: object, tmp_path: Path
 ) -> None:
