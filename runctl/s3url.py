@@ -42,7 +42,7 @@ def not_utf8(name: str) -> bool:
 
     Example:
         >>> import os
-        >>> not_utf8("step_1.pt"), not_utf8("caf\u00e9.pt"), not_utf8(os.fsdecode(b"x\xe9"))
+        >>> not_utf8("step_1.pt"), not_utf8("café.pt"), not_utf8(os.fsdecode(b"x\\xe9"))
         (False, False, True)
     """
     if name.isascii():
