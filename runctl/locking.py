@@ -126,6 +126,37 @@ def brief_lock(path: Path, wait: float, what: str) -> Iterator[None]:
         lock.release()
 
 
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "0:0:0:0:0:0:0:1"})
+
+
+def _endpoint_ident(endpoint_url: str | None) -> str:
+    """One spelling per server: ``http://localhost:9000/`` and ``http://127.0.0.1:9000`` are
+    the same one (a cleanup did not wait for an uploader's retention across the two), and
+    every AWS endpoint is AWS, where a bucket name is global.
+
+    Example:
+        >>> _endpoint_ident("HTTP://localhost:9000/"), _endpoint_ident("https://s3.us-east-1.amazonaws.com")
+        ('http://loopback:9000', 'aws')
+    """
+    from urllib.parse import urlsplit
+
+    text = (endpoint_url or "").strip()
+    if not text:
+        return "aws"
+    try:
+        parts = urlsplit(text if "://" in text else f"https://{text}")
+        host = (parts.hostname or "").lower()
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # not a URL: as it is written
+        return text.rstrip("/").lower()
+    if host == "amazonaws.com" or host.endswith(".amazonaws.com"):
+        return "aws"
+    if host in _LOOPBACK or host.startswith("127."):
+        host = "loopback"
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme.lower()}://{host}:{port}{path}"
+
+
 def s3_lock_path(prefix: S3URL, endpoint_url: str | None = None) -> Path:
     """The lock file for one S3 prefix at one endpoint (the same path in every process).
 
@@ -133,8 +164,7 @@ def s3_lock_path(prefix: S3URL, endpoint_url: str | None = None) -> Path:
         >>> s3_lock_path(S3URL("bkt", "ckpt")) == s3_lock_path(S3URL("bkt", "ckpt/"))
         True
     """
-    endpoint = (endpoint_url or "aws").strip().rstrip("/").lower()
-    ident = "\n".join((endpoint, prefix.bucket, prefix.as_prefix().key))
+    ident = "\n".join((_endpoint_ident(endpoint_url), prefix.bucket, prefix.as_prefix().key))
     digest = hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32]
     return lock_dir() / f"s3-{prefix.bucket}-{digest}.lock"
 

@@ -48,6 +48,15 @@ def test_one_path_per_prefix_and_endpoint() -> None:
     assert a != s3_lock_path(PREFIX, "http://127.0.0.1:9001")
     assert a != s3_lock_path(PREFIX)
     assert a != s3_lock_path(S3URL("bkt2", "ckpt/"), ENDPOINT)
+    # One server, however its endpoint is spelled: a cleanup given localhost did not wait for an
+    # uploader's retention given 127.0.0.1.
+    for same in ("http://localhost:9000", "HTTP://LOCALHOST:9000/", "http://[::1]:9000"):
+        assert s3_lock_path(PREFIX, same) == a, same
+    assert s3_lock_path(PREFIX, "https://localhost:9000") != a
+    aws = s3_lock_path(PREFIX)
+    assert s3_lock_path(PREFIX, "https://s3.us-west-2.amazonaws.com") == aws
+    assert s3_lock_path(PREFIX, "https://s3.amazonaws.com:443/") == aws
+    assert s3_lock_path(PREFIX, "http://minio.internal") == s3_lock_path(PREFIX, "http://minio.internal:80")
 
 
 def test_reentrant_within_a_thread() -> None:
