@@ -109,6 +109,20 @@ def parse_step(name: str) -> tuple[int | None, int | None]:
     return step, epoch
 
 
+def numbered_by_name_only(name: str) -> bool:
+    """True when a name's number comes from the "letters, then one trailing number" rule alone
+    (``model-00100.safetensors``, ``embeddings_4096.pt``), not from a step or epoch marker.
+
+    Example:
+        >>> numbered_by_name_only("net_g_5000.pth"), numbered_by_name_only("step_100.pt")
+        (True, False)
+    """
+    base = _base(name)
+    if _STEP_RE.search(base) or _EPOCH_RE.search(base):
+        return False
+    return _TRAILING_RE.fullmatch(_EXT_RE.sub("", base)) is not None
+
+
 def step_order(name: str) -> tuple[int, int]:
     """``parse_step`` as retention orders it: higher is newer, -1 for a number the name lacks.
 

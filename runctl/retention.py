@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -15,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runctl.checkpoints import PIN_DIR, Checkpoint, group_s3, is_alias, scan_local, step_order
+from runctl.checkpoints import (
+    PIN_DIR,
+    Checkpoint,
+    group_s3,
+    is_alias,
+    numbered_by_name_only,
+    scan_local,
+    step_order,
+)
 from runctl.exceptions import PartialTransferError, TransferError, UsageError
 from runctl.journal import Journal
 from runctl.locking import local_dir_lock, s3_prefix_lock
@@ -183,6 +192,29 @@ def _shape(name: str) -> str:
     return re.sub(r"\d+", "#", _VERSION_RE.sub("", name))
 
 
+def strays(checkpoints: Iterable[Checkpoint]) -> set[str]:
+    """Files named by a word and a number that are likely not checkpoints: among checkpoints
+    named by their step, one whose shape (``_shape``) no other shares.
+
+    ``embeddings_4096.pt`` beside ``step_100.pt`` and ``step_200.pt`` ranked as step 4,096: a
+    cleanup kept it as the newest and deleted both checkpoints (and one at a low number was
+    deleted itself). A series (``net_g_#.pth`` at two steps) is not a stray, nor is anything
+    where no name carries a step marker. Retention keeps strays and does not count them, and
+    ``--latest`` passes them by.
+
+    Example:
+        >>> cps = [Checkpoint(n, False, s, None, 0.0, 1, True)
+        ...        for n, s in (("step_1.pt", 1), ("step_2.pt", 2), ("embeddings_4096.pt", 4096))]
+        >>> strays(cps)
+        {'embeddings_4096.pt'}
+    """
+    items = list(checkpoints)
+    if not any((c.step is not None or c.epoch is not None) and not numbered_by_name_only(c.name) for c in items):
+        return set()
+    shapes = collections.Counter(_shape(c.name) for c in items)
+    return {c.name for c in items if numbered_by_name_only(c.name) and shapes[_shape(c.name)] == 1}
+
+
 def missing_partners(checkpoints: Iterable[Checkpoint]) -> dict[tuple[int, int], str]:
     """The newest step, when it lacks a kind of file the step before it was saved with.
 
@@ -260,6 +292,7 @@ def plan_retention(
     unsettled = _protected_names(unsettled)
 
     ordered = sorted(checkpoints, key=Checkpoint.order_key)
+    stray = strays(ordered)
     at = positions(ordered)
     # A step is not whole while a file of it is incomplete, unfinished, on its way or left out:
     # what is there of it does not count among the newest (keep-last-1 deleted the 4000 pair
@@ -271,12 +304,12 @@ def plan_retention(
 
     not_whole: dict[tuple[int, int], str] = {}
     for cp in ordered:
-        if not cp.complete and not is_alias(cp.name) and not abandoned(cp):
+        if not cp.complete and not is_alias(cp.name) and not abandoned(cp) and cp.name not in stray:
             not_whole.setdefault(cp.order_key()[:2], f"{cp.name} is incomplete")
     for names, why in ((unsettled, "is on its way, or was left out"), (unfinished, "was left unfinished")):
         for name in sorted(_protected_names(names)):
             not_whole.setdefault(step_order(name), f"{name} {why}")
-    for at_step, why in missing_partners(ordered).items():
+    for at_step, why in missing_partners(c for c in ordered if c.name not in stray).items():
         not_whole.setdefault(at_step, why)
     not_whole.pop((-1, -1), None)  # a name without numbers is a step of its own
     partial = {
@@ -284,7 +317,11 @@ def plan_retention(
         for cp in ordered
         if cp.complete and not is_alias(cp.name) and cp.order_key()[:2] in not_whole
     }
-    ranked = [c for c in ordered if c.complete and not is_alias(c.name) and c.name not in partial]
+    ranked = [
+        c
+        for c in ordered
+        if c.complete and not is_alias(c.name) and c.name not in partial and c.name not in stray
+    ]
     whole = sorted({at[c.name] for c in ranked})  # oldest first
     places = {p: len(whole) - i for i, p in enumerate(whole)}
     rank = {c.name: places[at[c.name]] for c in ranked}  # 1 = newest; one rank per step
@@ -302,6 +339,10 @@ def plan_retention(
         name = cp.name
         if is_alias(name):
             reasons[name] = "alias (always kept)"
+        elif name in stray:
+            reasons[name] = (
+                "kept, not counted: named by a number alone, unlike every other checkpoint here"
+            )
         elif name in protected:
             reasons[name] = "protected"
         elif not cp.complete:

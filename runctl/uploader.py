@@ -59,6 +59,7 @@ from runctl.retention import (
     apply_local_retention,
     apply_s3_retention,
     check_keep_last_n,
+    strays,
 )
 from runctl.retry import RetryPolicy
 from runctl.s3url import NOT_UTF8, S3URL, not_utf8
@@ -2441,6 +2442,8 @@ def latest_checkpoints(
             read_marker=lambda key: transfer.get_bytes(S3URL(prefix.bucket, key)),
         )
         complete = [c for c in grouped.checkpoints if c.complete]
+        passed_by = strays(complete)  # embeddings_4096.pt beside step_N.pt: not the newest
+        complete = [c for c in complete if c.name not in passed_by]
         newest = newest_state(complete)
         if newest is None:
             log.info("no complete checkpoint under %s", prefix)

@@ -45,6 +45,27 @@ def test_keeps_newest_n_complete() -> None:
     assert "newest 2" in plan.reasons["step_1.pt"]
 
 
+@pytest.mark.parametrize("stray", ["embeddings_4096.pt", "embeddings_64.pt"])
+def test_a_lone_file_named_by_a_number_beside_step_checkpoints_is_kept_and_not_counted(stray: str) -> None:
+    # embeddings_4096.pt ranked as step 4,096: cleanup -n 1 kept it as the newest and deleted
+    # step_100.pt and step_200.pt; embeddings_64.pt was deleted itself, as an old step.
+    from runctl.checkpoints import parse_step
+
+    found = [cp(n, parse_step(n)[0]) for n in ("step_100.pt", "step_200.pt", stray)]
+    plan = plan_retention(found, keep_last_n=1)
+    assert names(plan.delete) == ["step_100.pt"]
+    assert plan.reasons["step_200.pt"] == "newest complete"
+    assert plan.reasons[stray].startswith("kept, not counted")
+    # A series is a kind of checkpoint (net_g_#.pth at two steps), and so is a lone numbered
+    # name where nothing carries a step marker.
+    gan = [cp(f"net_{p}_{s}.pth", s) for s in (1000, 2000) for p in "gd"]
+    assert names(plan_retention([*gan, cp("step_3000.pt", 3000)], keep_last_n=2).delete) == [
+        "net_d_1000.pth", "net_g_1000.pth"
+    ]  # fmt: skip
+    alone = [cp("model-00100.safetensors", 100), cp("ckpt_50.pt", 50)]
+    assert names(plan_retention(alone, keep_last_n=1).delete) == ["ckpt_50.pt"]
+
+
 @pytest.mark.parametrize(("keep_last_n", "max_total_size"), [(1, None), (2, None), (2, 3)])
 def test_files_saved_at_one_step_count_once_and_go_together(keep_last_n: int, max_total_size: int | None) -> None:
     # BasicSR saves net_g_N.pth and net_d_N.pth: keep-last-1 kept net_g_5000.pth alone and

@@ -504,6 +504,18 @@ def test_latest_checkpoint_ignores_a_directory_without_marker(
     assert got == root / "r1" / "step_5.pt" and got.read_bytes() == b"old"
 
 
+def test_latest_checkpoint_passes_by_a_lone_file_named_by_a_number(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # embeddings_4096.pt beside step_N.pt ranked as step 4,096: --latest brought it back as the
+    # checkpoint to resume from.
+    prefix = moto_bucket.join("run/")
+    for name in ("step_100.pt", "step_200.pt", "embeddings_4096.pt"):
+        boto_transfer.put_bytes(name.encode(), prefix.join(name))  # type: ignore[attr-defined]
+    got = latest_checkpoint(prefix, root / "r", transfer=boto_transfer)  # type: ignore[arg-type]
+    assert got == root / "r" / "step_200.pt"
+
+
 def test_latest_checkpoint_takes_last_ckpt_when_it_landed_after_the_highest_step(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
