@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -405,7 +406,7 @@ def upload(
             ):
                 raise
             _collect(exc, [str(u) for _, u in chunk], failures)
-        _changed_while_sent(transfer, chunk, before, failures)
+        _changed_while_sent(transfer, chunk, before, failures, storage_class)
         done.extend(pair for pair in chunk if str(pair[1]) not in failures)
     total += len(appeared)
     done.extend(_appeared_while_sent(local, appeared, failures))
@@ -414,8 +415,11 @@ def upload(
     return done
 
 
-#: How many times a copy sends again a file that changed while it went up (``_changed_while_sent``).
+#: How many times a copy sends again a file that changed while it went up (``_changed_while_sent``),
+#: once it has been unchanged for ``RESEND_SETTLE`` seconds (``RESEND_WAIT`` seconds at most).
 RESENDS = 2
+RESEND_SETTLE = 1.0
+RESEND_WAIT = 15.0
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -436,40 +440,49 @@ def _changed_while_sent(
     chunk: Sequence[tuple[Path, S3URL]],
     before: Sequence[tuple[int, int] | None],
     failures: dict[str, str],
+    storage_class: str | None = None,
 ) -> None:
     """A file written to while it went up may have reached S3 as a mix of old and new bytes.
 
-    It is sent again, as it is now (``RESENDS`` times at most): S3 then holds what the file
-    holds, whole. A training run's uploader may have sent that newer version already, and the
-    copy's object must not take its place nor leave it deleted (``last.ckpt`` beside a
-    `runctl s3 sync` was gone). One still changing after that has its object deleted (a
-    checkpoint that looks whole and is not is worse than none) and counts as failed: aws-cli and
-    s5cmd leave such an object without a word.
+    Once it is still (unchanged for ``RESEND_SETTLE`` s, and open for writing nowhere where
+    ``/proc`` can tell; ``RESEND_WAIT`` s at most) it is sent again, as it is then, up to
+    ``RESENDS`` times: S3 holds what the file holds, whole. A training run's uploader may have
+    sent that newer version already, and the copy's object must not take its place nor leave it
+    deleted (``last.ckpt`` beside a `runctl s3 sync` was gone). One that never stays still has
+    its object deleted (a checkpoint that looks whole and is not is worse than none) and counts
+    as failed: aws-cli and s5cmd leave such an object without a word. A file deleted since it
+    was sent is left as sent: an unlink tears nothing already read (local retention deletes a
+    checkpoint once it is durable, and a copy beside it must not delete its object then).
     """
-    pending = [
-        (path, url)
-        for (path, url), stamp in zip(chunk, before, strict=True)
-        if stamp is not None and str(url) not in failures and _stamp(path) != stamp
-    ]
+    pending = []
+    for (path, url), stamp in zip(chunk, before, strict=True):
+        if stamp is None or str(url) in failures:
+            continue
+        now = _stamp(path)
+        if now is not None and now != stamp:
+            pending.append((path, url))
+    deadline = time.monotonic() + RESEND_WAIT
     for _ in range(RESENDS):
-        if not pending:
-            return
+        quiet = _quiet(pending, deadline)
+        if not quiet:
+            break
         log.info(
             "%d file(s) changed while they were uploading: sending them again (%s)",
-            len(pending),
-            ", ".join(str(path) for path, _ in pending[:3]),
+            len(quiet),
+            ", ".join(str(path) for path, _ in quiet[:3]),
         )
-        stamps = [_stamp(path) for path, _ in pending]
+        stamps = [_stamp(path) for path, _ in quiet]
         refused: dict[str, str] = {}
         try:
-            transfer.put_files(pending)
+            transfer.put_files(quiet, storage_class=storage_class)
         except TransferError as exc:
-            _collect(exc, [str(url) for _, url in pending], refused)
-        pending = [
-            (path, url)
-            for (path, url), stamp in zip(pending, stamps, strict=True)
-            if stamp is None or str(url) in refused or _stamp(path) != stamp
-        ]
+            _collect(exc, [str(url) for _, url in quiet], refused)
+        sent = {
+            str(url)
+            for (path, url), stamp in zip(quiet, stamps, strict=True)
+            if stamp is not None and str(url) not in refused and _stamp(path) == stamp
+        }
+        pending = [(path, url) for path, url in pending if str(url) not in sent]
     changed = [url for _, url in pending]
     if not changed:
         return
@@ -484,9 +497,32 @@ def _changed_while_sent(
             else "its object was deleted"
         )
         failures[str(url)] = (
-            f"the file changed while it was uploading, {RESENDS + 1} times, so the object could "
-            f"mix old and new bytes: {gone}; upload it again once it is written"
+            f"the file changed while it was uploading and did not stay still to be sent again, "
+            f"so the object could mix old and new bytes: {gone}; upload it again once it is written"
         )
+
+
+def _quiet(
+    pending: Sequence[tuple[Path, S3URL]], deadline: float
+) -> list[tuple[Path, S3URL]]:
+    """Those of ``pending`` that stay unchanged for ``RESEND_SETTLE`` s and that no process has
+    open for writing; waits until some do, or until ``deadline`` (then: none)."""
+    from runctl.localrun import open_for_writing
+
+    while pending:
+        stamps = [_stamp(path) for path, _ in pending]
+        time.sleep(RESEND_SETTLE)
+        writing = open_for_writing(None) or set()
+        quiet = [
+            (path, url)
+            for (path, url), stamp in zip(pending, stamps, strict=True)
+            if stamp is not None
+            and _stamp(path) == stamp
+            and os.path.realpath(path) not in writing
+        ]
+        if quiet or time.monotonic() >= deadline:
+            return quiet
+    return []
 
 
 def _appeared_while_sent(

@@ -794,12 +794,17 @@ def _send_while(
     command: str,
     monkeypatch: pytest.MonkeyPatch,
     meanwhile: Callable[[], None],
-) -> None:
+    **options: Any,
+) -> list[dict[str, Any]]:
     """``upload -r`` (or ``sync`` up) of ``src`` to ``url``, with ``meanwhile`` run once each
-    batch has gone up and before the copy checks what it sent."""
+    batch has gone up and before the copy checks what it sent; returns the options of each
+    ``put_files`` call. A file sent again is sent once it has been still for 0.05 s."""
     real = type(transfer).put_files
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ops, "RESEND_SETTLE", 0.05)
 
     def put_files(self: Any, pairs: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
         result = real(self, pairs, **kwargs)
         meanwhile()
         return result
@@ -807,9 +812,10 @@ def _send_while(
     monkeypatch.setattr(type(transfer), "put_files", put_files)
     monkeypatch.setattr(type(transfer), "put_tree", lambda self, root, pairs, **kw: put_files(self, pairs, **kw) or [])
     if command == "upload":
-        ops.upload(transfer, src, url, recursive=True)
+        ops.upload(transfer, src, url, recursive=True, **options)
     else:
-        ops.sync(transfer, src, url, "up")
+        ops.sync(transfer, src, url, "up", **options)
+    return calls
 
 
 @pytest.mark.parametrize("command", ["upload", "sync"])
@@ -860,11 +866,55 @@ def test_a_file_changed_once_while_it_uploads_is_sent_again_as_it_is_now(
         else:  # a temporary file renamed over it, as fsspec and HF do
             (src / "last.tmp").write_bytes(b"new" * 2000)
             os.replace(src / "last.tmp", src / "last.ckpt")
-        transfer.put_files([(src / "last.ckpt", url.join("last.ckpt"))])  # the uploader's
+            # The training run's uploader puts it (the copy's first object is then older).
+            transfer.put_files([(src / "last.ckpt", url.join("last.ckpt"))])
 
     _send_while(transfer, src, url, command, monkeypatch, save_once)
     assert [row[1] for row in listing(transfer, url)] == ["u/last.ckpt", "u/step_8.pt"]
     assert transfer.get_bytes(url.join("last.ckpt")) == b"new" * 2000
+
+
+def test_a_file_sent_again_waits_for_its_writer_and_keeps_the_storage_class(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sent again at once, a checkpoint torch.save was still writing (half written, its writer
+    # between two records) went up torn and the copy reported success; and without its
+    # --storage-class.
+    src = tmp_path / "src"
+    make_tree(src, {"last.ckpt": b"old" * 1000, "step_8.pt": b"steady"})
+    url = bucket.join("u/")
+    threads: list[threading.Thread] = []
+
+    def write_slowly() -> None:
+        with open(src / "last.ckpt", "wb") as fh:  # in place, as torch.save(obj, path)
+            fh.write(b"n" * 2000)
+            fh.flush()
+            time.sleep(1.0)  # open for writing, unchanged: not yet still
+            fh.write(b"w" * 2000)
+
+    def save_once() -> None:
+        if not threads:
+            threads.append(threading.Thread(target=write_slowly))
+            threads[0].start()
+            time.sleep(0.1)  # the first half is written
+
+    calls = _send_while(
+        transfer, src, url, "upload", monkeypatch, save_once, storage_class="STANDARD_IA"
+    )
+    threads[0].join()
+    assert transfer.get_bytes(url.join("last.ckpt")) == b"n" * 2000 + b"w" * 2000
+    assert len(calls) == 2 and all(c.get("storage_class") == "STANDARD_IA" for c in calls), calls
+
+
+def test_a_file_deleted_after_it_was_sent_keeps_its_object(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Local retention deletes a checkpoint once it is durable: a `runctl s3 sync` beside it
+    # then deleted its object too, as "changed while it was uploading" (an unlink tears nothing).
+    src = tmp_path / "src"
+    make_tree(src, {"step_7.pt": b"seven", "step_8.pt": b"eight"})
+    _send_while(transfer, src, bucket.join("u/"), "sync", monkeypatch, (src / "step_7.pt").unlink)
+    assert transfer.get_bytes(bucket.join("u/step_7.pt")) == b"seven"
 
 
 @pytest.mark.parametrize("command", ["upload", "sync"])
