@@ -34,7 +34,7 @@ from runctl.exceptions import (
     UploadError,
     UsageError,
 )
-from runctl.s3url import S3URL
+from runctl.s3url import NOT_UTF8, S3URL, not_utf8
 
 if TYPE_CHECKING:
     from runctl.config import S3Config
@@ -339,6 +339,8 @@ class CheckpointWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.skipped: dict[str, str] = {}
+        #: Checkpoints the uploader refused (``submit`` raised): a failed upload, exit code 1.
+        self.refused: dict[str, str] = {}
 
     def _journal_known(self) -> Callable[[str, int | None, float | None], bool]:
         from runctl.journal import Journal
@@ -509,6 +511,11 @@ class CheckpointWatcher:
                     # Closed, quiet and cut short (a save that raised half-way): never sent;
                     # a later save of the name is a new version. The final scan says so.
                     continue
+            if not_utf8(name):  # the uploader refuses it: a failed upload, said once
+                state.submitted = sig
+                self.refused[name] = NOT_UTF8
+                log.warning("not uploading %s: %s", name, NOT_UTF8)
+                continue
             try:
                 self.submit(Path(entry.path))
             except UsageError as exc:  # vanished between the look and the hand-over
@@ -1099,6 +1106,9 @@ def run_local(
     else:
         exit_code = script_code
     uploads = tuple(_outcomes(handles))
+    if watcher is not None and watcher.refused:
+        refused = "; ".join(f"{name}: {why}" for name, why in sorted(watcher.refused.items()))
+        upload_error = f"{upload_error}; {refused}" if upload_error else refused
     record = RunRecord(
         command=tuple(command),
         start=start,
@@ -1109,7 +1119,7 @@ def run_local(
         checkpoint_dir=None if root is None else str(root),
         s3_url=None if s3_url is None else str(s3_url.as_prefix()),
         uploads=uploads,
-        not_uploaded=dict(watcher.skipped) if watcher is not None else {},
+        not_uploaded={**watcher.skipped, **watcher.refused} if watcher is not None else {},
         upload_error=upload_error,
         uploaded_by_script=claimant,
     )

@@ -791,3 +791,26 @@ def test_a_directory_saved_again_under_a_verified_name_is_uploaded_again(
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert third.returncode == 0 and "uploaded 0 checkpoints" in third.stderr, third.stderr
+
+
+def test_a_checkpoint_whose_name_is_not_utf8_fails_the_run_by_name(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The uploader refuses such a name; the watcher took the refusal for a file that had
+    # vanished, said it at INFO, and the run exited 0 with one of its two checkpoints in S3.
+    (tmp_path / "save.py").write_text(
+        "import os\n"
+        "d = os.fsencode(os.environ['RUNCTL_CHECKPOINT_DIR'])\n"
+        "open(os.path.join(d, b'step_1\\xe9.pt'), 'wb').write(b'one')\n"
+        "open(os.path.join(d, b'step_2.pt'), 'wb').write(b'two')\n"
+    )
+    bucket = moto_server.new_bucket()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt"]
+        + ["--upload-to", f"s3://{bucket}/run/", "--settle", "0.2", "save.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "step_1\\udce9.pt: its name is not valid UTF-8" in proc.stderr, proc.stderr
+    assert sorted(keys(moto_server, S3URL(bucket, ""))) == ["run/step_2.pt"]
