@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -255,6 +255,38 @@ def _ancestors(pid: int) -> list[int] | None:
 
 
 _marks = itertools.count()
+_mine: set[str] = set()  # the marks this process made
+
+#: The variables a launcher gives every process of one run (its ranks): torchrun's run id, the
+#: rendezvous address of torch.distributed, a Slurm job step.
+_RUN_VARIABLES = (("TORCHELASTIC_RUN_ID",), ("MASTER_ADDR", "MASTER_PORT"), ("SLURM_JOB_ID", "SLURM_STEP_ID"))
+
+
+def _pid_namespace() -> str:
+    try:
+        return "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit()) or "0"
+    except OSError:
+        return "0"
+
+
+def _run_of(environ: Mapping[str, str]) -> tuple[str, ...] | None:
+    """Which launched run a process belongs to (ranks of one ``torchrun`` share it), if any."""
+    for names in _RUN_VARIABLES:
+        values = tuple(environ.get(n) or "" for n in names)
+        if all(values):
+            return (*names, *values)
+    return None
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (``/proc/<pid>/environ``; empty if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {os.fsdecode(k): os.fsdecode(v) for k, v in pairs}
 
 
 class UploaderMark:
@@ -290,7 +322,10 @@ def mark_uploader(root: Path) -> UploaderMark | None:
     except ImportError:  # Windows: no flock
         return None
     folder = Path(root) / ".runctl" / UPLOADERS_DIR
-    name = f"{os.getpid()}-{next(_marks)}"  # one per uploader: each holds and removes its own
+    # One per uploader (each holds and removes its own), named by its pid in its pid namespace:
+    # two containers' pid 1 on one bind-mounted directory are two processes.
+    name = f"{os.getpid()}-{_pid_namespace()}-{next(_marks)}"
+    _mine.add(name)
     temp = folder / f".{name}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -309,8 +344,9 @@ def mark_uploader(root: Path) -> UploaderMark | None:
 
 
 def other_uploaders(root: Path) -> list[int]:
-    """The live processes, other than this one and its own ancestors and descendants, that
-    marked ``root`` (``mark_uploader``); stale marks are removed.
+    """The live processes, other than this one, its own ancestors and descendants and the other
+    ranks of its run (``torchrun``, ``torch.distributed``, a Slurm step), that marked ``root``
+    (``mark_uploader``); stale marks are removed.
 
     ``runctl local`` and its script's own uploader share a directory by design; two training
     runs started on one directory do not: each overwrites the other's checkpoints, locally and
@@ -329,6 +365,8 @@ def other_uploaders(root: Path) -> list[int]:
     related = _ancestors(own)
     if related is None:
         return []
+    namespace = _pid_namespace()
+    run = _run_of(os.environ)
     folder = Path(root) / ".runctl" / UPLOADERS_DIR
     try:
         names = os.listdir(folder)
@@ -336,8 +374,9 @@ def other_uploaders(root: Path) -> list[int]:
         return []
     live: list[int] = []
     for name in sorted(names):
-        pid_text = name.partition("-")[0]
-        if not pid_text.isdigit() or int(pid_text) == own:
+        pid_text, _, rest = name.partition("-")
+        here = rest.partition("-")[0] == namespace  # a pid of this namespace: one we can look at
+        if not pid_text.isdigit() or name in _mine or (here and int(pid_text) == own):
             continue
         path = folder / name
         try:
@@ -349,8 +388,15 @@ def other_uploaders(root: Path) -> list[int]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # held: its process is alive
                 pid = int(pid_text)
-                # Not an ancestor of ours (runctl local, for its script), nor a descendant.
-                if pid not in related and own not in (_ancestors(pid) or ()) and pid not in live:
+                # Not an ancestor of ours (runctl local, for its script), nor a descendant, nor
+                # another rank of our run (torchrun starts each rank as a sibling).
+                if here and (
+                    pid in related
+                    or own in (_ancestors(pid) or ())
+                    or (run is not None and _run_of(_environ_of(pid)) == run)
+                ):
+                    continue
+                if pid not in live:
                     live.append(pid)
                 continue
             except OSError:

@@ -667,7 +667,12 @@ class CheckpointUploader:
                 self.root,
             )
         if resume:
-            self._resume()
+            try:
+                self._resume()
+            except BaseException:
+                if self._mark is not None:
+                    self._mark.remove()
+                raise
         self._worker = threading.Thread(target=self._work, name="runctl-uploader", daemon=True)
         self._worker.start()
         _register_exit_hook(self)

@@ -155,10 +155,12 @@ time.sleep(60)
 """
 
 
-def _marking(root: Path, *, unrelated: bool, tmp_path: Path) -> int:
+def _marking(
+    root: Path, *, unrelated: bool, tmp_path: Path, env: dict[str, str] | None = None
+) -> int:
     """A process that marks ``root`` as uploaded by it; unrelated: not our descendant (its
     parent, a shell, exits at once). Returns its pid once the mark is made."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     script = tmp_path / "marker.py"
     script.write_text(MARKER)
     out = tmp_path / f"marker-{time.monotonic_ns()}.out"
@@ -204,3 +206,27 @@ def test_another_live_uploader_of_a_directory_is_seen_and_a_dead_one_forgotten(
     assert own.path.name in marks and not [m for m in marks if m.startswith(f"{stranger}-")]
     own.remove()
     assert not own.path.exists()
+
+
+def test_ranks_of_one_run_are_not_other_runs_and_other_namespaces_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchrun starts each rank as a sibling: a CheckpointManager on every rank (as the loop
+    # helper's docstring says) warned on rank 1 that rank 0 was another run. And two
+    # containers' pid 1 on one bind-mounted directory named their marks alike: no warning.
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    rank = _marking(root, unrelated=True, tmp_path=tmp_path, env={"TORCHELASTIC_RUN_ID": "run-a"})
+    other = _marking(root, unrelated=True, tmp_path=tmp_path, env={"TORCHELASTIC_RUN_ID": "run-b"})
+    child = _marking(root, unrelated=False, tmp_path=tmp_path)
+    own = locking.mark_uploader(root)
+    try:
+        assert locking.other_uploaders(root) == [other]
+        monkeypatch.setattr(locking, "_pid_namespace", lambda: "4026532999")  # seen from elsewhere
+        assert sorted(locking.other_uploaders(root)) == sorted([rank, other, child])
+    finally:
+        for pid in (rank, other, child):
+            os.kill(pid, signal.SIGKILL)
+        assert own is not None
+        own.remove()
