@@ -733,12 +733,16 @@ def apply_local_retention(
             journal.record(cp.name, "deleted_local", size=cp.size, mtime=cp.mtime)
     if not failed:
         return final
-    # Still there: reported as kept, with why, not as freed.
+    # Still there: reported as kept, with why, not as freed; a directory that lost some of its
+    # files is no longer complete.
     for name, why in failed.items():
         reasons[name] = f"could not delete: {why}"
+    left = tuple(
+        dataclasses.replace(c, complete=False) if c.is_dir else c for c in delete if c.name in failed
+    )
     return dataclasses.replace(
         final,
-        keep=tuple(sorted(final.keep + tuple(c for c in delete if c.name in failed), key=Checkpoint.order_key)),
+        keep=tuple(sorted(final.keep + left, key=Checkpoint.order_key)),
         delete=tuple(c for c in delete if c.name not in failed),
         reasons=reasons,
         failed=failed,

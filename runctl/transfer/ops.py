@@ -969,10 +969,9 @@ def download(
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # as aws: a file where a directory must be
-        blocker = next(p for p in (final.parent, *final.parent.parents) if p.exists())
-        raise UsageError(
-            f"cannot download {url} to {str(final)!r}: {str(blocker)!r} is not a directory"
-        ) from None
+        blocker = next(p for p in (final.parent, *final.parent.parents) if os.path.lexists(p))
+        what = "a dangling symlink" if not blocker.exists() else "not a directory"
+        raise UsageError(f"cannot download {url} to {str(final)!r}: {str(blocker)!r} is {what}") from None
     if final.is_dir():
         raise UsageError(f"cannot download {url} to {str(final)!r}: a directory is in the way")
     # /dev/stdout, /dev/fd/N, /proc/self/fd/N name this process's own descriptor, written to as

@@ -316,26 +316,27 @@ def test_a_local_checkpoint_that_cannot_be_deleted_is_named_and_fails_the_cleanu
     make_local(root)
     remove = runctl.retention._remove_local
 
-    def refuse_one(path: Path) -> None:
+    def refuse_some(path: Path) -> None:
         if path.name == "step_1.pt":
             raise PermissionError(1, "Operation not permitted", str(path))
+        if path.name == "checkpoint-3":  # one file gone, then one that stays (chattr +i)
+            (path / "model.bin").unlink()
+            raise PermissionError(1, "Operation not permitted", str(path / "keep.bin"))
         remove(path)
 
-    monkeypatch.setattr(runctl.retention, "_remove_local", refuse_one)
+    monkeypatch.setattr(runctl.retention, "_remove_local", refuse_some)
     result = run("checkpoint", "cleanup", str(root), "-n", "1", "--force", "--json")
     assert result.exit_code == 1, result.output
-    error = result.stderr.strip().splitlines()[-1]  # after the warning as it happened
-    assert error.startswith("runctl: error: could not delete 1 checkpoint(s)"), result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the warnings as it happened
+    assert error.startswith("runctl: error: could not delete 2 checkpoint(s)"), result.stderr
     assert "step_1.pt: [Errno 1] Operation not permitted" in error
     assert "Traceback" not in result.stderr
-    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == [
-        "checkpoint-3",
-        "step_2.pt",
-    ]
-    kept = {d["name"]: d["reason"] for d in of_type(result.stdout, "keep")}
-    assert kept["step_1.pt"].startswith("could not delete: ")
+    assert sorted(d["name"] for d in of_type(result.stdout, "delete")) == ["step_2.pt"]
+    kept = {d["name"]: d for d in of_type(result.stdout, "keep")}
+    assert kept["step_1.pt"]["reason"].startswith("could not delete: ")
+    assert kept["checkpoint-3"]["complete"] is False  # it lost a file
     (summary,) = of_type(result.stdout, "summary")
-    assert summary["deleted"] == 2 and summary["bytes_freed"] == 20
+    assert summary["deleted"] == 1 and summary["bytes_freed"] == 10
     assert (root / "step_1.pt").exists() and not (root / "step_2.pt").exists()
 
 
