@@ -233,6 +233,19 @@ class _RunctlCheckpointMixin:
         )
         step, epoch = parse_step(sample)
         if is_recognised(sample) and (step in (12345, 3) or epoch == 3):  # a step, or the epoch
+            within_epoch = getattr(self, "_every_n_train_steps", 0) or getattr(
+                self, "_train_time_interval", None
+            )
+            if step is None and within_epoch:
+                # Saves of one epoch then share its number: runctl takes them for files of one
+                # checkpoint, and keep-last-N kept old epochs and parts of newer ones.
+                log.warning(
+                    "runctl: filename=%r names several saves per epoch (every_n_train_steps or "
+                    "train_time_interval) by the epoch alone: runctl takes those of one epoch "
+                    "for one checkpoint, and keep-last-N counts epochs, not saves; put the step "
+                    "in it, e.g. '{epoch}-{step}'",
+                    template,
+                )
             return
         why = (
             f"filename={template!r} gives names like {sample!r}, in which runctl finds no step or "

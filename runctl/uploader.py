@@ -1602,7 +1602,9 @@ class CheckpointUploader:
                     "the directory was deleted (or is being deleted) before its upload started"
                 ) from None
             except SnapshotError as exc:
-                log.warning("%s; staging it again", exc)
+                # The Trainer's save_total_limit deletes old checkpoint-N directories as a matter
+                # of course: said as it happens, and as a skip if it stays so.
+                log.info("%s; staging it again", exc)
         raise _Skip(f"{job.name} kept changing while it was staged")
 
     @contextmanager
@@ -1908,7 +1910,13 @@ class CheckpointUploader:
         # locally once a newer one is durable (_seed_superseded).
         size, mtime = job.version() or (None, None)
         self._journal.record(
-            job.name, "skipped", detail=reason, queued=job.queued_at, size=size, mtime=mtime
+            job.name,
+            "skipped",
+            detail=reason,
+            queued=job.queued_at,
+            size=size,
+            mtime=mtime,
+            s3_url=str(self._url_of(job.name, job.is_dir)),
         )
         self._release(job)
         job.handle._finish(
@@ -2019,7 +2027,7 @@ class CheckpointUploader:
                 with turn:
                     listed_at = time.time()
                     journal = self.journal.snapshot()
-                    left_out = journal.left_out()  # cut short, never sent (runctl local)
+                    left_out = journal.left_out() - self._theirs(journal)  # (runctl local)
                     plan = apply_s3_retention(
                         self.transfer,
                         self.prefix,
@@ -2029,7 +2037,7 @@ class CheckpointUploader:
                         # step that landed last and not in S3 (their steps are not whole).
                         unsettled=_LiveNames(lambda: on_the_way() | left_out | self._never_sent(journal)),
                         patterns=self.patterns,
-                        unfinished=journal.unfinished_deletions() | moot,
+                        unfinished=(journal.unfinished_deletions() - self._theirs(journal)) | moot,
                         before_delete=self._journal_deleting,
                         lock_timeout=lock_wait,
                     )
@@ -2088,8 +2096,11 @@ class CheckpointUploader:
             names = os.listdir(self.root)
         except OSError:
             return set()
+        theirs = self._theirs(journal)
         for name in names:
             if name.startswith(".") or is_alias(name) or step_order(name) < last:
+                continue
+            if name in theirs:
                 continue
             if not is_recognised(name, self.patterns):
                 continue
@@ -2100,6 +2111,20 @@ class CheckpointUploader:
             if not journal.was_verified(name, cp.size, cp.mtime):
                 found.add(name)
         return found
+
+    def _theirs(self, journal: JournalSnapshot) -> set[str]:
+        """Names the journal, shared by every uploader of this directory, last wrote down for
+        another prefix: never this one's to send or to finish. Two Lightning callbacks on one
+        dirpath ("best" and "periodic", each with its own s3_url): the best's skipped and
+        unsent files made the periodic one's steps "not whole", and S3 kept five checkpoints
+        where two were asked for."""
+        mine = str(self.prefix)
+        return {
+            e.name
+            for e in journal.latest.values()
+            if e.s3_url is not None
+            and (not e.s3_url.startswith(mine) or e.s3_url[len(mine) :].rstrip("/") != e.name)
+        }
 
     def _warn_if_outranked(self, plan: RetentionPlan) -> None:
         """Once: say so when retention deleted this run's checkpoints for others that rank newer.
@@ -2138,7 +2163,13 @@ class CheckpointUploader:
         # Each line is in the file once recorded; waiting for the last one's fsync covers them all.
         last = len(plan.delete) - 1
         for i, cp in enumerate(plan.delete):
-            self._journal.record(cp.name, "deleting_s3", wait=i == last, size=cp.size)
+            self._journal.record(
+                cp.name,
+                "deleting_s3",
+                wait=i == last,
+                size=cp.size,
+                s3_url=str(self._url_of(cp.name, cp.is_dir)),
+            )
 
     def _superseded_and_covered(self, cp: Checkpoint) -> bool:
         # A checkpoint skipped because retention would delete it anyway may go locally once a

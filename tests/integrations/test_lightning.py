@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +478,32 @@ def test_a_filename_runctl_cannot_order_is_refused_with_retention_and_warned_abo
     assert bool(warned) == (outcome == "warned")
 
 
+@pytest.mark.parametrize(
+    ("filename", "within_epoch", "warned"),
+    [
+        ("{epoch}-{train_loss_step:.3f}", dict(every_n_train_steps=3), True),
+        ("{epoch}", dict(train_time_interval=timedelta(minutes=5)), True),
+        ("{epoch}-{step}", dict(every_n_train_steps=3), False),
+        ("{epoch}-{val_loss:.2f}", {}, False),
+    ],
+)
+def test_saves_within_an_epoch_named_by_the_epoch_alone_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, filename: str, within_epoch: dict, warned: bool
+) -> None:
+    # every_n_train_steps=3 with "{epoch}-{train_loss_step:.3f}": the saves of one epoch
+    # shared its number, runctl took them for one checkpoint, and keep_last_n=2 left epoch 0
+    # and parts of the later ones in S3.
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        RunctlCheckpoint(
+            dirpath=tmp_path, filename=filename, s3_url="s3://bucket/run/", keep_last_n=2,
+            **within_epoch,
+        )  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "by the epoch alone" in r.getMessage()]
+    assert bool(said) == warned, said
+
+
 def test_a_run_begun_with_model_checkpoint_resumes_with_its_state(
     moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
 ) -> None:
@@ -585,6 +612,37 @@ def test_two_callbacks_that_would_delete_each_others_checkpoints_are_refused(
     )
     assert sorted(file_checkpoints(s3_objects(moto_server, run.join("periodic/")))) == [
         "epoch=0-step=2.ckpt"
+    ]
+
+
+def test_two_callbacks_on_one_dirpath_each_keep_their_last_n_in_their_own_prefix(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # The layout the refusal above advises: "best" and "periodic" on one dirpath, each with its
+    # own s3_url. Their uploaders share the directory's journal: the best's skipped files made
+    # the periodic one's steps "not whole" (and the other way round), and S3 kept 5 where 2 and
+    # 5 where 1 were asked for.
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    run, epochs = moto_bucket.join("run/"), 8
+    common = dict(dirpath=tmp_path / "ckpt", config=moto_server.config())
+    best = RunctlCheckpoint(
+        filename="best-{epoch}-{step}", monitor="val_loss", save_top_k=1,
+        s3_url=run.join("best/"), keep_last_n=1, **common,
+    )  # fmt: skip
+    periodic = RunctlCheckpoint(
+        every_n_epochs=1, save_top_k=-1, s3_url=run.join("periodic/"), keep_last_n=2, **common
+    )
+    module = make_module("lightning.pytorch", val_losses=[1.0 - 0.1 * e for e in range(epochs)])
+    make_trainer("lightning.pytorch", [best, periodic], max_epochs=epochs).fit(
+        module, loader(4), loader(2)
+    )
+    last = epochs - 1
+    assert sorted(file_checkpoints(s3_objects(moto_server, run.join("periodic/")))) == [
+        f"epoch={last - 1}-step={4 * last}.ckpt", f"epoch={last}-step={4 * epochs}.ckpt"
+    ]  # fmt: skip
+    assert sorted(file_checkpoints(s3_objects(moto_server, run.join("best/")))) == [
+        f"best-epoch={last}-step={4 * epochs}.ckpt"
     ]
 
 
