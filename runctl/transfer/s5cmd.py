@@ -624,6 +624,10 @@ class _Child:
         self._last_activity = time.monotonic()
         self._last_io = _io_bytes(self.proc.pid)
         self._noted_since: float | None = None  # the quiet spell named in a warning (its start)
+        #: Seconds of quiet spells over ``QUIET_NOTE`` since the child last printed a line: s5cmd
+        #: re-sends a request to a hung endpoint every few minutes on its own, and those bytes
+        #: ended each spell, so a 200 KB upload to it ran past 20 minutes of "up to 900 s in all".
+        self._quiet_since_output = 0.0
         # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
         # commands (which print promptly) are then watched.
         self._watch = (self._last_io is not None or not watch_bytes_only) and (
@@ -729,6 +733,7 @@ class _Child:
                     open_streams -= 1
                     continue
                 self._last_activity = time.monotonic()
+                self._quiet_since_output = 0.0
                 for line in lines:
                     if self._launcher and name == "err" and line.startswith(_LAUNCH_FAILED):
                         self._launch_failure = line
@@ -748,8 +753,11 @@ class _Child:
         """When the child last printed or moved a byte (its I/O counters, read now)."""
         current = _io_bytes(self.proc.pid)
         if current is not None and current != self._last_io:
+            now = time.monotonic()
+            if now - self._last_activity > QUIET_NOTE:  # a spell that bytes, not output, ended
+                self._quiet_since_output += now - self._last_activity
             self._last_io = current
-            self._last_activity = time.monotonic()
+            self._last_activity = now
         return self._last_activity
 
     def _check_stall(self) -> None:
@@ -770,6 +778,13 @@ class _Child:
             self.kill()
             raise TransferError(
                 f"s5cmd stalled: no output and no bytes moved for {self.idle_limit:g}s; killed it"
+            )
+        spells = self._quiet_since_output + (quiet if quiet > QUIET_NOTE else 0.0)
+        if self._watch and spells > self.idle_limit:
+            self.kill()
+            raise TransferError(
+                f"s5cmd stalled: {spells:.0f} s of quiet spells (over {QUIET_NOTE:g} s each, "
+                f"a few bytes between them) and no output; killed it"
             )
 
     def wait(self) -> int | None:

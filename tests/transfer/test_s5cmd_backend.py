@@ -595,6 +595,28 @@ def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> N
         assert time.monotonic() - started < 20
 
 
+def test_quiet_spells_ended_by_a_few_bytes_still_add_up_to_the_idle_limit(
+    s3_server: S3Server, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # s5cmd re-sends a request to a hung endpoint every few minutes on its own: those bytes
+    # ended each quiet spell, and a 200 KB upload ran past 20 minutes of "up to 900 s in all".
+    monkeypatch.setattr(s5cmd_module, "QUIET_NOTE", 0.5)
+    ticking = tmp_path / "ticking.py"
+    ticking.write_text(
+        "import time\n"
+        "for _ in range(40):  # 40 s, silent, reading a byte every 0.8 s\n"
+        "    time.sleep(0.8)\n"
+        "    open(__file__, 'rb').read(1)\n"
+    )
+    hung = wrapper(tmp_path, f'exec "{sys.executable}" "{ticking}"')
+    t = S5cmdTransfer(s3_server.config(), binary=hung, stall_timeout=3.0)
+    (src,) = make_files(tmp_path / "src", ["a.pt"])
+    started = time.monotonic()
+    with pytest.raises(TransferError, match="quiet spells"):
+        t.put_files([(src, bucket.join("a.pt"))])
+    assert time.monotonic() - started < 15
+
+
 def test_a_command_waiting_on_a_hung_endpoint_says_so_long_before_it_gives_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
