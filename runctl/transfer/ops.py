@@ -419,7 +419,7 @@ def upload(
 #: once it has been unchanged for ``RESEND_SETTLE`` seconds (``RESEND_WAIT`` seconds at most).
 RESENDS = 2
 RESEND_SETTLE = 1.0
-RESEND_WAIT = 15.0
+RESEND_WAIT = 10.0
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -444,25 +444,32 @@ def _changed_while_sent(
 ) -> None:
     """A file written to while it went up may have reached S3 as a mix of old and new bytes.
 
-    Once it is still (unchanged for ``RESEND_SETTLE`` s, and open for writing nowhere where
-    ``/proc`` can tell; ``RESEND_WAIT`` s at most) it is sent again, as it is then, up to
-    ``RESENDS`` times: S3 holds what the file holds, whole. A training run's uploader may have
-    sent that newer version already, and the copy's object must not take its place nor leave it
-    deleted (``last.ckpt`` beside a `runctl s3 sync` was gone). One that never stays still has
-    its object deleted (a checkpoint that looks whole and is not is worse than none) and counts
-    as failed: aws-cli and s5cmd leave such an object without a word. A file deleted since it
-    was sent is left as sent: an unlink tears nothing already read (local retention deletes a
-    checkpoint once it is durable, and a copy beside it must not delete its object then).
+    Once it is still (unchanged for ``RESEND_SETTLE`` s, and, until ``RESEND_WAIT`` s have
+    passed, open for writing nowhere ``/proc`` can tell: a log held open is sent as it is then,
+    as aws does) it is sent again, as it is then, up to ``RESENDS`` times: S3 holds what the
+    file holds, whole. A training run's uploader may have sent that newer version already, and
+    the copy's object must not take its place nor leave it deleted (``last.ckpt`` beside a
+    `runctl s3 sync` was gone). One that never stays still, or is gone (or no longer a file)
+    before it could be sent again, has its object deleted (a checkpoint that looks whole and is
+    not is worse than none) and counts as failed: aws-cli and s5cmd leave such an object
+    without a word. A file deleted since it was sent, unchanged, is left as sent: an unlink
+    tears nothing already read (local retention deletes a checkpoint once it is durable, and a
+    copy beside it must not delete its object then).
     """
-    pending = []
+    pending: list[tuple[Path, S3URL]] = []
     for (path, url), stamp in zip(chunk, before, strict=True):
         if stamp is None or str(url) in failures:
             continue
         now = _stamp(path)
         if now is not None and now != stamp:
             pending.append((path, url))
+    lost: list[tuple[Path, S3URL]] = []  # its object is to go
+    sends: dict[str, int] = {}
     deadline = time.monotonic() + RESEND_WAIT
-    for _ in range(RESENDS):
+    while pending:
+        gone = [(path, url) for path, url in pending if not _is_file(path)]
+        lost.extend(gone)
+        pending = [pair for pair in pending if pair not in gone]
         quiet = _quiet(pending, deadline)
         if not quiet:
             break
@@ -477,13 +484,14 @@ def _changed_while_sent(
             transfer.put_files(quiet, storage_class=storage_class)
         except TransferError as exc:
             _collect(exc, [str(url) for _, url in quiet], refused)
-        sent = {
-            str(url)
-            for (path, url), stamp in zip(quiet, stamps, strict=True)
-            if stamp is not None and str(url) not in refused and _stamp(path) == stamp
-        }
-        pending = [(path, url) for path, url in pending if str(url) not in sent]
-    changed = [url for _, url in pending]
+        for (path, url), stamp in zip(quiet, stamps, strict=True):
+            sends[str(url)] = sends.get(str(url), 0) + 1
+            if stamp is not None and str(url) not in refused and _stamp(path) == stamp:
+                pending.remove((path, url))  # sent whole, as it is now
+            elif sends[str(url)] >= RESENDS:
+                pending.remove((path, url))
+                lost.append((path, url))
+    changed = [url for _, url in lost + pending]
     if not changed:
         return
     try:
@@ -491,37 +499,48 @@ def _changed_while_sent(
     except TransferError as exc:
         errors = {url.key: str(exc) for url in changed}
     for url in changed:
-        gone = (
+        gone_too = (
             f"deleting its object failed too ({errors[url.key]})"
             if url.key in errors
             else "its object was deleted"
         )
         failures[str(url)] = (
-            f"the file changed while it was uploading and did not stay still to be sent again, "
-            f"so the object could mix old and new bytes: {gone}; upload it again once it is written"
+            f"the file changed while it was uploading and could not be sent again whole (it "
+            f"kept changing, or went), so the object could mix old and new bytes: {gone_too}; "
+            f"upload it again once it is written"
         )
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _quiet(
     pending: Sequence[tuple[Path, S3URL]], deadline: float
 ) -> list[tuple[Path, S3URL]]:
     """Those of ``pending`` that stay unchanged for ``RESEND_SETTLE`` s and that no process has
-    open for writing; waits until some do, or until ``deadline`` (then: none)."""
+    open for writing (past ``deadline``, open or not); waits until some are, or until
+    ``deadline`` passes with none still (then: none)."""
     from runctl.localrun import open_for_writing
 
     while pending:
         stamps = [_stamp(path) for path, _ in pending]
         time.sleep(RESEND_SETTLE)
-        writing = open_for_writing(None) or set()
-        quiet = [
-            (path, url)
-            for (path, url), stamp in zip(pending, stamps, strict=True)
-            if stamp is not None
-            and _stamp(path) == stamp
-            and os.path.realpath(path) not in writing
+        still = [
+            pair
+            for pair, stamp in zip(pending, stamps, strict=True)
+            if stamp is not None and _stamp(pair[0]) == stamp
         ]
-        if quiet or time.monotonic() >= deadline:
-            return quiet
+        late = time.monotonic() >= deadline
+        if late:
+            return still
+        writing = open_for_writing(None) or set()
+        ready = [pair for pair in still if os.path.realpath(pair[0]) not in writing]
+        if ready:
+            return ready
     return []
 
 

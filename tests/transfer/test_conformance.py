@@ -906,6 +906,44 @@ def test_a_file_sent_again_waits_for_its_writer_and_keeps_the_storage_class(
     assert len(calls) == 2 and all(c.get("storage_class") == "STANDARD_IA" for c in calls), calls
 
 
+def test_files_that_settle_one_after_another_or_stay_open_are_each_sent_again(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A log held open for appending (TensorBoard's events file) never counted as still: its
+    # object was deleted after the wait. And a save of three files in turn: the resends were
+    # counted per round, so the last file to settle failed with its object deleted.
+    src = tmp_path / "src"
+    make_tree(src, {"model.pt": b"m0", "optim.pt": b"o0", "events.log": b"e0"})
+    url = bucket.join("u/")
+    monkeypatch.setattr(ops, "RESEND_WAIT", 1.5)
+    held: list[Any] = []
+    threads: list[threading.Thread] = []
+
+    def meanwhile() -> None:
+        if held:
+            return
+        (src / "model.pt").write_bytes(b"model.pt-new")  # written and closed: still at once
+        optim = open(src / "optim.pt", "wb")  # still being written for 0.8 s more
+        optim.write(b"optim.pt-new")
+        optim.flush()
+        events = open(src / "events.log", "ab")  # a log open for the whole run
+        events.write(b"+line")
+        events.flush()
+        held.extend([optim, events])
+        threads.append(threading.Timer(0.8, optim.close))
+        threads[0].start()
+
+    try:
+        _send_while(transfer, src, url, "sync", monkeypatch, meanwhile)
+    finally:
+        threads[0].join()
+        for fh in held:
+            fh.close()
+    assert transfer.get_bytes(url.join("model.pt")) == b"model.pt-new"
+    assert transfer.get_bytes(url.join("optim.pt")) == b"optim.pt-new"
+    assert transfer.get_bytes(url.join("events.log")) == b"e0+line"
+
+
 def test_a_file_deleted_after_it_was_sent_keeps_its_object(
     transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
