@@ -628,6 +628,10 @@ class _Child:
         #: re-sends a request to a hung endpoint every few minutes on its own, and those bytes
         #: ended each spell, so a 200 KB upload to it ran past 20 minutes of "up to 900 s in all".
         self._quiet_since_output = 0.0
+        #: When the bytes that ended the last such spell began to move (None: no spell since):
+        #: moving on for ``QUIET_NOTE`` s after it is progress, and the spells are forgotten (a
+        #: long upload over a link with an outage now and then must not add them up for hours).
+        self._moving_since: float | None = None
         # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
         # commands (which print promptly) are then watched.
         self._watch = (self._last_io is not None or not watch_bytes_only) and (
@@ -733,7 +737,7 @@ class _Child:
                     open_streams -= 1
                     continue
                 self._last_activity = time.monotonic()
-                self._quiet_since_output = 0.0
+                self._quiet_since_output, self._moving_since = 0.0, None
                 for line in lines:
                     if self._launcher and name == "err" and line.startswith(_LAUNCH_FAILED):
                         self._launch_failure = line
@@ -756,6 +760,9 @@ class _Child:
             now = time.monotonic()
             if now - self._last_activity > QUIET_NOTE:  # a spell that bytes, not output, ended
                 self._quiet_since_output += now - self._last_activity
+                self._moving_since = now
+            elif self._moving_since is not None and now - self._moving_since > QUIET_NOTE:
+                self._quiet_since_output, self._moving_since = 0.0, None
             self._last_io = current
             self._last_activity = now
         return self._last_activity
@@ -784,7 +791,7 @@ class _Child:
             self.kill()
             raise TransferError(
                 f"s5cmd stalled: {spells:.0f} s of quiet spells (over {QUIET_NOTE:g} s each, "
-                f"a few bytes between them) and no output; killed it"
+                f"never {QUIET_NOTE:g} s of bytes moving between them) and no output; killed it"
             )
 
     def wait(self) -> int | None:
