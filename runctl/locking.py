@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -256,10 +257,12 @@ def _ancestors(pid: int) -> list[int] | None:
 
 _marks = itertools.count()
 _mine: set[str] = set()  # the marks this process made
+#: Marks name their host: on a shared filesystem, another machine's pids are not ours to look up.
+_HOST = socket.gethostname() or "localhost"
 
-#: The variables a launcher gives every process of one run (its ranks): torchrun's run id, the
-#: rendezvous address of torch.distributed, a Slurm job step.
-_RUN_VARIABLES = (("TORCHELASTIC_RUN_ID",), ("MASTER_ADDR", "MASTER_PORT"), ("SLURM_JOB_ID", "SLURM_STEP_ID"))
+#: The variable a launcher gives each process of one run, each its own value: torchrun's and
+#: Lightning's LOCAL_RANK, Slurm's SLURM_LOCALID, Open MPI's OMPI_COMM_WORLD_LOCAL_RANK.
+_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
 def _pid_namespace() -> str:
@@ -269,13 +272,19 @@ def _pid_namespace() -> str:
         return "0"
 
 
-def _run_of(environ: Mapping[str, str]) -> tuple[str, ...] | None:
-    """Which launched run a process belongs to (ranks of one ``torchrun`` share it), if any."""
-    for names in _RUN_VARIABLES:
-        values = tuple(environ.get(n) or "" for n in names)
-        if all(values):
-            return (*names, *values)
-    return None
+def _ranks_of_one_run(pid: int, ppid: int | None, environ: Mapping[str, str]) -> bool:
+    """True when ``pid`` is another rank of this process's run: a sibling (a launcher starts
+    every rank of a node) whose local rank differs from ours. Two runs a shell started are
+    siblings too, but neither has a local rank, or both have the same one."""
+    if ppid is None or ppid != os.getppid():
+        return False
+    theirs = _environ_of(pid)
+    return any(
+        environ.get(name) is not None
+        and theirs.get(name) is not None
+        and environ.get(name) != theirs.get(name)
+        for name in _RANK_VARIABLES
+    )
 
 
 def _environ_of(pid: int) -> dict[str, str]:
@@ -324,7 +333,7 @@ def mark_uploader(root: Path) -> UploaderMark | None:
     folder = Path(root) / ".runctl" / UPLOADERS_DIR
     # One per uploader (each holds and removes its own), named by its pid in its pid namespace:
     # two containers' pid 1 on one bind-mounted directory are two processes.
-    name = f"{os.getpid()}-{_pid_namespace()}-{next(_marks)}"
+    name = f"{os.getpid()}-{_pid_namespace()}-{next(_marks)}-{_HOST}"
     _mine.add(name)
     temp = folder / f".{name}"
     try:
@@ -345,8 +354,8 @@ def mark_uploader(root: Path) -> UploaderMark | None:
 
 def other_uploaders(root: Path) -> list[int]:
     """The live processes, other than this one, its own ancestors and descendants and the other
-    ranks of its run (``torchrun``, ``torch.distributed``, a Slurm step), that marked ``root``
-    (``mark_uploader``); stale marks are removed.
+    ranks of its run (siblings with another ``LOCAL_RANK``: torchrun, a Slurm step), that marked
+    ``root`` (``mark_uploader``); stale marks are removed.
 
     ``runctl local`` and its script's own uploader share a directory by design; two training
     runs started on one directory do not: each overwrites the other's checkpoints, locally and
@@ -366,7 +375,6 @@ def other_uploaders(root: Path) -> list[int]:
     if related is None:
         return []
     namespace = _pid_namespace()
-    run = _run_of(os.environ)
     folder = Path(root) / ".runctl" / UPLOADERS_DIR
     try:
         names = os.listdir(folder)
@@ -374,9 +382,12 @@ def other_uploaders(root: Path) -> list[int]:
         return []
     live: list[int] = []
     for name in sorted(names):
-        pid_text, _, rest = name.partition("-")
-        here = rest.partition("-")[0] == namespace  # a pid of this namespace: one we can look at
-        if not pid_text.isdigit() or name in _mine or (here and int(pid_text) == own):
+        fields = name.split("-", 3)  # pid, pid namespace, counter, host
+        if len(fields) != 4 or not fields[0].isdigit() or name in _mine or fields[3] != _HOST:
+            continue  # not a mark, ours, or another machine's (whose pids say nothing here)
+        pid_text = fields[0]
+        here = fields[1] == namespace  # a pid of this namespace: one we can look at
+        if here and int(pid_text) == own:
             continue
         path = folder / name
         try:
@@ -390,10 +401,11 @@ def other_uploaders(root: Path) -> list[int]:
                 pid = int(pid_text)
                 # Not an ancestor of ours (runctl local, for its script), nor a descendant, nor
                 # another rank of our run (torchrun starts each rank as a sibling).
+                theirs = _ancestors(pid) or []
                 if here and (
                     pid in related
-                    or own in (_ancestors(pid) or ())
-                    or (run is not None and _run_of(_environ_of(pid)) == run)
+                    or own in theirs
+                    or _ranks_of_one_run(pid, theirs[0] if theirs else None, os.environ)
                 ):
                     continue
                 if pid not in live:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -208,25 +209,53 @@ def test_another_live_uploader_of_a_directory_is_seen_and_a_dead_one_forgotten(
     assert not own.path.exists()
 
 
-def test_ranks_of_one_run_are_not_other_runs_and_other_namespaces_are(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+CHECKER = """
+import json, os, sys, time
+from pathlib import Path
+from runctl.locking import UPLOADERS_DIR, other_uploaders
+root = Path(sys.argv[1])
+while not any(n[0].isdigit() for n in os.listdir(root / ".runctl" / UPLOADERS_DIR)):
+    time.sleep(0.05)
+print(json.dumps(other_uploaders(root)))
+"""
+
+
+@pytest.mark.parametrize(("ranks", "warned"), [(("0", "1"), False), (("", ""), True), (("0", "0"), True)])
+def test_ranks_of_one_run_are_not_other_runs(
+    tmp_path: Path, ranks: tuple[str, str], warned: bool
 ) -> None:
     # torchrun starts each rank as a sibling: a CheckpointManager on every rank (as the loop
-    # helper's docstring says) warned on rank 1 that rank 0 was another run. And two
-    # containers' pid 1 on one bind-mounted directory named their marks alike: no warning.
+    # helper's docstring says) warned on rank 1 that rank 0 was another run. Two runs one shell
+    # started are siblings too: without local ranks, or with the same one, they are two runs.
+    root = tmp_path / "ckpt"
+    (root / ".runctl" / locking.UPLOADERS_DIR).mkdir(parents=True)
+    (tmp_path / "marker.py").write_text(MARKER)
+    (tmp_path / "checker.py").write_text(CHECKER)
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    first, second = (f"LOCAL_RANK={r}" if r else "" for r in ranks)
+    proc = subprocess.run(
+        ["sh", "-c", f'env {first} "{sys.executable}" marker.py "{root}" > /dev/null 2>&1 & echo $! > pid; '
+                     f'env {second} "{sys.executable}" checker.py "{root}"'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    marker = int((tmp_path / "pid").read_text())
+    os.kill(marker, signal.SIGKILL)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ([marker] if warned else [])
+
+
+def test_another_namespace_or_host_is_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two containers' pid 1 on one bind-mounted directory named their marks alike: no warning.
+    # Another machine's marks on a shared filesystem name pids that mean nothing here.
     root = tmp_path / "ckpt"
     root.mkdir()
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
-    rank = _marking(root, unrelated=True, tmp_path=tmp_path, env={"TORCHELASTIC_RUN_ID": "run-a"})
-    other = _marking(root, unrelated=True, tmp_path=tmp_path, env={"TORCHELASTIC_RUN_ID": "run-b"})
-    child = _marking(root, unrelated=False, tmp_path=tmp_path)
-    own = locking.mark_uploader(root)
+    child = _marking(root, unrelated=False, tmp_path=tmp_path)  # our descendant: not another run
     try:
-        assert locking.other_uploaders(root) == [other]
+        assert locking.other_uploaders(root) == []
         monkeypatch.setattr(locking, "_pid_namespace", lambda: "4026532999")  # seen from elsewhere
-        assert sorted(locking.other_uploaders(root)) == sorted([rank, other, child])
+        assert locking.other_uploaders(root) == [child]
+        monkeypatch.setattr(locking, "_HOST", "another-host")
+        assert locking.other_uploaders(root) == []
     finally:
-        for pid in (rank, other, child):
-            os.kill(pid, signal.SIGKILL)
-        assert own is not None
-        own.remove()
+        os.kill(child, signal.SIGKILL)
