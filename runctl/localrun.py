@@ -956,7 +956,13 @@ def run_local(
 
     root = None if checkpoint_dir is None else Path(checkpoint_dir).absolute()
     if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a bare "[Errno 2] ... '/proc/nope'" said nothing of the option
+            raise UsageError(
+                f"--checkpoint-dir {str(checkpoint_dir)!r}: cannot make the directory "
+                f"({exc.strerror or exc})"
+            ) from None
 
     uploader: CheckpointUploader | None = None
     if s3_url is not None and root is not None:

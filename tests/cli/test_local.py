@@ -317,6 +317,8 @@ def test_an_executable_runs_itself(tmp_path: Path) -> None:
         ),
         (("--checkpoint-dir", "c", "--keep-last-n", "2", "SCRIPT.py"), "--upload-to"),
         (("--settle", "-1", "SCRIPT.py"), "--settle"),
+        # "[Errno 2] No such file or directory: '/proc/nope'", exit 1.
+        (("--checkpoint-dir", "/proc/nope/c", "SCRIPT.py"), "--checkpoint-dir '/proc/nope/c': cannot make"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_runs(
