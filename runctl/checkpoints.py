@@ -89,8 +89,8 @@ def parse_step(name: str) -> tuple[int | None, int | None]:
     """The ``(step, epoch)`` a checkpoint name carries; either may be None.
 
     ``step=N``, ``step_N``, ``step-N``, ``checkpoint-N``, ``global_stepN`` and ``iterN`` give
-    the step (not ``step=0.31``: a metric's value); ``epoch=E`` the epoch; a name of letters plus one trailing number
-    (``model-00100.safetensors``) gives that number as the step.
+    the step (not ``step=0.31``: a metric's value); ``epoch=E`` the epoch; a name of letters
+    plus one trailing number (``model-00100.safetensors``) gives that number as the step.
 
     Example:
         >>> parse_step("epoch=3-step=1200.ckpt"), parse_step("checkpoint-500"), parse_step("last.ckpt")

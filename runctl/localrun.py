@@ -249,8 +249,10 @@ def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, st
             found[entry.name] = "a process has it open for writing"
         elif now - newest < settle:
             found[entry.name] = f"it changed {max(0.0, now - newest):.1f} s ago"
-        elif sig is None or not dir_awaits_hf_sign(path := Path(entry.path)):  # (said so)
+        else:
             path = Path(entry.path)
+            if sig is not None and dir_awaits_hf_sign(path):
+                continue  # retention says why itself (no trainer_state.json yet)
             _, torn = dir_format_check(path) if sig is not None else format_check(path)
             if torn is not None:
                 found[entry.name] = f"cut short: {torn}"

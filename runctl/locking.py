@@ -236,7 +236,8 @@ def upload_turn(root: Path, *, give_up: Callable[[], bool]) -> Iterator[None]:
         lock.release()
 
 
-#: ``<root>/.runctl/uploaders/<pid>``: held (a shared flock) by each process that uploads ``root``.
+#: ``<root>/.runctl/uploaders/<pid>-<pid namespace>-<n>-<host>``: a mark held (a shared flock) by
+#: each uploader of ``root`` while it runs (``mark_uploader``).
 UPLOADERS_DIR = "uploaders"
 
 
@@ -317,8 +318,8 @@ def mark_uploader(root: Path) -> UploaderMark | None:
     """Say that this process uploads checkpoints from ``root`` until the mark is removed.
 
     None where the mark cannot be made (the check is then skipped). The mark is a file
-    ``<pid>-<n>`` holding a shared flock, which the system releases when the process dies,
-    SIGKILL included: an unlocked mark is a stale one.
+    ``<pid>-<pid namespace>-<n>-<host>`` holding a shared flock, which the system releases when
+    the process dies, SIGKILL included: an unlocked mark is a stale one.
 
     Example:
         >>> import tempfile

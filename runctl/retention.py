@@ -209,10 +209,11 @@ def strays(checkpoints: Iterable[Checkpoint]) -> set[str]:
         {'embeddings_4096.pt'}
     """
     items = list(checkpoints)
-    if not any((c.step is not None or c.epoch is not None) and not numbered_by_name_only(c.name) for c in items):
+    by_name = {c.name for c in items if numbered_by_name_only(c.name)}
+    if not any((c.step is not None or c.epoch is not None) and c.name not in by_name for c in items):
         return set()
     shapes = collections.Counter(_shape(c.name) for c in items)
-    return {c.name for c in items if numbered_by_name_only(c.name) and shapes[_shape(c.name)] == 1}
+    return {name for name in by_name if shapes[_shape(name)] == 1}
 
 
 def missing_partners(checkpoints: Iterable[Checkpoint]) -> dict[tuple[int, int], str]:

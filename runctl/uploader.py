@@ -1971,7 +1971,8 @@ class CheckpointUploader:
         return self._retention_due and not self._retention_held
 
     def _compact_if_grown(self) -> None:
-        """Compact the journal once it passes ``COMPACT_ABOVE`` (256 KB), and twice its size after the last compaction.
+        """Compact the journal once it passes ``COMPACT_ABOVE`` (256 KB), and twice its size
+        after the last compaction.
 
         At start, and after each landed checkpoint: a long run otherwise grows it by about
         0.5 KB a checkpoint, and every retention re-reads it (10,000 checkpoints: 5 MB). The
@@ -2027,7 +2028,10 @@ class CheckpointUploader:
                 with turn:
                     listed_at = time.time()
                     journal = self.journal.snapshot()
-                    left_out = journal.left_out() - self._theirs(journal)  # (runctl local)
+                    # What another uploader of this directory wrote down for its own prefix is
+                    # not this one's to send or to finish (read once for the whole pass).
+                    theirs = self._theirs(journal)
+                    left_out = journal.left_out() - theirs  # (runctl local)
                     plan = apply_s3_retention(
                         self.transfer,
                         self.prefix,
@@ -2035,9 +2039,11 @@ class CheckpointUploader:
                         protected=protected,
                         # Read after the listing: queued, left out, and on this disk at the
                         # step that landed last and not in S3 (their steps are not whole).
-                        unsettled=_LiveNames(lambda: on_the_way() | left_out | self._never_sent(journal)),
+                        unsettled=_LiveNames(
+                            lambda: on_the_way() | left_out | self._never_sent(journal, theirs)
+                        ),
                         patterns=self.patterns,
-                        unfinished=(journal.unfinished_deletions() - self._theirs(journal)) | moot,
+                        unfinished=(journal.unfinished_deletions() - theirs) | moot,
                         before_delete=self._journal_deleting,
                         lock_timeout=lock_wait,
                     )
@@ -2079,12 +2085,12 @@ class CheckpointUploader:
             )
         self._retention_blocked_on = blocked
 
-    def _never_sent(self, journal: JournalSnapshot) -> set[str]:
+    def _never_sent(self, journal: JournalSnapshot, theirs: Collection[str]) -> set[str]:
         """Checkpoints in this directory saved at the step that landed last from it, or a later
         one, whose version never reached S3 from it: a partner still being written, not yet
         handed over (``runctl local`` submits each file once it settles), or let go. Files of
         older steps are left out, or one the user never uploads would keep every step from
-        being whole."""
+        being whole; so are ``theirs`` (``_theirs``)."""
         landed = [e for e in journal.verified.values() if not is_alias(e.name)]
         if not landed:
             return set()
@@ -2096,7 +2102,6 @@ class CheckpointUploader:
             names = os.listdir(self.root)
         except OSError:
             return set()
-        theirs = self._theirs(journal)
         for name in names:
             if name.startswith(".") or is_alias(name) or step_order(name) < last:
                 continue

@@ -156,12 +156,10 @@ time.sleep(60)
 """
 
 
-def _marking(
-    root: Path, *, unrelated: bool, tmp_path: Path, env: dict[str, str] | None = None
-) -> int:
+def _marking(root: Path, *, unrelated: bool, tmp_path: Path) -> int:
     """A process that marks ``root`` as uploaded by it; unrelated: not our descendant (its
     parent, a shell, exits at once). Returns its pid once the mark is made."""
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     script = tmp_path / "marker.py"
     script.write_text(MARKER)
     out = tmp_path / f"marker-{time.monotonic_ns()}.out"
