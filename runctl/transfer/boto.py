@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,13 @@ from runctl.transfer.base import (
     failure_summary,
     part_size_for,
 )
+from runctl.transfer.threads import DaemonPool
 
 log = logging.getLogger("runctl.transfer.boto")
+
+#: Seconds the clean-up of an interrupted upload's multipart uploads may take before it is
+#: given up on (a Ctrl-C against an endpoint that stopped answering).
+ABORT_WAIT = 15.0
 
 #: Requests in flight for a batch (one shared s3transfer manager; the client pool holds 32).
 BATCH_CONCURRENCY = 32
@@ -262,11 +268,194 @@ def _known_size(size: int) -> Any:
     return KnownSize()
 
 
+def _on_done(pending: _Pending) -> Any:
+    """An s3transfer subscriber that tells ``pending`` its transfer ended, however it ended."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class OnDone(BaseSubscriber):  # type: ignore[misc]
+        def on_done(self, future: Any, **kwargs: Any) -> None:
+            pending.finished()
+
+    return OnDone()
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
         pass
+
+
+class _Batch:
+    """One s3transfer manager for a whole batch, its request threads daemons.
+
+    On success it shuts down as s3transfer's own ``with`` would. On an error or Ctrl-C, or
+    once ``abandon()``-ed (the transfer closed under it), it cancels every transfer and lets go
+    of its threads without waiting: s3transfer would wait for each request under way, which
+    against an endpoint that stopped answering is a read timeout on each of botocore's
+    attempts (minutes), and its pools' threads would hold up the process's exit as long.
+    """
+
+    def __init__(self, client: Any, part_size: int) -> None:
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        config = TransferConfig(
+            multipart_threshold=DEFAULT_PART_SIZE,
+            multipart_chunksize=part_size,
+            max_request_concurrency=BATCH_CONCURRENCY,
+        )
+        self._pools: list[DaemonPool] = []
+        self._pending: list[_Pending] = []
+        self._abandoned = False
+        self._manager = TransferManager(client, config, osutil=_whole_reads(), executor_cls=self._pool)
+
+    def _pool(self, max_workers: int | None = None) -> DaemonPool:
+        pool = DaemonPool(max_workers, name="runctl-s3transfer")
+        self._pools.append(pool)
+        return pool
+
+    def upload(self, source: Any, url: S3URL, extra: dict[str, str] | None, subscribers: Any) -> _Pending:
+        """s3transfer's ``upload`` of a path or a file object to ``url``."""
+        pending = _Pending()
+        subscribers = [*(subscribers or ()), _on_done(pending)]
+        return self._add(pending, self._manager.upload(source, url.bucket, url.key, extra, subscribers))
+
+    def download(self, url: S3URL, path: str, subscribers: Any) -> _Pending:
+        """s3transfer's ``download`` of ``url`` to ``path``."""
+        pending = _Pending()
+        subscribers = [*(subscribers or ()), _on_done(pending)]
+        return self._add(pending, self._manager.download(url.bucket, url.key, path, None, subscribers))
+
+    def _add(self, pending: _Pending, future: Any) -> _Pending:
+        pending.future = future
+        self._pending.append(pending)
+        if self._abandoned:  # closed while this one was being submitted
+            pending.abandon()
+        return pending
+
+    def __enter__(self) -> _Batch:
+        return self
+
+    def abandon(self) -> None:
+        """Cancel every transfer of the batch; a thread in a request ends when the request does."""
+        self._abandoned = True
+        for pending in list(self._pending):
+            pending.abandon()
+        for pool in list(self._pools):
+            pool.shutdown(wait=False)
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None and not self._abandoned:
+            self._manager.shutdown()
+        else:
+            self.abandon()
+
+
+class _Pending:
+    """One transfer of a ``_Batch``: its ``result()`` returns when it ends or is abandoned.
+
+    s3transfer's own future, once cancelled, still waits for its request under way.
+    """
+
+    future: Any = None
+
+    def __init__(self) -> None:
+        self._ended = False
+        self._woken = threading.Event()
+
+    def finished(self) -> None:
+        """s3transfer is done with it (its ``on_done``)."""
+        self._ended = True
+        self._woken.set()
+
+    def abandon(self) -> None:
+        """Cancel it; ``result()`` no longer waits for a request under way."""
+        if self.future is not None:
+            self.future.cancel()
+        self._woken.set()
+
+    def result(self) -> Any:
+        """The transfer's result, or its error; ``TransferError`` if it was abandoned midway."""
+        self._woken.wait()
+        if not self._ended:
+            raise TransferError("the transfer was closed while a request was under way")
+        return self.future.result()
+
+
+def abort_multipart(client: Callable[[], Any], urls: Iterable[S3URL], wait: float | None = None) -> None:
+    """Abort every unfinished multipart upload of exactly these keys (after an interrupted upload).
+
+    S3 keeps (and bills) the parts of an upload nobody completes. Every unfinished upload of
+    exactly these keys goes: this one's, or an older orphan's. (Not by start time: some S3
+    servers report a fixed one.) A server that cannot list multipart uploads (rclone answers
+    NoSuchUpload) has none to abort. ``client`` is called only if there is a key to look at.
+    Given up on (with a warning) after ``wait`` seconds: an interrupted upload to an endpoint
+    that stopped answering would otherwise wait out a read timeout on each of botocore's
+    attempts, per key (6 minutes each), after Ctrl-C.
+
+    Example:
+        >>> abort_multipart(lambda: client, [S3URL.parse("s3://b/run/step_1.pt")])  # doctest: +SKIP
+    """
+    urls = list(urls)
+    if not urls:
+        return
+    pool = DaemonPool(1, name="runctl-abort")
+    try:
+        pool.submit(_abort_each, client, urls).result(ABORT_WAIT if wait is None else wait)
+    except FutureTimeout:
+        log.warning(
+            "could not abort unfinished multipart uploads of %s: S3 did not answer within %g s; "
+            "S3 keeps their parts until a lifecycle rule (runctl s3 lifecycle) or an abort "
+            "removes them",
+            ", ".join(str(url) for url in urls[:3]) + (" ..." if len(urls) > 3 else ""),
+            ABORT_WAIT if wait is None else wait,
+        )
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _abort_each(client: Callable[[], Any], urls: list[S3URL]) -> None:
+    for url in urls:
+        try:
+            listing = client().list_multipart_uploads(Bucket=url.bucket, Prefix=url.key)
+            for upload in listing.get("Uploads", ()) or ():
+                if upload.get("Key") == url.key:
+                    client().abort_multipart_upload(
+                        Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"]
+                    )
+                    log.info("aborted the unfinished multipart upload of %s", url)
+        except Exception as exc:  # noqa: BLE001 - the transfer's own error is the one to raise
+            err = map_error(exc, str(url), "aborting the multipart uploads of")
+            if err.code in ("NoSuchUpload", "NotImplemented", "NoSuchBucket"):
+                log.debug("no multipart uploads to abort for %s: %s", url, err)
+                continue
+            log.warning(
+                "could not abort unfinished multipart uploads of %s (%s): S3 keeps their "
+                "parts until a lifecycle rule (runctl s3 lifecycle) or an abort removes them",
+                url,
+                err,
+            )
+
+
+class _Stream:
+    """A file descriptor read a whole part at a time (up to its end), for s3transfer.
+
+    Not ``os.fdopen``: a buffered file's close waits for its lock, which the reader thread
+    holds while a producer that has gone quiet keeps the pipe open, so Ctrl-C never ended.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def read(self, amount: int = -1) -> bytes:
+        chunks = []
+        while amount != 0:
+            chunk = os.read(self._fd, amount if amount > 0 else IO_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            amount -= len(chunk) if amount > 0 else 0
+        return b"".join(chunks)
 
 
 def upload_stream(client: Any, fd: int, url: S3URL, storage_class: str | None = None) -> None:
@@ -275,17 +464,17 @@ def upload_stream(client: Any, fd: int, url: S3URL, storage_class: str | None = 
     Example:
         >>> upload_stream(client, sys.stdin.fileno(), S3URL.parse("s3://b/x.tar"))  # doctest: +SKIP
     """
-    from boto3.s3.inject import upload_fileobj
-    from boto3.s3.transfer import TransferConfig
-
     extra = {"StorageClass": storage_class} if storage_class else None
     # s5cmd's part size: a stream of unknown size may be up to 10,000 parts (~488 GiB), not ~78.
-    config = TransferConfig(multipart_chunksize=DEFAULT_PART_SIZE)
-    with os.fdopen(fd, "rb", closefd=False) as source:
-        try:
-            upload_fileobj(client, source, url.bucket, url.key, ExtraArgs=extra, Config=config)
-        except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
-            raise map_error(exc, str(url), "upload") from None
+    try:
+        with _Batch(client, DEFAULT_PART_SIZE) as batch:
+            try:
+                batch.upload(_Stream(fd), url, extra, None).result()
+            except Exception as exc:  # noqa: BLE001 - mapped to the runctl tree
+                raise map_error(exc, str(url), "upload") from None
+    except BaseException:
+        abort_multipart(lambda: client, [url])  # its size is unknown: it may be multipart
+        raise
 
 
 def list_buckets(client: Any) -> Iterator[BucketInfo]:
@@ -346,6 +535,7 @@ class BotoTransfer(Transfer):
         self.config = config
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._batches: set[_Batch] = set()
 
     @property
     def client(self) -> Any:
@@ -358,16 +548,17 @@ class BotoTransfer(Transfer):
 
     # -- files -------------------------------------------------------------------------------
 
-    def _manager(self, part_size: int) -> Any:
-        """One s3transfer manager (one thread pool) for a whole batch; shut it down after."""
-        from s3transfer.manager import TransferConfig, TransferManager
-
-        config = TransferConfig(
-            multipart_threshold=DEFAULT_PART_SIZE,
-            multipart_chunksize=part_size,
-            max_request_concurrency=BATCH_CONCURRENCY,
-        )
-        return TransferManager(self.client, config, osutil=_whole_reads())
+    @contextlib.contextmanager
+    def _batch(self, part_size: int) -> Iterator[_Batch]:
+        """A ``_Batch`` that ``close()`` abandons if it is still under way."""
+        with _Batch(self.client, part_size) as batch:
+            with self._client_lock:
+                self._batches.add(batch)
+            try:
+                yield batch
+            finally:
+                with self._client_lock:
+                    self._batches.discard(batch)
 
     def put_files(
         self,
@@ -385,25 +576,26 @@ class BotoTransfer(Transfer):
         subscribers = [_on_progress(_Progress(progress))] if progress else None
         extra = {"StorageClass": storage_class} if storage_class else {}
         errors: dict[str, TransferError] = {}
-        groups: dict[int, list[tuple[Path, S3URL]]] = {}
+        groups: dict[int, list[tuple[Path, S3URL, int]]] = {}
         for path, url in pairs:
             try:
                 size = Path(path).stat().st_size
             except OSError as exc:
                 errors[str(url)] = map_error(exc, str(url), "upload")
                 continue
-            groups.setdefault(part_size_for(size), []).append((path, url))
+            groups.setdefault(part_size_for(size), []).append((path, url, size))
         for part_size, group in groups.items():
-            with self._manager(part_size) as manager:  # cancels the rest if interrupted
-                futures = [
-                    (url, manager.upload(str(path), url.bucket, url.key, extra, subscribers))
-                    for path, url in group
-                ]
-                for url, future in futures:
-                    try:
-                        future.result()
-                    except Exception as exc:  # every failure is reported by name after the batch
-                        errors[str(url)] = map_error(exc, str(url), "upload")
+            try:
+                with self._batch(part_size) as batch:  # cancels the rest if interrupted
+                    futures = [(url, batch.upload(str(path), url, extra, subscribers)) for path, url, _ in group]
+                    for url, future in futures:
+                        try:
+                            future.result()
+                        except Exception as exc:  # every failure is reported by name after the batch
+                            errors[str(url)] = map_error(exc, str(url), "upload")
+            except BaseException:  # Ctrl-C: s3transfer's own abort of the unfinished ones was let go
+                abort_multipart(lambda: self.client, (url for _, url, size in group if size >= DEFAULT_PART_SIZE))
+                raise
         raise_batch(errors, len(pairs), "upload")
 
     def put_tree(
@@ -476,21 +668,19 @@ class BotoTransfer(Transfer):
                 return
             subscribers = [_on_progress(callback), _known_size(size)]
             try:
-                future = manager.download(url.bucket, url.key, str(path), None, subscribers)
+                future = batch.download(url, str(path), subscribers)
             except Exception as exc:  # noqa: BLE001 - reported per item
                 fail(url, exc)
                 return
             with lock:
                 futures.append((url, future))
 
-        with self._manager(part_size_for(0)) as manager:  # cancels the rest if interrupted
+        with self._batch(part_size_for(0)) as batch:  # cancels the rest if interrupted
             if len(pairs) <= 1:
                 for pair in pairs:
                     one(pair)
             else:
-                with ThreadPoolExecutor(
-                    max_workers=min(BATCH_CONCURRENCY, len(pairs)), thread_name_prefix="runctl-boto"
-                ) as pool:
+                with DaemonPool(min(BATCH_CONCURRENCY, len(pairs)), name="runctl-boto") as pool:
                     list(pool.map(one, pairs))
             for url, future in futures:
                 try:
@@ -678,8 +868,11 @@ class BotoTransfer(Transfer):
         """
 
     def close(self) -> None:
-        """Close the client's connection pool."""
+        """Cancel the transfers under way (their calls fail at once) and close the connections."""
         with self._client_lock:
             client, self._client = self._client, None
+            batches, self._batches = list(self._batches), set()
+        for batch in batches:
+            batch.abandon()
         if client is not None and hasattr(client, "close"):
             client.close()

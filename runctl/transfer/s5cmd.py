@@ -58,7 +58,13 @@ from runctl.transfer.base import (
     failure_summary,
     part_size_for,
 )
-from runctl.transfer.boto import download_stream, list_buckets, map_error, upload_stream
+from runctl.transfer.boto import (
+    abort_multipart,
+    download_stream,
+    list_buckets,
+    map_error,
+    upload_stream,
+)
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -1233,31 +1239,8 @@ class S5cmdTransfer:
 
         s5cmd aborts its own on an error, but not when it is killed (Ctrl-C, a stall, a
         closed transfer), and S3 keeps (and bills) the parts of an upload nobody completes.
-        Every unfinished upload of exactly these keys goes: this one's, or an older orphan's.
-        (Not by start time: some S3 servers report a fixed one.) A server that cannot list
-        multipart uploads (rclone answers NoSuchUpload) has none to abort.
         """
-        for url in urls:
-            try:
-                client = self._client()
-                listing = client.list_multipart_uploads(Bucket=url.bucket, Prefix=url.key)
-                for upload in listing.get("Uploads", ()) or ():
-                    if upload.get("Key") == url.key:
-                        client.abort_multipart_upload(
-                            Bucket=url.bucket, Key=url.key, UploadId=upload["UploadId"]
-                        )
-                        log.info("aborted the unfinished multipart upload of %s", url)
-            except Exception as exc:  # noqa: BLE001 - the transfer's own error is the one to raise
-                code, message = _boto_error(exc)
-                if code in ("NoSuchUpload", "NotImplemented"):
-                    log.debug("no multipart uploads to abort for %s: %s", url, message)
-                    continue
-                log.warning(
-                    "could not abort unfinished multipart uploads of %s (%s): S3 keeps their "
-                    "parts until a lifecycle rule (runctl s3 lifecycle) or an abort removes them",
-                    url,
-                    message,
-                )
+        abort_multipart(self._client, urls)
 
     def put_tree(
         self,

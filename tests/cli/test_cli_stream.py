@@ -207,6 +207,9 @@ def test_ctrl_c_during_a_streamed_upload_leaves_no_parts_behind(
         for _ in range(8):
             proc.stdin.write(chunk)  # the stream goes on: a producer still at work
     proc.send_signal(signal.SIGINT)
+    # The producer has not closed the stream: boto3's reader thread read on until its end, and
+    # runctl waited for it (a `tar | runctl s3 upload -` given SIGTERM ran until tar was done).
+    proc.wait(timeout=15)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", []) == []
@@ -240,6 +243,25 @@ def test_ctrl_c_during_a_multipart_upload_leaves_no_parts_behind(
     # the whole object: never a part of it.
     landed = client.list_objects_v2(Bucket=bucket.bucket).get("Contents", [])
     assert [(o["Key"], o["Size"]) for o in landed] in ([], [("big.bin", big.stat().st_size)])
+
+
+def test_ctrl_c_during_a_tree_upload_leaves_no_parts_behind(
+    moto_server: S3Server, tmp_path: Path, backend: str
+) -> None:
+    # boto3's batch no longer waits out its requests on Ctrl-C (minutes against a hung
+    # endpoint), so its own abort of the unfinished multipart uploads is runctl's to do.
+    bucket = S3URL(moto_server.new_bucket())
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    write_big(tree / "big.bin")
+    (tree / "small.json").write_text("{}")
+    client = moto_server.client()
+    proc = start_runctl(moto_server, backend, "upload", "-r", str(tree), f"{bucket}run/", cwd=tmp_path)
+    wait_for_a_multipart_upload(moto_server, bucket, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert client.list_multipart_uploads(Bucket=bucket.bucket).get("Uploads", []) == []
 
 
 def _s5cmd_children_of(server: S3Server) -> list[str]:

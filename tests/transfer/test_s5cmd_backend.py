@@ -7,7 +7,6 @@ import fcntl
 import importlib.util
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from runctl.transfer import s5cmd as s5cmd_module
 from runctl.transfer.base import MiB, ObjectInfo, PrefixInfo, Transfer, part_size_for
 from runctl.transfer.s5cmd import S5cmdTransfer, error_code, find_s5cmd, parse_time
 from tests.cli.cli_support import ROOT, run
-from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port
+from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port, never_answering
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -551,35 +550,6 @@ def test_stall_watchdog_kills_a_silent_child(
     with pytest.raises(TransferError, match="stalled"):
         t.put_files([(src, bucket.join("a.pt"))])
     assert time.monotonic() - started < 15
-
-
-@contextlib.contextmanager
-def never_answering() -> Iterator[str]:
-    """An endpoint on loopback that accepts connections and never answers; yields its URL."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in accepted:
-            conn.close()
-        listener.close()
 
 
 def test_stall_watchdog_catches_a_server_that_never_answers(tmp_path: Path) -> None:

@@ -1,0 +1,192 @@
+"""The boto3 backend against an endpoint that stops answering: nothing waits out botocore's
+read timeouts (60 s on each of 5 attempts) once the caller has given up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runctl.config import Credentials, S3Config
+from runctl.exceptions import TransferError
+from runctl.s3url import S3URL
+from runctl.transfer.boto import BotoTransfer
+from runctl.transfer.threads import DaemonPool
+from tests.cli.cli_support import ROOT
+from tests.reliability.faultproxy import FaultPlan, FaultProxy, Rule
+from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, S3Server, never_answering
+
+
+def config_for(endpoint: str) -> S3Config:
+    return S3Config(endpoint, region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY))
+
+
+def test_a_daemon_pool_lets_go_of_work_under_way() -> None:
+    release = threading.Event()
+    pool = DaemonPool(1)
+    busy = pool.submit(release.wait)
+    queued = pool.submit(lambda: "never run")
+    started = time.monotonic()
+    pool.shutdown(wait=False)
+    assert time.monotonic() - started < 1
+    assert queued.cancelled() and not busy.done()
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("runctl-io"))
+    with pytest.raises(RuntimeError):
+        pool.submit(len, "x")
+    release.set()
+    assert busy.result(5) is True
+    with DaemonPool(3) as pool:
+        assert list(pool.map(lambda n: n * 2, range(5))) == [0, 2, 4, 6, 8]
+
+
+def test_close_ends_an_upload_waiting_on_an_endpoint_that_never_answers(tmp_path: Path) -> None:
+    # s3transfer's cancel still waits for the request under way: the uploader's close() waited
+    # 30 s for its worker, which went on waiting for botocore's read timeout. (A download's
+    # first GetObject is one plain call, which only its read timeout ends.)
+    src = tmp_path / "a.pt"
+    src.write_bytes(os.urandom(200_000))
+    errors: list[BaseException] = []
+    with never_answering() as endpoint:
+        t = BotoTransfer(config_for(endpoint))
+        url = S3URL("b-u-c", "a.pt")
+
+        def move() -> None:
+            try:
+                t.put_files([(src, url)])
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        worker = threading.Thread(target=move, daemon=True)
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive()
+        started = time.monotonic()
+        t.close()
+        worker.join(10)
+        assert not worker.is_alive() and time.monotonic() - started < 10
+    assert errors and isinstance(errors[0], TransferError), errors
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from runctl import CheckpointUploader
+    from runctl.config import Credentials, S3Config
+    from runctl.exceptions import FlushTimeout
+
+    endpoint, bucket, root = sys.argv[1:]
+    config = S3Config(endpoint, region="us-east-1", static_credentials=Credentials("{key}", "{secret}"))
+    up = CheckpointUploader(root, f"s3://{{bucket}}/run/", config=config, use_s5cmd=False)
+    Path(root, "step_1.pt").write_bytes(b"x" * 100_000)
+    up.submit(Path(root, "step_1.pt"))
+    time.sleep(1.5)  # the PUT is under way, and never answered
+    started = time.monotonic()
+    try:
+        up.close(timeout=1.0)
+    except FlushTimeout:
+        print(f"closed in {{time.monotonic() - started:.1f}} s", flush=True)
+    """
+)
+
+
+def test_a_process_that_gave_up_on_a_hung_upload_exits_at_once(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The uploader gave up after its timeout, but the process lived on for minutes: s3transfer's
+    # request threads were not daemons, and the interpreter joined them at exit, each waiting
+    # out a read timeout of 60 s on each of botocore's 5 attempts.
+    bucket = moto_server.new_bucket()
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    plan = FaultPlan(rules=[Rule("stall", 100, method="PUT")], stall_seconds=600)
+    script = CHILD.format(key=ACCESS_KEY, secret=SECRET_KEY)
+    with FaultProxy(moto_server.endpoint_url, plan) as proxy:
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", script, proxy.url, bucket, str(root)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert "closed in" in done.stdout, done.stdout
+    assert took < 30, (took, done.stdout)
+
+
+def test_ctrl_c_on_a_boto3_upload_to_a_hung_endpoint_ends_it_at_once(tmp_path: Path) -> None:
+    # Ctrl-C took about 55 s: s3transfer's exit cancels, then waits for each request under way.
+    src = tmp_path / "a.pt"
+    src.write_bytes(b"x" * 200_000)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "RUNCTL_LOCK_DIR": str(tmp_path / "locks"),
+    }
+    with never_answering() as endpoint:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runctl", "--endpoint-url", endpoint, "s3", "upload",
+             "--no-use-s5cmd", str(src), "s3://b-u-c/a.pt"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+        time.sleep(3.0)  # started, and waiting on the endpoint
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        took = time.monotonic() - started
+    assert proc.returncode == 130, err
+    assert err.strip() == "runctl: error: interrupted"
+    assert took < 5, took
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_ctrl_c_on_a_multipart_upload_to_a_hung_endpoint_gives_up_its_clean_up(
+    tmp_path: Path, backend: str
+) -> None:
+    # After Ctrl-C, the abort of the unfinished multipart upload asked the same endpoint, and
+    # waited out a read timeout on each of botocore's attempts: 6 minutes before the exit.
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as fh:
+        fh.truncate(60 * 1024 * 1024)  # sparse: over the part size, no disk
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "RUNCTL_LOCK_DIR": str(tmp_path / "locks"),
+    }
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    with never_answering() as endpoint:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runctl", "--endpoint-url", endpoint, "s3", "upload",
+             flag, str(src), "s3://b-u-c/big.bin"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+        time.sleep(3.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        took = time.monotonic() - started
+    assert proc.returncode == 130, err
+    assert "S3 did not answer within 15 s" in err, err
+    assert err.strip().endswith("runctl: error: interrupted"), err
+    assert took < 25, took
