@@ -460,8 +460,16 @@ def _object_info(bucket: str, key: str, record: dict[str, Any]) -> ObjectInfo:
 
 
 def _local(path: Path | str) -> str:
-    # s5cmd echoes local paths as filepath.Abs (cleaned); abspath cleans the same way.
-    return os.path.abspath(os.fspath(path))
+    # s5cmd echoes local paths as filepath.Abs (cleaned); abspath cleans the same way. Both drop
+    # "x/.." as text, where the kernel (and boto3) follow a symlink x first: "l/../f.pt" with l
+    # a link to other/sub is other/f.pt, not ./f.pt. Such a path goes with its directory resolved.
+    text = os.fspath(path)
+    if ".." not in Path(text).parts:
+        return os.path.abspath(text)
+    head, tail = os.path.split(os.path.join(os.getcwd(), text))
+    if tail in ("", ".", ".."):
+        return os.path.realpath(text)
+    return os.path.join(os.path.realpath(head), tail)
 
 
 @dataclass(frozen=True)

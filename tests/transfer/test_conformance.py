@@ -108,6 +108,26 @@ def test_files_with_glob_characters_are_literal(transfer: Transfer, bucket: S3UR
     assert (out / "class").read_bytes() == b"class"
 
 
+def test_a_local_path_through_a_symlink_and_dotdot_is_the_kernels(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path
+) -> None:
+    # dd/l links to other/sub, so dd/l/../f.pt is other/f.pt. s5cmd was handed the path cleaned
+    # as text (dd/f.pt): it sent another file, and a download -r wrote outside its destination.
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "other" / "f.pt").write_bytes(b"through the link")
+    (tmp_path / "dd" / "f.pt").write_bytes(b"as text")
+    (tmp_path / "dd" / "l").symlink_to(tmp_path / "other" / "sub")
+    via = tmp_path / "dd" / "l" / ".."
+    ops.upload(transfer, via / "f.pt", bucket.join("x/f.pt"))
+    assert transfer.get_bytes(bucket.join("x/f.pt")) == b"through the link"
+    ops.download(transfer, bucket.join("x/f.pt"), via / "one.pt")
+    ops.download(transfer, bucket.join("x/"), via / "tree", recursive=True)
+    assert (tmp_path / "other" / "one.pt").read_bytes() == b"through the link"
+    assert tree_files(tmp_path / "other" / "tree") == {"f.pt": b"through the link"}
+    assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == ["f.pt", "l"]
+
+
 def test_upload_file_into_prefix_and_to_key(transfer: Transfer, bucket: S3URL, tmp_path: Path) -> None:
     f = tmp_path / "step_1.pt"
     f.write_bytes(b"weights")
