@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -259,6 +260,8 @@ def format_check(path: Path) -> tuple[bool, str | None]:
     import zipfile
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False, None  # a FIFO's open would wait for a writer forever
         with open(path, "rb") as f:
             head = f.read(8)
             if head[:4] == _ZIP_MAGIC:

@@ -16,6 +16,10 @@ log = logging.getLogger("runctl.uploader")
 
 STAGING_DIR = ".runctl/staging"
 #: errno values that mean "this filesystem will not hard-link here": copy instead.
+#: Left out of a directory checkpoint at its top, as the marker's own list leaves them out: a
+#: marker brought down with the files (``download -r``) is the uploader's to write anew.
+_NOT_PART = (".runctl-manifest.json", ".runctl")
+
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES, errno.ENOSYS}
 #: Beside a directory staged whole, in its slot: ``.whole-<name>`` (``StagingArea.find``).
 _WHOLE_PREFIX = ".whole-"
@@ -276,12 +280,17 @@ class StagingArea:
         files: dict[str, FileStamp] = {}
         copied = False
         for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
-            dirnames.sort()
             rel_dir = Path(dirpath).relative_to(source)
+            dirnames[:] = sorted(_walked(dirpath, dirnames, rel_dir, source.name))
             (dest / rel_dir).mkdir(parents=True, exist_ok=True)
             for fname in sorted(filenames):
                 src = Path(dirpath) / fname
                 rel = (rel_dir / fname).as_posix()
+                if rel in _NOT_PART:
+                    continue
+                if not _regular(src):
+                    log.warning("%s: leaving out %s: not a regular file", source.name, rel)
+                    continue
                 target = dest / rel
                 try:
                     # link() takes a symlink itself, and a relative one names nothing from here.
@@ -400,7 +409,9 @@ def tree_inventory(root: Path, limit: int = 256) -> dict[str, tuple[int, int]] |
     metadata only, no data read); a huge sharded tree is left to the worker's own checks.
     """
     versions: dict[str, tuple[int, int]] = {}
-    for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d not in _NOT_PART]
         if len(versions) + len(filenames) > limit:
             return None
         for fname in filenames:
@@ -409,8 +420,39 @@ def tree_inventory(root: Path, limit: int = 256) -> dict[str, tuple[int, int]] |
                 st = os.stat(path)
             except FileNotFoundError:
                 continue  # deleted just now, or a dangling link: absent either way
-            versions[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISREG(st.st_mode) and rel not in _NOT_PART:  # as snapshot_dir stages it
+                versions[rel] = (st.st_size, st.st_mtime_ns)
     return versions
+
+
+def _walked(dirpath: str, dirnames: list[str], rel_dir: Path, name: str) -> list[str]:
+    """The subdirectories of a directory checkpoint that are part of it (``snapshot_dir``).
+
+    A symlink to a directory is not followed (as ``runctl s3 upload -r``), said aloud: a
+    checkpoint that lacks a symlinked ``tokenizer/`` is otherwise verified and restored without
+    it, no one told.
+    """
+    kept = []
+    for d in dirnames:
+        rel = (rel_dir / d).as_posix()
+        if rel in _NOT_PART:
+            continue
+        if os.path.islink(os.path.join(dirpath, d)):
+            log.warning("%s: leaving out %s/: a symlink to a directory (not followed)", name, rel)
+            continue
+        kept.append(d)
+    return kept
+
+
+def _regular(path: Path) -> bool:
+    """A regular file, or a symlink to one; False for a FIFO, socket or device (a FIFO's open
+    waits for a writer forever). One that cannot be looked at (vanished, a dangling link) is
+    left to the link or copy that follows, which tells those apart."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 @contextmanager

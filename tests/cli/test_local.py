@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from runctl.checkpoints import MARKER_NAME
 from runctl.s3url import S3URL
 from tests.cli.cli_support import ROOT, keys, run
 from tests.servers import S3Server
@@ -816,3 +817,32 @@ def test_a_checkpoint_whose_name_is_not_utf8_fails_the_run_by_name(
     assert proc.returncode == 1, proc.stderr
     assert "step_1\\udce9.pt: its name is not valid UTF-8" in proc.stderr, proc.stderr
     assert sorted(keys(moto_server, S3URL(bucket, ""))) == ["run/step_2.pt"]
+
+
+def test_a_directory_checkpoint_holding_a_fifo_is_uploaded_without_it(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # The watcher's format check opened every file of a directory checkpoint: on a FIFO, open()
+    # waits for a writer, and runctl never exited after its script had.
+    (tmp_path / "save.py").write_text(
+        "import os\n"
+        "d = os.path.join(os.environ['RUNCTL_CHECKPOINT_DIR'], 'checkpoint-1')\n"
+        "os.makedirs(d)\n"
+        "open(os.path.join(d, 'model.bin'), 'wb').write(b'weights')\n"
+        "os.mkfifo(os.path.join(d, 'pipe'))\n"
+        "open(os.path.join(d, 'trainer_state.json'), 'w').write('{}')\n"
+    )
+    bucket = moto_server.new_bucket()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt"]
+        + ["--upload-to", f"s3://{bucket}/run/", "--settle", "0.2", "save.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "leaving out pipe: not a regular file" in proc.stderr, proc.stderr
+    assert sorted(keys(moto_server, S3URL(bucket, ""))) == [
+        f"run/checkpoint-1/{MARKER_NAME}",
+        "run/checkpoint-1/model.bin",
+        "run/checkpoint-1/trainer_state.json",
+    ]

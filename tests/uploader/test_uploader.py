@@ -1321,6 +1321,43 @@ def test_a_directory_checkpoint_with_a_relative_symlink_uploads_what_it_points_t
     assert sorted(manifest.files) == ["model.bin", "tok.json"]
 
 
+@pytest.mark.timeout(120)
+def test_a_directory_checkpoint_leaves_out_what_is_not_its_data_and_says_so(
+    root: Path, bucket: S3URL, transfer: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A FIFO in a checkpoint hung the boto3 uploader for good (its open waits for a writer) and
+    # failed the checkpoint after 5 attempts on s5cmd ("not a regular file"); a symlinked
+    # tokenizer/ was left out without a word and the checkpoint verified; a marker brought down
+    # with the files (`download -r`) was sent as data, then "vanished from the staged copy":
+    # "rewritten in place during each of 4 upload attempts", skipped, exit 0.
+    caplog.set_level(logging.WARNING, logger="runctl.uploader")
+    write(tmp_path / "shared" / "tokenizer" / "vocab.json", b"{}")
+    ckpt = root / "checkpoint-10"
+    write(ckpt / "model.bin", os.urandom(5_000))
+    write(ckpt / "sub" / "optim.bin", os.urandom(3_000))
+    os.mkfifo(ckpt / "pipe")
+    os.mkfifo(ckpt / "sub" / "pipe")
+    (ckpt / "tokenizer").symlink_to(tmp_path / "shared" / "tokenizer")
+    write(ckpt / MARKER_NAME, b'{"files": {"old.bin": 1}}')
+    up = uploader(root, bucket, transfer)
+    up.submit(ckpt, step=10).result(60)
+    up.close(timeout=60)
+    assert (up.status().uploaded, up.status().retries) == (1, 0)
+    run = bucket.join("run/")
+    assert sorted(keys_under(transfer, run)) == [
+        f"checkpoint-10/{MARKER_NAME}",
+        "checkpoint-10/model.bin",
+        "checkpoint-10/sub/optim.bin",
+    ]
+    manifest = Manifest.from_bytes(transfer.get_bytes(run.join(f"checkpoint-10/{MARKER_NAME}")))  # type: ignore[attr-defined]
+    assert sorted(manifest.files) == ["model.bin", "sub/optim.bin"]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "checkpoint-10: leaving out pipe: not a regular file" in said, said
+    assert "checkpoint-10: leaving out sub/pipe: not a regular file" in said, said
+    assert "checkpoint-10: leaving out tokenizer/: a symlink to a directory (not followed)" in said, said
+    assert not [m for m in said if "rewritten" in m or "vanished" in m], said
+
+
 def test_directory_being_deleted_while_queued_is_skipped_never_uploaded_partial(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
