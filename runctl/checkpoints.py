@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runctl._version import __version__
-from runctl.exceptions import MarkerError, TransferError, UsageError
+from runctl.exceptions import MarkerError, NoSuchKeyError, TransferError, UsageError
 from runctl.s3url import S3URL
 from runctl.transfer.base import ObjectInfo, PrefixInfo
 
@@ -787,6 +787,9 @@ def marker_ok(
         return True
     try:
         manifest = Manifest.from_bytes(read_marker(marker.key))
+    except NoSuchKeyError:  # deleted since the listing: retention or a cleanup at work, no news
+        log.info("marker %s was deleted after it was listed: the checkpoint is going", marker.key)
+        return False
     except TransferError as exc:  # unreadable now: not proof of a whole checkpoint
         log.warning("cannot read marker %s (%s): treating the checkpoint as incomplete", marker.key, exc)
         return False

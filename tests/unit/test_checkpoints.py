@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,11 +23,12 @@ from runctl.checkpoints import (
     is_alias,
     is_recognised,
     local_checkpoint,
+    marker_ok,
     parse_step,
     scan_local,
     verify_against_manifest,
 )
-from runctl.exceptions import MarkerError, TransferError, UsageError
+from runctl.exceptions import MarkerError, NoSuchKeyError, TransferError, UsageError
 from runctl.s3url import S3URL
 from runctl.transfer.base import ObjectInfo, PrefixInfo
 
@@ -626,3 +628,27 @@ def test_an_alias_that_landed_in_the_same_second_as_the_highest_step_is_the_newe
     last = Checkpoint("last.ckpt", False, None, None, 100.0, 1, True, ())
     assert newest_state([best, last]) is last
     assert newest_state([best, Checkpoint("last.ckpt", False, None, None, 99.0, 1, True, ())]) is best
+
+
+def test_a_marker_deleted_after_the_listing_is_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # `download --latest` during training warned "cannot read marker ... treating the checkpoint
+    # as incomplete" about nearly every download: retention had deleted an old checkpoint
+    # between the listing and the read of its marker. Any other failure to read one still warns.
+    from datetime import datetime, timezone
+
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    marker = ObjectInfo("b", f"run/c-1/{MARKER_NAME}", 90, t)
+    files = [ObjectInfo("b", "run/c-1/w.bin", 3, t)]
+
+    def gone(key: str) -> bytes:
+        raise NoSuchKeyError(f"get s3://b/{key} failed: no such object", code="NoSuchKey")
+
+    def refused(key: str) -> bytes:
+        raise TransferError(f"get s3://b/{key} failed: connection refused")
+
+    caplog.set_level(logging.INFO, logger="runctl")
+    assert marker_ok(marker, files, "run/c-1/", gone) is False
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    caplog.clear()
+    assert marker_ok(marker, files, "run/c-1/", refused) is False
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
