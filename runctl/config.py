@@ -81,9 +81,30 @@ class S3Config:
     def path_style(self) -> bool:
         return self.endpoint_url is not None
 
-    @cached_property
+    @property
     def credentials(self) -> Credentials | None:
-        """Credentials from the standard chain, resolved once; None when there are none."""
+        """Credentials from the standard chain; None when there are none.
+
+        The chain is resolved once. Temporary credentials (a role, SSO, a credential process,
+        an instance or container role) are read anew each time, as botocore refreshes them
+        ahead of their expiry: each s5cmd started gets the current ones, and a training run
+        outlives the hour or so its first ones last.
+        """
+        fixed, live = self._chain
+        if live is None:
+            return fixed
+        try:
+            frozen = live.get_frozen_credentials()
+        except Exception as exc:  # noqa: BLE001 - botocore's refresh errors have no common base
+            raise ConfigError(f"cannot refresh AWS credentials: {exc}") from None
+        creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+        register_secret(creds.secret_key)
+        register_secret(creds.token)
+        return creds
+
+    @cached_property
+    def _chain(self) -> tuple[Credentials | None, Any]:
+        """(credentials that do not change, botocore's refreshable credentials): one is None."""
         if self.static_credentials is not None:
             creds = self.static_credentials
         elif (from_env := self._env_credentials()) is not None:
@@ -98,12 +119,14 @@ class S3Config:
             except BotoCoreError as exc:
                 raise ConfigError(f"cannot load AWS credentials: {exc}") from None
             if found is None:
-                return None
+                return None, None
+            if hasattr(found, "refresh_needed"):  # botocore's RefreshableCredentials
+                return None, found
             frozen = found.get_frozen_credentials()
             creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
         register_secret(creds.secret_key)
         register_secret(creds.token)
-        return creds
+        return creds, None
 
     def _env_credentials(self) -> Credentials | None:
         """The key pair in the environment, read without importing botocore (0.1 s saved per command).
@@ -157,13 +180,17 @@ class S3Config:
         import botocore.session
         from botocore.config import Config as BotoConfig
 
-        creds = self.credentials
-        session = botocore.session.Session(profile=None if creds else self.profile)
+        creds, live = self._chain
+        session = botocore.session.Session(profile=None if creds or live else self.profile)
         # The endpoint is runctl's to resolve (resolve_config, which s5cmd follows too): botocore
         # would otherwise take one from the config file where this one is None (AWS itself).
         session.set_config_variable("ignore_configured_endpoint_urls", True)
         if creds is not None:
             session.set_credentials(creds.access_key, creds.secret_key, creds.token)
+        elif live is not None:  # the client signs with them as botocore refreshes them
+            from botocore.credentials import CredentialResolver
+
+            session.register_component("credential_provider", CredentialResolver([_Held(live)]))
         boto_config = BotoConfig(
             s3={"addressing_style": "path" if self.path_style else "auto"},
             retries={"max_attempts": 5, "mode": "standard"},
@@ -294,3 +321,16 @@ def resolve_config(
         or DEFAULT_REGION
     )
     return S3Config(endpoint_url=endpoint_url, profile=profile, region=region)
+
+
+class _Held:
+    """A botocore credential provider that hands over credentials already resolved."""
+
+    METHOD = "runctl"
+    CANONICAL_NAME = "runctl"
+
+    def __init__(self, credentials: Any) -> None:
+        self._credentials = credentials
+
+    def load(self) -> Any:
+        return self._credentials

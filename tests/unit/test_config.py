@@ -286,3 +286,38 @@ def test_the_config_files_profile_gives_the_endpoint_and_region_as_aws_has_them(
     assert resolved({}, profile="nope") == (None, DEFAULT_REGION)
     config.write_text("not an ini file [\n")
     assert resolved({}) == (None, DEFAULT_REGION)
+
+
+def test_temporary_credentials_are_read_anew_as_botocore_refreshes_them(tmp_path: Path) -> None:
+    # The chain was resolved once and frozen: a role's or SSO's credentials, an hour long, went
+    # to every s5cmd and the boto3 client of a day-long training run, which failed once they
+    # expired (InvalidAccessKeyId), though boto3 and aws-cli refresh them.
+    state = tmp_path / "key"
+    state.write_text("AKIDFIRST")
+    process = tmp_path / "creds.py"
+    process.write_text(
+        "import datetime, json, pathlib\n"
+        "soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"
+        f"key = pathlib.Path({str(state)!r}).read_text()\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': key, 'SecretAccessKey': 'secret-' + key,\n"
+        "                  'SessionToken': 'token-' + key, 'Expiration': soon.isoformat()}))\n"
+    )
+    config = tmp_path / "config"
+    config.write_text(f"[profile rot]\ncredential_process = {sys.executable} {process}\n")
+    probe = (
+        "import pathlib, sys\n"
+        "from runctl.config import resolve_config\n"
+        "cfg = resolve_config(profile='rot')\n"
+        "client = cfg.boto_client()\n"
+        "def seen():\n"
+        "    signer = client._request_signer._credentials.get_frozen_credentials()\n"
+        "    return [cfg.credentials.access_key, cfg.child_env()['AWS_ACCESS_KEY_ID'], signer.access_key]\n"
+        "print(*seen())\n"
+        f"pathlib.Path({str(state)!r}).write_text('AKIDSECOND')  # the source rotates\n"
+        "print(*seen())\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = {**base, "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["AKIDFIRST AKIDFIRST AKIDFIRST", "AKIDSECOND AKIDSECOND AKIDSECOND"]
