@@ -602,7 +602,7 @@ def sync_tree(
         raise UsageError(f"LOCAL {str(local)!r} is a file: sync needs a directory")
     if direction is Direction.up and not local.is_dir():
         raise UsageError(f"LOCAL {str(local)!r}: no such directory to sync up")
-    if direction is Direction.up and delete and url.is_bucket and not yes_bucket_root and not dry_run:
+    if direction is Direction.up and delete and url.is_bucket and not yes_bucket_root:
         raise UsageError(
             f"S3URL {url} is a bucket root: --delete there may delete any object in the bucket; "
             "add --yes-bucket-root to confirm, or give a prefix"

@@ -738,8 +738,11 @@ def test_sync_up_with_delete_to_a_bucket_root_needs_confirming(
     local = tmp_path / "local"
     local.mkdir()
     (local / "a.txt").write_bytes(b"a")
-    result = run_s3(moto_server, "s3", "sync", str(local), str(bucket), "-d", "up", "--delete")
-    assert result.exit_code == 2 and "--yes-bucket-root" in result.stderr, result.output
+    # A dry run says what the real run does: it planned the deletion, exit 0, which the real
+    # run then refused (CLI pass), as `cleanup --dry-run` refuses a bucket root too.
+    for dry in ((), ("--dry-run",)):
+        result = run_s3(moto_server, "s3", "sync", str(local), str(bucket), "-d", "up", "--delete", *dry)
+        assert result.exit_code == 2 and "--yes-bucket-root" in result.stderr, result.output
     assert "other/x.txt" in keys(moto_server, bucket)
     result = run_s3(
         moto_server, "s3", "sync", str(local), str(bucket), "-d", "up", "--delete", "--yes-bucket-root"
