@@ -270,11 +270,12 @@ class PrefixWatcher:
         """The listing as state, as objects by key (for reading markers), and as checkpoints."""
         state: ObjectState = {}
         objects: dict[str, ObjectInfo] = {}
+        before = self._state or {}
 
         def recorded(items: Iterable[object]) -> Iterator[ObjectInfo]:
             for item in items:
                 if isinstance(item, ObjectInfo):
-                    state[item.key] = (item.etag, item.size)
+                    state[item.key] = _kept(item, before.get(item.key))
                     objects[item.key] = item
                     yield item
             # What the last poll saw and this listing did not: gone, or left out by s5cmd as
@@ -282,7 +283,7 @@ class PrefixWatcher:
             base = self.prefix.key
             gone = [key[len(base) :] for key in self._state or () if key not in objects]
             for info in (self.transfer.unlisted(self.prefix, gone) if gone else {}).values():
-                state[info.key] = (info.etag, info.size)
+                state[info.key] = _kept(info, before.get(info.key))
                 objects[info.key] = info
                 yield info
 
@@ -594,3 +595,12 @@ def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.kill()
         proc.wait()
+
+
+def _kept(item: ObjectInfo, before: tuple[str | None, int] | None) -> tuple[str | None, int]:
+    """``(etag, size)`` of a listed object. A listing without the ETag of an object last seen
+    with one, of the same size, keeps it: rclone leaves it out now and then (its hash not yet
+    computed), and the object was reported "changed" when nothing had changed."""
+    if item.etag is None and before is not None and before[0] is not None and before[1] == item.size:
+        return before
+    return (item.etag, item.size)

@@ -200,6 +200,38 @@ def test_events_survive_transient_errors_and_stop_on_timeout(
     assert 0.4 < time.monotonic() - started < 2.5
 
 
+def test_a_listing_without_an_etag_is_no_change(moto_server: S3Server) -> None:
+    # rclone leaves an ETag out of a listing now and then (its hash not yet computed): a long
+    # `watch` reported "changed" for files and markers that had not changed (soak pass), and an
+    # --exec user following "changed" got false ones. A real change still shows.
+    import dataclasses
+
+    from runctl.transfer.boto import BotoTransfer
+
+    bucket = S3URL(moto_server.new_bucket())
+    real = BotoTransfer(moto_server.config())
+
+    class Forgetful:
+        name = "forgetful"
+        config = real.config
+        drop = False
+
+        def iter_objects(self, url: S3URL, *, recursive: bool = True) -> Iterator[Any]:
+            for item in real.iter_objects(url, recursive=recursive):
+                yield dataclasses.replace(item, etag=None) if Forgetful.drop else item
+
+        def unlisted(self, prefix: S3URL, rels: Any) -> dict[str, Any]:
+            return real.unlisted(prefix, rels)
+
+    put(moto_server, bucket, "step_1.pt", b"one")
+    watcher = PrefixWatcher(Forgetful(), bucket)  # type: ignore[arg-type]
+    assert [e.kind for e in watcher.poll()] == ["baseline"]
+    Forgetful.drop = True
+    assert watcher.poll() == []
+    put(moto_server, bucket, "step_1.pt", b"ONE!")  # rewritten, another size
+    assert [e.kind for e in watcher.poll()] == ["changed", "checkpoint_complete"]
+
+
 def test_backoff_is_bounded() -> None:
     assert all(0 < backoff_delay(n, 1.0, cap=30.0) <= 30.0 for n in range(1, 50))
     assert backoff_delay(3, 1.0) >= 2.0
