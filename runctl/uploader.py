@@ -721,6 +721,8 @@ class CheckpointUploader:
         except FileNotFoundError:
             raise UsageError(f"cannot submit {str(path)!r}: it does not exist") from None
         is_dir = stat_module.S_ISDIR(st.st_mode)
+        if not is_dir and not stat_module.S_ISREG(st.st_mode):
+            raise UsageError(f"cannot submit {str(path)!r}: not a regular file or directory")
         if is_dir and dir_awaits_hf_sign(src):
             raise UsageError(
                 f"cannot submit {str(path)!r}: it holds {HF_ARGS} but no {HF_SIGN}, which the "

@@ -1115,6 +1115,10 @@ def test_submit_validates_its_argument(
     with uploader(root, moto_bucket, boto_transfer) as up:
         with pytest.raises(UsageError, match="does not exist"):
             up.submit(root / "step_404.pt")
+        # A FIFO was taken: retried 5 times on s5cmd, read for good on boto3 (library pass).
+        os.mkfifo(root / "step_5.pt")
+        with pytest.raises(UsageError, match="not a regular file or directory"):
+            up.submit(root / "step_5.pt")
         with pytest.raises(UsageError, match="directly inside"):
             up.submit(write(tmp_path / "elsewhere" / "step_1.pt", b"x"))
         with pytest.raises(UsageError, match="directly inside"):
