@@ -245,9 +245,11 @@ class CheckpointManager:
         """The newest complete checkpoint to resume from, local or in S3; downloaded if need be.
 
         A local one is used as it is unless S3 holds a newer one (a higher step: another machine
-        went on, or this directory is stale); that one is downloaded. When S3 cannot be asked,
-        the local one is used, with a warning. Returns None when there is none anywhere. The
-        one returned is protected from retention for the rest of the run.
+        went on, or this directory is stale); that one is downloaded. A local file its own
+        format shows cut short is passed by, with a warning. When S3 cannot be asked, the local
+        one is used, with a warning. Returns None when there is none anywhere. The one returned
+        is protected from retention for the rest of the run; a local one no run handed to an
+        uploader (killed between its save and the hand-over) is uploaded.
 
         Example:
             >>> path = manager.latest()  # doctest: +SKIP
@@ -257,15 +259,32 @@ class CheckpointManager:
         if self._uploader is not None:
             if path is not None:
                 self._uploader.set_resumed_from(path.name)
+                self._send_if_never_handed_over(path)
             self._uploader.release_retention()
         return path
+
+    def _send_if_never_handed_over(self, path: Path) -> None:
+        """Upload the local checkpoint resumed from if no run ever handed it to an uploader.
+
+        A run killed between ``save()``'s rename and its ``submit()`` left a whole checkpoint
+        the journal has no line about: resumed from, it was never uploaded, and local retention
+        kept it for good as not durable in S3. (One restored from S3 is in the journal.)
+        """
+        from runctl.checkpoints import parse_step
+        from runctl.journal import Journal
+
+        assert self._uploader is not None
+        if path.parent != self.local_dir or path.name in Journal(self.local_dir).replay():
+            return
+        log.info("%s was saved by a run stopped before it could hand it over: uploading it", path.name)
+        self._submit(path, parse_step(path.name)[0] or 0, protect=False)
 
     def _find_latest(self) -> Path | None:
         from runctl.checkpoints import scan_local
 
         local = [c for c in scan_local(self.local_dir) if c.complete and not c.is_dir]
         mine = [c for c in local if self._matches_filename(c.name)] or local
-        newest = max(mine, key=lambda c: c.order_key()) if mine else None
+        newest = self._newest_whole(mine)
         if self.options.s3_url is None:
             return None if newest is None else self.local_dir / newest.name
         from runctl.exceptions import RunctlError
@@ -299,6 +318,21 @@ class CheckpointManager:
         if path is not None:
             record_restored(path, self.options.s3_url.join(path.name))
         return path
+
+    def _newest_whole(self, candidates: list[Any]) -> Any:
+        """The newest of the local checkpoints whose own format does not say it was cut short.
+
+        A ``torch.save`` cut off mid-write (a disk filled, a copy in from elsewhere stopped) was
+        returned as the newest, and the resume failed in ``torch.load`` while S3 held a whole one.
+        """
+        from runctl.checkpoints import format_check
+
+        for ckpt in sorted(candidates, key=lambda c: c.order_key(), reverse=True):
+            _, torn = format_check(self.local_dir / ckpt.name)
+            if torn is None:
+                return ckpt
+            log.warning("passing by %s to resume from: %s", ckpt.name, torn)
+        return None
 
     def _matches_filename(self, name: str) -> bool:
         pattern = re.escape(self.filename).replace(re.escape("{step}"), r"\d+")

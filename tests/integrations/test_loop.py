@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runctl.exceptions import UsageError
+from runctl.exceptions import FlushTimeout, UsageError
 from runctl.integrations.loop import CheckpointManager
 from runctl.s3url import S3URL
 from tests.integrations.conftest import as_under_runctl_local, file_checkpoints, s3_objects
@@ -247,7 +247,9 @@ def test_latest_resumes_from_the_local_checkpoint_when_s3_cannot_be_asked(
     config = S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}")
     with CheckpointManager(tmp_path, "s3://bucket/run/", config=config, use_s5cmd=False) as manager:
         assert manager.latest() == tmp_path / "step_3.pt"
-        manager.close(timeout=1)
+        # No run handed step_3.pt to an uploader (no journal line): it is sent, and waits for S3.
+        with pytest.raises(FlushTimeout):
+            manager.close(timeout=1)
     assert "cannot look in S3 for a newer checkpoint" in caplog.text
 
 
@@ -324,3 +326,48 @@ def test_a_pinned_checkpoint_stays_locally_without_s3(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path, local_keep_last_n=1) as later:
         _train_pinning(later, range(4, 6), pinned=-1)
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_0.pt", "step_5.pt"]
+
+
+def test_a_checkpoint_saved_by_a_run_killed_before_it_was_handed_over_is_sent_on_resume(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    # A kill between save()'s rename and its submit() left a whole step_6.pt with no journal
+    # line: the next run resumed from it and never uploaded it, and local keep-last-N kept it
+    # for good as not durable in S3 (library pass, with random kills too).
+    prefix = moto_bucket.join("run/")
+    config = moto_server.config()
+    ckpt = tmp_path / "ckpt"
+    with CheckpointManager(ckpt, prefix, keep_last_n=2, local_keep_last_n=2, config=config) as first:
+        _train(first, range(6))
+    torch.save({"step": 6}, ckpt / "step_6.pt")  # as save() leaves it, killed before submit()
+    with CheckpointManager(ckpt, prefix, keep_last_n=2, local_keep_last_n=2, config=config) as second:
+        assert second.latest() == ckpt / "step_6.pt"
+        second.flush(timeout=60)
+        assert "step_6.pt" in file_checkpoints(s3_objects(moto_server, prefix))
+        _train(second, range(7, 10))
+    # Resumed from, it stays for the run; now durable, the next run's retention lets it go.
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_6.pt", "step_8.pt", "step_9.pt"]
+    with CheckpointManager(ckpt, prefix, keep_last_n=2, local_keep_last_n=2, config=config) as third:
+        assert third.latest() == ckpt / "step_9.pt"
+        _train(third, [10])
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_10.pt", "step_9.pt"]
+    assert sorted(p.name for p in ckpt.glob("step_*.pt")) == ["step_10.pt", "step_9.pt"]
+
+
+def test_latest_passes_by_a_local_checkpoint_cut_short(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A torn newest local file was returned, and the resume failed in torch.load while S3
+    # held a whole older checkpoint (library pass).
+    prefix = moto_bucket.join("run/")
+    config = moto_server.config()
+    ckpt = tmp_path / "ckpt"
+    with CheckpointManager(ckpt, prefix, keep_last_n=2, config=config) as first:
+        _train(first, range(3))
+    whole = (ckpt / "step_2.pt").read_bytes()
+    (ckpt / "step_3.pt").write_bytes(whole[: len(whole) // 2])
+    with CheckpointManager(ckpt, prefix, keep_last_n=2, config=config) as second:
+        latest = second.latest()
+        assert latest == ckpt / "step_2.pt"
+        assert torch.load(latest, weights_only=True)["step"] == 2
+    assert "passing by step_3.pt to resume from: a zip file without its end" in caplog.text
