@@ -593,6 +593,34 @@ def _endpoint_of(argv: Sequence[str | bytes]) -> str:
     return "S3"
 
 
+def _s3_holds_it_up(fd: int, side: str) -> bool:
+    """Whether a stream's other end is waiting on s5cmd (so a quiet s5cmd is a stall).
+
+    ``side`` "in" (``pipe``): the stream has bytes for s5cmd to read, or its writer is gone
+    (s5cmd has all of it) - a file always has. "out" (``cat``): nothing waits in the pipe
+    for its reader - a file or a device always takes more. A socket is not judged.
+    """
+    import stat as stat_module
+
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat_module.S_ISSOCK(mode):
+            return False
+        if not stat_module.S_ISFIFO(mode):
+            return True
+        if side == "in":
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))  # POLLIN: bytes to read; POLLHUP: the writer is gone
+        import fcntl
+        import termios
+
+        waiting = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(waiting, sys.byteorder) == 0
+    except OSError:
+        return False
+
+
 class _Child:
     """One running s5cmd: its output read on threads, a stall watchdog, bounded waits."""
 
@@ -607,9 +635,11 @@ class _Child:
         stdin_fd: int | None = None,
         stdout_fd: int | None = None,
     ) -> None:
-        # stdin_fd / stdout_fd: the stream itself, passed through (s5cmd pipe / cat); its
-        # pace is the other end's, so the stall watchdog stays off.
+        # stdin_fd / stdout_fd: the stream itself, passed through (s5cmd pipe / cat). Its pace
+        # is partly the other end's: the watchdog counts only the time the other end waits on
+        # s5cmd (``_s3_holds_it_up``), not a quiet producer's or a slow reader's.
         self.argv = list(argv)
+        self._stream = (stdin_fd, "in") if stdin_fd is not None else (stdout_fd, "out") if stdout_fd is not None else None
         self.idle_limit = idle_limit
         self._closed = threading.Event()
         self._killed = False
@@ -648,9 +678,7 @@ class _Child:
         self._moving_since: float | None = None
         # Without byte counters, a quiet but healthy transfer looks stalled: only metadata
         # commands (which print promptly) are then watched.
-        self._watch = (self._last_io is not None or not watch_bytes_only) and (
-            stdin_fd is None and stdout_fd is None
-        )
+        self._watch = self._last_io is not None or not watch_bytes_only
         pumped = [("err", self.proc.stderr)]
         if stdout_fd is None:
             pumped.insert(0, ("out", self.proc.stdout))
@@ -784,6 +812,12 @@ class _Child:
     def _check_stall(self) -> None:
         now = time.monotonic()
         if self.active_at() >= now:
+            return
+        if self._stream is not None and not _s3_holds_it_up(*self._stream):
+            # Waiting on a producer with nothing to give, or on a reader with a full pipe:
+            # not a stall of s5cmd's (a tar of a large tree, a consumer busy for minutes).
+            self._last_activity = now
+            self._quiet_since_output, self._moving_since = 0.0, None
             return
         quiet = now - self._last_activity
         noted = self._noted_since == self._last_activity

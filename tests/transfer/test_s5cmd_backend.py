@@ -1115,3 +1115,69 @@ def test_a_batch_beside_an_odd_pair_names_each_failure_once(tmp_path: Path) -> N
         S5cmdTransfer(config, retry_count=0).put_files(pairs)
     assert len(caught.value.failures) == 3
     assert not any("failed for" in reason for reason in caught.value.failures.values())
+
+
+def test_a_stream_to_an_endpoint_that_never_answers_is_stopped_by_the_watchdog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Streams had no watchdog: `echo x | runctl s3 upload -` to a hung endpoint ran on past
+    # 500 s, and a download to stdout that stalled midway hung until killed (transfer review).
+    from runctl.transfer import boto as boto_module
+
+    monkeypatch.setattr(boto_module, "ABORT_WAIT", 0.5)  # the clean-up asks the same endpoint
+    with never_answering() as endpoint:
+        config = S3Config(
+            endpoint, region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY)
+        )
+        t = S5cmdTransfer(config, retry_count=0, stall_timeout=1.5)
+        read, write = os.pipe()
+        os.write(write, b"x")
+        os.close(write)  # the producer is done: s5cmd has all of it
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="stalled"):
+            t.put_stream(read, S3URL("b-u-c", "x"))
+        os.close(read)
+        read, write = os.pipe()
+        with pytest.raises(TransferError, match="stalled"):
+            t.get_stream(S3URL("b-u-c", "x"), write)  # nothing waits in the pipe: S3's delay
+        os.close(read)
+        os.close(write)
+        assert time.monotonic() - started < 30
+
+
+def test_a_quiet_producer_or_a_slow_reader_of_a_stream_is_no_stall(
+    rclone_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = S3URL(rclone_server.new_bucket())
+    t = S5cmdTransfer(rclone_server.config(), stall_timeout=1.5)
+    read, write = os.pipe()
+
+    def produce() -> None:
+        os.write(write, b"a")
+        time.sleep(4)  # a tar still walking its tree: s5cmd waits on it, not on S3
+        os.write(write, b"b")
+        os.close(write)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    t.put_stream(read, bucket.join("s.bin"))
+    producer.join()
+    os.close(read)
+    assert rclone_server.client().get_object(Bucket=bucket.bucket, Key="s.bin")["Body"].read() == b"ab"
+
+    data = os.urandom(2 * MiB)  # far more than a pipe holds
+    rclone_server.client().put_object(Bucket=bucket.bucket, Key="big.bin", Body=data)
+    read, write = os.pipe()
+    got: list[bytes] = []
+
+    def consume() -> None:
+        time.sleep(4)  # a reader busy elsewhere: the pipe is full, s5cmd waits on it
+        with os.fdopen(read, "rb") as fh:
+            got.append(fh.read())
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    t.get_stream(bucket.join("big.bin"), write)
+    os.close(write)
+    consumer.join()
+    assert got == [data]
