@@ -46,7 +46,9 @@ def report_error(exc: BaseException, ctx: _click.Context | None = None) -> int:
     out = ctx.meta.get(OUTPUT_META_KEY) if ctx is not None else None
     if not isinstance(out, Output):
         root = ctx.find_root().obj if ctx is not None else None
-        out = Output(json=isinstance(root, GlobalOptions) and root.json)
+        asked = isinstance(root, GlobalOptions) and root.json
+        # A usage error comes before the command's own --json was taken: its words say it.
+        out = Output(json=asked or (ctx is not None and _asks_for_json(ctx.meta.get(_ARGV, ()))))
     if debug_enabled() and not isinstance(exc, _click.exceptions.UsageError):
         out.traceback(exc)
     failures = None
@@ -81,8 +83,21 @@ def report_error(exc: BaseException, ctx: _click.Context | None = None) -> int:
     return code
 
 
+_ARGV = "runctl.argv"
+
+
+def _asks_for_json(args: Sequence[str]) -> bool:
+    """Whether the command line holds ``--json`` (before a ``--``)."""
+    args = list(args)
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
 class RunctlGroup(TyperGroup):
     """The root group: any error below it becomes one line and an exit code, also under CliRunner."""
+
+    def parse_args(self, ctx: _click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGV] = list(args)  # shared with every context below this one
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: _click.Context) -> Any:
         try:

@@ -219,3 +219,21 @@ def test_main_maps_errors_to_exit_codes(capsys: pytest.CaptureFixture[str]) -> N
         assert exit_info.value.code == code, argv
     captured = capsys.readouterr()
     assert "Usage:" in captured.out  # no arguments: the help
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["s3", "sync", ".", "s3://b/x/", "--json"],  # -d missing
+        ["s3", "sync", ".", "s3://b/x/", "-d", "sideways", "--json"],
+        ["s3", "list", "--json", "--bogus"],
+        ["--json", "s3", "upload"],
+    ],
+)
+def test_a_usage_error_with_json_anywhere_is_a_record_too(args: list[str]) -> None:
+    # --json after the command name gave an empty stdout for a usage error (its option was not
+    # taken yet), though the README says both places are the same (CLI pass).
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert [(r["type"], r["exit_code"]) for r in records(result.stdout)] == [("error", 2)]
+    assert_one_line_error(result.stderr)
