@@ -183,10 +183,10 @@ def watch_command(
                         if code != 0:
                             out.warn(f"--exec {argv[0]} exited with code {code} for {event.url}")
         except KeyboardInterrupt as exc:
-            out.flush()
-            out.stderr.write(f"{_stopped_by(exc)}: stopped watching {prefix}\n")
-            out.stderr.flush()
-            raise typer.Exit(interrupted_exit_code(exc)) from None
+            # As every other command says it (`runctl: error: ...`, a record with --json).
+            code = interrupted_exit_code(exc)
+            out.error(f"{_stopped_by(exc)}: stopped watching {prefix}", exit_code=code)
+            raise typer.Exit(code) from None
 
 
 # -- review ------------------------------------------------------------------------------

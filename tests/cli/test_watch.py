@@ -429,7 +429,7 @@ def test_watch_subprocess_events_then_ctrl_c(
             assert line, proc.stderr.read() if proc.stderr else ""
             lines.append(json.loads(line))
         proc.send_signal(stop)
-        _, err = proc.communicate(timeout=20)
+        rest, err = proc.communicate(timeout=20)
     finally:
         timer.cancel()
         if proc.poll() is None:
@@ -437,7 +437,11 @@ def test_watch_subprocess_events_then_ctrl_c(
     assert [e["type"] for e in lines] == ["baseline", "new", "new", "checkpoint_complete"]
     assert lines[3]["url"] == str(prefix) + "checkpoint-2/"
     assert proc.returncode == code
-    assert err.strip().splitlines()[-1].startswith(word) and "Traceback" not in err
+    # As every other command: "runctl: error: ...", and a record with --json (CLI pass).
+    assert err.strip().splitlines()[-1].startswith(f"runctl: error: {word}") and "Traceback" not in err
+    assert json.loads(rest.strip().splitlines()[-1]) == {
+        "type": "error", "message": f"{word}: stopped watching {prefix}", "exit_code": code
+    }
 
 
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
