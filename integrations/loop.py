@@ -67,7 +67,7 @@ def _patiently(look: Callable[[], T]) -> T:
             if attempt >= policy.attempts or not policy.is_retryable(exc):
                 raise
             delay = policy.delay(attempt)
-            log.warning("cannot look in S3 for a checkpoint to resume from (%s): retrying in %.0f s", exc, delay)
+            log.warning("cannot get a checkpoint to resume from out of S3 (%s): retrying in %.0f s", exc, delay)
             time.sleep(delay)
             attempt += 1
 

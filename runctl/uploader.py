@@ -1873,7 +1873,7 @@ class CheckpointUploader:
                     moot.append(job)
                     continue
                 job.rounds += 1
-                log.info("retrying the upload of %s, which failed before (S3 is back)", job.name)
+                log.info("retrying the upload of %s, which failed before (a later one has landed since)", job.name)
                 self._queue.append(job)
             self._prune_queue()
             self._cond.notify_all()
