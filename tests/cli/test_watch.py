@@ -465,10 +465,13 @@ def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
     env = {**os.environ, **moto_server.env()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "runctl", "s3", "watch", str(prefix), "--interval", "0.2",
-         "--timeout", "60", "--exec", str(hook)],
+         "--timeout", "60", "--exec", str(hook), "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
+        # After the baseline: on a loaded host runctl once listed the checkpoint in it, and no
+        # completion (so no hook) followed.
+        assert proc.stdout is not None and json.loads(proc.stdout.readline())["type"] == "baseline"
         put(moto_server, prefix, "checkpoint-2/model.bin", b"ab")
         put_marker(moto_server, prefix, "checkpoint-2", {"model.bin": 2})
         started = tmp_path / "hook.sh.started"
