@@ -28,6 +28,17 @@ def config_for(endpoint: str) -> S3Config:
     return S3Config(endpoint, region=REGION, static_credentials=Credentials(ACCESS_KEY, SECRET_KEY))
 
 
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a `runctl` child: test credentials, no endpoint (given on its line)."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "RUNCTL_LOCK_DIR": str(tmp_path / "locks"),
+    }
+
+
 def test_a_daemon_pool_lets_go_of_work_under_way() -> None:
     release = threading.Event()
     pool = DaemonPool(1)
@@ -127,13 +138,7 @@ def test_ctrl_c_on_a_boto3_upload_to_a_hung_endpoint_ends_it_at_once(tmp_path: P
     # Ctrl-C took about 55 s: s3transfer's exit cancels, then waits for each request under way.
     src = tmp_path / "a.pt"
     src.write_bytes(b"x" * 200_000)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_REGION": REGION,
-        "RUNCTL_LOCK_DIR": str(tmp_path / "locks"),
-    }
+    env = cli_env(tmp_path)
     with never_answering() as endpoint:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runctl", "--endpoint-url", endpoint, "s3", "upload",
@@ -163,13 +168,7 @@ def test_ctrl_c_on_a_multipart_upload_to_a_hung_endpoint_gives_up_its_clean_up(
     src = tmp_path / "big.bin"
     with open(src, "wb") as fh:
         fh.truncate(60 * 1024 * 1024)  # sparse: over the part size, no disk
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_REGION": REGION,
-        "RUNCTL_LOCK_DIR": str(tmp_path / "locks"),
-    }
+    env = cli_env(tmp_path)
     flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
     with never_answering() as endpoint:
         proc = subprocess.Popen(
