@@ -96,7 +96,11 @@ class S3Config:
         try:
             frozen = live.get_frozen_credentials()
         except Exception as exc:  # noqa: BLE001 - botocore's refresh errors have no common base
-            raise ConfigError(f"cannot refresh AWS credentials: {exc}") from None
+            from runctl.exceptions import TransferError
+
+            # Retried as any S3 request is (a credential helper or its network down briefly),
+            # as boto3 and aws-cli retry it; not a usage error.
+            raise TransferError(f"cannot refresh AWS credentials: {scrub(str(exc))}") from None
         creds = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
         register_secret(creds.secret_key)
         register_secret(creds.token)

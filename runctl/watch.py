@@ -372,14 +372,21 @@ class PrefixWatcher:
                 events.append(ObjectEvent("new", url, after[1], after[0], now))
             elif after is None and before is not None:
                 events.append(ObjectEvent("deleted", url, before[1], before[0], now))
-            elif before != after and after is not None:
+            elif before is not None and after is not None and not _same(before, after):
                 events.append(ObjectEvent("changed", url, after[1], after[0], now))
-            if after is not None and before != after:
+            if after is not None and (before is None or not _same(before, after)):
                 arriving.add(self._name_of(key))
         self._arriving = frozenset(arriving & {c.name for c in checkpoints})
 
         completed = [
-            c for c in checkpoints if c.name in complete_now and self._complete.get(c.name) != complete_now[c.name]
+            c
+            for c in checkpoints
+            if c.name in complete_now
+            and (
+                (was := self._complete.get(c.name)) is None
+                or was[0] != complete_now[c.name][0]
+                or not _same(was[1:], complete_now[c.name][1:])
+            )
         ]
         # A new marker is read and checked against the files before it is reported (and --exec
         # runs): one that does not match them is not a completion until either changes.
@@ -597,10 +604,16 @@ def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
         proc.wait()
 
 
+def _same(before: tuple[str | None, int], after: tuple[str | None, int]) -> bool:
+    """Whether two ``(etag, size)`` are one version: the same size, and the same ETag where both
+    listings gave one. rclone leaves an ETag out now and then (its hash not yet computed, most
+    often for an object just written): the object was "changed", and completed twice."""
+    return before[1] == after[1] and (before[0] == after[0] or None in (before[0], after[0]))
+
+
 def _kept(item: ObjectInfo, before: tuple[str | None, int] | None) -> tuple[str | None, int]:
-    """``(etag, size)`` of a listed object. A listing without the ETag of an object last seen
-    with one, of the same size, keeps it: rclone leaves it out now and then (its hash not yet
-    computed), and the object was reported "changed" when nothing had changed."""
+    """``(etag, size)`` of a listed object; one listed without the ETag it was last seen with,
+    at the same size, keeps it (for the next listing that gives one to compare with)."""
     if item.etag is None and before is not None and before[0] is not None and before[1] == item.size:
         return before
     return (item.etag, item.size)

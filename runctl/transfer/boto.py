@@ -318,13 +318,21 @@ class _Batch:
         """s3transfer's ``upload`` of a path or a file object to ``url``."""
         pending = _Pending()
         subscribers = [*(subscribers or ()), _on_done(pending)]
-        return self._add(pending, self._manager.upload(source, url.bucket, url.key, extra, subscribers))
+        return self._add(pending, self._submit(lambda: self._manager.upload(source, url.bucket, url.key, extra, subscribers)))
 
     def download(self, url: S3URL, path: str, subscribers: Any) -> _Pending:
         """s3transfer's ``download`` of ``url`` to ``path``."""
         pending = _Pending()
         subscribers = [*(subscribers or ()), _on_done(pending)]
-        return self._add(pending, self._manager.download(url.bucket, url.key, path, None, subscribers))
+        return self._add(pending, self._submit(lambda: self._manager.download(url.bucket, url.key, path, None, subscribers)))
+
+    def _submit(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except RuntimeError:  # a pool let go of by close() while this was being handed over
+            if self._abandoned:
+                raise TransferError("the transfer was closed while a request was under way") from None
+            raise
 
     def _add(self, pending: _Pending, future: Any) -> _Pending:
         pending.future = future
@@ -335,6 +343,11 @@ class _Batch:
 
     def __enter__(self) -> _Batch:
         return self
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether ``abandon()`` was called (``close()`` of the transfer, under the batch)."""
+        return self._abandoned
 
     def abandon(self) -> None:
         """Cancel every transfer of the batch; a thread in a request ends when the request does."""
@@ -585,6 +598,9 @@ class BotoTransfer(Transfer):
                 continue
             groups.setdefault(part_size_for(size), []).append((path, url, size))
         for part_size, group in groups.items():
+            # s3transfer's own abort of an unfinished multipart upload is let go with the batch
+            # (Ctrl-C, or close() under it): the process may end before it would have run.
+            large = [url for _, url, size in group if size >= DEFAULT_PART_SIZE]
             try:
                 with self._batch(part_size) as batch:  # cancels the rest if interrupted
                     futures = [(url, batch.upload(str(path), url, extra, subscribers)) for path, url, _ in group]
@@ -593,9 +609,11 @@ class BotoTransfer(Transfer):
                             future.result()
                         except Exception as exc:  # every failure is reported by name after the batch
                             errors[str(url)] = map_error(exc, str(url), "upload")
-            except BaseException:  # Ctrl-C: s3transfer's own abort of the unfinished ones was let go
-                abort_multipart(lambda: self.client, (url for _, url, size in group if size >= DEFAULT_PART_SIZE))
+            except BaseException:
+                abort_multipart(lambda: self.client, large)
                 raise
+            if batch.abandoned:
+                abort_multipart(lambda: self.client, [url for url in large if str(url) in errors])
         raise_batch(errors, len(pairs), "upload")
 
     def put_tree(

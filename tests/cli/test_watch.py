@@ -230,6 +230,12 @@ def test_a_listing_without_an_etag_is_no_change(moto_server: S3Server) -> None:
     assert watcher.poll() == []
     put(moto_server, bucket, "step_1.pt", b"ONE!")  # rewritten, another size
     assert [e.kind for e in watcher.poll()] == ["changed", "checkpoint_complete"]
+    # New, listed first without its ETag (the likeliest case: just written), then with it:
+    # one completion, and no "changed" (its --exec ran twice; diff review).
+    put(moto_server, bucket, "step_2.pt", b"two")
+    assert [e.kind for e in watcher.poll()] == ["new", "checkpoint_complete"]
+    Forgetful.drop = False
+    assert watcher.poll() == []
 
 
 def test_backoff_is_bounded() -> None:

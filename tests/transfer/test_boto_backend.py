@@ -189,3 +189,37 @@ def test_ctrl_c_on_a_multipart_upload_to_a_hung_endpoint_gives_up_its_clean_up(
     assert "S3 did not answer within 15 s" in err, err
     assert err.strip().endswith("runctl: error: interrupted"), err
     assert took < 25, took
+
+
+def test_close_under_a_multipart_upload_leaves_no_parts_behind(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # s3transfer's own abort of the unfinished upload went with the batch's threads: a run that
+    # gave up on its flush and ended left the upload and its parts in S3, billed (diff review).
+    bucket = moto_server.new_bucket()
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as fh:
+        fh.truncate(60 * 1024 * 1024)  # over the part size: multipart
+    plan = FaultPlan(rules=[Rule("stall", 1000, method="PUT")], stall_seconds=600)  # every part
+    errors: list[BaseException] = []
+    with FaultProxy(moto_server.endpoint_url, plan) as proxy:
+        t = BotoTransfer(config_for(proxy.url))
+
+        def upload() -> None:
+            try:
+                t.put_files([(src, S3URL(bucket, "big.bin"))])
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        worker = threading.Thread(target=upload, daemon=True)
+        worker.start()
+        client = moto_server.client()
+        deadline = time.monotonic() + 30
+        while not client.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+            assert time.monotonic() < deadline, "no multipart upload began"
+            time.sleep(0.05)
+        t.close()
+        worker.join(20)
+        assert not worker.is_alive()
+    assert errors and isinstance(errors[0], TransferError), errors
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

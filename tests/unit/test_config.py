@@ -321,3 +321,39 @@ def test_temporary_credentials_are_read_anew_as_botocore_refreshes_them(tmp_path
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["AKIDFIRST AKIDFIRST AKIDFIRST", "AKIDSECOND AKIDSECOND AKIDSECOND"]
+
+
+def test_a_credential_refresh_that_fails_is_retried_not_a_usage_error(tmp_path: Path) -> None:
+    # A ConfigError (a UsageError) from a refresh failed a checkpoint at its first attempt on
+    # s5cmd, where boto3 retried it (diff review): a credential helper down for a second.
+    process = tmp_path / "creds.py"
+    ok = tmp_path / "ok"
+    ok.write_text("")
+    process.write_text(
+        "import datetime, json, pathlib, sys\n"
+        f"if not pathlib.Path({str(ok)!r}).exists():\n"
+        "    sys.exit('the helper is down')\n"
+        "soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': 'AKIDTEMP', 'SecretAccessKey': 'secret-temp',\n"
+        "                  'SessionToken': 'token-temp', 'Expiration': soon.isoformat()}))\n"
+    )
+    config = tmp_path / "config"
+    config.write_text(f"[profile rot]\ncredential_process = {sys.executable} {process}\n")
+    probe = (
+        "import pathlib\n"
+        "from runctl.config import resolve_config\n"
+        "from runctl.exceptions import TransferError, UsageError\n"
+        "from runctl.retry import RetryPolicy\n"
+        "cfg = resolve_config(profile='rot')\n"
+        "print(cfg.credentials.access_key)\n"
+        f"pathlib.Path({str(ok)!r}).unlink()\n"
+        "try:\n"
+        "    cfg.child_env()\n"
+        "except TransferError as exc:\n"
+        "    print(type(exc).__name__, isinstance(exc, UsageError), RetryPolicy().is_retryable(exc))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = {**base, "AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["AKIDTEMP", "TransferError False True"]
