@@ -417,9 +417,9 @@ def abort_multipart(client: Callable[[], Any], urls: Iterable[S3URL], wait: floa
         pool.submit(_abort_each, client, urls).result(ABORT_WAIT if wait is None else wait)
     except FutureTimeout:
         log.warning(
-            "could not abort unfinished multipart uploads of %s: S3 did not answer within %g s; "
-            "S3 keeps their parts until a lifecycle rule (runctl s3 lifecycle) or an abort "
-            "removes them",
+            "could not look for unfinished multipart uploads of %s: S3 did not answer within "
+            "%g s; if one was begun, S3 keeps its parts until a lifecycle rule (runctl s3 "
+            "lifecycle) or an abort removes them",
             ", ".join(str(url) for url in urls[:3]) + (" ..." if len(urls) > 3 else ""),
             ABORT_WAIT if wait is None else wait,
         )

@@ -186,7 +186,9 @@ def test_ctrl_c_on_a_multipart_upload_to_a_hung_endpoint_gives_up_its_clean_up(
             proc.kill()
         took = time.monotonic() - started
     assert proc.returncode == 130, err
-    assert "S3 did not answer within 15 s" in err, err
+    # Nothing says parts are kept: the endpoint may never have begun an upload (boto3 pass).
+    assert "could not look for unfinished multipart uploads" in err, err
+    assert "S3 did not answer within 15 s; if one was begun" in err, err
     assert err.strip().endswith("runctl: error: interrupted"), err
     assert took < 25, took
 
