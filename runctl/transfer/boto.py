@@ -9,10 +9,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_futures
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runctl.config import S3Config, scrub
 from runctl.exceptions import (
@@ -40,6 +42,8 @@ from runctl.transfer.base import (
 from runctl.transfer.threads import DaemonPool
 
 log = logging.getLogger("runctl.transfer.boto")
+
+T = TypeVar("T")
 
 #: Seconds the clean-up of an interrupted upload's multipart uploads may take before it is
 #: given up on (a Ctrl-C against an endpoint that stopped answering).
@@ -549,6 +553,8 @@ class BotoTransfer(Transfer):
         self._client: Any = None
         self._client_lock = threading.Lock()
         self._batches: set[_Batch] = set()
+        self._calls: DaemonPool | None = None
+        self._closing: Future[None] = Future()
 
     @property
     def client(self) -> Any:
@@ -558,6 +564,25 @@ class BotoTransfer(Transfer):
                 if self._client is None:
                     self._client = self.config.boto_client()
         return self._client
+
+    def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` (one request), waited for until it ends or ``close()`` is called.
+
+        A request to an endpoint that stopped answering ends only with botocore's read timeout
+        (60 s on each attempt): the uploader's worker sat in a HEAD while ``close()`` waited 30 s
+        for it, and a training error was held back 65 s, not 30 (boto3 pass). It runs on a
+        daemon thread; ``close()`` ends the wait at once.
+        """
+        with self._client_lock:
+            closing = self._closing
+            if self._calls is None:
+                self._calls = DaemonPool(BATCH_CONCURRENCY, name="runctl-boto-call")
+            calls = self._calls
+        future: Future[Any] = calls.submit(fn, *args, **kwargs)
+        done, _ = wait_futures([future, closing], return_when=FIRST_COMPLETED)
+        if future not in done:
+            raise TransferError("the transfer was closed while a request was under way")
+        return future.result()
 
     # -- files -------------------------------------------------------------------------------
 
@@ -742,7 +767,7 @@ class BotoTransfer(Transfer):
     def _missing_bucket_or_key(self, url: S3URL, err: TransferError) -> TransferError:
         """A HEAD 404 does not say whether the bucket or the key is missing; ask once."""
         try:
-            self.client.head_bucket(Bucket=url.bucket)
+            self._call(self.client.head_bucket, Bucket=url.bucket)
         except Exception as exc:
             bucket_err = map_error(exc, f"s3://{url.bucket}", "download")
             if isinstance(bucket_err, NoSuchKeyError):  # head_bucket's 404 is the bucket's
@@ -772,11 +797,11 @@ class BotoTransfer(Transfer):
         pages = iter(paginator.paginate(**kwargs))
         while True:
             try:
-                page = next(pages)
-            except StopIteration:
-                return
+                page = self._call(next, pages, None)
             except Exception as exc:
                 raise map_error(exc, url, "list") from None
+            if page is None:
+                return
             # Per page, common prefixes first, then objects (each sorted by S3): the order
             # s5cmd and the AWS CLI print, so both backends list identically.
             entries: list[ObjectInfo | PrefixInfo] = [
@@ -814,7 +839,8 @@ class BotoTransfer(Transfer):
             if not batch:
                 break
             try:
-                response = self.client.delete_objects(
+                response = self._call(
+                    self.client.delete_objects,
                     Bucket=bucket,
                     Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
                 )
@@ -836,7 +862,7 @@ class BotoTransfer(Transfer):
         if url.is_bucket:
             return None
         try:
-            head = self.client.head_object(Bucket=url.bucket, Key=url.key)
+            head = self._call(self.client.head_object, Bucket=url.bucket, Key=url.key)
         except Exception as exc:
             err = map_error(exc, url, "stat")
             if isinstance(err, NoSuchKeyError):
@@ -866,15 +892,15 @@ class BotoTransfer(Transfer):
     def put_bytes(self, data: bytes, url: S3URL) -> None:
         """Write a small object in one PutObject."""
         try:
-            self.client.put_object(Bucket=url.bucket, Key=url.key, Body=data)
+            self._call(self.client.put_object, Bucket=url.bucket, Key=url.key, Body=data)
         except Exception as exc:
             raise map_error(exc, url, "put") from None
 
     def get_bytes(self, url: S3URL) -> bytes:
         """Read a small object whole with one GetObject."""
         try:
-            response = self.client.get_object(Bucket=url.bucket, Key=url.key)
-            return bytes(response["Body"].read())
+            client = self.client
+            return self._call(lambda: bytes(client.get_object(Bucket=url.bucket, Key=url.key)["Body"].read()))
         except Exception as exc:
             raise map_error(exc, url, "get") from None
 
@@ -890,6 +916,11 @@ class BotoTransfer(Transfer):
         with self._client_lock:
             client, self._client = self._client, None
             batches, self._batches = list(self._batches), set()
+            closing, self._closing = self._closing, Future()
+            calls, self._calls = self._calls, None
+        closing.set_result(None)
+        if calls is not None:
+            calls.shutdown(wait=False)
         for batch in batches:
             batch.abandon()
         if client is not None and hasattr(client, "close"):

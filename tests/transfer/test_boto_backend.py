@@ -225,3 +225,37 @@ def test_close_under_a_multipart_upload_leaves_no_parts_behind(
         assert not worker.is_alive()
     assert errors and isinstance(errors[0], TransferError), errors
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("call", ["list", "stat", "get_bytes", "put_bytes", "delete_keys"])
+def test_close_ends_a_plain_request_waiting_on_an_endpoint_that_never_answers(call: str) -> None:
+    # Only s3transfer's batches were let go of: the uploader's worker sat in a retention listing
+    # or a HEAD, close() waited 30 s for it, and a training error was held back 62 s, not the
+    # 30 s the README says (boto3 and re-run passes).
+    url = S3URL("b-u-c", "run/step_1.pt")
+    errors: list[BaseException] = []
+    with never_answering() as endpoint:
+        t = BotoTransfer(config_for(endpoint))
+        requests = {
+            "list": lambda: list(t.iter_objects(S3URL("b-u-c", "run/"))),
+            "stat": lambda: t.stat(url),
+            "get_bytes": lambda: t.get_bytes(url),
+            "put_bytes": lambda: t.put_bytes(b"x", url),
+            "delete_keys": lambda: t.delete_keys("b-u-c", ["run/step_1.pt"]),
+        }
+
+        def request() -> None:
+            try:
+                requests[call]()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        worker = threading.Thread(target=request, daemon=True)
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive()
+        started = time.monotonic()
+        t.close()
+        worker.join(5)
+        assert not worker.is_alive() and time.monotonic() - started < 5
+    assert errors and isinstance(errors[0], TransferError), errors
