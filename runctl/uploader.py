@@ -74,7 +74,7 @@ from runctl.staging import (
     tree_inventory,
 )
 from runctl.transfer import get_transfer
-from runctl.transfer.base import ObjectInfo, Transfer
+from runctl.transfer.base import ObjectInfo, Transfer, kernel_abspath
 
 log = logging.getLogger("runctl.uploader")
 
@@ -566,7 +566,7 @@ class CheckpointUploader:
 
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        self._root_abs = os.path.abspath(root)
+        self._root_abs = kernel_abspath(root)
         self._root_real = os.path.realpath(root)
         self.prefix = url.as_prefix()
         self.keep_last_n = keep_last_n
@@ -703,7 +703,7 @@ class CheckpointUploader:
         """
         if self._closed:
             raise UsageError("submit() called after close(): this uploader is closed")
-        absolute = os.path.abspath(path)
+        absolute = kernel_abspath(path)  # dd/l/../ckpt is where the kernel says, not dd/ckpt
         parent, name = os.path.split(absolute)
         # The same string as the root needs no lookup (realpath is an lstat per component).
         if parent != self._root_abs and os.path.realpath(parent) != self._root_real:

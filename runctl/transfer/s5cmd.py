@@ -56,6 +56,7 @@ from runctl.transfer.base import (
     PrefixInfo,
     ProgressCallback,
     failure_summary,
+    kernel_abspath,
     part_size_for,
 )
 from runctl.transfer.boto import (
@@ -460,16 +461,9 @@ def _object_info(bucket: str, key: str, record: dict[str, Any]) -> ObjectInfo:
 
 
 def _local(path: Path | str) -> str:
-    # s5cmd echoes local paths as filepath.Abs (cleaned); abspath cleans the same way. Both drop
-    # "x/.." as text, where the kernel (and boto3) follow a symlink x first: "l/../f.pt" with l
-    # a link to other/sub is other/f.pt, not ./f.pt. Such a path goes with its directory resolved.
-    text = os.fspath(path)
-    if ".." not in text or ".." not in Path(text).parts:  # the string test first: 2,000 files a batch
-        return os.path.abspath(text)
-    head, tail = os.path.split(os.path.join(os.getcwd(), text))
-    if tail in ("", ".", ".."):
-        return os.path.realpath(text)
-    return os.path.join(os.path.realpath(head), tail)
+    # s5cmd echoes local paths as filepath.Abs (cleaned), which kernel_abspath gives where the
+    # path holds no "..", and for one that does, a path without it (its directory resolved).
+    return kernel_abspath(path)
 
 
 @dataclass(frozen=True)

@@ -1109,6 +1109,22 @@ def test_an_upload_that_failed_in_an_earlier_process_is_tried_again(
     assert Journal(root).replay()["step_1.pt"].state == "verified"
 
 
+def test_a_root_spelled_through_a_symlink_and_dotdot_is_the_kernels(
+    tmp_path: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # dd/l/../ck with dd/l a link to other/sub is other/ck; submit() cleaned the path as text
+    # (dd/ck): "it does not exist", and `runctl local` uploaded nothing, exit 0 (re-run pass).
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "l").symlink_to(tmp_path / "other" / "sub")
+    root = tmp_path / "dd" / "l" / ".." / "ck"
+    root.mkdir()
+    with uploader(root, moto_bucket, boto_transfer) as up:
+        assert up.submit(write(root / "step_1.pt", b"one")).result(30).state == "verified"
+    assert (tmp_path / "other" / "ck" / "step_1.pt").exists()
+    assert list(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_1.pt"]
+
+
 def test_submit_validates_its_argument(
     root: Path, moto_bucket: S3URL, boto_transfer: object, tmp_path: Path
 ) -> None:
