@@ -46,6 +46,7 @@ from runctl.exceptions import (
     FlushTimeout,
     JournalError,
     LockTimeout,
+    NoSuchKeyError,
     RunctlError,
     TransferError,
     UploadError,
@@ -2311,6 +2312,14 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _MarkerUnreadable(Exception):
+    """A marker S3 did not give (not a missing one): ``latest_checkpoints`` fails on it."""
+
+    def __init__(self, key: str, cause: TransferError) -> None:
+        super().__init__(key)
+        self.key, self.cause = key, cause
+
+
 def record_restored(path: str | os.PathLike[str], source: str | S3URL) -> None:
     """Write a checkpoint just downloaded from S3 into its directory's journal as verified.
 
@@ -2478,12 +2487,27 @@ def latest_checkpoints(
         objects = [
             o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)
         ]
-        grouped = group_s3(
-            objects,
-            prefix,
-            treat_unmarked_complete=treat_unmarked_complete,
-            read_marker=lambda key: transfer.get_bytes(S3URL(prefix.bucket, key)),
-        )
+        def read_marker(key: str) -> bytes:
+            try:
+                return transfer.get_bytes(S3URL(prefix.bucket, key))
+            except NoSuchKeyError:
+                raise  # deleted since the listing: that checkpoint is going
+            except TransferError as exc:
+                raise _MarkerUnreadable(key, exc) from None
+
+        try:
+            grouped = group_s3(
+                objects, prefix, treat_unmarked_complete=treat_unmarked_complete, read_marker=read_marker
+            )
+        except _MarkerUnreadable as exc:
+            # Taken as "incomplete", a marker S3 failed to give (a 500, a reset, an outage just
+            # after the listing) made --latest bring down an older checkpoint, exit 0, or say
+            # there was none (re-run pass): a launcher would start the run afresh.
+            raise TransferError(
+                f"cannot read the marker {exc.key} under {prefix} ({exc.cause}): not choosing "
+                "a checkpoint without knowing whether it is whole",
+                url=str(prefix),
+            ) from None
         complete = [c for c in grouped.checkpoints if c.complete]
         passed_by = strays(complete)  # embeddings_4096.pt beside step_N.pt: not the newest
         complete = [c for c in complete if c.name not in passed_by]

@@ -188,3 +188,30 @@ def test_wrong_secret_fails_fast_instead_of_retrying(
     assert_one_line_error(result.stderr)
     assert time.monotonic() - started < 30
     assert s3_snapshot(rclone_server, bucket.bucket) == {}
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_download_latest_fails_rather_than_take_an_older_checkpoint_when_a_marker_cannot_be_read(
+    moto_server: S3Server, make_proxy, tmp_path: Path, backend: str
+) -> None:
+    # A 500 on the newest checkpoint's marker (beyond the retries) was taken for "incomplete":
+    # `download --latest` brought down checkpoint-2, exit 0, with a warning; an outage just
+    # after the listing said "no complete checkpoint" (re-run pass), which a launcher takes
+    # for "start afresh". A marker that is gone is still "incomplete", silently.
+    from tests.cli.cli_support import put, put_marker
+
+    bucket = S3URL(moto_server.new_bucket())
+    prefix = bucket.join("run/")
+    for step in (2, 3):
+        put(moto_server, bucket, f"run/checkpoint-{step}/model.bin", b"ab")
+        put_marker(moto_server, prefix, f"checkpoint-{step}", {"model.bin": 2})
+    marker = f"checkpoint-3/{MARKER_NAME}"
+    proxy = make_proxy(moto_server, FaultPlan(rules=[Rule("error500", 1000, "GET", marker)]))
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    result = run(
+        "--endpoint-url", proxy.url, "s3", "download", str(prefix), str(tmp_path / "dl"), "--latest", flag
+    )
+    assert result.exit_code == 1, result.output
+    line = assert_one_line_error(result.stderr, contains=f"cannot read the marker run/{marker}")
+    assert "not choosing a checkpoint" in line
+    assert not (tmp_path / "dl" / "checkpoint-2").exists()
