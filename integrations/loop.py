@@ -325,10 +325,22 @@ class CheckpointManager:
         A ``torch.save`` cut off mid-write (a disk filled, a copy in from elsewhere stopped) was
         returned as the newest, and the resume failed in ``torch.load`` while S3 held a whole one.
         """
+        import stat
+
         from runctl.checkpoints import format_check
 
         for ckpt in sorted(candidates, key=lambda c: c.order_key(), reverse=True):
-            _, torn = format_check(self.local_dir / ckpt.name)
+            path = self.local_dir / ckpt.name
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                # An empty file (a save that never wrote) or a FIFO under a checkpoint's name:
+                # taken, the resume failed, and the upload on resume put it in S3 as the newest.
+                torn: str | None = "not a regular file" if not stat.S_ISREG(st.st_mode) else "it is empty"
+            else:
+                torn = format_check(path)[1]
             if torn is None:
                 return ckpt
             log.warning("passing by %s to resume from: %s", ckpt.name, torn)

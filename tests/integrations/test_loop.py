@@ -366,8 +366,16 @@ def test_latest_passes_by_a_local_checkpoint_cut_short(
         _train(first, range(3))
     whole = (ckpt / "step_2.pt").read_bytes()
     (ckpt / "step_3.pt").write_bytes(whole[: len(whole) // 2])
-    with CheckpointManager(ckpt, prefix, keep_last_n=2, config=config) as second:
+    # And newer still, an empty file and a FIFO under checkpoint names: the empty one was taken
+    # (not a zip: its format "cannot tell"), uploaded on resume, and retention then deleted
+    # the one good checkpoint in S3; the FIFO made latest() raise (re-run pass).
+    (ckpt / "step_4.pt").write_bytes(b"")
+    os.mkfifo(ckpt / "step_5.pt")
+    with CheckpointManager(ckpt, prefix, keep_last_n=1, config=config) as second:
         latest = second.latest()
         assert latest == ckpt / "step_2.pt"
         assert torch.load(latest, weights_only=True)["step"] == 2
     assert "passing by step_3.pt to resume from: a zip file without its end" in caplog.text
+    assert "passing by step_4.pt to resume from: it is empty" in caplog.text
+    assert "passing by step_5.pt to resume from: not a regular file" in caplog.text
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_2.pt"]  # the good one kept
