@@ -589,9 +589,13 @@ class BotoTransfer(Transfer):
     @contextlib.contextmanager
     def _batch(self, part_size: int) -> Iterator[_Batch]:
         """A ``_Batch`` that ``close()`` abandons if it is still under way."""
+        with self._client_lock:
+            closing = self._closing  # a close() from here on ends this batch too
         with _Batch(self.client, part_size) as batch:
             with self._client_lock:
                 self._batches.add(batch)
+            if closing.done():  # closed while the batch was being set up
+                batch.abandon()
             try:
                 yield batch
             finally:

@@ -43,6 +43,10 @@ def test_a_daemon_pool_lets_go_of_work_under_way() -> None:
     release = threading.Event()
     pool = DaemonPool(1)
     busy = pool.submit(release.wait)
+    deadline = time.monotonic() + 10
+    while not busy.running():  # taken up by the thread (on a slow host, not at once)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     queued = pool.submit(lambda: "never run")
     started = time.monotonic()
     pool.shutdown(wait=False)
@@ -76,7 +80,7 @@ def test_close_ends_an_upload_waiting_on_an_endpoint_that_never_answers(tmp_path
 
         worker = threading.Thread(target=move, daemon=True)
         worker.start()
-        time.sleep(1.0)
+        time.sleep(1.0)  # under way (or, on a slow host, still setting up: close() ends that too)
         assert worker.is_alive()
         started = time.monotonic()
         t.close()
