@@ -12,14 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from runctl.checkpoints import MARKER_NAME, RUNCTL_DIR
+
 log = logging.getLogger("runctl.uploader")
 
 STAGING_DIR = ".runctl/staging"
-#: errno values that mean "this filesystem will not hard-link here": copy instead.
 #: Left out of a directory checkpoint at its top, as the marker's own list leaves them out: a
 #: marker brought down with the files (``download -r``) is the uploader's to write anew.
-_NOT_PART = (".runctl-manifest.json", ".runctl")
+_NOT_PART = (MARKER_NAME, RUNCTL_DIR)
 
+#: errno values that mean "this filesystem will not hard-link here": copy instead.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES, errno.ENOSYS}
 #: Beside a directory staged whole, in its slot: ``.whole-<name>`` (``StagingArea.find``).
 _WHOLE_PREFIX = ".whole-"

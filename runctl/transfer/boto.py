@@ -399,14 +399,14 @@ class _Pending:
         return self.future.result()
 
 
-def abort_multipart(client: Callable[[], Any], urls: Iterable[S3URL], wait: float | None = None) -> None:
+def abort_multipart(client: Callable[[], Any], urls: Iterable[S3URL]) -> None:
     """Abort every unfinished multipart upload of exactly these keys (after an interrupted upload).
 
     S3 keeps (and bills) the parts of an upload nobody completes. Every unfinished upload of
     exactly these keys goes: this one's, or an older orphan's. (Not by start time: some S3
     servers report a fixed one.) A server that cannot list multipart uploads (rclone answers
     NoSuchUpload) has none to abort. ``client`` is called only if there is a key to look at.
-    Given up on (with a warning) after ``wait`` seconds: an interrupted upload to an endpoint
+    Given up on (with a warning) after ``ABORT_WAIT`` seconds: an interrupted upload to an endpoint
     that stopped answering would otherwise wait out a read timeout on each of botocore's
     attempts, per key (6 minutes each), after Ctrl-C.
 
@@ -418,14 +418,14 @@ def abort_multipart(client: Callable[[], Any], urls: Iterable[S3URL], wait: floa
         return
     pool = DaemonPool(1, name="runctl-abort")
     try:
-        pool.submit(_abort_each, client, urls).result(ABORT_WAIT if wait is None else wait)
+        pool.submit(_abort_each, client, urls).result(ABORT_WAIT)
     except FutureTimeout:
         log.warning(
             "could not look for unfinished multipart uploads of %s: S3 did not answer within "
             "%g s; if one was begun, S3 keeps its parts until a lifecycle rule (runctl s3 "
             "lifecycle) or an abort removes them",
             ", ".join(str(url) for url in urls[:3]) + (" ..." if len(urls) > 3 else ""),
-            ABORT_WAIT if wait is None else wait,
+            ABORT_WAIT,
         )
     finally:
         pool.shutdown(wait=False)
