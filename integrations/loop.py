@@ -300,6 +300,7 @@ class CheckpointManager:
                 newer_than=newer_than,
                 keep_newer_local=True,
                 same_step=False,  # this manager's own file: it resumes from that
+                names=self._matches_filename,
             )
 
         if newest is None:

@@ -123,6 +123,16 @@ class SnapshotError(OSError):
     """The source changed or vanished while it was being staged."""
 
 
+class Superseded(SnapshotError):
+    """The version handed over is gone: its inode was written in place since (a new save over it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"{name} was written in place since it was handed over: the version handed over no "
+            "longer exists, and the one there now was never handed over"
+        )
+
+
 class StagingArea:
     """Hard-linked snapshots below ``<root>/.runctl/staging/<token>/<name>``.
 
@@ -241,13 +251,19 @@ class StagingArea:
         copied = FileStamp.of(dest)
         return Snapshot(dest, False, {"": copied}, copied=True)
 
-    def copy_file(self, source: Path, token: str) -> Snapshot:
-        """Copy ``source`` (no hard links here) and make sure the copy is one whole version."""
+    def copy_file(self, source: Path, token: str, expected: FileStamp | None = None) -> Snapshot:
+        """Copy ``source`` (no hard links here) and make sure the copy is one whole version.
+
+        ``expected``: the version handed over; a ``source`` that is no longer it (written in place
+        since) raises ``Superseded``, copied or not.
+        """
         dest = self.slot(token, source.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _partial(dest) as partial:
             for _ in range(_COPY_TRIES):
                 before = FileStamp.of(source)
+                if expected is not None and not expected.same_content(before):
+                    raise Superseded(source.name)
                 shutil.copy2(source, partial)
                 after = FileStamp.of(source)
                 if before.same_content(after):
@@ -329,7 +345,8 @@ class StagingArea:
                         f"{len(missing)} file(s) of the directory checkpoint were deleted since it was submitted",
                         str(source / missing[0]),
                     )
-                raise SnapshotError(f"{source.name} changed since it was submitted")
+                changed = sorted(rel for rel in staged if expected.get(rel) != staged[rel])
+                raise SnapshotError(f"{source.name}/{changed[0]} was written or added since it was submitted")
         if copied:
             log.info("hard links are not possible for %s: copied it for upload instead", source)
         # Written last: a tree staged link by link is whole only once this exists (``find``).

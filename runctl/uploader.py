@@ -52,7 +52,7 @@ from runctl.exceptions import (
     UploadError,
     UsageError,
 )
-from runctl.journal import MOOT, Journal, JournalSnapshot
+from runctl.journal import MOOT, Journal, JournalEntry, JournalSnapshot
 from runctl.locking import mark_uploader, other_uploaders, upload_turn
 from runctl.pins import LocalPins
 from runctl.retention import (
@@ -70,6 +70,7 @@ from runctl.staging import (
     Snapshot,
     SnapshotError,
     StagingArea,
+    Superseded,
     open_for_staging,
     stamp_or_none,
     tree_inventory,
@@ -296,8 +297,19 @@ def _ahead(key: tuple[int, int, float], of: tuple[int, int, float]) -> bool:
     return _position(key) > _position(of) if of[:2] == (-1, -1) else key[:2] > of[:2]
 
 
+#: Wait before staging a directory checkpoint again that changed since submit() (seconds).
+DIR_RESTAGE_WAIT = 0.2
+
+
 class _Skip(Exception):
-    """End a job without uploading it (superseded, vanished); the reason is logged and counted."""
+    """End a job without uploading it (superseded, vanished); the reason is logged and counted.
+
+    ``warn``: said at WARNING (something the caller did not mean to happen), not INFO.
+    """
+
+    def __init__(self, reason: str, *, warn: bool = False) -> None:
+        super().__init__(reason)
+        self.warn = warn
 
 
 class _Aborted(Exception):
@@ -441,6 +453,17 @@ class _Stager:
         """Finish what was asked for, then stop."""
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+def _overwritten(job: _Job, exc: Superseded) -> _Skip:
+    """The skip of a job whose file was written in place since ``submit()`` (``Superseded``).
+
+    Routine for a name saved again and again (the next submit carries the new save); a name
+    handed over once and then overwritten is said aloud.
+    """
+    if job.rewritable:
+        return _Skip(f"superseded: {exc}")
+    return _Skip(f"{exc}; submit() it again to upload it", warn=True)
 
 
 def _still_linked(source: Path, staged: Path) -> bool:
@@ -643,6 +666,7 @@ class CheckpointUploader:
         self._inflight_bytes = 0
         self._stopping = False
         self._closed = False
+        self._closing = False  # close() has begun: no more submits (it may still be flushing)
         self._abort = threading.Event()
         self._timed_out = threading.Event()
         self._run_retention_first = False
@@ -702,7 +726,7 @@ class CheckpointUploader:
         Example:
             >>> handle = up.submit("checkpoints/step_100.pt", step=100)  # doctest: +SKIP
         """
-        if self._closed:
+        if self._closed or self._closing:
             raise UsageError("submit() called after close(): this uploader is closed")
         absolute = kernel_abspath(path)  # dd/l/../ckpt is where the kernel says, not dd/ckpt
         parent, name = os.path.split(absolute)
@@ -776,7 +800,7 @@ class CheckpointUploader:
                 s3_url=str(self._url_of(name, is_dir)),
             )
             with self._cond:
-                if self._closed:  # close() ran on another thread since the check above
+                if self._closed or self._closing:  # close() ran on another thread since the check above
                     raise UsageError(
                         f"submit() of {name!r} raced close(): this uploader is closed "
                         "(its journal line stays pending for the next run)"
@@ -997,6 +1021,10 @@ class CheckpointUploader:
         """``flush(timeout, failing_timeout=...)``, then stop the worker. Raises like ``flush``; idempotent."""
         if self._closed:
             return
+        with self._cond:
+            # A submit() from another thread while the flush drains would be taken and then
+            # abandoned at the stop, close() returning as if all had landed (uploader review).
+            self._closing = True
         try:
             self.flush(timeout, failing_timeout=failing_timeout)
         finally:
@@ -1211,7 +1239,9 @@ class CheckpointUploader:
         # never holds a mix of two versions, even for the moment before a re-send.
         assert job.staged is not None
         try:
-            snapshot = self.staging.copy_file(job.staged, f"{job.token}-copy")
+            snapshot = self.staging.copy_file(job.staged, f"{job.token}-copy", job.stamp)
+        except Superseded as exc:
+            raise _overwritten(job, exc) from None
         except SnapshotError as exc:
             raise _Skip(str(exc)) from None
         job.copy_token = f"{job.token}-copy"
@@ -1242,23 +1272,10 @@ class CheckpointUploader:
         pending = snapshot.pending(failed=True) if snapshot is not None else []
         keep: set[str] = set()
         for entry in pending:
-            source = self.root / entry.name
-            if not os.path.lexists(source):
-                staged = self.staging.find(entry.name)
-                if staged is None:
-                    log.warning(
-                        "cannot resume the upload of %s: the local copy is gone", entry.name
-                    )
-                    self._journal.record(
-                        entry.name, "skipped", detail="local copy gone before upload (resume)"
-                    )
-                    continue
-                source = staged
-            try:
-                st = os.stat(source)
-            except OSError as exc:
-                log.warning("cannot resume the upload of %s: %s", entry.name, exc)
+            found = self._resume_source(entry)
+            if found is None:
                 continue
+            source, st = found
             is_dir = source.is_dir()
             token = f"{os.getpid()}-{next(_ids)}"
             staged_link = None if is_dir else self.staging.link_file(source, token)
@@ -1293,6 +1310,52 @@ class CheckpointUploader:
         self._run_retention_first = (
             self.keep_last_n is not None or self.local_keep_last_n is not None
         )
+
+    def _resume_source(self, entry: JournalEntry) -> tuple[Path, os.stat_result] | None:
+        """Where the version a journal line left pending is now: the local file, else a staged
+        copy of it; None (said, and journaled as skipped) when it is gone.
+
+        A file must still be the size and mtime its line recorded: one written in place since (a
+        run killed in the middle of its next save over it) is another version, perhaps half
+        written, and never goes up for the one handed over.
+        """
+        local = self.root / entry.name
+        candidates = [local] if os.path.lexists(local) else []
+        staged = self.staging.find(entry.name)
+        if staged is not None:
+            candidates.append(staged)
+        if not candidates:
+            log.warning("cannot resume the upload of %s: the local copy is gone", entry.name)
+            self._journal.record(entry.name, "skipped", detail="local copy gone before upload (resume)")
+            return None
+        changed = None
+        for source in candidates:
+            try:
+                st = os.stat(source)
+            except OSError as exc:
+                log.warning("cannot resume the upload of %s: %s", entry.name, exc)
+                return None
+            if (
+                stat_module.S_ISDIR(st.st_mode)
+                or entry.size is None
+                or entry.mtime is None
+                or entry.matches(st.st_size, st.st_mtime)
+            ):
+                return source, st
+            changed = changed or st
+        assert changed is not None
+        log.warning(
+            "cannot resume the upload of %s: it was written over since it was handed over "
+            "(%d bytes then, %d now): the version handed over is gone, and the one there now was "
+            "never handed over (save it again to upload it)",
+            entry.name,
+            entry.size,
+            changed.st_size,
+        )
+        self._journal.record(
+            entry.name, "skipped", detail="written over since it was handed over (resume)"
+        )
+        return None
 
     def _dir_version(self, path: Path) -> tuple[int, float] | None:
         """A resumed directory's version as local retention sees it (None: not one of ours).
@@ -1492,7 +1555,7 @@ class CheckpointUploader:
         try:
             snapshot = self._snapshot(job)
         except _Skip as skip:
-            self._skip(job, str(skip))
+            self._skip(job, str(skip), warn=skip.warn)
             return False
         job.snapshot = snapshot
         attempt = 0
@@ -1520,7 +1583,7 @@ class CheckpointUploader:
                 attempt -= 1
                 continue
             except _Skip as skip:
-                self._skip(job, str(skip))
+                self._skip(job, str(skip), warn=skip.warn)
                 return False
             except Exception as exc:
                 if self._abort.is_set():
@@ -1583,32 +1646,49 @@ class CheckpointUploader:
             if job.staged is not None:
                 if job.rewritable and _still_linked(job.source, job.staged):
                     return self._private_copy(job)
-                return self.staging.snapshot_file(job.staged)
+                snapshot = self.staging.snapshot_file(job.staged)
+                now = snapshot.files[""]
+                # A link shares the inode handed over: a save written in place over it since has
+                # made it another version, perhaps half written (a copy is ours: no one writes it).
+                if job.stamp is not None and now.ino == job.stamp.ino and not job.stamp.same_content(now):
+                    raise _overwritten(job, Superseded(job.name))
+                return snapshot
             log.info(
                 "cannot hard-link %s into the staging area: copying it for upload instead", job.name
             )
             try:
-                snapshot = self.staging.copy_file(job.source, job.token)
+                snapshot = self.staging.copy_file(job.source, job.token, job.stamp)
             except FileNotFoundError:
                 raise _Skip(
                     "the file was deleted before its upload started (no hard link possible)"
                 ) from None
+            except Superseded as exc:
+                raise _overwritten(job, exc) from None
             except SnapshotError as exc:
                 raise _Skip(str(exc)) from None
             job.staged = snapshot.path
             return snapshot
-        for _ in range(2):
+        last: OSError | None = None
+        for attempt in range(3):
+            if attempt:
+                time.sleep(DIR_RESTAGE_WAIT)  # an rmtree under way is done by then
+            if not job.source.is_dir():
+                # The Trainer's save_total_limit deletes old checkpoint-N directories as a
+                # matter of course.
+                raise _Skip("the directory was deleted before its upload started")
             try:
                 return self.staging.snapshot_dir(job.source, job.token, job.inventory)
-            except FileNotFoundError:
-                raise _Skip(
-                    "the directory was deleted (or is being deleted) before its upload started"
-                ) from None
-            except SnapshotError as exc:
-                # The Trainer's save_total_limit deletes old checkpoint-N directories as a matter
-                # of course: said as it happens, and as a skip if it stays so.
-                log.info("%s; staging it again", exc)
-        raise _Skip(f"{job.name} kept changing while it was staged")
+            except (FileNotFoundError, SnapshotError) as exc:
+                last = exc
+                log.info("%s changed since it was handed over (%s); staging it again", job.name, exc)
+        if not job.source.is_dir():
+            raise _Skip("the directory was deleted before its upload started")
+        # Still there, and not what was handed over: a file of it deleted or written since.
+        raise _Skip(
+            f"{job.name} is not the checkpoint handed over any more ({last}): not uploaded; "
+            "submit() it again to upload it as it is now",
+            warn=True,
+        )
 
     @contextmanager
     def _time_limit(self, job: _Job) -> Iterator[None]:
@@ -1890,9 +1970,9 @@ class CheckpointUploader:
         key = job.order_key()
         return len({_position(v) for v in self._verified_keys if _ahead(v, key)}) >= self.keep_last_n
 
-    def _skip(self, job: _Job, reason: str) -> None:
+    def _skip(self, job: _Job, reason: str, *, warn: bool = False) -> None:
         self._note_skip(job)
-        self._finish_skip(job, reason)
+        self._finish_skip(job, reason, warn=warn)
 
     def _note_skip(self, job: _Job) -> None:
         with self._cond:
@@ -1901,9 +1981,9 @@ class CheckpointUploader:
             if version is not None:
                 self._superseded[job.name] = version
 
-    def _finish_skip(self, job: _Job, reason: str) -> None:
+    def _finish_skip(self, job: _Job, reason: str, *, warn: bool = False) -> None:
         # A superseded save is routine (every rewritten last.ckpt): logged and counted, no warning.
-        log.info("skipping upload of %s: %s", job.name, reason)
+        log.log(logging.WARNING if warn else logging.INFO, "skipping upload of %s: %s", job.name, reason)
         if reason.startswith(MOOT):
             with self._cond:
                 self._moot_names.add(job.name)
@@ -2415,6 +2495,7 @@ def latest_checkpoint(
     newer_than: str | None = None,
     keep_newer_local: bool = False,
     same_step: bool = True,
+    names: Callable[[str], bool] | None = None,
 ) -> Path | None:
     """Download the newest complete checkpoint under ``s3_url`` into ``dest``; its local path, or None.
 
@@ -2430,6 +2511,8 @@ def latest_checkpoint(
     higher, else None. ``keep_newer_local``: a file of the same name in ``dest`` that S3 does
     not hold (another size, or written after S3's copy landed: a ``last.ckpt`` saved during an
     outage) is left as it is, with a warning; S3's copy goes to ``dest/.runctl/restored/``.
+    ``names``: only checkpoints whose name it accepts count (one model's files where two share
+    the prefix, as a GAN's ``net_g_`` and ``net_d_``), unless it accepts none there.
 
     Example:
         >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
@@ -2447,6 +2530,7 @@ def latest_checkpoint(
         newer_than=newer_than,
         same_step=same_step,
         keep_newer_local=keep_newer_local,
+        names=names,
     )
     return paths[0] if paths else None
 
@@ -2463,6 +2547,7 @@ def latest_checkpoints(
     newer_than: str | None = None,
     same_step: bool = True,
     keep_newer_local: bool = False,
+    names: Callable[[str], bool] | None = None,
 ) -> list[Path]:
     """``latest_checkpoint``, returning the path of every checkpoint it brought (newest first).
 
@@ -2511,6 +2596,10 @@ def latest_checkpoints(
         complete = [c for c in grouped.checkpoints if c.complete]
         passed_by = strays(complete)  # embeddings_4096.pt beside step_N.pt: not the newest
         complete = [c for c in complete if c.name not in passed_by]
+        if names is not None:
+            # The generator's manager resumed from net_d_200.pth on a fresh machine: the newest
+            # step's other file (resume pass).
+            complete = [c for c in complete if names(c.name)] or complete
         newest = newest_state(complete)
         if newest is None:
             log.info("no complete checkpoint under %s", prefix)

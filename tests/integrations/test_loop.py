@@ -379,3 +379,29 @@ def test_latest_passes_by_a_local_checkpoint_cut_short(
     assert "passing by step_4.pt to resume from: it is empty" in caplog.text
     assert "passing by step_5.pt to resume from: not a regular file" in caplog.text
     assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == ["step_2.pt"]  # the good one kept
+
+
+def test_latest_from_s3_is_this_managers_own_file_where_two_share_a_prefix(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """A GAN's two managers on one directory and prefix: on a fresh machine each resumes from
+    its own file of the newest step (the generator's got net_d_200.pth: wrong weights)."""
+    prefix = moto_bucket.join("gan/")
+    config = moto_server.config()
+    kinds = ("g", "d")
+    managers = {
+        kind: CheckpointManager(tmp_path / "a", prefix, filename=f"net_{kind}_{{step}}.pth", config=config)
+        for kind in kinds
+    }
+    for step in (100, 200):
+        for kind, manager in managers.items():
+            manager.save({"kind": kind, "step": step}, step)
+    for manager in managers.values():
+        manager.close()
+    for kind in kinds:
+        with CheckpointManager(
+            tmp_path / f"fresh-{kind}", prefix, filename=f"net_{kind}_{{step}}.pth", config=config
+        ) as fresh:
+            latest = fresh.latest()
+            assert latest is not None and latest.name == f"net_{kind}_200.pth"
+            assert torch.load(latest, weights_only=True) == {"kind": kind, "step": 200}

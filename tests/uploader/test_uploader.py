@@ -455,6 +455,100 @@ def test_in_place_rewrite_during_upload_is_sent_again_never_mixed(
     assert wrapped.put_count == 2
 
 
+def _half_rewrite(path: Path, data: bytes) -> None:
+    """The next save over ``path`` in place (torch.save's open: same inode, truncated), paused
+    a quarter of the way through."""
+    with open(path, "r+b") as fh:
+        fh.truncate(0)
+        fh.write(data[: len(data) // 4])
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10_000_000))  # a later mtime, as a write has
+
+
+def test_a_file_written_in_place_while_queued_is_never_uploaded_for_the_version_handed_over(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hard link shares the inode handed over: a save written in place over it before its
+    upload began (half written here) is not that version, and is never sent as it. A name saved
+    again and again (latest.pt) is superseded quietly; a name handed over once is said aloud."""
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_0.pt", b"0"))
+    gate.entered.wait(10)  # the worker is busy: what follows waits in the queue
+    old, new = b"A" * 400_000, b"B" * 400_000
+    handles = {name: up.submit(write(root / name, old)) for name in ("latest.pt", "step_100.pt")}
+    for name in handles:
+        _half_rewrite(root / name, new)
+    with caplog.at_level(logging.INFO, logger="runctl"):
+        gate.open()
+        up.close(timeout=30)
+    assert {name: h.result(1).state for name, h in handles.items()} == {
+        "latest.pt": "skipped",
+        "step_100.pt": "skipped",
+    }
+    assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_0.pt"]
+    said = {r.getMessage(): r.levelno for r in caplog.records if "written in place" in r.getMessage()}
+    assert sorted(said.values()) == [logging.INFO, logging.WARNING]
+    assert [m for m, level in said.items() if level == logging.WARNING][0].startswith(
+        "skipping upload of step_100.pt"
+    )
+
+
+def test_resume_never_sends_a_file_written_over_since_it_was_handed_over(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run killed in the middle of its next save over latest.pt, the one before still queued:
+    the restarted run finds another version under that name, perhaps half written, and leaves it."""
+    url = moto_bucket.join("run/")
+    path = write(root / "latest.pt", b"A" * 400_000)
+    st = path.stat()
+    Journal(root).record(
+        "latest.pt", "queued", size=st.st_size, mtime=st.st_mtime, s3_url=str(url.join("latest.pt"))
+    )
+    _half_rewrite(path, b"B" * 400_000)
+    write(root / "step_5.pt", b"five")
+    st5 = (root / "step_5.pt").stat()
+    Journal(root).record(
+        "step_5.pt", "queued", size=st5.st_size, mtime=st5.st_mtime, s3_url=str(url.join("step_5.pt"))
+    )
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        with CheckpointUploader(root, url, transfer=boto_transfer, retry=FAST_RETRY) as up:  # type: ignore[arg-type]
+            up.flush(timeout=60)
+    assert [h.name for h in up.resumed] == ["step_5.pt"]  # the unchanged one still goes up
+    assert sorted(keys_under(boto_transfer, url)) == ["step_5.pt"]
+    assert any("cannot resume the upload of latest.pt: it was written over" in r.getMessage() for r in caplog.records)
+    assert Journal(root).replay()["latest.pt"].state == "skipped"
+
+
+def test_a_directory_changed_since_it_was_handed_over_is_said_not_skipped_quietly(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file of a directory checkpoint deleted, or one written, before its upload began: it is
+    not the checkpoint handed over, and a warning names the file. A directory deleted whole
+    (the Trainer's save_total_limit) is routine: INFO."""
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_0.pt", b"0"))
+    gate.entered.wait(10)
+    for step in (100, 200, 300):
+        write(root / f"checkpoint-{step}" / "model.safetensors", b"m" * 1000)
+        write(root / f"checkpoint-{step}" / "notes.txt", b"n")
+    handles = {step: up.submit(root / f"checkpoint-{step}") for step in (100, 200, 300)}
+    (root / "checkpoint-100" / "model.safetensors").unlink()
+    with open(root / "checkpoint-200" / "notes.txt", "ab") as fh:
+        fh.write(b"more")
+    shutil.rmtree(root / "checkpoint-300")
+    with caplog.at_level(logging.INFO, logger="runctl"):
+        gate.open()
+        up.close(timeout=30)
+    assert {s: h.result(1).state for s, h in handles.items()} == dict.fromkeys((100, 200, 300), "skipped")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint-100" in m and "model.safetensors" in m for m in warned), warned
+    assert any("checkpoint-200/notes.txt" in m for m in warned), warned
+    assert not any("checkpoint-300" in m for m in warned), warned
+
+
 # -- promise 4: directory checkpoints, marker last ----------------------------------------------
 
 
@@ -1232,12 +1326,37 @@ def test_status_counts_bytes_and_journal_records_the_life(
     ]
 
 
+def test_a_submit_while_close_is_flushing_is_refused_not_abandoned_quietly(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    """Another thread's submit() while close() waits for the last upload: refused at once (it
+    was taken, then abandoned at the stop, and close() returned as if all had landed)."""
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_1.pt", b"1"))
+    gate.entered.wait(10)
+    closer = threading.Thread(target=up.close, kwargs={"timeout": 30})
+    closer.start()
+    deadline = time.monotonic() + 10
+    while not up._closing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(UsageError, match="after close"):
+        up.submit(write(root / "step_2.pt", b"2"))
+    gate.open()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_1.pt"]
+
+
 def test_threads_are_not_left_behind(root: Path, moto_bucket: S3URL, boto_transfer: object) -> None:
     before = {t.name for t in threading.enumerate()}
     with uploader(root, moto_bucket, boto_transfer) as up:
         up.submit(write(root / "step_1.pt", b"x"))
     after = {t.name for t in threading.enumerate()} - before
-    assert not {n for n in after if n.startswith("runctl-")}
+    # The transfer is the fixture's, not the uploader's: its request threads (made by the first
+    # test that used it) live until the fixture closes it.
+    assert not {n for n in after if n.startswith("runctl-") and not n.startswith("runctl-boto-call")}
 
 
 def test_a_pin_the_listing_missed_is_kept_when_s3_cannot_be_asked(
