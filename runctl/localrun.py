@@ -221,6 +221,20 @@ def _is_written(path: str, is_dir: bool, writers: set[str] | None) -> bool:
     return real in writers
 
 
+#: Why the final scan leaves out a checkpoint something still writes after the script exited.
+OUTLIVED = (
+    "still open for writing after the script exited (by a process it left running?): a later "
+    "`runctl local` uploads it once it is written, or upload it by hand"
+)
+
+
+def _anyones_writers() -> set[str] | None:
+    try:
+        return open_for_writing(None)
+    except OSError:
+        return None
+
+
 def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, str]:
     """The checkpoints directly under ``root`` that look unfinished, each with why.
 
@@ -462,11 +476,24 @@ class CheckpointWatcher:
             if final:
                 why = None
                 ended = killed or script_failed
+                if not writers_read:
+                    # Anyone's: a process the script started in the background outlives it, and
+                    # the script's own tree no longer leads to it (resume pass: torn, "verified").
+                    writers, writers_read = _anyones_writers(), True
+                reason = self._format(state, path, is_dir, sig)
                 if unsigned_hf:
                     why = "no trainer_state.json, which the Hugging Face Trainer writes last: its save was cut short"
-                elif script_failed and (state.writing or state.open_seen == sig):
+                elif _is_written(entry.path, is_dir, writers):
+                    # Not journaled as torn: a later run uploads it once it is written and closed.
+                    self.skipped[name] = OUTLIVED
+                    log.warning("not uploading %s: %s", name, OUTLIVED)
+                    state.submitted = sig
+                    continue
+                elif script_failed and (state.writing or state.open_seen == sig) and not reason[0]:
+                    # Open when the script failed, in a format that cannot tell whether it is
+                    # whole. One whose format says whole goes up (the last save before a crash).
                     why = "still being written when the script failed"
-                elif (reason := self._format(state, path, is_dir, sig))[1] is not None:
+                elif reason[1] is not None:
                     why = f"cut short: {reason[1]}"
                 elif ended and unsigned_ds:
                     why = "DeepSpeed's latest does not name it: its save was cut short"

@@ -846,3 +846,70 @@ def test_a_directory_checkpoint_holding_a_fifo_is_uploaded_without_it(
         "run/checkpoint-1/model.bin",
         "run/checkpoint-1/trainer_state.json",
     ]
+
+
+def _local_run(moto_server: S3Server, tmp_path: Path, bucket: S3URL, script: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "train.py").write_text(textwrap.dedent(script))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    return subprocess.run(
+        [
+            sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt",
+            "--upload-to", f"{bucket}run/", "--settle", "0.5", "train.py",
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+def test_a_checkpoint_a_background_process_still_writes_after_the_script_is_left_out(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """The script hands its last save to a process it starts in the background and exits 0: the
+    final scan found that file quiet and closed-looking to the script's own tree, and sent it
+    half written as verified (resume pass). Anyone's open file is still being written."""
+    bucket = S3URL(moto_server.new_bucket())
+    proc = _local_run(
+        moto_server, tmp_path, bucket,
+        """
+        import os, pathlib, subprocess, sys, time
+        d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+        (d / "step_1.pt").write_bytes(b"1" * 1000)
+        time.sleep(1.5)
+        writer = (
+            "import sys, time\\n"
+            "fh = open(sys.argv[1], 'wb'); fh.write(b'2' * 1000); fh.flush()\\n"
+            "open(sys.argv[2], 'w').close(); time.sleep(4); fh.write(b'2' * 2000); fh.close()\\n"
+        )
+        started = d.parent / "started"
+        subprocess.Popen([sys.executable, "-c", writer, str(d / "step_2.pt"), str(started)], start_new_session=True)
+        while not started.exists():
+            time.sleep(0.05)
+        time.sleep(1.5)  # quiet for longer than --settle: to the script's tree, a closed file
+        """,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "not uploading step_2.pt: still open for writing after the script exited" in proc.stderr
+    assert sorted(keys(moto_server, bucket)) == ["run/step_1.pt"]
+
+
+def test_a_whole_save_still_open_when_the_script_failed_is_uploaded(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """A torch.save whose file was open at the last look (a slow close) and whose script then
+    failed: its format says whole, so it goes up, not left out as torn for good (resume pass)."""
+    pytest.importorskip("torch")
+    bucket = S3URL(moto_server.new_bucket())
+    proc = _local_run(
+        moto_server, tmp_path, bucket,
+        """
+        import os, pathlib, time, torch
+        d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+        with open(d / "step_2.pt", "wb") as fh:
+            torch.save({"step": 2}, fh)
+            fh.flush()
+            time.sleep(1.5)  # open across several looks, as a slow close or fsync keeps it
+        os._exit(1)
+        """,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "not uploading step_2.pt" not in proc.stderr, proc.stderr
+    assert sorted(keys(moto_server, bucket)) == ["run/step_2.pt"]
