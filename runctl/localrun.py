@@ -1144,6 +1144,16 @@ def run_local(
     if watcher is not None and watcher.refused:
         refused = "; ".join(f"{name}: {why}" for name, why in sorted(watcher.refused.items()))
         upload_error = f"{upload_error}; {refused}" if upload_error else refused
+    if claimant is not None and root is not None:
+        # runctl stood aside, but a run whose own uploads did not land is no success (resume
+        # pass: S3 unreachable, "the script uploaded ... itself", exit 0).
+        left = _left_pending_since(root, start)
+        if left:
+            unsent = (
+                f"the script's own uploader left {len(left)} checkpoint(s) not uploaded: "
+                f"{', '.join(left)} (pending in the journal: the next run resumes them)"
+            )
+            upload_error = f"{upload_error}; {unsent}" if upload_error else unsent
     record = RunRecord(
         command=tuple(command),
         start=start,
@@ -1168,6 +1178,18 @@ def run_local(
         else:
             record = _replace(record, record_path=str(path))
     return record
+
+
+def _left_pending_since(root: Path, start: float) -> list[str]:
+    """Names whose latest journal line, written since ``start``, leaves them not uploaded."""
+    from runctl.journal import Journal
+
+    try:
+        pending = Journal(root).pending(failed=True)
+    except RunctlError as exc:
+        log.warning("cannot read the journal of %s to see what the script uploaded: %s", root, exc)
+        return []
+    return [e.name for e in pending if e.time >= start]
 
 
 def _replace(record: RunRecord, **changes: Any) -> RunRecord:

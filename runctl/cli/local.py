@@ -166,7 +166,7 @@ def local_command(
     out.record("run", **record.to_json(), record_path=record.record_path)
     out.flush()
     if record.uploaded_by_script is not None:
-        _say(out, f"the script (pid {record.uploaded_by_script}) uploaded {checkpoint_dir} to {url} itself")
+        _say(out, f"the script (pid {record.uploaded_by_script}) uploads {checkpoint_dir} to {url} itself")
     elif url is not None:
         verified = [u for u in record.uploads if u.state == "verified"]
         skipped = [u for u in record.uploads if u.state == "skipped"]

@@ -236,7 +236,7 @@ def test_runctl_local_stands_aside_for_a_helper_that_uploads_the_same_directory(
     # The helper uploaded each checkpoint once, with runctl local's N; runctl local stood aside.
     record = run_record(ckpt)
     assert record["uploads"] == [] and isinstance(record["uploaded_by_script"], int)
-    assert "uploaded" in err and "itself" in err
+    assert "uploads" in err and "itself" in err
     assert sorted(k for k in keys(moto_server, bucket) if k.endswith(".pt")) == [
         "run/step_3.pt",
         "run/step_4.pt",
@@ -913,3 +913,32 @@ def test_a_whole_save_still_open_when_the_script_failed_is_uploaded(
     assert proc.returncode == 1, proc.stderr
     assert "not uploading step_2.pt" not in proc.stderr, proc.stderr
     assert sorted(keys(moto_server, bucket)) == ["run/step_2.pt"]
+
+
+def test_a_script_that_uploads_itself_and_fails_to_fails_the_run(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """runctl local stands aside for the script's own uploader; when those uploads do not land
+    (here: no such bucket; the script only warns), the run is no success: exit 1, names given
+    (it said "the script uploaded ... itself", exit 0)."""
+    (tmp_path / "script.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from runctl.integrations.loop import CheckpointManager
+
+            with CheckpointManager(on_upload_error="warn") as manager:
+                for step in range(1, 3):
+                    manager.save({"step": step}, step)
+            """
+        )
+    )
+    proc = runctl_local(
+        moto_server, tmp_path, "--checkpoint-dir", "ckpt", "--upload-to", "s3://no-such-bucket-7/run/",
+        "--settle", "0.3", "script.py",
+    )  # fmt: skip
+    rc, out, err = finish(proc, timeout=180)
+    assert rc == 1, (out, err)
+    assert "itself" in err and "not uploaded: step_1.pt, step_2.pt" in err, err
+    record = run_record(tmp_path / "ckpt")
+    assert record["exit_code"] == 1 and "step_2.pt" in record["upload_error"]
