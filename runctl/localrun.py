@@ -846,6 +846,11 @@ def _script_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _killed(script_code: int) -> bool:
+    """Whether the script, or the process a wrapper shell ran, ended by a signal (128+N)."""
+    return 128 < script_code <= 128 + 64
+
+
 def _outcomes(handles: Sequence[UploadHandle]) -> list[UploadRecord]:
     found = []
     for handle in handles:
@@ -1104,7 +1109,9 @@ def run_local(
                 watcher.stop()
                 if claimant is None:
                     watcher.final_scan(
-                        script_failed=script_code != 0, killed=proc.returncode < 0
+                        # A shell reports a child killed by signal N as 128+N (train.sh
+                        # running python killed by the OOM killer: 137): killed too.
+                        script_failed=script_code != 0, killed=_killed(script_code)
                     )
             if uploader is not None:
                 from runctl.uploader import FAILING_TIMEOUT

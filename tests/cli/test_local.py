@@ -942,3 +942,38 @@ def test_a_script_that_uploads_itself_and_fails_to_fails_the_run(
     assert "itself" in err and "not uploaded: step_1.pt, step_2.pt" in err, err
     record = run_record(tmp_path / "ckpt")
     assert record["exit_code"] == 1 and "step_2.pt" in record["upload_error"]
+
+
+def test_a_save_killed_under_a_wrapper_shell_is_left_out_as_when_killed_directly(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """train.sh runs python, which the OOM killer ends mid-save: the shell exits 137 rather than
+    dying of the signal, and the half-written step_2.pth (a format that cannot tell) went up."""
+    bucket = S3URL(moto_server.new_bucket())
+    (tmp_path / "train.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal, time
+            d = os.environ["RUNCTL_CHECKPOINT_DIR"]
+            open(os.path.join(d, "step_1.pth"), "wb").write(b"a" * 40_000)
+            time.sleep(1.5)
+            with open(os.path.join(d, "step_2.pth"), "wb") as f:
+                f.write(b"b" * 10_000); f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            """
+        )
+    )
+    wrapper = tmp_path / "train.sh"
+    wrapper.write_text(f"#!/bin/sh\n{sys.executable} {tmp_path / 'train.py'}\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt",
+            "--upload-to", f"{bucket}run/", "--settle", "0.5", str(wrapper),
+        ],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 137, proc.stderr
+    assert "not uploading step_2.pth" in proc.stderr, proc.stderr
+    assert sorted(keys(moto_server, bucket)) == ["run/step_1.pth"]
