@@ -290,9 +290,11 @@ class CheckpointManager:
         from runctl.exceptions import RunctlError
         from runctl.uploader import latest_checkpoint, record_restored
 
+        passed_by: set[str] = set()  # S3's newest, downloaded and found cut short
+
         def from_s3(newer_than: str | None) -> Path | None:
             assert self.options.s3_url is not None
-            return latest_checkpoint(
+            path = latest_checkpoint(
                 self.options.s3_url,
                 self.local_dir,
                 config=self.options.resolved_config(),
@@ -300,8 +302,18 @@ class CheckpointManager:
                 newer_than=newer_than,
                 keep_newer_local=True,
                 same_step=False,  # this manager's own file: it resumes from that
-                names=self._matches_filename,
+                names=lambda name: self._matches_filename(name) and name not in passed_by,
             )
+            if path is None or path.name in passed_by:
+                return None
+            torn = _cut_short(path)
+            if torn is None:
+                return path
+            # A torn object in S3 (one a hand upload sent half written) was resumed from on
+            # every try, over a whole older one in S3 or on disk (resume pass).
+            log.warning("passing by %s from S3 to resume from: %s", path.name, torn)
+            passed_by.add(path.name)
+            return from_s3(newer_than)
 
         if newest is None:
             path = _patiently(lambda: from_s3(newer_than=None))
@@ -326,22 +338,13 @@ class CheckpointManager:
         A ``torch.save`` cut off mid-write (a disk filled, a copy in from elsewhere stopped) was
         returned as the newest, and the resume failed in ``torch.load`` while S3 held a whole one.
         """
-        import stat
-
-        from runctl.checkpoints import format_check
-
         for ckpt in sorted(candidates, key=lambda c: c.order_key(), reverse=True):
             path = self.local_dir / ckpt.name
             try:
                 st = path.stat()
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                # An empty file (a save that never wrote) or a FIFO under a checkpoint's name:
-                # taken, the resume failed, and the upload on resume put it in S3 as the newest.
-                torn: str | None = "not a regular file" if not stat.S_ISREG(st.st_mode) else "it is empty"
-            else:
-                torn = format_check(path)[1]
+            torn = _cut_short(path, st)
             if torn is None:
                 return ckpt
             log.warning("passing by %s to resume from: %s", ckpt.name, torn)
@@ -394,3 +397,22 @@ class CheckpointManager:
             on_upload_error=self.options.on_upload_error,
             allow_raise=exc_type is None,
         )
+
+
+def _cut_short(path: Path, st: os.stat_result | None = None) -> str | None:
+    """Why the checkpoint file ``path`` cannot be resumed from (its format says cut short, it
+    is empty, it is not a regular file), or None.
+
+    An empty file (a save that never wrote) or a FIFO under a checkpoint's name was taken, the
+    resume failed, and the upload on resume put it in S3 as the newest.
+    """
+    import stat
+
+    from runctl.checkpoints import format_check
+
+    st = st or path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size == 0:
+        return "it is empty"
+    return format_check(path)[1]

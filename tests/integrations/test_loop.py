@@ -405,3 +405,35 @@ def test_latest_from_s3_is_this_managers_own_file_where_two_share_a_prefix(
             latest = fresh.latest()
             assert latest is not None and latest.name == f"net_{kind}_200.pth"
             assert torch.load(latest, weights_only=True) == {"kind": kind, "step": 200}
+
+
+def test_latest_passes_by_a_checkpoint_in_s3_cut_short(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """S3's newest file is half a torch.save (a hand upload of a file still being written): on a
+    fresh machine and on one with a whole older file, latest() resumes from the whole one (it
+    returned the torn one on every try)."""
+    import io
+
+    from runctl.transfer import get_transfer
+
+    prefix = moto_bucket.join("run/")
+    config = moto_server.config()
+    saves = {}
+    for step in (5, 9):
+        buf = io.BytesIO()
+        torch.save({"step": step}, buf)
+        saves[step] = buf.getvalue()
+    transfer = get_transfer(config, use_s5cmd=False)
+    try:
+        transfer.put_bytes(saves[5], prefix.join("step_5.pt"))  # type: ignore[attr-defined]
+        transfer.put_bytes(saves[9][: len(saves[9]) // 2], prefix.join("step_9.pt"))  # type: ignore[attr-defined]
+    finally:
+        transfer.close()
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "step_5.pt").write_bytes(saves[5])
+    for where in ("fresh", "node"):
+        with CheckpointManager(tmp_path / where, prefix, config=config) as manager:
+            latest = manager.latest()
+            assert latest is not None and latest.name == "step_5.pt", where
+            assert torch.load(latest, weights_only=True) == {"step": 5}
