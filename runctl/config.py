@@ -72,6 +72,12 @@ class S3Config:
     region: str = DEFAULT_REGION
     #: Explicit credentials; None means the standard chain (env, profile, instance role).
     static_credentials: Credentials | None = field(default=None, repr=False)
+    #: True when nothing configured ``region`` (it is the us-east-1 fallback): s5cmd is then
+    #: left to find each bucket's region itself, as it does run bare, and botocore follows
+    #: S3's redirect to it; pinned to us-east-1, s5cmd failed on every bucket elsewhere.
+    region_guessed: bool = False
+    #: The profile's ``ca_bundle`` (``AWS_CA_BUNDLE`` reaches s5cmd and botocore by itself).
+    ca_bundle: str | None = None
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:
@@ -166,8 +172,14 @@ class S3Config:
             env.pop("AWS_PROFILE", None)
         elif self.profile:
             env["AWS_PROFILE"] = self.profile
-        env["AWS_REGION"] = self.region
-        env["AWS_DEFAULT_REGION"] = self.region
+        if self.ca_bundle and not env.get("AWS_CA_BUNDLE"):
+            env["AWS_CA_BUNDLE"] = self.ca_bundle  # the profile's, which s5cmd no longer sees
+        if self.region_guessed:
+            env.pop("AWS_REGION", None)
+            env.pop("AWS_DEFAULT_REGION", None)
+        else:
+            env["AWS_REGION"] = self.region
+            env["AWS_DEFAULT_REGION"] = self.region
         return env
 
     def boto_client(self, **client_kwargs: Any) -> BaseClient:
@@ -185,7 +197,10 @@ class S3Config:
         from botocore.config import Config as BotoConfig
 
         creds, live = self._chain
-        session = botocore.session.Session(profile=None if creds or live else self.profile)
+        # The profile's other settings (its ca_bundle) apply with credentials resolved from it;
+        # without --profile, botocore reads AWS_PROFILE as the AWS CLI does. (profile=None here
+        # lost the ca_bundle, and a stale AWS_PROFILE beside --profile raised ProfileNotFound.)
+        session = botocore.session.Session(profile=self.profile)
         # The endpoint is runctl's to resolve (resolve_config, which s5cmd follows too): botocore
         # would otherwise take one from the config file where this one is None (AWS itself).
         session.set_config_variable("ignore_configured_endpoint_urls", True)
@@ -238,7 +253,7 @@ def _check_endpoint(endpoint_url: str) -> None:
 def profile_settings(profile: str | None, env: Mapping[str, str]) -> dict[str, str]:
     """The AWS config file's settings for ``profile`` (else ``default``) that runctl uses.
 
-    ``region``, ``endpoint_url`` (the profile's own, overridden by its ``services`` section's
+    ``region``, ``ca_bundle``, ``endpoint_url`` (the profile's own, overridden by its ``services`` section's
     ``s3`` one, as the AWS SDKs have it) and ``ignore_configured_endpoint_urls``. The file is
     ``$AWS_CONFIG_FILE`` or ``~/.aws/config``; one that is missing or unreadable gives nothing
     (botocore names a broken one when it looks for credentials).
@@ -266,7 +281,7 @@ def profile_settings(profile: str | None, env: Mapping[str, str]) -> dict[str, s
         return {}
     found = {
         key: parser.get(section, key).strip()
-        for key in ("region", "endpoint_url", "ignore_configured_endpoint_urls")
+        for key in ("region", "endpoint_url", "ignore_configured_endpoint_urls", "ca_bundle")
         if parser.has_option(section, key)
     }
     services = f"services {parser.get(section, 'services').strip()}" if parser.has_option(section, "services") else ""
@@ -318,13 +333,15 @@ def resolve_config(
         endpoint_url = endpoint_url.strip().rstrip("/")
         if not endpoint_url.startswith(("http://", "https://")):
             raise ConfigError(f"invalid endpoint URL {endpoint_url!r}: must start with http:// or https://")
-    region = (
-        region
-        or next((env[v] for v in REGION_VARS if env.get(v)), None)
-        or setting("region")
-        or DEFAULT_REGION
+    region = region or next((env[v] for v in REGION_VARS if env.get(v)), None) or setting("region")
+    ca_bundle = None if env.get("AWS_CA_BUNDLE") else setting("ca_bundle")
+    return S3Config(
+        endpoint_url=endpoint_url,
+        profile=profile,
+        region=region or DEFAULT_REGION,
+        region_guessed=not region,
+        ca_bundle=os.path.expanduser(ca_bundle) if ca_bundle else None,
     )
-    return S3Config(endpoint_url=endpoint_url, profile=profile, region=region)
 
 
 class _Held:

@@ -46,7 +46,7 @@ RegionOpt = Annotated[
     typer.Option(
         "--region",
         metavar="REGION",
-        help="Region. Default: $AWS_REGION, $AWS_DEFAULT_REGION, else us-east-1.",
+        help="Region. Default: $AWS_REGION, $AWS_DEFAULT_REGION, the profile's, else each bucket's own.",
         rich_help_panel=_CONN,
     ),
 ]

@@ -1181,3 +1181,79 @@ def test_a_quiet_producer_or_a_slow_reader_of_a_stream_is_no_stall(
     os.close(write)
     consumer.join()
     assert got == [data]
+
+
+@contextlib.contextmanager
+def _bucket_in_another_region(region: str) -> Iterator[str]:
+    """A loopback endpoint that answers as AWS S3 does for bucket ``bkt`` in ``region``: a HEAD
+    of the bucket names its region; a request signed for another region gets a 301
+    PermanentRedirect naming it; a signed listing gets one object. (moto and rclone answer any
+    region, so they cannot show this.)"""
+    import re
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    listing = (
+        b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        b"<Name>bkt</Name><Prefix></Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>"
+        b'<Contents><Key>a.txt</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>"x"</ETag><Size>4</Size>'
+        b"<StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>"
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, status: int, body: bytes = b"", **headers: str) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _handle(self) -> None:
+            signed = re.search(r"Credential=[^/]+/\d+/([^/]+)/", self.headers.get("Authorization", ""))
+            if self.command == "HEAD" and self.path.split("?")[0].rstrip("/") == "/bkt":
+                self._answer(200, x_amz_bucket_region=region)
+            elif signed and signed.group(1) != region:
+                body = f"<Error><Code>PermanentRedirect</Code><Message>wrong region</Message><Endpoint>bkt.s3.{region}.amazonaws.com</Endpoint></Error>"
+                self._answer(301, body.encode(), x_amz_bucket_region=region, Content_Type="application/xml")
+            else:
+                self._answer(200, listing if "list-type" in self.path else b"", Content_Type="application/xml")
+
+        do_GET = do_HEAD = do_PUT = _handle
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_bucket_in_another_region_is_reached_when_no_region_is_configured(
+    tmp_path: Path, backend: str
+) -> None:
+    """No region anywhere (runctl falls back to us-east-1): aws and plain s5cmd reach a bucket in
+    eu-west-1; runctl pinned s5cmd to us-east-1 and every listing and upload failed with
+    BucketRegionError (config pass)."""
+    with _bucket_in_another_region("eu-west-1") as endpoint:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RUNCTL_", "S3_"))}
+        env |= {
+            "AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "SECRET", "AWS_ENDPOINT_URL": endpoint,
+            "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        }  # fmt: skip
+        flags = [] if backend == "s5cmd" else ["--no-use-s5cmd"]
+        done = subprocess.run(
+            [sys.executable, "-m", "runctl", "s3", "list", "s3://bkt/", *flags],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "a.txt" in done.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -357,3 +358,45 @@ def test_a_credential_refresh_that_fails_is_retried_not_a_usage_error(tmp_path: 
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["AKIDTEMP", "TransferError False True"]
+
+
+def test_a_region_nothing_configured_is_left_to_s5cmd_to_find(tmp_path: Path) -> None:
+    """Pinned to the us-east-1 fallback, s5cmd failed on every bucket in another region (plain
+    s5cmd finds a bucket's region when none is set; botocore follows S3's redirect)."""
+    base = {"AWS_CONFIG_FILE": str(tmp_path / "none"), "PATH": "/bin"}
+    guessed = resolve_config(env=base)
+    assert guessed.region == DEFAULT_REGION and guessed.region_guessed
+    env = guessed.child_env({**base, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    assert "AWS_REGION" not in env and "AWS_DEFAULT_REGION" not in env
+    for configured in (resolve_config(env=base | {"AWS_DEFAULT_REGION": "eu-west-1"}), resolve_config(region="eu-west-1", env=base)):
+        assert not configured.region_guessed
+        assert configured.child_env(base)["AWS_REGION"] == "eu-west-1"
+
+
+def test_a_profiles_ca_bundle_reaches_s5cmd_and_botocore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A named profile's ca_bundle was dropped (s5cmd's environment loses AWS_PROFILE once its
+    credentials are resolved; botocore's session had no profile), and a stale AWS_PROFILE beside
+    --profile raised ProfileNotFound on the boto3 path."""
+    config = tmp_path / "config"
+    config.write_text(f"[profile p]\nregion = eu-west-1\nca_bundle = {tmp_path / 'corp-ca.pem'}\n")
+    creds = tmp_path / "credentials"
+    creds.write_text("[p]\naws_access_key_id = AKIDP\naws_secret_access_key = SKP\n")
+    base = {"AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(creds), "HOME": str(tmp_path)}
+    for name, value in base.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = resolve_config(profile="p", env=base)
+    assert cfg.ca_bundle == str(tmp_path / "corp-ca.pem")
+    assert cfg.child_env(base)["AWS_CA_BUNDLE"] == str(tmp_path / "corp-ca.pem")
+    assert resolve_config(profile="p", env=base | {"AWS_CA_BUNDLE": "/x.pem"}).ca_bundle is None  # the variable wins
+    probe = (
+        "import json\n"
+        "from runctl.config import resolve_config\n"
+        "c = resolve_config(profile='p', endpoint_url='https://127.0.0.1:9').boto_client()\n"
+        "print(json.dumps([c._request_signer._credentials.access_key, c._endpoint.http_session._verify]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | base | {"AWS_PROFILE": "stale"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == json.dumps(["AKIDP", str(tmp_path / "corp-ca.pem")])
