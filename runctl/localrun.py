@@ -106,8 +106,13 @@ def script_env(
     local_keep_last_n: int | None = None,
     endpoint_url: str | None = None,
     watching: bool = False,
+    profile: str | None = None,
+    region: str | None = None,
 ) -> dict[str, str]:
     """The script's environment: ``base`` plus the ``RUNCTL_*`` defaults it should use.
+
+    ``profile`` and ``region`` (``runctl --profile/--region local``) go as ``AWS_PROFILE`` and
+    ``AWS_REGION``/``AWS_DEFAULT_REGION``, for the script's own uploads and any AWS tool it runs.
 
     Example:
         >>> env = script_env({}, checkpoint_dir=Path("/ckpt"), keep_last_n=3)
@@ -125,6 +130,10 @@ def script_env(
         ENV_ENDPOINT_URL: endpoint_url,
         ENV_WATCHED: "1" if watching else None,
     }
+    if profile:
+        values["AWS_PROFILE"] = profile
+    if region:
+        values["AWS_REGION"] = values["AWS_DEFAULT_REGION"] = region
     for name, value in values.items():
         if value is not None:
             env[name] = value
@@ -1027,6 +1036,10 @@ def run_local(
         local_keep_last_n=local_keep_last_n,
         endpoint_url=config.endpoint_url if config is not None else None,
         watching=uploader is not None,
+        # A script whose own uploader claims the directory (runctl then stands aside) signed
+        # with the default credentials and region (config pass).
+        profile=config.profile if config is not None else None,
+        region=config.region if config is not None and not config.region_guessed else None,
     )
     # Uploads an earlier, interrupted run left pending resume at once: the summary counts them.
     handles: list[UploadHandle] = list(uploader.resumed) if uploader is not None else []

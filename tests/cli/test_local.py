@@ -977,3 +977,18 @@ def test_a_save_killed_under_a_wrapper_shell_is_left_out_as_when_killed_directly
     assert proc.returncode == 137, proc.stderr
     assert "not uploading step_2.pth" in proc.stderr, proc.stderr
     assert sorted(keys(moto_server, bucket)) == ["run/step_1.pth"]
+
+
+def test_profile_and_region_flags_reach_the_script(moto_server: S3Server, tmp_path: Path) -> None:
+    """`runctl --region R local`: a script that uploads with its own CheckpointManager (runctl
+    then stands aside) signed for the default region, not R (config pass)."""
+    bucket = S3URL(moto_server.new_bucket())
+    (tmp_path / "train.py").write_text('import os\nprint("AWS", os.environ.get("AWS_REGION"), os.environ.get("AWS_DEFAULT_REGION"))\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "runctl", "--region", "eu-north-1", "local", "--checkpoint-dir", "ckpt",
+         "--upload-to", f"{bucket}run/", "train.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "AWS eu-north-1 eu-north-1" in done.stdout

@@ -94,6 +94,13 @@ def test_script_env_sets_only_what_is_given() -> None:
         "RUNCTL_LOCAL_WATCHING": "1",
     }
     assert script_env({"X": "1"}) == {"X": "1"}
+    # runctl --profile/--region local: the script's own uploads use them too (they signed with
+    # the default credentials and region, the config pass saw).
+    assert script_env({"AWS_PROFILE": "old"}, profile="p", region="eu-west-1") == {
+        "AWS_PROFILE": "p",
+        "AWS_REGION": "eu-west-1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
 
 
 class Collector:
