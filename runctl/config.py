@@ -146,7 +146,7 @@ class S3Config:
         Anything else (a profile, a partial pair, no keys) goes through botocore as before.
         """
         env = os.environ
-        if self.profile or env.get("AWS_PROFILE") or env.get("AWS_CREDENTIAL_EXPIRATION"):
+        if self.profile or _env_profile(env) or env.get("AWS_CREDENTIAL_EXPIRATION"):
             return None  # expiring env credentials: botocore's refresh logic applies
         access_key = env.get("AWS_ACCESS_KEY_ID", "")
         secret_key = env.get("AWS_SECRET_ACCESS_KEY", "")
@@ -170,6 +170,7 @@ class S3Config:
                 env.pop("AWS_SESSION_TOKEN", None)
             # The resolved credentials win; a profile in the child would only confuse it.
             env.pop("AWS_PROFILE", None)
+            env.pop("AWS_DEFAULT_PROFILE", None)
         elif self.profile:
             env["AWS_PROFILE"] = self.profile
         if self.ca_bundle and not env.get("AWS_CA_BUNDLE"):
@@ -294,6 +295,16 @@ def profile_settings(profile: str | None, env: Mapping[str, str]) -> dict[str, s
     return {key: value for key, value in found.items() if value}
 
 
+def _env_profile(env: Mapping[str, str]) -> str | None:
+    """The profile the environment names, as botocore and aws read it (AWS_DEFAULT_PROFILE first).
+
+    Example:
+        >>> _env_profile({"AWS_PROFILE": "a", "AWS_DEFAULT_PROFILE": "b"})
+        'b'
+    """
+    return env.get("AWS_DEFAULT_PROFILE") or env.get("AWS_PROFILE") or None
+
+
 def resolve_config(
     endpoint_url: str | None = None,
     profile: str | None = None,
@@ -321,7 +332,7 @@ def resolve_config(
     def setting(key: str) -> str | None:
         nonlocal settings
         if settings is None:  # the file is read only when a flag or variable leaves a gap
-            settings = profile_settings(profile or env.get("AWS_PROFILE") or None, env)
+            settings = profile_settings(profile or _env_profile(env), env)
         return settings.get(key)
 
     if endpoint_url is None:

@@ -400,3 +400,14 @@ def test_a_profiles_ca_bundle_reaches_s5cmd_and_botocore(tmp_path: Path, monkeyp
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == json.dumps(["AKIDP", str(tmp_path / "corp-ca.pem")])
+
+
+def test_aws_default_profile_names_the_profile_as_botocore_reads_it(tmp_path: Path) -> None:
+    """Credentials came from AWS_DEFAULT_PROFILE's profile (botocore reads it) but its endpoint
+    and region from [default]: its key id went to amazonaws.com (config pass)."""
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = us-west-2\n[profile p]\nendpoint_url = http://p.example:1\nregion = eu-central-1\n")
+    cfg = resolve_config(env={"AWS_CONFIG_FILE": str(config), "AWS_DEFAULT_PROFILE": "p"})
+    assert (cfg.endpoint_url, cfg.region) == ("http://p.example:1", "eu-central-1")
+    both = {"AWS_CONFIG_FILE": str(config), "AWS_DEFAULT_PROFILE": "p", "AWS_PROFILE": "default"}
+    assert resolve_config(env=both).region == "eu-central-1"  # botocore's order
