@@ -51,6 +51,11 @@ def require(module: str, extra: str, *, install: str | None = None) -> ModuleTyp
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and module != missing and not module.startswith(missing + "."):
+            # Installed, but something it imports is not (lightning before 2.4 and setuptools'
+            # pkg_resources): "pip install runctl[lightning]" would not help.
+            raise
         raise ImportError(
             f"{module} is not installed; install it with: pip install '{install or f'runctl[{extra}]'}'"
         ) from exc

@@ -74,3 +74,24 @@ def test_every_import_the_readme_shows_names_a_public_name() -> None:
             rest = parts[cut:]
             assert len(rest) <= 1 and (not rest or rest[0] in _exports(module)), f"README: {path}"
             break
+
+
+def test_a_framework_that_is_installed_but_cannot_import_is_not_called_missing(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lightning 2.1-2.3 import pkg_resources, gone from setuptools 82: the error said "lightning
+    is not installed; pip install 'runctl[lightning]'", which cannot help (minimum-versions pass)."""
+    from pathlib import Path
+
+    from runctl.integrations._common import require
+
+    root = Path(str(tmp_path))
+    (root / "fakeframework_runctl").mkdir()
+    (root / "fakeframework_runctl" / "__init__.py").write_text("import no_such_dependency_runctl_xyz\n")
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.raises(ImportError) as raised:
+        require("fakeframework_runctl", "lightning")
+    assert "no_such_dependency_runctl_xyz" in str(raised.value)
+    assert "runctl[lightning]" not in str(raised.value)
+    with pytest.raises(ImportError, match=r"pip install 'runctl\[lightning\]'"):
+        require("no_such_framework_runctl_xyz", "lightning")
