@@ -855,9 +855,18 @@ def _script_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _killed(script_code: int) -> bool:
-    """Whether the script, or the process a wrapper shell ran, ended by a signal (128+N)."""
-    return 128 < script_code <= 128 + 64
+#: Signals no Python script exits with by choice: a wrapper shell's 128+N for these means its
+#: program was killed (the OOM killer's SIGKILL) or crashed mid-save.
+_KILLS = frozenset({signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE})
+
+
+def _killed(returncode: int) -> bool:
+    """Whether the script died of a signal, or a wrapper shell reports its program killed.
+
+    Not 130 or 143: a script that handled Ctrl-C or SIGTERM, saved and exited with it, left
+    its checkpoint whole (diff review).
+    """
+    return returncode < 0 or (returncode - 128) in _KILLS
 
 
 def _outcomes(handles: Sequence[UploadHandle]) -> list[UploadRecord]:
@@ -1124,7 +1133,7 @@ def run_local(
                     watcher.final_scan(
                         # A shell reports a child killed by signal N as 128+N (train.sh
                         # running python killed by the OOM killer: 137): killed too.
-                        script_failed=script_code != 0, killed=_killed(script_code)
+                        script_failed=script_code != 0, killed=_killed(proc.returncode)
                     )
             if uploader is not None:
                 from runctl.uploader import FAILING_TIMEOUT

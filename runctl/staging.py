@@ -366,14 +366,20 @@ class StagingArea:
         A directory counts only once it was staged whole (``snapshot_dir`` marks it last): a
         run killed while linking its files leaves a partial tree, which is never taken for it.
         """
+        found = self.find_all(name)
+        return found[0] if found else None
+
+    def find_all(self, name: str) -> list[Path]:
+        """Every staged copy of ``name``, newest first (as ``find``): a hard link shares its
+        file's later writes, a private copy or the link of a replaced file does not."""
         if not self.dir.is_dir():
-            return None
+            return []
         found = [
             p
             for p in self.dir.glob(f"*/{_glob_escape(name)}")
             if p.exists() and (not p.is_dir() or self._whole_mark(p.parent.name, name).exists())
         ]
-        return max(found, key=lambda p: p.stat().st_mtime, default=None)
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
     def tokens(self) -> list[str]:
         if not self.dir.is_dir():

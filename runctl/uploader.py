@@ -299,6 +299,8 @@ def _ahead(key: tuple[int, int, float], of: tuple[int, int, float]) -> bool:
 
 #: Wait before staging a directory checkpoint again that changed since submit() (seconds).
 DIR_RESTAGE_WAIT = 0.2
+#: How long a directory checkpoint that is losing files may take to be gone (a slow rmtree).
+DIR_DELETE_WAIT = 5.0
 
 
 class _Skip(Exception):
@@ -317,7 +319,12 @@ class _Aborted(Exception):
 
 
 class _Rewritten(Exception):
-    """The staged file changed during the upload: upload again (not a failure)."""
+    """The staged file changed during the upload: a directory is uploaded again; a file is
+    skipped (its version handed over is gone), and what it sent, if ``sent``, deleted."""
+
+    def __init__(self, detail: str, *, sent: bool = True) -> None:
+        super().__init__(detail)
+        self.sent = sent
 
 
 def _drained(thread: threading.Thread, ask: Callable[[threading.Event], None], timeout: float | None) -> bool:
@@ -464,6 +471,11 @@ def _overwritten(job: _Job, exc: Superseded) -> _Skip:
     if job.rewritable:
         return _Skip(f"superseded: {exc}")
     return _Skip(f"{exc}; submit() it again to upload it", warn=True)
+
+
+def _losing_files(job: _Job) -> bool:
+    """Whether files of the directory checkpoint handed over are gone from it (being deleted?)."""
+    return any(not os.path.lexists(job.source / rel) for rel in job.inventory or ())
 
 
 def _still_linked(source: Path, staged: Path) -> bool:
@@ -1321,9 +1333,9 @@ class CheckpointUploader:
         """
         local = self.root / entry.name
         candidates = [local] if os.path.lexists(local) else []
-        staged = self.staging.find(entry.name)
-        if staged is not None:
-            candidates.append(staged)
+        # Every staged copy: the newest may be the hard link that shares the file written over,
+        # while an older private copy still holds the version handed over (diff review).
+        candidates += self.staging.find_all(entry.name)
         if not candidates:
             log.warning("cannot resume the upload of %s: the local copy is gone", entry.name)
             self._journal.record(entry.name, "skipped", detail="local copy gone before upload (resume)")
@@ -1572,6 +1584,15 @@ class CheckpointUploader:
                         self._upload_file(job, snapshot)
                 break
             except _Rewritten as changed:
+                if not job.is_dir:
+                    # A hard link shares the inode handed over: a save written over it during
+                    # the upload leaves no version handed over, and what went up may be half of
+                    # each. It was sent again as it stood, torn if that save was cut short, as
+                    # "verified" (review of the day's diff).
+                    if changed.sent:
+                        self._delete_sent(url)
+                    self._skip(job, str(_overwritten(job, Superseded(job.name))), warn=not job.rewritable)
+                    return False
                 rewrites += 1
                 if rewrites > MAX_REWRITES:
                     self._give_up_rewrites(job, url)
@@ -1605,6 +1626,17 @@ class CheckpointUploader:
                     raise _Aborted() from exc
         self._commit(job, snapshot, url, attempt, time.monotonic() - started)
         return True
+
+    def _delete_sent(self, url: S3URL) -> None:
+        """Delete what an upload overtaken by a rewrite sent: it may hold half of two saves, and
+        S3 would count it as a whole checkpoint."""
+        try:
+            result = self.transfer.delete_keys(url.bucket, [url.key])
+            problem = "; ".join(result.errors.values())
+        except Exception as exc:  # noqa: BLE001 - said; the skip stands either way
+            problem = _cause_text(exc)
+        if problem:
+            log.warning("could not delete %s, which may hold parts of two saves: %s", url, problem)
 
     def _settled_elsewhere(self, job: _Job, url: S3URL) -> bool | None:
         """A resumed job that another process's uploader of this directory settled meanwhile.
@@ -1669,9 +1701,14 @@ class CheckpointUploader:
             job.staged = snapshot.path
             return snapshot
         last: OSError | None = None
-        for attempt in range(3):
+        deadline = time.monotonic() + DIR_DELETE_WAIT
+        attempt = 0
+        while attempt < 3 or (last is not None and _losing_files(job) and time.monotonic() < deadline):
             if attempt:
-                time.sleep(DIR_RESTAGE_WAIT)  # an rmtree under way is done by then
+                # Files gone and the directory still there: an rmtree under way (the Trainer's
+                # save_total_limit) is given DIR_DELETE_WAIT to finish before it is a change.
+                time.sleep(DIR_RESTAGE_WAIT)
+            attempt += 1
             if not job.source.is_dir():
                 # The Trainer's save_total_limit deletes old checkpoint-N directories as a
                 # matter of course.
@@ -1738,7 +1775,7 @@ class CheckpointUploader:
         url = self._url_of(job.name, False)
         staged = snapshot.path
         if snapshot.changed():
-            raise _Rewritten("changed before the upload began")
+            raise _Rewritten("changed before the upload began", sent=False)
         self.transfer.put_files([(staged, url)], progress=self._progress)
         self._last_progress = time.monotonic()  # sent; the checks (an MD5) follow
         info = self.transfer.stat(url)
@@ -2512,7 +2549,7 @@ def latest_checkpoint(
     not hold (another size, or written after S3's copy landed: a ``last.ckpt`` saved during an
     outage) is left as it is, with a warning; S3's copy goes to ``dest/.runctl/restored/``.
     ``names``: only checkpoints whose name it accepts count (one model's files where two share
-    the prefix, as a GAN's ``net_g_`` and ``net_d_``), unless it accepts none there.
+    the prefix, as a GAN's ``net_g_`` and ``net_d_``); None when it accepts none there.
 
     Example:
         >>> path = latest_checkpoint("s3://bucket/run-7/", "restore/")  # doctest: +SKIP
@@ -2598,8 +2635,8 @@ def latest_checkpoints(
         complete = [c for c in complete if c.name not in passed_by]
         if names is not None:
             # The generator's manager resumed from net_d_200.pth on a fresh machine: the newest
-            # step's other file (resume pass).
-            complete = [c for c in complete if names(c.name)] or complete
+            # step's other file (resume pass); and from it still, with no net_g_ whole in S3.
+            complete = [c for c in complete if names(c.name)]
         newest = newest_state(complete)
         if newest is None:
             log.info("no complete checkpoint under %s", prefix)

@@ -992,3 +992,23 @@ def test_profile_and_region_flags_reach_the_script(moto_server: S3Server, tmp_pa
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "AWS eu-north-1 eu-north-1" in done.stdout
+
+
+def test_a_script_that_saves_on_ctrl_c_and_exits_130_has_that_save_uploaded(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """130 (or 143) from a script that handled the signal, saved and closed its checkpoint is
+    not a kill: its save was left out as "changed moments before the script was killed", and
+    journaled so (diff review). A shell's 137 still is (the test above)."""
+    bucket = S3URL(moto_server.new_bucket())
+    proc = _local_run(
+        moto_server, tmp_path, bucket,
+        """
+        import os, pathlib, sys
+        d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+        (d / "step_2.bin").write_bytes(b"2" * 1000)  # the save on the way out
+        sys.exit(130)
+        """,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr
+    assert sorted(keys(moto_server, bucket)) == ["run/step_2.bin"], proc.stderr

@@ -405,6 +405,12 @@ def test_latest_from_s3_is_this_managers_own_file_where_two_share_a_prefix(
             latest = fresh.latest()
             assert latest is not None and latest.name == f"net_{kind}_200.pth"
             assert torch.load(latest, weights_only=True) == {"kind": kind, "step": 200}
+    # A prefix with the discriminator's files alone: the generator has none to resume from.
+    only_d = moto_bucket.join("only-d/")
+    with CheckpointManager(tmp_path / "d", only_d, filename="net_d_{step}.pth", config=config) as manager:
+        manager.save({"kind": "d", "step": 300}, 300)
+    with CheckpointManager(tmp_path / "g", only_d, filename="net_g_{step}.pth", config=config) as fresh:
+        assert fresh.latest() is None
 
 
 def test_latest_passes_by_a_checkpoint_in_s3_cut_short(

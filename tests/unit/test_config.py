@@ -411,3 +411,15 @@ def test_aws_default_profile_names_the_profile_as_botocore_reads_it(tmp_path: Pa
     assert (cfg.endpoint_url, cfg.region) == ("http://p.example:1", "eu-central-1")
     both = {"AWS_CONFIG_FILE": str(config), "AWS_DEFAULT_PROFILE": "p", "AWS_PROFILE": "default"}
     assert resolve_config(env=both).region == "eu-central-1"  # botocore's order
+
+
+def test_credentials_given_outright_need_no_profile_on_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3Config(static_credentials=..., profile="trainer") where no such profile exists: the
+    boto3 path raised ProfileNotFound on every request once the session took the profile."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = S3Config(
+        endpoint_url="http://127.0.0.1:9", profile="trainer", static_credentials=Credentials("AKID", "SK")
+    ).boto_client()
+    assert client._request_signer._credentials.access_key == "AKID"

@@ -429,10 +429,13 @@ def test_in_place_rewrite_of_an_alias_during_upload_lands_the_submitted_version(
     assert not Journal(root).is_durable("last.ckpt", st.st_size, st.st_mtime), "the rewrite is not durable"
 
 
-def test_in_place_rewrite_during_upload_is_sent_again_never_mixed(
-    root: Path, moto_bucket: S3URL, boto_transfer: object
+def test_in_place_rewrite_during_upload_is_never_sent_for_the_version_handed_over(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A name saved once is hard-linked; a rewrite during its upload is detected and re-sent."""
+    """A name saved once is hard-linked; a save written over it during its upload leaves no
+    version handed over: it was sent again as it stood (torn, had that save been cut short) and
+    reported verified. Now it is skipped, said, and the object the first attempt sent, half of
+    each, deleted."""
     old, new = b"A" * 200_000, b"B" * 200_000
     path = write(root / "model-final.pt", old)
     wrapped = Wrapped(boto_transfer)
@@ -443,16 +446,18 @@ def test_in_place_rewrite_during_upload_is_sent_again_never_mixed(
             # What a streaming reader sees when the file is rewritten in place halfway through.
             half = pairs[0][0].read_bytes()[:100_000]
             with open(path, "r+b") as fh:  # same inode: reaches the staged hard link too
-                fh.write(new)
+                fh.write(new[:50_000])  # ... and that save is cut short there
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 10_000_000))
             boto_transfer.put_bytes(half + new[100_000:], url)  # type: ignore[attr-defined]
 
     wrapped.before_put = tear
     up = uploader(root, moto_bucket, wrapped)
-    up.submit(path).result(30)
-    up.close(timeout=30)
-    assert boto_transfer.get_bytes(url) == new  # type: ignore[attr-defined]
-    assert wrapped.put_count == 2
+    with caplog.at_level(logging.WARNING, logger="runctl"):
+        assert up.submit(path).result(30).state == "skipped"
+        up.close(timeout=30)
+    assert boto_transfer.stat(url) is None  # type: ignore[attr-defined]
+    assert wrapped.put_count == 1
+    assert any("model-final.pt was written in place" in r.getMessage() for r in caplog.records)
 
 
 def _half_rewrite(path: Path, data: bytes) -> None:
@@ -520,8 +525,70 @@ def test_resume_never_sends_a_file_written_over_since_it_was_handed_over(
     assert Journal(root).replay()["latest.pt"].state == "skipped"
 
 
-def test_a_directory_changed_since_it_was_handed_over_is_said_not_skipped_quietly(
+def test_resume_takes_a_staged_copy_that_is_still_the_version_handed_over(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    """Killed mid-upload of last.ckpt (its private copy staged), then killed again in its next
+    save: the newest staged file is the hard link, torn with the file; the private copy still
+    holds the version handed over, and it is what goes up (it was dropped, nothing sent)."""
+    from runctl.staging import StagingArea
+
+    url = moto_bucket.join("run/")
+    whole = b"A" * 400_000
+    path = write(root / "last.ckpt", whole)
+    st = path.stat()
+    Journal(root).record("last.ckpt", "queued", size=st.st_size, mtime=st.st_mtime, s3_url=str(url.join("last.ckpt")))
+    staging = StagingArea(root)
+    copy = staging.slot("1-1-copy", "last.ckpt")
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(path, copy)  # the private copy: the version handed over, its own inode
+    link = staging.slot("1-1", "last.ckpt")
+    link.parent.mkdir(parents=True)
+    os.link(path, link)  # the hard link: shares what comes next
+    _half_rewrite(path, b"B" * 400_000)
+    with CheckpointUploader(root, url, transfer=boto_transfer, retry=FAST_RETRY) as up:  # type: ignore[arg-type]
+        up.flush(timeout=60)
+    assert [h.result(1).state for h in up.resumed] == ["verified"]
+    assert boto_transfer.get_bytes(url.join("last.ckpt")) == whole  # type: ignore[attr-defined]
+
+
+def test_a_directory_deleted_slowly_while_queued_is_a_quiet_skip(
     root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Trainer's save_total_limit deletes an old checkpoint-N/ while it waits in the queue;
+    a delete that takes about a second (large files, a slow disk) was warned about as "not the
+    checkpoint handed over any more ... submit() it again" (diff review)."""
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    up.submit(write(root / "step_0.pt", b"0"))
+    gate.entered.wait(10)
+    ckpt = root / "checkpoint-100"
+    for i in range(8):
+        write(ckpt / f"shard-{i}.bin", b"s" * 1000)
+    handle = up.submit(ckpt)
+
+    (ckpt / "shard-0.bin").unlink()  # the delete has begun when the worker gets there
+    deleter = threading.Thread(target=lambda: (time.sleep(0.05), slow_rmtree_rest()))
+
+    def slow_rmtree_rest() -> None:
+        for i in range(1, 8):
+            (ckpt / f"shard-{i}.bin").unlink()
+            time.sleep(0.15)
+        ckpt.rmdir()
+
+    with caplog.at_level(logging.INFO, logger="runctl"):
+        deleter.start()
+        gate.open()
+        up.close(timeout=30)
+        deleter.join(10)
+    assert handle.result(1).state == "skipped"
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "checkpoint-100" in r.getMessage()]
+
+
+def test_a_directory_changed_since_it_was_handed_over_is_said_not_skipped_quietly(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A file of a directory checkpoint deleted, or one written, before its upload began: it is
     not the checkpoint handed over, and a warning names the file. A directory deleted whole
@@ -539,6 +606,7 @@ def test_a_directory_changed_since_it_was_handed_over_is_said_not_skipped_quietl
     with open(root / "checkpoint-200" / "notes.txt", "ab") as fh:
         fh.write(b"more")
     shutil.rmtree(root / "checkpoint-300")
+    monkeypatch.setattr("runctl.uploader.DIR_DELETE_WAIT", 0.5)
     with caplog.at_level(logging.INFO, logger="runctl"):
         gate.open()
         up.close(timeout=30)
