@@ -206,10 +206,6 @@ class S3Config:
             # Credentials given outright need no profile: one missing from this machine's files
             # made every request raise ProfileNotFound (diff review).
             session = botocore.session.Session()
-        if (creds or live) and self.profile and self.profile not in session.available_profiles:
-            # Credentials given outright need no profile: one missing from this machine's files
-            # made every request raise ProfileNotFound (diff review).
-            session = botocore.session.Session()
         # The endpoint is runctl's to resolve (resolve_config, which s5cmd follows too): botocore
         # would otherwise take one from the config file where this one is None (AWS itself).
         session.set_config_variable("ignore_configured_endpoint_urls", True)

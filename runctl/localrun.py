@@ -237,13 +237,6 @@ OUTLIVED = (
 )
 
 
-def _anyones_writers() -> set[str] | None:
-    try:
-        return open_for_writing(None)
-    except OSError:
-        return None
-
-
 def being_written(root: Path, *, settle: float = DEFAULT_SETTLE) -> dict[str, str]:
     """The checkpoints directly under ``root`` that look unfinished, each with why.
 
@@ -429,11 +422,12 @@ class CheckpointWatcher:
             return _file_signature(st)
         return None
 
-    def _writers(self) -> set[str] | None:
-        if self.pids is None:
-            return None
+    def _writers(self, *, anyone: bool = False) -> set[str] | None:
+        """What the script's processes have open for writing (``anyone``: every process's)."""
         try:
-            return open_for_writing(self.pids())
+            if anyone:
+                return open_for_writing(None)
+            return None if self.pids is None else open_for_writing(self.pids())
         except OSError:
             return None
 
@@ -488,8 +482,7 @@ class CheckpointWatcher:
                 if not writers_read:
                     # Anyone's: a process the script started in the background outlives it, and
                     # the script's own tree no longer leads to it (resume pass: torn, "verified").
-                    writers, writers_read = _anyones_writers(), True
-                reason = self._format(state, path, is_dir, sig)
+                    writers, writers_read = self._writers(anyone=True), True
                 if unsigned_hf:
                     why = "no trainer_state.json, which the Hugging Face Trainer writes last: its save was cut short"
                 elif _is_written(entry.path, is_dir, writers):
@@ -498,11 +491,15 @@ class CheckpointWatcher:
                     log.warning("not uploading %s: %s", name, OUTLIVED)
                     state.submitted = sig
                     continue
-                elif script_failed and (state.writing or state.open_seen == sig) and not reason[0]:
+                elif (
+                    script_failed
+                    and (state.writing or state.open_seen == sig)
+                    and not self._format(state, path, is_dir, sig)[0]
+                ):
                     # Open when the script failed, in a format that cannot tell whether it is
                     # whole. One whose format says whole goes up (the last save before a crash).
                     why = "still being written when the script failed"
-                elif reason[1] is not None:
+                elif (reason := self._format(state, path, is_dir, sig))[1] is not None:
                     why = f"cut short: {reason[1]}"
                 elif ended and unsigned_ds:
                     why = "DeepSpeed's latest does not name it: its save was cut short"

@@ -1591,7 +1591,8 @@ class CheckpointUploader:
                     # "verified" (review of the day's diff).
                     if changed.sent:
                         self._delete_sent(url)
-                    self._skip(job, str(_overwritten(job, Superseded(job.name))), warn=not job.rewritable)
+                    gone = _overwritten(job, Superseded(job.name))
+                    self._skip(job, str(gone), warn=gone.warn)
                     return False
                 rewrites += 1
                 if rewrites > MAX_REWRITES:
