@@ -31,6 +31,14 @@ PERMANENT_CODES: frozenset[str] = frozenset(
         "LocalFileNotFound",
         "LocalAccessDenied",  # this machine refused runctl a file: no retry fixes that
         "LocalNameNotUTF8",  # a local name no S3 key can spell
+        # The endpoint's certificate is not one this machine trusts, or the CA file is missing:
+        # retried, each checkpoint spent 14-22 s failing the same way (config pass).
+        "CertificateError",
+        "LoadCustomCABundleError",
+        # The bucket is in another region than the one configured: s5cmd does not follow.
+        "BucketRegionError",
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
     }
 )
 

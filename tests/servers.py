@@ -142,8 +142,11 @@ def start_rclone(
     port: int | None = None,
     *,
     hash_db: str | os.PathLike[str] | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> S3Server:
     """``rclone serve s3`` over a local directory; ``stop()``/``start()`` keep the data and port.
+
+    With ``tls`` (a certificate and its key, as ``self_signed`` makes), it serves HTTPS.
 
     Plain rclone computes an object's MD5 (its ETag) on the first HEAD or listing that shows
     it. With ``hash_db`` (a directory), it serves through rclone's hasher overlay instead,
@@ -178,12 +181,13 @@ def start_rclone(
             # so a long session would see different keys than it stored. Keep the cache.
             "--dir-cache-time",
             "1000h",
+            *(["--cert", str(tls[0]), "--key", str(tls[1])] if tls else []),
             *target,
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         state["proc"] = proc
         _wait_until_listening(port, proc=proc)
-        _wait_until_ready(f"http://127.0.0.1:{port}")
+        _wait_until_ready(f"{scheme}://127.0.0.1:{port}")
 
     def stop() -> None:
         proc = state["proc"]
@@ -196,15 +200,53 @@ def start_rclone(
                 proc.wait()
         state["proc"] = None
 
+    scheme = "https" if tls else "http"
     start()
-    return S3Server("rclone", f"http://127.0.0.1:{port}", _stop=stop, _start=start)
+    return S3Server("rclone", f"{scheme}://127.0.0.1:{port}", _stop=stop, _start=start)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself, and its key: (cert.pem, key.pem) in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
 
 
 def _wait_until_ready(endpoint: str, timeout: float = 10.0) -> None:
+    import ssl
+
+    unverified = ssl._create_unverified_context()  # a test server's own certificate
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(endpoint, timeout=1)
+            urllib.request.urlopen(endpoint, timeout=1, context=unverified)
             return
         except urllib.error.HTTPError:
             return  # any HTTP answer (403 without auth) means it serves

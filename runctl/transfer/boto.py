@@ -196,7 +196,7 @@ def map_error(
     # are not HTTPClientErrors: a connection reset or read timeout is.
     if isinstance(cause, (HTTPClientError, BotoConnectionError)):
         return EndpointError(
-            f"{prefix}: {scrub(str(cause))}", code="EndpointConnectionError", url=url_text
+            f"{prefix}: {scrub(str(cause))}", code=_connection_code(cause), url=url_text
         )
     if isinstance(cause, FileNotFoundError):
         return TransferError(
@@ -207,6 +207,25 @@ def map_error(
     if isinstance(cause, PermissionError):  # this machine's, not S3's (AccessDenied above)
         return TransferError(f"{prefix}: {scrub(str(cause))}", code="LocalAccessDenied", url=url_text)
     return TransferError(f"{prefix}: {scrub(str(cause))}", url=url_text)
+
+
+def _connection_code(cause: BaseException) -> str:
+    """``CertificateError`` for a certificate this machine does not trust (or a CA file it
+    cannot read), which no retry fixes; else ``EndpointConnectionError``.
+
+    Example:
+        >>> from botocore.exceptions import SSLError
+        >>> _connection_code(SSLError(endpoint_url="https://s3", error="[SSL: CERTIFICATE_VERIFY_FAILED] ..."))
+        'CertificateError'
+    """
+    from botocore.exceptions import SSLError
+
+    text = str(cause).lower()
+    if isinstance(cause, SSLError) and (
+        "certificate verify failed" in text or "certificate_verify_failed" in text or "errno 2]" in text
+    ):
+        return "CertificateError"
+    return "EndpointConnectionError"
 
 
 def raise_batch(errors: dict[str, TransferError], total: int, action: str) -> None:

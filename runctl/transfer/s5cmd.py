@@ -384,7 +384,8 @@ def error_code(message: str) -> str | None:
     if code in (None, "RequestError", "SerializationError") and any(
         h in lowered for h in _ENDPOINT_HINTS
     ):
-        return "RequestError"
+        # A certificate this machine does not trust stays so: not a hiccup to retry.
+        return "CertificateError" if "x509: " in lowered else "RequestError"
     if code is not None and code not in ("RequestError", "SerializationError"):
         return code
     if _NOT_FOUND_RE.search(message):
@@ -403,7 +404,9 @@ def error_code(message: str) -> str | None:
 
 def error_class(code: str | None, message: str = "") -> type[TransferError]:
     """The ``TransferError`` subclass for an S3 error code (``TransferError`` when unknown)."""
-    if code == "RequestError" and any(h in message.lower() for h in _ENDPOINT_HINTS):
+    if code in ("RequestError", "CertificateError") and any(
+        h in message.lower() for h in _ENDPOINT_HINTS
+    ):
         return EndpointError
     return _CODE_CLASSES.get(code or "", TransferError)
 

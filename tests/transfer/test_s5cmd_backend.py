@@ -1257,3 +1257,24 @@ def test_a_bucket_in_another_region_is_reached_when_no_region_is_configured(
         )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "a.txt" in done.stdout
+
+
+def test_a_configured_region_that_is_not_the_buckets_fails_the_upload_at_once(tmp_path: Path) -> None:
+    """s5cmd does not follow S3's redirect to the bucket's region (peak/s5cmd#520): the uploader
+    retried BucketRegionError 5 times per checkpoint, 14-22 s each, as if S3 were down."""
+    from runctl.exceptions import UploadError
+    from runctl.retry import RetryPolicy
+    from runctl.transfer import get_transfer
+    from runctl.uploader import CheckpointUploader
+
+    (tmp_path / "step_1.pt").write_bytes(b"one")
+    with _bucket_in_another_region("eu-west-1") as endpoint:
+        config = S3Config(endpoint_url=endpoint, region="us-east-1", static_credentials=Credentials("AKID", "SECRET"))
+        t = get_transfer(config, use_s5cmd=True)
+        patient = RetryPolicy(attempts=5, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+        up = CheckpointUploader(tmp_path, S3URL.parse("s3://bkt/run/"), transfer=t, retry=patient)
+        up.submit(tmp_path / "step_1.pt")
+        with pytest.raises(UploadError, match="eu-west-1"):
+            up.close(timeout=60)
+        t.close()
+    assert (up.status().retries, up.status().failures) == (0, 1)

@@ -28,7 +28,7 @@ from runctl.journal import Journal
 from runctl.retry import RetryPolicy
 from runctl.s3url import S3URL
 from runctl.uploader import CheckpointUploader, latest_checkpoint
-from tests.servers import start_rclone
+from tests.servers import self_signed, start_rclone
 from tests.uploader.conftest import FAST_RETRY, Gate, Wrapped, keys_under, write
 
 MiB = 1024 * 1024
@@ -1485,6 +1485,44 @@ def test_a_file_this_machine_refuses_fails_at_once_without_retries(
     with pytest.raises(UploadError, match="Permission denied"):
         up.close(timeout=30)
     assert (up.status().retries, up.status().failures, up.status().uploaded) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_an_endpoint_certificate_not_trusted_fails_at_once_and_a_trusted_one_works(
+    root: Path, tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTPS endpoint whose certificate this machine does not trust was retried as if S3
+    were down: 5 attempts, 14-22 s per checkpoint, the same x509 error each time (config pass).
+    With the certificate trusted (AWS_CA_BUNDLE, as aws reads it) the same upload lands."""
+    from runctl.transfer import get_transfer
+
+    server = start_rclone(tmp_path / "data", tls=self_signed(tmp_path / "tls"))
+    patient = RetryPolicy(attempts=5, backoff_factor=0.01, backoff_max=0.01, jitter=0)
+    try:
+        (tmp_path / "data" / "tls-bucket").mkdir()
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        transfer = get_transfer(server.config(), use_s5cmd=backend == "s5cmd")
+        up = uploader(root, S3URL("tls-bucket"), transfer, retry=patient)
+        handle = up.submit(write(root / "step_1.pt", b"one"))
+        error = handle.exception(120)
+        assert isinstance(error, TransferError) and error.code == "CertificateError", error
+        assert "certificate" in str(error).lower() or "x509" in str(error)
+        with pytest.raises(UploadError):
+            up.close(timeout=60)
+        assert (up.status().retries, up.status().failures) == (0, 1)
+        transfer.close()
+
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "tls" / "cert.pem"))
+        transfer = get_transfer(server.config(), use_s5cmd=backend == "s5cmd")
+        up = uploader(root, S3URL("tls-bucket"), transfer, retry=patient)
+        up.submit(write(root / "step_2.pt", b"two"))
+        up.close(timeout=60)
+        assert up.status().uploaded == 2  # step_1, which failed, is taken up again from the journal
+        landed = tmp_path / "data" / "tls-bucket" / "run"
+        assert [(landed / n).read_bytes() for n in ("step_1.pt", "step_2.pt")] == [b"one", b"two"]
+        transfer.close()
+    finally:
+        server.stop()
 
 
 def test_names_that_are_not_utf8_are_refused_at_once(
