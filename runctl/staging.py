@@ -109,15 +109,6 @@ class Snapshot:
             if not st.same_content(stamp_or_none(self.local(rel)))
         ]
 
-    def restamped(self) -> Snapshot:
-        """The same staged files with their current stamps (after an in-place rewrite)."""
-        files = {}
-        for rel in self.files:
-            now = stamp_or_none(self.local(rel))
-            if now is not None:
-                files[rel] = now
-        return Snapshot(self.path, self.is_dir, files, self.copied)
-
 
 class SnapshotError(OSError):
     """The source changed or vanished while it was being staged."""
@@ -126,10 +117,11 @@ class SnapshotError(OSError):
 class Superseded(SnapshotError):
     """The version handed over is gone: its inode was written in place since (a new save over it)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, files: str = "") -> None:
+        which = f" ({files})" if files else ""
         super().__init__(
-            f"{name} was written in place since it was handed over: the version handed over no "
-            "longer exists, and the one there now was never handed over"
+            f"{name} was written in place since it was handed over{which}: the version handed "
+            "over no longer exists, and the one there now was never handed over"
         )
 
 

@@ -98,8 +98,6 @@ FINAL_LOCK_WAIT = 10.0
 #: A checkpoint whose upload failed (S3 down for longer than its retries) gets at most this many
 #: more rounds of them in the same run, each once a later checkpoint lands (S3 is back).
 FAILED_ROUNDS = 3
-#: A file rewritten in place during its upload is re-sent at most this many times.
-MAX_REWRITES = 3
 #: ETags are compared with a local MD5 only up to this size (a cheap check on the worker).
 MD5_CHECK_MAX = 64 * 1024 * 1024
 _ids = itertools.count(1)
@@ -226,7 +224,8 @@ class _Job:
     adopted: str | None = None
     cancelled: str | None = None
     snapshot: Snapshot | None = field(default=None, repr=False)
-    #: Saved under a name that is written again (an alias, or submitted before): copy, not link.
+    #: Saved under a name that is written again (an alias, or submitted before): a file goes up
+    #: from a private copy, not the link; a rewrite overtaking it is routine (said at INFO).
     rewritable: bool = False
     copy_token: str | None = None
     #: A directory's files at submit (``tree_inventory``); its snapshot must match it.
@@ -319,8 +318,8 @@ class _Aborted(Exception):
 
 
 class _Rewritten(Exception):
-    """The staged file changed during the upload: a directory is uploaded again; a file is
-    skipped (its version handed over is gone), and what it sent, if ``sent``, deleted."""
+    """A staged file changed during the upload: the job is skipped (the version handed over is
+    gone), and what it sent, if ``sent``, deleted."""
 
     def __init__(self, detail: str, *, sent: bool = True) -> None:
         super().__init__(detail)
@@ -791,7 +790,7 @@ class CheckpointUploader:
             handle=UploadHandle(name),
             staged=staged,
             inventory=inventory,
-            rewritable=not is_dir and (is_alias(name) or name in self._submitted_names),
+            rewritable=is_alias(name) or name in self._submitted_names,
             staging_done=None if held is None else threading.Event(),
         )
         self._submitted_names.add(name)
@@ -1248,7 +1247,7 @@ class CheckpointUploader:
     def _private_copy(self, job: _Job) -> Snapshot:
         # A name saved again and again (last.ckpt, latest.pt) may be rewritten in place while it
         # uploads, and a hard link shares that inode: upload from a private copy instead, so S3
-        # never holds a mix of two versions, even for the moment before a re-send.
+        # never holds a mix of two versions.
         assert job.staged is not None
         try:
             snapshot = self.staging.copy_file(job.staged, f"{job.token}-copy", job.stamp)
@@ -1571,7 +1570,6 @@ class CheckpointUploader:
             return False
         job.snapshot = snapshot
         attempt = 0
-        rewrites = 0
         while True:
             attempt += 1
             if self._abort.is_set():
@@ -1584,26 +1582,16 @@ class CheckpointUploader:
                         self._upload_file(job, snapshot)
                 break
             except _Rewritten as changed:
-                if not job.is_dir:
-                    # A hard link shares the inode handed over: a save written over it during
-                    # the upload leaves no version handed over, and what went up may be half of
-                    # each. It was sent again as it stood, torn if that save was cut short, as
-                    # "verified" (review of the day's diff).
-                    if changed.sent:
-                        self._delete_sent(url)
-                    gone = _overwritten(job, Superseded(job.name))
-                    self._skip(job, str(gone), warn=gone.warn)
-                    return False
-                rewrites += 1
-                if rewrites > MAX_REWRITES:
-                    self._give_up_rewrites(job, url)
-                    return False
-                log.warning(
-                    "%s was rewritten during its upload (%s): uploading it again", job.name, changed
-                )
-                snapshot = job.snapshot = snapshot.restamped()
-                attempt -= 1
-                continue
+                # Hard links share the inodes handed over: a save written over them during the
+                # upload leaves no version handed over, and what went up may be half of each.
+                # It was sent again as it stood, torn if that save was cut short, as "verified"
+                # (a file: review of the day's diff; a directory, under a marker vouching for
+                # each file: carried from that review).
+                if changed.sent:
+                    self._delete_sent(job, url)
+                gone = _overwritten(job, Superseded(job.name, str(changed) if job.is_dir else ""))
+                self._skip(job, str(gone), warn=gone.warn)
+                return False
             except _Skip as skip:
                 self._skip(job, str(skip), warn=skip.warn)
                 return False
@@ -1628,11 +1616,12 @@ class CheckpointUploader:
         self._commit(job, snapshot, url, attempt, time.monotonic() - started)
         return True
 
-    def _delete_sent(self, url: S3URL) -> None:
+    def _delete_sent(self, job: _Job, url: S3URL) -> None:
         """Delete what an upload overtaken by a rewrite sent: it may hold half of two saves, and
-        S3 would count it as a whole checkpoint."""
+        S3 would count it as a whole checkpoint (a directory's marker is gone already)."""
+        keys = [url.join(rel).key for rel in sorted(job.tried)] if job.is_dir else [url.key]
         try:
-            result = self.transfer.delete_keys(url.bucket, [url.key])
+            result = self.transfer.delete_keys(url.bucket, keys)
             problem = "; ".join(result.errors.values())
         except Exception as exc:  # noqa: BLE001 - said; the skip stands either way
             problem = _cause_text(exc)
@@ -1892,6 +1881,17 @@ class CheckpointUploader:
                 progress=self._progress,
             )
         self._last_progress = time.monotonic()  # sent; the checks follow
+        # A rewrite first: a save cut short in place shows as a size S3 does not hold, and
+        # was retried as a failed verification, then reported as an upload failure.
+        changed = snapshot.changed()
+        if changed:
+            with self._cond:
+                newer = any(j.name == job.name for j in self._queue)
+            if newer:
+                raise _Skip(
+                    f"rewritten during upload ({', '.join(changed[:3])}) and a newer version is queued"
+                )
+            raise _Rewritten(", ".join(changed[:3]))
         objects = self._list_dir(url)
         unseen = [rel for rel in snapshot.files if rel not in objects]
         if unseen:
@@ -1909,15 +1909,6 @@ class CheckpointUploader:
                 code="VerifyFailed",
                 url=str(url),
             )
-        changed = snapshot.changed()
-        if changed:
-            with self._cond:
-                newer = any(j.name == job.name for j in self._queue)
-            if newer:
-                raise _Skip(
-                    f"rewritten during upload ({', '.join(changed[:3])}) and a newer version is queued"
-                )
-            raise _Rewritten(", ".join(changed[:3]))
         self._record(job, "uploaded", snapshot.size, snapshot.mtime, url)
         etags = {rel: objects[rel].etag for rel in snapshot.files if objects[rel].etag}
         manifest = build_manifest(snapshot.path, job.name, job.step, etags)  # type: ignore[arg-type]
@@ -1927,16 +1918,6 @@ class CheckpointUploader:
                 f"files vanished from the staged copy: {', '.join(sorted(missing)[:3])}"
             )
         self.transfer.put_bytes(manifest.to_bytes(), marker)
-
-    def _give_up_rewrites(self, job: _Job, url: S3URL) -> None:
-        reason = f"rewritten in place during each of {MAX_REWRITES + 1} upload attempts"
-        if not job.is_dir:
-            # What S3 holds may mix two versions: remove it rather than leave a torn object.
-            try:
-                self.transfer.delete_keys(url.bucket, [url.key])
-            except TransferError as exc:
-                log.error("could not remove the possibly torn %s: %s", url, exc)
-        self._skip(job, reason)
 
     def _commit(
         self, job: _Job, snapshot: Snapshot, url: S3URL, attempts: int, seconds: float

@@ -1737,14 +1737,17 @@ def test_failed_checkpoints_held_through_an_outage_go_as_moot_when_newer_ones_co
         assert not any((root / ".runctl" / "staging").rglob("step_*"))
 
 
-def test_a_directory_rewritten_in_place_between_attempts_lands_whole_in_its_new_version(
-    root: Path, moto_bucket: S3URL, boto_transfer: Any
+def test_a_directory_rewritten_in_place_between_attempts_is_skipped_never_sent_mixed(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Attempt 1 sent a.bin, then the trainer rewrote both files in place (same sizes) and the
     # put failed. Attempt 2 took a.bin's old copy in S3 for sent: S3 held a.bin v1 beside b.bin
-    # v2 under a valid marker.
+    # v2 under a valid marker. Then it sent the new version as it stood, as a file was (review
+    # of a day's diff): a save cut short there went up torn under a marker. The version handed
+    # over is gone: skipped, said, and nothing of it left in S3 to read as a checkpoint.
     from runctl.exceptions import TransferError
 
+    caplog.set_level(logging.WARNING, logger="runctl.uploader")
     src = root / "step_100"
     for name in ("a.bin", "b.bin"):
         write(src / name, b"1" * 1000)
@@ -1762,11 +1765,41 @@ def test_a_directory_rewritten_in_place_between_attempts_lands_whole_in_its_new_
     url = moto_bucket.join("run/")
     up = CheckpointUploader(root, url, transfer=wrapped, retry=FAST_RETRY)  # type: ignore[arg-type]
     try:
-        assert up.submit(src).result(timeout=60).state == "verified"
+        outcome = up.submit(src).result(timeout=60)
     finally:
         up.close(timeout=60)
-    for name in ("a.bin", "b.bin"):
-        assert boto_transfer.get_bytes(url.join(f"step_100/{name}")) == b"2" * 1000, name
+    assert outcome.state == "skipped"
+    assert "step_100 was written in place since it was handed over (a.bin, b.bin)" in (outcome.detail or "")
+    assert keys_under(boto_transfer, url) == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [m for m in said if "submit() it again" in m], said
+
+
+def test_a_directory_save_cut_short_during_its_upload_is_never_sent_as_verified(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # A directory saved again in place while it uploaded, that save killed half way: the files
+    # were restamped and sent again as they stood, and the marker vouched for the torn one.
+    src = root / "step_100"
+    write(src / "model.bin", b"1" * 4000)
+    write(src / "optim.bin", b"1" * 4000)
+    wrapped = Wrapped(boto_transfer)
+
+    def save_killed_half_way(count: int, pairs: list[tuple[Path, S3URL]]) -> None:
+        if count == 1:
+            with open(src / "optim.bin", "wb") as fh:  # truncated, half written, never finished
+                fh.write(b"2" * 2000)
+
+    wrapped.before_put = save_killed_half_way
+    url = moto_bucket.join("run/")
+    up = CheckpointUploader(root, url, transfer=wrapped, retry=FAST_RETRY)  # type: ignore[arg-type]
+    try:
+        outcome = up.submit(src).result(timeout=60)
+    finally:
+        up.close(timeout=60)
+    assert outcome.state == "skipped", outcome
+    assert keys_under(boto_transfer, url) == {}
+    assert wrapped.put_count == 1
 
 
 def test_files_saved_at_one_step_are_never_skipped_as_moot_nor_split_by_retention(
