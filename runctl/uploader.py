@@ -2447,7 +2447,8 @@ def restore_path(dest_dir: Path, obj: ObjectInfo, *, warn: bool = True) -> Path:
     """Where a restore of ``obj`` may write: ``dest_dir/<name>``, unless a file there is not
     S3's copy (another size, or written a second or more after it landed), such as a
     ``last.ckpt`` saved during an outage: that one stays, with a warning, and the restore goes
-    to ``dest_dir/.runctl/restored/<name>``. Local files are told apart by size and time, not
+    to ``dest_dir/.runctl/restored/<name>``. So does one the journal in ``dest_dir`` says was
+    handed over and never landed. Otherwise local files are told apart by size and time, not
     content: a same-size file written within a second of S3's copy landing counts as that copy.
 
     Example:
@@ -2461,7 +2462,7 @@ def restore_path(dest_dir: Path, obj: ObjectInfo, *, warn: bool = True) -> Path:
     except OSError:
         return target
     landed = obj.last_modified.timestamp()
-    if st.st_size == obj.size and st.st_mtime < landed + 1:
+    if st.st_size == obj.size and st.st_mtime < landed + 1 and not _handed_over_unsent(dest_dir, name, st):
         return target
     aside = dest_dir / RUNCTL_DIR / "restored" / name
     if not warn:
@@ -2478,6 +2479,29 @@ def restore_path(dest_dir: Path, obj: ObjectInfo, *, warn: bool = True) -> Path:
         aside,
     )
     return aside
+
+
+def _handed_over_unsent(root: Path, name: str, st: os.stat_result) -> bool:
+    """True when ``root``'s journal says this very version of ``name`` was handed over here and
+    never landed: then it is not S3's copy, whatever its size and time say.
+
+    Every save of a model has one size, and a ``last.ckpt`` saved while the one before was still
+    uploading is dated before that one landed: a restore took the newer local file, never sent,
+    for S3's older copy and wrote over it (Lightning pass: step 9 lost to step 3).
+    """
+    journal = Journal(root)
+    if not journal.path.exists():
+        return False
+    try:
+        snapshot = journal.snapshot()
+    except (JournalError, OSError):
+        return False
+    entry = snapshot.latest.get(name)
+    return (
+        entry is not None
+        and entry.matches(st.st_size, st.st_mtime)
+        and not snapshot.was_verified(name, st.st_size, st.st_mtime)
+    )
 
 
 def _warn_of_strays(path: Path, downloaded: set[str]) -> None:

@@ -346,6 +346,33 @@ def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, t
     assert resolve_ckpt_path(str(url), dirpath, config=moto_server.config()) == str(local)
 
 
+def test_resolve_never_replaces_a_local_last_ckpt_handed_over_and_never_sent(moto_server: S3Server, tmp_path: Path) -> None:
+    """Uploads slower than saves, then kill -9: last.ckpt at step 9 was queued, never sent; S3's
+    step-3 copy has the same size (every save of a model has) and landed after step 9 was
+    written. The restore took the local file for S3's copy and wrote step 3 over it (Lightning
+    pass), though the journal said step 9 was handed over and never landed."""
+    import os
+    import time
+
+    from runctl.integrations.lightning import resolve_ckpt_path
+    from runctl.journal import Journal
+
+    prefix = S3URL(moto_server.new_bucket()).join("run/")
+    dirpath = tmp_path / "ckpt"
+    dirpath.mkdir()
+    local = dirpath / "last.ckpt"
+    local.write_bytes(b"step 9")
+    earlier = time.time() - 30  # saved before S3's older copy finished landing
+    os.utime(local, (earlier, earlier))
+    st = local.stat()
+    Journal(dirpath).record("last.ckpt", "queued", time=earlier, size=st.st_size, mtime=st.st_mtime)
+    moto_server.client().put_object(Bucket=prefix.bucket, Key=prefix.key + "last.ckpt", Body=b"step 3")
+    found = resolve_ckpt_path(str(prefix), dirpath, config=moto_server.config())
+    assert local.read_bytes() == b"step 9"
+    assert found == str(dirpath / ".runctl" / "restored" / "last.ckpt")
+    assert Path(found).read_bytes() == b"step 3"
+
+
 def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     from runctl.integrations.lightning import RunctlCheckpoint
 
