@@ -796,7 +796,8 @@ def marker_ok(
     except MarkerError as exc:
         log.warning("marker %s is invalid (%s): treating the checkpoint as incomplete", marker.key, exc)
         return False
-    problems = verify_against_manifest(manifest, {o.key[len(dir_key) :]: o for o in files})
+    found = {o.key[len(dir_key) :]: o for o in files}
+    problems = verify_against_manifest(manifest, found)
     if problems:
         log.warning(
             "checkpoint %s does not match its marker (%s): treating it as incomplete",
@@ -804,7 +805,29 @@ def marker_ok(
             "; ".join(problems[:5]),
         )
         return False
+    extra = unlisted_files(manifest, found)
+    if extra:
+        # A version saved again under the same name with fewer files (save_only_model, one GPU
+        # fewer) left the older one's optimizer.pt beside it (Hugging Face pass).
+        log.warning(
+            "checkpoint %s holds %d file(s) its marker does not list (%s): left from an older "
+            "version? They are not part of it, and a restore leaves them out",
+            dir_key,
+            len(extra),
+            ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else ""),
+        )
     return True
+
+
+def unlisted_files(manifest: Manifest, found: Iterable[str]) -> list[str]:
+    """Paths under a directory checkpoint (relative to it) that its marker does not list.
+
+    Example:
+        >>> m = Manifest("c", 1, {"a.bin": FileEntry(3)}, "0.1", 0.0)
+        >>> unlisted_files(m, ["a.bin", "optimizer.pt", MARKER_NAME])
+        ['optimizer.pt']
+    """
+    return sorted(rel for rel in found if rel not in manifest.files and rel != MARKER_NAME)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from runctl.checkpoints import (
     PIN_DIR,
     RUNCTL_DIR,
     Checkpoint,
+    Manifest,
     build_manifest,
     dir_awaits_hf_sign,
     group_s3,
@@ -1909,6 +1910,22 @@ class CheckpointUploader:
                 code="VerifyFailed",
                 url=str(url),
             )
+        extra = sorted(rel for rel in objects if rel not in snapshot.files and rel != MARKER_NAME)
+        if extra:
+            # An older version under this name with other files (save_only_model since, one
+            # GPU fewer): its optimizer.pt stayed beside the new weights, and a restore brought
+            # both back as one checkpoint (Hugging Face pass). They go before the marker.
+            log.info(
+                "%s: deleting %d file(s) of an older version in S3 that this one does not have (%s)",
+                job.name, len(extra), ", ".join(extra[:3]),
+            )  # fmt: skip
+            result = self.transfer.delete_keys(url.bucket, [url.join(rel).key for rel in extra])
+            if result.errors:
+                raise TransferError(
+                    f"could not delete {len(result.errors)} file(s) of an older version of "
+                    f"{job.name} in S3: {next(iter(result.errors.values()))}",
+                    url=str(url),
+                )
         self._record(job, "uploaded", snapshot.size, snapshot.mtime, url)
         etags = {rel: objects[rel].etag for rel in snapshot.files if objects[rel].etag}
         manifest = build_manifest(snapshot.path, job.name, job.step, etags)  # type: ignore[arg-type]
@@ -2481,6 +2498,20 @@ def restore_path(dest_dir: Path, obj: ObjectInfo, *, warn: bool = True) -> Path:
     return aside
 
 
+def _its_own(checkpoint: Checkpoint, markers: Mapping[str, bytes]) -> tuple[str, ...]:
+    """The keys of ``checkpoint`` to restore: for a directory with a marker read, those it lists.
+
+    Files an older version left beside a newer one with fewer (``optimizer.pt`` beside weights
+    saved with ``save_only_model``) came down with it, as one checkpoint (Hugging Face pass).
+    """
+    data = markers.get(checkpoint.marker or "")
+    if not checkpoint.is_dir or data is None:
+        return checkpoint.files
+    base = checkpoint.marker[: -len(MARKER_NAME)]  # type: ignore[index]
+    listed = Manifest.from_bytes(data).files
+    return tuple(key for key in checkpoint.files if key[len(base) :] in listed)
+
+
 def _handed_over_unsent(root: Path, name: str, st: os.stat_result) -> bool:
     """True when ``root``'s journal says this very version of ``name`` was handed over here and
     never landed: then it is not S3's copy, whatever its size and time say.
@@ -2615,13 +2646,16 @@ def latest_checkpoints(
         objects = [
             o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)
         ]
+        markers: dict[str, bytes] = {}
+
         def read_marker(key: str) -> bytes:
             try:
-                return transfer.get_bytes(S3URL(prefix.bucket, key))
+                markers[key] = transfer.get_bytes(S3URL(prefix.bucket, key))
             except NoSuchKeyError:
                 raise  # deleted since the listing: that checkpoint is going
             except TransferError as exc:
                 raise _MarkerUnreadable(key, exc) from None
+            return markers[key]
 
         try:
             grouped = group_s3(
@@ -2686,7 +2720,7 @@ def latest_checkpoints(
         # .runctl/restored/ for one set aside) under its own name.
         into: dict[Path, list[ObjectInfo]] = {}
         for c, path in zip(chosen_checkpoints, paths, strict=True):
-            into.setdefault(path.parent, []).extend(by_key[key] for key in c.files)
+            into.setdefault(path.parent, []).extend(by_key[key] for key in _its_own(c, markers))
         dest_dir.mkdir(parents=True, exist_ok=True)
         for where, chosen in into.items():
             download_objects(transfer, chosen, prefix, where)
@@ -2696,7 +2730,7 @@ def latest_checkpoints(
         )
         for c in chosen_checkpoints:
             if c.is_dir:
-                _warn_of_strays(dest_dir / c.name, {k[len(prefix.key) :] for k in c.files})
+                _warn_of_strays(dest_dir / c.name, {k[len(prefix.key) :] for k in _its_own(c, markers)})
         return paths
     finally:
         if owns:

@@ -1802,6 +1802,37 @@ def test_a_directory_save_cut_short_during_its_upload_is_never_sent_as_verified(
     assert wrapped.put_count == 1
 
 
+def test_a_directory_saved_again_with_fewer_files_leaves_none_of_the_old_ones_in_s3(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # checkpoint-4 saved in full, then saved again under the same name with save_only_model:
+    # S3 kept the first version's optimizer.pt beside the new weights, latest_checkpoint and
+    # `download --latest` brought both down as one checkpoint, `review --verify` said complete.
+    url = moto_bucket.join("run/")
+    first = root / "checkpoint-4"
+    write(first / "model.safetensors", b"old weights")
+    write(first / "optimizer.pt", b"old optimizer")
+    write(first / "rng_state.pth", b"old rng")
+    up = CheckpointUploader(root, url, transfer=boto_transfer, retry=FAST_RETRY)
+    up.submit(first).result(timeout=60)
+    up.close(timeout=60)
+    shutil.rmtree(first)
+    write(first / "model.safetensors", b"new weights")
+    up = CheckpointUploader(root, url, transfer=boto_transfer, retry=FAST_RETRY)
+    assert up.submit(first).result(timeout=60).state == "verified"
+    up.close(timeout=60)
+    assert sorted(keys_under(boto_transfer, url)) == [f"checkpoint-4/{MARKER_NAME}", "checkpoint-4/model.safetensors"]
+
+    # Such a pair left by an older runctl: a restore takes what the marker lists, and says so.
+    boto_transfer.put_bytes(b"old optimizer", url.join("checkpoint-4/optimizer.pt"))
+    caplog.set_level(logging.WARNING)
+    restored = latest_checkpoint(url, tmp_path / "restore", transfer=boto_transfer)
+    assert restored == tmp_path / "restore" / "checkpoint-4"
+    assert sorted(p.name for p in restored.iterdir()) == ["model.safetensors"]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [m for m in said if "holds 1 file(s) its marker does not list (optimizer.pt)" in m], said
+
+
 def test_files_saved_at_one_step_are_never_skipped_as_moot_nor_split_by_retention(
     root: Path, moto_bucket: S3URL, boto_transfer: Any
 ) -> None:
