@@ -6,8 +6,10 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -219,6 +221,33 @@ def _env_count(env: Mapping[str, str], name: str) -> int | None:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UsageError(f"${name} must be a whole number >= 1, got {text!r}")
     return int(text)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_waiting(interrupted: bool) -> Iterator[None]:
+    """After a Ctrl-C the framework caught (``interrupted``), let the next one through while
+    uploads are waited for: ``KeyboardInterrupt`` then ends the wait (``finish_uploads``).
+
+    Lightning ignores SIGINT once it has caught a KeyboardInterrupt, before its ``on_exception``
+    hooks run: a flush of slow uploads there could not be cut short (Lightning pass: 50 s, two
+    more Ctrl-C ignored, nothing said). A SIGINT ignored for any other reason stays ignored.
+
+    Example:
+        >>> with ctrl_c_stops_waiting(interrupted=False):
+        ...     pass
+    """
+    if (
+        not interrupted
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def finish_uploads(

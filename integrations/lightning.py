@@ -34,6 +34,7 @@ from runctl.s3url import S3URL
 
 from ._common import (
     UploadOptions,
+    ctrl_c_stops_waiting,
     finish_uploads,
     require,
     uploader_metrics,
@@ -463,8 +464,28 @@ class _RunctlCheckpointMixin:
             return
         if timeout is not None:  # one flush_timeout in all, the writes' wait included
             timeout = max(1.0, timeout - (time.monotonic() - started))
-        # The training error is the one to see: an upload problem is reported, never raised over it.
-        finish_uploads(uploader, timeout=timeout, on_upload_error="warn", allow_raise=False)
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        pending = uploader.status().pending
+        if pending:
+            # A silent wait after Ctrl-C reads as a hang (Lightning pass).
+            log.warning(
+                "runctl: waiting for %d checkpoint upload(s) to land before the run ends (%s)%s",
+                len(pending),
+                "no time limit" if timeout is None else f"up to {timeout:.0f} s",
+                "; Ctrl-C again stops waiting, and the next run with this dirpath uploads them"
+                if interrupted
+                else "",
+            )
+        try:
+            with ctrl_c_stops_waiting(interrupted):
+                # The training error is the one to see: an upload problem is reported, never
+                # raised over it.
+                finish_uploads(uploader, timeout=timeout, on_upload_error="warn", allow_raise=False)
+        except KeyboardInterrupt:
+            log.warning(
+                "runctl: stopped waiting for uploads: what is pending stays in the journal, and "
+                "the next run with this dirpath uploads it"
+            )
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Close the uploader if on_fit_end did not (e.g. ``wait_for_uploads=False`` keeps it open)."""

@@ -1,6 +1,6 @@
 """A training run in its own process, for the SIGKILL test: prints one line per checkpoint handed over.
 
-Usage: python _train_script.py DIR S3_URL MAX_STEPS [--resume CKPT] [--slow-put SECONDS]
+Usage: python _train_script.py DIR S3_URL MAX_STEPS [--resume CKPT] [--slow-put SECONDS] [--step-delay SECONDS]
 The S3 endpoint and credentials come from the environment (AWS_ENDPOINT_URL_S3, ...).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -19,16 +20,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from runctl.config import resolve_config
+from runctl.exceptions import TransferError
 from runctl.integrations.lightning import RunctlCheckpoint
 from runctl.transfer import get_transfer
 
 
 class Tiny(lp.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, step_delay: float = 0.0) -> None:
         super().__init__()
         self.net = nn.Linear(4, 1)
+        self.step_delay = step_delay
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(self.step_delay)  # time for a test to interrupt the run midway
         x, y = batch
         return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
 
@@ -37,15 +41,24 @@ class Tiny(lp.LightningModule):
 
 
 class SlowPuts:
-    """A transfer whose uploads sit still for a while first, so that a kill lands mid-upload."""
+    """A transfer whose uploads sit still for a while first, so that a kill lands mid-upload.
+
+    ``close()`` (the uploader stopping an upload) ends the wait, as it kills a running s5cmd.
+    """
 
     def __init__(self, inner: Any, delay: float) -> None:
         self._inner = inner
         self._delay = delay
+        self._closed = threading.Event()
 
     def put_files(self, *args: Any, **kwargs: Any) -> None:
-        time.sleep(self._delay)
+        if self._closed.wait(self._delay):
+            raise TransferError("the transfer was closed", code="Closed")
         self._inner.put_files(*args, **kwargs)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._inner.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -64,6 +77,7 @@ def main() -> None:
     parser.add_argument("max_steps", type=int)
     parser.add_argument("--resume")
     parser.add_argument("--slow-put", type=float, default=0.0)
+    parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
 
     options: dict[str, Any] = {}
@@ -92,7 +106,7 @@ def main() -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(Tiny(), data, ckpt_path=args.resume)
+        trainer.fit(Tiny(args.step_delay), data, ckpt_path=args.resume)
     print(f"DONE {trainer.global_step}", flush=True)
 
 

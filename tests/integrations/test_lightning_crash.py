@@ -94,3 +94,44 @@ def test_sigkill_mid_upload_then_resume(
     for name, body in in_s3.items():
         assert body == (dirpath / name).read_bytes(), f"{name} in S3 differs from the local file"
     assert Journal(dirpath).pending() == []
+
+
+
+@pytest.mark.timeout(180)
+def test_a_second_ctrl_c_stops_the_wait_for_uploads_and_says_so(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Lightning ignores SIGINT once it caught a Ctrl-C, before on_exception: the flush of slow
+    uploads there could not be cut short, and said nothing (Lightning pass: 50 s, two more
+    Ctrl-C ignored). Now it says it waits, and a second Ctrl-C ends the wait."""
+    dirpath = tmp_path / "ckpt"
+    said = tmp_path / "stderr.txt"
+    with said.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(dirpath), str(moto_bucket.join("int/")), "400",
+             "--slow-put", "60", "--step-delay", "0.02"],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=_env(moto_server),
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        handed = 0
+        while handed < 2:
+            line = proc.stdout.readline()
+            assert line, f"the run ended before two checkpoints: {said.read_text()[-2000:]}"
+            handed += line.startswith("HANDED ")
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while "waiting for" not in said.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Ctrl-C again stops waiting" in said.read_text(), said.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=25)  # the wait it cuts short is 30 s of nothing landing, or 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = said.read_text()
+    assert "runctl: stopped waiting for uploads" in text, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+    assert proc.returncode == 1  # Lightning's own exit after a Ctrl-C
+    assert Journal(dirpath).pending(failed=True), "what did not land stays in the journal"
