@@ -333,6 +333,8 @@ class _RunctlCheckpointMixin:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Resolve ``dirpath`` as ModelCheckpoint does, then start the uploader on global rank zero."""
         super().setup(trainer, pl_module, stage)  # type: ignore[misc]
+        if stage != "fit":
+            self._fetch_the_best()
         if (
             stage != "fit"
             or self.s3_url is None
@@ -351,6 +353,31 @@ class _RunctlCheckpointMixin:
         self._uploader = self.runctl_options.make_uploader(dirpath, hold_retention=True)
         self._best_told = None
         log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
+
+    def _fetch_the_best(self) -> None:
+        """Download the best checkpoint from S3 where this machine lacks it, before
+        ``test``/``validate``/``predict(ckpt_path="best")`` load it.
+
+        Resumed on a fresh machine, Lightning restores ``best_model_path`` from the checkpoint,
+        but the file is in S3 only (retention keeps it there): ``test(ckpt_path="best")`` raised
+        FileNotFoundError (Lightning pass).
+        """
+        best = str(getattr(self, "best_model_path", "") or "")
+        dirpath = str(getattr(self, "dirpath", "") or "")
+        if not best or self.s3_url is None or not dirpath or os.path.exists(best):
+            return
+        if not _same_directory(os.path.dirname(best), dirpath):
+            return
+        url = S3URL.parse(str(self.s3_url)).as_prefix().join(os.path.basename(best))
+        opts = self.runctl_options
+        try:
+            found = resolve_ckpt_path(str(url), dirpath, config=opts.resolved_config(), use_s5cmd=opts.use_s5cmd)
+        except RunctlError as exc:
+            log.warning("runctl: the best checkpoint %s is not on this machine, and fetching it from %s failed: %s", best, url, exc)
+            return
+        if found != best:  # set aside: a file of that name appeared meanwhile
+            return
+        log.info("runctl: the best checkpoint %s was not on this machine: downloaded it from %s", best, url)
 
     def _check_no_sibling_shares(self, trainer: Any, dirpath: str) -> None:
         """Refuse two callbacks whose retention would delete each other's checkpoints.

@@ -373,6 +373,36 @@ def test_resolve_never_replaces_a_local_last_ckpt_handed_over_and_never_sent(mot
     assert Path(found).read_bytes() == b"step 3"
 
 
+def test_best_only_in_s3_is_fetched_for_validate_with_ckpt_path_best(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Resumed on a fresh machine, Lightning restores best_model_path from the checkpoint, but the
+    best is in S3 only: validate/test(ckpt_path="best") raised FileNotFoundError (Lightning pass)."""
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("run/")
+
+    def callback(dirpath: Path) -> Any:
+        return RunctlCheckpoint(
+            dirpath=dirpath, monitor="val_loss", save_top_k=1, save_last=True,
+            s3_url=prefix, keep_last_n=2, config=moto_server.config(),
+        )  # fmt: skip
+
+    losses = [0.5, 0.1, 0.4, 0.45, 0.9, 0.9]
+    first = callback(tmp_path / "a")
+    make_trainer("lightning.pytorch", [first], max_epochs=3).fit(make_module("lightning.pytorch", losses), loader(), loader(1))
+    assert Path(first.best_model_path).name == "epoch=1-step=8.ckpt"
+
+    (tmp_path / "a").rename(tmp_path / "first-machine")  # the same dirpath, on a fresh machine
+    fresh = callback(tmp_path / "a")
+    trainer = make_trainer("lightning.pytorch", [fresh], max_epochs=4)
+    trainer.fit(make_module("lightning.pytorch", losses), loader(), loader(1), ckpt_path=fresh.resolve_ckpt_path("latest"))
+    assert fresh.best_model_path == str(tmp_path / "a" / "epoch=1-step=8.ckpt")
+    assert not Path(fresh.best_model_path).exists()  # never saved on this machine
+    trainer.validate(make_module("lightning.pytorch", losses), loader(1), ckpt_path="best")
+    assert Path(fresh.best_model_path).read_bytes() == (tmp_path / "first-machine" / "epoch=1-step=8.ckpt").read_bytes()
+
+
 def test_without_s3_url_it_is_a_plain_model_checkpoint(tmp_path: Path) -> None:
     from runctl.integrations.lightning import RunctlCheckpoint
 
