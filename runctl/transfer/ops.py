@@ -823,6 +823,11 @@ def _fetch_into(
             with contextlib.suppress(OSError):  # a stage directory made for the deeper keys
                 tmp.unlink()
             continue
+        torn = changed_during(transfer, url, info)
+        if torn is not None:
+            tmp.unlink(missing_ok=True)
+            batch_failures[str(url)] = torn
+            continue
         try:
             _set_mtime(tmp, info)
             _move_into_place(tmp, final)
@@ -833,6 +838,46 @@ def _fetch_into(
         done.append((url, final))
     failures.update(batch_failures)
     return done
+
+
+def _delete_local(path: Path, failures: dict[str, str]) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        failures[str(path)] = f"cannot delete: {exc}"
+
+
+def changed_during(transfer: Transfer, url: S3URL, info: ObjectInfo | None) -> str | None:
+    """Why the download of ``url`` just made may hold parts of two versions, or None.
+
+    s5cmd downloads a large object in ranged parts without If-Match: one overwritten while it
+    came down (an evaluator pulling ``last.ckpt`` as training sends the next) landed as the
+    old version's first part and the new one's rest, exit 0 (CLI pass: 2 runs in 5; aws fails
+    on an ETag mismatch, s3transfer asks with If-Match). The object is asked for again where
+    the backend says it downloads so (``unguarded_ranges_above``), and only above that size.
+
+    Example:
+        >>> changed_during(object(), S3URL("b", "k"), None) is None
+        True
+    """
+    above = getattr(transfer, "unguarded_ranges_above", None)
+    if above is None or info is None or info.size <= above:
+        return None
+    now = transfer.stat(url)
+    if now is None:
+        return None  # deleted after it came down whole: the parts were all of one version
+    same_etag = now.etag == info.etag if now.etag and info.etag else True
+    # A HEAD dates to the second, a listing may to the millisecond.
+    same_time = int(now.last_modified.timestamp()) == int(info.last_modified.timestamp())
+    if same_etag and now.size == info.size and same_time:
+        return None
+    return (
+        f"the object was overwritten during its download (now {now.size} bytes, "
+        f"{now.last_modified:%Y-%m-%d %H:%M:%S}), so what came down may mix two versions: "
+        "not moved into place; download it again"
+    )
 
 
 def _deeper_keys_again(
@@ -1010,6 +1055,9 @@ def download(
     placed = False
     try:
         transfer.get_files([(url, tmp)], progress=progress)
+        torn = changed_during(transfer, url, info)
+        if torn is not None:
+            raise TransferError(f"download {url} failed: {torn}", code="ChangedDuringDownload", url=str(url))
         _set_mtime(tmp, info)
         os.replace(tmp, final)
         placed = True
@@ -1475,6 +1523,12 @@ def sync(
         _changed_while_sent(transfer, chunk, before, failures)
     if work.downloads:
         Path(local).mkdir(parents=True, exist_ok=True)
+    # A local file y that --delete removes, where S3 has y/inner: deleted before the copy,
+    # which otherwise failed on it ("File exists") though --dry-run promised both (CLI pass).
+    parents = {str(p) for *_, final in work.downloads for p in Path(final).parents}
+    first = {path for path in work.delete_paths if str(path) in parents}
+    for path in first:
+        _delete_local(path, failures)
     for chunk in _chunks(work.downloads):
         _fetch(transfer, chunk, Path(local), failures, progress)
     if work.delete_keys:
@@ -1486,12 +1540,8 @@ def sync(
         except TransferError as exc:
             _collect(exc, list(plan.delete), failures)
     for path in work.delete_paths:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            failures[str(path)] = f"cannot delete: {exc}"
+        if path not in first:
+            _delete_local(path, failures)
     carried_out = replace(
         plan,
         copy=tuple(c for c in plan.copy if c[0] not in failures and c[1] not in failures),

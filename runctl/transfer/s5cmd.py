@@ -883,6 +883,9 @@ class S5cmdTransfer:
     """
 
     name = "s5cmd"
+    #: Objects above this size are downloaded in ranged parts with no If-Match (s5cmd 2.3.0):
+    #: one overwritten meanwhile comes down as parts of both versions (``ops.changed_during``).
+    unguarded_ranges_above: int | None = DEFAULT_PART_SIZE
 
     def __init__(
         self,

@@ -1278,3 +1278,40 @@ def test_a_configured_region_that_is_not_the_buckets_fails_the_upload_at_once(tm
             up.close(timeout=60)
         t.close()
     assert (up.status().retries, up.status().failures) == (0, 1)
+
+
+@pytest.mark.parametrize("recursive", [False, True], ids=["object", "prefix"])
+def test_an_object_overwritten_during_its_ranged_download_is_never_put_in_place(
+    moto_server: S3Server, tmp_path: Path, recursive: bool
+) -> None:
+    """s5cmd downloads a large object in ranged parts with no If-Match: one overwritten as it came
+    down landed as the old version's first part and the new one's rest, exit 0 (CLI pass: 2 runs
+    in 5, on moto; aws fails on the ETag). The overwrite lands here just as the parts are done."""
+    from runctl.transfer import ops
+
+    bucket = S3URL(moto_server.new_bucket())
+    client = moto_server.client()
+    size = 51 * MiB  # above the part size: two ranged GETs
+    client.put_object(Bucket=bucket.bucket, Key="run/last.ckpt", Body=b"A" * size)
+
+    class Overwritten(S5cmdTransfer):
+        def get_files(self, pairs, *, progress=None):  # noqa: ANN001, ANN202
+            super().get_files(pairs, progress=progress)
+            client.put_object(Bucket=bucket.bucket, Key="run/last.ckpt", Body=b"B" * size)
+
+        def get_tree(self, prefix, root, pairs, *, progress=None):  # noqa: ANN001, ANN202
+            super().get_tree(prefix, root, pairs, progress=progress)
+            client.put_object(Bucket=bucket.bucket, Key="run/last.ckpt", Body=b"B" * size)
+
+    t = Overwritten(moto_server.config())
+    out = tmp_path / "out"
+    out.mkdir()
+    source = bucket.join("run/") if recursive else bucket.join("run/last.ckpt")
+    with pytest.raises(TransferError, match="overwritten during its download"):
+        ops.download(t, source, out, recursive=recursive)
+    assert os.listdir(out) == []  # nothing put in place, no temporary file left
+    t.close()
+    t = S5cmdTransfer(moto_server.config())
+    ops.download(t, source, out, recursive=recursive)
+    assert (out / "last.ckpt").read_bytes() == b"B" * size
+    t.close()
