@@ -707,6 +707,21 @@ def test_sync_delete_keeps_pinned_checkpoints_and_says_so(
                                               "net_g_7.pth", "net_d_7.pth")}
 
 
+def test_sync_down_delete_clears_a_local_file_standing_where_a_directory_comes_down(
+    moto_server: S3Server, backend: str, tmp_path: Path
+) -> None:
+    # Local file y, S3 y/inner: --dry-run said "copy y/inner, delete y"; the run downloaded
+    # first, failed y/inner on the file in its way ("File exists"), then deleted y, exit 1.
+    bucket = S3URL(moto_server.new_bucket())
+    put(moto_server, bucket, "run/y/inner", b"inner")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "y").write_bytes(b"local y")
+    result = run_s3(moto_server, "s3", "sync", str(local), f"{bucket}run/", "-d", "down", "--delete", backend_flag(backend))
+    assert result.exit_code == 0, result.output
+    assert (local / "y" / "inner").read_bytes() == b"inner"
+
+
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_sync_delete_refuses_an_empty_source(
     moto_server: S3Server, backend: str, tmp_path: Path, direction: str
