@@ -216,6 +216,10 @@ class S3Config:
 
             session.register_component("credential_provider", CredentialResolver([_Held(live)]))
         boto_config = BotoConfig(
+            # Where s5cmd goes direct, so does this client: on the default backend a directory's
+            # files went straight to a loopback endpoint and its marker to the proxy, which
+            # could not reach it: files landed, the checkpoint never completed (config pass).
+            proxies={} if goes_direct(self.endpoint_url, os.environ) else None,
             s3={"addressing_style": "path" if self.path_style else "auto"},
             retries={"max_attempts": 5, "mode": "standard"},
             max_pool_connections=32,
@@ -232,6 +236,45 @@ class S3Config:
             config=boto_config,
             **client_kwargs,
         )
+
+
+def goes_direct(endpoint_url: str | None, env: Mapping[str, str]) -> bool:
+    """Whether s5cmd (Go's net/http) reaches ``endpoint_url`` without a proxy where botocore
+    (urllib's rules) would take ``HTTPS_PROXY``/``HTTP_PROXY``: a loopback host, which Go never
+    proxies, or an address in a CIDR range of ``NO_PROXY``, which urllib does not read.
+    Host names are matched alike by both.
+
+    Example:
+        >>> goes_direct("http://127.0.0.1:9000", {}), goes_direct("http://10.1.2.3:9000", {"NO_PROXY": "10.0.0.0/8"})
+        (True, True)
+        >>> goes_direct("https://s3.example.com", {"NO_PROXY": "10.0.0.0/8"})
+        False
+    """
+    import ipaddress  # here: the CLI's start-up does not need them
+    from urllib.parse import urlsplit
+
+    host = urlsplit(endpoint_url).hostname if endpoint_url else None
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    no_proxy = env.get("NO_PROXY") or env.get("no_proxy") or ""  # Go's order
+    for entry in no_proxy.split(","):
+        entry = entry.strip()
+        if "/" not in entry:
+            continue
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def _check_endpoint(endpoint_url: str) -> None:

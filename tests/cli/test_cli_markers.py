@@ -318,3 +318,23 @@ def test_a_failed_file_leaves_only_its_own_directory_unmarked(
     unmarked = {r["url"]: r["reason"] for r in of_type(result.stdout, "marker") if not r["complete"]}
     assert list(unmarked) == [str(prefix.join("checkpoint-600/"))]
     assert complete(s3_server, prefix, backend) == {"checkpoint-500": True, "checkpoint-600": False}
+
+
+def test_a_proxy_that_cannot_reach_a_loopback_endpoint_never_splits_a_checkpoint(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """s5cmd (Go) never proxies loopback; botocore did, through HTTP(S)_PROXY: with a proxy that
+    could not reach the endpoint, `upload -r` sent a checkpoint's files direct and failed its
+    marker, so the checkpoint never completed (config pass)."""
+    from tests.cli.cli_support import run_process
+    from tests.servers import free_port
+
+    bucket = S3URL(moto_server.new_bucket())
+    ckpt = tmp_path / "checkpoint-5"
+    write(ckpt / "model.bin", b"weights")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: a proxy that reaches nothing
+    proxies = {name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    env = moto_server.env() | proxies | {"NO_PROXY": "", "no_proxy": ""}
+    done = run_process("s3", "upload", str(ckpt), f"{bucket}run/checkpoint-5/", "-r", env=env)
+    assert done.returncode == 0, done.stderr
+    assert set(keys(moto_server, bucket)) == {"run/checkpoint-5/model.bin", f"run/checkpoint-5/{MARKER_NAME}"}
