@@ -839,10 +839,15 @@ class _SignalForwarder:
         if signum == signal.SIGINT and terminal_delivers_to(self.proc.pid):
             log.debug("SIGINT came from the terminal: the script got it too")
             return
-        try:
-            self.proc.send_signal(signum)
-        except OSError:
-            pass
+        # SIGTERM (a preemption, a scheduler's stop) goes to every process below the script:
+        # under train.sh, only the shell died, and its python trainer went on training and
+        # saving after runctl had exited 143, none of it uploaded (resume review).
+        targets = process_tree(self.proc.pid) if signum == getattr(signal, "SIGTERM", None) else [self.proc.pid]
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except OSError:  # gone meanwhile
+                pass
 
 
 # -- one run --------------------------------------------------------------------------------------

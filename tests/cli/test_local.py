@@ -979,6 +979,48 @@ def test_a_save_killed_under_a_wrapper_shell_is_left_out_as_when_killed_directly
     assert sorted(keys(moto_server, bucket)) == ["run/step_1.pth"]
 
 
+def test_sigterm_reaches_the_trainer_under_a_wrapper_shell(moto_server: S3Server, tmp_path: Path) -> None:
+    """SIGTERM went to the script only: under train.sh the shell died and its python trainer went
+    on training and saving after runctl had exited 143, none of it uploaded (resume review)."""
+    bucket = S3URL(moto_server.new_bucket())
+    (tmp_path / "train.py").write_text(
+        textwrap.dedent(
+            """
+            import os, pathlib, signal, sys, time
+            here = pathlib.Path(sys.argv[1])
+            def stop(signum, frame):
+                (here / "got-term").write_text(str(os.getpid()))
+                sys.exit(143)
+            signal.signal(signal.SIGTERM, stop)
+            (here / "trainer.pid").write_text(str(os.getpid()))
+            for _ in range(600):
+                time.sleep(0.1)
+            """
+        )
+    )
+    wrapper = tmp_path / "train.sh"
+    wrapper.write_text(f"#!/bin/sh\n{sys.executable} {tmp_path / 'train.py'} {tmp_path}\necho after\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL_S3": moto_server.endpoint_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "local", "--checkpoint-dir", "ckpt", "--upload-to", f"{bucket}run/", str(wrapper)],
+        cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "trainer.pid").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    trainer = int((tmp_path / "trainer.pid").read_text())
+    proc.send_signal(signal.SIGTERM)
+    rc, _, err = finish(proc, timeout=60)
+    assert rc == 143, err
+    assert (tmp_path / "got-term").read_text() == str(trainer)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{trainer}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{trainer}"), "the trainer outlived runctl"
+
+
 def test_profile_and_region_flags_reach_the_script(moto_server: S3Server, tmp_path: Path) -> None:
     """`runctl --region R local`: a script that uploads with its own CheckpointManager (runctl
     then stands aside) signed for the default region, not R (config pass)."""
