@@ -544,8 +544,17 @@ class PrefixWatcher:
                 return
 
 
-def run_exec(argv: Sequence[str], event: CheckpointEvent, *, env: Mapping[str, str] | None = None) -> int:
+def run_exec(
+    argv: Sequence[str],
+    event: CheckpointEvent,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout_to_stderr: bool = False,
+) -> int:
     """Run ``argv`` (no shell) for a completed checkpoint, its URL in ``RUNCTL_CHECKPOINT_URL``; return its exit code.
+
+    ``stdout_to_stderr``: the command's output goes to stderr (``watch --json`` keeps stdout
+    for its records, as ``runctl local --json`` does with its script's).
 
     Example:
         >>> run_exec(["sh", "-c", 'test -n "$RUNCTL_CHECKPOINT_URL"'], event)   # doctest: +SKIP
@@ -559,7 +568,7 @@ def run_exec(argv: Sequence[str], event: CheckpointEvent, *, env: Mapping[str, s
     child_env = dict(os.environ if env is None else env)
     child_env.update(event.env())
     try:
-        proc = subprocess.Popen(list(argv), env=child_env)
+        proc = subprocess.Popen(list(argv), env=child_env, stdout=2 if stdout_to_stderr else None)
     except OSError as exc:
         raise UsageError(f"--exec cannot run {argv[0]!r}: {exc.strerror or exc}") from None
     try:

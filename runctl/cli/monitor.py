@@ -179,7 +179,8 @@ def watch_command(
                 for event in watcher.events(interval=interval, timeout=timeout, once=once):
                     _print_event(out, event)
                     if argv and isinstance(event, CheckpointEvent):
-                        code = run_exec(argv, event)
+                        # A hook's own output amid --json records broke a reader of them.
+                        code = run_exec(argv, event, stdout_to_stderr=out.json)
                         if code != 0:
                             out.warn(f"--exec {argv[0]} exited with code {code} for {event.url}")
         except KeyboardInterrupt as exc:

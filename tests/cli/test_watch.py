@@ -496,6 +496,28 @@ def test_sigterm_reaches_a_running_exec_hook_before_runctl_exits(
     assert time.monotonic() - sent < 5  # not the 10 s a hook that never heard gets
 
 
+def test_an_exec_hooks_output_stays_out_of_the_json_records(moto_server: S3Server) -> None:
+    """`watch --json --exec` let the hook write to stdout between the records: a reader of them
+    met a line that is not JSON (retention pass). Its output goes to stderr, as `local --json`'s."""
+    prefix = S3URL(moto_server.new_bucket()).join("run/")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runctl", "s3", "watch", str(prefix), "--interval", "0.2", "--timeout", "8",
+         "--exec", f"{sys.executable} -c \"print('hook says hi')\"", "--json", "--no-use-s5cmd"],
+        env={**os.environ, **moto_server.env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and json.loads(proc.stdout.readline())["type"] == "baseline"
+        put(moto_server, prefix, "step_2.pt", b"22")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]  # every line a record
+    assert [r["type"] for r in records].count("checkpoint_complete") == 1
+    assert "hook says hi" in err
+
+
 def _keys(server: S3Server, bucket: S3URL) -> set[str]:
     return {o["Key"] for o in server.client().list_objects_v2(Bucket=bucket.bucket).get("Contents", [])}
 
