@@ -334,7 +334,7 @@ class _RunctlCheckpointMixin:
         """Resolve ``dirpath`` as ModelCheckpoint does, then start the uploader on global rank zero."""
         super().setup(trainer, pl_module, stage)  # type: ignore[misc]
         if stage != "fit":
-            self._fetch_the_best()
+            self._fetch_the_best_if_loaded(trainer)
         if (
             stage != "fit"
             or self.s3_url is None
@@ -354,13 +354,16 @@ class _RunctlCheckpointMixin:
         self._best_told = None
         log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
 
-    def _fetch_the_best(self) -> None:
-        """Download the best checkpoint from S3 where this machine lacks it, before
-        ``test``/``validate``/``predict(ckpt_path="best")`` load it.
+    def _fetch_the_best_if_loaded(self, trainer: Any) -> None:
+        """Download the best checkpoint from S3 where this machine lacks it, when
+        ``validate``/``test``/``predict(ckpt_path="best")`` loads it.
 
         Resumed on a fresh machine, Lightning restores ``best_model_path`` from the checkpoint,
         but the file is in S3 only (retention keeps it there): ``test(ckpt_path="best")`` raised
-        FileNotFoundError (Lightning pass).
+        FileNotFoundError (Lightning pass). The path to load is chosen before this hook and
+        known to the trainer only once it loads it (``resume_start``), so the download waits
+        for that call and is made for the best alone: a ``validate`` of the weights in memory
+        downloaded it too, on every rank (diff review).
         """
         best = str(getattr(self, "best_model_path", "") or "")
         dirpath = str(getattr(self, "dirpath", "") or "")
@@ -368,6 +371,20 @@ class _RunctlCheckpointMixin:
             return
         if not _same_directory(os.path.dirname(best), dirpath):
             return
+        connector = getattr(trainer, "_checkpoint_connector", None)
+        start = getattr(connector, "resume_start", None)
+        if connector is None or start is None or "resume_start" in vars(connector):
+            return  # not a Lightning this knows, or a wrapper in place already
+
+        def resume_start(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+            vars(connector).pop("resume_start", None)  # this load only
+            if checkpoint_path is not None and str(checkpoint_path) == best and not os.path.exists(best):
+                self._fetch(best, dirpath)
+            return start(checkpoint_path, *args, **kwargs)
+
+        connector.resume_start = resume_start
+
+    def _fetch(self, best: str, dirpath: str) -> None:
         url = S3URL.parse(str(self.s3_url)).as_prefix().join(os.path.basename(best))
         opts = self.runctl_options
         try:
@@ -375,9 +392,8 @@ class _RunctlCheckpointMixin:
         except RunctlError as exc:
             log.warning("runctl: the best checkpoint %s is not on this machine, and fetching it from %s failed: %s", best, url, exc)
             return
-        if found != best:  # set aside: a file of that name appeared meanwhile
-            return
-        log.info("runctl: the best checkpoint %s was not on this machine: downloaded it from %s", best, url)
+        if found == best:
+            log.info("runctl: the best checkpoint %s was not on this machine: downloaded it from %s", best, url)
 
     def _check_no_sibling_shares(self, trainer: Any, dirpath: str) -> None:
         """Refuse two callbacks whose retention would delete each other's checkpoints.

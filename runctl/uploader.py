@@ -2481,10 +2481,20 @@ def restore_path(dest_dir: Path, obj: ObjectInfo, *, warn: bool = True) -> Path:
     except OSError:
         return target
     landed = obj.last_modified.timestamp()
-    if st.st_size == obj.size and st.st_mtime < landed + 1 and not _handed_over_unsent(dest_dir, name, st):
+    unsent = _handed_over_unsent(dest_dir, name, st)
+    if st.st_size == obj.size and st.st_mtime < landed + 1 and not unsent:
         return target
     aside = dest_dir / RUNCTL_DIR / "restored" / name
     if not warn:
+        return aside
+    if unsent:
+        log.warning(
+            "%s is not the copy in S3: the journal says it was handed over for upload and never "
+            "landed (a save queued behind a slower upload?); it is left as it is, and S3's copy "
+            "is downloaded to %s. To resume from the local file, pass its path instead",
+            target,
+            aside,
+        )
         return aside
     log.warning(
         "%s is not the copy in S3 (%d bytes written %s; S3's %d bytes landed %s): it is left as it "

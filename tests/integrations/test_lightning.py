@@ -346,7 +346,9 @@ def test_resolve_never_replaces_a_newer_local_last_ckpt(moto_server: S3Server, t
     assert resolve_ckpt_path(str(url), dirpath, config=moto_server.config()) == str(local)
 
 
-def test_resolve_never_replaces_a_local_last_ckpt_handed_over_and_never_sent(moto_server: S3Server, tmp_path: Path) -> None:
+def test_resolve_never_replaces_a_local_last_ckpt_handed_over_and_never_sent(
+    moto_server: S3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Uploads slower than saves, then kill -9: last.ckpt at step 9 was queued, never sent; S3's
     step-3 copy has the same size (every save of a model has) and landed after step 9 was
     written. The restore took the local file for S3's copy and wrote step 3 over it (Lightning
@@ -367,8 +369,11 @@ def test_resolve_never_replaces_a_local_last_ckpt_handed_over_and_never_sent(mot
     st = local.stat()
     Journal(dirpath).record("last.ckpt", "queued", time=earlier, size=st.st_size, mtime=st.st_mtime)
     moto_server.client().put_object(Bucket=prefix.bucket, Key=prefix.key + "last.ckpt", Body=b"step 3")
+    caplog.set_level(logging.WARNING)
     found = resolve_ckpt_path(str(prefix), dirpath, config=moto_server.config())
     assert local.read_bytes() == b"step 9"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [m for m in said if "the journal says it was handed over for upload and never landed" in m], said
     assert found == str(dirpath / ".runctl" / "restored" / "last.ckpt")
     assert Path(found).read_bytes() == b"step 3"
 
@@ -399,6 +404,8 @@ def test_best_only_in_s3_is_fetched_for_validate_with_ckpt_path_best(
     trainer.fit(make_module("lightning.pytorch", losses), loader(), loader(1), ckpt_path=fresh.resolve_ckpt_path("latest"))
     assert fresh.best_model_path == str(tmp_path / "a" / "epoch=1-step=8.ckpt")
     assert not Path(fresh.best_model_path).exists()  # never saved on this machine
+    trainer.validate(make_module("lightning.pytorch", losses), loader(1))  # the weights in memory
+    assert not Path(fresh.best_model_path).exists()  # nothing asked for it: not downloaded
     trainer.validate(make_module("lightning.pytorch", losses), loader(1), ckpt_path="best")
     assert Path(fresh.best_model_path).read_bytes() == (tmp_path / "first-machine" / "epoch=1-step=8.ckpt").read_bytes()
 
