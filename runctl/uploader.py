@@ -2277,7 +2277,8 @@ class CheckpointUploader:
         self._outranked_warned = True
         log.warning(
             "retention in %s deleted %s, uploaded by this run, because checkpoints it did not "
-            "write rank newer (by step): %s. Another run's? Upload to a fresh prefix, or clean it first.",
+            "write rank newer (by step): %s. Another run's, or this run's own from before it was "
+            "resumed from an earlier checkpoint? Upload to a fresh prefix, or delete those first.",
             self.prefix,
             ", ".join(cp.name for cp in lost),
             ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""),
@@ -2322,7 +2323,12 @@ class CheckpointUploader:
     def _log_progress(self) -> None:
         pending = self._pending_names()
         current = self._in_flight
-        moving = f"; {current.name}: {self._inflight_bytes} bytes sent" if current else ""
+        moving = ""
+        if current is not None:
+            # s5cmd reports a file's bytes once it is done: "0 bytes sent" 5.3 s into a 5.5 s
+            # upload read as a stall (DDP pass).
+            sent = self._inflight_bytes
+            moving = f"; {current.name}: {f'{sent} bytes sent' if sent else 'under way'}"
         log.info(
             "waiting for %d upload(s) to finish: %s%s",
             len(pending),

