@@ -859,7 +859,7 @@ def changed_during(transfer: Transfer, url: S3URL, info: ObjectInfo | None) -> s
     the backend says it downloads so (``unguarded_ranges_above``), and only above that size.
 
     Example:
-        >>> changed_during(object(), S3URL("b", "k"), None) is None
+        >>> changed_during(object(), S3URL("bkt", "k"), None) is None
         True
     """
     above = getattr(transfer, "unguarded_ranges_above", None)
