@@ -805,7 +805,7 @@ def marker_ok(
             "; ".join(problems[:5]),
         )
         return False
-    extra = unlisted_files(manifest, found)
+    extra = unlisted_files(manifest.files, found)
     if extra:
         # A version saved again under the same name with fewer files (save_only_model, one GPU
         # fewer) left the older one's optimizer.pt beside it (Hugging Face pass).
@@ -819,15 +819,15 @@ def marker_ok(
     return True
 
 
-def unlisted_files(manifest: Manifest, found: Iterable[str]) -> list[str]:
-    """Paths under a directory checkpoint (relative to it) that its marker does not list.
+def unlisted_files(listed: Collection[str], found: Iterable[str]) -> list[str]:
+    """Paths under a directory checkpoint (relative to it) that are not among ``listed`` (its
+    marker's files, or the version being uploaded), the marker itself aside.
 
     Example:
-        >>> m = Manifest("c", 1, {"a.bin": FileEntry(3)}, "0.1", 0.0)
-        >>> unlisted_files(m, ["a.bin", "optimizer.pt", MARKER_NAME])
+        >>> unlisted_files({"a.bin": FileEntry(3)}, ["a.bin", "optimizer.pt", MARKER_NAME])
         ['optimizer.pt']
     """
-    return sorted(rel for rel in found if rel not in manifest.files and rel != MARKER_NAME)
+    return sorted(rel for rel in found if rel not in listed and rel != MARKER_NAME)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from runctl.checkpoints import (
     parse_step,
     pin_url,
     step_order,
+    unlisted_files,
 )
 from runctl.config import S3Config, resolve_config, scrub
 from runctl.exceptions import (
@@ -1912,7 +1913,7 @@ class CheckpointUploader:
                 code="VerifyFailed",
                 url=str(url),
             )
-        extra = sorted(rel for rel in objects if rel not in snapshot.files and rel != MARKER_NAME)
+        extra = unlisted_files(snapshot.files, objects)
         if extra:
             # An older version under this name with other files (save_only_model since, one
             # GPU fewer): its optimizer.pt stayed beside the new weights, and a restore brought
