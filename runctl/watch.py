@@ -25,8 +25,9 @@ DEFAULT_INTERVAL = 10.0
 #: Longest pause after repeated errors, whatever the interval.
 MAX_BACKOFF = 300.0
 
-#: key -> (etag, size): everything a watcher remembers about one object.
-ObjectState = dict[str, tuple[str | None, int]]
+#: key -> (etag, size, last modified as a POSIX time): everything a watcher remembers about
+#: one object.
+ObjectState = dict[str, tuple[str | None, int, float]]
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class PrefixWatcher:
     checkpoint that became complete (its marker landed and, read then, matches its files; or a
     single-file checkpoint appeared or was rewritten). The baseline counts directories with a
     marker as complete, and names as latest the newest whose marker matches. Only
-    ``key -> (etag, size)`` is remembered between polls.
+    ``key -> (etag, size, last modified)`` is remembered between polls.
     With ``keep_last_n``, S3 retention (same lock and rules as ``runctl s3 cleanup``) runs
     after each poll that completed a checkpoint. A checkpoint with an object new or changed in
     that poll is kept by it (its ``--exec`` hook gets it whole) and does not let its step count
@@ -242,7 +243,7 @@ class PrefixWatcher:
         self._clock = clock
         self._state: ObjectState | None = None
         # name -> identity of its completing object (marker or the single file), for completion edges.
-        self._complete: dict[str, tuple[str, str | None, int]] = {}
+        self._complete: dict[str, tuple[str, str | None, int, float]] = {}
         # name -> (marker identity, its files' state) of a marker read that did not match them:
         # not read again until either changes.
         self._mismatched: dict[str, tuple[object, ...]] = {}
@@ -258,8 +259,8 @@ class PrefixWatcher:
         return self._state is not None
 
     @property
-    def state(self) -> Mapping[str, tuple[str | None, int]]:
-        """The last listing as ``key -> (etag, size)`` (empty before the first poll)."""
+    def state(self) -> Mapping[str, tuple[str | None, int, float]]:
+        """The last listing as ``key -> (etag, size, last modified)`` (empty before the first poll)."""
         return dict(self._state or {})
 
     def stop(self) -> None:
@@ -325,16 +326,16 @@ class PrefixWatcher:
                     self._mismatched[ckpt.name] = seen
         return found
 
-    def _identity(self, ckpt: Checkpoint, state: ObjectState) -> tuple[str, str | None, int] | None:
-        """What marks ``ckpt`` complete: its marker's or its file's (key, etag, size); None if incomplete."""
+    def _identity(self, ckpt: Checkpoint, state: ObjectState) -> tuple[str, str | None, int, float] | None:
+        """What marks ``ckpt`` complete: its marker's or its file's (key, etag, size, last
+        modified); None if incomplete."""
         if not ckpt.complete:
             return None
         key = ckpt.marker if ckpt.is_dir else (ckpt.files[0] if ckpt.files else None)
         if key is None:
             # An unmarked directory treated as complete: it completes once, when first seen.
-            return (self.prefix.join(ckpt.name).key + "/", None, 0)
-        etag, size = state.get(key, (None, 0))
-        return (key, etag, size)
+            return (self.prefix.join(ckpt.name).key + "/", None, 0, 0.0)
+        return (key, *state.get(key, (None, 0, 0.0)))
 
     def _checkpoint_url(self, ckpt: Checkpoint) -> str:
         url = self.prefix.join(ckpt.name)
@@ -613,16 +614,27 @@ def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
         proc.wait()
 
 
-def _same(before: tuple[str | None, int], after: tuple[str | None, int]) -> bool:
-    """Whether two ``(etag, size)`` are one version: the same size, and the same ETag where both
-    listings gave one. rclone leaves an ETag out now and then (its hash not yet computed, most
-    often for an object just written): the object was "changed", and completed twice."""
-    return before[1] == after[1] and (before[0] == after[0] or None in (before[0], after[0]))
+def _same(before: tuple[str | None, int, float], after: tuple[str | None, int, float]) -> bool:
+    """Whether two ``(etag, size, last modified)`` are one version: the same size, and the same
+    ETag where both listings gave one, else the same time. rclone leaves an ETag out now and
+    then (its hash not yet computed, most often for an object just written): the object was
+    "changed", and completed twice; a same-size rewrite listed so was not seen at all.
+
+    >>> t = 1700000000.0
+    >>> _same(("a", 3, t), ("a", 3, t + 5)), _same(("a", 3, t), (None, 3, t)), _same(("a", 3, t), (None, 3, t + 1))
+    (True, True, False)
+    """
+    if before[1] != after[1]:
+        return False
+    if before[0] is not None and after[0] is not None:
+        return before[0] == after[0]
+    return before[2] == after[2]
 
 
-def _kept(item: ObjectInfo, before: tuple[str | None, int] | None) -> tuple[str | None, int]:
-    """``(etag, size)`` of a listed object; one listed without the ETag it was last seen with,
-    at the same size, keeps it (for the next listing that gives one to compare with)."""
-    if item.etag is None and before is not None and before[0] is not None and before[1] == item.size:
+def _kept(item: ObjectInfo, before: tuple[str | None, int, float] | None) -> tuple[str | None, int, float]:
+    """``(etag, size, last modified)`` of a listed object; one listed without the ETag it was
+    last seen with, as the same version, keeps it (for the next listing that gives one)."""
+    now = (item.etag, item.size, item.last_modified.timestamp())
+    if item.etag is None and before is not None and before[0] is not None and _same(before, now):
         return before
-    return (item.etag, item.size)
+    return now

@@ -230,6 +230,11 @@ def test_a_listing_without_an_etag_is_no_change(moto_server: S3Server) -> None:
     assert watcher.poll() == []
     put(moto_server, bucket, "step_1.pt", b"ONE!")  # rewritten, another size
     assert [e.kind for e in watcher.poll()] == ["changed", "checkpoint_complete"]
+    # Rewritten at the same size, listed without an ETag: its time tells (it was never seen).
+    time.sleep(1.05)
+    put(moto_server, bucket, "step_1.pt", b"one!")
+    assert [e.kind for e in watcher.poll()] == ["changed", "checkpoint_complete"]
+    assert watcher.poll() == []
     # New, listed first without its ETag (the likeliest case: just written), then with it:
     # one completion, and no "changed" (its --exec ran twice; diff review).
     put(moto_server, bucket, "step_2.pt", b"two")
