@@ -19,9 +19,11 @@ manage (and it is slower).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -135,6 +137,51 @@ def _async_executor(trainer: Any) -> Executor | None:
         )
         seen += 1
     return None
+
+
+def _hold_the_process_observer(uploader: CheckpointUploader, timeout: float | None) -> None:
+    """Under ``strategy="ddp"`` launched from a script, have Lightning's watch over the other
+    ranks wait for this process's uploads before it kills this process.
+
+    Rank zero runs a thread (``child-process-observer``) that SIGKILLs every rank, itself
+    included, within 5 s of another rank exiting with an error: a run that failed on any rank,
+    or was stopped with Ctrl-C, lost rank zero's pending uploads mid-flush (DDP pass; the
+    journal kept them for a restart on the same disk, a fresh node had nothing). The thread's
+    ``_terminate_all`` is wrapped: the other ranks are killed first, as Lightning does, then
+    this process waits until its uploads are done (``flush_timeout``, or 30 s with nothing
+    reaching S3; a second Ctrl-C ends the wait, which closes the uploader), then Lightning's
+    own kill runs. Nothing is changed where the thread is not there (``ddp_spawn``, torchrun,
+    SLURM) or has no such method (another Lightning version).
+    """
+    from runctl.uploader import FAILING_TIMEOUT
+
+    for thread in threading.enumerate():
+        terminate = getattr(thread, "_terminate_all", None)
+        if thread.name != "child-process-observer" or not callable(terminate):
+            continue
+        already = hasattr(thread, "_runctl_waits_for")
+        thread._runctl_waits_for = (uploader, timeout)  # type: ignore[attr-defined]  # this fit's
+        if already:
+            continue
+
+        def terminate_all(thread: Any = thread, terminate: Any = terminate) -> None:
+            for proc in getattr(thread, "_child_processes", ()):
+                with contextlib.suppress(Exception):
+                    proc.kill()
+            with contextlib.suppress(Exception):  # Lightning's kill must run whatever happens
+                uploader, timeout = thread._runctl_waits_for
+                pending = uploader.status().pending
+                if pending:
+                    log.warning(
+                        "runctl: another rank ended the run; waiting for %d checkpoint upload(s) "
+                        "before Lightning stops this process (%s)",
+                        len(pending),
+                        "no time limit" if timeout is None else f"up to {timeout:.0f} s",
+                    )
+                    uploader.wait_idle(timeout, failing_timeout=FAILING_TIMEOUT)
+            terminate()
+
+        thread._terminate_all = terminate_all  # type: ignore[attr-defined]
 
 
 def _check_flat_filename(template: str | None, auto_insert_metric_name: bool) -> None:
@@ -352,6 +399,7 @@ class _RunctlCheckpointMixin:
         # on_train_start, which protects it first.
         self._uploader = self.runctl_options.make_uploader(dirpath, hold_retention=True)
         self._best_told = None
+        _hold_the_process_observer(self._uploader, self.runctl_options.flush_timeout)
         log.info("uploading checkpoints from %s to %s", dirpath, self.s3_url)
 
     def _fetch_the_best_if_loaded(self, trainer: Any) -> None:

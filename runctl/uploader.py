@@ -952,6 +952,31 @@ class CheckpointUploader:
         """
         _positive(timeout, "timeout")
         _positive(failing_timeout, "failing_timeout")
+        self._wait_idle(timeout, failing_timeout)
+        with self._cond:
+            failures, self._failures = self._failures, {}
+            self._timed_out_with = []  # all done: a later timeout is news again
+        if failures:
+            errors: dict[str, BaseException | str] = dict(failures)
+            raise UploadError(errors) from next(reversed(failures.values()))
+
+    def wait_idle(self, timeout: float | None = None, *, failing_timeout: float | None = None) -> bool:
+        """Wait as ``flush`` does, for a second waiter: True once nothing is pending (or the
+        uploader is closed), False when the time ran out. Reports nothing and raises nothing:
+        failures stay for ``flush`` to report.
+
+        Example:
+            >>> uploader.wait_idle(timeout=60, failing_timeout=30)  # doctest: +SKIP
+            True
+        """
+        try:
+            self._wait_idle(timeout, failing_timeout, quiet=True)
+        except RunctlError:
+            return self._closed or not self._worker.is_alive()
+        return True
+
+    def _wait_idle(self, timeout: float | None, failing_timeout: float | None, *, quiet: bool = False) -> None:
+        """The waiting of ``flush``. Raises FlushTimeout, or UploadError if the worker died."""
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         next_log = time.monotonic() + PROGRESS_EVERY
@@ -974,6 +999,7 @@ class CheckpointUploader:
                 if deadline is not None and now >= deadline:
                     pending = self._pending_names()
                     self._log_timeout(
+                        quiet,
                         pending,
                         "flush timed out after %g s with %d pending: %s",
                         timeout,
@@ -987,6 +1013,7 @@ class CheckpointUploader:
                     if now - moved >= failing_timeout:
                         pending = self._pending_names()
                         self._log_timeout(
+                            quiet,
                             pending,
                             "stopped waiting: nothing has reached S3 for %.0f s (failing or "
                             "hung); %d pending stay in the journal for the next run: %s",
@@ -995,7 +1022,7 @@ class CheckpointUploader:
                             ", ".join(pending),
                         )
                         raise FlushTimeout(pending, dict(self._failures))
-                if now >= next_log:
+                if now >= next_log and not quiet:
                     self._log_progress()
                     next_log = now + PROGRESS_EVERY
                 wait = next_log - now if deadline is None else min(deadline - now, next_log - now)
@@ -1007,16 +1034,13 @@ class CheckpointUploader:
         # _cancel): wait for them too.
         self._stager.drain(None if deadline is None else deadline - time.monotonic())
         self._journal.drain(None if deadline is None else deadline - time.monotonic())
-        with self._cond:
-            failures, self._failures = self._failures, {}
-            self._timed_out_with = []  # all done: a later timeout is news again
-        if failures:
-            errors: dict[str, BaseException | str] = dict(failures)
-            raise UploadError(errors) from next(reversed(failures.values()))
 
-    def _log_timeout(self, pending: list[str], message: str, *args: object) -> None:
+    def _log_timeout(self, quiet: bool, pending: list[str], message: str, *args: object) -> None:
         """An error line for a flush that ran out of time; a debug line when the one before
-        left the same checkpoints pending (``close`` after a timed-out ``flush``)."""
+        left the same checkpoints pending (``close`` after a timed-out ``flush``); none for a
+        quiet waiter (``wait_idle``)."""
+        if quiet:
+            return
         level = logging.DEBUG if pending == self._timed_out_with else logging.ERROR
         self._timed_out_with = pending
         log.log(level, message, *args)

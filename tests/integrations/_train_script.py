@@ -1,6 +1,7 @@
 """A training run in its own process, for the SIGKILL test: prints one line per checkpoint handed over.
 
 Usage: python _train_script.py DIR S3_URL MAX_STEPS [--resume CKPT] [--slow-put SECONDS] [--step-delay SECONDS]
+                                [--ddp --fail-rank-1-at STEP]
 The S3 endpoint and credentials come from the environment (AWS_ENDPOINT_URL_S3, ...).
 """
 
@@ -26,13 +27,16 @@ from runctl.transfer import get_transfer
 
 
 class Tiny(lp.LightningModule):
-    def __init__(self, step_delay: float = 0.0) -> None:
+    def __init__(self, step_delay: float = 0.0, fail_rank_1_at: int = 0) -> None:
         super().__init__()
         self.net = nn.Linear(4, 1)
         self.step_delay = step_delay
+        self.fail_rank_1_at = fail_rank_1_at
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         time.sleep(self.step_delay)  # time for a test to interrupt the run midway
+        if self.global_rank == 1 and self.global_step == self.fail_rank_1_at > 0:
+            raise RuntimeError(f"rank 1 fails at step {self.global_step}")
         x, y = batch
         return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
 
@@ -78,6 +82,8 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--slow-put", type=float, default=0.0)
     parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--ddp", action="store_true", help="two CPU ranks, launched as Lightning's ddp does")
+    parser.add_argument("--fail-rank-1-at", type=int, default=0)
     args = parser.parse_args()
 
     options: dict[str, Any] = {}
@@ -100,13 +106,14 @@ def main() -> None:
         trainer = lp.Trainer(
             max_steps=args.max_steps,
             accelerator="cpu",
-            devices=1,
+            devices=2 if args.ddp else 1,
+            strategy="ddp" if args.ddp else "auto",
             callbacks=[cb],
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(Tiny(args.step_delay), data, ckpt_path=args.resume)
+        trainer.fit(Tiny(args.step_delay, args.fail_rank_1_at), data, ckpt_path=args.resume)
     print(f"DONE {trainer.global_step}", flush=True)
 
 

@@ -135,3 +135,28 @@ def test_a_second_ctrl_c_stops_the_wait_for_uploads_and_says_so(
     assert "Traceback" not in text, text[-2000:]
     assert proc.returncode == 1  # Lightning's own exit after a Ctrl-C
     assert Journal(dirpath).pending(failed=True), "what did not land stays in the journal"
+
+
+@pytest.mark.slow  # two ranks import torch and Lightning, and an upload held for 8 s
+@pytest.mark.timeout(180)
+def test_under_ddp_a_rank_that_fails_lets_rank_zero_finish_its_uploads(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Under ``ddp``, Lightning's observer in rank zero SIGKILLs every rank within 5 s of one
+    failing: rank zero's pending uploads were lost mid-flush (DDP pass). It now waits for them."""
+    dirpath = tmp_path / "ckpt"
+    prefix = moto_bucket.join("ddp/")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(dirpath), str(prefix), "40",
+         "--ddp", "--fail-rank-1-at", "3", "--slow-put", "8"],
+        capture_output=True, text=True, env=_env(moto_server), timeout=150,
+    )  # fmt: skip
+    said = proc.stderr[-3000:]
+    assert proc.returncode != 0, said
+    assert "HANDED epoch=0-step=2.ckpt" in proc.stdout, said
+    assert "RuntimeError: rank 1 fails at step 3" in proc.stderr, said
+    assert "another rank ended the run; waiting for 1 checkpoint upload(s)" in proc.stderr, said
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    assert list(in_s3) == ["epoch=0-step=2.ckpt"], said
+    assert in_s3["epoch=0-step=2.ckpt"] == (dirpath / "epoch=0-step=2.ckpt").read_bytes()
+    assert Journal(dirpath).pending(failed=True) == []

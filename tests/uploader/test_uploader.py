@@ -358,6 +358,28 @@ def test_a_staging_link_that_fails_is_copied_not_skipped(
     assert upload_one(root, moto_bucket, boto_transfer, "last.ckpt", data) == data
 
 
+def test_wait_idle_waits_without_taking_the_failures_flush_reports(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second waiter (the Lightning DDP observer) waits for the uploads and reports nothing:
+    # the failure is still flush's to raise.
+    from runctl.staging import StagingArea
+
+    def no_space(self: StagingArea, fd: int, source: Path, token: str) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(StagingArea, "link_open_file", no_space)
+    monkeypatch.setattr(StagingArea, "copy_open_file", no_space)
+    up = uploader(root, moto_bucket, boto_transfer)
+    up.submit(write(root / "step_1.pt", b"x" * 1000))
+    assert up.wait_idle(timeout=30) is True
+    assert up.status().pending == ()
+    with pytest.raises(UploadError, match="step_1.pt"):
+        up.flush(timeout=30)
+    up.close(timeout=30)
+    assert up.wait_idle(timeout=1) is True  # closed: nothing to wait for
+
+
 def test_a_checkpoint_that_cannot_be_staged_is_a_failure_not_a_skip(
     root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
