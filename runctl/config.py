@@ -127,7 +127,11 @@ class S3Config:
                 session = botocore.session.Session(profile=self.profile)
                 found = session.get_credentials()
             except BotoCoreError as exc:
-                raise ConfigError(f"cannot load AWS credentials: {exc}") from None
+                # A credential_process that failed silently ends botocore's text with ':'.
+                said = str(exc).rstrip().rstrip(":") or type(exc).__name__
+                if str(exc).rstrip().endswith(":"):
+                    said += " (it printed nothing on stderr)"
+                raise ConfigError(f"cannot load AWS credentials: {said}") from None
             if found is None:
                 return None, None
             if hasattr(found, "refresh_needed"):  # botocore's RefreshableCredentials
@@ -168,9 +172,13 @@ class S3Config:
                 env["AWS_SESSION_TOKEN"] = creds.token
             else:
                 env.pop("AWS_SESSION_TOKEN", None)
-            # The resolved credentials win; a profile in the child would only confuse it.
+            # The resolved credentials win; a profile in the child would only confuse it. Nor
+            # may it read the [default] profile in its place: its region and ca_bundle were
+            # s5cmd's under `--profile work` (boto3 and aws-cli read only work's; config pass).
+            # What runctl resolved from the profile reaches it below.
             env.pop("AWS_PROFILE", None)
             env.pop("AWS_DEFAULT_PROFILE", None)
+            env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         elif self.profile:
             env["AWS_PROFILE"] = self.profile
         if self.ca_bundle and not env.get("AWS_CA_BUNDLE"):
@@ -229,6 +237,11 @@ class S3Config:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        if any(os.environ.get(v, "x").strip() == "" for v in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE")):
+            # Set and empty (`docker run -e AWS_CA_BUNDLE=$AWS_CA_BUNDLE` on a host without
+            # one) is unset to s5cmd; botocore refused it, so a directory's files landed through
+            # s5cmd and its marker failed through botocore, 15 s of retries (config pass).
+            client_kwargs.setdefault("verify", self.ca_bundle or True)
         return session.create_client(
             "s3",
             region_name=self.region,

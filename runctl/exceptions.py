@@ -111,6 +111,13 @@ class AccessDeniedError(TransferError, PermissionError):
     """The credentials were refused (AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch)."""
 
 
+class MissingCredentialsError(AccessDeniedError):
+    """No credentials were found (none in the environment, the files or a role): a setting to
+    fix, exit 2 as a missing profile's is."""
+
+    exit_code = EXIT_USAGE
+
+
 class EndpointError(TransferError, ConnectionError):
     """The endpoint could not be reached."""
 

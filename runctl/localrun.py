@@ -111,8 +111,11 @@ def script_env(
 ) -> dict[str, str]:
     """The script's environment: ``base`` plus the ``RUNCTL_*`` defaults it should use.
 
-    ``profile`` and ``region`` (``runctl --profile/--region local``) go as ``AWS_PROFILE`` and
-    ``AWS_REGION``/``AWS_DEFAULT_REGION``, for the script's own uploads and any AWS tool it runs.
+    ``profile`` and ``region`` (``runctl --profile/--region local``) go as ``AWS_PROFILE`` (and
+    ``AWS_DEFAULT_PROFILE``, which botocore and aws read first) and ``AWS_REGION``/
+    ``AWS_DEFAULT_REGION``, for the script's own uploads and any AWS tool it runs; with a
+    profile, the key pair in runctl's environment is not passed on (``--profile`` outranks it
+    for runctl, as for ``aws --profile``; in the script it would outrank ``AWS_PROFILE``).
 
     Example:
         >>> env = script_env({}, checkpoint_dir=Path("/ckpt"), keep_last_n=3)
@@ -131,7 +134,9 @@ def script_env(
         ENV_WATCHED: "1" if watching else None,
     }
     if profile:
-        values["AWS_PROFILE"] = profile
+        values["AWS_PROFILE"] = values["AWS_DEFAULT_PROFILE"] = profile
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            env.pop(name, None)
     if region:
         values["AWS_REGION"] = values["AWS_DEFAULT_REGION"] = region
     for name, value in values.items():

@@ -20,6 +20,7 @@ from runctl.config import S3Config, scrub
 from runctl.exceptions import (
     AccessDeniedError,
     EndpointError,
+    MissingCredentialsError,
     NoSuchBucketError,
     NoSuchKeyError,
     PartialTransferError,
@@ -189,7 +190,7 @@ def map_error(
             return AccessDeniedError(text, code=code, url=url_text)
         return TransferError(text, code=code or None, url=url_text)
     if isinstance(cause, NoCredentialsError):
-        return AccessDeniedError(
+        return MissingCredentialsError(
             f"{prefix}: no AWS credentials found", code="NoCredentials", url=url_text
         )
     # Refused, unresolvable, timed out connecting (EndpointConnectionError, ConnectTimeoutError)

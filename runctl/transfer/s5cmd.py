@@ -37,6 +37,7 @@ from runctl.exceptions import (
     AccessDeniedError,
     BinaryNotFoundError,
     EndpointError,
+    MissingCredentialsError,
     NoSuchBucketError,
     NoSuchKeyError,
     PartialTransferError,
@@ -132,7 +133,7 @@ _CODE_CLASSES: dict[str, type[TransferError]] = {
     "ExpiredToken": AccessDeniedError,
     "InvalidToken": AccessDeniedError,
     "Forbidden": AccessDeniedError,
-    "NoCredentials": AccessDeniedError,
+    "NoCredentials": MissingCredentialsError,
 }
 _CODE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9]+): ")
 _STATUS_RE = re.compile(r"status code: (\d{3})")
@@ -1524,6 +1525,7 @@ class S5cmdTransfer:
         base = f"s3://{url.bucket}/"
         errors: list[str] = []
         noise: list[str] = []
+        records = 0
         events = child.events()
         try:
             for stream, raw in events:
@@ -1537,7 +1539,9 @@ class S5cmdTransfer:
                     continue
                 if not isinstance(record, dict):
                     noise.append(scrub(text))
-                elif _is_warning(record):
+                    continue
+                records += 1
+                if _is_warning(record):
                     log.debug("s5cmd: %s", _tidy(record["error"]))
                 elif "error" in record or stream == "err":
                     errors.append(_tidy(record.get("error", text)))
@@ -1549,6 +1553,14 @@ class S5cmdTransfer:
             events.close()  # an abandoned listing kills its s5cmd at once
             self._release(child)
         real = [e for e in errors if e != "no object found"]
+        if not records and child.proc.returncode == 0:
+            # s5cmd says "no object found" (exit 1) where nothing matches: a binary that exits
+            # 0 saying nothing (RUNCTL_S5CMD=/bin/true) had every listing read as empty, and
+            # cleanup, review and watch report "no checkpoints" (config pass).
+            real = [
+                f"{self.binary} exited 0 without a listing (is it s5cmd?)"
+                + (f": {'; '.join(noise)}" if noise else "")
+            ]
         if real or (child.proc.returncode not in (0, None) and not errors):
             message = (
                 real[0] if real else ("; ".join(noise) or f"exit code {child.proc.returncode}")

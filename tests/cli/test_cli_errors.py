@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,16 +120,95 @@ def test_missing_credentials_read_the_same_on_both_backends(moto_server: S3Serve
         AWS_EC2_METADATA_DISABLED="true",  # no instance metadata lookup either
         PYTHONPATH=str(ROOT),
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "runctl", "--endpoint-url", moto_server.endpoint_url, "s3", "list",
-         "s3://some-bucket/", backend],
-        capture_output=True, text=True, env=env, timeout=60, cwd=ROOT,
+    # Exit 2, a setting to fix, as a missing profile is (it was 1, which a wrapper retrying on
+    # failures retried for ever; config pass).
+    for command in (["list", "s3://some-bucket/"], ["upload", __file__, "s3://some-bucket/x.py"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "runctl", "--endpoint-url", moto_server.endpoint_url, "s3",
+             *command, backend],
+            capture_output=True, text=True, env=env, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == 2, (command, result.stderr)
+        assert_one_line_error(result.stderr)
+        # not the AWS SDK's "NoCredentialProviders: no valid providers in chain. Deprecated. ..."
+        assert "no AWS credentials found" in result.stderr and "NoCredentials" in result.stderr
+        assert "Deprecated" not in result.stderr
+
+
+def _bare_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any AWS_ variable, plus ``extra`` (for ``_runctl``)."""
+    import os
+
+    from tests.cli.cli_support import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return env | {"AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT)} | extra
+
+
+def _runctl(*args: str, env: dict[str, str]) -> Any:
+    import subprocess
+    import sys
+
+    from tests.cli.cli_support import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "runctl", *args], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT
     )
-    assert result.returncode == 1, result.stderr
-    assert_one_line_error(result.stderr)
-    # not the AWS SDK's "NoCredentialProviders: no valid providers in chain. Deprecated. ..."
-    assert "no AWS credentials found" in result.stderr and "NoCredentials" in result.stderr
-    assert "Deprecated" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
+def test_a_named_profile_is_what_s5cmd_reads_never_the_default_one(
+    rclone_server: S3Server, tmp_path: Path, backend: str
+) -> None:
+    # s5cmd, handed the profile's keys without its name, read [default] in its place: its
+    # ca_bundle (here one that does not exist) failed every transfer under --profile work,
+    # which boto3 and aws-cli never read (config pass).
+    from tests.servers import ACCESS_KEY
+
+    bucket = S3URL(rclone_server.new_bucket())
+    (tmp_path / "config").write_text("[default]\nca_bundle = /nonexistent/corp-ca.pem\nregion = ap-south-1\n")
+    (tmp_path / "credentials").write_text(
+        f"[work]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    env = _bare_env(AWS_CONFIG_FILE=str(tmp_path / "config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"))
+    data = tmp_path / "f.pt"
+    data.write_bytes(b"weights")
+    done = _runctl("--endpoint-url", rclone_server.endpoint_url, "--profile", "work", "s3", "upload", str(data),
+                   f"{bucket}run/f.pt", backend, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert keys(rclone_server, bucket) == {"run/f.pt": b"weights"}
+
+
+@pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
+def test_an_empty_ca_bundle_variable_is_unset_on_both_backends(
+    rclone_server: S3Server, tmp_path: Path, backend: str
+) -> None:
+    # AWS_CA_BUNDLE="" (docker -e AWS_CA_BUNDLE=$AWS_CA_BUNDLE on a host without one): s5cmd
+    # takes it for unset, botocore refused it: a directory's files landed through s5cmd, its
+    # marker failed through botocore; on the boto3 backend, "internal error" (config pass).
+    bucket = S3URL(rclone_server.new_bucket())
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    (ckpt / "a.bin").write_bytes(b"a")
+    os.utime(ckpt / "a.bin", (time.time() - 60, time.time() - 60))  # written a while ago: whole
+    env = _bare_env(**rclone_server.env(), AWS_CA_BUNDLE="")
+    done = _runctl("s3", "upload", str(ckpt), f"{bucket}run/checkpoint-5/", "-r", backend, env=env)
+    assert done.returncode == 0, done.stderr
+    landed = keys(rclone_server, bucket)
+    assert landed["run/checkpoint-5/a.bin"] == b"a"
+    assert any(k.startswith("run/checkpoint-5/") and k != "run/checkpoint-5/a.bin" for k in landed), landed
+
+
+def test_a_wrong_s5cmd_that_exits_0_is_no_empty_listing(rclone_server: S3Server) -> None:
+    # RUNCTL_S5CMD=/bin/true: every listing read as empty, exit 0: "no checkpoints under ...",
+    # "Checkpoints: none" (config pass). Real s5cmd says "no object found" (exit 1).
+    bucket = S3URL(rclone_server.new_bucket())
+    put(rclone_server, bucket, "run/step_1.pt", b"one")
+    env = {**rclone_server.env(), "RUNCTL_S5CMD": "/bin/true"}
+    for command in (["cleanup", f"{bucket}run/", "--keep-last-n", "1", "--dry-run"], ["review", f"{bucket}run/"]):
+        done = run_process("s3", *command, "--use-s5cmd", env=env)
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        assert_one_line_error(done.stderr, contains="exited 0 without a listing (is it s5cmd?)")
 
 
 def test_partial_failure_counts_what_failed(moto_server: S3Server, tmp_path: Path) -> None:
