@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
+import string
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,11 +44,48 @@ def _check_step_comes_back(filename: str) -> None:
         name = filename.format(step=12345)
     except (KeyError, IndexError, ValueError) as exc:
         raise UsageError(f"filename {filename!r} cannot be formatted with step: {exc}") from None
-    if "/" in name or not is_recognised(name) or 12345 not in parse_step(name):
+    if "/" in name:
+        raise UsageError(
+            f"filename {filename!r} gives names like {name!r}, which save below local_dir and "
+            "whose step runctl cannot read back: use a name like 'step_{step}.pt'"
+        )
+    if 12345 in parse_step(name) and not is_recognised(name):
+        # The step reads back: what is missing is an ending runctl takes for a checkpoint's
+        # (`checkpoint_{step}.pth.tar` was told its step could not be read; loop pass).
+        raise UsageError(
+            f"filename {filename!r} gives names like {name!r}, which runctl does not take for a "
+            "checkpoint: end it in .pt, .pth, .ckpt, .bin, .safetensors or .pkl"
+        )
+    if not is_recognised(name) or 12345 not in parse_step(name):
         raise UsageError(
             f"filename {filename!r} gives names like {name!r}, whose step runctl cannot read back "
             "(it orders checkpoints by it): use a name like 'step_{step}.pt' or 'model-{step}.pt'"
         )
+
+
+def _step_in(filename: str, name: str) -> int | None:
+    """The step ``name`` was made with by ``filename.format(step=...)``, else None: any format
+    spec (``{step:06d}``) included.
+
+    ``{step:06d}`` once matched nothing: ``latest()`` saw none of the manager's own files in S3
+    and a preempted run started again from step 0 (loop pass).
+
+    Example:
+        >>> _step_in("step_{step:06d}.pt", "step_000120.pt"), _step_in("step_{step}.pt", "step_7.pth")
+        (120, None)
+    """
+    pattern = "".join(
+        re.escape(literal) + ("" if field is None else "(.+?)")
+        for literal, field, _spec, _conv in string.Formatter().parse(filename)
+    )
+    found = re.fullmatch(pattern, name)
+    if found is None:
+        return None
+    try:
+        step = int(found.group(1).strip().replace("_", "").replace(",", ""))
+        return step if step >= 0 and filename.format(step=step) == name else None
+    except (ValueError, KeyError, IndexError):
+        return None
 
 
 def _patiently(look: Callable[[], T]) -> T:
@@ -184,8 +223,14 @@ class CheckpointManager:
         """
         if self._closed:
             raise UsageError("save() called on a closed CheckpointManager")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise UsageError(f"step must be a whole number >= 0, got {step!r}")
+        given = step
+        try:
+            # Any integer: numpy's and a tensor's too (np.int64(6) was refused as not whole).
+            step = -1 if isinstance(step, bool) else operator.index(step)
+        except TypeError:
+            step = -1
+        if step < 0:
+            raise UsageError(f"step must be a whole number >= 0, got {given!r}")
         torch = require("torch", "lightning")
         path = self.path_for(step)
         tmp_dir = self.local_dir / _TMP_DIR
@@ -282,8 +327,13 @@ class CheckpointManager:
     def _find_latest(self) -> Path | None:
         from runctl.checkpoints import scan_local
 
-        local = [c for c in scan_local(self.local_dir) if c.complete and not c.is_dir]
-        mine = [c for c in local if self._matches_filename(c.name)] or local
+        # This manager's own files only: another's in the same directory (an EMA's beside the
+        # model's) was taken where there was none of its own, and uploaded to its prefix.
+        mine = [
+            c
+            for c in scan_local(self.local_dir)
+            if c.complete and not c.is_dir and self._matches_filename(c.name)
+        ]
         newest = self._newest_whole(mine)
         if self.options.s3_url is None:
             return None if newest is None else self.local_dir / newest.name
@@ -351,8 +401,7 @@ class CheckpointManager:
         return None
 
     def _matches_filename(self, name: str) -> bool:
-        pattern = re.escape(self.filename).replace(re.escape("{step}"), r"\d+")
-        return re.fullmatch(pattern, name) is not None
+        return _step_in(self.filename, name) is not None
 
     def status(self) -> UploaderStatus | None:
         """The uploader's counters (None without S3)."""

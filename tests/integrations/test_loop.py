@@ -141,6 +141,8 @@ def test_runctl_locals_keep_last_n_and_endpoint_are_defaults_too(
         ({"filename": "resnet50_{step}.pth"}, "cannot read back"),
         ({"filename": "{step}.pt"}, "cannot read back"),
         ({"filename": "sub/step_{step}.pt"}, "cannot read back"),
+        # The step reads back; the ending is what runctl does not take (it was told the step).
+        ({"filename": "checkpoint_{step}.pth.tar"}, "end it in .pt"),
         ({"on_upload_error": "ignore"}, "on_upload_error"),
         ({"s3_url": "gs://bucket/x"}, "gs://bucket/x"),
     ],
@@ -411,6 +413,42 @@ def test_latest_from_s3_is_this_managers_own_file_where_two_share_a_prefix(
         manager.save({"kind": "d", "step": 300}, 300)
     with CheckpointManager(tmp_path / "g", only_d, filename="net_g_{step}.pth", config=config) as fresh:
         assert fresh.latest() is None
+
+
+def test_latest_finds_a_zero_padded_filename_in_s3_on_a_fresh_machine(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """``step_{step:06d}.pt`` matched none of the manager's own files: on a fresh machine
+    latest() said "no complete checkpoint" with three in S3, and the run started again (loop pass)."""
+    prefix = moto_bucket.join("padded/")
+    config = moto_server.config()
+    with CheckpointManager(tmp_path / "a", prefix, filename="step_{step:06d}.pt", config=config) as manager:
+        _train(manager, range(0, 300, 100))
+    with CheckpointManager(tmp_path / "b", prefix, filename="step_{step:06d}.pt", config=config) as fresh:
+        latest = fresh.latest()
+        assert latest is not None and latest.name == "step_000200.pt"
+        assert torch.load(latest, weights_only=True)["step"] == 200
+        # numpy's and torch's integers are steps too (np.int64(6) was refused)
+        assert fresh.save({"step": 300}, torch.tensor(300)).name == "step_000300.pt"  # type: ignore[arg-type]
+
+
+def test_latest_never_takes_another_managers_file_in_the_same_directory(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """With none of its own on disk, a manager took another's (the model's ``model_20.pt`` for
+    the EMA's), passed by its own newer one in S3, and uploaded the other's to its prefix."""
+    config = moto_server.config()
+    ema_prefix = moto_bucket.join("ema/")
+    with CheckpointManager(tmp_path / "old", ema_prefix, filename="ema_{step}.pt", config=config) as ema:
+        ema.save({"kind": "ema", "step": 9}, 9)
+    shared = tmp_path / "shared"
+    with CheckpointManager(shared, moto_bucket.join("model/"), filename="model_{step}.pt", config=config) as model:
+        model.save({"kind": "model", "step": 20}, 20)
+    with CheckpointManager(shared, ema_prefix, filename="ema_{step}.pt", config=config) as ema:
+        latest = ema.latest()
+        assert latest is not None and latest.name == "ema_9.pt"
+        assert torch.load(latest, weights_only=True) == {"kind": "ema", "step": 9}
+    assert sorted(file_checkpoints(s3_objects(moto_server, ema_prefix))) == ["ema_9.pt"]
 
 
 def test_latest_passes_by_a_checkpoint_in_s3_cut_short(
