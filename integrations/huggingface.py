@@ -42,7 +42,10 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL).
         keep_last_n: complete checkpoints to keep in S3 (default $RUNCTL_KEEP_LAST_N, else all).
         local_keep_last_n: checkpoints to keep locally, deleting only ones durable in S3
-            (``save_total_limit`` works as well and is independent).
+            (``save_total_limit`` works as well; with both, a deletion of runctl's between the
+            Trainer's listing of ``checkpoint-*`` and its reading of their times fails the
+            save: a window of microseconds on a local disk, longer on a slow network
+            filesystem, where one of the two is the safer choice).
         endpoint_url, profile, region, config: where and as whom to reach S3 (``endpoint_url``
             defaults to $RUNCTL_ENDPOINT_URL unless ``config`` is given).
         use_s5cmd: upload with s5cmd (default) or boto3.
@@ -172,8 +175,14 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        """Add ``runctl/...`` upload metrics to the logs (seen by reporters listed after this callback)."""
-        if self._uploader is not None and logs is not None:
+        """Add ``runctl/...`` upload metrics to the training logs (seen by reporters listed after
+        this callback); never to an evaluation's.
+
+        An evaluation's logs are its metrics themselves, which ``hyperparameter_search``'s
+        default objective sums once ``eval_loss`` is left out: every trial scored runctl's
+        counters, 0.0 (HF pass). The logs of a training step are the ones with ``loss``.
+        """
+        if self._uploader is not None and logs is not None and "loss" in logs:
             self.last_status = uploader_metrics(self._uploader)
             logs.update(self.last_status)
 

@@ -30,6 +30,9 @@ DEFAULT_FILENAME = "step_{step}.pt"
 _TMP_DIR = ".runctl"
 #: ``save()``'s temporary file: the checkpoint's name and the writing process's pid.
 _TMP_NAME = re.compile(r".+\.(\d+)\.tmp")
+#: About when this process began (this module is imported before any save): a temp file named
+#: with this process's ID and older than that is a previous process's that had the same ID.
+_PROCESS_BEGAN = time.time() - 1.0
 
 
 def _check_step_comes_back(filename: str) -> None:
@@ -264,15 +267,58 @@ class CheckpointManager:
         removed = 0
         for tmp in (self.local_dir / _TMP_DIR).glob("*.tmp"):
             match = _TMP_NAME.fullmatch(tmp.name)
-            if match is None or (pid := int(match[1])) == os.getpid() or process_alive(pid):
+            if match is None:
                 continue
+            pid = int(match[1])
             try:
+                if pid == os.getpid():
+                    # Ours only if written since this process began: a container's trainer is
+                    # PID 1 in every run, and a kill mid-save left its temp for good (loop pass).
+                    if tmp.stat().st_mtime >= _PROCESS_BEGAN:
+                        continue
+                elif process_alive(pid):
+                    continue
                 tmp.unlink()
             except FileNotFoundError:
                 continue
             removed += 1
+        removed += self._remove_stale_downloads()
         if removed:
             log.info("removed %d half-written save(s) left by a process that was killed", removed)
+
+    def _remove_stale_downloads(self) -> int:
+        """Remove the ``.runctl-tmp-*`` of a ``latest()`` download killed midway: written before
+        this process began, and open for writing in no process (a checkpoint's size each, left
+        for good; loop pass)."""
+        import shutil
+
+        from runctl.localrun import open_for_writing
+
+        try:
+            stale = [
+                e
+                for e in os.scandir(self.local_dir)
+                if e.name.startswith(".runctl-tmp-") and e.stat(follow_symlinks=False).st_mtime < _PROCESS_BEGAN
+            ]
+        except OSError:
+            return 0
+        writers = open_for_writing(None) if stale else None
+        if writers is None:
+            return 0
+        removed = 0
+        for entry in stale:
+            path = os.path.realpath(entry.path)
+            if any(w == path or w.startswith(path + os.sep) for w in writers):
+                continue  # another process's download, still going
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+            removed += 1
+        return removed
 
     def _submit(self, path: Path, step: int, protect: bool) -> UploadHandle:
         assert self._uploader is not None

@@ -72,6 +72,12 @@ def test_save_total_limit_keep_last_n_and_best(
         seed=0,
     )
     callback = RunctlCallback(prefix, keep_last_n=1, config=moto_server.config())
+    seen: list[dict[str, Any]] = []
+
+    class Reporter(transformers.TrainerCallback):  # a reporter listed after runctl's callback
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            seen.append(dict(logs or {}))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = transformers.Trainer(
@@ -80,9 +86,16 @@ def test_save_total_limit_keep_last_n_and_best(
             train_dataset=RandomTokens(32),
             eval_dataset=RandomTokens(4, seed=1),
             compute_metrics=compute_metrics,
-            callbacks=[callback],
+            callbacks=[callback, Reporter()],
         )
         trainer.train()
+    # runctl's counters go into the training logs only: an evaluation's logs are its metrics,
+    # which hyperparameter_search's default objective summed (every trial scored 0.0; HF pass).
+    training = [logs for logs in seen if "loss" in logs]
+    evaluations = [logs for logs in seen if "eval_loss" in logs]
+    assert training and evaluations
+    assert all("runctl/uploaded" in logs for logs in training)
+    assert not [key for logs in evaluations for key in logs if key.startswith("runctl/")]
 
     assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
     # save_total_limit=2 keeps the best and the newest locally.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -204,9 +205,24 @@ def test_a_save_cut_short_by_a_kill_leaves_no_temp_file_for_good(tmp_path: Path)
     stale.write_bytes(b"half")
     live = runctl_dir / f"step_5.pt.{os.getppid()}.tmp"  # a process that is still writing
     live.write_bytes(b"going")
-    CheckpointManager(tmp_path, local_keep_last_n=2).close()
-    assert not stale.exists()
-    assert live.exists()
+    # One with this process's ID from before it began: a container's PID 1 in an earlier run,
+    # killed mid-save (it was taken for this process's own and kept for good; loop pass).
+    earlier = runctl_dir / f"step_6.pt.{os.getpid()}.tmp"
+    earlier.write_bytes(b"half")
+    os.utime(earlier, (time.time() - 3600, time.time() - 3600))
+    ours = runctl_dir / f"step_7.pt.{os.getpid()}.tmp"  # this process's, being written
+    ours.write_bytes(b"going")
+    # A latest() download killed midway, and one another process is still writing.
+    killed = tmp_path / ".runctl-tmp-0123abcd"
+    killed.write_bytes(b"half a checkpoint")
+    going = tmp_path / ".runctl-tmp-4567ef01"
+    going.write_bytes(b"still coming")
+    for path in (killed, going):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    with going.open("ab"):
+        CheckpointManager(tmp_path, local_keep_last_n=2).close()
+    assert not stale.exists() and not earlier.exists() and not killed.exists()
+    assert live.exists() and ours.exists() and going.exists()
 
 
 def test_latest_takes_a_newer_s3_checkpoint_protects_it_then_lets_it_go(
