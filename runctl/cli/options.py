@@ -292,6 +292,27 @@ def parse_duration(text: str, option: str = "--incomplete-older-than") -> float:
     return total
 
 
+def check_local(text: str) -> None:
+    """Refuse a LOCAL that is a URL (``s3://...``): it was taken for a relative path, and
+    ``download s3://b/x s3://b/copy/`` wrote ``./s3:/b/copy/x`` and exited 0, where ``aws s3 cp``
+    copies within S3 (surface pass).
+
+    Example:
+        >>> check_local("./restore/")
+        >>> check_local("s3://bucket/copy/")
+        Traceback (most recent call last):
+        ...
+        runctl.exceptions.UsageError: LOCAL 's3://bucket/copy/' is a URL: runctl copies between S3 and this machine, not from S3 to S3 (aws s3 cp does); for a local path by that name, write ./s3://bucket/copy/
+    """
+    import re
+
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):
+        raise UsageError(
+            f"LOCAL {text!r} is a URL: runctl copies between S3 and this machine, not from S3 to S3 "
+            f"(aws s3 cp does); for a local path by that name, write ./{text}"
+        )
+
+
 def parse_s3url(text: str, argument: str = "S3URL") -> S3URL:
     """``S3URL.parse`` whose error names the argument.
 

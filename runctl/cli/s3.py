@@ -26,6 +26,7 @@ from runctl.cli.options import (
     RegionOpt,
     Session,
     UseS5cmdOpt,
+    check_local,
     parse_duration,
     parse_s3url,
     parse_size,
@@ -195,6 +196,7 @@ def upload_files(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
+    check_local(local_arg)
     local = Path(local_arg)
     if local_arg == STDIO:
         if recursive or include or exclude:
@@ -396,6 +398,7 @@ def download_files(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
+    check_local(local_arg)
     if local_arg != STDIO and not (recursive or latest):
         from runctl.transfer.ops import own_descriptor
 
@@ -598,6 +601,7 @@ def sync_tree(
         quiet=quiet,
     )
     url = parse_s3url(s3url)
+    check_local(str(local))
     if local.exists() and not local.is_dir():
         raise UsageError(f"LOCAL {str(local)!r} is a file: sync needs a directory")
     if direction is Direction.up and not local.is_dir():

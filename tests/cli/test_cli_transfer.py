@@ -14,6 +14,7 @@ from runctl.cli.output import Output
 from runctl.s3url import S3URL
 from runctl.transfer.base import BucketInfo
 from tests.cli.cli_support import (
+    assert_one_line_error,
     backend_flag,
     keys,
     of_type,
@@ -600,6 +601,29 @@ def test_dot_slash_dash_is_a_file_named_dash_not_stdin(
     result = run_s3(s3_server, "s3", "upload", "./-", f"{bucket}dash", backend_flag(backend))
     assert result.exit_code == 0, result.output
     assert keys(s3_server, bucket)["dash"] == b"a file named dash"
+
+
+def test_an_s3_url_given_as_local_is_refused_not_taken_for_a_path(
+    moto_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # download s3://b/x s3://b/copy/ wrote ./s3:/b/copy/x and exited 0, where aws s3 cp copies
+    # within S3 (surface pass).
+    monkeypatch.chdir(tmp_path)
+    bucket = S3URL(moto_server.new_bucket())
+    put(moto_server, bucket, "run/step_1.pt", b"one")
+    (tmp_path / "f.pt").write_bytes(b"f")
+    for args in (
+        ["download", f"{bucket}run/step_1.pt", f"{bucket}copy/"],
+        ["download", f"{bucket}run/", f"{bucket}copy/", "--latest"],
+        ["download", f"{bucket}run/", f"{bucket}copy/", "-r"],
+        ["sync", f"{bucket}copy/", f"{bucket}run/", "-d", "down"],
+        ["upload", f"{bucket}run/step_1.pt", f"{bucket}copy/"],
+    ):
+        result = run_s3(moto_server, "s3", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert_one_line_error(result.stderr, contains="is a URL: runctl copies between S3 and this machine")
+    assert list(tmp_path.iterdir()) == [tmp_path / "f.pt"]
+    assert sorted(keys(moto_server, bucket)) == ["run/step_1.pt"]
 
 
 def _unreadable(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
