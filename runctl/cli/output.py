@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -48,6 +49,12 @@ def debug_enabled() -> bool:
     return os.environ.get("RUNCTL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+@functools.cache
+def _nowhere() -> IO[str]:
+    """Where output goes when the stream is closed."""
+    return open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process's lifetime
+
+
 class Output:
     """The CLI's one way to print, in human, JSON-lines or quiet mode.
 
@@ -69,11 +76,13 @@ class Output:
 
     @property
     def stdout(self) -> IO[str]:
-        return sys.stdout
+        # Closed (`runctl ... >&-`): Python's is None. The work is done, and every command then
+        # failed with "internal error: AttributeError" (surface pass): what it says goes nowhere.
+        return sys.stdout if sys.stdout is not None else _nowhere()
 
     @property
     def stderr(self) -> IO[str]:
-        return sys.stderr
+        return sys.stderr if sys.stderr is not None else _nowhere()
 
     @property
     def human(self) -> bool:

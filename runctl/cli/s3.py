@@ -132,6 +132,20 @@ def _landed_sizes(transfer: Transfer, pairs: Sequence[tuple[S3URL, Path]]) -> di
     return sizes
 
 
+def _listed_sizes(transfer: Transfer, url: S3URL, pairs: Sequence[tuple[S3URL, Path]]) -> dict[Path, int]:
+    """What each object of a dry run would bring down, as S3 lists it (a dry run's records and
+    summary said 0 bytes each, where upload's give the sizes; surface pass)."""
+    if not pairs:
+        return {}
+    if not url.is_prefix:
+        info = transfer.stat(pairs[0][0])
+        return {pairs[0][1]: 0 if info is None else info.size}
+    from runctl.transfer.base import ObjectInfo  # here: the CLI's start-up does not need it
+
+    listed = {o.key: o.size for o in transfer.iter_objects(url, recursive=True) if isinstance(o, ObjectInfo)}
+    return {path: listed.get(src.key, 0) for src, path in pairs}
+
+
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -458,7 +472,7 @@ def download_files(
             )
         )
         seconds = time.monotonic() - started
-        sizes = {} if dry_run else _landed_sizes(transfer, pairs)
+        sizes = _listed_sizes(transfer, url, pairs) if dry_run else _landed_sizes(transfer, pairs)
     moved = 0
     prefix = "(dry run) " if dry_run else ""
     shown: list[str] = []

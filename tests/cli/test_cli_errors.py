@@ -319,3 +319,24 @@ def test_a_usage_error_with_json_anywhere_is_a_record_too(args: list[str]) -> No
     assert result.exit_code == 2, result.output
     assert [(r["type"], r["exit_code"]) for r in records(result.stdout)] == [("error", 2)]
     assert_one_line_error(result.stderr)
+
+
+def test_a_closed_stdout_is_no_internal_error(moto_server: S3Server, tmp_path: Path) -> None:
+    # `runctl ... >&-`: the upload landed, then "internal error: AttributeError", exit 1
+    # (Python's sys.stdout is None then; surface pass). What it says goes nowhere.
+    import subprocess
+    import sys
+
+    from tests.cli.cli_support import ROOT
+
+    bucket = S3URL(moto_server.new_bucket())
+    (tmp_path / "f.pt").write_bytes(b"weights")
+    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    for args in (["upload", str(tmp_path / "f.pt"), f"{bucket}run/"], ["list", f"{bucket}run/", "--json"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "runctl", "s3", *args], stdout=None, stderr=subprocess.PIPE, text=True,
+            env=env, timeout=60, cwd=ROOT, preexec_fn=lambda: os.close(1),
+        )  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+        assert "internal error" not in done.stderr
+    assert keys(moto_server, bucket) == {"run/f.pt": b"weights"}

@@ -192,8 +192,12 @@ def test_download_object_prefix_and_dry_run(
         "--json",
     )
     assert result.exit_code == 0, result.output
-    assert len(of_type(result.stdout, "download")) == 2
+    # with the sizes it would bring down, as upload's dry run gives (each said 0; surface pass)
+    assert sorted(r["size"] for r in of_type(result.stdout, "download")) == [3, 7]
+    assert of_type(result.stdout, "summary")[0]["bytes"] == 10
     assert not out.exists()
+    single = run_s3(s3_server, "s3", "download", f"{bucket}run/step_1.pt", str(out) + "/", "--dry-run", flag, "--json")
+    assert [r["size"] for r in of_type(single.stdout, "download")] == [3] and not out.exists()
 
     # the prefix for real: relative paths kept, the sibling prefix run-old/ not included
     result = run_s3(s3_server, "s3", "download", f"{bucket}run", str(out), "-r", flag)
