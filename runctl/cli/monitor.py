@@ -33,7 +33,9 @@ WATCH_HELP = """Watch an S3 prefix: a baseline, then new, changed and deleted ob
 
 The first poll prints one baseline line ("watching ...: 37 objects, 5 checkpoints"), not one line per existing object. A directory checkpoint is reported complete when its marker (.runctl-manifest.json) lands; a single-file checkpoint when it appears. Transient errors are retried with backoff; Ctrl-C stops cleanly (exit code 130).
 
---exec runs a command (split like a shell would, but never run through one) for each completed checkpoint, with RUNCTL_CHECKPOINT_URL, RUNCTL_CHECKPOINT_NAME and RUNCTL_CHECKPOINT_STEP set. --keep-last-n applies the same retention as `runctl s3 cleanup` after each completion.
+--exec runs a command (split like a shell would, but never run through one) for each completed checkpoint, with RUNCTL_CHECKPOINT_URL, RUNCTL_CHECKPOINT_NAME and RUNCTL_CHECKPOINT_STEP set; one that exits non-zero is warned about (an exec_failed record with --json) and watching goes on. --keep-last-n applies the same retention as `runctl s3 cleanup` after each completion.
+
+A watch started in the background by a script (`runctl s3 watch ... &`) ignores SIGINT, as every background job of a non-interactive shell does: stop it with SIGTERM (`kill PID`; exit code 143).
 
 
 Examples:
@@ -182,6 +184,8 @@ def watch_command(
                         # A hook's own output amid --json records broke a reader of them.
                         code = run_exec(argv, event, stdout_to_stderr=out.json)
                         if code != 0:
+                            # A reader of the records saw no sign of it (surface pass).
+                            out.record("exec_failed", command=argv[0], exit_code=code, url=event.url)
                             out.warn(f"--exec {argv[0]} exited with code {code} for {event.url}")
         except KeyboardInterrupt as exc:
             # As every other command says it (`runctl: error: ...`, a record with --json).

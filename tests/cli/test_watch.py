@@ -507,7 +507,8 @@ def test_an_exec_hooks_output_stays_out_of_the_json_records(moto_server: S3Serve
     prefix = S3URL(moto_server.new_bucket()).join("run/")
     proc = subprocess.Popen(
         [sys.executable, "-m", "runctl", "s3", "watch", str(prefix), "--interval", "0.2", "--timeout", "8",
-         "--exec", f"{sys.executable} -c \"print('hook says hi')\"", "--json", "--no-use-s5cmd"],
+         "--exec", f"{sys.executable} -c \"print('hook says hi'); raise SystemExit(3)\"", "--json",
+         "--no-use-s5cmd"],
         env={**os.environ, **moto_server.env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -521,6 +522,9 @@ def test_an_exec_hooks_output_stays_out_of_the_json_records(moto_server: S3Serve
     records = [json.loads(line) for line in out.splitlines()]  # every line a record
     assert [r["type"] for r in records].count("checkpoint_complete") == 1
     assert "hook says hi" in err
+    # A hook that failed is a record too (a warning on stderr was its only trace; surface pass).
+    (failed,) = [r for r in records if r["type"] == "exec_failed"]
+    assert failed["exit_code"] == 3 and failed["url"] == f"{prefix}step_2.pt"
 
 
 def _keys(server: S3Server, bucket: S3URL) -> set[str]:
