@@ -229,7 +229,9 @@ class S3Config:
             # could not reach it: files landed, the checkpoint never completed (config pass).
             proxies={} if goes_direct(self.endpoint_url, os.environ) else None,
             s3={"addressing_style": "path" if self.path_style else "auto"},
-            retries={"max_attempts": 5, "mode": "standard"},
+            # aws-cli v2's: the uploader retries each checkpoint 5 times on top, and 5 here had
+            # one that S3 refused throughout fail after 87-125 s, 30 PUTs (fault pass; now 32 s).
+            retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=32,
             connect_timeout=10,
             read_timeout=60,

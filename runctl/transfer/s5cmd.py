@@ -907,6 +907,7 @@ class S5cmdTransfer:
             )
         self.config = config
         self.binary = find_s5cmd(binary)
+        self._checked_binary: bool | None = None  # whether it says an s5cmd version
         #: Fixed ``--numworkers`` for every command; None picks per batch (``batch_numworkers``).
         self.numworkers = numworkers
         self.retry_count = retry_count
@@ -1553,9 +1554,10 @@ class S5cmdTransfer:
             events.close()  # an abandoned listing kills its s5cmd at once
             self._release(child)
         real = [e for e in errors if e != "no object found"]
-        if not records and child.proc.returncode == 0:
-            # s5cmd says "no object found" (exit 1) where nothing matches: a binary that exits
-            # 0 saying nothing (RUNCTL_S5CMD=/bin/true) had every listing read as empty, and
+        if not records and child.proc.returncode == 0 and not self._is_s5cmd():
+            # s5cmd says "no object found" (exit 1) where nothing matches, and exits 0 saying
+            # nothing only when all it found is dated after its listing began: a binary that
+            # is not s5cmd (RUNCTL_S5CMD=/bin/true) had every listing read as empty, and
             # cleanup, review and watch report "no checkpoints" (config pass).
             real = [
                 f"{self.binary} exited 0 without a listing (is it s5cmd?)"
@@ -1569,6 +1571,19 @@ class S5cmdTransfer:
             raise error_class(code, message)(
                 f"listing {url} failed: {message}", code=code, url=str(url)
             )
+
+    def _is_s5cmd(self) -> bool:
+        """Whether the binary says an s5cmd version (asked once, only when a listing is empty
+        with exit 0: the start-up of every command is not charged for it)."""
+        if self._checked_binary is None:
+            try:
+                said = subprocess.run(
+                    [self.binary, "version"], capture_output=True, text=True, timeout=10, check=False
+                ).stdout
+            except (OSError, subprocess.SubprocessError):
+                said = ""
+            self._checked_binary = re.match(r"v?\d+\.\d+", said.strip()) is not None
+        return self._checked_binary
 
     def iter_buckets(self) -> Iterator[BucketInfo]:
         """The account's buckets: one ListBuckets request, sent with botocore (s5cmd gains nothing here).
