@@ -460,6 +460,20 @@ def mark_beside_failures(
     bad = [d for d in dirs if spoiled(*d)]
     good = [d for d in dirs if d not in bad]
     unmarked = dict.fromkeys((dest for _, dest in bad if dest in changed), FAILED)
+    # One that looked unchanged kept its marker through the copy; its files went up again all
+    # the same, new bytes among them where they were copied with their times (`cp -p`): with a
+    # file failed, S3 held new and old files under the old marker, counted complete (fault
+    # pass). A marker that no longer matches what is listed is deleted.
+    kept = [(local_dir, dest) for local_dir, dest in bad if dest not in changed]
+    if kept:
+        try:
+            listed = _listing(transfer, [dest for _, dest in kept])
+            holds = _markers_that_still_hold(transfer, [dest for _, dest in kept], listed)
+            stale = [(ld, d) for ld, d in kept if d not in holds and d.key + MARKER_NAME in listed]
+            clear_markers(transfer, stale)
+            unmarked.update(dict.fromkeys((d for _, d in stale), FAILED))
+        except TransferError:  # S3 gone meanwhile: the copy's own error says it
+            pass
     if not good:
         return MarkResult(unmarked=unmarked)
     try:

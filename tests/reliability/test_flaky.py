@@ -215,3 +215,39 @@ def test_download_latest_fails_rather_than_take_an_older_checkpoint_when_a_marke
     line = assert_one_line_error(result.stderr, contains=f"cannot read the marker run/{marker}")
     assert "not choosing a checkpoint" in line
     assert not (tmp_path / "dl" / "checkpoint-2").exists()
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_upload_r_of_new_bytes_with_old_times_that_fails_leaves_no_stale_marker(
+    rclone_server: S3Server, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    """Files copied with their times (`cp -p`), same sizes: the directory looked unchanged and
+    kept its marker through `upload -r`, which sends every file again; with one failed, S3 held
+    new and old files under the old marker, which `review` counted complete (fault pass)."""
+    bucket = S3URL(rclone_server.new_bucket())
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    then = time.time() - 3600
+
+    def write(tag: bytes) -> None:
+        for name in ("part1.bin", "part2.bin", "trainer_state.json"):
+            (ckpt / name).write_bytes(tag * 1000)
+            os.utime(ckpt / name, (then, then))
+
+    url = str(bucket.join("run/checkpoint-5/"))
+    write(b"A")
+    first = run("--endpoint-url", rclone_server.endpoint_url, "s3", "upload", str(ckpt), url, "-r", flag)
+    assert first.exit_code == 0, first.stderr
+    assert "run/checkpoint-5/" + MARKER_NAME in s3_snapshot(rclone_server, bucket.bucket)
+    write(b"B")
+    proxy = make_proxy(rclone_server, FaultPlan(rules=[Rule("slowdown", 10**6, method="PUT", path_contains="part2")]))
+    second = run("--endpoint-url", proxy.url, "s3", "upload", str(ckpt), url, "-r", flag)
+    assert second.exit_code == 1
+    assert "is not marked complete" in second.stderr
+    assert "run/checkpoint-5/" + MARKER_NAME not in s3_snapshot(rclone_server, bucket.bucket)
+    assert get_object(rclone_server, bucket, "run/checkpoint-5/part1.bin") == b"B" * 1000
+    # once it all goes up, it is marked again
+    third = run("--endpoint-url", rclone_server.endpoint_url, "s3", "upload", str(ckpt), url, "-r", flag)
+    assert third.exit_code == 0, third.stderr
+    assert "run/checkpoint-5/" + MARKER_NAME in s3_snapshot(rclone_server, bucket.bucket)
