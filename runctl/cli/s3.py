@@ -819,7 +819,8 @@ def list_objects(
                 out.record("object", **item.to_json())
                 size = human_size(item.size) if human_readable else str(item.size)
                 name = item.key if recursive else item.key[len(base) :]
-                out.line(f"{item.last_modified:%Y-%m-%d %H:%M:%S}  {size:>10}  {name}")
+                # This machine's time, as aws s3 ls and `watch` show it (it was UTC, unmarked)
+                out.line(f"{item.last_modified.astimezone():%Y-%m-%d %H:%M:%S}  {size:>10}  {name}")
     if summarize:
         out.record("summary", objects=objects, prefixes=prefixes, size=total)
         out.line("")
@@ -839,7 +840,7 @@ def _list_buckets(s: Session, use_s5cmd: bool, summarize: bool) -> None:
         for bucket in transfer.iter_buckets():
             buckets += 1
             s.out.record("bucket", **bucket.to_json())
-            s.out.line(f"{bucket.created:%Y-%m-%d %H:%M:%S}  {bucket.name}")
+            s.out.line(f"{bucket.created.astimezone():%Y-%m-%d %H:%M:%S}  {bucket.name}")
     if summarize:
         s.out.record("summary", buckets=buckets)
         s.out.line("")

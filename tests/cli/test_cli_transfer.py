@@ -496,6 +496,23 @@ def test_list_one_level_recursive_and_summary(
 
     text = run_s3(s3_server, "s3", "list", f"{bucket}run/", "-r", "--summarize", flag)
     assert "Total Objects: 3" in text.stdout and "Total Size: 1541" in text.stdout
+    # In this machine's time, as aws s3 ls and watch show it (it was UTC, with no zone said).
+    step_1 = next(o for o in objects if o["key"] == "run/step_1.pt")
+    when = datetime.fromisoformat(step_1["last_modified"]).astimezone()
+    assert any(line.startswith(f"{when:%Y-%m-%d %H:%M:%S} ") for line in text.stdout.splitlines())
+    saved = os.environ.get("TZ")
+    try:
+        os.environ["TZ"] = "America/New_York"
+        time.tzset()
+        eastern = run_s3(s3_server, "s3", "list", f"{bucket}run/step_1.pt", flag)
+        assert eastern.stdout.startswith(f"{when.astimezone():%Y-%m-%d %H:%M:%S} "), eastern.stdout
+        assert when.astimezone().utcoffset() != when.astimezone(timezone.utc).utcoffset()
+    finally:
+        if saved is None:
+            os.environ.pop("TZ")
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
 
     # As aws s3 ls: nothing matched exits 1 (after the summary), a bucket with keys exits 0.
     for missing in (f"{bucket}nothing/", f"{bucket}run/step_9", f"{bucket}zz"):
@@ -520,7 +537,7 @@ def test_list_without_a_bucket_lists_the_buckets(
         assert abs(time.time() - created.timestamp()) < 3600
     text = run_s3(s3_server, "s3", "list", flag, "--summarize")
     assert text.exit_code == 0, text.output
-    assert f"{created:%Y-%m-%d %H:%M:%S}  {bucket.bucket}" in text.stdout.splitlines()
+    assert f"{created.astimezone():%Y-%m-%d %H:%M:%S}  {bucket.bucket}" in text.stdout.splitlines()
     assert "Total Buckets: " in text.stdout
     wrong = run_s3(s3_server, "s3", "list", "-r", flag)
     assert wrong.exit_code == 2 and "--recursive" in wrong.stderr
