@@ -264,8 +264,8 @@ def plan_retention(
     Keeps the newest ``keep_last_n`` complete checkpoints (aliases do not count; checkpoints
     saved at one step count once, as one of ``positions``, and stay or go together), plus every
     protected one (with what was saved at its step), every alias, and every incomplete one
-    (unless ``incomplete_older_than`` is given and its mtime is older than that many seconds
-    before ``now``: an abandoned upload, or it is named in ``unfinished``: a deletion an earlier
+    (unless ``incomplete_older_than`` is given and it has no marker and its mtime is older than
+    that many seconds before ``now``: an abandoned upload, or it is named in ``unfinished``: a deletion an earlier
     retention began and did not finish, or an upload a killed run began of a checkpoint since
     skipped as moot). A step is whole only when none of its files is incomplete, named in
     ``unfinished``, or named in ``unsettled`` (still on its way, or left out as torn), and, for
@@ -299,8 +299,12 @@ def plan_retention(
     # what is there of it does not count among the newest (keep-last-1 deleted the 4000 pair
     # once net_g_5000 landed with net_d_5000 still queued, or cut short and never sent).
     def abandoned(cp: Checkpoint) -> bool:  # an incomplete one that goes in this plan
+        # Never one with a marker: a marker that could not be read (503s, a timeout, access
+        # denied) or does not match, dated long ago, had cleanup --incomplete-older-than delete
+        # every complete checkpoint, the newest too, exit 0 (fault pass). An upload that never
+        # finished has none.
         return cp.name in unfinished or (
-            incomplete_older_than is not None and now - cp.mtime > incomplete_older_than
+            incomplete_older_than is not None and cp.marker is None and now - cp.mtime > incomplete_older_than
         )
 
     not_whole: dict[tuple[int, int], str] = {}
@@ -354,6 +358,8 @@ def plan_retention(
             elif abandoned(cp):
                 doomed.add(name)
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
+            elif cp.marker is not None:
+                reasons[name] = "incomplete: its marker could not be read, or does not match its files (kept)"
             else:
                 reasons[name] = "incomplete (upload in progress or abandoned)"
         elif held(cp):

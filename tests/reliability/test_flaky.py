@@ -251,3 +251,34 @@ def test_upload_r_of_new_bytes_with_old_times_that_fails_leaves_no_stale_marker(
     third = run("--endpoint-url", rclone_server.endpoint_url, "s3", "upload", str(ckpt), url, "-r", flag)
     assert third.exit_code == 0, third.stderr
     assert "run/checkpoint-5/" + MARKER_NAME in s3_snapshot(rclone_server, bucket.bucket)
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_cleanup_of_abandoned_uploads_never_takes_a_checkpoint_whose_marker_it_could_not_read(
+    rclone_server: S3Server, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    """Marker reads failing (503 SlowDown throughout) made complete checkpoints incomplete, and,
+    their markers dated long ago, `--incomplete-older-than` took them for abandoned uploads:
+    every one deleted, the newest too, "kept 0", exit 0 (fault pass)."""
+    bucket = S3URL(rclone_server.new_bucket())
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    src = tmp_path / "run"
+    for step in (1, 2, 3):
+        (src / f"checkpoint-{step}").mkdir(parents=True)
+        (src / f"checkpoint-{step}" / "w.bin").write_bytes(b"w" * step)
+    then = time.time() - 3600
+    for path in src.rglob("*"):
+        os.utime(path, (then, then))
+    url = str(bucket.join("run/"))
+    up = run("--endpoint-url", rclone_server.endpoint_url, "s3", "upload", str(src), url, "-r", flag)
+    assert up.exit_code == 0, up.stderr
+    before = set(s3_snapshot(rclone_server, bucket.bucket))
+    assert len([k for k in before if k.endswith(MARKER_NAME)]) == 3
+    time.sleep(2.1)  # the markers are older than the limit
+    proxy = make_proxy(
+        rclone_server, FaultPlan(rules=[Rule("slowdown", 10**6, method="GET", path_contains=MARKER_NAME)])
+    )
+    clean = run("--endpoint-url", proxy.url, "s3", "cleanup", url, "-n", "1", "--incomplete-older-than", "1s",
+                flag, "--json")  # fmt: skip
+    assert set(s3_snapshot(rclone_server, bucket.bucket)) == before, clean.stdout
+    assert "could not be read" in clean.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -171,6 +172,13 @@ def test_abandoned_incomplete_deleted_only_when_older_than() -> None:
     assert "abandoned" in plan.reasons["checkpoint-3"]
     plan = plan_retention([*steps(1), old, fresh], keep_last_n=1, now=NOW)
     assert plan.delete == ()
+    # One with a marker that could not be read (503s, a timeout) or does not match is no
+    # abandoned upload: cleanup --incomplete-older-than deleted every complete checkpoint whose
+    # marker read failed, the newest too (fault pass).
+    unread = dataclasses.replace(old, marker="checkpoint-3/.runctl-manifest.json")
+    plan = plan_retention([*steps(1), unread, fresh], keep_last_n=1, incomplete_older_than=600, now=NOW)
+    assert plan.delete == ()
+    assert "marker could not be read" in plan.reasons["checkpoint-3"]
 
 
 def test_unfinished_deletion_of_an_incomplete_checkpoint_is_finished() -> None:
@@ -277,6 +285,7 @@ def test_plan_properties(
         assert not is_alias(c.name)
         if not c.complete:
             assert incomplete_older_than is not None and NOW - c.mtime > incomplete_older_than
+            assert c.marker is None
 
     ranked = sorted((c for c in items if c.complete and not is_alias(c.name)), key=Checkpoint.order_key)
     if ranked:
