@@ -20,12 +20,13 @@ manage (and it is slower).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,35 +154,53 @@ def _hold_the_process_observer(uploader: CheckpointUploader, timeout: float | No
     own kill runs. Nothing is changed where the thread is not there (``ddp_spawn``, torchrun,
     SLURM) or has no such method (another Lightning version).
     """
-    from runctl.uploader import FAILING_TIMEOUT
-
     for thread in threading.enumerate():
         terminate = getattr(thread, "_terminate_all", None)
         if thread.name != "child-process-observer" or not callable(terminate):
             continue
-        already = hasattr(thread, "_runctl_waits_for")
-        thread._runctl_waits_for = (uploader, timeout)  # type: ignore[attr-defined]  # this fit's
-        if already:
-            continue
+        waits = getattr(thread, "_runctl_waits_for", None)
+        if waits is None:
+            waits = thread._runctl_waits_for = []  # type: ignore[attr-defined]
+            thread._terminate_all = functools.partial(_wait_then_terminate, thread, terminate)  # type: ignore[attr-defined]
+        # Every callback's: with two, the one set up last alone was waited for (DDP pass).
+        waits.append((uploader, timeout))
 
-        def terminate_all(thread: Any = thread, terminate: Any = terminate) -> None:
-            for proc in getattr(thread, "_child_processes", ()):
-                with contextlib.suppress(Exception):
-                    proc.kill()
-            with contextlib.suppress(Exception):  # Lightning's kill must run whatever happens
-                uploader, timeout = thread._runctl_waits_for
-                pending = uploader.status().pending
-                if pending:
-                    log.warning(
-                        "runctl: another rank ended the run; waiting for %d checkpoint upload(s) "
-                        "before Lightning stops this process (%s)",
-                        len(pending),
-                        "no time limit" if timeout is None else f"up to {timeout:.0f} s",
-                    )
-                    uploader.wait_idle(timeout, failing_timeout=FAILING_TIMEOUT)
-            terminate()
 
-        thread._terminate_all = terminate_all  # type: ignore[attr-defined]
+#: Set while ``on_exception`` waits for uploads on the main thread (it has said so).
+_WAITING_AT_EXCEPTION = threading.Event()
+#: How long the observer lets the main thread end the process itself once a second Ctrl-C
+#: closed the uploaders: it says what stays pending, and Lightning exits 1.
+_MAIN_THREAD_GRACE = 5.0
+
+
+def _wait_then_terminate(thread: Any, terminate: Callable[[], None]) -> None:
+    """The observer's ``_terminate_all``: kill the other ranks, wait for this process's
+    uploads, then Lightning's kill (``_hold_the_process_observer``)."""
+    from runctl.uploader import FAILING_TIMEOUT
+
+    for proc in getattr(thread, "_child_processes", ()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    with contextlib.suppress(Exception):  # Lightning's kill must run whatever happens
+        waits = [(u, t) for u, t in thread._runctl_waits_for if u.status().pending]
+        if waits:
+            if not _WAITING_AT_EXCEPTION.is_set():  # the main thread has not said it waits
+                timeouts = [t for _, t in waits]
+                log.warning(
+                    "runctl: another rank ended the run; waiting for %d checkpoint upload(s) "
+                    "before Lightning stops this process (%s)",
+                    sum(len(u.status().pending) for u, _ in waits),
+                    "no time limit" if None in timeouts else f"up to {max(timeouts):.0f} s",  # type: ignore[type-var]
+                )
+            for uploader, timeout in waits:  # they upload side by side; waited for in turn
+                uploader.wait_idle(timeout, failing_timeout=FAILING_TIMEOUT)
+            if any(u.status().pending for u, _ in waits):
+                # A second Ctrl-C closed them (or the time ran out): the main thread says what
+                # stays in the journal and ends the process, as Lightning does (exit 1).
+                time.sleep(_MAIN_THREAD_GRACE)
+            else:
+                log.warning("runctl: the checkpoint upload(s) landed; Lightning stops this process now")
+    terminate()
 
 
 def _check_flat_filename(template: str | None, auto_insert_metric_name: bool) -> None:
@@ -568,6 +587,7 @@ class _RunctlCheckpointMixin:
                 else "",
             )
         try:
+            _WAITING_AT_EXCEPTION.set()
             with ctrl_c_stops_waiting(interrupted):
                 # The training error is the one to see: an upload problem is reported, never
                 # raised over it.
@@ -577,6 +597,8 @@ class _RunctlCheckpointMixin:
                 "runctl: stopped waiting for uploads: what is pending stays in the journal, and "
                 "the next run with this dirpath uploads it"
             )
+        finally:
+            _WAITING_AT_EXCEPTION.clear()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Close the uploader if on_fit_end did not (e.g. ``wait_for_uploads=False`` keeps it open)."""

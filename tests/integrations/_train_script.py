@@ -1,7 +1,7 @@
 """A training run in its own process, for the SIGKILL test: prints one line per checkpoint handed over.
 
 Usage: python _train_script.py DIR S3_URL MAX_STEPS [--resume CKPT] [--slow-put SECONDS] [--step-delay SECONDS]
-                                [--ddp --fail-rank-1-at STEP]
+                                [--ddp --fail-rank-1-at STEP] [--second-s3-url S3_URL]
 The S3 endpoint and credentials come from the environment (AWS_ENDPOINT_URL_S3, ...).
 """
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--ddp", action="store_true", help="two CPU ranks, launched as Lightning's ddp does")
     parser.add_argument("--fail-rank-1-at", type=int, default=0)
+    parser.add_argument("--second-s3-url", help="a second callback (quick uploads) into DIR-b, to this prefix")
     args = parser.parse_args()
 
     options: dict[str, Any] = {}
@@ -98,6 +99,11 @@ def main() -> None:
         flush_timeout=60,
         uploader_options=options,
     )
+    callbacks = [cb]
+    if args.second_s3_url:
+        callbacks.append(
+            RunctlCheckpoint(dirpath=args.dir + "-b", every_n_train_steps=2, save_top_k=-1, s3_url=args.second_s3_url)
+        )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 4, generator=gen)
     data = DataLoader(TensorDataset(x, x.sum(dim=1)), batch_size=4)
@@ -108,7 +114,7 @@ def main() -> None:
             accelerator="cpu",
             devices=2 if args.ddp else 1,
             strategy="ddp" if args.ddp else "auto",
-            callbacks=[cb],
+            callbacks=callbacks,
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,

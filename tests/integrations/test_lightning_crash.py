@@ -145,18 +145,21 @@ def test_under_ddp_a_rank_that_fails_lets_rank_zero_finish_its_uploads(
     """Under ``ddp``, Lightning's observer in rank zero SIGKILLs every rank within 5 s of one
     failing: rank zero's pending uploads were lost mid-flush (DDP pass). It now waits for them."""
     dirpath = tmp_path / "ckpt"
-    prefix = moto_bucket.join("ddp/")
+    prefix, second = moto_bucket.join("ddp/"), moto_bucket.join("ddp-b/")
+    # Two callbacks, the first one's uploads slow: each is waited for (the one set up last
+    # alone was, and the first one's were lost; DDP pass).
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(dirpath), str(prefix), "40",
-         "--ddp", "--fail-rank-1-at", "3", "--slow-put", "8"],
+         "--ddp", "--fail-rank-1-at", "3", "--slow-put", "8", "--second-s3-url", str(second)],
         capture_output=True, text=True, env=_env(moto_server), timeout=150,
     )  # fmt: skip
     said = proc.stderr[-3000:]
     assert proc.returncode != 0, said
     assert "HANDED epoch=0-step=2.ckpt" in proc.stdout, said
     assert "RuntimeError: rank 1 fails at step 3" in proc.stderr, said
-    assert "another rank ended the run; waiting for 1 checkpoint upload(s)" in proc.stderr, said
-    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
-    assert list(in_s3) == ["epoch=0-step=2.ckpt"], said
-    assert in_s3["epoch=0-step=2.ckpt"] == (dirpath / "epoch=0-step=2.ckpt").read_bytes()
-    assert Journal(dirpath).pending(failed=True) == []
+    assert "checkpoint upload(s)" in proc.stderr and "landed; Lightning stops this process now" in proc.stderr, said
+    for where, local in ((prefix, dirpath), (second, tmp_path / "ckpt-b")):
+        in_s3 = file_checkpoints(s3_objects(moto_server, where))
+        assert list(in_s3) == ["epoch=0-step=2.ckpt"], (where, said)
+        assert in_s3["epoch=0-step=2.ckpt"] == (local / "epoch=0-step=2.ckpt").read_bytes()
+        assert Journal(local).pending(failed=True) == []
