@@ -15,6 +15,12 @@ from runctl.exceptions import (
     UsageError,
 )
 
+#: Refusals that end once the credentials are renewed (temporary ones expire and are refreshed):
+#: not retried at once, but a checkpoint refused so gets another round once a later one lands,
+#: as one S3 failed to take does (after a 12 s window of them, a run ended with UploadError
+#: naming checkpoints that a retry would have landed; fault pass).
+RENEWED_CODES: frozenset[str] = frozenset({"ExpiredToken", "InvalidToken", "RequestExpired"})
+
 #: S3 error codes that no amount of waiting fixes.
 PERMANENT_CODES: frozenset[str] = frozenset(
     {

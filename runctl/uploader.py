@@ -64,7 +64,7 @@ from runctl.retention import (
     check_keep_last_n,
     strays,
 )
-from runctl.retry import RetryPolicy
+from runctl.retry import RENEWED_CODES, RetryPolicy
 from runctl.s3url import NOT_UTF8, S3URL, not_utf8
 from runctl.staging import (
     FD_LINKS,
@@ -2091,7 +2091,8 @@ class CheckpointUploader:
             if (
                 job.rounds < FAILED_ROUNDS
                 and isinstance(exc, Exception)
-                and self.retry.is_retryable(exc)  # S3 down or slow, not a refusal that recurs
+                # S3 down or slow, or credentials expired: not a refusal that recurs
+                and (self.retry.is_retryable(exc) or getattr(exc, "code", None) in RENEWED_CODES)
                 and not self._abort.is_set()
                 and not is_alias(job.name)  # last.ckpt landing after newer steps would win a resume
                 and not self._has_newer_version(job)

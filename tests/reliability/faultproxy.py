@@ -191,13 +191,13 @@ class FaultProxy:
             _reset(h.connection)
             h.close_connection = True
             return
-        if kind in ("error500", "slowdown"):
+        if kind in ("error500", "slowdown", "expired"):
             self._note(method, path, kind)
-            status, code, message = (
-                (500, "InternalError", "injected internal error")
-                if kind == "error500"
-                else (503, "SlowDown", "Please reduce your request rate.")
-            )
+            status, code, message = {
+                "error500": (500, "InternalError", "injected internal error"),
+                "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+                "expired": (403, "ExpiredToken", "The provided token has expired."),
+            }[kind]
             payload = _XML.format(code=code, message=message).encode()
             h.send_response(status)
             h.send_header("Content-Type", "application/xml")

@@ -282,3 +282,30 @@ def test_cleanup_of_abandoned_uploads_never_takes_a_checkpoint_whose_marker_it_c
                 flag, "--json")  # fmt: skip
     assert set(s3_snapshot(rclone_server, bucket.bucket)) == before, clean.stdout
     assert "could not be read" in clean.stdout
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_checkpoint_refused_for_expired_credentials_lands_once_a_later_one_has(
+    rclone_server: S3Server, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    """ExpiredToken is not retried at once (no wait renews credentials), and was never tried
+    again: after a short window of them, the run ended with UploadError naming a checkpoint a
+    retry would have landed, and local retention kept it (fault pass)."""
+    bucket = S3URL(rclone_server.new_bucket())
+    proxy = make_proxy(rclone_server, FaultPlan(rules=[Rule("expired", 1, method="PUT", path_contains="step_1.pt")]))
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    prefix = bucket.join("run/")
+    with CheckpointUploader(
+        root, prefix, config=config_for(proxy.url), use_s5cmd=backend == "s5cmd", retry=QUICK_RETRY
+    ) as up:
+        (root / "step_1.pt").write_bytes(b"one")
+        first = up.submit(root / "step_1.pt")
+        error = first.exception(60)
+        assert isinstance(error, AccessDeniedError) and error.code == "ExpiredToken", error
+        (root / "step_2.pt").write_bytes(b"two")
+        up.submit(root / "step_2.pt").result(60)
+        up.flush(timeout=60)  # raised UploadError naming step_1.pt
+    assert proxy.counts["expired"] == 1
+    assert get_object(rclone_server, bucket, "run/step_1.pt") == b"one"
+    assert get_object(rclone_server, bucket, "run/step_2.pt") == b"two"
