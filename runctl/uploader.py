@@ -1961,7 +1961,18 @@ class CheckpointUploader:
             raise _Rewritten(
                 f"files vanished from the staged copy: {', '.join(sorted(missing)[:3])}"
             )
-        self.transfer.put_bytes(manifest.to_bytes(), marker)
+        body = manifest.to_bytes()
+        self.transfer.put_bytes(body, marker)
+        # Asked for again, as the files were listed: a PUT answered 200 and never stored (a
+        # gateway in between) was recorded verified, and the local copy went (fault pass).
+        stored = self.transfer.stat(marker)
+        if stored is None or stored.size != len(body):
+            raise TransferError(
+                f"verifying {marker} failed: "
+                + ("missing after its upload" if stored is None else f"size {stored.size}, {len(body)} sent"),
+                code="VerifyFailed",
+                url=str(marker),
+            )
 
     def _commit(
         self, job: _Job, snapshot: Snapshot, url: S3URL, attempts: int, seconds: float

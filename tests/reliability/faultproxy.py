@@ -191,6 +191,13 @@ class FaultProxy:
             _reset(h.connection)
             h.close_connection = True
             return
+        if kind == "fake200":  # a gateway that answers a PUT and never stores it
+            self._note(method, path, kind)
+            h.send_response(200)
+            h.send_header("ETag", '"00000000000000000000000000000000"')
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if kind in ("error500", "slowdown", "expired"):
             self._note(method, path, kind)
             status, code, message = {

@@ -309,3 +309,24 @@ def test_a_checkpoint_refused_for_expired_credentials_lands_once_a_later_one_has
     assert proxy.counts["expired"] == 1
     assert get_object(rclone_server, bucket, "run/step_1.pt") == b"one"
     assert get_object(rclone_server, bucket, "run/step_2.pt") == b"two"
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_marker_answered_200_and_never_stored_is_no_verified_checkpoint(
+    rclone_server: S3Server, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    """A marker PUT answered 200 by something in between and never stored: the checkpoint was
+    recorded verified, and local retention could delete the local copy (fault pass). It is
+    asked for again after its PUT; the next attempt stores it."""
+    bucket = S3URL(rclone_server.new_bucket())
+    proxy = make_proxy(rclone_server, FaultPlan(rules=[Rule("fake200", 1, method="PUT", path_contains=MARKER_NAME)]))
+    root = tmp_path / "ckpt"
+    (root / "checkpoint-1").mkdir(parents=True)
+    (root / "checkpoint-1" / "w.bin").write_bytes(b"weights")
+    with CheckpointUploader(
+        root, bucket.join("run/"), config=config_for(proxy.url), use_s5cmd=backend == "s5cmd", retry=QUICK_RETRY
+    ) as up:
+        up.submit(root / "checkpoint-1").result(60)
+        status = up.status()
+    assert proxy.counts["fake200"] == 1 and status.retries >= 1, (proxy.counts, status)
+    assert f"run/checkpoint-1/{MARKER_NAME}" in s3_snapshot(rclone_server, bucket.bucket)
