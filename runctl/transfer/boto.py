@@ -826,6 +826,16 @@ class BotoTransfer(Transfer):
                 raise map_error(exc, url, "list") from None
             if page is None:
                 return
+            if page.get("IsTruncated") and not page.get("NextContinuationToken"):
+                # botocore takes such a page for the last: the listing would end short, and
+                # what it left out (markers, the newest checkpoints) read as missing to
+                # cleanup (fault pass). S3 never sends one; a broken server or proxy may.
+                raise TransferError(
+                    f"listing {url} failed: the server said there was more (IsTruncated) "
+                    "and gave no continuation token",
+                    code="TruncatedListing",
+                    url=str(url),
+                )
             # Per page, common prefixes first, then objects (each sorted by S3): the order
             # s5cmd and the AWS CLI print, so both backends list identically.
             entries: list[ObjectInfo | PrefixInfo] = [

@@ -136,6 +136,8 @@ class FaultProxy:
         self.log: list[tuple[str, str, str]] = []  # (method, path, outcome)
         self._lock = threading.Lock()
         self.on_request: Callable[[str, str], None] | None = None
+        #: (method, path, body) -> the body sent back instead (a server that answers wrong).
+        self.rewrite: Callable[[str, str, bytes], bytes] | None = None
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -224,6 +226,8 @@ class FaultProxy:
             h.close_connection = True
             return
         self._note(method, path, "forwarded")
+        if self.rewrite is not None:
+            data = self.rewrite(method, path, data)
         if self.clock_ahead:
             headers, data = _ahead(headers, data, self.clock_ahead, path, self.dated_ahead)
         h.send_response(status, reason)

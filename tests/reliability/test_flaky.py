@@ -330,3 +330,30 @@ def test_a_marker_answered_200_and_never_stored_is_no_verified_checkpoint(
         status = up.status()
     assert proxy.counts["fake200"] == 1 and status.retries >= 1, (proxy.counts, status)
     assert f"run/checkpoint-1/{MARKER_NAME}" in s3_snapshot(rclone_server, bucket.bucket)
+
+
+def test_a_listing_that_ends_short_without_a_continuation_token_is_an_error(
+    moto_server: S3Server, make_proxy, tmp_path: Path
+) -> None:
+    """A page saying IsTruncated with no continuation token: botocore took it for the last, the
+    listing ended short, and what it left out (a marker) read as missing: cleanup deleted a
+    complete checkpoint (fault pass). The boto3 backend refuses such a listing."""
+    import re
+
+    bucket = S3URL(moto_server.new_bucket())
+    for name in ("step_1.pt", "step_2.pt", "step_3.pt"):
+        moto_server.client().put_object(Bucket=bucket.bucket, Key=f"run/{name}", Body=b"x")
+    proxy = make_proxy(moto_server)
+
+    def cut(method: str, path: str, body: bytes) -> bytes:
+        if method != "GET" or "list-type=2" not in path:
+            return body
+        body = re.sub(rb"<Contents>.*?</Contents>", b"", body, count=1, flags=re.DOTALL)
+        body = re.sub(rb"<NextContinuationToken>[^<]*</NextContinuationToken>", b"", body)
+        return re.sub(rb"<IsTruncated>false</IsTruncated>", b"<IsTruncated>true</IsTruncated>", body)
+
+    proxy.rewrite = cut
+    clean = run("--endpoint-url", proxy.url, "s3", "cleanup", f"{bucket}run/", "-n", "1", "--no-use-s5cmd")
+    assert clean.exit_code == 1
+    assert_one_line_error(clean.stderr, contains="gave no continuation token")
+    assert len(s3_snapshot(moto_server, bucket.bucket)) == 3
