@@ -42,10 +42,8 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         s3_url: ``s3://bucket/prefix/`` to upload to (default $RUNCTL_S3_URL).
         keep_last_n: complete checkpoints to keep in S3 (default $RUNCTL_KEEP_LAST_N, else all).
         local_keep_last_n: checkpoints to keep locally, deleting only ones durable in S3
-            (``save_total_limit`` works as well; with both, a deletion of runctl's between the
-            Trainer's listing of ``checkpoint-*`` and its reading of their times fails the
-            save: a window of microseconds on a local disk, longer on a slow network
-            filesystem, where one of the two is the safer choice).
+            (``save_total_limit`` works as well; runctl deletes nothing locally while the
+            Trainer saves and rotates its checkpoints).
         endpoint_url, profile, region, config: where and as whom to reach S3 (``endpoint_url``
             defaults to $RUNCTL_ENDPOINT_URL unless ``config`` is given).
         use_s5cmd: upload with s5cmd (default) or boto3.
@@ -142,6 +140,37 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Protect the checkpoint training resumed from (the state is restored after on_train_begin)."""
         self._protect_resumed(state)
+        self._saved()
+
+    # The Trainer saves (and rotates save_total_limit's checkpoint-* by their times) after these
+    # hooks, then calls on_save: runctl's local deletions wait meanwhile, or one between its
+    # listing and its reading of a time failed the save with FileNotFoundError (HF pass).
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hold local deletions while the Trainer saves (``control.should_save``)."""
+        if control.should_save:
+            self._saving()
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hold local deletions while the Trainer saves (``control.should_save``)."""
+        if control.should_save:
+            self._saving()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hold local deletions: a save may follow (``save_strategy="best"``)."""
+        self._saving()
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """End the hold of a save that did not come."""
+        self._saved()
+
+    def _saving(self) -> None:
+        if self._uploader is not None and self.options.local_keep_last_n is not None:
+            self._uploader.pause_local_deletions()
+
+    def _saved(self) -> None:
+        if self._uploader is not None:
+            self._uploader.resume_local_deletions()
 
     def _protect_resumed(self, state: Any) -> None:
         """Once: protect ``checkpoint-<step>/`` when training resumed from it, then let retention run."""
@@ -171,6 +200,8 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             log.warning("runctl: could not queue %s for upload: %s", folder, exc)
             if self.options.on_upload_error == "raise":
                 raise
+        finally:
+            self._saved()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
@@ -192,6 +223,7 @@ class RunctlCallback(TrainerCallback):  # type: ignore[misc, valid-type]
             return
         self._protect_best(state)
         self._protect_resumed(state)  # a run with no step left to train still applies retention
+        self._saved()
         uploader, self._uploader = self._uploader, None
         try:
             finish_uploads(

@@ -687,6 +687,11 @@ class CheckpointUploader:
         self._retention_held = hold_retention
         self._retention_due = False
         self._retention_busy = False
+        #: Local deletions: held while the framework saves (pause_local_deletions), and the
+        #: lock one holds while it deletes.
+        self._local_paused = False
+        self._local_skipped = False
+        self._local_deleting = threading.Lock()
         #: What retention found locked by another process on its last pass (S3 prefix, root).
         self._retention_blocked_on: list[str] = []
         self._outranked_warned = False  # _warn_if_outranked says it once
@@ -920,6 +925,32 @@ class CheckpointUploader:
         """
         with self._cond:
             self._retention_held = True
+
+    def pause_local_deletions(self, timeout: float = 10.0) -> None:
+        """Delete nothing locally until ``resume_local_deletions()``; a deletion under way is
+        waited for (up to ``timeout`` s).
+
+        For a framework that lists its checkpoint directories itself as it saves: the Hugging
+        Face Trainer globs ``checkpoint-*`` and then reads each one's time, and a deletion of
+        runctl's in between failed the save with FileNotFoundError (HF pass).
+
+        Example:
+            >>> up.pause_local_deletions(); trainer_saves(); up.resume_local_deletions()  # doctest: +SKIP
+        """
+        self._local_paused = True
+        if self._local_deleting.acquire(timeout=timeout):
+            self._local_deleting.release()
+
+    def resume_local_deletions(self) -> None:
+        """End ``pause_local_deletions``: what it put off runs on the worker thread."""
+        with self._cond:
+            if not self._local_paused:
+                return
+            self._local_paused = False
+            if self._local_skipped:
+                self._local_skipped = False
+                self._retention_due = True
+                self._cond.notify_all()
 
     def release_retention(self) -> None:
         """End ``hold_retention``: retention due meanwhile runs now, on the worker thread.
@@ -2223,14 +2254,18 @@ class CheckpointUploader:
                 self._retention_failed("S3", exc)
         if self.local_keep_last_n is not None:
             try:
-                apply_local_retention(
-                    self.root,
-                    self.local_keep_last_n,
-                    protected=protected,
-                    also_durable=self._superseded_and_covered,
-                    patterns=self.patterns,
-                    lock_timeout=max(0.0, deadline - time.monotonic()),
-                )
+                with self._local_deleting:
+                    if self._local_paused:  # the framework is saving: once it is done
+                        self._local_skipped = True
+                    else:
+                        apply_local_retention(
+                            self.root,
+                            self.local_keep_last_n,
+                            protected=protected,
+                            also_durable=self._superseded_and_covered,
+                            patterns=self.patterns,
+                            lock_timeout=max(0.0, deadline - time.monotonic()),
+                        )
             except LockTimeout:
                 blocked.append(str(self.root))
             except Exception as exc:  # noqa: BLE001

@@ -345,3 +345,36 @@ def test_a_second_train_after_one_that_raised_protects_what_it_resumes_from(
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     # keep_last_n=1 keeps checkpoint-8; checkpoint-2 is what the second train() resumed from.
     assert sorted(dir_checkpoints(s3_objects(moto_server, prefix))) == ["checkpoint-2", "checkpoint-8"]
+
+
+def test_local_deletions_never_pull_a_checkpoint_from_under_the_trainers_rotation(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With local_keep_last_n and save_total_limit, the Trainer's rotation lists checkpoint-*
+    and then reads each one's time: runctl deleting one in between failed train() with
+    FileNotFoundError (HF pass; seen with the reads slowed, as on a network filesystem)."""
+    import time as time_module
+
+    from runctl.integrations.huggingface import RunctlCallback
+
+    real = transformers.trainer_utils.os.path.getmtime
+
+    def slow_getmtime(path: Any) -> float:
+        time_module.sleep(0.05)  # a slow filesystem: the window between listing and reading
+        return real(path)
+
+    monkeypatch.setattr(transformers.trainer_utils.os.path, "getmtime", slow_getmtime)
+    out = tmp_path / "out"
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=12, per_device_train_batch_size=4, save_steps=1,
+        save_total_limit=3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    callback = RunctlCallback(moto_bucket.join("rot/"), local_keep_last_n=1, config=moto_server.config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(
+            model=tiny_gpt2(), args=args, train_dataset=RandomTokens(64), callbacks=[callback]
+        )
+        trainer.train()
+    assert callback.last_status["runctl/failures"] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12"]

@@ -358,6 +358,23 @@ def test_a_staging_link_that_fails_is_copied_not_skipped(
     assert upload_one(root, moto_bucket, boto_transfer, "last.ckpt", data) == data
 
 
+def test_local_deletions_wait_while_paused_and_run_once_resumed(
+    root: Path, moto_bucket: S3URL, boto_transfer: object
+) -> None:
+    # The Hugging Face Trainer lists checkpoint-* and reads each one's time as it saves: a local
+    # deletion between the two failed the save (HF pass). The callback pauses them meanwhile.
+    up = uploader(root, moto_bucket, boto_transfer, local_keep_last_n=1)
+    up.pause_local_deletions()
+    for step in (1, 2, 3):
+        up.submit(write(root / f"step_{step}.pt", b"x" * step))
+    up.flush(timeout=60)
+    assert sorted(p.name for p in root.glob("*.pt")) == ["step_1.pt", "step_2.pt", "step_3.pt"]
+    up.resume_local_deletions()
+    up.flush(timeout=60)
+    assert sorted(p.name for p in root.glob("*.pt")) == ["step_3.pt"]
+    up.close(timeout=60)
+
+
 def test_wait_idle_waits_without_taking_the_failures_flush_reports(
     root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
