@@ -239,11 +239,14 @@ class S3Config:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        if any(os.environ.get(v, "x").strip() == "" for v in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE")):
+        bundles = [os.environ.get("AWS_CA_BUNDLE"), self.ca_bundle, os.environ.get("REQUESTS_CA_BUNDLE")]
+        if any(b is not None and not b.strip() for b in bundles):
             # Set and empty (`docker run -e AWS_CA_BUNDLE=$AWS_CA_BUNDLE` on a host without
             # one) is unset to s5cmd; botocore refused it, so a directory's files landed through
-            # s5cmd and its marker failed through botocore, 15 s of retries (config pass).
-            client_kwargs.setdefault("verify", self.ca_bundle or True)
+            # s5cmd and its marker failed through botocore, 15 s of retries (config pass). The
+            # first one set and not empty applies, as botocore orders them (an empty
+            # REQUESTS_CA_BUNDLE once cancelled a good AWS_CA_BUNDLE; diff review).
+            client_kwargs.setdefault("verify", next((b for b in bundles if b and b.strip()), True))
         return session.create_client(
             "s3",
             region_name=self.region,

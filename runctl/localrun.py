@@ -113,9 +113,10 @@ def script_env(
 
     ``profile`` and ``region`` (``runctl --profile/--region local``) go as ``AWS_PROFILE`` (and
     ``AWS_DEFAULT_PROFILE``, which botocore and aws read first) and ``AWS_REGION``/
-    ``AWS_DEFAULT_REGION``, for the script's own uploads and any AWS tool it runs; with a
-    profile, the key pair in runctl's environment is not passed on (``--profile`` outranks it
-    for runctl, as for ``aws --profile``; in the script it would outrank ``AWS_PROFILE``).
+    ``AWS_DEFAULT_REGION``, for the script's own uploads and any AWS tool it runs. A key pair
+    in the environment is passed on as it is (a profile may assume a role from it,
+    ``credential_source = Environment``), and outranks ``AWS_PROFILE`` in the script, as
+    botocore reads them.
 
     Example:
         >>> env = script_env({}, checkpoint_dir=Path("/ckpt"), keep_last_n=3)
@@ -135,8 +136,6 @@ def script_env(
     }
     if profile:
         values["AWS_PROFILE"] = values["AWS_DEFAULT_PROFILE"] = profile
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-            env.pop(name, None)
     if region:
         values["AWS_REGION"] = values["AWS_DEFAULT_REGION"] = region
     for name, value in values.items():

@@ -634,7 +634,9 @@ def _same(before: tuple[str | None, int, float], after: tuple[str | None, int, f
 def _kept(item: ObjectInfo, before: tuple[str | None, int, float] | None) -> tuple[str | None, int, float]:
     """``(etag, size, last modified)`` of a listed object; one listed without the ETag it was
     last seen with, as the same version, keeps it (for the next listing that gives one)."""
-    now = (item.etag, item.size, item.last_modified.timestamp())
+    # Whole seconds: s5cmd dates what it finds by HEAD (Transfer.unlisted) to the second, and
+    # its listing to the millisecond (a time compared exactly gave false "changed"; diff review).
+    now = (item.etag, item.size, float(int(item.last_modified.timestamp())))
     if item.etag is None and before is not None and before[0] is not None and _same(before, now):
         return before
     return now

@@ -51,8 +51,16 @@ def debug_enabled() -> bool:
 
 @functools.cache
 def _nowhere() -> IO[str]:
-    """Where output goes when the stream is closed."""
-    return open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process's lifetime
+    """Where output goes when the stream is closed: on a descriptor above 2, or the closed
+    stdout's would be taken, and `download URL /dev/stdout` then wrote there (diff review)."""
+    import fcntl
+
+    fd = os.open(os.devnull, os.O_WRONLY)
+    if fd <= 2:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(fd)
+        fd = high
+    return open(fd, "w", encoding="utf-8")  # noqa: SIM115 - for the process's lifetime
 
 
 class Output:

@@ -132,12 +132,14 @@ def _landed_sizes(transfer: Transfer, pairs: Sequence[tuple[S3URL, Path]]) -> di
     return sizes
 
 
-def _listed_sizes(transfer: Transfer, url: S3URL, pairs: Sequence[tuple[S3URL, Path]]) -> dict[Path, int]:
+def _listed_sizes(
+    transfer: Transfer, url: S3URL, pairs: Sequence[tuple[S3URL, Path]], recursive: bool
+) -> dict[Path, int]:
     """What each object of a dry run would bring down, as S3 lists it (a dry run's records and
     summary said 0 bytes each, where upload's give the sizes; surface pass)."""
     if not pairs:
         return {}
-    if not url.is_prefix:
+    if not recursive:  # one object (s3://b/run, no '/', with -r is a prefix: diff review)
         info = transfer.stat(pairs[0][0])
         return {pairs[0][1]: 0 if info is None else info.size}
     from runctl.transfer.base import ObjectInfo  # here: the CLI's start-up does not need it
@@ -472,7 +474,7 @@ def download_files(
             )
         )
         seconds = time.monotonic() - started
-        sizes = _listed_sizes(transfer, url, pairs) if dry_run else _landed_sizes(transfer, pairs)
+        sizes = _listed_sizes(transfer, url, pairs, recursive) if dry_run else _landed_sizes(transfer, pairs)
     moved = 0
     prefix = "(dry run) " if dry_run else ""
     shown: list[str] = []
@@ -493,7 +495,7 @@ def download_files(
         dry_run=dry_run,
     )
     if dry_run:
-        s.out.info(f"dry run: would download {_plural(len(pairs), 'file')}")
+        s.out.info(f"dry run: would download {_plural(len(pairs), 'file')} ({human_size(moved)})")
     elif pairs or partial is None:  # when every file failed, the error line says it all
         s.out.info(
             f"downloaded {_plural(len(pairs), 'file')} ({human_size(moved)}) in {seconds:.1f} s"

@@ -1043,6 +1043,14 @@ def download(
     # (/dev/null), is written into, as aws does. A rename would replace the link, or put a
     # regular file in the device's place (as root, in /dev).
     own = own_descriptor(final)
+    named = names_descriptor(final)
+    if own is None and named is not None and named <= 2:
+        # Closed (`>&-`): /proc/self/fd/1 is not there, and the rename below replaced the
+        # /dev/stdout link itself with the object, for every process after (surface pass).
+        raise UsageError(
+            f"cannot download {url} to {str(final)!r}: it names this process's "
+            f"{('stdin', 'stdout', 'stderr')[named]}, which is closed"
+        )
     if own is not None or _is_special(final):
         fd = own if own is not None else os.open(final, os.O_WRONLY)
         try:
@@ -1082,6 +1090,24 @@ def own_descriptor(path: str | os.PathLike[str]) -> int | None:
         >>> own_descriptor("/dev/stdout"), own_descriptor("/tmp/x")
         (1, None)
     """
+    fd = names_descriptor(path)
+    if fd is None or fd > 2:
+        return None
+    try:
+        os.fstat(fd)
+    except OSError:  # closed (`>&-`)
+        return None
+    return fd
+
+
+def names_descriptor(path: str | os.PathLike[str]) -> int | None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``, or a symlink to one), open or not; None for any other path.
+
+    Example:
+        >>> names_descriptor("/dev/stderr"), names_descriptor("/proc/self/fd/7"), names_descriptor("/tmp/x")
+        (2, 7, None)
+    """
     current = os.path.abspath(path)
     for _ in range(40):  # symlink hops, as the kernel allows
         fd = _STD_NAMES.get(current)
@@ -1089,12 +1115,6 @@ def own_descriptor(path: str | os.PathLike[str]) -> int | None:
         if match and (match[3] is None or int(match[3]) == os.getpid()):
             fd = int(match[1] or match[2] or match[4])
         if fd is not None or match:
-            if fd is None or fd > 2:
-                return None
-            try:
-                os.fstat(fd)
-            except OSError:  # closed (`>&-`)
-                return None
             return fd
         try:
             target = os.readlink(current)

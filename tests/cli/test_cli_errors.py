@@ -199,6 +199,28 @@ def test_an_empty_ca_bundle_variable_is_unset_on_both_backends(
     assert any(k.startswith("run/checkpoint-5/") and k != "run/checkpoint-5/a.bin" for k in landed), landed
 
 
+@pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
+def test_an_empty_requests_ca_bundle_never_cancels_a_good_aws_ca_bundle(tmp_path: Path, backend: str) -> None:
+    # The fix for an empty AWS_CA_BUNDLE first passed verify=True to botocore whenever one of
+    # the two was empty: a good AWS_CA_BUNDLE was dropped, and on the s5cmd backend a
+    # directory's files landed while its marker failed certificate checks (diff review).
+    from tests.servers import self_signed, start_rclone
+
+    server = start_rclone(tmp_path / "data", tls=self_signed(tmp_path / "tls"))
+    try:
+        (tmp_path / "data" / "tls-bucket").mkdir()
+        ckpt = tmp_path / "checkpoint-5"
+        ckpt.mkdir()
+        (ckpt / "a.bin").write_bytes(b"a")
+        os.utime(ckpt / "a.bin", (time.time() - 60, time.time() - 60))
+        env = _bare_env(**server.env(), AWS_CA_BUNDLE=str(tmp_path / "tls" / "cert.pem"), REQUESTS_CA_BUNDLE="")
+        done = _runctl("s3", "upload", str(ckpt), "s3://tls-bucket/run/checkpoint-5/", "-r", backend, env=env)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "data" / "tls-bucket" / "run" / "checkpoint-5" / ".runctl-manifest.json").exists()
+    finally:
+        server.stop()
+
+
 def test_a_wrong_s5cmd_that_exits_0_is_no_empty_listing(rclone_server: S3Server) -> None:
     # RUNCTL_S5CMD=/bin/true: every listing read as empty, exit 0: "no checkpoints under ...",
     # "Checkpoints: none" (config pass). Real s5cmd says "no object found" (exit 1).
@@ -340,3 +362,26 @@ def test_a_closed_stdout_is_no_internal_error(moto_server: S3Server, tmp_path: P
         assert done.returncode == 0, (args, done.stderr)
         assert "internal error" not in done.stderr
     assert keys(moto_server, bucket) == {"run/f.pt": b"weights"}
+
+
+def test_a_download_to_dev_stdout_closed_never_replaces_the_link(moto_server: S3Server, tmp_path: Path) -> None:
+    # With stdout closed, /dev/stdout leads nowhere, and the download's rename replaced the
+    # /dev/stdout link itself with the object, for every process on the machine after
+    # (surface pass: found so, a regular file of 1000 bytes). A link of ours stands in for it.
+    import subprocess
+    import sys
+
+    from tests.cli.cli_support import ROOT
+
+    bucket = S3URL(moto_server.new_bucket())
+    put(moto_server, bucket, "run/f.pt", b"weights")
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}run/f.pt", str(link)], stdout=None,
+        stderr=subprocess.PIPE, text=True, env=env, timeout=60, cwd=ROOT, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done.stderr, contains="names this process's stdout, which is closed")
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"

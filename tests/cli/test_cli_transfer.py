@@ -198,6 +198,9 @@ def test_download_object_prefix_and_dry_run(
     assert not out.exists()
     single = run_s3(s3_server, "s3", "download", f"{bucket}run/step_1.pt", str(out) + "/", "--dry-run", flag, "--json")
     assert [r["size"] for r in of_type(single.stdout, "download")] == [3] and not out.exists()
+    # a prefix named without its '/' (it gave the first object's size alone; diff review)
+    bare = run_s3(s3_server, "s3", "download", f"{bucket}run", str(out), "-r", "--dry-run", flag)
+    assert "dry run: would download 2 files (10 B)" in bare.stdout, bare.stdout
 
     # the prefix for real: relative paths kept, the sibling prefix run-old/ not included
     result = run_s3(s3_server, "s3", "download", f"{bucket}run", str(out), "-r", flag)
