@@ -560,10 +560,19 @@ def group_s3(
     # on threads, or with read_markers in one batch that takes each as it comes.
     reads = _MarkerReads(read_marker) if read_marker is not None else None
     batch = _MarkerBatch(read_markers) if read_markers is not None and reads is None else None
+    seen: set[str] = set()
+    repeated = 0
     try:
         for obj in objects:
             if not isinstance(obj, ObjectInfo):
                 continue
+            if obj.key in seen:
+                # A server that served a page twice (one restarting on a bad token): counted
+                # twice, every size doubled, and --max-total-size deleted twice what it should
+                # (retention pass).
+                repeated += 1
+                continue
+            seen.add(obj.key)
             if obj.bucket != prefix.bucket or not obj.key.startswith(base) or obj.key == base:
                 others.append(obj)
                 continue
@@ -611,6 +620,8 @@ def group_s3(
             reads.close()
         if batch is not None:
             batch.end()
+    if repeated:
+        log.warning("the listing of %s showed %d key(s) more than once: each counted once", prefix, repeated)
     checkpoints.sort(key=Checkpoint.order_key)
     return S3Checkpoints(tuple(checkpoints), tuple(others), frozenset(pinned))
 

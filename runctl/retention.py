@@ -273,7 +273,8 @@ def plan_retention(
     only whole steps count among the newest N. What there is of a step that is not whole is kept while it
     is newer than the N-th newest whole step (it may yet become whole), and goes after.
     Then, with ``max_total_size``, deletes the oldest deletable kept ones, a step at a time,
-    until the rest fit. Never deletes a protected name, an alias, or the newest whole step.
+    until the rest fit (an incomplete one older than the newest whole step, which is not
+    deleted, is not counted either). Never deletes a protected name, an alias, or the newest whole step.
     ``keep_last_n=None`` keeps every complete checkpoint.
 
     Raises:
@@ -382,7 +383,15 @@ def plan_retention(
             reasons[name] = f"older than the newest {keep_last_n} complete (#{rank[name]})"
 
     if max_total_size is not None:
-        total = sum(c.size for c in ordered if c.name not in doomed)
+        # An incomplete one older than the newest whole step is neither deleted nor counted: one
+        # whose marker could not be read had a newer complete checkpoint deleted in its place
+        # (retention pass). One newer (an upload under way) counts: room is made for it.
+        newest = max((c.order_key()[:2] for c in ranked), default=None)
+        total = sum(
+            c.size
+            for c in ordered
+            if c.name not in doomed and (c.complete or newest is None or c.order_key()[:2] >= newest)
+        )
         steps: dict[tuple[object, ...], list[Checkpoint]] = {}
         for cp in ranked:
             steps.setdefault(at[cp.name], []).append(cp)

@@ -912,8 +912,23 @@ class BotoTransfer(Transfer):
         )
 
     def unlisted(self, prefix: S3URL, rels: Sequence[str]) -> dict[str, ObjectInfo]:
-        """``{}``: boto3's listing shows every object (``Transfer.unlisted``)."""
-        return {}
+        """Of these paths a listing did not show, those in S3 (one HEAD each, 16 at a time).
+
+        S3's listing shows every object; a server or proxy that answers one short does not, and
+        a pin left out was forgotten and its checkpoint deleted, by the uploader, cleanup and
+        watch (retention pass). Callers ask only where a listing says something is missing.
+
+        Example:
+            >>> t.unlisted(S3URL.parse("s3://b/run/step_4/"), ["shard_0.bin"])  # doctest: +SKIP
+            {'shard_0.bin': ObjectInfo(bucket='b', key='run/step_4/shard_0.bin', ...)}
+        """
+        if not rels:
+            return {}
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(rels), 16), thread_name_prefix="runctl-head") as pool:
+            looked = pool.map(lambda rel: (rel, self.stat(S3URL(prefix.bucket, prefix.key + rel))), rels)
+            return {rel: info for rel, info in looked if info is not None}
 
     def put_stream(self, fd: int, url: S3URL, *, storage_class: str | None = None) -> None:
         """Upload everything read from the file descriptor ``fd`` to ``url`` (multipart as it is read)."""

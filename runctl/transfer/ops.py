@@ -1275,6 +1275,31 @@ def _remote_index(
     return index, pinned
 
 
+def _pins_unlisted(
+    transfer: Transfer, prefix: S3URL, rels: Sequence[str], pinned: dict[str, str]
+) -> dict[str, str]:
+    """The pins of these objects' checkpoints that the listing did not show, asked for one by
+    one (``Transfer.unlisted``), as ``_remote_index`` gives them.
+
+    A pin dated ahead (a server clock running ahead, or written a moment ago on AWS) is left
+    out of s5cmd's listing: `sync -d up --delete` deleted its checkpoint, exit 0 (retention
+    pass), where every retention asks first.
+    """
+    from runctl.checkpoints import PIN_DIR, is_recognised
+
+    wanted: set[str] = set()
+    for rel in rels:
+        parts = rel.split("/")
+        for i, name in enumerate(parts):
+            head = "/".join(parts[:i]) + "/" if i else ""
+            if is_recognised(name) and head + name not in pinned:
+                wanted.add(f"{head}{PIN_DIR}/{name}")
+    if not wanted:
+        return {}
+    found = transfer.unlisted(prefix, sorted(wanted))
+    return {rel.replace(f"{PIN_DIR}/", "", 1): str(info.url) for rel, info in found.items()}
+
+
 def _pin_of(rel: str, pinned: dict[str, str]) -> str | None:
     """The pin's URL when ``rel`` is a pinned checkpoint, a file inside one, or a checkpoint
     saved beside it at its step (a pin keeps its step: net_d_2.pth with a pinned net_g_2.pth)."""
@@ -1386,6 +1411,8 @@ def _plan(
             and not (keep_key and keep_key(remote[rel].key))
         ]
         # A pin keeps its checkpoint through every deletion runctl makes; deleting it unpins.
+        if doomed:
+            pinned.update(_pins_unlisted(transfer, prefix, [o.key[len(prefix.key) :] for o in doomed], pinned))
         kept = [(str(obj.url), pin) for obj in doomed if (pin := _pin_of(obj.key[len(prefix.key) :], pinned))]
         if kept:
             spared = {url for url, _ in kept}

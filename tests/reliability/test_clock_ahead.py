@@ -36,8 +36,9 @@ def test_s5cmd_listings_leave_out_what_is_dated_ahead(rclone_server: S3Server, a
     # The premise, so that the tests below test something: s5cmd does not list such an object.
     bucket = S3URL(rclone_server.new_bucket())
     put_object(rclone_server, bucket, "run/step_1.pt")
-    # (backend, what it lists, what it then finds of two paths its listing did not show)
-    for backend, listed, found in (("s5cmd", [], ["step_1.pt"]), ("boto3", ["run/step_1.pt"], [])):
+    # (backend, what it lists, what it then finds of two paths its listing did not show: boto3
+    # asks too, for a server whose listing falls short; retention pass)
+    for backend, listed, found in (("s5cmd", [], ["step_1.pt"]), ("boto3", ["run/step_1.pt"], ["step_1.pt"])):
         t = get_transfer(config_for(ahead.url), use_s5cmd=backend == "s5cmd")
         try:
             assert [o.key for o in t.iter_objects(bucket.join("run/"), recursive=True)] == listed

