@@ -360,7 +360,16 @@ def plan_retention(
                 doomed.add(name)
                 reasons[name] = f"incomplete for {age:.0f} s (> {incomplete_older_than:g} s): abandoned"
             elif cp.marker is not None:
-                reasons[name] = "incomplete: its marker could not be read, or does not match its files (kept)"
+                # What keep-last-N would do were it complete: it was kept for good (README).
+                newer = len(whole) - bisect.bisect_right(whole, at[name])
+                if keep_last_n is not None and newer >= keep_last_n and not held(cp):
+                    doomed.add(name)
+                    reasons[name] = (
+                        "incomplete (its marker could not be read, or does not match its files), "
+                        f"and the newest {keep_last_n} whole are newer"
+                    )
+                else:
+                    reasons[name] = "incomplete: its marker could not be read, or does not match its files (kept)"
             else:
                 reasons[name] = "incomplete (upload in progress or abandoned)"
         elif held(cp):

@@ -147,7 +147,10 @@ def local_command(
     if flush_timeout <= 0:
         raise UsageError(f"--flush-timeout must be > 0 seconds, got {flush_timeout}")
     command = build_command(script, script_args)
-    config = s.config() if url is not None or s.options.endpoint_url else None
+    # Built for --profile or --region alone too: the script's own uploads use them (without
+    # --upload-to or --endpoint-url they were dropped, and it signed as [default]; walkthrough).
+    opts = s.options
+    config = s.config() if url is not None or opts.endpoint_url or opts.profile or opts.region else None
 
     record = run_local(
         command,

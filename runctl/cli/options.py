@@ -37,7 +37,7 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         metavar="NAME",
-        help="AWS profile. Default: $AWS_PROFILE.",
+        help="AWS profile. Default: $AWS_DEFAULT_PROFILE, then $AWS_PROFILE (as aws reads them).",
         rich_help_panel=_CONN,
     ),
 ]

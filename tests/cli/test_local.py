@@ -1034,6 +1034,19 @@ def test_profile_and_region_flags_reach_the_script(moto_server: S3Server, tmp_pa
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "AWS eu-north-1 eu-north-1" in done.stdout
+    # Without --upload-to or --endpoint-url, where the script does its own uploads: --profile
+    # and --region were dropped, and it signed as [default] (walkthrough).
+    (tmp_path / "train.py").write_text(
+        'import os\nprint("AWS", *(os.environ.get(v) for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION")))\n'
+    )
+    (tmp_path / "config").write_text("[profile p]\nregion = eu-west-3\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "runctl", "--profile", "p", "--region", "eu-north-1", "local", "train.py"],
+        cwd=tmp_path, env={**env, "AWS_CONFIG_FILE": str(tmp_path / "config")}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "AWS p p eu-north-1" in done.stdout, done.stdout
 
 
 def test_a_script_that_saves_on_ctrl_c_and_exits_130_has_that_save_uploaded(

@@ -179,6 +179,12 @@ def test_abandoned_incomplete_deleted_only_when_older_than() -> None:
     plan = plan_retention([*steps(1), unread, fresh], keep_last_n=1, incomplete_older_than=600, now=NOW)
     assert plan.delete == ()
     assert "marker could not be read" in plan.reasons["checkpoint-3"]
+    # It goes as a complete one would: once the newest keep-last-N whole steps are newer (it
+    # was kept for good, storage leaking; walkthrough).
+    plan = plan_retention([unread, *steps(5, 6)], keep_last_n=2, now=NOW)
+    assert names(plan.delete) == ["checkpoint-3"]
+    assert "newest 2 whole are newer" in plan.reasons["checkpoint-3"]
+    assert plan_retention([unread, *steps(5, 6)], keep_last_n=3, now=NOW).delete == ()
 
 
 def test_unfinished_deletion_of_an_incomplete_checkpoint_is_finished() -> None:
@@ -252,6 +258,8 @@ def checkpoint_sets(draw: st.DrawFn) -> tuple[list[Checkpoint], set[str]]:
                 size=draw(st.integers(0, 100)),
             )
         )
+        if not items[-1].complete and draw(st.booleans()):  # a marker unread or not matching
+            items[-1] = dataclasses.replace(items[-1], marker=f"{name}/.runctl-manifest.json")
     protected = set(draw(st.lists(st.sampled_from([c.name for c in items]), unique=True))) if items else set()
     return items, protected
 
@@ -283,9 +291,10 @@ def test_plan_properties(
     for c in plan.delete:
         assert c.name not in protected
         assert not is_alias(c.name)
-        if not c.complete:
+        if not c.complete and c.marker is None:
             assert incomplete_older_than is not None and NOW - c.mtime > incomplete_older_than
-            assert c.marker is None
+        elif not c.complete:  # a marker unread or not matching: as keep-last-N would a complete one
+            assert keep_last_n is not None
 
     ranked = sorted((c for c in items if c.complete and not is_alias(c.name)), key=Checkpoint.order_key)
     if ranked:
