@@ -129,19 +129,24 @@ def test_incomplete_directory_kept_unless_abandoned(
     put_dir_checkpoint(s3_server, bucket, "c/", "checkpoint-0", marker=b"{garbage")  # invalid marker
     prefix = bucket.join("c/")
 
+    # checkpoint-0's marker does not parse: it goes as a complete one would, once the newest
+    # keep-last-N whole steps are newer (it was kept for good; walkthrough).
     plan = apply_s3_retention(transfer, prefix, keep_last_n=1, dry_run=True, treat_unmarked_complete=True)
-    assert [c.name for c in plan.delete] == ["checkpoint-1", "checkpoint-2"]
+    assert [c.name for c in plan.delete] == ["checkpoint-0", "checkpoint-1", "checkpoint-2"]
 
     plan = apply_s3_retention(transfer, prefix, keep_last_n=1)
-    assert [c.name for c in plan.delete] == ["checkpoint-1"]
+    assert [c.name for c in plan.delete] == ["checkpoint-0", "checkpoint-1"]
     assert "newest complete" in plan.reasons["checkpoint-2"]
     assert "incomplete" in plan.reasons["checkpoint-3"] and "incomplete" in plan.reasons["checkpoint-0"]
-    assert {k.split("/")[1] for k in keys_in(s3_server, bucket)} == {"checkpoint-0", "checkpoint-2", "checkpoint-3"}
+    assert {k.split("/")[1] for k in keys_in(s3_server, bucket)} == {"checkpoint-2", "checkpoint-3"}
 
+    # Without a marker and older than the limit: an abandoned upload. One with a marker never
+    # is (an unreadable one had every complete checkpoint deleted; fault pass 2).
+    put_dir_checkpoint(s3_server, bucket, "c/", "checkpoint-9", marker=b"{garbage")
     time.sleep(0.05)
     plan = apply_s3_retention(transfer, prefix, keep_last_n=1, incomplete_older_than=0)
-    assert [c.name for c in plan.delete] == ["checkpoint-0", "checkpoint-3"]
-    assert {k.split("/")[1] for k in keys_in(s3_server, bucket)} == {"checkpoint-2"}
+    assert [c.name for c in plan.delete] == ["checkpoint-3"]
+    assert {k.split("/")[1] for k in keys_in(s3_server, bucket)} == {"checkpoint-2", "checkpoint-9"}
 
 
 def test_markers_are_read_in_one_batch_and_each_failure_is_named(
@@ -171,13 +176,9 @@ def test_cleanup_reads_markers_without_a_boto3_client(s3_server: S3Server, bucke
     with S5cmdTransfer(s3_server.config()) as t:
         plan = apply_s3_retention(t, bucket.join("c/"), keep_last_n=2)
         assert t._boto is None
-    assert [c.name for c in plan.delete] == ["checkpoint-1", "checkpoint-2"]
+    assert [c.name for c in plan.delete] == ["checkpoint-0", "checkpoint-1", "checkpoint-2"]
     assert "incomplete" in plan.reasons["checkpoint-0"]
-    assert {k.split("/")[1] for k in keys_in(s3_server, bucket)} == {
-        "checkpoint-0",
-        "checkpoint-3",
-        "checkpoint-4",
-    }
+    assert {k.split("/")[1] for k in keys_in(s3_server, bucket)} == {"checkpoint-3", "checkpoint-4"}
 
 
 def test_a_key_already_gone_is_fine(s3_server: S3Server, bucket: S3URL, transfer: Transfer) -> None:
