@@ -375,11 +375,8 @@ def test_local_deletions_wait_while_paused_and_run_once_resumed(
     up.close(timeout=60)
 
 
-def test_wait_idle_waits_without_taking_the_failures_flush_reports(
-    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A second waiter (the Lightning DDP observer) waits for the uploads and reports nothing:
-    # the failure is still flush's to raise.
+def _no_room_to_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every staging of a checkpoint fails as on a full disk."""
     from runctl.staging import StagingArea
 
     def no_space(self: StagingArea, fd: int, source: Path, token: str) -> object:
@@ -387,6 +384,14 @@ def test_wait_idle_waits_without_taking_the_failures_flush_reports(
 
     monkeypatch.setattr(StagingArea, "link_open_file", no_space)
     monkeypatch.setattr(StagingArea, "copy_open_file", no_space)
+
+
+def test_wait_idle_waits_without_taking_the_failures_flush_reports(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second waiter (the Lightning DDP observer) waits for the uploads and reports nothing:
+    # the failure is still flush's to raise.
+    _no_room_to_stage(monkeypatch)
     up = uploader(root, moto_bucket, boto_transfer)
     up.submit(write(root / "step_1.pt", b"x" * 1000))
     assert up.wait_idle(timeout=30) is True
@@ -400,13 +405,7 @@ def test_wait_idle_waits_without_taking_the_failures_flush_reports(
 def test_a_checkpoint_that_cannot_be_staged_is_a_failure_not_a_skip(
     root: Path, moto_bucket: S3URL, boto_transfer: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runctl.staging import StagingArea
-
-    def no_space(self: StagingArea, fd: int, source: Path, token: str) -> object:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(StagingArea, "link_open_file", no_space)
-    monkeypatch.setattr(StagingArea, "copy_open_file", no_space)
+    _no_room_to_stage(monkeypatch)
     up = uploader(root, moto_bucket, boto_transfer)
     handle = up.submit(write(root / "step_1.pt", b"x" * 1000))
     with pytest.raises(OSError, match="No space left"):
