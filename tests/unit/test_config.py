@@ -423,3 +423,19 @@ def test_credentials_given_outright_need_no_profile_on_this_machine(tmp_path: Pa
         endpoint_url="http://127.0.0.1:9", profile="trainer", static_credentials=Credentials("AKID", "SK")
     ).boto_client()
     assert client._request_signer._credentials.access_key == "AKID"
+
+
+def test_a_credential_process_that_fails_silently_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # botocore's message ends in a bare colon when the process prints nothing on stderr:
+    # "cannot load AWS credentials: Error when retrieving credentials from custom-process:"
+    # (config pass).
+    config = tmp_path / "config"
+    config.write_text("[profile cp]\ncredential_process = /bin/false\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as info:
+        resolve_config(profile="cp").credentials  # noqa: B018 - resolved on access
+    assert str(info.value).endswith("(it printed nothing on stderr)"), str(info.value)
+    assert not str(info.value).rstrip().endswith(":")
