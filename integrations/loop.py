@@ -52,14 +52,15 @@ def _check_step_comes_back(filename: str) -> None:
             f"filename {filename!r} gives names like {name!r}, which save below local_dir and "
             "whose step runctl cannot read back: use a name like 'step_{step}.pt'"
         )
-    if 12345 in parse_step(name) and not is_recognised(name):
+    recognised, reads_back = is_recognised(name), 12345 in parse_step(name)
+    if reads_back and not recognised:
         # The step reads back: what is missing is an ending runctl takes for a checkpoint's
         # (`checkpoint_{step}.pth.tar` was told its step could not be read; loop pass).
         raise UsageError(
             f"filename {filename!r} gives names like {name!r}, which runctl does not take for a "
             "checkpoint: end it in .pt, .pth, .ckpt, .bin, .safetensors or .pkl"
         )
-    if not is_recognised(name) or 12345 not in parse_step(name):
+    if not (recognised and reads_back):
         raise UsageError(
             f"filename {filename!r} gives names like {name!r}, whose step runctl cannot read back "
             "(it orders checkpoints by it): use a name like 'step_{step}.pt' or 'model-{step}.pt'"
@@ -293,12 +294,13 @@ class CheckpointManager:
         import shutil
 
         from runctl.localrun import open_for_writing
+        from runctl.transfer.ops import TMP_PREFIX
 
         try:
             stale = [
                 e
                 for e in os.scandir(self.local_dir)
-                if e.name.startswith(".runctl-tmp-") and e.stat(follow_symlinks=False).st_mtime < _PROCESS_BEGAN
+                if e.name.startswith(TMP_PREFIX) and e.stat(follow_symlinks=False).st_mtime < _PROCESS_BEGAN
             ]
         except OSError:
             return 0

@@ -924,9 +924,7 @@ class BotoTransfer(Transfer):
         """
         if not rels:
             return {}
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(len(rels), 16), thread_name_prefix="runctl-head") as pool:
+        with DaemonPool(min(len(rels), 16), name="runctl-head") as pool:  # a hung HEAD holds no exit
             looked = pool.map(lambda rel: (rel, self.stat(S3URL(prefix.bucket, prefix.key + rel))), rels)
             return {rel: info for rel, info in looked if info is not None}
 

@@ -43,7 +43,9 @@ CHUNK = 1_000
 SHARED_NAME = "other keys are below it as a prefix, and a file and a directory cannot share its path"
 #: A directory upload of at most this many files goes to the backend whole (``put_tree``).
 TREE_MAX_FILES = 50_000
-_TMP_PREFIX = ".runctl-tmp-"
+#: The name a download is written under before it is put in place (``CheckpointManager``
+#: removes one a killed process left).
+TMP_PREFIX = ".runctl-tmp-"
 _TMP_HEX = 16  # hex digits after the prefix in a temporary file's name
 #: runctl's own state directory inside a checkpoint root (journal, staging, locks).
 STATE_DIR = ".runctl"
@@ -209,7 +211,7 @@ def _walk_files(
             name = entry.name
             link = _is(entry.is_symlink)
             if _is(entry.is_dir):  # follows a symlink, like os.walk: never entered, never sent
-                if name == STATE_DIR or link or name.startswith(_TMP_PREFIX):
+                if name == STATE_DIR or link or name.startswith(TMP_PREFIX):
                     if odd is not None:
                         odd.append(directory / name)
                     if link:
@@ -222,7 +224,7 @@ def _walk_files(
                     subdirs.append((directory / name, rel_dir + name + "/"))
                 continue
             path = directory / name
-            if name.startswith(_TMP_PREFIX):  # our own interrupted download
+            if name.startswith(TMP_PREFIX):  # our own interrupted download
                 if odd is not None:
                     odd.append(path)
                 continue
@@ -619,14 +621,14 @@ def runctl_own(rel: str) -> bool:
         >>> runctl_own("run/step_1.pt")
         False
     """
-    return any(part == STATE_DIR or part.startswith(_TMP_PREFIX) for part in rel.split("/"))
+    return any(part == STATE_DIR or part.startswith(TMP_PREFIX) for part in rel.split("/"))
 
 
 # -- download ---------------------------------------------------------------------------------
 
 
 def _tmp_name(final: Path) -> Path:
-    return final.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex[:_TMP_HEX]}"
+    return final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:_TMP_HEX]}"
 
 
 def _discard(tmps: Iterable[Path]) -> None:
@@ -635,7 +637,7 @@ def _discard(tmps: Iterable[Path]) -> None:
     by_parent: dict[Path, set[str]] = {}
     for tmp in tmps:
         by_parent.setdefault(tmp.parent, set()).add(tmp.name)
-    cut = len(_TMP_PREFIX) + _TMP_HEX
+    cut = len(TMP_PREFIX) + _TMP_HEX
     for parent, names in by_parent.items():
         try:
             entries = list(os.scandir(parent))
@@ -715,7 +717,7 @@ def _fetch(
     if tree is not None:
         made = [p for p in (dest_root, *dest_root.parents) if not p.exists()]
         dest_root.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=dest_root))
+        stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=dest_root))
     try:
         return _fetch_into(transfer, items, dest_root.resolve(), stage, tree, failures, progress)
     finally:
@@ -1042,8 +1044,8 @@ def download(
     # it is (a file stdout was redirected to included); a device or a FIFO, or a symlink to one
     # (/dev/null), is written into, as aws does. A rename would replace the link, or put a
     # regular file in the device's place (as root, in /dev).
-    own = own_descriptor(final)
-    named = names_descriptor(final)
+    named = names_descriptor(final)  # one walk of the links, for both questions
+    own = _open_std(named)
     if own is None and named is not None and named <= 2:
         # Closed (`>&-`): /proc/self/fd/1 is not there, and the rename below replaced the
         # /dev/stdout link itself with the object, for every process after (surface pass).
@@ -1090,7 +1092,11 @@ def own_descriptor(path: str | os.PathLike[str]) -> int | None:
         >>> own_descriptor("/dev/stdout"), own_descriptor("/tmp/x")
         (1, None)
     """
-    fd = names_descriptor(path)
+    return _open_std(names_descriptor(path))
+
+
+def _open_std(fd: int | None) -> int | None:
+    """``fd`` when it is a standard stream (0-2) that is open, else None."""
     if fd is None or fd > 2:
         return None
     try:
