@@ -145,15 +145,18 @@ def _bare_env(**extra: str) -> dict[str, str]:
     return env | {"AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT)} | extra
 
 
-def _runctl(*args: str, env: dict[str, str]) -> Any:
+def _runctl(*args: str, env: dict[str, str], stdout_closed: bool = False) -> Any:
+    """``python -m runctl ARGS`` with exactly ``env``; ``stdout_closed``: as under ``>&-``."""
     import subprocess
     import sys
 
     from tests.cli.cli_support import ROOT
 
     return subprocess.run(
-        [sys.executable, "-m", "runctl", *args], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT
-    )
+        [sys.executable, "-m", "runctl", *args], stdout=None if stdout_closed else subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, timeout=60, cwd=ROOT,
+        preexec_fn=(lambda: os.close(1)) if stdout_closed else None,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["--use-s5cmd", "--no-use-s5cmd"])
@@ -346,19 +349,11 @@ def test_a_usage_error_with_json_anywhere_is_a_record_too(args: list[str]) -> No
 def test_a_closed_stdout_is_no_internal_error(moto_server: S3Server, tmp_path: Path) -> None:
     # `runctl ... >&-`: the upload landed, then "internal error: AttributeError", exit 1
     # (Python's sys.stdout is None then; surface pass). What it says goes nowhere.
-    import subprocess
-    import sys
-
-    from tests.cli.cli_support import ROOT
-
     bucket = S3URL(moto_server.new_bucket())
     (tmp_path / "f.pt").write_bytes(b"weights")
-    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
+    env = _bare_env(**moto_server.env())
     for args in (["upload", str(tmp_path / "f.pt"), f"{bucket}run/"], ["list", f"{bucket}run/", "--json"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "runctl", "s3", *args], stdout=None, stderr=subprocess.PIPE, text=True,
-            env=env, timeout=60, cwd=ROOT, preexec_fn=lambda: os.close(1),
-        )  # fmt: skip
+        done = _runctl("s3", *args, env=env, stdout_closed=True)
         assert done.returncode == 0, (args, done.stderr)
         assert "internal error" not in done.stderr
     assert keys(moto_server, bucket) == {"run/f.pt": b"weights"}
@@ -368,20 +363,12 @@ def test_a_download_to_dev_stdout_closed_never_replaces_the_link(moto_server: S3
     # With stdout closed, /dev/stdout leads nowhere, and the download's rename replaced the
     # /dev/stdout link itself with the object, for every process on the machine after
     # (surface pass: found so, a regular file of 1000 bytes). A link of ours stands in for it.
-    import subprocess
-    import sys
-
-    from tests.cli.cli_support import ROOT
-
     bucket = S3URL(moto_server.new_bucket())
     put(moto_server, bucket, "run/f.pt", b"weights")
     link = tmp_path / "stdout"
     link.symlink_to("/proc/self/fd/1")
-    env = {**os.environ, **moto_server.env(), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "runctl", "s3", "download", f"{bucket}run/f.pt", str(link)], stdout=None,
-        stderr=subprocess.PIPE, text=True, env=env, timeout=60, cwd=ROOT, preexec_fn=lambda: os.close(1),
-    )  # fmt: skip
+    done = _runctl("s3", "download", f"{bucket}run/f.pt", str(link), env=_bare_env(**moto_server.env()),
+                   stdout_closed=True)  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert_one_line_error(done.stderr, contains="names this process's stdout, which is closed")
     assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
