@@ -233,7 +233,8 @@ class Review:
     markers_verified: bool = False
     #: Every name pinned under the prefix (``<prefix>.runctl/pinned/<name>``), checkpoint or not.
     pinned: tuple[str, ...] = ()
-    #: Unfinished multipart uploads were asked for (``include_multipart``): none listed means none.
+    #: Unfinished multipart uploads were asked for (``include_multipart``) and listed without an
+    #: error: only then does none listed mean none.
     multipart_listed: bool = True
 
     @property
@@ -439,7 +440,7 @@ def review(
 
     ``prices`` overrides ``DEFAULT_PRICES`` per storage class (USD per GB-month). A server that
     cannot list multipart uploads leaves ``multipart_error`` set instead of failing the review;
-    without ``include_multipart``, ``multipart_listed`` is False.
+    then, or without ``include_multipart``, ``multipart_listed`` is False.
     A directory checkpoint is complete when it has a non-empty marker; ``verify_markers`` also
     reads each marker (one batch, beside the listing) and checks it against the listed files, as
     retention does: 1,000 checkpoints cost about a second more.
@@ -576,7 +577,7 @@ def review(
         multipart_uploads=tuple(uploads),
         multipart_size=sum(u.size for u in uploads),
         multipart_error=multipart_error,
-        multipart_listed=include_multipart,
+        multipart_listed=include_multipart and multipart_error is None,
         abandoned_after=abandoned_after,
         costs=tuple(costs),
         total_monthly_cost=sum(c.monthly_cost for c in costs if c.monthly_cost is not None),

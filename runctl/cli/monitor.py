@@ -268,10 +268,10 @@ def _review_tables(out: Output, result: Review, detailed: bool) -> None:
         )
 
     out.line("")
-    if not result.multipart_listed:
-        out.line("Multipart uploads: not listed")
-    elif result.multipart_error:
+    if result.multipart_error:
         out.line(f"Multipart uploads: could not list them ({result.multipart_error})")
+    elif not result.multipart_listed:
+        out.line("Multipart uploads: not listed")
     elif result.multipart_uploads:
         out.table(
             ("key", "initiated (UTC)", "age", "parts", "size", "state"),

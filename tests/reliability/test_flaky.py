@@ -431,3 +431,20 @@ def test_a_page_served_twice_is_counted_once_by_a_size_cap(
     clean = run_cli(proxy.url, "s3", "cleanup", f"{bucket}run/", "--max-total-size", "300B", "--no-use-s5cmd")
     assert clean.exit_code == 0, clean.stderr
     assert sorted(s3_snapshot(moto_server, bucket.bucket)) == ["run/step_3.pt", "run/step_4.pt", "run/step_5.pt"]
+
+
+def test_review_that_could_not_list_multipart_uploads_never_says_it_listed_them(
+    moto_server: S3Server, make_proxy, tmp_path: Path
+) -> None:
+    # A server that refuses ListMultipartUploads (rclone has no such listing) leaves the review
+    # standing, with the error; its JSON must not also say the uploads were listed (none seen
+    # would then read as none there).
+    bucket = S3URL(moto_server.new_bucket())
+    put_object(moto_server, bucket, "run/step_1.pt", b"ab")
+    proxy = make_proxy(moto_server, FaultPlan(rules=[Rule("error500", 1000, "GET", "uploads")]))
+    result = run("--endpoint-url", proxy.url, "s3", "review", str(bucket.join("run/")), "--json", "--no-use-s5cmd")
+    assert result.exit_code == 0, result.output
+    doc = records(result.stdout)[-1]
+    assert doc["multipart_error"] and doc["multipart_listed"] is False
+    result = run("--endpoint-url", proxy.url, "s3", "review", str(bucket.join("run/")), "--no-use-s5cmd")
+    assert "Multipart uploads: could not list them" in result.stdout
