@@ -676,9 +676,9 @@ def bench_transfers(b: Bench) -> None:
         reps = s.cli_large_reps if is_large else s.small_reps
         slow = s.large_slow_reps if is_large else s.small_slow_reps
         b.log(f"3/8. upload {ds.label}")
-        rows_up[ds.key] = _upload_arms(b, ds, reps, slow)
+        # 3c and 3f time the least Typer upload and download too; 3e sits at its start-up floor.
+        rows_up[ds.key] = _upload_arms(b, ds, reps, slow, least=ds.is_dir and not is_large)
         b.log(f"3/8. download {ds.label}")
-        # 3f times the least Typer download too; 3e sits at its start-up floor.
         rows_down[ds.key] = _download_arms(b, ds, reps, slow, least=ds.is_dir and not is_large)
 
     # 3 and 8: the CLI on each backend
@@ -706,7 +706,7 @@ def bench_transfers(b: Bench) -> None:
                 least = arms.get("least")
                 if least is not None and least.median is not None:
                     row.ratios += f"; {fmt_ratio(_ratio(arm, least))} least"
-                    row.baselines += f"; least Typer download {fmt_s(least.median)} (= {fmt_ratio(_ratio(least, s5))} s5cmd)"
+                    row.baselines += f"; {least.name} {fmt_s(least.median)} (= {fmt_ratio(_ratio(least, s5))} s5cmd)"
                 checks = [None if r_s5 is None else r_s5 <= (1.05 if is_large else 1.2)]
                 if not is_large:
                     checks.append(None if r_aws is None else r_aws <= 0.25)
@@ -722,13 +722,7 @@ def bench_transfers(b: Bench) -> None:
                     "nothing but start, before it reads a file or a key"
                 )
             if "least" in arms:
-                row.note = (
-                    "'least' = a one-command Typer app (benchmarks/least_download.py) "
-                    "that keeps runctl's download promises with the least work: `s5cmd ls` beside "
-                    "one wildcard `s5cmd cp` into a temporary directory, containment checked on "
-                    "strings, each file given its object's time and renamed into place, a line "
-                    "per file; the floor for any Typer CLI that makes those promises"
-                )
+                row.note = LEAST_NOTES[direction]
             b.rows.append(row)
 
             row8 = Row(
@@ -785,7 +779,9 @@ def _s5cmd_upload_arm(b: Bench, ds: data.Dataset, reps: int) -> Arm:
     )
 
 
-def _upload_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str, Arm]:
+def _upload_arms(
+    b: Bench, ds: data.Dataset, reps: int, slow: int, *, least: bool = False
+) -> dict[str, Arm]:
     t = b.tools
     local = str(ds.path)
     recursive = ["--recursive"] if ds.is_dir else []
@@ -798,6 +794,14 @@ def _upload_arms(b: Bench, ds: data.Dataset, reps: int, slow: int) -> dict[str, 
             teardown=_check_landed(b, ds, "runctl"),
         )
     arms["s5cmd"] = _s5cmd_upload_arm(b, ds, reps)
+    if least:
+        least_cmd = [sys.executable, str(LEAST_UPLOAD), t.s5cmd, t.endpoint, local]
+        arms["least"] = Arm(
+            "least Typer upload",
+            lambda rep: b.cmd([*least_cmd, _up_dest(ds, "least", rep)]),
+            reps,
+            teardown=_check_landed(b, ds, "least"),
+        )
     if t.aws:
         arms["aws"] = Arm(
             "aws s3 cp",
@@ -964,9 +968,26 @@ def _warm_server(b: Bench, prefix: str, bucket: str = "bench") -> None:
             client.head_object(Bucket=bucket, Key=key)
 
 
-#: The floor of row 3f: the least a Typer CLI can do to download a prefix with runctl's promises.
+#: The floors of rows 3c and 3f: the least a Typer CLI can do to upload a directory, or download
+#: a prefix, with runctl's promises.
+LEAST_UPLOAD = Path(__file__).with_name("least_upload.py")
 LEAST_DOWNLOAD = Path(__file__).with_name("least_download.py")
 LEAST_ARM = "least Typer download"
+LEAST_NOTES = {
+    "upload": (
+        "'least' = a one-command Typer app (benchmarks/least_upload.py) that keeps runctl's "
+        "upload promises with the least work: a walk that sends plain files only, each file's "
+        "size and time taken before and after, one `s5cmd cp DIR/ PREFIX/`, every file required "
+        "at its own key, a line per file; the floor for any Typer CLI that makes those promises"
+    ),
+    "download": (
+        "'least' = a one-command Typer app (benchmarks/least_download.py) "
+        "that keeps runctl's download promises with the least work: `s5cmd ls` beside "
+        "one wildcard `s5cmd cp` into a temporary directory, containment checked on "
+        "strings, each file given its object's time and renamed into place, a line "
+        "per file; the floor for any Typer CLI that makes those promises"
+    ),
+}
 
 
 def _download_arms(
