@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,11 +38,23 @@ def human_size(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
+#: Control characters a message shows escaped (``\x1b``), never as themselves or as a space:
+#: a key's ESC went to the terminal as it is, and its ``\x0b`` read as a space named another
+#: object that exists (keys pass). Tabs and line breaks are a message's own, and collapse.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def one_line(text: str) -> str:
-    """Collapse a message onto one line and remove every known credential."""
+    r"""Collapse a message onto one line and remove every known credential.
+
+    Example:
+        >>> one_line("upload of s3://b/a\x1bb failed:\n  timeout")
+        'upload of s3://b/a\\x1bb failed: timeout'
+    """
     from runctl.config import scrub
 
-    return " ".join(scrub(str(text)).split())
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", scrub(str(text)))
+    return " ".join(text.split())
 
 
 def debug_enabled() -> bool:
@@ -264,7 +277,8 @@ class Output:
         if self.json:
             fields: dict[str, Any] = {"message": text, "exit_code": exit_code}
             if failures:
-                fields["failures"] = {one_line(k): one_line(v) for k, v in failures.items()}
+                # JSON carries a key's control characters escaped: the key as it is.
+                fields["failures"] = {scrub(k): one_line(v) for k, v in failures.items()}
             self.record("error", **fields)
             self.flush()
         self.stderr.write(f"{PROG}: error: {text}\n")

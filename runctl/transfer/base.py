@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,26 @@ DELETE_BATCH = 1_000
 
 #: Called with a number of bytes just moved.
 ProgressCallback = Callable[[int], None]
+
+#: What an S3 XML body cannot carry as itself: the characters XML 1.0 has no place for, and a
+#: carriage return, which every XML parser reads as a newline.
+_NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\r\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(key: str) -> bool:
+    r"""Whether ``key`` goes into an XML body (DeleteObjects) and reaches S3 unchanged.
+
+    A key with a control character does not: s5cmd (Go's encoding/xml) writes U+FFFD in its
+    place, and S3 deleted whichever key has U+FFFD there, in another prefix too (keys pass);
+    botocore writes it as it is, and S3 refuses the whole batch (MalformedXML). Such a key is
+    deleted on its own, its name in the request's path. A listing read from XML without
+    ``EncodingType=url`` loses the same characters.
+
+    Example:
+        >>> xml_safe("run/step 1.pt"), xml_safe("run/step\x1b1.pt"), xml_safe("run/a\rb")
+        (True, False, False)
+    """
+    return _NOT_IN_XML.search(key) is None
 
 
 def part_size_for(size: int, default: int = DEFAULT_PART_SIZE) -> int:

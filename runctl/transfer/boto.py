@@ -39,6 +39,7 @@ from runctl.transfer.base import (
     Transfer,
     failure_summary,
     part_size_for,
+    xml_safe,
 )
 from runctl.transfer.threads import DaemonPool
 
@@ -864,7 +865,11 @@ class BotoTransfer(Transfer):
     # -- small operations --------------------------------------------------------------------
 
     def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:
-        """Delete keys in batches of 1,000 (DeleteObjects, quiet); per-key errors are collected."""
+        """Delete keys in batches of 1,000 (DeleteObjects, quiet); per-key errors are collected.
+
+        A key XML cannot carry (``xml_safe``) is deleted on its own (DeleteObject): in a batch
+        it failed the whole batch, and retention deleted nothing of the prefix.
+        """
         deleted = 0
         errors: dict[str, str] = {}
         iterator = iter(keys)
@@ -872,6 +877,20 @@ class BotoTransfer(Transfer):
             batch = list(itertools.islice(iterator, DELETE_BATCH))
             if not batch:
                 break
+            odd = [key for key in batch if not xml_safe(key)]
+            if odd:
+                batch = [key for key in batch if xml_safe(key)]
+                for key in odd:
+                    try:
+                        self._call(self.client.delete_object, Bucket=bucket, Key=key)
+                    except Exception as exc:  # noqa: BLE001 - reported per key, like DeleteObjects
+                        mapped = map_error(exc, f"s3://{bucket}/{key}", "delete of")
+                        if mapped.code not in ("NoSuchKey", "404"):
+                            errors[key] = str(mapped)
+                            continue
+                    deleted += 1
+                if not batch:
+                    continue
             try:
                 response = self._call(
                     self.client.delete_objects,

@@ -59,6 +59,7 @@ from runctl.transfer.base import (
     failure_summary,
     kernel_abspath,
     part_size_for,
+    xml_safe,
 )
 from runctl.transfer.boto import (
     abort_multipart,
@@ -273,6 +274,11 @@ def _ends_within(child: subprocess.Popen, seconds: float) -> bool:
 
 #: HEADs in flight when looking up what a listing left out (``S5cmdTransfer.unlisted``).
 UNLISTED_LOOKUPS = 16
+
+#: The longest file name s5cmd can download to: it writes ``<name><up to 10 digits>`` first,
+#: and a file name has at most 255 bytes (a 250-byte name failed with "file name too long"
+#: and went by botocore, which shortens its temporary name, instead; keys pass).
+_TEMP_NAME_MAX = 255 - 10
 
 #: What setpriv prints when it cannot exec the program it was given.
 _LAUNCH_FAILED = b"setpriv: failed to execute"
@@ -1352,7 +1358,7 @@ class S5cmdTransfer:
 
         def each_job() -> Iterator[_Job]:
             for url, path in pairs:
-                if url.is_prefix:
+                if url.is_prefix or len(os.fsencode(os.path.basename(path))) > _TEMP_NAME_MAX:
                     odd.append((url, path))
                     continue
                 if os.path.isdir(path):
@@ -1429,7 +1435,7 @@ class S5cmdTransfer:
             self.get_files(list(pairs), progress=progress)
             return
         source = f"s3://{prefix.bucket}/{prefix.key}*"
-        flags = ("--concurrency", str(PART_CONCURRENCY), "--exclude", "*..*")
+        flags = ("--concurrency", str(PART_CONCURRENCY), "--exclude", "*..*", "--exclude", "*.")
         argv = self._argv("cp", *flags, source, base, numworkers=SMALL_FILE_NUMWORKERS)
         got: dict[str, str] = {}  # source URL -> the path s5cmd wrote it to
 
@@ -1527,6 +1533,13 @@ class S5cmdTransfer:
         errors: list[str] = []
         noise: list[str] = []
         records = 0
+        # s5cmd reads a listing's XML without EncodingType=url: a key with a character XML
+        # cannot carry comes back with U+FFFD in its place (rclone), or fails the page
+        # (moto: SerializationError), and a carriage return comes back a newline. From such
+        # a key on, botocore lists, which reads keys URL-encoded, exactly (keys pass).
+        last: str | None = None  # the last key given (a recursive listing is in key order)
+        given: set[str] = set()  # a one-level listing's keys given
+        garbled = False
         events = child.events()
         try:
             for stream, raw in events:
@@ -1548,11 +1561,24 @@ class S5cmdTransfer:
                     errors.append(_tidy(record.get("error", text)))
                 else:
                     item = self._listing_item(record, url.bucket, base, recursive)
-                    if item is not None:
-                        yield item
+                    if item is None:
+                        continue
+                    if not xml_safe(item.key) or "\ufffd" in item.key or "\n" in item.key:
+                        garbled = True
+                        break
+                    if recursive:
+                        last = item.key
+                    else:
+                        given.add(item.key)
+                    yield item
         finally:
             events.close()  # an abandoned listing kills its s5cmd at once
             self._release(child)
+        if garbled or any("SerializationError" in e for e in errors):
+            for item in self._boto_list(url, recursive, start_after=last):
+                if item.key not in given:
+                    yield item
+            return
         real = [e for e in errors if e != "no object found"]
         if not records and child.proc.returncode == 0 and not self._is_s5cmd():
             # s5cmd says "no object found" (exit 1) where nothing matches, and exits 0 saying
@@ -1608,6 +1634,8 @@ class S5cmdTransfer:
     def delete_keys(self, bucket: str, keys: Iterable[str]) -> DeleteResult:
         """Delete keys in ``rm`` lines of at most 1,000 keys (one DeleteObjects each); a missing key is fine.
 
+        A key an ``rm`` line or XML cannot carry (``xml_safe``) is deleted on its own, with botocore.
+
         Example:
             >>> t.delete_keys("b", ["run/step_1.pt", "run/step_2.pt"]).deleted  # doctest: +SKIP
             2
@@ -1616,7 +1644,8 @@ class S5cmdTransfer:
         wanted = list(dict.fromkeys(k for k in keys))
         if not wanted:
             return DeleteResult(0)
-        plain = [k for k in wanted if k and not k.endswith("/") and _fits_run_line(k)]
+        # A key XML cannot carry goes on its own (``xml_safe``): s5cmd would delete another.
+        plain = [k for k in wanted if k and not k.endswith("/") and _fits_run_line(k) and xml_safe(k)]
         in_plain = set(plain)
         odd = [k for k in wanted if k not in in_plain]
         errors: dict[str, str] = {}
@@ -1815,11 +1844,15 @@ class S5cmdTransfer:
 
     # -- boto3 for what s5cmd cannot express --------------------------------------------------
 
-    def _boto_list(self, url: S3URL, recursive: bool) -> Iterator[ObjectInfo | PrefixInfo]:
+    def _boto_list(
+        self, url: S3URL, recursive: bool, start_after: str | None = None
+    ) -> Iterator[ObjectInfo | PrefixInfo]:
         paginator = self._client().get_paginator("list_objects_v2")
         kwargs: dict[str, Any] = {"Bucket": url.bucket, "Prefix": url.key}
         if not recursive:
             kwargs["Delimiter"] = "/"
+        if start_after is not None:
+            kwargs["StartAfter"] = start_after
         try:
             for page in paginator.paginate(**kwargs):
                 for common in page.get("CommonPrefixes", []) or []:

@@ -644,6 +644,59 @@ def test_delete_more_than_1000_keys(transfer: Transfer, s3_server: S3Server, buc
     assert transfer.delete_keys(bucket.bucket, []).deleted == 0
 
 
+def _control_keys(server: S3Server) -> list[str]:
+    """Keys XML 1.0 cannot carry as themselves; a carriage return only on moto (rclone keeps
+    objects as files and lists one back changed)."""
+    keys = ["ctl/ck\x1b[1]/step_1.pt", "ctl/step_2\x01.pt", "ctl/step_3\x0b.pt"]
+    return keys + (["ctl/step_4\r.pt"] if server.kind == "moto" else [])
+
+
+def test_keys_xml_cannot_carry_are_listed_and_deleted_exactly(
+    transfer: Transfer, s3_server: S3Server, bucket: S3URL
+) -> None:
+    # s5cmd's DeleteObjects body had U+FFFD in place of the ESC: S3 deleted "ck\ufffd[1]/..."
+    # (another prefix) and kept the key asked for; botocore's body was refused whole
+    # (MalformedXML), plain keys of the batch too. s5cmd's listing read such a key as U+FFFD
+    # (rclone) or failed (moto: SerializationError), and a CR as a newline (keys pass).
+    odd = _control_keys(s3_server)
+    neighbours = ["ctl/ck\ufffd[1]/step_1.pt", "ctl/step_5.pt"]
+    put_raw(s3_server, bucket.bucket, odd + neighbours)
+    want = sorted(odd + neighbours)
+    assert [row[1] for row in listing(transfer, bucket.join("ctl/"))] == want
+    assert [row[1] for row in listing(transfer, bucket.join("ctl/step_"))] == [k for k in want if "step_" in k[4:9]]
+
+    result = transfer.delete_keys(bucket.bucket, [*odd, "ctl/step_5.pt"])
+
+    assert result.errors == {} and result.deleted == len(odd) + 1
+    left = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket.bucket)["Contents"]]
+    assert left == ["ctl/ck\ufffd[1]/step_1.pt"]
+
+
+def test_a_key_ending_in_a_dot_segment_leaves_no_file_behind(
+    transfer: Transfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # "dot/." was refused as unsafe, but s5cmd's copy had already written it to a temporary
+    # file beside the staging directory, where it stayed (keys pass). rclone cannot store it.
+    if s3_server.kind == "rclone":
+        pytest.skip("rclone keeps objects as files: no key ending in '/.'")
+    put_raw(s3_server, bucket.bucket, ["dot/.", "dot/a.pt"])
+    with pytest.raises(PartialTransferError) as info:
+        ops.download(transfer, bucket.join("dot/"), tmp_path / "out", recursive=True)
+    assert list(info.value.failures) == [str(bucket.join("dot/."))]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.pt"]
+
+
+def test_a_file_name_of_250_bytes_downloads_recursively(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path
+) -> None:
+    # s5cmd writes "<name><up to 10 digits>" first: "file name too long" (keys pass).
+    name = "x" * 247 + ".pt"
+    transfer.put_bytes(b"long", bucket.join(f"long/{name}"))
+    transfer.put_bytes(b"short", bucket.join("long/short.pt"))
+    ops.download(transfer, bucket.join("long/"), tmp_path / "out", recursive=True)
+    assert tree_files(tmp_path / "out") == {name: b"long", "short.pt": b"short"}
+
+
 # -- sync -------------------------------------------------------------------------------------
 
 

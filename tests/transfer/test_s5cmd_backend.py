@@ -916,7 +916,7 @@ def test_a_prefix_downloads_in_one_wildcard_copy_beside_the_listing(
     # The copy, then the listing started beside it; the key with ".." in it came by name.
     assert sorted(subcommands(calls)) == ["cp", "ls", "run"]
     (copy,) = [line for line in calls.read_text().splitlines() if " cp " in line]
-    assert f" cp --concurrency 5 --exclude *..* {bucket}run/* {out}/.runctl-tmp-" in copy
+    assert f" cp --concurrency 5 --exclude *..* --exclude *. {bucket}run/* {out}/.runctl-tmp-" in copy
     assert sorted(os.listdir(out)) == ["d0", "d1", "d2", "v1..2.pt"]  # the stage is gone
     listed = {o.key: o for o in t.iter_objects(bucket.join("run/")) if isinstance(o, ObjectInfo)}
     for key in keys:
