@@ -15,7 +15,7 @@ import stat as stat_module
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ from runctl.exceptions import (
     JournalError,
     LockTimeout,
     NoSuchKeyError,
+    PartialTransferError,
     RunctlError,
     TransferError,
     UploadError,
@@ -2723,105 +2724,188 @@ def latest_checkpoints(
         >>> [p.name for p in latest_checkpoints("s3://bucket/gan/", "restore/")]  # doctest: +SKIP
         ['net_g_5000.pth', 'net_d_5000.pth']
     """
-    from runctl.retention import missing_partners, positions
-
     url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
     prefix = url.as_prefix()
     owns = transfer is None
     if transfer is None:
         transfer = make_transfer(config or resolve_config(), use_s5cmd=use_s5cmd)
     try:
-        from runctl.transfer.ops import download_objects
-
-        objects = [
-            o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)
-        ]
-        markers: dict[str, bytes] = {}
-
-        def read_marker(key: str) -> bytes:
+        for attempt in range(1, LATEST_ATTEMPTS + 1):
             try:
-                markers[key] = transfer.get_bytes(S3URL(prefix.bucket, key))
-            except NoSuchKeyError:
-                raise  # deleted since the listing: that checkpoint is going
-            except TransferError as exc:
-                raise _MarkerUnreadable(key, exc) from None
-            return markers[key]
-
-        try:
-            grouped = group_s3(
-                objects, prefix, treat_unmarked_complete=treat_unmarked_complete, read_marker=read_marker
-            )
-        except _MarkerUnreadable as exc:
-            # Taken as "incomplete", a marker S3 failed to give (a 500, a reset, an outage just
-            # after the listing) made --latest bring down an older checkpoint, exit 0, or say
-            # there was none (re-run pass): a launcher would start the run afresh.
-            raise TransferError(
-                f"cannot read the marker {exc.key} under {prefix} ({exc.cause}): not choosing "
-                "a checkpoint without knowing whether it is whole",
-                url=str(prefix),
-            ) from None
-        complete = [c for c in grouped.checkpoints if c.complete]
-        passed_by = strays(complete)  # embeddings_4096.pt beside step_N.pt: not the newest
-        complete = [c for c in complete if c.name not in passed_by]
-        if names is not None:
-            # The generator's manager resumed from net_d_200.pth on a fresh machine: the newest
-            # step's other file (resume pass); and from it still, with no net_g_ whole in S3.
-            complete = [c for c in complete if names(c.name)]
-        newest = newest_state(complete)
-        if newest is None:
-            log.info("no complete checkpoint under %s", prefix)
-            return []
-        # By step: an alias (last.ckpt) has none, but is newer still when it landed later.
-        highest = complete[-1]  # group_s3 lists checkpoints oldest first
-        if newer_than is not None and step_order(highest.name) <= step_order(newer_than):
-            log.info("S3's newest, %s, is not newer than %s", highest.name, newer_than)
-            return []
-        if same_step and not is_alias(newest.name):
-            # A newest step without a kind of file the step before has is likely still on its
-            # way (or torn by a crash): the step before is the newest to resume from whole.
-            torn = missing_partners(complete)
-            if newest.order_key()[:2] in torn:
-                whole = newest_state([c for c in complete if c.order_key()[:2] not in torn])
-                if whole is not None:
-                    log.warning(
-                        "the newest step under %s is not whole (%s): taking %s",
-                        prefix, torn[newest.order_key()[:2]], whole.name,
-                    )
-                    newest = whole
-        chosen_checkpoints = [newest]
-        if same_step and not is_alias(newest.name):
-            at = positions(complete)
-            chosen_checkpoints += [
-                c
-                for c in reversed(complete)
-                if c is not newest and not is_alias(c.name) and at[c.name] == at[newest.name]
-            ]
-        dest_dir = Path(dest)
-        by_key = {o.key: o for o in objects}
-        paths = [
-            restore_path(dest_dir, by_key[c.files[0]], warn=not dry_run)
-            if keep_newer_local and not c.is_dir
-            else dest_dir / c.name
-            for c in chosen_checkpoints
-        ]
-        if dry_run:
-            return paths
-        # Each is a direct child of the prefix, so it lands in its path's directory (dest, or
-        # .runctl/restored/ for one set aside) under its own name.
-        into: dict[Path, list[ObjectInfo]] = {}
-        for c, path in zip(chosen_checkpoints, paths, strict=True):
-            into.setdefault(path.parent, []).extend(by_key[key] for key in _its_own(c, markers))
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        for where, chosen in into.items():
-            download_objects(transfer, chosen, prefix, where)
-        log.info(
-            "downloaded %s (%d file(s)) from %s to %s",
-            ", ".join(c.name for c in chosen_checkpoints), sum(map(len, into.values())), prefix, dest_dir,
-        )
-        for c in chosen_checkpoints:
-            if c.is_dir:
-                _warn_of_strays(dest_dir / c.name, {k[len(prefix.key) :] for k in _its_own(c, markers)})
-        return paths
+                return _latest_once(
+                    transfer,
+                    prefix,
+                    Path(dest),
+                    treat_unmarked_complete=treat_unmarked_complete,
+                    dry_run=dry_run,
+                    newer_than=newer_than,
+                    same_step=same_step,
+                    keep_newer_local=keep_newer_local,
+                    names=names,
+                    final=attempt == LATEST_ATTEMPTS,
+                )
+            except _Stale as exc:
+                log.info("%s: listing %s again", exc, prefix)
+        raise AssertionError("unreachable: the last attempt never raises _Stale")
     finally:
         if owns:
             transfer.close()
+
+
+#: How many times ``latest_checkpoints`` lists again when what it listed was deleted while it
+#: read it (another process's retention, once a newer checkpoint landed).
+LATEST_ATTEMPTS = 4
+
+
+class _Stale(Exception):
+    """What ``latest_checkpoints`` listed was deleted while it read it: list again."""
+
+
+def _latest_once(
+    transfer: Transfer,
+    prefix: S3URL,
+    dest_dir: Path,
+    *,
+    treat_unmarked_complete: bool,
+    dry_run: bool,
+    newer_than: str | None,
+    same_step: bool,
+    keep_newer_local: bool,
+    names: Callable[[str], bool] | None,
+    final: bool,
+) -> list[Path]:
+    """One listing, choice and download of ``latest_checkpoints``; ``_Stale`` unless ``final``."""
+    from runctl.retention import missing_partners, positions
+    from runctl.transfer.ops import download_objects
+
+    objects = [o for o in transfer.iter_objects(prefix, recursive=True) if isinstance(o, ObjectInfo)]
+    markers: dict[str, bytes] = {}
+    vanished: list[str] = []
+
+    def read_marker(key: str) -> bytes:
+        try:
+            markers[key] = transfer.get_bytes(S3URL(prefix.bucket, key))
+        except NoSuchKeyError:
+            vanished.append(key)
+            raise  # deleted since the listing: that checkpoint is going
+        except TransferError as exc:
+            raise _MarkerUnreadable(key, exc) from None
+        return markers[key]
+
+    try:
+        grouped = group_s3(
+            objects, prefix, treat_unmarked_complete=treat_unmarked_complete, read_marker=read_marker
+        )
+    except _MarkerUnreadable as exc:
+        # Taken as "incomplete", a marker S3 failed to give (a 500, a reset, an outage just
+        # after the listing) made --latest bring down an older checkpoint, exit 0, or say
+        # there was none (re-run pass): a launcher would start the run afresh.
+        raise TransferError(
+            f"cannot read the marker {exc.key} under {prefix} ({exc.cause}): not choosing "
+            "a checkpoint without knowing whether it is whole",
+            url=str(prefix),
+        ) from None
+    if vanished and not final:
+        # Retention deletes a checkpoint once a newer one is whole: this listing may predate
+        # it. Taken as it was, a listing of checkpoint-97 whose marker went before it was
+        # read gave "none" (4 in 58 calls beside an uploader keeping 1), which a launcher
+        # takes for a fresh start (concurrency pass).
+        raise _Stale(f"marker {vanished[0]} was deleted after it was listed")
+    complete = [c for c in grouped.checkpoints if c.complete]
+    passed_by = strays(complete)  # embeddings_4096.pt beside step_N.pt: not the newest
+    complete = [c for c in complete if c.name not in passed_by]
+    if names is not None:
+        # The generator's manager resumed from net_d_200.pth on a fresh machine: the newest
+        # step's other file (resume pass); and from it still, with no net_g_ whole in S3.
+        complete = [c for c in complete if names(c.name)]
+    newest = newest_state(complete)
+    if newest is None:
+        if vanished:
+            raise TransferError(
+                f"checkpoints under {prefix} were deleted as they were read ({len(vanished)} "
+                f"marker(s), {LATEST_ATTEMPTS} listings): not saying there is none",
+                url=str(prefix),
+            )
+        log.info("no complete checkpoint under %s", prefix)
+        return []
+    # By step: an alias (last.ckpt) has none, but is newer still when it landed later.
+    highest = complete[-1]  # group_s3 lists checkpoints oldest first
+    if newer_than is not None and step_order(highest.name) <= step_order(newer_than):
+        log.info("S3's newest, %s, is not newer than %s", highest.name, newer_than)
+        return []
+    if same_step and not is_alias(newest.name):
+        # A newest step without a kind of file the step before has is likely still on its
+        # way (or torn by a crash): the step before is the newest to resume from whole.
+        torn = missing_partners(complete)
+        if newest.order_key()[:2] in torn:
+            whole = newest_state([c for c in complete if c.order_key()[:2] not in torn])
+            if whole is not None:
+                log.warning(
+                    "the newest step under %s is not whole (%s): taking %s",
+                    prefix, torn[newest.order_key()[:2]], whole.name,
+                )
+                newest = whole
+    chosen_checkpoints = [newest]
+    if same_step and not is_alias(newest.name):
+        at = positions(complete)
+        chosen_checkpoints += [
+            c
+            for c in reversed(complete)
+            if c is not newest and not is_alias(c.name) and at[c.name] == at[newest.name]
+        ]
+    by_key = {o.key: o for o in objects}
+    paths = [
+        restore_path(dest_dir, by_key[c.files[0]], warn=not dry_run)
+        if keep_newer_local and not c.is_dir
+        else dest_dir / c.name
+        for c in chosen_checkpoints
+    ]
+    if dry_run:
+        return paths
+    # Each is a direct child of the prefix, so it lands in its path's directory (dest, or
+    # .runctl/restored/ for one set aside) under its own name.
+    into: dict[Path, list[ObjectInfo]] = {}
+    for c, path in zip(chosen_checkpoints, paths, strict=True):
+        into.setdefault(path.parent, []).extend(by_key[key] for key in _its_own(c, markers))
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for where, chosen in into.items():
+            written += [path for _, path in download_objects(transfer, chosen, prefix, where)]
+    except PartialTransferError as exc:
+        gone = [c.name for c in chosen_checkpoints if not _still_there(transfer, prefix, c)]
+        if not gone or final:
+            raise
+        # Deleted while it came down (6 of 20 shards were left in dest, and the run failed):
+        # what it wrote goes, and the newest is chosen again.
+        written += [path for _, path in (exc.done or ()) if isinstance(path, Path)]
+        _remove_written(written, [path for path in paths if path.is_dir()])
+        raise _Stale(f"{', '.join(gone)} was deleted while it downloaded") from None
+    log.info(
+        "downloaded %s (%d file(s)) from %s to %s",
+        ", ".join(c.name for c in chosen_checkpoints), sum(map(len, into.values())), prefix, dest_dir,
+    )
+    for c in chosen_checkpoints:
+        if c.is_dir:
+            _warn_of_strays(dest_dir / c.name, {k[len(prefix.key) :] for k in _its_own(c, markers)})
+    return paths
+
+
+def _still_there(transfer: Transfer, prefix: S3URL, checkpoint: Checkpoint) -> bool:
+    """Whether a checkpoint's marker (a directory's) or file is still in S3 (unknown: yes)."""
+    key = checkpoint.marker if checkpoint.is_dir and checkpoint.marker else checkpoint.files[0]
+    try:
+        return transfer.stat(S3URL(prefix.bucket, key)) is not None
+    except TransferError:
+        return True
+
+
+def _remove_written(paths: Iterable[Path], tops: Iterable[Path]) -> None:
+    """Remove files a download wrote, then every empty directory in ``tops`` (each included)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    for top in tops:
+        for where, _, _ in sorted(os.walk(top), key=lambda entry: len(entry[0]), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(where)  # only when empty

@@ -752,6 +752,60 @@ def test_latest_checkpoint_newer_than_downloads_only_a_higher_step(
     assert latest_checkpoint(prefix, root / "t", transfer=boto_transfer, newer_than="step_5.pt") is None  # type: ignore[arg-type]
 
 
+def _retention_elsewhere(server: Any, prefix: S3URL) -> Callable[[], None]:
+    """Another process's uploader at work: checkpoint-2 lands whole, then checkpoint-1 goes
+    (marker first), as keep_last_n=1 does."""
+    from tests.cli.cli_support import put, put_marker
+
+    def act() -> None:
+        for rel in ("a.bin", "b.bin"):
+            put(server, prefix, f"{prefix.key}checkpoint-2/{rel}", b"2" * 3)
+        put_marker(server, prefix, "checkpoint-2", {"a.bin": 3, "b.bin": 3})
+        client = server.client()
+        for rel in (MARKER_NAME, "a.bin", "b.bin"):
+            client.delete_object(Bucket=prefix.bucket, Key=f"{prefix.key}checkpoint-1/{rel}")
+
+    return act
+
+
+@pytest.mark.parametrize("when", ["marker read", "download"])
+def test_latest_checkpoint_lists_again_when_retention_deletes_what_it_listed(
+    s3_server: Any, bucket: S3URL, transfer: Any, root: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # Beside an uploader keeping 1, S3 always holds a whole checkpoint, yet a marker deleted
+    # between the listing and its read gave None (4 in 58 calls), which the README's resume
+    # recipe takes for a fresh start; one deleted during its download failed and left 6 of
+    # its 20 files in dest (concurrency pass).
+    from tests.cli.cli_support import put, put_marker
+
+    prefix = bucket.join("run/")
+    for rel in ("a.bin", "b.bin"):
+        put(s3_server, prefix, f"{prefix.key}checkpoint-1/{rel}", b"1" * 3)
+    put_marker(s3_server, prefix, "checkpoint-1", {"a.bin": 3, "b.bin": 3})
+    act, fired = _retention_elsewhere(s3_server, prefix), []
+
+    def once(method: str) -> None:
+        original = getattr(transfer, method)
+
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            if not fired:
+                fired.append(method)
+                act()
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(transfer, method, hooked)
+
+    for method in ("get_bytes",) if when == "marker read" else ("get_tree", "get_files"):
+        once(method)
+
+    got = latest_checkpoint(prefix, root / "restore", transfer=transfer)
+
+    assert fired
+    assert got == root / "restore" / "checkpoint-2"
+    assert {p.name: p.read_bytes() for p in got.iterdir()} == {"a.bin": b"222", "b.bin": b"222"}
+    assert sorted(p.name for p in (root / "restore").iterdir()) == ["checkpoint-2"]
+
+
 # -- retention and protection --------------------------------------------------------------------
 
 
