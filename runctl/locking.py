@@ -65,7 +65,11 @@ def _file_lock(path: Path) -> FileLock:
     with _locks_guard:
         lock = _locks.get(key)
         if lock is None:
-            lock = _locks[key] = FileLock(key, thread_local=True)
+            # Readable and writable by every user: a shared RUNCTL_LOCK_DIR is how users,
+            # sudo and containers share the S3 lock, and a file made 0644 by the first user
+            # refused the second (Permission denied): cleanup failed, and the uploader never
+            # applied retention (concurrency pass).
+            lock = _locks[key] = FileLock(key, thread_local=True, mode=0o666)
         return lock
 
 
@@ -77,6 +81,11 @@ def _hold(path: Path, timeout: float, what: str) -> Iterator[None]:
     start = time.monotonic()
     try:
         lock.acquire(timeout=min(WARN_AFTER, timeout))
+    except PermissionError as exc:
+        raise UsageError(
+            f"cannot open the retention lock file {path}: {exc.strerror or exc} (every user "
+            "sharing its directory needs to write it: chmod a+rw, or set $RUNCTL_LOCK_DIR)"
+        ) from None
     except Timeout:
         remaining = timeout - (time.monotonic() - start)
         if remaining <= 0:

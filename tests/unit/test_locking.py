@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,50 @@ def test_an_unusable_lock_directory_is_named_with_its_variable(
     monkeypatch.setenv("RUNCTL_LOCK_DIR", str(tmp_path / "afile" / "locks"))
     with pytest.raises(UsageError, match=r"RUNCTL_LOCK_DIR.*Not a directory"):
         lock_dir()
+
+
+def test_a_lock_file_is_made_for_every_user_sharing_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shared RUNCTL_LOCK_DIR (the README's way for users, sudo, containers): the first
+    # user's lock file was 0644, and the second's cleanup failed "Permission denied"
+    # (concurrency pass).
+    monkeypatch.setenv("RUNCTL_LOCK_DIR", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        with s3_prefix_lock(S3URL("bkt", "shared/"), ENDPOINT, timeout=5):
+            pass
+    finally:
+        os.umask(old)
+    assert s3_lock_path(S3URL("bkt", "shared/"), ENDPOINT).stat().st_mode & 0o777 == 0o666
+
+
+OTHER_USER = """
+from runctl.locking import s3_prefix_lock
+from runctl.s3url import S3URL
+with s3_prefix_lock(S3URL("bkt", "theirs/"), "http://127.0.0.1:9000", timeout=5):
+    pass
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to play two users")
+def test_a_lock_file_another_user_left_unwritable_is_one_line_saying_so(tmp_path: Path) -> None:
+    lock_home = tmp_path / "locks"
+    lock_home.mkdir(mode=0o777)
+    env = {**os.environ, "RUNCTL_LOCK_DIR": str(lock_home)}
+    path = s3_lock_path(S3URL("bkt", "theirs/"), "http://127.0.0.1:9000")  # under this process's dir
+    theirs = lock_home / path.name
+    theirs.touch(mode=0o644)
+    os.chown(theirs, 1000, 1000)
+    theirs.chmod(0o644)
+    # root without its capabilities checks permissions as any other user does
+    proc = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", OTHER_USER],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "UsageError: cannot open the retention lock file" in proc.stderr, proc.stderr
+    assert "chmod a+rw" in proc.stderr
 
 
 MARKER = """
