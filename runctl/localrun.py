@@ -180,11 +180,12 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def open_for_writing(pids: Sequence[int] | None) -> set[str] | None:
+def open_for_writing(pids: Sequence[int] | None, *, appending: bool = False) -> set[str] | None:
     """Real paths the given processes have open for writing; None when /proc cannot tell.
 
     ``pids=None``: every process whose descriptors this user may read (another user's
     processes are passed over: they cannot write this user's files unless shared).
+    ``appending``: only those open for appending (``O_APPEND``: a log).
 
     Example:
         >>> isinstance(open_for_writing([os.getpid()]), (set, type(None)))
@@ -218,7 +219,7 @@ def open_for_writing(pids: Sequence[int] | None) -> set[str] | None:
             if not flags_line:
                 continue
             flags = int(flags_line.split()[1], 8)
-            if flags & (os.O_WRONLY | os.O_RDWR):
+            if flags & (os.O_WRONLY | os.O_RDWR) and (flags & os.O_APPEND or not appending):
                 found.add(target.removesuffix(" (deleted)"))
     return found
 

@@ -454,7 +454,8 @@ def _changed_while_sent(
     `runctl s3 sync` was gone). One that never stays still, or is gone (or no longer a file)
     before it could be sent again, has its object deleted (a checkpoint that looks whole and is
     not is worse than none) and counts as failed: aws-cli and s5cmd leave such an object
-    without a word. A file deleted since it was sent, unchanged, is left as sent: an unlink
+    without a word; but one a process has open for appending (a log) keeps what went up, with
+    a warning, sent once more as it is then (``_appended``). A file deleted since it was sent, unchanged, is left as sent: an unlink
     tears nothing already read (local retention deletes a checkpoint once it is durable, and a
     copy beside it must not delete its object then).
     """
@@ -493,7 +494,18 @@ def _changed_while_sent(
             elif sends[str(url)] >= RESENDS:
                 pending.remove((path, url))
                 lost.append((path, url))
-    changed = [url for _, url in lost + pending]
+    logs = _appended(lost + pending)
+    if logs:
+        log.warning(
+            "%d file(s) were appended to while they uploaded (%s): sent as they are now",
+            len(logs),
+            ", ".join(str(path) for path, _ in logs[:3]),
+        )
+        try:
+            transfer.put_files(logs, storage_class=storage_class)
+        except TransferError as exc:  # what went up before is the log as it was then, whole too
+            log.warning("sending them again failed (%s): their objects hold them as they were", exc)
+    changed = [url for path, url in lost + pending if (path, url) not in logs]
     if not changed:
         return
     try:
@@ -511,6 +523,22 @@ def _changed_while_sent(
             f"kept changing, or went), so the object could mix old and new bytes: {gone_too}; "
             f"upload it again once it is written"
         )
+
+
+def _appended(pairs: Sequence[tuple[Path, S3URL]]) -> list[tuple[Path, S3URL]]:
+    """Those of ``pairs`` a process has open for appending (a log): their objects stay.
+
+    Appending leaves the bytes before it as they were, so what goes up is the log as it was
+    at some moment, whole: a `train.log` written to several times a second never settled,
+    and `sync -d up` deleted its object and failed, on every run during training, where aws
+    sends it as it is (sync pass).
+    """
+    from runctl.localrun import open_for_writing
+
+    if not pairs:
+        return []
+    logs = open_for_writing(None, appending=True) or set()
+    return [(path, url) for path, url in pairs if _is_file(path) and os.path.realpath(path) in logs]
 
 
 def _is_file(path: Path) -> bool:

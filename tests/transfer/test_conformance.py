@@ -1017,6 +1017,57 @@ def test_files_that_settle_one_after_another_or_stay_open_are_each_sent_again(
     assert transfer.get_bytes(url.join("events.log")) == b"e0+line"
 
 
+@pytest.mark.parametrize("mode", ["ab", "wb"])
+def test_a_log_appended_to_throughout_keeps_what_went_up(
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # A train.log appended to several times a second never settles: `sync -d up` deleted its
+    # object and failed on every run during training (sync pass); aws sends it as it is.
+    # Appending leaves the bytes before it alone: what went up is the log as it was, whole.
+    # A file written from the start ("wb", a checkpoint) that never settles still goes.
+    src = tmp_path / "src"
+    make_tree(src, {"train.log": b"start\n", "step_1.pt": b"w"})
+    url = bucket.join("u/")
+    monkeypatch.setattr(ops, "RESEND_WAIT", 1.0)
+    stop = threading.Event()
+    writer: list[threading.Thread] = []
+
+    def meanwhile() -> None:
+        if writer:
+            return
+        fh = open(src / "train.log", mode)
+        fh.write(b"line\n")  # before the copy checks what it sent
+        fh.flush()
+
+        def write() -> None:
+            with fh:
+                while not stop.wait(0.02):
+                    fh.write(b"line\n")
+                    fh.flush()
+
+        writer.append(threading.Thread(target=write))
+        writer[0].start()
+
+    try:
+        if mode == "ab":
+            _send_while(transfer, src, url, "sync", monkeypatch, meanwhile)
+        else:
+            with pytest.raises(PartialTransferError) as info:
+                _send_while(transfer, src, url, "sync", monkeypatch, meanwhile)
+            assert list(info.value.failures) == [str(url.join("train.log"))]
+    finally:
+        stop.set()
+        writer[0].join()
+    keys = [row[1] for row in listing(transfer, url)]
+    if mode == "ab":
+        assert keys == ["u/step_1.pt", "u/train.log"]
+        sent = transfer.get_bytes(url.join("train.log"))
+        # sent once more as it was at the end of the wait: a later, whole prefix of the log
+        assert sent.startswith(b"start\nline\n") and (src / "train.log").read_bytes().startswith(sent)
+    else:
+        assert keys == ["u/step_1.pt"]
+
+
 def test_a_file_deleted_after_it_was_sent_keeps_its_object(
     transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
