@@ -36,6 +36,7 @@ from runctl.localrun import ENV_CHECKPOINT_DIR
 from runctl.s3url import S3URL
 
 from ._common import (
+    CLOSE_AFTER_ERROR,
     UploadOptions,
     ctrl_c_stops_waiting,
     finish_uploads,
@@ -166,6 +167,10 @@ def _hold_the_process_observer(uploader: CheckpointUploader, timeout: float | No
         waits.append((uploader, timeout))
 
 
+#: Seconds the end-of-fit flush waits before it says that it waits: most uploads land within
+#: them, and a line after every fit would be noise; past them silence read as a hang (18 s
+#: with nothing said after "`Trainer.fit` stopped", Lightning pass).
+_QUIET_FLUSH = 2.0
 #: Set while ``on_exception`` waits for uploads on the main thread (it has said so).
 _WAITING_AT_EXCEPTION = threading.Event()
 #: How long the observer lets the main thread end the process itself once a second Ctrl-C
@@ -201,6 +206,23 @@ def _wait_then_terminate(thread: Any, terminate: Callable[[], None]) -> None:
             else:
                 log.warning("runctl: the checkpoint upload(s) landed; Lightning stops this process now")
     terminate()
+
+
+def _say_if_the_flush_waits(uploader: CheckpointUploader, timeout: float | None) -> float | None:
+    """Wait up to ``_QUIET_FLUSH`` s in silence; if uploads are still pending, say that fit
+    waits for them. Returns what is left of ``timeout`` for the flush."""
+    started = time.monotonic()
+    if uploader.wait_idle(_QUIET_FLUSH if timeout is None else min(_QUIET_FLUSH, timeout)):
+        return timeout
+    if timeout is not None:
+        timeout = max(0.1, timeout - (time.monotonic() - started))
+    log.warning(
+        "runctl: waiting for %d checkpoint upload(s) to land before fit returns (%s); Ctrl-C "
+        "stops waiting, and the next run with this dirpath uploads them",
+        len(uploader.status().pending),
+        "no time limit" if timeout is None else f"up to {timeout:.0f} s",
+    )
+    return timeout
 
 
 def _check_flat_filename(template: str | None, auto_insert_metric_name: bool) -> None:
@@ -494,6 +516,13 @@ class _RunctlCheckpointMixin:
         super().on_train_start(trainer, pl_module)  # type: ignore[misc]
         if trainer.ckpt_path and self._uploader is not None:
             resumed = Path(str(trainer.ckpt_path))
+            if resumed.is_symlink():
+                # save_last="link": fit(ckpt_path="last") resumes through the last.ckpt link.
+                # Taken by its own name, the link was uploaded as S3's last.ckpt, frozen at the
+                # resumed step for the rest of the run, while the checkpoint really resumed
+                # from went unprotected (Lightning pass: "latest" on a fresh machine then
+                # picked that stale last.ckpt over a newer step).
+                resumed = Path(os.path.realpath(resumed))
             self._resumed_from = resumed.name
             self._uploader.set_resumed_from(self._resumed_from)
             self._upload_if_never_handed_over(resumed, trainer)
@@ -546,9 +575,25 @@ class _RunctlCheckpointMixin:
         try:
             finish_uploads(
                 uploader,
-                timeout=self.runctl_options.flush_timeout,
+                timeout=_say_if_the_flush_waits(uploader, self.runctl_options.flush_timeout),
                 on_upload_error=self.runctl_options.on_upload_error,
             )
+        except KeyboardInterrupt:
+            with contextlib.suppress(RunctlError):  # closed already unless it came before the flush
+                uploader.close(timeout=CLOSE_AFTER_ERROR)
+            left = uploader.status().pending
+            if left:
+                # Said after a Ctrl-C here: only "flush timed out after 1 s", a time nobody
+                # set, and not a word that the checkpoints were still safe (Lightning pass).
+                log.warning(
+                    "runctl: interrupted while waiting for uploads: %d checkpoint(s) not yet in "
+                    "S3 stay queued in the journal in %s, and the next run with this dirpath "
+                    "uploads them: %s",
+                    len(left),
+                    getattr(self, "dirpath", ""),
+                    ", ".join(left),
+                )
+            raise
         finally:
             self.final_stats = uploader_metrics(uploader)
             self._log_stats(trainer, uploader, save=True)

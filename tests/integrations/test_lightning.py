@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
+import os
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from runctl.exceptions import UsageError
+from runctl.exceptions import TransferError, UsageError
 from runctl.s3url import S3URL
 from tests.integrations.conftest import as_under_runctl_local, file_checkpoints, s3_objects
 from tests.servers import S3Server
@@ -837,3 +842,168 @@ def test_failed_uploads_surface_at_the_end_of_fit(
     assert cb.uploader is None
     # The local checkpoint is kept: it never became durable.
     assert (tmp_path / "ckpt" / "epoch=0-step=2.ckpt").exists()
+
+
+def test_resuming_through_the_last_ckpt_link_uploads_no_stale_last_ckpt(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """save_last="link" + fit(ckpt_path="last"): the link never goes to S3, and the checkpoint
+    it points to is the one kept as resumed from.
+
+    Once, the resume uploaded the link's target as S3's last.ckpt, never refreshed after, and
+    "latest" on a fresh machine could pick it over a newer step.
+    """
+    from runctl.integrations.lightning import RunctlCheckpoint
+
+    prefix = moto_bucket.join("link/")
+    dirpath = tmp_path / "ckpt"
+
+    def callback(where: Path) -> Any:
+        return RunctlCheckpoint(
+            dirpath=where, filename="{epoch}-{step}", every_n_train_steps=2, save_top_k=-1,
+            save_last="link", s3_url=prefix, keep_last_n=2, config=moto_server.config(),
+        )  # fmt: skip
+
+    make_trainer("lightning.pytorch", [callback(dirpath)], max_steps=4).fit(
+        make_module("lightning.pytorch"), loader(16)
+    )
+    assert os.readlink(dirpath / "last.ckpt") == "epoch=0-step=4.ckpt"
+    trainer = make_trainer("lightning.pytorch", [callback(dirpath)], max_steps=8)
+    trainer.fit(make_module("lightning.pytorch"), loader(16), ckpt_path="last")
+    assert trainer.global_step == 8
+
+    # Kept: the newest two, and step 4, resumed from through the link (keep_last_n=2 alone
+    # would have deleted it).
+    in_s3 = file_checkpoints(s3_objects(moto_server, prefix))
+    assert sorted(in_s3) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt"]
+    fresh = callback(tmp_path / "fresh").resolve_ckpt_path("latest")
+    assert fresh is not None and Path(fresh).name == "epoch=0-step=8.ckpt"
+
+
+class HeldPuts:
+    """A real transfer whose uploads wait until ``release`` is set (at most until ``deadline``),
+    so that uploads are still pending when fit ends. ``close()`` ends the wait, as it kills a
+    running s5cmd."""
+
+    def __init__(self, inner: Any, release: threading.Event, within: float) -> None:
+        self._inner = inner
+        self._release = release
+        self._deadline = time.monotonic() + within
+        self._closed = threading.Event()
+
+    def put_files(self, *args: Any, **kwargs: Any) -> None:
+        while not self._release.is_set() and time.monotonic() < self._deadline:
+            if self._closed.wait(0.05):
+                raise TransferError("the transfer was closed", code="Closed")
+        self._inner.put_files(*args, **kwargs)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class Heard(logging.Handler):
+    """Keeps every line logged to it; calls ``then`` at the first one containing ``needle``."""
+
+    def __init__(self, needle: str = "", then: Any = None) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self._needle, self._then = needle, then
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        if self._then is not None and self._needle in self.lines[-1]:
+            self._then, then = None, self._then
+            then()
+
+
+@contextlib.contextmanager
+def listening(name: str, handler: logging.Handler) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_final_flush_says_that_fit_waits_for_uploads(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Uploads still pending when fit ends: one line says fit waits for them (it sat silent for 18 s)."""
+    from runctl.integrations.lightning import RunctlCheckpoint
+    from runctl.transfer import get_transfer
+
+    release = threading.Event()
+    transfer = HeldPuts(get_transfer(moto_server.config(), use_s5cmd=False), release, within=10)
+    prefix = moto_bucket.join("wait/")
+    cb = RunctlCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, s3_url=prefix,
+        config=moto_server.config(), uploader_options={"transfer": transfer},
+    )  # fmt: skip
+    heard = Heard("waiting for", release.set)  # the uploads go once the wait is announced
+    try:
+        with listening("runctl.integrations.lightning", heard):
+            make_trainer("lightning.pytorch", [cb], max_steps=4).fit(
+                make_module("lightning.pytorch"), loader(16)
+            )
+    finally:
+        transfer.close()
+    said = [line for line in heard.lines if "waiting for" in line]
+    assert len(said) == 1 and "2 checkpoint upload(s) to land before fit returns" in said[0], heard.lines
+    assert "(up to 598 s); Ctrl-C stops waiting" in said[0]  # flush_timeout=600 less the quiet wait
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"
+    ]  # fmt: skip
+
+
+def test_ctrl_c_during_the_final_flush_says_the_checkpoints_stay_queued(
+    moto_server: S3Server, moto_bucket: S3URL, tmp_path: Path
+) -> None:
+    """Ctrl-C while fit waits for its last uploads: it says so, and that the next run sends them.
+
+    It said only "flush timed out after 1 s", a time nobody set.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    from runctl.integrations.lightning import RunctlCheckpoint
+    from runctl.journal import Journal
+    from runctl.transfer import get_transfer
+    from runctl.uploader import CheckpointUploader
+
+    class CtrlCAtFitEnd(Callback):
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:  # runs before runctl's
+            main = threading.main_thread().ident
+            assert main is not None
+            threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT)).start()
+
+    transfer = HeldPuts(get_transfer(moto_server.config(), use_s5cmd=False), threading.Event(), within=20)
+    prefix = moto_bucket.join("ctrl-c/")
+    dirpath = tmp_path / "ckpt"
+    cb = RunctlCheckpoint(
+        dirpath=dirpath, every_n_train_steps=2, save_top_k=-1, s3_url=prefix,
+        config=moto_server.config(), uploader_options={"transfer": transfer},
+    )  # fmt: skip
+    heard = Heard()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with listening("runctl", heard), pytest.raises(SystemExit):  # Lightning exits 1
+            make_trainer("lightning.pytorch", [CtrlCAtFitEnd(), cb], max_steps=4).fit(
+                make_module("lightning.pytorch"), loader(16)
+            )
+    finally:
+        signal.signal(signal.SIGINT, before)  # Lightning ignores SIGINT from then on
+        with contextlib.suppress(Exception):
+            transfer.close()
+    pending = ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    said = [line for line in heard.lines if "interrupted" in line]
+    assert len(said) == 1, heard.lines
+    assert "2 checkpoint(s) not yet in S3 stay queued in the journal" in said[0]
+    assert "the next run with this dirpath uploads them: " + ", ".join(pending) in said[0]
+    assert sorted(e.name for e in Journal(dirpath).pending()) == pending
+    with CheckpointUploader(dirpath, prefix, config=moto_server.config(), use_s5cmd=False):
+        pass  # the next run: it resumes the journal
+    assert sorted(file_checkpoints(s3_objects(moto_server, prefix))) == pending
