@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import random
 import subprocess
@@ -24,6 +26,9 @@ log = logging.getLogger("runctl.watch")
 DEFAULT_INTERVAL = 10.0
 #: Longest pause after repeated errors, whatever the interval.
 MAX_BACKOFF = 300.0
+#: Longest interval: a day. Polling less often than that is a slip; and ``Event.wait`` of more
+#: than ``threading.TIMEOUT_MAX`` (``--interval 1e10``, ``inf``) raised OverflowError.
+MAX_INTERVAL = 86400.0
 
 #: key -> (etag, size, last modified as a POSIX time): everything a watcher remembers about
 #: one object.
@@ -188,7 +193,9 @@ def backoff_delay(attempt: int, interval: float, cap: float = MAX_BACKOFF) -> fl
         >>> 0.5 <= backoff_delay(1, 1.0) <= 1.0
         True
     """
-    base = min(cap, max(interval, 0.1) * (2 ** max(attempt - 1, 0)))
+    # The exponent is capped: 2**1024 does not fit a float, and after ~1000 failed polls (three
+    # days of outage at the 300 s cap) the product raised OverflowError and ended the watch.
+    base = min(cap, max(interval, 0.1) * (2 ** min(max(attempt - 1, 0), 64)))
     # Jitter in [base/2, base] keeps many watchers from hammering an endpoint in step.
     return base / 2 + random.random() * base / 2
 
@@ -511,12 +518,17 @@ class PrefixWatcher:
         with capped exponential backoff.
 
         Raises:
-            UsageError: ``interval`` or ``timeout`` is not positive.
+            UsageError: ``interval`` is not in (0, ``MAX_INTERVAL``], or ``timeout`` is not a
+                positive finite number.
             TransferError: the baseline listing failed.
         """
-        if interval <= 0:
-            raise UsageError(f"interval must be a positive number of seconds, got {interval!r}")
-        if timeout is not None and timeout <= 0:
+        # Written so that NaN fails them: ``nan <= 0`` is False, and an interval of NaN polled
+        # back to back (Event.wait(nan) returns at once), a timeout of NaN never came.
+        if not 0 < interval <= MAX_INTERVAL:
+            raise UsageError(
+                f"interval must be a number of seconds above 0 and at most {MAX_INTERVAL:g}, got {interval!r}"
+            )
+        if timeout is not None and not (0 < timeout and math.isfinite(timeout)):
             raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self.has_baseline:
@@ -545,24 +557,53 @@ class PrefixWatcher:
                 return
 
 
+@dataclass(frozen=True)
+class HookResult:
+    """How one ``--exec`` run ended.
+
+    ``code`` is its exit code (negative: the signal that ended it), or 127 (not found) / 126
+    (any other reason) when it could not be started, as a shell gives; ``error`` then says
+    why. ``stopped``: the deadline came while it ran, and it was stopped (see ``_stop_hook``).
+
+    Example:
+        >>> HookResult(0).ok, HookResult(127, error="cannot run './eval.sh': No such file or directory").ok
+        (True, False)
+    """
+
+    code: int
+    error: str | None = None
+    stopped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0 and not self.stopped
+
+
 def run_exec(
     argv: Sequence[str],
     event: CheckpointEvent,
     *,
     env: Mapping[str, str] | None = None,
     stdout_to_stderr: bool = False,
-) -> int:
-    """Run ``argv`` (no shell) for a completed checkpoint, its URL in ``RUNCTL_CHECKPOINT_URL``; return its exit code.
+    deadline: float | None = None,
+) -> HookResult:
+    """Run ``argv`` (no shell) for a completed checkpoint, its URL in ``RUNCTL_CHECKPOINT_URL``; say how it ended.
 
     ``stdout_to_stderr``: the command's output goes to stderr (``watch --json`` keeps stdout
-    for its records, as ``runctl local --json`` does with its script's).
+    for its records, as ``runctl local --json`` does with its script's). ``deadline`` (a
+    ``time.monotonic()`` value, ``watch --timeout``): a command still running then gets
+    SIGTERM, and SIGKILL ``HOOK_GRACE`` seconds later.
+
+    A command that cannot be started is a failed run, not an error: ``watch`` checks it once
+    at start-up, and one deleted or renamed hours later (a redeploy) ended the watch with
+    exit code 2, its retention and reporting with it.
 
     Example:
         >>> run_exec(["sh", "-c", 'test -n "$RUNCTL_CHECKPOINT_URL"'], event)   # doctest: +SKIP
-        0
+        HookResult(code=0, error=None, stopped=False)
 
     Raises:
-        UsageError: the command cannot be started (not found, not executable).
+        UsageError: ``argv`` is empty.
     """
     if not argv:
         raise UsageError("--exec got an empty command")
@@ -571,37 +612,49 @@ def run_exec(
     try:
         proc = subprocess.Popen(list(argv), env=child_env, stdout=2 if stdout_to_stderr else None)
     except OSError as exc:
-        raise UsageError(f"--exec cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+        code = 127 if exc.errno == errno.ENOENT else 126
+        return HookResult(code, error=f"cannot run {argv[0]!r}: {exc.strerror or exc}")
+    stopped = False
     try:
-        code = proc.wait()
+        if deadline is None:
+            proc.wait()
+        else:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                # A 25 s hook kept `watch --timeout 5` running 28 s: stopped as SIGTERM stops it.
+                _stop_hook(proc, _signal_for(proc))
+                stopped = True
     except KeyboardInterrupt as exc:
-        _stop_hook(proc, exc)
+        _stop_hook(proc, _signal_for(proc, exc))
         raise
+    code = proc.returncode
     if code != 0:  # the caller reports it: logged at DEBUG only
         log.debug("--exec %s exited with %d for %s", argv[0], code, event.url)
-    return code
+    return HookResult(code, stopped=stopped)
 
 
 #: How long an --exec command has to finish its own clean-up once runctl is stopped.
 HOOK_GRACE = 10.0
 
 
-def _stop_hook(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt) -> None:
-    """runctl is stopping: let the --exec command stop too, cleanly, before it is killed.
-
-    SIGTERM is passed on to it, and so is a SIGINT sent with ``kill``; Ctrl-C at a terminal
-    already reached it (the same foreground process group), and a second SIGINT would cut its
-    own clean-up short.
-    """
+def _signal_for(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt | None = None) -> int | None:
+    """The signal an --exec command gets when runctl stops it: SIGTERM (a deadline, or runctl
+    got SIGTERM), SIGINT for a SIGINT sent with ``kill``, none for a Ctrl-C at a terminal: it
+    already reached the command (the same foreground process group), and a second SIGINT would
+    cut its own clean-up short."""
     import signal
 
     from runctl.exceptions import Terminated
     from runctl.localrun import terminal_delivers_to
 
-    if isinstance(exc, Terminated):
-        forward: int | None = signal.SIGTERM
-    else:
-        forward = None if terminal_delivers_to(proc.pid) else signal.SIGINT
+    if exc is None or isinstance(exc, Terminated):
+        return signal.SIGTERM
+    return None if terminal_delivers_to(proc.pid) else signal.SIGINT
+
+
+def _stop_hook(proc: subprocess.Popen[bytes], forward: int | None) -> None:
+    """runctl is stopping: let the --exec command stop too, cleanly, before it is killed."""
     if forward is not None:
         try:
             proc.send_signal(forward)

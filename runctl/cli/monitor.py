@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import time
@@ -33,7 +34,7 @@ WATCH_HELP = """Watch an S3 prefix: a baseline, then new, changed and deleted ob
 
 The first poll prints one baseline line ("watching ...: 37 objects, 5 checkpoints"), not one line per existing object. A directory checkpoint is reported complete when its marker (.runctl-manifest.json) lands; a single-file checkpoint when it appears. Transient errors are retried with backoff; Ctrl-C stops cleanly (exit code 130).
 
---exec runs a command (split like a shell would, but never run through one) for each completed checkpoint, with RUNCTL_CHECKPOINT_URL, RUNCTL_CHECKPOINT_NAME and RUNCTL_CHECKPOINT_STEP set; one that exits non-zero is warned about (an exec_failed record with --json) and watching goes on. --keep-last-n applies the same retention as `runctl s3 cleanup` after each completion.
+--exec runs a command (split like a shell would, but never run through one) for each completed checkpoint, with RUNCTL_CHECKPOINT_URL, RUNCTL_CHECKPOINT_NAME and RUNCTL_CHECKPOINT_STEP set; one that exits non-zero, or can no longer be started (its program deleted or renamed since watch began), is warned about (an exec_failed record with --json) and watching goes on. Hooks run one at a time and polling waits for them: a checkpoint created and deleted (by the writer's keep-last-N, say) while a hook runs is never reported. --timeout stops a hook still running then (SIGTERM, SIGKILL 10 s later). --keep-last-n applies the same retention as `runctl s3 cleanup` after each completion.
 
 A watch started in the background by a script (`runctl s3 watch ... &`) ignores SIGINT, as every background job of a non-interactive shell does: stop it with SIGTERM (`kill PID`; exit code 143).
 
@@ -120,11 +121,13 @@ def _print_event(out: Output, event: WatchEvent) -> None:
 def watch_command(
     ctx: typer.Context,
     url: Annotated[str, typer.Argument(metavar="S3URL", help="Prefix to watch, e.g. s3://bucket/run-7/.", show_default=False)],
-    interval: Annotated[float, typer.Option("--interval", metavar="SECONDS", help="Seconds between polls.", min=0.1)] = 10.0,
+    interval: Annotated[
+        float, typer.Option("--interval", metavar="SECONDS", help="Seconds between polls (at most a day).", min=0.1)
+    ] = 10.0,
     once: Annotated[bool, typer.Option("--once", help="Poll once (the baseline) and exit.")] = False,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", metavar="SECONDS", help="Stop after this many seconds (exit code 0).", show_default=False),
+        typer.Option("--timeout", metavar="SECONDS", help="Stop after this many seconds (exit code 0), a running --exec command too.", show_default=False),
     ] = None,
     exec_cmd: Annotated[
         str | None,
@@ -147,7 +150,7 @@ def watch_command(
     region: RegionOpt = None,
     use_s5cmd: UseS5cmdOpt = True,
 ) -> None:
-    from runctl.watch import CheckpointEvent, PrefixWatcher, run_exec
+    from runctl.watch import MAX_INTERVAL, CheckpointEvent, PrefixWatcher, run_exec
 
     s = session(ctx, endpoint_url=endpoint_url, profile=profile, region=region, json_output=json_output, quiet=quiet)
     out = s.out
@@ -171,22 +174,36 @@ def watch_command(
                 f"--keep-last-n applies after each checkpoint that completes while watching, and "
                 f"--once only takes the baseline: run 'runctl s3 cleanup {url} --keep-last-n {keep_last_n}'"
             )
-        if timeout is not None and timeout <= 0:
+        # Typer's min=0.1 lets NaN through (nan < 0.1 is False): it polled back to back; inf and
+        # 1e10 ended in "internal error: OverflowError" after the baseline, --timeout nan never came.
+        if not interval <= MAX_INTERVAL:
+            raise UsageError(f"--interval must be from 0.1 to {MAX_INTERVAL:g} seconds (a day), got {interval}")
+        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
             raise UsageError(f"--timeout must be a positive number of seconds, got {timeout}")
         try:
             with s.transfer(use_s5cmd) as transfer:
                 watcher = PrefixWatcher(
                     transfer, prefix, keep_last_n=keep_last_n, treat_unmarked_complete=treat_unmarked_complete
                 )
+                # --timeout holds while a hook runs too (a 25 s hook kept --timeout 5 running 28 s):
+                # events() checks it only between polls.
+                deadline = None if timeout is None else time.monotonic() + timeout
                 for event in watcher.events(interval=interval, timeout=timeout, once=once):
                     _print_event(out, event)
                     if argv and isinstance(event, CheckpointEvent):
                         # A hook's own output amid --json records broke a reader of them.
-                        code = run_exec(argv, event, stdout_to_stderr=out.json)
-                        if code != 0:
+                        hook = run_exec(argv, event, stdout_to_stderr=out.json, deadline=deadline)
+                        if not hook.ok:
                             # A reader of the records saw no sign of it (surface pass).
-                            out.record("exec_failed", command=argv[0], exit_code=code, url=event.url)
-                            out.warn(f"--exec {argv[0]} exited with code {code} for {event.url}")
+                            out.record("exec_failed", command=argv[0], exit_code=hook.code, url=event.url)
+                            if hook.error is not None:
+                                out.warn(f"--exec {hook.error}, for {event.url}; watching goes on")
+                            elif hook.stopped:
+                                out.warn(f"--exec {argv[0]} stopped at --timeout (exit code {hook.code}) for {event.url}")
+                            else:
+                                out.warn(f"--exec {argv[0]} exited with code {hook.code} for {event.url}")
+                        if hook.stopped:
+                            break
         except KeyboardInterrupt as exc:
             # As every other command says it (`runctl: error: ...`, a record with --json).
             code = interrupted_exit_code(exc)

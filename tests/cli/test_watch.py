@@ -675,3 +675,123 @@ def test_a_newest_step_without_its_partner_never_counts_as_whole(moto_server: S3
     watcher.poll()
     watcher.poll()
     assert _keys(moto_server, bucket) == {"run/model_step_2.pt", "run/optim_step_2.pt"}
+
+
+def test_cli_watch_goes_on_when_the_exec_program_is_gone(
+    server_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The hook script was deleted after watch started (a redeploy): the next checkpoint ended
+    # the watch with exit code 2, "--exec cannot run './evalhook.sh'", and retention with it.
+    prefix = S3URL(server_env.new_bucket()).join("run/")
+    hook, seen = tmp_path / "evalhook.sh", tmp_path / "seen.txt"
+    script = f'#!/bin/sh\necho "$RUNCTL_CHECKPOINT_NAME" >> {seen}\n'
+    hook.write_text(script)
+    hook.chmod(0o755)
+    original = PrefixWatcher.poll
+    polls = 0
+
+    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
+        nonlocal polls
+        polls += 1
+        if polls == 3:  # after step_2's hook failed: the script is back, and step_3 lands
+            hook.write_text(script)
+            hook.chmod(0o755)
+            put(server_env, prefix, "step_3.pt", b"33")
+        events = original(self, **kwargs)
+        if polls == 1:
+            hook.unlink()
+            put(server_env, prefix, "step_2.pt", b"22")
+        return events
+
+    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    result = CliRunner().invoke(
+        monitor_app(),
+        ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "3", "--exec", str(hook), "--json",
+         "--no-use-s5cmd"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["url"] for r in records if r["type"] == "checkpoint_complete"] == [f"{prefix}step_2.pt", f"{prefix}step_3.pt"]
+    # The same record a hook exiting non-zero gives; the code a shell gives for "not found".
+    assert [r for r in records if r["type"] == "exec_failed"] == [
+        {"type": "exec_failed", "command": str(hook), "exit_code": 127, "url": f"{prefix}step_2.pt"}
+    ]
+    assert "No such file or directory" in result.stderr and "watching goes on" in result.stderr
+    assert seen.read_text().splitlines() == ["step_3.pt"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--interval", "nan"), ("--interval", "inf"), ("--interval", "1e10"), ("--interval", "86401"),
+     ("--timeout", "nan"), ("--timeout", "inf")],
+)  # fmt: skip
+def test_cli_watch_refuses_intervals_and_timeouts_no_wait_can_take(server_env: S3Server, option: str, value: str) -> None:
+    # --interval nan got past min=0.1 and polled back to back; inf and 1e10 ended in "internal
+    # error: OverflowError" (Event.wait over threading.TIMEOUT_MAX); --timeout nan never came.
+    prefix = S3URL(server_env.new_bucket()).join("run/")
+    result = CliRunner().invoke(monitor_app(), ["s3", "watch", str(prefix), "--once", option, value, "--no-use-s5cmd"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"runctl: error: {option} must be") and len(result.stderr.strip().splitlines()) == 1
+
+    from runctl.exceptions import UsageError
+    from runctl.transfer.boto import BotoTransfer
+
+    watcher = PrefixWatcher(BotoTransfer(server_env.config()), prefix)
+    number = float(value)
+    kwargs = {"interval": number} if option == "--interval" else {"interval": 0.1, "timeout": number}
+    with pytest.raises(UsageError, match=option.lstrip("-")):
+        list(watcher.events(once=True, **kwargs))
+    assert not watcher.has_baseline
+
+
+def test_backoff_after_days_of_failures_is_still_capped() -> None:
+    # 2 ** attempt stopped fitting a float after ~1000 failed polls: OverflowError ended the watch.
+    assert 150.0 <= backoff_delay(5000, 1.0) <= 300.0
+
+
+def test_cli_watch_timeout_stops_a_running_hook(
+    server_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # --timeout was checked only between polls: with --timeout 5 a 25 s hook kept watch running
+    # 28 s. The hook is stopped as SIGTERM to runctl stops it, and may clean up.
+    prefix = S3URL(server_env.new_bucket()).join("run/")
+    hook = tmp_path / "hook.sh"
+    hook.write_text(
+        "#!/bin/sh\n"
+        "sleep 20 & pid=$!\n"
+        "trap 'kill $pid; echo cleaned-up > \"$0.done\"; exit 3' TERM\n"
+        "wait\n"
+    )
+    hook.chmod(0o755)
+    original = PrefixWatcher.poll
+
+    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
+        events = original(self, **kwargs)
+        if events and events[0].kind == "baseline":
+            put(server_env, prefix, "step_2.pt", b"22")
+        return events
+
+    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        monitor_app(),
+        ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "2", "--exec", str(hook), "--json",
+         "--no-use-s5cmd"],
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert took < 8, f"watch --timeout 2 ran {took:.1f}s"
+    assert (tmp_path / "hook.sh.done").read_text().strip() == "cleaned-up"
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r for r in records if r["type"] == "exec_failed"] == [
+        {"type": "exec_failed", "command": str(hook), "exit_code": 3, "url": f"{prefix}step_2.pt"}
+    ]
+    assert "stopped at --timeout" in result.stderr
+
+
+def test_watch_help_says_hooks_hold_up_polling() -> None:
+    # A slow hook held up polling, and a checkpoint created and deleted meanwhile (the writer's
+    # keep-last-N) was never reported: a user of --exec believed every checkpoint was evaluated.
+    from runctl.cli.monitor import WATCH_HELP
+
+    assert "Hooks run one at a time and polling waits for them" in " ".join(WATCH_HELP.split())
