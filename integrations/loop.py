@@ -235,7 +235,7 @@ class CheckpointManager:
             step = -1
         if step < 0:
             raise UsageError(f"step must be a whole number >= 0, got {given!r}")
-        torch = require("torch", "lightning")
+        torch = require("torch", "lightning", install="torch")  # a plain loop needs torch alone
         path = self.path_for(step)
         tmp_dir = self.local_dir / _TMP_DIR
         tmp_dir.mkdir(parents=True, exist_ok=True)  # the directory may have been removed

@@ -12,9 +12,20 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from runctl._version import __version__
+
+# In a clone, `integrations/` sits beside this directory (the wheel puts it inside). Run from
+# the clone's root after `pip install .`, Python imports this directory, not the installed
+# package, and `runctl demo` or a train.py there found no runctl.integrations (packaging
+# pass): the clone's root is then where it is looked for too.
+_here = os.path.dirname(os.path.abspath(__file__))
+if not os.path.isdir(os.path.join(_here, "integrations")) and os.path.isfile(
+    os.path.join(os.path.dirname(_here), "integrations", "__init__.py")
+):
+    __path__.append(os.path.dirname(_here))
 
 _LAZY = {
     "S3URL": "runctl.s3url",

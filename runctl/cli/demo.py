@@ -104,9 +104,11 @@ def demo(
         from runctl.integrations.demo import train_demo
         from runctl.integrations.lightning import RunctlCheckpoint  # noqa: F401  (fail early and politely)
     except ImportError as exc:
-        raise UsageError(
-            f"runctl demo needs Lightning: pip install 'runctl[demo]' ({exc})"
-        ) from None
+        if (exc.name or "").split(".")[0] not in ("lightning", "torch", "lightning_utilities"):
+            # Not the framework: said as it is, not "needs Lightning" to a user who has it
+            # (a clone's runctl/ without its integrations, packaging pass).
+            raise UsageError(f"runctl demo cannot import {exc.name or 'a module'}: {exc}") from None
+        raise UsageError(f"runctl demo needs Lightning: pip install 'runctl[demo]' ({exc})") from None
 
     steps = steps or (20 if fast else 60)
     with ExitStack() as stack:

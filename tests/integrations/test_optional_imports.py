@@ -33,6 +33,18 @@ def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
         importlib.import_module("runctl.integrations.huggingface")
 
 
+def test_a_plain_loop_without_torch_is_told_to_install_torch(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "pip install 'runctl[lightning]'", where a plain loop needs torch alone (packaging pass).
+    from runctl.integrations.loop import CheckpointManager
+
+    manager = CheckpointManager(local_dir=str(tmp_path), s3_url=None)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match=r"pip install 'torch'"):
+        manager.save({"w": 1}, step=1)
+
+
 def test_integrations_do_not_import_a_framework_eagerly() -> None:
     import subprocess
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -53,6 +54,20 @@ def test_runctl_integrations_imports_from_the_installed_package() -> None:
     import runctl.integrations
 
     assert runctl.integrations.__name__ == "runctl.integrations"
+
+
+def test_run_from_a_clones_root_runctl_integrations_is_the_clones(tmp_path: Path) -> None:
+    # After `pip install .`, Python run from the clone's root imports the clone's runctl/, which
+    # has no integrations/ inside (the wheel's has): `runctl demo` and a train.py there failed
+    # with "No module named 'runctl.integrations'" (packaging pass). -S: no site-packages, so
+    # no installed or editable runctl to fall back on.
+    clone = tmp_path / "clone"
+    for part in ("runctl", "integrations"):
+        shutil.copytree(ROOT / part, clone / part, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import runctl.integrations as i, runctl._version; print(i.__file__)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=clone, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(clone / "integrations" / "__init__.py")
 
 
 @pytest.mark.parametrize("argv", [["-m", "runctl", "--version"]])
