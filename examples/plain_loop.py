@@ -1,9 +1,12 @@
 """A plain PyTorch loop that saves, uploads and resumes its checkpoints with runctl's CheckpointManager.
 
-Runs in a few seconds on a CPU, with no downloads. Run it twice with the same --dir to see it resume:
+Runs in a few seconds on a CPU, with no downloads. Run it again with the same --dir and more
+--steps to see it resume where the first run stopped (with the same --steps it resumes at the
+end, and says there is nothing left to train):
 
     python examples/plain_loop.py                              # embedded local S3 server
     python examples/plain_loop.py --s3-url s3://bucket/run-1/ --dir ckpt/
+    python examples/plain_loop.py --s3-url s3://bucket/run-1/ --dir ckpt/ --steps 300
 
 Needs: pip install -c tests/constraints.txt '.[demo]' (from a clone; the demo extra brings
 the embedded server and torch).

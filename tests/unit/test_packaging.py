@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -34,6 +35,20 @@ def test_wheel_ships_integrations_inside_runctl_and_no_top_level_integrations(wh
     assert not [n for n in names if n.startswith("integrations/")]
     top_level = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["runctl"]
+
+
+def test_wheel_and_sdist_carry_the_license_and_the_sdist_its_tests(wheel: Path, tmp_path: Path) -> None:
+    # The metadata said Apache-2.0 with no licence text anywhere, which that licence requires
+    # shipped; the sdist had no tox.ini or tests/, and `tox` on it ran nothing (packaging pass).
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in zipfile.ZipFile(wheel).namelist())
+    code = f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    (sdist,) = tmp_path.glob("runctl-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    for needed in ("LICENSE", "tox.ini", ".ci/run", "tests/conftest.py", "tests/constraints.txt", "examples/plain_loop.py"):
+        assert needed in names, needed
+    assert not [n for n in names if "__pycache__" in n]
 
 
 def test_wheel_declares_entry_point_and_extras(wheel: Path) -> None:
