@@ -311,6 +311,14 @@ def _unlink(path: str) -> None:
         pass
 
 
+#: How long an interrupted batch of downloads waits for its threads to remove their files.
+STOP_WAIT = 2.0
+
+
+class _Stopped(Exception):
+    """The batch was interrupted: this download stops where it is."""
+
+
 class _Batch:
     """One s3transfer manager for a whole batch, its request threads daemons.
 
@@ -716,6 +724,7 @@ class BotoTransfer(Transfer):
         errors: dict[str, TransferError] = {}
         lock = threading.Lock()
         futures: list[tuple[S3URL, Any]] = []
+        stopping = threading.Event()  # Ctrl-C or SIGTERM: each download removes its own file
 
         def fail(url: S3URL, exc: BaseException) -> None:
             err = map_error(exc, url, "download")
@@ -727,8 +736,10 @@ class BotoTransfer(Transfer):
 
         def one(pair: tuple[S3URL, Path]) -> None:
             url, path = pair
+            if stopping.is_set():
+                return
             try:
-                size = self._get_small(url, Path(path), callback)
+                size = self._get_small(url, Path(path), callback, stopping)
             except Exception as exc:  # every failure is reported by name after the batch
                 fail(url, exc)
                 return
@@ -748,8 +759,17 @@ class BotoTransfer(Transfer):
                 for pair in pairs:
                     one(pair)
             else:
-                with DaemonPool(min(BATCH_CONCURRENCY, len(pairs)), name="runctl-boto") as pool:
-                    list(pool.map(one, pairs))
+                pool = DaemonPool(min(BATCH_CONCURRENCY, len(pairs)), name="runctl-boto")
+                try:
+                    with pool:
+                        list(pool.map(one, pairs))
+                except BaseException:
+                    # The threads wrote on after the caller removed its temporary files, and
+                    # the process exited: 4 interrupted syncs in 10 left a file behind, one
+                    # renamed from its temporary name and never moved into place (sync pass).
+                    stopping.set()
+                    pool.join(STOP_WAIT)
+                    raise
             for url, future in futures:
                 try:
                     future.result()
@@ -757,10 +777,13 @@ class BotoTransfer(Transfer):
                     fail(url, exc)
         raise_batch(errors, len(pairs), "download")
 
-    def _get_small(self, url: S3URL, path: Path, callback: _Progress) -> int | None:
+    def _get_small(
+        self, url: S3URL, path: Path, callback: _Progress, stopping: threading.Event | None = None
+    ) -> int | None:
         """GetObject ``url`` into ``path`` if it is small; else its size (None when done).
 
-        A read that breaks off midway also returns the size, so the manager retries it.
+        A read that breaks off midway also returns the size, so the manager retries it. Once
+        ``stopping`` is set, the download stops and removes its temporary file.
         """
         from s3transfer.download import S3_RETRYABLE_DOWNLOAD_ERRORS
 
@@ -776,8 +799,12 @@ class BotoTransfer(Transfer):
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as fh:
                 for chunk in body.iter_chunks(IO_CHUNK):
+                    if stopping is not None and stopping.is_set():
+                        raise _Stopped
                     fh.write(chunk)
                     callback(len(chunk))
+            if stopping is not None and stopping.is_set():
+                raise _Stopped
             os.replace(temp, path)
         except S3_RETRYABLE_DOWNLOAD_ERRORS:
             _unlink(temp)

@@ -89,6 +89,17 @@ class DaemonPool:
             for thread in threads:
                 thread.join()
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the threads to end (after ``shutdown``); True if they did."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
+
     def _run(self) -> None:
         while (item := self._work.get()) is not None:
             future, fn, args, kwargs = item

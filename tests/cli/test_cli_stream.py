@@ -328,6 +328,32 @@ def test_an_interrupted_download_leaves_no_temporary_file_behind(
     assert sorted(p.name for p in dest.iterdir()) == []
 
 
+def test_an_interrupted_download_of_many_files_on_boto3_leaves_no_temporary_file_behind(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    # boto3's download threads went on after the interrupted command had removed its temporary
+    # files, and created or renamed more before the process exited: 4 interrupted syncs in 10
+    # left one (sync pass). They stop, and remove their own, before the command ends.
+    bucket = S3URL(moto_server.new_bucket())
+    client = moto_server.client()
+    body = os.urandom(3 * 1024 * 1024)
+    for i in range(24):
+        client.put_object(Bucket=bucket.bucket, Key=f"r/f{i:02d}.bin", Body=body)
+    for attempt in range(6):
+        dest = tmp_path / f"dest{attempt}"
+        dest.mkdir()
+        proc = start_runctl(moto_server, "boto3", "sync", str(dest), f"{bucket}r/", "-d", "down", cwd=tmp_path)
+        deadline = time.monotonic() + 60
+        while not any(dest.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no download began"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        left = [p.name for p in dest.iterdir() if p.name.startswith(".runctl-tmp-")]
+        assert left == [], (attempt, left)
+
+
 def test_a_download_onto_a_device_or_a_fifo_writes_into_it(
     moto_server: S3Server, backend: str, tmp_path: Path
 ) -> None:
