@@ -20,12 +20,31 @@ from runctl._version import __version__
 # In a clone, `integrations/` sits beside this directory (the wheel puts it inside). Run from
 # the clone's root after `pip install .`, Python imports this directory, not the installed
 # package, and `runctl demo` or a train.py there found no runctl.integrations (packaging
-# pass): the clone's root is then where it is looked for too.
+# pass). A finder placed last (after an editable install's own) takes it from beside.
 _here = os.path.dirname(os.path.abspath(__file__))
+_beside = os.path.join(os.path.dirname(_here), "integrations")
+
+
+class _IntegrationsBeside:
+    """Finds ``runctl.integrations`` in the clone's ``integrations/``, when nothing else does."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> Any:
+        if name != "runctl.integrations":
+            return None
+        from importlib.util import spec_from_file_location
+
+        return spec_from_file_location(
+            name, os.path.join(_beside, "__init__.py"), submodule_search_locations=[_beside]
+        )
+
+
 if not os.path.isdir(os.path.join(_here, "integrations")) and os.path.isfile(
-    os.path.join(os.path.dirname(_here), "integrations", "__init__.py")
+    os.path.join(_beside, "__init__.py")
 ):
-    __path__.append(os.path.dirname(_here))
+    import sys
+
+    sys.meta_path.append(_IntegrationsBeside)
 
 _LAZY = {
     "S3URL": "runctl.s3url",
