@@ -168,24 +168,27 @@ def marked_anew(local: Path, dirs: Sequence[tuple[Path, S3URL]]) -> Callable[[st
 
 
 def marker_of_a_local_dir(local: Path, url: S3URL) -> Callable[[str], bool]:
-    """For ``sync --delete``: true for the marker of a directory that still exists under ``local``.
+    """For ``sync --delete``: true for the marker of a directory that still holds a file under ``local``.
 
-    A marker has no local file, so it is kept while its directory is there; once the directory
-    is gone locally, its files go from S3 and so does its marker.
+    A marker has no local file, so it is kept while its directory holds files; once the
+    directory is gone locally, or empty, its files go from S3 and so does its marker (an emptied
+    one kept it: a marker naming files that were gone, "complete with 0 files" to review, and
+    kept by cleanup for good; sync pass).
 
     Example:
         >>> import tempfile
-        >>> root = Path(tempfile.mkdtemp()); (root / "checkpoint-5").mkdir()
+        >>> root = Path(tempfile.mkdtemp()); (root / "checkpoint-5").mkdir(); (root / "checkpoint-7").mkdir()
+        >>> _ = (root / "checkpoint-5" / "model.bin").write_bytes(b"w")
         >>> kept = marker_of_a_local_dir(root, S3URL.parse("s3://bkt/run/"))
-        >>> kept("run/checkpoint-5/" + MARKER_NAME), kept("run/checkpoint-6/" + MARKER_NAME)
-        (True, False)
+        >>> [kept(f"run/checkpoint-{n}/" + MARKER_NAME) for n in (5, 6, 7)]
+        [True, False, False]
     """
     base = url.as_prefix().key
 
     def keep(key: str) -> bool:
         if not is_marker_key(key) or not key.startswith(base):
             return False
-        return (local / key[len(base) : -len(MARKER_NAME)]).is_dir()
+        return any(files for _, _, files in os.walk(local / key[len(base) : -len(MARKER_NAME)]))
 
     return keep
 

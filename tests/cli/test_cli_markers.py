@@ -165,6 +165,13 @@ def test_sync_up_marks_and_delete_keeps_the_markers(
     assert result.exit_code == 0, result.output
     assert f"sync/checkpoint-5/{MARKER_NAME}" not in keys(s3_server, bucket)
     assert "checkpoint-5" not in complete(s3_server, prefix, backend)
+    # ... and one emptied, its directory still there (the marker stayed, naming files gone).
+    for path in (trained / "checkpoint-10").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    result = run_s3(s3_server, *args, "--delete")
+    assert result.exit_code == 0, result.output
+    assert not [k for k in keys(s3_server, bucket) if k.startswith("sync/checkpoint-10/")]
 
 
 def markers(server: S3Server, bucket: S3URL) -> dict[str, str]:
