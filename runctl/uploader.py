@@ -1090,6 +1090,11 @@ class CheckpointUploader:
         """``flush(timeout, failing_timeout=...)``, then stop the worker. Raises like ``flush``; idempotent."""
         if self._closed:
             return
+        # Checked before anything stops: close(timeout=0) raised UsageError from its flush after
+        # the shutdown, and the corrected close(timeout=60) then returned at once, every queued
+        # checkpoint left unsent (API pass).
+        _positive(timeout, "timeout")
+        _positive(failing_timeout, "failing_timeout")
         with self._cond:
             # A submit() from another thread while the flush drains would be taken and then
             # abandoned at the stop, close() returning as if all had landed (uploader review).

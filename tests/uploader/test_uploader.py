@@ -1557,6 +1557,20 @@ def test_a_submit_while_close_is_flushing_is_refused_not_abandoned_quietly(
     assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_1.pt"]
 
 
+@pytest.mark.parametrize("bad", [{"timeout": 0}, {"timeout": -1}, {"failing_timeout": 0}])
+def test_a_close_with_a_bad_timeout_changes_nothing(
+    root: Path, moto_bucket: S3URL, boto_transfer: object, bad: dict[str, float]
+) -> None:
+    # close(timeout=0) raised after it had stopped the uploader, and the corrected close(...)
+    # returned at once with the queued checkpoints never sent (API pass).
+    up = uploader(root, moto_bucket, boto_transfer)
+    up.submit(write(root / "step_1.pt", b"1"))
+    with pytest.raises(UsageError, match="timeout"):
+        up.close(**bad)
+    up.close(timeout=30)
+    assert sorted(keys_under(boto_transfer, moto_bucket.join("run/"))) == ["step_1.pt"]
+
+
 def test_threads_are_not_left_behind(root: Path, moto_bucket: S3URL, boto_transfer: object) -> None:
     before = {t.name for t in threading.enumerate()}
     with uploader(root, moto_bucket, boto_transfer) as up:
