@@ -590,6 +590,14 @@ class CheckpointUploader:
         url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
         check_keep_last_n(keep_last_n, "keep_last_n")
         check_keep_last_n(local_keep_last_n, "local_keep_last_n")
+        if keep_last_n is not None and url.is_bucket:
+            # Retention there deleted checkpoints no run of this uploader wrote (another team's
+            # step_3.pt), where the CLI asks for --yes-bucket-root (API pass).
+            raise UsageError(
+                f"keep_last_n at a bucket root ({url.as_prefix()}) would apply to every checkpoint "
+                "in the bucket: give the run a prefix, such as "
+                f"{url.as_prefix().join('run-1/')}"
+            )
         _count(max_queue, "max_queue")
         _count(max_consecutive_failures, "max_consecutive_failures")
         _count(max_backlog, "max_backlog", allow_none=True)

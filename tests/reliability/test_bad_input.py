@@ -253,6 +253,11 @@ def _api_rows(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
         ("uploader-bad-url", lambda: CheckpointUploader(ckpt, "s3:/x", config=server.config())),
         ("uploader-root-is-file", lambda: CheckpointUploader(local / "afile.txt", url)),
         ("uploader-keep-zero", uploader(keep_last_n=0)),
+        (
+            # retention there deleted another team's checkpoints (API pass)
+            "uploader-bucket-root-retention",
+            lambda: CheckpointUploader(ckpt, f"s3://{world['bucket']}/", config=server.config(), keep_last_n=2),
+        ),
         ("uploader-local-keep-negative", uploader(local_keep_last_n=-1)),
         ("uploader-bad-policy", uploader(failure_policy="explode")),
         ("uploader-bad-stall", uploader(stall_timeout=-1)),
@@ -276,6 +281,7 @@ API_IDS = [
     "uploader-bad-url",
     "uploader-root-is-file",
     "uploader-keep-zero",
+    "uploader-bucket-root-retention",
     "uploader-local-keep-negative",
     "uploader-bad-policy",
     "uploader-bad-stall",
