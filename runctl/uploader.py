@@ -766,6 +766,11 @@ class CheckpointUploader:
             raise UsageError(f"step must be an integer or None (got {step!r})")
         if not_utf8(name):
             raise UsageError(f"cannot submit {str(path)!r}: {NOT_UTF8}")
+        if name == ".runctl" or name.startswith(".runctl-tmp-"):
+            # `for p in root.iterdir(): up.submit(p)` handed over the state directory: its
+            # staging linked into itself until the path was too long, and the job failed in
+            # this run and every later one that resumed it (API pass).
+            raise UsageError(f"cannot submit {str(path)!r}: it is runctl's own, not a checkpoint")
         src = Path(absolute)
         self._check_failure_policy()
         try:

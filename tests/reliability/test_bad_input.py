@@ -267,6 +267,7 @@ def _api_rows(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
         ),
         ("submit-missing", submit(ckpt / "nope.pt")),
         ("submit-outside-root", submit(local / "afile.txt")),
+        ("submit-state-dir", submit(ckpt / ".runctl")),  # a loop over root.iterdir() (API pass)
         ("latest-bad-url", lambda: latest_checkpoint("bucket/run", local / "new")),
         ("retention-keep-zero", lambda: plan_retention([], 0)),
         ("local-retention-negative", lambda: apply_local_retention(ckpt, -1)),
@@ -288,6 +289,7 @@ API_IDS = [
     "uploader-missing-s5cmd",
     "submit-missing",
     "submit-outside-root",
+    "submit-state-dir",
     "latest-bad-url",
     "retention-keep-zero",
     "local-retention-negative",
