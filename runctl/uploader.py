@@ -626,6 +626,7 @@ class CheckpointUploader:
         self.max_backlog = max_backlog
         self.on_uploaded = on_uploaded
         self.on_error = on_error
+        self._pid = os.getpid()  # a fork's copy has no worker thread: submit() refuses there
 
         self._owns_transfer = transfer is None
         if transfer is None:
@@ -755,6 +756,13 @@ class CheckpointUploader:
         """
         if self._closed or self._closing:
             raise UsageError("submit() called after close(): this uploader is closed")
+        if os.getpid() != self._pid:
+            # A forked worker's submit() was taken and journaled, and no thread there ever sent
+            # it: its result() waited for good, and the parent's close() never knew (API pass).
+            raise UsageError(
+                f"submit() in a forked process: this uploader works in process {self._pid}; "
+                "submit from there, or make an uploader in this process"
+            )
         absolute = kernel_abspath(path)  # dd/l/../ckpt is where the kernel says, not dd/ckpt
         parent, name = os.path.split(absolute)
         # The same string as the root needs no lookup (realpath is an lstat per component).

@@ -94,3 +94,34 @@ def test_a_forked_worker_leaves_the_uploader_to_its_parent(rclone_server: S3Serv
     assert "worker ran" in result.stdout and "exit code of the worker: 0" in result.stdout
     assert "not closed" not in result.stderr and "failed to upload" not in result.stderr, result.stderr
     assert rclone_server.client().get_object(Bucket=bucket, Key="run/step_1.pt")["Body"].read() == b"one"
+
+
+def test_a_submit_in_a_forked_process_is_refused(moto_server: S3Server, tmp_path: Path) -> None:
+    # Taken and journaled, it was never sent: no thread runs in the fork, result() waited for
+    # good, and the parent's close() reported success without it (API pass).
+    from runctl.exceptions import UsageError
+
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / "step_1.pt").write_bytes(b"1")
+    bucket = S3URL(moto_server.new_bucket())
+    up = CheckpointUploader(root, bucket.join("run/"), config=moto_server.config(), use_s5cmd=False, resume=False)
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(read)
+            try:
+                up.submit(root / "step_1.pt")
+                said = b"taken"
+            except UsageError as exc:
+                said = str(exc).encode()
+            os.write(write, said)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as fh:
+            said = fh.read().decode()
+        os.waitpid(pid, 0)
+        assert "forked process" in said, said
+    finally:
+        up.close(timeout=10)
