@@ -45,6 +45,10 @@ PERMANENT_CODES: frozenset[str] = frozenset(
         "BucketRegionError",
         "PermanentRedirect",
         "AuthorizationHeaderMalformed",
+        # The request itself is refused (a key the server will not store: rclone's "Object name
+        # contains unsupported characters" for a/../b/): retried 5 times, 15 s a checkpoint
+        # (API pass).
+        "InvalidArgument",
     }
 )
 
@@ -107,6 +111,8 @@ class RetryPolicy:
             >>> RetryPolicy().is_retryable(TransferError("boom", code="SlowDown"))
             True
             >>> RetryPolicy().is_retryable(TransferError("no", code="AccessDenied"))
+            False
+            >>> RetryPolicy().is_retryable(TransferError("unsupported characters", code="InvalidArgument"))
             False
         """
         if isinstance(exc, (AccessDeniedError, NoSuchBucketError, UsageError, BinaryNotFoundError)):
