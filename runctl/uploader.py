@@ -2516,7 +2516,18 @@ def _register_exit_hook(uploader: CheckpointUploader) -> None:
 
 
 def _base(name: str) -> str:
-    return name.rstrip("/").rsplit("/", 1)[-1]
+    """The checkpoint name a path or name gives (``ckpt/step_5.pt`` -> ``step_5.pt``).
+
+    Example:
+        >>> _base("ckpt/checkpoint-5/")
+        'checkpoint-5'
+    """
+    base = str(name).rstrip("/").rsplit("/", 1)[-1]
+    if base in ("", ".", ".."):
+        # protect("") logged confusing warnings and left a temporary file in .runctl/pinned/
+        # (API pass).
+        raise UsageError(f"{name!r} names no checkpoint")
+    return base
 
 
 def _cause_text(exc: BaseException) -> str:

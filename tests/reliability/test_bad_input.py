@@ -249,6 +249,16 @@ def _api_rows(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
 
         return go
 
+    def protect(name: str) -> Callable[[], object]:
+        def go() -> None:
+            up = CheckpointUploader(ckpt, url, config=server.config(), resume=False)
+            try:
+                up.protect(name)
+            finally:
+                up.close(timeout=10)
+
+        return go
+
     return [
         ("uploader-bad-url", lambda: CheckpointUploader(ckpt, "s3:/x", config=server.config())),
         ("uploader-root-is-file", lambda: CheckpointUploader(local / "afile.txt", url)),
@@ -268,6 +278,7 @@ def _api_rows(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
         ("submit-missing", submit(ckpt / "nope.pt")),
         ("submit-outside-root", submit(local / "afile.txt")),
         ("submit-state-dir", submit(ckpt / ".runctl")),  # a loop over root.iterdir() (API pass)
+        ("protect-dot", protect(".")),  # it left a temporary file in .runctl/pinned/ (API pass)
         ("latest-bad-url", lambda: latest_checkpoint("bucket/run", local / "new")),
         ("retention-keep-zero", lambda: plan_retention([], 0)),
         ("local-retention-negative", lambda: apply_local_retention(ckpt, -1)),
@@ -290,6 +301,7 @@ API_IDS = [
     "submit-missing",
     "submit-outside-root",
     "submit-state-dir",
+    "protect-dot",
     "latest-bad-url",
     "retention-keep-zero",
     "local-retention-negative",
