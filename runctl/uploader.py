@@ -2763,13 +2763,16 @@ def latest_checkpoints(
     """
     url = s3_url if isinstance(s3_url, S3URL) else S3URL.parse(str(s3_url))
     prefix = url.as_prefix()
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        # A raw FileExistsError from deep in the download (API pass).
+        raise UsageError(f"dest must be a directory (got {os.fspath(dest)!r}, which is not one)")
     owns = transfer is None
     if transfer is None:
         transfer = make_transfer(config or resolve_config(), use_s5cmd=use_s5cmd)
     try:
         for attempt in range(1, LATEST_ATTEMPTS + 1):
             try:
-                return _latest_once(
+                found = _latest_once(
                     transfer,
                     prefix,
                     Path(dest),
@@ -2783,6 +2786,15 @@ def latest_checkpoints(
                 )
             except _Stale as exc:
                 log.info("%s: listing %s again", exc, prefix)
+                continue
+            if not found and not url.is_prefix and transfer.stat(url) is not None:
+                # s3://b/run/step_5.pt gave None, the answer that means "nothing in S3: start
+                # afresh" (API pass).
+                raise UsageError(
+                    f"{url} is an object, not a prefix of checkpoints: give the prefix it is in "
+                    f"({S3URL(url.bucket, url.key.rpartition('/')[0] + '/' if '/' in url.key else '')})"
+                )
+            return found
         raise AssertionError("unreachable: the last attempt never raises _Stale")
     finally:
         if owns:

@@ -752,6 +752,23 @@ def test_latest_checkpoint_newer_than_downloads_only_a_higher_step(
     assert latest_checkpoint(prefix, root / "t", transfer=boto_transfer, newer_than="step_5.pt") is None  # type: ignore[arg-type]
 
 
+def test_latest_checkpoint_refuses_an_object_url_and_a_dest_that_is_a_file(
+    root: Path, moto_bucket: S3URL, boto_transfer: Any
+) -> None:
+    # An object's URL gave None, the answer that means "nothing in S3: start afresh"; a dest
+    # that is a file, a raw FileExistsError (API pass).
+    prefix = moto_bucket.join("run/")
+    boto_transfer.put_bytes(b"5", prefix.join("step_5.pt"))
+    with pytest.raises(UsageError, match=r"is an object, not a prefix.*s3://.*/run/\)"):
+        latest_checkpoint(prefix.join("step_5.pt"), root / "r", transfer=boto_transfer)
+    (root / "afile").write_bytes(b"x")
+    with pytest.raises(UsageError, match="dest must be a directory"):
+        latest_checkpoint(prefix, root / "afile", transfer=boto_transfer)
+    # a prefix given without its slash still works, and one with nothing under it is None
+    assert latest_checkpoint(S3URL(moto_bucket.bucket, "run"), root / "s", transfer=boto_transfer) == root / "s" / "step_5.pt"
+    assert latest_checkpoint(S3URL(moto_bucket.bucket, "other"), root / "t", transfer=boto_transfer) is None
+
+
 def _retention_elsewhere(server: Any, prefix: S3URL) -> Callable[[], None]:
     """Another process's uploader at work: checkpoint-2 lands whole, then checkpoint-1 goes
     (marker first), as keep_last_n=1 does."""
