@@ -49,6 +49,12 @@ def lock_dir() -> Path:
     override = os.environ.get("RUNCTL_LOCK_DIR")
     path = Path(override).expanduser() if override else _user_cache_dir() / "runctl" / "locks"
     try:
+        if override and not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+            # Named to be shared (users, sudo, containers): made with the umask (0755), no
+            # other user could add the lock of a prefix that had none yet (verification pass).
+            with contextlib.suppress(OSError):
+                path.chmod(0o777)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         where = "$RUNCTL_LOCK_DIR" if override else "the default lock directory; set $RUNCTL_LOCK_DIR"
@@ -73,6 +79,23 @@ def _file_lock(path: Path) -> FileLock:
         return lock
 
 
+def _why_refused(path: Path) -> str:
+    """What to do about a lock file this user may not take."""
+    try:
+        sticky = path.parent.stat().st_mode & 0o1000 and path.stat().st_uid != os.geteuid()
+    except OSError:
+        sticky = False
+    if sticky:
+        # filelock takes no lock file another user made in a sticky directory (/tmp, or one
+        # made 1777), however it is mode: "chmod a+rw" sent users after a file that already
+        # was (verification pass).
+        return (
+            f"its directory {path.parent} has the sticky bit, as /tmp does, and another user made "
+            "it: share a directory without it (mkdir -m 0777 DIR) as $RUNCTL_LOCK_DIR"
+        )
+    return "every user sharing its directory needs to write it: chmod a+rw, or set $RUNCTL_LOCK_DIR"
+
+
 @contextmanager
 def _hold(path: Path, timeout: float, what: str) -> Iterator[None]:
     if timeout < 0:
@@ -82,10 +105,7 @@ def _hold(path: Path, timeout: float, what: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=min(WARN_AFTER, timeout))
     except PermissionError as exc:
-        raise UsageError(
-            f"cannot open the retention lock file {path}: {exc.strerror or exc} (every user "
-            "sharing its directory needs to write it: chmod a+rw, or set $RUNCTL_LOCK_DIR)"
-        ) from None
+        raise UsageError(f"cannot open the retention lock file {path}: {exc.strerror or exc} ({_why_refused(path)})") from None
     except Timeout:
         remaining = timeout - (time.monotonic() - start)
         if remaining <= 0:

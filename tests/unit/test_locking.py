@@ -163,6 +163,18 @@ def test_a_lock_file_is_made_for_every_user_sharing_its_directory(
     assert s3_lock_path(S3URL("bkt", "shared/"), ENDPOINT).stat().st_mode & 0o777 == 0o666
 
 
+def test_a_lock_directory_named_to_be_shared_is_made_for_every_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Made with the umask (0755), no other user could add the lock of a new prefix there.
+    monkeypatch.setenv("RUNCTL_LOCK_DIR", str(tmp_path / "shared" / "locks"))
+    old = os.umask(0o022)
+    try:
+        assert lock_dir().stat().st_mode & 0o7777 == 0o777
+    finally:
+        os.umask(old)
+
+
 OTHER_USER = """
 from runctl.locking import s3_prefix_lock
 from runctl.s3url import S3URL
@@ -172,15 +184,21 @@ with s3_prefix_lock(S3URL("bkt", "theirs/"), "http://127.0.0.1:9000", timeout=5)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to play two users")
-def test_a_lock_file_another_user_left_unwritable_is_one_line_saying_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("dir_mode", "file_mode", "said"), [(0o777, 0o644, "chmod a+rw"), (0o1777, 0o666, "sticky bit")])
+def test_a_lock_file_another_user_left_unwritable_is_one_line_saying_so(
+    tmp_path: Path, dir_mode: int, file_mode: int, said: str
+) -> None:
+    # In a sticky directory (/tmp) filelock refuses another user's lock file whatever its mode,
+    # and "chmod a+rw" sent users after a file that already was (verification pass).
     lock_home = tmp_path / "locks"
-    lock_home.mkdir(mode=0o777)
+    lock_home.mkdir()
+    lock_home.chmod(dir_mode)
     env = {**os.environ, "RUNCTL_LOCK_DIR": str(lock_home)}
     path = s3_lock_path(S3URL("bkt", "theirs/"), "http://127.0.0.1:9000")  # under this process's dir
     theirs = lock_home / path.name
-    theirs.touch(mode=0o644)
+    theirs.touch()
     os.chown(theirs, 1000, 1000)
-    theirs.chmod(0o644)
+    theirs.chmod(file_mode)
     # root without its capabilities checks permissions as any other user does
     proc = subprocess.run(
         ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", OTHER_USER],
@@ -188,7 +206,7 @@ def test_a_lock_file_another_user_left_unwritable_is_one_line_saying_so(tmp_path
     )
     assert proc.returncode != 0
     assert "UsageError: cannot open the retention lock file" in proc.stderr, proc.stderr
-    assert "chmod a+rw" in proc.stderr
+    assert said in proc.stderr
 
 
 MARKER = """
