@@ -672,6 +672,21 @@ def test_keys_xml_cannot_carry_are_listed_and_deleted_exactly(
     assert left == ["ctl/ck\ufffd[1]/step_1.pt"]
 
 
+def test_a_prefix_xml_cannot_carry_is_listed_and_downloaded_exactly(
+    transfer: Transfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
+) -> None:
+    # On rclone s5cmd read the prefix ck<ESC>/ as empty: "nothing found", cleanup idle, and
+    # latest_checkpoint() None (verification pass).
+    keys = ["ck\x1b/step_1.pt", "ck\x1b/sub/step_2.pt"]
+    put_raw(s3_server, bucket.bucket, keys)
+    assert [row[1] for row in listing(transfer, bucket.join("ck\x1b/"))] == keys
+    assert [row[1] for row in listing(transfer, bucket.join("ck\x1b/"), recursive=False)] == [
+        "ck\x1b/sub/", "ck\x1b/step_1.pt"
+    ]
+    ops.download(transfer, bucket.join("ck\x1b/"), tmp_path / "out", recursive=True)
+    assert tree_files(tmp_path / "out") == {"step_1.pt": b"x", "sub/step_2.pt": b"x"}
+
+
 def test_a_key_ending_in_a_dot_segment_leaves_no_file_behind(
     transfer: Transfer, s3_server: S3Server, bucket: S3URL, tmp_path: Path
 ) -> None:
