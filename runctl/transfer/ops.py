@@ -526,15 +526,19 @@ def _changed_while_sent(
 
 
 def _appended(pairs: Sequence[tuple[Path, S3URL]]) -> list[tuple[Path, S3URL]]:
-    """Those of ``pairs`` a process has open for appending (a log): their objects stay.
+    """Those of ``pairs`` a process has open for appending (a log, never a checkpoint): their objects stay.
 
     Appending leaves the bytes before it as they were, so what goes up is the log as it was
     at some moment, whole: a `train.log` written to several times a second never settled,
     and `sync -d up` deleted its object and failed, on every run during training, where aws
     sends it as it is (sync pass).
     """
+    from runctl.checkpoints import is_recognised
     from runctl.localrun import open_for_writing
 
+    # Never a checkpoint, nor a file inside one: a step_2.pt grown with `>>` was kept at 23 of
+    # its 40 MB, and retention took it for the newest whole checkpoint (verification pass).
+    pairs = [(path, url) for path, url in pairs if not any(map(is_recognised, url.key.split("/")))]
     if not pairs:
         return []
     logs = open_for_writing(None, appending=True) or set()

@@ -1032,16 +1032,17 @@ def test_files_that_settle_one_after_another_or_stay_open_are_each_sent_again(
     assert transfer.get_bytes(url.join("events.log")) == b"e0+line"
 
 
-@pytest.mark.parametrize("mode", ["ab", "wb"])
+@pytest.mark.parametrize(("name", "mode"), [("train.log", "ab"), ("train.log", "wb"), ("step_2.pt", "ab")])
 def test_a_log_appended_to_throughout_keeps_what_went_up(
-    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, mode: str
 ) -> None:
     # A train.log appended to several times a second never settles: `sync -d up` deleted its
     # object and failed on every run during training (sync pass); aws sends it as it is.
     # Appending leaves the bytes before it alone: what went up is the log as it was, whole.
-    # A file written from the start ("wb", a checkpoint) that never settles still goes.
+    # A file written from the start ("wb", a checkpoint) that never settles still goes, and so
+    # does a checkpoint grown by appending (a step_2.pt was kept torn; verification pass).
     src = tmp_path / "src"
-    make_tree(src, {"train.log": b"start\n", "step_1.pt": b"w"})
+    make_tree(src, {name: b"start\n", "step_1.pt": b"w"})
     url = bucket.join("u/")
     monkeypatch.setattr(ops, "RESEND_WAIT", 1.0)
     stop = threading.Event()
@@ -1050,7 +1051,7 @@ def test_a_log_appended_to_throughout_keeps_what_went_up(
     def meanwhile() -> None:
         if writer:
             return
-        fh = open(src / "train.log", mode)
+        fh = open(src / name, mode)
         fh.write(b"line\n")  # before the copy checks what it sent
         fh.flush()
 
@@ -1064,17 +1065,17 @@ def test_a_log_appended_to_throughout_keeps_what_went_up(
         writer[0].start()
 
     try:
-        if mode == "ab":
+        if (name, mode) == ("train.log", "ab"):
             _send_while(transfer, src, url, "sync", monkeypatch, meanwhile)
         else:
             with pytest.raises(PartialTransferError) as info:
                 _send_while(transfer, src, url, "sync", monkeypatch, meanwhile)
-            assert list(info.value.failures) == [str(url.join("train.log"))]
+            assert list(info.value.failures) == [str(url.join(name))]
     finally:
         stop.set()
         writer[0].join()
     keys = [row[1] for row in listing(transfer, url)]
-    if mode == "ab":
+    if (name, mode) == ("train.log", "ab"):
         assert keys == ["u/step_1.pt", "u/train.log"]
         sent = transfer.get_bytes(url.join("train.log"))
         # sent once more as it was at the end of the wait: a later, whole prefix of the log
