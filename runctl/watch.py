@@ -654,17 +654,46 @@ def _signal_for(proc: subprocess.Popen[bytes], exc: KeyboardInterrupt | None = N
 
 
 def _stop_hook(proc: subprocess.Popen[bytes], forward: int | None) -> None:
-    """runctl is stopping: let the --exec command stop too, cleanly, before it is killed."""
+    """runctl is stopping: let the --exec command stop too, cleanly, before it is killed.
+
+    The signal goes to the command and every process it started, as a terminal's Ctrl-C
+    reaches its whole group: an `eval.sh` that ran python went on after `watch --timeout`
+    had stopped the script, and wrote its result after watch had ended (verification pass).
+    """
+    import signal
+
+    from runctl.localrun import process_tree
+
+    tree = {pid: _started(pid) for pid in process_tree(proc.pid)}
     if forward is not None:
-        try:
-            proc.send_signal(forward)
-        except OSError:
-            pass
+        _signal_each(tree, forward)
     try:
         proc.wait(HOOK_GRACE)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.kill()
         proc.wait()
+    tree.pop(proc.pid, None)
+    _signal_each(tree, signal.SIGKILL)
+
+
+def _started(pid: int) -> bytes | None:
+    """When the process began (``/proc/PID/stat``'s start time), to know a reused PID."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _signal_each(tree: Mapping[int, bytes | None], signum: int) -> None:
+    """Signal each process still the one seen (its start time unchanged: not a PID reused)."""
+    for pid, started in tree.items():
+        if started is None or _started(pid) != started:
+            continue
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
 
 
 def _same(before: tuple[str | None, int, float], after: tuple[str | None, int, float]) -> bool:

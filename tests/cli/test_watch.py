@@ -789,6 +789,38 @@ def test_cli_watch_timeout_stops_a_running_hook(
     assert "stopped at --timeout" in result.stderr
 
 
+def test_cli_watch_timeout_stops_what_the_hook_started_too(
+    server_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An eval.sh that ran python: the script was stopped at --timeout, python went on and
+    # wrote its result after watch had ended (verification pass).
+    prefix = S3URL(server_env.new_bucket()).join("run/")
+    late = tmp_path / "late.txt"
+    hook = tmp_path / "eval.sh"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f"{sys.executable} -c 'import time; time.sleep(4); open(\"{late}\", \"w\").write(\"late\")'\n"
+    )
+    hook.chmod(0o755)
+    original = PrefixWatcher.poll
+
+    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
+        events = original(self, **kwargs)
+        if events and events[0].kind == "baseline":
+            put(server_env, prefix, "step_2.pt", b"22")
+        return events
+
+    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    result = CliRunner().invoke(
+        monitor_app(),
+        ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "1.5", "--exec", str(hook), "--json",
+         "--no-use-s5cmd"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    time.sleep(5)  # past the python's own time
+    assert not late.exists()
+
+
 def test_watch_help_says_hooks_hold_up_polling() -> None:
     # A slow hook held up polling, and a checkpoint created and deleted meanwhile (the writer's
     # keep-last-N) was never reported: a user of --exec believed every checkpoint was evaluated.
