@@ -57,15 +57,22 @@ def part_size_for(size: int, default: int = DEFAULT_PART_SIZE) -> int:
     return max(default, math.ceil(needed / MiB) * MiB)
 
 
+#: A name's line breaks and tabs, written out: a one-line message collapses them to a space,
+#: and a failed "new\nline.bin" read as "new line.bin", a file that had gone up (keys pass).
+_SPELLED = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def failure_summary(failures: Mapping[str, str], shown: int = 5) -> str:
-    """The first ``shown`` failures as ``name: reason`` pairs, then how many more there are.
+    r"""The first ``shown`` failures as ``name: reason`` pairs, then how many more there are.
 
     Example:
         >>> failure_summary({"s3://b/a": "NoSuchKey", "s3://b/c": "AccessDenied"}, shown=1)
         's3://b/a: NoSuchKey (and 1 more)'
+        >>> print(failure_summary({"s3://b/new\nline.bin": "AccessDenied"}))
+        s3://b/new\nline.bin: AccessDenied
     """
     first = itertools.islice(failures.items(), shown)
-    head = "; ".join(f"{name}: {reason}" for name, reason in first)
+    head = "; ".join(f"{name.translate(_SPELLED)}: {reason}" for name, reason in first)
     return head + (f" (and {len(failures) - shown} more)" if len(failures) > shown else "")
 
 
