@@ -36,11 +36,11 @@ from runctl.localrun import ENV_CHECKPOINT_DIR
 from runctl.s3url import S3URL
 
 from ._common import (
-    CLOSE_AFTER_ERROR,
     UploadOptions,
     ctrl_c_stops_waiting,
     finish_uploads,
     require,
+    stop_after_interrupt,
     uploader_metrics,
 )
 
@@ -579,20 +579,8 @@ class _RunctlCheckpointMixin:
                 on_upload_error=self.runctl_options.on_upload_error,
             )
         except KeyboardInterrupt:
-            with contextlib.suppress(RunctlError):  # closed already unless it came before the flush
-                uploader.close(timeout=CLOSE_AFTER_ERROR)
-            left = uploader.status().pending
-            if left:
-                # Said after a Ctrl-C here: only "flush timed out after 1 s", a time nobody
-                # set, and not a word that the checkpoints were still safe (Lightning pass).
-                log.warning(
-                    "runctl: interrupted while waiting for uploads: %d checkpoint(s) not yet in "
-                    "S3 stay queued in the journal in %s, and the next run with this dirpath "
-                    "uploads them: %s",
-                    len(left),
-                    getattr(self, "dirpath", ""),
-                    ", ".join(left),
-                )
+            if not uploader.closed:  # a Ctrl-C in the quiet wait, before finish_uploads began
+                stop_after_interrupt(uploader)
             raise
         finally:
             self.final_stats = uploader_metrics(uploader)

@@ -627,6 +627,7 @@ class CheckpointUploader:
         self.on_uploaded = on_uploaded
         self.on_error = on_error
         self._pid = os.getpid()  # a fork's copy has no worker thread: submit() refuses there
+        self._quiet_timeouts = False  # close(quiet=True): its caller says why it stopped waiting
 
         self._owns_transfer = transfer is None
         if transfer is None:
@@ -1094,7 +1095,8 @@ class CheckpointUploader:
         quiet waiter (``wait_idle``)."""
         if quiet:
             return
-        level = logging.DEBUG if pending == self._timed_out_with else logging.ERROR
+        quiet_close = self._quiet_timeouts
+        level = logging.DEBUG if quiet_close or pending == self._timed_out_with else logging.ERROR
         self._timed_out_with = pending
         log.log(level, message, *args)
 
@@ -1107,10 +1109,20 @@ class CheckpointUploader:
         active_at = getattr(self.transfer, "active_at", None)
         return (active_at() or 0.0) if callable(active_at) else 0.0
 
-    def close(self, timeout: float | None = None, *, failing_timeout: float | None = None) -> None:
-        """``flush(timeout, failing_timeout=...)``, then stop the worker. Raises like ``flush``; idempotent."""
+    def close(
+        self, timeout: float | None = None, *, failing_timeout: float | None = None, quiet: bool = False
+    ) -> None:
+        """``flush(timeout, failing_timeout=...)``, then stop the worker. Raises like ``flush``; idempotent.
+
+        ``quiet``: no error line when the time runs out; the caller says what happened (after a
+        Ctrl-C, "flush timed out after 1 s" named a timeout nobody had set; Lightning pass).
+
+        Example:
+            >>> uploader.close(timeout=600)  # doctest: +SKIP
+        """
         if self._closed:
             return
+        self._quiet_timeouts = quiet
         # Checked before anything stops: close(timeout=0) raised UsageError from its flush after
         # the shutdown, and the corrected close(timeout=60) then returned at once, every queued
         # checkpoint left unsent (API pass).
@@ -1124,6 +1136,11 @@ class CheckpointUploader:
             self.flush(timeout, failing_timeout=failing_timeout)
         finally:
             self._shutdown()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has finished: nothing more is taken or sent."""
+        return self._closed
 
     def status(self) -> UploaderStatus:
         """The counters so far (cheap; safe from any thread)."""
