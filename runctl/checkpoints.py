@@ -157,7 +157,8 @@ def has_completion_sign(path: Path) -> bool:
     """True when a framework has marked the local directory checkpoint ``path`` finished.
 
     Hugging Face writes ``trainer_state.json`` into it last; DeepSpeed writes ``latest``
-    (naming the tag) beside its ``global_stepN`` directories once one is whole.
+    (naming the tag) beside its ``global_stepN`` directories once one is whole;
+    torch.distributed.checkpoint writes ``.metadata`` after its shards.
 
     Example:
         >>> import tempfile
@@ -165,7 +166,7 @@ def has_completion_sign(path: Path) -> bool:
         >>> has_completion_sign(d), (d / HF_SIGN).write_text("{}") > 0, has_completion_sign(d)
         (False, True, True)
     """
-    if (path / HF_SIGN).is_file() or (path / DEEPSPEED_SIGN).is_file():
+    if (path / HF_SIGN).is_file() or (path / DEEPSPEED_SIGN).is_file() or (path / DCP_SIGN).is_file():
         return True
     try:
         tag = (path.parent / DEEPSPEED_SIGN).read_text(errors="replace").strip()
@@ -238,6 +239,35 @@ def dir_awaits_deepspeed_sign(path: Path) -> bool:
     return named is not None and int(named.group(1)) < int(match.group(1))
 
 
+#: torch.distributed.checkpoint writes each rank's shards (``__0_0.distcp``), then ``.metadata``.
+DCP_SIGN = ".metadata"
+DCP_SHARD = ".distcp"
+
+
+def dir_awaits_dcp_sign(path: Path) -> bool:
+    """True when the local directory ``path`` holds torch.distributed.checkpoint shards and not
+    yet the ``.metadata`` written after them: a save in progress, however quiet.
+
+    A sharded save that paused between files longer than ``--settle`` was taken whole by
+    ``runctl local``, marked complete in S3, and retention deleted the checkpoint before it
+    (local pass).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()) / "step-200"; d.mkdir()
+        >>> _ = (d / "__0_0.distcp").write_bytes(b"s"); dir_awaits_dcp_sign(d)
+        True
+        >>> _ = (d / DCP_SIGN).write_bytes(b"m"); dir_awaits_dcp_sign(d)
+        False
+    """
+    try:
+        with os.scandir(path) as entries:
+            shards = any(e.name.endswith(DCP_SHARD) for e in entries)
+    except OSError:
+        return False
+    return shards and not (path / DCP_SIGN).is_file()
+
+
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -248,14 +278,18 @@ def format_check(path: Path) -> tuple[bool, str | None]:
     ``torch.save`` (``.pt``, ``.pth``, Lightning's ``.ckpt``) writes a zip that ends with its
     central directory and holds ``data.pkl``: a save cut off mid-write lacks the first, and one
     that failed half-way (an object that cannot be pickled) the second, though its file is
-    closed and quiet. A ``.safetensors`` file is exactly as long as its header says. Other
-    formats cannot tell: ``(False, None)``.
+    closed and quiet. A ``.safetensors`` file is exactly as long as its header says, and a
+    ``.pkl`` (protocol 2 and up) ends with pickle's STOP. Other formats cannot tell:
+    ``(False, None)``.
 
     Example:
         >>> import tempfile
         >>> p = Path(tempfile.mkdtemp()) / "step_1.pt"; _ = p.write_bytes(b"PK\x03\x04 cut off")
         >>> format_check(p)
         (True, 'a zip file without its end (cut off mid-write)')
+        >>> import pickle; q = p.with_name("state.pkl"); _ = q.write_bytes(pickle.dumps({"w": 1})[:-3])
+        >>> format_check(q)
+        (True, 'a pickle without its end (cut short)')
     """
     import zipfile
 
@@ -275,6 +309,11 @@ def format_check(path: Path) -> tuple[bool, str | None]:
                 if torch and not any(n.rpartition("/")[2] == "data.pkl" for n in names):
                     return True, "a torch.save file without its data.pkl (the save failed half-way)"
                 return True, None
+            if path.name.endswith((".pkl", ".pickle")) and head[:1] == b"\x80":
+                # pickle.dump (protocol 2 and up) opens with PROTO and ends with STOP ("."): a
+                # dump that raised half-way was closed by its `with` and looked whole (local pass).
+                f.seek(-1, os.SEEK_END)
+                return True, None if f.read(1) == b"." else "a pickle without its end (cut short)"
             if not path.name.endswith(".safetensors"):
                 return False, None
             size = os.fstat(f.fileno()).st_size

@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from runctl.checkpoints import (
     RUNCTL_DIR,
+    dir_awaits_dcp_sign,
     dir_awaits_deepspeed_sign,
     dir_awaits_hf_sign,
     dir_format_check,
@@ -437,7 +438,7 @@ class CheckpointWatcher:
             return None
 
     def poll(
-        self, *, final: bool = False, script_failed: bool = False, killed: bool = False
+        self, *, final: bool = False, script_failed: bool = False, killed: bool = False, errored: bool = False
     ) -> list[Path]:
         """One look at the directory; returns what was handed over.
 
@@ -446,9 +447,9 @@ class CheckpointWatcher:
         previous poll (it may be torn); those are listed in ``skipped``.
         """
         with self._lock:
-            return self._poll(final, script_failed, killed)
+            return self._poll(final, script_failed, killed, errored)
 
-    def _poll(self, final: bool, script_failed: bool, killed: bool = False) -> list[Path]:
+    def _poll(self, final: bool, script_failed: bool, killed: bool = False, errored: bool = False) -> list[Path]:
         now = time.monotonic()
         writers: set[str] | None = None
         writers_read = False
@@ -481,6 +482,7 @@ class CheckpointWatcher:
             path = Path(entry.path)
             unsigned_hf = is_dir and dir_awaits_hf_sign(path)
             unsigned_ds = is_dir and dir_awaits_deepspeed_sign(path)
+            unsigned_dcp = is_dir and dir_awaits_dcp_sign(path)
             if final:
                 why = None
                 ended = killed or script_failed
@@ -490,6 +492,8 @@ class CheckpointWatcher:
                     writers, writers_read = self._writers(anyone=True), True
                 if unsigned_hf:
                     why = "no trainer_state.json, which the Hugging Face Trainer writes last: its save was cut short"
+                elif unsigned_dcp:
+                    why = "no .metadata, which torch.distributed.checkpoint writes last: its save was cut short"
                 elif _is_written(entry.path, is_dir, writers):
                     # Not journaled as torn: a later run uploads it once it is written and closed.
                     self.skipped[name] = OUTLIVED
@@ -509,16 +513,19 @@ class CheckpointWatcher:
                 elif ended and unsigned_ds:
                     why = "DeepSpeed's latest does not name it: its save was cut short"
                 elif (
-                    killed
+                    (killed or (is_dir and errored))
                     and not reason[0]
                     and not (is_dir and has_completion_sign(path))
                     and time.time() - sig[3] / 1e9 < self.settle
                 ):
                     # One killed by a signal may be cut off before anyone saw it open; where
                     # the format cannot tell whether it is whole, what changed just before the
-                    # kill is left out. (A save that raised half-way closes its file: the
-                    # format check catches torch.save's; a failed exit alone proves nothing.)
-                    why = "changed moments before the script was killed"
+                    # end is left out. So is a directory when the script errored: a sharded
+                    # save that raised at 2 of 4 shards (a full disk) closed its files, was
+                    # marked complete, and retention deleted the step before it, in S3 and
+                    # here (local pass). A file's own format decides (a script may fail right
+                    # after a whole save), and a save on SIGINT or SIGTERM is no error.
+                    why = "changed moments before the script " + ("was killed" if killed else "failed")
                 if why is not None:
                     self._leave_out(name, sig, why)
                     state.submitted = sig
@@ -529,8 +536,8 @@ class CheckpointWatcher:
                 if signed:
                     if state.polls < 2:
                         continue
-                elif unsigned_hf or unsigned_ds:
-                    continue  # the Trainer's or DeepSpeed's, still without its sign
+                elif unsigned_hf or unsigned_ds or unsigned_dcp:
+                    continue  # the Trainer's, DeepSpeed's or torch.distributed's, still without its sign
                 elif quiet_for < self.settle or state.polls < 2:
                     continue
                 if not writers_read:
@@ -604,16 +611,18 @@ class CheckpointWatcher:
                     str(self.root / name), state.signature[0] == 1, writers
                 )
 
-    def final_scan(self, *, script_failed: bool, killed: bool = False) -> list[Path]:
+    def final_scan(self, *, script_failed: bool, killed: bool = False, errored: bool = False) -> list[Path]:
         """After the script exited: hand over everything finished that was not sent yet.
 
         Left out (and journaled, so a later run leaves them out too): a Trainer's directory
-        without its ``trainer_state.json``; what its format shows cut short; with
-        ``script_failed``, what it was writing; with ``script_failed`` or ``killed``, a
-        DeepSpeed directory ``latest`` names an earlier step than; and with ``killed``, what
-        changed within ``settle`` seconds before in a format that cannot tell.
+        without its ``trainer_state.json``, or a torch.distributed one without its
+        ``.metadata``; what its format shows cut short; with ``script_failed``, what it was
+        writing; with ``script_failed`` or ``killed``, a DeepSpeed directory ``latest`` names an
+        earlier step than; and with ``killed``, what changed within ``settle`` seconds before in
+        a format that cannot tell, as with ``errored`` (a failure other than an exit on SIGINT
+        or SIGTERM, which a script that saved on the signal gives) a directory without a sign.
         """
-        return self.poll(final=True, script_failed=script_failed, killed=killed)
+        return self.poll(final=True, script_failed=script_failed, killed=killed, errored=errored)
 
 
 def _dir_version(path: Path) -> tuple[int | None, float | None]:
@@ -1140,7 +1149,9 @@ def run_local(
                     watcher.final_scan(
                         # A shell reports a child killed by signal N as 128+N (train.sh
                         # running python killed by the OOM killer: 137): killed too.
-                        script_failed=script_code != 0, killed=_killed(proc.returncode)
+                        script_failed=script_code != 0,
+                        killed=_killed(proc.returncode),
+                        errored=script_code not in (0, 130, 143),
                     )
             if uploader is not None:
                 from runctl.uploader import FAILING_TIMEOUT

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runctl.checkpoints import MARKER_NAME
+from runctl.checkpoints import MARKER_NAME, Manifest
 from runctl.s3url import S3URL
 from tests.cli.cli_support import ROOT, keys, run
 from tests.servers import S3Server
@@ -913,6 +913,54 @@ def test_a_whole_save_still_open_when_the_script_failed_is_uploaded(
     assert proc.returncode == 1, proc.stderr
     assert "not uploading step_2.pt" not in proc.stderr, proc.stderr
     assert sorted(keys(moto_server, bucket)) == ["run/step_2.pt"]
+
+
+def test_a_sharded_save_cut_short_by_a_failure_is_left_out(moto_server: S3Server, tmp_path: Path) -> None:
+    """A directory save that raised after 2 of its 4 shards (a full disk), the script exiting
+    1: the final scan sent the half directory and marked it complete, and keep-last-N 1 then
+    deleted step-100, in S3 and on disk (local pass)."""
+    bucket = S3URL(moto_server.new_bucket())
+    proc = _local_run(
+        moto_server, tmp_path, bucket,
+        """
+        import os, pathlib, sys, time
+        d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+        for step in (100, 200):
+            (d / f"step-{step}").mkdir()
+            for shard in range(4):
+                if step == 200 and shard == 2:
+                    sys.exit("OSError: [Errno 28] No space left on device")
+                (d / f"step-{step}" / f"shard_{shard}.bin").write_bytes(b"s" * 1000)
+            time.sleep(1.5)
+        """,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "not uploading step-200: changed moments before the script failed" in proc.stderr, proc.stderr
+    assert not [k for k in keys(moto_server, bucket) if k.startswith("run/step-200/")]
+    assert f"run/step-100/{MARKER_NAME}" in keys(moto_server, bucket)
+
+
+def test_a_distributed_checkpoint_waits_for_its_metadata(moto_server: S3Server, tmp_path: Path) -> None:
+    """torch.distributed.checkpoint writes its shards, then .metadata: a save that paused
+    between shards longer than --settle went up, and was marked complete, half done (local pass)."""
+    bucket = S3URL(moto_server.new_bucket())
+    proc = _local_run(
+        moto_server, tmp_path, bucket,
+        """
+        import os, pathlib, time
+        d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"]) / "step-200"
+        d.mkdir()
+        for rank in range(2):
+            (d / f"__{rank}_0.distcp").write_bytes(b"s" * 1000)
+            time.sleep(1.5)  # gathering the next rank's state: longer than --settle
+        (d / ".metadata").write_bytes(b"m")
+        time.sleep(1.5)
+        """,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    marker = Manifest.from_bytes(keys(moto_server, bucket)[f"run/step-200/{MARKER_NAME}"])
+    assert sorted(marker.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert "uploaded 1 checkpoint (2.0 KiB)" in proc.stderr, proc.stderr  # once, whole; not its first shard
 
 
 def test_a_script_that_uploads_itself_and_fails_to_fails_the_run(

@@ -325,6 +325,20 @@ def test_what_changed_just_before_a_kill_is_left_out_unless_its_format_says_whol
         assert sorted(got.names) == ["step_2.pt", "step_3.pt"]
 
 
+def test_a_pickle_cut_short_is_left_out_and_a_whole_one_goes_up(tmp_path: Path) -> None:
+    # A pickle.dump that raised half-way, closed by its `with`, went up as whole after the
+    # script failed (local pass): pickle's own end (STOP) tells.
+    import pickle
+
+    got = Collector()
+    (tmp_path / "step_2.pkl").write_bytes(pickle.dumps({"w": list(range(100))})[:-20])
+    (tmp_path / "step_1.pkl").write_bytes(pickle.dumps({"w": 1}))
+    watcher = CheckpointWatcher(tmp_path, got, settle=0.1)
+    watcher.final_scan(script_failed=True, errored=True)
+    assert got.names == ["step_1.pkl"]
+    assert "a pickle without its end" in watcher.skipped["step_2.pkl"]
+
+
 def test_a_save_that_failed_half_way_is_never_handed_over_however_quiet(tmp_path: Path) -> None:
     got = Collector()
     watcher = CheckpointWatcher(tmp_path, got, settle=0.1)
