@@ -14,7 +14,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -1313,6 +1313,34 @@ def _remote_index(
     return index, pinned
 
 
+def _markers_left_without_files(
+    remote: Mapping[str, ObjectInfo], doomed: Sequence[ObjectInfo], keep_key: Callable[[str], bool]
+) -> list[ObjectInfo]:
+    """The markers ``keep_key`` keeps whose directory keeps no other object once ``doomed`` go.
+
+    A marker names its directory's files: kept with none of them left, `review` showed the
+    checkpoint complete with 0 files, and cleanup kept it for good; a local file `--exclude`
+    leaves out, or a temporary one, had its directory look in use (diff review).
+    """
+    from runctl.marking import is_marker_key
+
+    going = {obj.key for obj in doomed}
+    held: set[str] = set()  # every directory that keeps an object other than a marker
+    for obj in remote.values():
+        if obj.key in going or is_marker_key(obj.key):
+            continue
+        end = obj.key.rfind("/")
+        while end > 0 and obj.key[: end + 1] not in held:
+            held.add(obj.key[: end + 1])
+            end = obj.key.rfind("/", 0, end)
+    return [
+        obj
+        for obj in remote.values()
+        if obj.key not in going and is_marker_key(obj.key) and keep_key(obj.key)
+        and obj.key.rpartition("/")[0] + "/" not in held
+    ]
+
+
 def _pins_unlisted(
     transfer: Transfer, prefix: S3URL, rels: Sequence[str], pinned: dict[str, str]
 ) -> dict[str, str]:
@@ -1455,6 +1483,8 @@ def _plan(
         if kept:
             spared = {url for url, _ in kept}
             doomed = [obj for obj in doomed if str(obj.url) not in spared]
+        if doomed and keep_key is not None:
+            doomed += _markers_left_without_files(remote, doomed, keep_key)
         if doomed and not local_files:
             _refuse_emptying(f"{str(local)!r} has no files", f"every object under {prefix}", include, exclude)
         _note_holes(local, holes, unreadable)

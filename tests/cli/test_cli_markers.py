@@ -172,6 +172,14 @@ def test_sync_up_marks_and_delete_keeps_the_markers(
     result = run_s3(s3_server, *args, "--delete")
     assert result.exit_code == 0, result.output
     assert not [k for k in keys(s3_server, bucket) if k.startswith("sync/checkpoint-10/")]
+    # ... and one that holds only what the sync leaves out: an --exclude'd log (diff review).
+    for path in (trained / "step-15").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    write(trained / "step-15" / "notes.log", b"n")
+    result = run_s3(s3_server, *args, "--delete", "--exclude", "*.log")
+    assert result.exit_code == 0, result.output
+    assert not [k for k in keys(s3_server, bucket) if k.startswith("sync/step-15/")]
 
 
 def markers(server: S3Server, bucket: S3URL) -> dict[str, str]:
