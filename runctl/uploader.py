@@ -2934,6 +2934,8 @@ def _latest_once(
     for c, path in zip(chosen_checkpoints, paths, strict=True):
         into.setdefault(path.parent, []).extend(by_key[key] for key in _its_own(c, markers))
     dest_dir.mkdir(parents=True, exist_ok=True)
+    # Only where nothing stood: an evaluator's earlier copy of the same checkpoint is its own.
+    fresh = [path for path in paths if not os.path.lexists(path)]
     written: list[Path] = []
     try:
         for where, chosen in into.items():
@@ -2945,7 +2947,10 @@ def _latest_once(
         # Deleted while it came down (6 of 20 shards were left in dest, and the run failed):
         # what it wrote goes, and the newest is chosen again.
         written += [path for _, path in (exc.done or ()) if isinstance(path, Path)]
-        _remove_written(written, [path for path in paths if path.is_dir()])
+        _remove_written(
+            [w for w in written if any(w == f or f in w.parents for f in fresh)],
+            [path for path in fresh if path.is_dir()],
+        )
         raise _Stale(f"{', '.join(gone)} was deleted while it downloaded") from None
     log.info(
         "downloaded %s (%d file(s)) from %s to %s",

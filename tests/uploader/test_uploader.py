@@ -752,6 +752,38 @@ def test_latest_checkpoint_newer_than_downloads_only_a_higher_step(
     assert latest_checkpoint(prefix, root / "t", transfer=boto_transfer, newer_than="step_5.pt") is None  # type: ignore[arg-type]
 
 
+def test_latest_checkpoint_never_removes_an_earlier_copy_in_dest(
+    moto_server: Any, root: Path, boto_transfer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An evaluator polling into one directory: its second call was cut off by retention after
+    # a.bin had come down again over the first call's copy, and the retry removed what it had
+    # written, a.bin of that whole earlier copy (diff review).
+    from runctl.transfer import boto as boto_module
+    from tests.cli.cli_support import put, put_marker
+
+    prefix = S3URL(moto_server.new_bucket()).join("run/")
+    for rel in ("a.bin", "b.bin"):
+        put(moto_server, prefix, f"{prefix.key}checkpoint-1/{rel}", b"1" * 3)
+    put_marker(moto_server, prefix, "checkpoint-1", {"a.bin": 3, "b.bin": 3})
+    first = latest_checkpoint(prefix, root / "eval", transfer=boto_transfer)
+    assert first is not None and sorted(p.name for p in first.iterdir()) == ["a.bin", "b.bin"]
+    act, fired = _retention_elsewhere(moto_server, prefix), []
+    original = boto_module.BotoTransfer._get_small
+
+    def get_small(self: Any, url: S3URL, path: Path, *args: Any, **kwargs: Any) -> Any:
+        got = original(self, url, path, *args, **kwargs)
+        if url.key.endswith("checkpoint-1/a.bin") and not fired:
+            fired.append(url)
+            act()  # checkpoint-2 lands, checkpoint-1 goes, before b.bin is read
+        return got
+
+    monkeypatch.setattr(boto_module.BotoTransfer, "_get_small", get_small)
+    monkeypatch.setattr(boto_module, "BATCH_CONCURRENCY", 1)  # a.bin, then b.bin
+    got = latest_checkpoint(prefix, root / "eval", transfer=boto_transfer)
+    assert fired and got == root / "eval" / "checkpoint-2"
+    assert sorted(p.name for p in first.iterdir()) == ["a.bin", "b.bin"]
+
+
 def test_latest_checkpoint_refuses_an_object_url_and_a_dest_that_is_a_file(
     root: Path, moto_bucket: S3URL, boto_transfer: Any
 ) -> None:
