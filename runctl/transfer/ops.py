@@ -525,8 +525,13 @@ def _changed_while_sent(
         )
 
 
+#: Names of files written by appending as they are read (a logger's, TensorBoard's events).
+_LOG_NAME = re.compile(r"\.(log|txt|out|err|jsonl|csv|tsv)(\.\d+)?$|tfevents", re.IGNORECASE)
+
+
 def _appended(pairs: Sequence[tuple[Path, S3URL]]) -> list[tuple[Path, S3URL]]:
-    """Those of ``pairs`` a process has open for appending (a log, never a checkpoint): their objects stay.
+    """Those of ``pairs`` a process has open for appending, named as a log is (``_LOG_NAME``),
+    and no checkpoint: their objects stay.
 
     Appending leaves the bytes before it as they were, so what goes up is the log as it was
     at some moment, whole: a `train.log` written to several times a second never settled,
@@ -538,7 +543,13 @@ def _appended(pairs: Sequence[tuple[Path, S3URL]]) -> list[tuple[Path, S3URL]]:
 
     # Never a checkpoint, nor a file inside one: a step_2.pt grown with `>>` was kept at 23 of
     # its 40 MB, and retention took it for the newest whole checkpoint (verification pass).
-    pairs = [(path, url) for path, url in pairs if not any(map(is_recognised, url.key.split("/")))]
+    # And only a log's name: `wget -c` and resumed hub downloads append too, and a
+    # model.safetensors was kept at 4.5 of its 6 MB, exit 0 (diff review).
+    pairs = [
+        (path, url)
+        for path, url in pairs
+        if _LOG_NAME.search(url.name) and not any(map(is_recognised, url.key.split("/")))
+    ]
     if not pairs:
         return []
     logs = open_for_writing(None, appending=True) or set()

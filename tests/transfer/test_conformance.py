@@ -1032,7 +1032,9 @@ def test_files_that_settle_one_after_another_or_stay_open_are_each_sent_again(
     assert transfer.get_bytes(url.join("events.log")) == b"e0+line"
 
 
-@pytest.mark.parametrize(("name", "mode"), [("train.log", "ab"), ("train.log", "wb"), ("step_2.pt", "ab")])
+@pytest.mark.parametrize(
+    ("name", "mode"), [("train.log", "ab"), ("train.log", "wb"), ("step_2.pt", "ab"), ("model.safetensors", "ab")]
+)
 def test_a_log_appended_to_throughout_keeps_what_went_up(
     transfer: Transfer, bucket: S3URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, mode: str
 ) -> None:
@@ -1040,7 +1042,8 @@ def test_a_log_appended_to_throughout_keeps_what_went_up(
     # object and failed on every run during training (sync pass); aws sends it as it is.
     # Appending leaves the bytes before it alone: what went up is the log as it was, whole.
     # A file written from the start ("wb", a checkpoint) that never settles still goes, and so
-    # does a checkpoint grown by appending (a step_2.pt was kept torn; verification pass).
+    # does a checkpoint grown by appending (a step_2.pt was kept torn; verification pass), and
+    # any file not named as a log is (`wget -c` appends: a model.safetensors was kept torn).
     src = tmp_path / "src"
     make_tree(src, {name: b"start\n", "step_1.pt": b"w"})
     url = bucket.join("u/")
