@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat as stat_module
@@ -235,6 +236,9 @@ def _is_written(path: str, is_dir: bool, writers: set[str] | None) -> bool:
         return any(w.startswith(inside) for w in writers)
     return real in writers
 
+
+#: File names that say a model or its state was saved in them (``unrecognised``).
+_MODEL_FILE = re.compile(r"\.(pt|pth|ckpt|bin|safetensors|tar|pkl|pickle|h5|npz)$", re.IGNORECASE)
 
 #: Why the final scan leaves out a checkpoint something still writes after the script exited.
 OUTLIVED = (
@@ -584,6 +588,31 @@ class CheckpointWatcher:
         if state.checked is None or state.checked[0] != sig:
             state.checked = (sig, dir_format_check(path) if is_dir else format_check(path))
         return state.checked[1]
+
+    def unrecognised(self) -> dict[str, str]:
+        """Files saved the way models are (``.pt``, ``.pth``, ``.ckpt``, ``.bin``, ``.safetensors``,
+        ``.tar``, ``.pkl``) whose names runctl does not take for checkpoints, and why.
+
+        ``checkpoint.pth.tar``, ``model_best.pth.tar`` or ``best.pt`` were never uploaded, and
+        the run said "uploaded 0 checkpoints", exit 0, without naming them (local pass).
+        """
+        try:
+            with os.scandir(self.root) as entries:
+                names = sorted(
+                    e.name
+                    for e in entries
+                    if _MODEL_FILE.search(e.name)
+                    and e.is_file()
+                    and not is_recognised(e.name, self.patterns)
+                    and not e.name.startswith(".")
+                )
+        except OSError:
+            return {}
+        why = (
+            "not taken for a checkpoint: runctl knows a checkpoint by a step or epoch in its "
+            "name (step_N.pt, checkpoint_N.pth, epoch=E-step=S.ckpt) or an alias (last.ckpt)"
+        )
+        return {name: why for name in names}
 
     def _leave_out(self, name: str, sig: tuple[int, ...], why: str) -> None:
         """Not uploaded, and said so; a file's version is journaled, so a later run leaves it out too."""
@@ -1211,7 +1240,7 @@ def run_local(
         checkpoint_dir=None if root is None else str(root),
         s3_url=None if s3_url is None else str(s3_url.as_prefix()),
         uploads=uploads,
-        not_uploaded={**watcher.skipped, **watcher.refused} if watcher is not None else {},
+        not_uploaded={**watcher.skipped, **watcher.refused, **watcher.unrecognised()} if watcher is not None else {},
         upload_error=upload_error,
         uploaded_by_script=claimant,
     )

@@ -940,6 +940,25 @@ def test_a_sharded_save_cut_short_by_a_failure_is_left_out(moto_server: S3Server
     assert f"run/step-100/{MARKER_NAME}" in keys(moto_server, bucket)
 
 
+def test_saves_whose_names_are_no_checkpoints_are_named_at_the_end(moto_server: S3Server, tmp_path: Path) -> None:
+    """checkpoint.pth.tar, model_best.pth.tar, best.pt: never uploaded, and the run said
+    "uploaded 0 checkpoints", exit 0, naming none of them (local pass)."""
+    bucket = S3URL(moto_server.new_bucket())
+    proc = _local_run(
+        moto_server, tmp_path, bucket,
+        """
+        import os, pathlib
+        d = pathlib.Path(os.environ["RUNCTL_CHECKPOINT_DIR"])
+        for name in ("checkpoint.pth.tar", "best.pt", "step_3.pt", "notes.md"):
+            (d / name).write_bytes(b"x")
+        """,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(keys(moto_server, bucket)) == ["run/step_3.pt"]
+    said = [line for line in proc.stderr.splitlines() if "not taken for a checkpoint" in line]
+    assert [line.split(": ")[3] for line in said] == ["best.pt", "checkpoint.pth.tar"], proc.stderr
+
+
 def test_a_distributed_checkpoint_waits_for_its_metadata(moto_server: S3Server, tmp_path: Path) -> None:
     """torch.distributed.checkpoint writes its shards, then .metadata: a save that paused
     between shards longer than --settle went up, and was marked complete, half done (local pass)."""
