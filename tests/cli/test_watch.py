@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +312,19 @@ def server_env(moto_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Serv
     return moto_server
 
 
+def after_the_baseline(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> None:
+    """Run ``act`` (objects landing) right after the watcher's baseline poll."""
+    original = PrefixWatcher.poll
+
+    def poll_then_act(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
+        events = original(self, **kwargs)
+        if events and events[0].kind == "baseline":
+            act()
+        return events
+
+    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_act)
+
+
 def test_cli_watch_once_prints_only_a_baseline(server_env: S3Server) -> None:
     bucket = S3URL(server_env.new_bucket())
     for key in ("run/step_1.pt", "run/step_2.pt", "run/notes.txt"):
@@ -338,18 +351,14 @@ def test_cli_watch_exec_and_keep_last_n(
     prefix = bucket.join("run/")
     put(server_env, prefix, "step_1.pt")
     put(server_env, prefix, "train.log")
-    original = PrefixWatcher.poll
 
-    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
-        """Land two checkpoints right after the baseline, so the next poll must report them."""
-        events = original(self, **kwargs)
-        if events and events[0].kind == "baseline":
-            put(server_env, prefix, "step_2.pt", b"22")
-            put(server_env, prefix, "checkpoint-3/model.bin", b"333")
-            put_marker(server_env, prefix, "checkpoint-3", {"model.bin": 3})
-        return events
+    def land_two_checkpoints() -> None:
+        """Right after the baseline, so the next poll must report them."""
+        put(server_env, prefix, "step_2.pt", b"22")
+        put(server_env, prefix, "checkpoint-3/model.bin", b"333")
+        put_marker(server_env, prefix, "checkpoint-3", {"model.bin": 3})
 
-    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    after_the_baseline(monkeypatch, land_two_checkpoints)
     seen = tmp_path / "seen.txt"
     hook = f"{sys.executable} -c \"import os,sys; open(sys.argv[1], 'a').write(os.environ['RUNCTL_CHECKPOINT_URL'] + ' ' + os.environ['RUNCTL_CHECKPOINT_STEP'] + chr(10))\" {seen}"
     result = CliRunner().invoke(
@@ -374,15 +383,7 @@ def test_cli_watch_exec_and_keep_last_n(
 
 def test_cli_watch_reports_a_failing_exec_once(server_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = S3URL(server_env.new_bucket()).join("run/")
-    original = PrefixWatcher.poll
-
-    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
-        events = original(self, **kwargs)
-        if events and events[0].kind == "baseline":
-            put(server_env, prefix, "step_2.pt", b"22")
-        return events
-
-    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    after_the_baseline(monkeypatch, lambda: put(server_env, prefix, "step_2.pt", b"22"))
     result = CliRunner().invoke(
         monitor_app(),
         ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "3", "--no-use-s5cmd",
@@ -763,15 +764,7 @@ def test_cli_watch_timeout_stops_a_running_hook(
         "wait\n"
     )
     hook.chmod(0o755)
-    original = PrefixWatcher.poll
-
-    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
-        events = original(self, **kwargs)
-        if events and events[0].kind == "baseline":
-            put(server_env, prefix, "step_2.pt", b"22")
-        return events
-
-    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    after_the_baseline(monkeypatch, lambda: put(server_env, prefix, "step_2.pt", b"22"))
     started = time.monotonic()
     result = CliRunner().invoke(
         monitor_app(),
@@ -802,15 +795,7 @@ def test_cli_watch_timeout_stops_what_the_hook_started_too(
         f"{sys.executable} -c 'import time; time.sleep(4); open(\"{late}\", \"w\").write(\"late\")'\n"
     )
     hook.chmod(0o755)
-    original = PrefixWatcher.poll
-
-    def poll_then_write(self: PrefixWatcher, **kwargs: Any) -> list[Any]:
-        events = original(self, **kwargs)
-        if events and events[0].kind == "baseline":
-            put(server_env, prefix, "step_2.pt", b"22")
-        return events
-
-    monkeypatch.setattr(PrefixWatcher, "poll", poll_then_write)
+    after_the_baseline(monkeypatch, lambda: put(server_env, prefix, "step_2.pt", b"22"))
     result = CliRunner().invoke(
         monitor_app(),
         ["s3", "watch", str(prefix), "--interval", "0.1", "--timeout", "1.5", "--exec", str(hook), "--json",
