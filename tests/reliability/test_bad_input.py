@@ -239,25 +239,21 @@ def _api_rows(world: dict[str, Any]) -> list[tuple[str, Callable[[], object]]]:
     def uploader(**kwargs: Any) -> Callable[[], object]:
         return lambda: CheckpointUploader(ckpt, url, config=server.config(), **kwargs)
 
-    def submit(path: Path) -> Callable[[], object]:
+    def on_an_uploader(act: Callable[[CheckpointUploader], object]) -> Callable[[], object]:
         def go() -> None:
             up = CheckpointUploader(ckpt, url, config=server.config(), resume=False)
             try:
-                up.submit(path)
+                act(up)
             finally:
                 up.close(timeout=10)
 
         return go
+
+    def submit(path: Path) -> Callable[[], object]:
+        return on_an_uploader(lambda up: up.submit(path))
 
     def protect(name: str) -> Callable[[], object]:
-        def go() -> None:
-            up = CheckpointUploader(ckpt, url, config=server.config(), resume=False)
-            try:
-                up.protect(name)
-            finally:
-                up.close(timeout=10)
-
-        return go
+        return on_an_uploader(lambda up: up.protect(name))
 
     return [
         ("uploader-bad-url", lambda: CheckpointUploader(ckpt, "s3:/x", config=server.config())),
